@@ -1,0 +1,52 @@
+"""hosts_allow: limit concurrent connections per client address, and refuse listed hosts.
+
+Runs at ``pre_connection``, before anything is said to the client.
+
+- ``max_conn_ip``: more than this many sessions at once from one address get
+  ``421 4.7.0 too many connections from <ip>, try again later``. 0: no limit.
+- ``rules``: lines ``NETWORK ACTION [message]``, first match wins. ACTION is one of
+  OK (skip the limit), DENY (554, close) or DENYSOFT (421, close).
+- ``exempt``: networks the per-address limit does not apply to.
+
+Example::
+
+    [[hosts_allow]]
+      max_conn_ip = 20
+      rules = "192.0.2.0/24 DENY spam source", "198.51.100.7 OK"
+"""
+
+import ipaddress
+
+from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, ip_in
+
+_ACTIONS = {"OK": OK, "DENY": DENY, "DENYSOFT": DENYSOFT}
+
+
+class HostsAllow(Plugin):
+    configspec = """
+    max_conn_ip = integer(min=0, default=0)
+    rules = force_list(default=list())
+    exempt = force_list(default=list())
+    """
+
+    def setup(self):
+        self.rules = []
+        for rule in self.config["rules"]:
+            words = rule.split(None, 2)
+            if len(words) < 2 or words[1].upper() not in _ACTIONS:
+                raise ValueError(f"rule {rule!r}: write NETWORK OK|DENY|DENYSOFT [message]")
+            network = ipaddress.ip_network(words[0], strict=False)
+            self.rules.append((network, _ACTIONS[words[1].upper()], words[2] if len(words) > 2 else None))
+        self.exempt = [ipaddress.ip_network(n, strict=False) for n in self.config["exempt"]]
+
+    def hook_pre_connection(self, session):
+        ip = session.connection.remote_ip
+        for network, action, message in self.rules:
+            if ip_in(ip, [network]):
+                if action is OK:
+                    return DECLINED
+                return action, message or f"{ip} is not welcome here"
+        limit = self.config["max_conn_ip"]
+        if limit and not ip_in(ip, self.exempt) and session.concurrent_connections(ip) > limit:
+            return DENYSOFT, f"too many connections from {ip}, try again later"
+        return DECLINED

@@ -1,0 +1,12 @@
+"""Entry point: monkey-patch first, before anything imports socket, ssl or threading."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import sys  # noqa: E402
+
+from .cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Reading qpsmtpd.ini: configobj parsing, configspec validation, one-line errors.
+
+Owns ``Settings`` (the validated server settings) and ``PluginSpec`` (one entry of the
+ordered ``[plugins]`` list). Every error is a ``ConfigError`` whose text names the file,
+the line and the key, so the CLI can print it as one line and exit 2. Relative paths
+resolve against the folder of the ini file, so a copied config runs anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from validate import ValidateError, Validator, VdtTypeError
+
+from .errors import ConfigError
+
+CONFIGSPEC = Path(__file__).with_name("configspec.ini")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    """One ``[[name]]`` section of ``[plugins]``: which plugin, and its raw options."""
+
+    label: str  #: as written: "queue/maildir", "dnsbl:2"
+    options: dict[str, Any]
+    source: str  #: "qpsmtpd.ini" path, for error messages
+    line: int | None
+
+    @property
+    def name(self) -> str:
+        """The plugin's file name without the instance suffix: "dnsbl" for "dnsbl:2"."""
+        return self.label.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: str  #: the ini file
+    base_dir: str  #: its folder: relative paths start here
+    me: str
+    listen: tuple[Listen, ...]
+    banner: str
+    spool_dir: str
+    plugin_dirs: tuple[str, ...]
+    size_threshold: int
+    shutdown_timeout: float
+    max_connections: int
+    max_message_size: int
+    max_recipients: int
+    max_command_line: int
+    max_text_line: int
+    command_timeout: float
+    data_timeout: float
+    plugin_timeout: float
+    max_bad_commands: int
+    allow_bare_lf: bool
+    log_level: str
+    log_file: str
+    plugins: tuple[PluginSpec, ...] = field(default=())
+
+
+def parse_listen(text: str) -> Listen:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all IPv4 addresses)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"listen address {text!r}: put IPv6 addresses in brackets")
+    return Listen(host or "0.0.0.0", int(port))
+
+
+def make_validator(base_dir: str) -> Validator:
+    """The configobj Validator with our extra checks: ``path`` and ``path_list``."""
+
+    def check_path(value: Any, default: Any = None) -> str:
+        if isinstance(value, list):
+            raise VdtTypeError(value)
+        value = os.path.expanduser(str(value))
+        return os.path.normpath(os.path.join(base_dir, value)) if value else ""
+
+    def check_path_list(value: Any, default: Any = None) -> list[str]:
+        if isinstance(value, str):
+            value = [value] if value else []
+        return [check_path(v) for v in value]
+
+    return Validator({"path": check_path, "path_list": check_path_list})
+
+
+def load(path: str, listen_override: list[str] | None = None) -> Settings:
+    """Read, validate and resolve ``path``; raise ConfigError with file, line and key."""
+    path = os.path.abspath(path)
+    base_dir = os.path.dirname(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    lines = text.splitlines()
+    try:
+        config = ConfigObj(lines, configspec=str(CONFIGSPEC), file_error=True,
+                           interpolation=False, encoding="utf-8")
+    except ConfigObjError as error:
+        line = getattr(error, "line_number", None)
+        raise ConfigError(f"{path}:{line or '?'}: {_first_sentence(error)}") from None
+    result = config.validate(make_validator(base_dir), preserve_errors=True)
+    if result is not True:
+        for sections, key, problem in flatten_errors(config, result):
+            where = _locate(lines, sections, key)
+            what = "missing" if problem is False else str(problem or "invalid section")
+            raise ConfigError(f"{path}:{where}: [{']['.join(sections)}] {key}: {what}")
+    for sections, name in get_extra_values(config):
+        if sections[:1] == ("plugins",):
+            continue
+        where = _locate(lines, list(sections), name)
+        raise ConfigError(f"{path}:{where}: [{']['.join(sections) or 'top'}] {name}: unknown key")
+
+    server, limits = config["server"], config["limits"]
+    try:
+        listen = tuple(parse_listen(item) for item in (listen_override or server["listen"]))
+    except ValueError as error:
+        raise ConfigError(f"{path}:{_locate(lines, ['server'], 'listen')}: [server] listen: {error}") from None
+    plugins = []
+    for label in config["plugins"].sections:
+        options = config["plugins"][label].dict()
+        plugins.append(PluginSpec(label, options, path, _locate(lines, ["plugins", label], None)))
+    for key in config["plugins"].scalars:
+        where = _locate(lines, ["plugins"], key)
+        raise ConfigError(f"{path}:{where}: [plugins] {key}: plugins are sections, write [[{key}]]")
+    return Settings(
+        path=path, base_dir=base_dir,
+        me=server["me"] or socket.getfqdn(),
+        listen=listen,
+        banner=server["banner"],
+        spool_dir=server["spool_dir"],
+        plugin_dirs=tuple(server["plugin_dirs"]),
+        size_threshold=server["size_threshold"],
+        shutdown_timeout=server["shutdown_timeout"],
+        max_connections=limits["max_connections"],
+        max_message_size=limits["max_message_size"],
+        max_recipients=limits["max_recipients"],
+        max_command_line=limits["max_command_line"],
+        max_text_line=limits["max_text_line"],
+        command_timeout=limits["command_timeout"],
+        data_timeout=limits["data_timeout"],
+        plugin_timeout=limits["plugin_timeout"],
+        max_bad_commands=limits["max_bad_commands"],
+        allow_bare_lf=config["smtp"]["allow_bare_lf"],
+        log_level=config["logging"]["level"],
+        log_file=config["logging"]["file"],
+        plugins=tuple(plugins),
+    )
+
+
+def validate_options(spec: PluginSpec, configspec: list[str], base_dir: str) -> dict[str, Any]:
+    """Check one plugin's options against its configspec; return them typed, defaults filled."""
+    lines = _read_lines(spec.source)
+    section = ["plugins", spec.label]
+    try:
+        options = ConfigObj(spec.options, configspec=configspec, interpolation=False)
+    except ConfigObjError as error:
+        raise ConfigError(f"{spec.source}:{spec.line or '?'}: [[{spec.label}]] configspec: {_first_sentence(error)}") from None
+    result = options.validate(make_validator(base_dir), preserve_errors=True)
+    if result is not True:
+        for _, key, problem in flatten_errors(options, result):
+            where = _locate(lines, section, key) or spec.line
+            what = "missing" if problem is False else str(problem)
+            raise ConfigError(f"{spec.source}:{where}: [[{spec.label}]] {key}: {what}")
+    for _, name in get_extra_values(options):
+        where = _locate(lines, section, name) or spec.line
+        raise ConfigError(f"{spec.source}:{where}: [[{spec.label}]] {name}: unknown option")
+    return options.dict()
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().splitlines()
+    except OSError:
+        return []
+
+
+def _locate(lines: list[str], sections: list[str] | tuple[str, ...], key: str | None) -> int | str:
+    """The 1-based line of ``key`` in ``sections`` (or of the section, when key is None)."""
+    stack: list[str] = []
+    section_line: int | str = "?"
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if line.startswith("["):
+            depth = len(line) - len(line.lstrip("["))
+            name = line.strip("[] \t").split("#")[0].strip("[] \t")
+            stack = stack[:depth - 1] + [name]
+            if stack == list(sections):
+                section_line = number
+                if key is None:
+                    return number
+            continue
+        if stack == list(sections) and key is not None and "=" in line:
+            if line.split("=", 1)[0].strip() == key:
+                return number
+    return section_line
+
+
+def _first_sentence(error: Exception) -> str:
+    return str(error).splitlines()[0].rstrip(".")
+
+
+__all__ = ["ConfigError", "Listen", "PluginSpec", "Settings", "load", "validate_options",
+           "ValidateError"]

@@ -1,0 +1,53 @@
+"""The Connection plugins see: who is talking to us, from where, and what they said.
+
+Mirrors qpsmtpd's ``Qpsmtpd::Connection``. One per TCP session; it outlives
+transactions. ``notes`` is free-form, shared by the plugins of this connection only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+_ids = itertools.count(1)
+
+
+def _new_id() -> str:
+    # pid + counter: unique across the workers of one host, short enough for every log line.
+    return f"{os.getpid():x}.{next(_ids):x}"
+
+
+@dataclass(eq=False)
+class Connection:
+    remote_ip: str
+    remote_port: int
+    local_ip: str = ""
+    local_port: int = 0
+    remote_host: str | None = None  #: reverse DNS name, set only when a lookup succeeded
+    remote_info: str | None = None  #: RFC 1413 ident answer, set only when asked and answered
+    hello: str | None = None  #: "helo" or "ehlo", once accepted
+    hello_host: str | None = None  #: the argument of the accepted HELO/EHLO
+    relay_client: bool = False  #: may relay to any domain (set by relay, or by AUTH later)
+    tls: bool = False  #: the session is encrypted
+    notes: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=_new_id)
+
+    def clone(self, no_reset: bool = False) -> Connection:
+        """A new Connection for the same peer, sharing ``notes``; HELO must be said again.
+
+        Used when the session restarts on the same socket (STARTTLS). Unless ``no_reset``,
+        this object is reset, so only the clone keeps the notes.
+        """
+        twin = Connection(
+            self.remote_ip, self.remote_port, self.local_ip, self.local_port,
+            self.remote_host, self.remote_info, relay_client=self.relay_client,
+            tls=self.tls, notes=self.notes, id=self.id,
+        )
+        if not no_reset:
+            self.reset()
+        return twin
+
+    def reset(self) -> None:
+        self.notes = {}

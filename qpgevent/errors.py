@@ -1,0 +1,13 @@
+"""The exceptions that mean something went wrong (decisions are return codes, not these)."""
+
+
+class QpgeventError(Exception):
+    """Base of our own errors."""
+
+
+class ConfigError(QpgeventError):
+    """The configuration is wrong; the text names file, line and key, fit for one line."""
+
+
+class PluginLoadError(ConfigError):
+    """A plugin cannot be found, imported, or does not fit the hook table."""

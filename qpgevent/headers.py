@@ -1,0 +1,104 @@
+"""Message header fields as received, editable, written back byte for byte.
+
+Fields keep their raw bytes (folding and all) until a plugin changes them, so a message
+nobody edited leaves exactly as it came, with only our Received line on top.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+CRLF = b"\r\n"
+_FIELD_START = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")  # RFC 5322 2.2 field-name
+
+
+def is_field_start(line: bytes) -> bool:
+    return _FIELD_START.match(line) is not None
+
+
+def is_continuation(line: bytes) -> bool:
+    return line[:1] in (b" ", b"\t")
+
+
+class Headers:
+    """An ordered list of header fields; names compare case-insensitively."""
+
+    def __init__(self) -> None:
+        self._fields: list[tuple[str, bytes]] = []  # (name, raw bytes with CRLFs)
+
+    @classmethod
+    def parse(cls, block: bytes) -> Headers:
+        """Parse a header block (lines ending in CRLF, no empty separator line)."""
+        headers = cls()
+        for line in block.split(CRLF)[:-1] if block.endswith(CRLF) else block.split(CRLF):
+            headers.append_raw_line(line + CRLF)
+        return headers
+
+    def append_raw_line(self, line: bytes) -> None:
+        match = _FIELD_START.match(line)
+        if match:
+            self._fields.append((match.group(1).decode("ascii"), line))
+        elif self._fields:
+            name, raw = self._fields[-1]
+            self._fields[-1] = (name, raw + line)
+        else:
+            raise ValueError("a header block cannot start with a continuation line")
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def get_all(self, name: str) -> list[str]:
+        """Unfolded values (RFC 5322 2.2.3), decoded as UTF-8 where they are not ASCII."""
+        return [_value(raw) for n, raw in self._fields if n.lower() == name.lower()]
+
+    def add(self, name: str, value: str) -> None:
+        self._fields.append((name, _encode(name, value)))
+
+    def prepend(self, name: str, value: str) -> None:
+        self._fields.insert(0, (name, _encode(name, value)))
+
+    def remove(self, name: str) -> int:
+        before = len(self._fields)
+        self._fields = [(n, raw) for n, raw in self._fields if n.lower() != name.lower()]
+        return before - len(self._fields)
+
+    def replace(self, name: str, value: str) -> None:
+        """Set ``name`` to one value, where its first occurrence was (or at the end)."""
+        for i, (n, _) in enumerate(self._fields):
+            if n.lower() == name.lower():
+                self._fields[i] = (name, _encode(name, value))
+                self._fields[i + 1:] = [(m, r) for m, r in self._fields[i + 1:]
+                                        if m.lower() != name.lower()]
+                return
+        self.add(name, value)
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self._fields]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and any(n.lower() == name.lower() for n, _ in self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((n, _value(raw)) for n, raw in self._fields)
+
+    def as_bytes(self) -> bytes:
+        return b"".join(raw for _, raw in self._fields)
+
+
+def _value(raw: bytes) -> str:
+    text = raw.split(b":", 1)[1].decode("utf-8", "replace")
+    return re.sub(r"\r\n(?=[ \t])", "", text).strip()
+
+
+def _encode(name: str, value: str) -> bytes:
+    # A value with line breaks must keep them as folding, never start a new field:
+    # a plugin must not be able to inject a header by accident.
+    lines = [line.strip("\r") for line in value.split("\n")]
+    folded = "\r\n".join(lines[:1] + [line if line[:1] in (" ", "\t") else "\t" + line
+                                      for line in lines[1:]])
+    return f"{name}: {folded}\r\n".encode("utf-8")

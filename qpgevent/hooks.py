@@ -1,0 +1,167 @@
+"""The hook table, and the ONE place hooks run.
+
+Rules:
+1. ``HOOKS`` is the list of valid hooks, as data: the loader checks every ``hook_*``
+   method against it when the plugin loads (pluggy's lesson), and the docs are made
+   from it.
+2. ``HookRunner.run`` is the only code that calls plugins. It runs a hook's plugins in
+   config order, each under its own timeout; the first verdict that is not DECLINED
+   wins. A plugin that raises, times out or returns nonsense is logged with its name
+   and gives an ``internal_error`` verdict (451 4.3.0), never a silent pass.
+3. Notification hooks (``deny``, ``ok``, ``disconnect``...) run every plugin; their
+   results and failures are logged and change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from .codes import DECLINED_VERDICT, ReturnCode, Verdict
+
+if TYPE_CHECKING:
+    from .plugin import Plugin
+
+log = logging.getLogger("qpgevent.hooks")
+
+
+@dataclass(frozen=True, slots=True)
+class HookSpec:
+    name: str
+    args: tuple[str, ...]  #: arguments after ``session``
+    notify: bool = False  #: results are ignored; every plugin runs
+    session: bool = True  #: the hook gets the session as its first argument
+    doc: str = ""
+    fired: bool = True  #: False: reserved for a later feature, accepted but never called
+
+
+def _spec(name: str, *args: str, notify: bool = False, session: bool = True,
+          fired: bool = True, doc: str = "") -> HookSpec:
+    return HookSpec(name, args, notify, session, doc, fired)
+
+
+#: Every hook, roughly in the order it fires in a session.
+HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
+    _spec("post_fork", session=False, notify=True, fired=False,
+          doc="in each worker process after it starts (reserved for the pre-fork master)"),
+    _spec("pre_connection", doc="a client connected; nothing has been said yet"),
+    _spec("connect", doc="before the 220 greeting"),
+    _spec("helo", "host", doc="HELO, before it is accepted"),
+    _spec("ehlo", "host", doc="EHLO, before it is accepted"),
+    _spec("mail_pre", "path", "params", doc="MAIL: may rewrite the raw path (return OK, new_path)"),
+    _spec("mail", "sender", "params", doc="MAIL: the parsed sender Address"),
+    _spec("rcpt_pre", "path", "params", doc="RCPT: may rewrite the raw path (return OK, new_path)"),
+    _spec("rcpt", "recipient", "params", doc="RCPT: some plugin must return OK to accept"),
+    _spec("data", doc="DATA, after the sequence checks and before 354"),
+    _spec("data_headers_end", doc="the message header has been received"),
+    _spec("data_post", doc="the whole message has been received, our Received added"),
+    _spec("queue_pre", doc="just before queueing"),
+    _spec("queue", doc="hand the message off; OK only once it is safe"),
+    _spec("queue_post", notify=True, doc="after queueing, whatever the result"),
+    _spec("reset_transaction", notify=True, doc="a transaction ends (RSET, MAIL done, EHLO...)"),
+    _spec("vrfy", "argument"),
+    _spec("noop", "argument"),
+    _spec("help", "argument"),
+    _spec("unrecognized_command", "verb", "argument",
+          doc="a verb the core does not know; DONE if the plugin handled it"),
+    _spec("quit", doc="QUIT; the plugin may change the goodbye text"),
+    _spec("disconnect", notify=True, doc="the session ends (QUIT, EOF, timeout, refusal)"),
+    _spec("post_connection", notify=True, doc="after the socket is closed"),
+    _spec("deny", "verdict", notify=True, doc="a plugin denied something"),
+    _spec("ok", "verdict", notify=True, doc="a plugin accepted something"),
+    _spec("auth", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
+    _spec("auth_plain", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
+    _spec("auth_login", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
+    _spec("auth_cram_md5", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
+)}
+
+
+class HookRunner:
+    """Runs hooks over an ordered list of loaded plugins."""
+
+    def __init__(self, plugins: list[Plugin], default_timeout: float = 30.0) -> None:
+        self.plugins = plugins
+        self.default_timeout = default_timeout
+        self._chains: dict[str, list[tuple[Plugin, Callable[..., Any]]]] = {name: [] for name in HOOKS}
+        for plugin in plugins:
+            for name in plugin.implemented_hooks():
+                self._chains[name].append((plugin, getattr(plugin, "hook_" + name)))
+
+    def has(self, hook: str) -> bool:
+        return bool(self._chains[hook])
+
+    def order(self) -> dict[str, list[str]]:
+        """Hook -> plugin labels, in the order they run (for --check-config)."""
+        return {hook: [p.name for p, _ in chain] for hook, chain in self._chains.items() if chain}
+
+    def run(self, hook: str, session: Any, *args: Any) -> Verdict:
+        spec = HOOKS[hook]
+        logger = getattr(session, "log", log)
+        if spec.notify:
+            self.notify(hook, session, *args)
+            return DECLINED_VERDICT
+        for plugin, method in self._chains[hook]:
+            verdict = self._call(plugin, method, hook, session, args, logger)
+            if verdict.code is ReturnCode.DECLINED and not verdict.internal_error:
+                continue
+            logger.info("hook=%s plugin=%s code=%s%s msg=%r", hook, plugin.name,
+                        verdict.code.name, " (internal error)" if verdict.internal_error else "",
+                        " / ".join(verdict.message))
+            if hook not in ("deny", "ok"):
+                if verdict.code.is_deny or verdict.internal_error:
+                    self.notify("deny", session, verdict)
+                elif verdict.code is ReturnCode.OK:
+                    self.notify("ok", session, verdict)
+            return verdict
+        return DECLINED_VERDICT
+
+    def notify(self, hook: str, session: Any, *args: Any) -> None:
+        """Run every plugin of a notification hook; failures are logged, never raised."""
+        logger = getattr(session, "log", log)
+        for plugin, method in self._chains[hook]:
+            self._call(plugin, method, hook, session, args, logger)
+
+    def _call(self, plugin: Plugin, method: Callable[..., Any], hook: str, session: Any,
+              args: tuple[Any, ...], logger: Any) -> Verdict:
+        seconds = plugin.timeout or self.default_timeout
+        call_args = (session, *args) if HOOKS[hook].session else args
+        timer = gevent.Timeout(seconds)
+        timer.start()
+        try:
+            result = method(*call_args)
+        except gevent.Timeout as error:
+            if error is not timer:
+                raise
+            logger.error("hook=%s plugin=%s timed out after %ss", hook, plugin.name, seconds)
+            return Verdict(ReturnCode.DENYSOFT, ("plugin timeout",), plugin.name, True)
+        except Exception:  # a plugin bug must not take the session down, nor pass mail
+            logger.exception("hook=%s plugin=%s raised", hook, plugin.name)
+            return Verdict(ReturnCode.DENYSOFT, ("plugin error",), plugin.name, True)
+        finally:
+            timer.close()
+        try:
+            return to_verdict(result, plugin.name)
+        except TypeError as error:
+            logger.error("hook=%s plugin=%s %s", hook, plugin.name, error)
+            return Verdict(ReturnCode.DENYSOFT, ("bad plugin result",), plugin.name, True)
+
+
+def to_verdict(result: Any, plugin: str | None = None) -> Verdict:
+    """``None`` / a code / ``(code, message)`` / ``(code, [lines])`` -> Verdict."""
+    if result is None:
+        return Verdict(ReturnCode.DECLINED, (), plugin)
+    if isinstance(result, ReturnCode):
+        return Verdict(result, (), plugin)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], ReturnCode):
+        code, message = result
+        if message is None:
+            return Verdict(code, (), plugin)
+        if isinstance(message, str):
+            return Verdict(code, (message,), plugin)
+        if isinstance(message, (list, tuple)) and all(isinstance(m, str) for m in message):
+            return Verdict(code, tuple(message), plugin)
+    raise TypeError(f"returned {result!r}; expected None, a return code, or (code, message)")

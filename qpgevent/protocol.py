@@ -1,0 +1,421 @@
+"""The sans-I/O SMTP server protocol (RFC 5321 and the ESMTP extensions we offer).
+
+Rules:
+1. This module knows nothing of sockets, gevent, plugins or configuration files. Bytes
+   come in through ``receive_data``; events come out of ``next_event``; replies go in
+   through ``send`` and come back as bytes to write.
+2. All command sequencing lives here. A command that is out of order, malformed or too
+   long never reaches the session as a command: it comes out as ``Rejected`` with the
+   reply to send, and the state does not move.
+
+Theory of operation. The state (``State``) moves only when the session sends the reply
+to the event that is pending: MAIL answered 2xx moves READY to MAIL, DATA answered 354
+switches the input framing to the message, any reply to ``MessageEnd`` goes back to
+READY, and a reply marked ``close`` ends everything. So the session decides (through
+plugins) *whether* a command succeeds, and the protocol decides *what that means* for
+the conversation. PIPELINING (RFC 2920) falls out of this: events are taken one at a time
+from whatever the client sent, and the session writes the replies out in order when
+``next_event`` says it needs more data.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from .reply import Canned, Reply
+from .wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
+
+
+class State(enum.Enum):
+    NEED_HELLO = "need hello"
+    READY = "ready"  #: greeted, no transaction
+    MAIL = "mail"  #: a sender was accepted
+    RCPT = "rcpt"  #: at least one recipient was accepted
+    DATA = "data"  #: the message is streaming in
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A well-formed command, in sequence. ``line`` is the raw text, for logs."""
+
+    verb: str
+    argument: str
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class Helo(Command):
+    domain: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ehlo(Command):
+    domain: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Mail(Command):
+    path: str = ""  #: as written, brackets included: plugins may rewrite it (mail_pre)
+    params: dict[str, str | None] = field(default_factory=dict)  #: upper-cased keys
+
+
+@dataclass(frozen=True, slots=True)
+class Rcpt(Command):
+    path: str = ""
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Data(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rset(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Noop(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Quit(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Vrfy(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Help(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown(Command):
+    """A verb the core does not know; plugins may (the unrecognized_command hook)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input the protocol refused by itself; send ``reply`` and carry on."""
+
+    reply: Reply
+    line: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    """A piece of the message: dot-unstuffed, CRLF line endings, in order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The final dot. ``problem`` is the reply to give instead of delivering, if any."""
+
+    size: int
+    problem: Reply | None = None
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class _ConnectionClosed:
+    def __repr__(self) -> str:
+        return "CONNECTION_CLOSED"
+
+
+NEED_DATA = _NeedData()
+CONNECTION_CLOSED = _ConnectionClosed()
+
+Event = Command | Rejected | MessageData | MessageEnd | _NeedData | _ConnectionClosed
+
+_VERBS: dict[str, type[Command]] = {
+    "HELO": Helo, "EHLO": Ehlo, "MAIL": Mail, "RCPT": Rcpt, "DATA": Data, "RSET": Rset,
+    "NOOP": Noop, "QUIT": Quit, "VRFY": Vrfy, "HELP": Help,
+}
+_MAIL_ARG = re.compile(r"FROM:\s*", re.IGNORECASE)
+_RCPT_ARG = re.compile(r"TO:\s*", re.IGNORECASE)
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 5321 4.1.2 esmtp-keyword
+_VERB = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}$")
+#: RFC 5321 2.2.2 / 4.1.4: these errors are the client's fault and count against it.
+_SYNTAX_CODES = frozenset({500, 501, 502, 503, 504, 555})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    max_message_size: int = 0  #: 0: no limit
+    max_recipients: int = 0  #: 0: no limit
+    max_bad_commands: int = 20  #: syntax and sequence errors before 421
+    allow_bare_lf: bool = False
+
+
+class SmtpProtocol:
+    """One SMTP conversation, server side, as a state machine over bytes."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self.state = State.NEED_HELLO
+        self.esmtp = False  #: the client said EHLO, so extensions are on
+        self.smtputf8 = False  #: the current transaction asked for SMTPUTF8
+        self.bad_commands = 0
+        self.recipients_tried = 0
+        self.recipients_accepted = 0
+        self._framer = CommandFramer(limits.max_command_line)
+        self._data: DataReader | None = None
+        self._pending: object = None
+        self._end_ready: MessageEnd | None = None
+        self._eof = False
+
+    # -- input -------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client; ``b""`` means the client closed its side."""
+        if data:
+            self._framer.feed(data)
+        else:
+            self._eof = True
+
+    def discard_input(self) -> None:
+        """Forget buffered input (after STARTTLS, pipelined plaintext must not count)."""
+        self._framer.take_rest()
+
+    def next_event(self) -> Event:
+        if self.state is State.CLOSED:
+            return CONNECTION_CLOSED
+        if self._pending is not None:
+            raise RuntimeError(f"reply to {self._pending!r} first")
+        if self._end_ready is not None:
+            self._pending, self._end_ready = self._end_ready, None
+            return self._pending  # type: ignore[return-value]
+        if self._data is not None:
+            return self._next_data_event()
+        line = self._framer.next_line()
+        if line is None:
+            return CONNECTION_CLOSED if self._eof else NEED_DATA
+        event = self._parse(line)
+        self._pending = event
+        return event
+
+    def _next_data_event(self) -> Event:
+        assert self._data is not None
+        chunk = self._framer.take_rest()
+        if not chunk:
+            return CONNECTION_CLOSED if self._eof else NEED_DATA
+        message, rest = self._data.feed(chunk)
+        if rest is None:
+            return MessageData(message) if message else NEED_DATA
+        self._framer.feed(rest)  # pipelined commands after the final dot
+        end = self._finish_message()
+        if message:
+            self._end_ready = end  # hand out the last piece first, the end next
+            return MessageData(message)
+        self._pending = end
+        return end
+
+    def _finish_message(self) -> MessageEnd:
+        assert self._data is not None
+        reader, self._data = self._data, None
+        problems = reader.problems
+        problem = None
+        if problems.too_big:
+            problem = Canned.TOO_BIG
+        elif problems.bare_line_ending:
+            problem = Canned.BARE_LINE_ENDING
+        elif problems.line_too_long:
+            problem = Canned.TEXT_LINE_TOO_LONG
+        return MessageEnd(reader.size, problem)
+
+    # -- output ------------------------------------------------------------
+    @property
+    def awaiting_reply(self) -> bool:
+        """An event was handed out and has not been answered yet."""
+        return self._pending is not None
+
+    def send(self, reply: Reply) -> bytes:
+        """Bytes for ``reply`` to the pending event, after moving the state."""
+        pending, self._pending = self._pending, None
+        out = reply.to_bytes(enhanced_codes=True)
+        if reply.close or reply.code == 421:
+            self.state = State.CLOSED
+            return out
+        if isinstance(pending, Rejected) or isinstance(pending, Command):
+            if reply.code in _SYNTAX_CODES:
+                self.bad_commands += 1
+                if self.limits.max_bad_commands and self.bad_commands >= self.limits.max_bad_commands:
+                    self.state = State.CLOSED
+                    return out + Canned.TOO_MANY_ERRORS.to_bytes()
+        if isinstance(pending, Command):
+            self._transition(pending, reply)
+        elif isinstance(pending, MessageEnd):
+            self._reset_transaction()
+        return out
+
+    def greeting(self, reply: Reply) -> bytes:
+        """Bytes of the 220 banner (no enhanced code: RFC 2034 excludes the greeting)."""
+        out = reply.to_bytes(enhanced_codes=False)
+        if reply.close or reply.code == 421:
+            self.state = State.CLOSED
+        return out
+
+    def _transition(self, command: Command, reply: Reply) -> None:
+        ok = reply.is_positive
+        if isinstance(command, (Helo, Ehlo)) and ok:
+            self._reset_transaction()
+            self.state = State.READY
+            self.esmtp = isinstance(command, Ehlo)
+        elif isinstance(command, Mail) and ok:
+            self.state = State.MAIL
+            self.smtputf8 = "SMTPUTF8" in command.params
+        elif isinstance(command, Rcpt):
+            self.recipients_tried += 1
+            if ok:
+                self.recipients_accepted += 1
+                self.state = State.RCPT
+        elif isinstance(command, Data):
+            if reply.code == 354:
+                self.state = State.DATA
+                self._data = DataReader(self.limits.max_message_size, self.limits.max_text_line,
+                                        self.limits.allow_bare_lf)
+            else:
+                self._reset_transaction()
+        elif isinstance(command, Rset):
+            self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.state = State.NEED_HELLO if self.state is State.NEED_HELLO else State.READY
+        self.smtputf8 = False
+        self.recipients_tried = self.recipients_accepted = 0
+
+    # -- parsing -----------------------------------------------------------
+    def _parse(self, raw: bytes | LineTooLong | BareLineEnding) -> Command | Rejected:
+        if isinstance(raw, LineTooLong):
+            return Rejected(Canned.COMMAND_TOO_LONG)
+        if isinstance(raw, BareLineEnding):
+            return Rejected(Canned.BARE_LF_IN_COMMAND)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejected(Canned.NOT_UTF8)
+        verb, _, argument = line.strip(" ").partition(" ")
+        argument = argument.strip(" ")
+        if not _VERB.match(verb):
+            return Unknown(verb.upper()[:20], argument, line)
+        verb = verb.upper()
+        kind = _VERBS.get(verb)
+        if kind is None:
+            return Unknown(verb, argument, line)
+        problem = self._out_of_order(kind, argument)
+        if problem is not None:
+            return Rejected(problem, line)
+        if kind in (Helo, Ehlo):
+            if not argument:
+                return Rejected(Canned.HELO_NEEDS_DOMAIN, line)
+            return kind(verb, argument, line, domain=argument.split(" ")[0])
+        if kind is Mail or kind is Rcpt:
+            return self._parse_path_command(kind, verb, argument, line)
+        return kind(verb, argument, line)
+
+    def _out_of_order(self, kind: type[Command], argument: str) -> Reply | None:
+        state = self.state
+        if kind is Mail:
+            if state is State.NEED_HELLO:
+                return Canned.SAY_HELLO_FIRST
+            if state in (State.MAIL, State.RCPT):
+                return Canned.NESTED_MAIL  # RFC 5321 4.1.1.2: no MAIL inside a transaction
+        elif kind is Rcpt:
+            if state is State.NEED_HELLO:
+                return Canned.SAY_HELLO_FIRST
+            if state is State.READY:
+                return Canned.MAIL_FIRST
+            if self.limits.max_recipients and self.recipients_accepted >= self.limits.max_recipients:
+                return Canned.TOO_MANY_RECIPIENTS
+        elif kind is Data:
+            if argument:
+                return Canned.NO_ARGUMENTS
+            if state in (State.NEED_HELLO, State.READY):
+                return Canned.MAIL_FIRST
+            if state is State.MAIL:
+                # RFC 2920 3.1: recipients were tried and all refused: 554, not 503.
+                return Canned.NO_VALID_RECIPIENTS if self.recipients_tried else Canned.RCPT_FIRST
+        elif kind in (Rset, Quit) and argument:
+            return Canned.NO_ARGUMENTS
+        elif kind is Vrfy and not argument:
+            return Canned.SYNTAX
+        return None
+
+    def _parse_path_command(self, kind: type[Mail] | type[Rcpt], verb: str, argument: str,
+                            line: str) -> Command | Rejected:
+        prefix = (_MAIL_ARG if kind is Mail else _RCPT_ARG).match(argument)
+        if prefix is None:
+            return Rejected(Canned.SYNTAX, line)
+        path, words = _split_path(argument[prefix.end():])
+        if not path:
+            return Rejected(Canned.SYNTAX, line)
+        params: dict[str, str | None] = {}
+        for word in words:
+            key, eq, value = word.partition("=")
+            if not _KEYWORD.match(key) or key.upper() in params or (eq and not value):
+                return Rejected(Canned.SYNTAX, line)
+            params[key.upper()] = value if eq else None
+        problem = self._check_params(kind, params)
+        if problem is not None:
+            return Rejected(problem, line)
+        return kind(verb, argument, line, path=path, params=params)
+
+    def _check_params(self, kind: type[Command], params: dict[str, str | None]) -> Reply | None:
+        if params and not self.esmtp:
+            return Canned.UNKNOWN_PARAMETER  # RFC 1869 6: parameters need EHLO
+        for key, value in params.items():
+            if kind is Mail and key == "SIZE":
+                if value is None or not value.isdigit():
+                    return Canned.BAD_SIZE
+                limit = self.limits.max_message_size
+                if limit and int(value) > limit:
+                    return Canned.TOO_BIG  # RFC 1870 6.1: refuse early
+            elif kind is Mail and key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return Canned.BAD_BODY
+            elif kind is Mail and key == "SMTPUTF8":
+                if value is not None:
+                    return Canned.SYNTAX
+            else:
+                return Canned.UNKNOWN_PARAMETER  # RFC 5321 4.1.1.11
+        return None
+
+
+def _split_path(text: str) -> tuple[str, list[str]]:
+    """Split ``<path> PARAM=1 PARAM`` into the path and its parameters.
+
+    The path ends at the ``>`` that is not inside a quoted string, so ``<"a b"@x>`` keeps
+    its space. Without brackets the path is the first word (mail_pre may fix it up).
+    """
+    if not text.startswith("<"):
+        first, _, rest = text.partition(" ")
+        return first, rest.split()
+    quoted = escaped = False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            rest = text[i + 1:]
+            if rest and not rest.startswith(" "):
+                return "", []
+            return text[:i + 1], rest.split()
+    return "", []

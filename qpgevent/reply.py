@@ -1,0 +1,278 @@
+"""SMTP replies: the Reply value, the core's canonical replies, and the ONE reply table.
+
+Every decision a hook makes reaches the client through ``answer()``, which looks the
+(hook, return code) pair up in ``REPLY_TABLE``. qpsmtpd spread this mapping over one
+``*_respond`` method per command and the copies drifted (DENYSOFT_DISCONNECT was 450 at
+HELO but 421 at MAIL); here there is one table, and a test walks every cell of it.
+
+Deliberate differences from qpsmtpd, each fixing a bug listed in its inventory:
+- every ``*_DISCONNECT`` code that is temporary answers 421, the only 4xx code after
+  which RFC 5321 3.8 lets a server close;
+- every cell has a default text, so a plugin that denies without words still gets a
+  reply out (qpsmtpd sent nothing and the client hung);
+- ``queue_pre``, ``data_headers_end`` and ``data_post`` honour DENY and DENYSOFT;
+- a plugin that raises or times out answers 451 4.3.0, never a pass (``INTERNAL_ERROR``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from .codes import ReturnCode, Verdict
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: a code, text lines, an RFC 3463 enhanced status code.
+
+    ``close`` says that the server closes the connection once the reply is sent.
+    """
+
+    code: int
+    text: tuple[str, ...] = ("OK",)
+    enhanced: str | None = None
+    close: bool = False
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    def to_bytes(self, enhanced_codes: bool = True) -> bytes:
+        # RFC 2034 3: the enhanced code follows the reply code on every line, but only
+        # on 2xx, 4xx and 5xx replies (never on 354 or the 220 greeting, which we build
+        # without one).
+        prefix = ""
+        if enhanced_codes and self.enhanced and self.code // 100 in (2, 4, 5):
+            prefix = self.enhanced + " "
+        lines = [_UNPRINTABLE.sub("?", line) for line in self.text] or [""]
+        out = []
+        for i, line in enumerate(lines):
+            separator = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{separator}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def with_text(self, *lines: str) -> Reply:
+        return Reply(self.code, tuple(lines), self.enhanced, self.close)
+
+
+def reply(code: int, enhanced: str | None, *text: str, close: bool = False) -> Reply:
+    return Reply(code, tuple(text) or ("",), enhanced, close)
+
+
+# Replies the core gives on its own, outside any hook.
+class Canned:
+    """The core's own replies (not decided by plugins). Text for humans, codes for RFCs."""
+
+    COMMAND_TOO_LONG = reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4
+    TEXT_LINE_TOO_LONG = reply(500, "5.5.2", "Message line too long")  # 4.5.3.1.6
+    BARE_LINE_ENDING = reply(
+        550, "5.6.0",
+        "Message refused: bare LF or CR line ending; SMTP uses CRLF (RFC 5321 2.3.8)",
+    )
+    BARE_LF_IN_COMMAND = reply(500, "5.5.2", "Command lines must end with CRLF")
+    NOT_UTF8 = reply(500, "5.5.2", "Syntax error: command is not valid UTF-8")
+    UNRECOGNIZED = reply(500, "5.5.1", "Unrecognized command")
+    SYNTAX = reply(501, "5.5.4", "Syntax error in parameters or arguments")
+    HELO_NEEDS_DOMAIN = reply(501, "5.5.4", "HELO/EHLO requires a domain or address")
+    SAY_HELLO_FIRST = reply(503, "5.5.1", "please say hello first ...")
+    NESTED_MAIL = reply(503, "5.5.1", "Nested MAIL command")
+    MAIL_FIRST = reply(503, "5.5.1", "MAIL first")
+    RCPT_FIRST = reply(503, "5.5.1", "RCPT first")
+    NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")  # RFC 2920 3.1
+    BAD_SENDER = reply(501, "5.1.7", "could not parse your mail from command")
+    BAD_RECIPIENT = reply(501, "5.1.3", "could not parse recipient")
+    UNKNOWN_PARAMETER = reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
+    NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")  # RFC 6531 3.4
+    BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+    BAD_SIZE = reply(501, "5.5.4", "SIZE must be a number")
+    TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")  # RFC 1870
+    TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")  # RFC 5321 4.5.3.1.10
+    TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection", close=True)
+    TOO_MANY_CONNECTIONS = reply(421, "4.3.2", "Too many connections, try again later", close=True)
+    TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection", close=True)
+    SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down, try again later", close=True)
+    INCOMPLETE_DATA = reply(451, "4.3.0", "Incomplete DATA")
+    NO_ARGUMENTS = reply(501, "5.5.4", "No parameters allowed")
+    OK = reply(250, "2.0.0", "OK")
+    GO_AHEAD = reply(354, None, "go ahead")
+
+
+INTERNAL_ERROR = reply(451, "4.3.0", "Internal error, try again later")
+
+
+class Outcome(enum.Enum):
+    """What the session does with a hook's verdict, besides sending the reply."""
+
+    PROCEED = "proceed"  #: the command succeeds (reply None: nothing to send yet)
+    REFUSE = "refuse"  #: the command fails; the session goes on
+    CLOSE = "close"  #: send the reply, then close the connection
+    ANSWERED = "answered"  #: DONE: the plugin answered the client itself
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    outcome: Outcome
+    reply: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    outcome: Outcome
+    code: int = 0
+    enhanced: str | None = None
+    text: str = ""
+
+
+P, R, C = Outcome.PROCEED, Outcome.REFUSE, Outcome.CLOSE
+D = ReturnCode
+SILENT = Rule(P)  # go on, nothing to say yet
+
+
+def _denials(hard: tuple[int, str, str], soft: tuple[int, str, str],
+             hard_close: tuple[int, str, str] | None = None) -> dict[ReturnCode, Rule]:
+    """The four deny codes of one hook: refuse, or refuse and close (4xx closing is 421)."""
+    hard_close = hard_close or hard
+    return {
+        D.DENY: Rule(R, *hard),
+        D.DENYSOFT: Rule(R, *soft),
+        D.DENY_DISCONNECT: Rule(C, *hard_close),
+        D.DENYSOFT_DISCONNECT: Rule(C, 421, soft[1], soft[2]),
+    }
+
+
+_MESSAGE_DENIED = _denials((554, "5.7.1", "Message denied"),
+                           (451, "4.7.1", "Message denied temporarily"))
+
+#: (hook, return code) -> what happens. Hooks missing here are notifications: their
+#: verdicts are logged and change nothing. ``{address}`` and ``{me}`` are filled in.
+REPLY_TABLE: dict[str, dict[ReturnCode, Rule]] = {
+    "pre_connection": {
+        D.OK: SILENT, D.DECLINED: SILENT,
+        D.DENY: Rule(C, 554, "5.7.1", "Sorry, service not available for you"),
+        D.DENY_DISCONNECT: Rule(C, 554, "5.7.1", "Sorry, service not available for you"),
+        D.DENYSOFT: Rule(C, 421, "4.7.0", "Sorry, try again later"),
+        D.DENYSOFT_DISCONNECT: Rule(C, 421, "4.7.0", "Sorry, try again later"),
+    },
+    "connect": {
+        D.OK: SILENT, D.DECLINED: SILENT,
+        # RFC 5321 3.1: a server that refuses at connect answers 554 (or 421) and closes.
+        D.DENY: Rule(C, 554, "5.7.1", "Connection from you denied, bye bye."),
+        D.DENY_DISCONNECT: Rule(C, 554, "5.7.1", "Connection from you denied, bye bye."),
+        D.DENYSOFT: Rule(C, 421, "4.7.0", "Connection from you temporarily denied, bye bye."),
+        D.DENYSOFT_DISCONNECT: Rule(C, 421, "4.7.0", "Connection from you temporarily denied, bye bye."),
+    },
+    "helo": {D.OK: SILENT, D.DECLINED: SILENT, **_denials(
+        (550, "5.7.1", "Your HELO was refused"), (450, "4.7.1", "Your HELO was refused, try again later"))},
+    "ehlo": {D.OK: SILENT, D.DECLINED: SILENT, **_denials(
+        (550, "5.7.1", "Your EHLO was refused"), (450, "4.7.1", "Your EHLO was refused, try again later"))},
+    "mail_pre": {D.OK: SILENT, D.DECLINED: SILENT, **_denials(
+        (501, "5.1.7", "could not parse your mail from command"),
+        (451, "4.1.7", "could not check your mail from command, try again later"),
+        (554, "5.1.7", "could not parse your mail from command"))},
+    "mail": {
+        D.OK: Rule(P, 250, "2.1.0", "{address}, sender OK - how exciting to get mail from you!"),
+        D.DECLINED: Rule(P, 250, "2.1.0", "{address}, sender OK - how exciting to get mail from you!"),
+        **_denials((550, "5.7.1", "{address}, denied"), (450, "4.7.1", "{address}, temporarily denied")),
+    },
+    "rcpt_pre": {D.OK: SILENT, D.DECLINED: SILENT, **_denials(
+        (501, "5.1.3", "could not parse recipient"),
+        (451, "4.1.3", "could not check recipient, try again later"),
+        (554, "5.1.3", "could not parse recipient"))},
+    "rcpt": {
+        D.OK: Rule(P, 250, "2.1.5", "{address}, recipient ok"),
+        # Some plugin must say OK: silence from all of them is not consent to relay.
+        D.DECLINED: Rule(R, 450, "4.7.1", "No plugin decided if relaying is allowed"),
+        **_denials((550, "5.7.1", "relaying denied"), (450, "4.7.1", "relaying denied"),
+                   (550, "5.7.1", "delivery denied")),
+    },
+    "data": {
+        D.OK: Rule(P, 354, None, "go ahead"),
+        D.DECLINED: Rule(P, 354, None, "go ahead"),
+        **_MESSAGE_DENIED,
+    },
+    "data_headers_end": {D.OK: SILENT, D.DECLINED: SILENT, **_MESSAGE_DENIED},
+    "data_post": {D.OK: SILENT, D.DECLINED: SILENT, **_MESSAGE_DENIED},
+    "queue_pre": {D.OK: SILENT, D.DECLINED: SILENT, **_MESSAGE_DENIED},
+    "queue": {
+        D.OK: Rule(P, 250, "2.0.0", "Queued"),
+        D.DECLINED: Rule(R, 451, "4.3.0", "Queuing declined or disabled; try again later"),
+        **_denials((554, "5.0.0", "Message denied"), (451, "4.3.0", "Message denied temporarily")),
+    },
+    "vrfy": {
+        D.OK: Rule(P, 250, "2.1.5", "User OK"),
+        D.DECLINED: Rule(P, 252, "2.5.2", "Just try sending a mail and we'll see how it turns out ..."),
+        **_denials((550, "5.7.1", "Access Denied"), (450, "4.7.1", "Access Denied, try again later")),
+    },
+    "noop": {
+        D.OK: Rule(P, 250, "2.0.0", "OK"), D.DECLINED: Rule(P, 250, "2.0.0", "OK"),
+        **_denials((500, "5.5.1", "Stop wasting my time."), (450, "4.7.0", "Stop wasting my time.")),
+    },
+    "help": {
+        D.OK: Rule(P, 214, "2.0.0", "qpgevent"),
+        D.DECLINED: Rule(P, 214, "2.0.0", "This is qpgevent, a plugin-driven SMTP server."),
+        **_denials((502, "5.5.1", "HELP not available"), (450, "4.7.0", "HELP not available now")),
+    },
+    "quit": {
+        # QUIT always ends the session (RFC 5321 4.1.1.10); a plugin can only change the words.
+        code: Rule(C, 221, "2.0.0", "{me} closing connection. Have a wonderful day.")
+        for code in (D.OK, D.DECLINED, D.DENY, D.DENYSOFT, D.DENY_DISCONNECT, D.DENYSOFT_DISCONNECT)
+    },
+    "unrecognized_command": {
+        D.OK: Rule(R, 500, "5.5.1", "Unrecognized command"),
+        D.DECLINED: Rule(R, 500, "5.5.1", "Unrecognized command"),
+        **_denials((500, "5.5.1", "Unrecognized command"), (450, "4.7.0", "Unrecognized command"),
+                   (521, "5.5.1", "Unrecognized command")),
+    },
+}
+
+#: Hooks whose DONE means "the plugin answered"; everywhere else DONE is a plain pass.
+_ANSWERING_HOOKS = frozenset(REPLY_TABLE)
+#: At these hooks the session cannot go on after an internal error: it closes with 421.
+_CLOSE_ON_ERROR = frozenset({"pre_connection", "connect"})
+
+
+class _Fields(dict[str, str]):
+    """Template fields; a field the caller did not give shows as itself, never a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def answer(hook: str, verdict: Verdict, **fields: str) -> Answer:
+    """Turn the verdict of a hook into what the session does and says.
+
+    A plugin's message replaces the default text (one line per element); a message
+    that starts with an enhanced status code of the right class ("5.1.1 no such user")
+    replaces the default enhanced code too.
+    """
+    if verdict.internal_error:
+        if hook == "quit":
+            verdict = Verdict(ReturnCode.DECLINED)
+        elif hook in _CLOSE_ON_ERROR:
+            return Answer(C, Reply(421, INTERNAL_ERROR.text, "4.3.0", close=True))
+        else:
+            return Answer(R, INTERNAL_ERROR)
+    if verdict.code is ReturnCode.DONE and hook in _ANSWERING_HOOKS:
+        return Answer(Outcome.ANSWERED, None)
+    rules = REPLY_TABLE.get(hook)
+    if rules is None:
+        return Answer(P, None)
+    rule = rules.get(verdict.code, SILENT)
+    if rule.code == 0:
+        return Answer(rule.outcome, None)
+    enhanced = rule.enhanced
+    lines = [line for text in verdict.message for line in text.split("\n")]
+    lines = [line.rstrip("\r") for line in lines]
+    if lines:
+        match = _ENHANCED.match(lines[0])
+        if match and enhanced and match.group(1) == str(rule.code)[0]:
+            enhanced = ".".join(match.groups())
+            lines[0] = lines[0][match.end():]
+    else:
+        lines = [rule.text.format_map(_Fields(fields))]
+    return Answer(rule.outcome, Reply(rule.code, tuple(lines), enhanced, rule.outcome is C))

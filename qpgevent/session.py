@@ -1,0 +1,421 @@
+"""One SMTP conversation, in straight-line blocking code, over one socket.
+
+The shape of every command: the protocol core parses it (and refuses what is out of
+order), the hook runner asks the plugins, the reply table turns their verdict into a
+reply, and the reply is queued; queued replies are written out whenever we need more
+input, so pipelined commands (RFC 2920) get their replies in one batch, in order.
+
+This module owns the ``Session`` object plugins receive as their first argument:
+``session.connection``, ``session.transaction``, ``session.notes``, ``session.respond``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import socket
+from typing import Any, Callable
+
+import gevent
+from gevent import select
+
+from . import __version__
+from .address import Address, AddressError
+from .codes import OK, ReturnCode, Verdict
+from .config import Settings
+from .connection import Connection
+from .hooks import HookRunner
+from .log import SessionLogger
+from .protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Limits, Mail,
+                       MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
+                       State, Unknown, Vrfy)
+from .reply import INTERNAL_ERROR, Canned, Outcome, Reply, answer, reply
+from .transaction import Transaction
+
+log = logging.getLogger("qpgevent.session")
+READ_SIZE = 1 << 16
+
+
+class SessionClosed(Exception):
+    """The client went away, or we closed; the session ends without further replies."""
+
+
+class Session:
+    def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
+                 settings: Settings, peers: Callable[[str], int] = lambda ip: 1) -> None:
+        self.sock = sock
+        self.connection = connection
+        self.runner = runner
+        self.settings = settings
+        self.log = SessionLogger(log, self)
+        self.protocol = SmtpProtocol(Limits(
+            max_command_line=settings.max_command_line,
+            max_text_line=settings.max_text_line,
+            max_message_size=settings.max_message_size,
+            max_recipients=settings.max_recipients,
+            max_bad_commands=settings.max_bad_commands,
+            allow_bare_lf=settings.allow_bare_lf,
+        ))
+        self._peers = peers
+        self._transaction: Transaction | None = None
+        self._out = bytearray()
+        self._message_refusal: Reply | None = None
+        self._messages = 0
+        self._closing = False
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Helo: self.on_helo, Ehlo: self.on_ehlo, Mail: self.on_mail, Rcpt: self.on_rcpt,
+            Data: self.on_data, Rset: self.on_rset, Noop: self.on_noop, Quit: self.on_quit,
+            Vrfy: self.on_vrfy, Help: self.on_help, Unknown: self.on_unknown,
+            Rejected: self.on_rejected, MessageData: self.on_message_data,
+            MessageEnd: self.on_message_end,
+        }
+
+    # -- what plugins use ----------------------------------------------------
+    @property
+    def me(self) -> str:
+        return self.settings.me
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        return self.connection.notes
+
+    @property
+    def transaction(self) -> Transaction:
+        """The current transaction, started on first use (as in qpsmtpd, never None)."""
+        if self._transaction is None:
+            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold)
+        return self._transaction
+
+    @property
+    def current_transaction(self) -> Transaction | None:
+        """The transaction if one is open, without starting one."""
+        return self._transaction
+
+    def respond(self, code: int, *lines: str, enhanced: str | None = None, close: bool = False) -> None:
+        """Answer the client directly (a plugin that returns DONE has called this)."""
+        self._send(reply(code, enhanced, *lines, close=close))
+
+    def concurrent_connections(self, ip: str | None = None) -> int:
+        """Sessions open now from ``ip`` (default: this client's), this one included."""
+        return self._peers(ip or self.connection.remote_ip)
+
+    def wait_for_input(self, seconds: float) -> bool:
+        """Whether the client sends something within ``seconds`` (earlytalker)."""
+        readable, _, _ = select.select([self.sock], [], [], seconds)
+        return bool(readable)
+
+    # -- the conversation ----------------------------------------------------
+    def run(self) -> None:
+        self.log.info("connect from %s:%s to %s:%s", self.connection.remote_ip,
+                      self.connection.remote_port, self.connection.local_ip, self.connection.local_port)
+        try:
+            if self._start():
+                self._converse()
+        except SessionClosed:
+            pass
+        except gevent.GreenletExit:
+            self._shutdown_reply()
+            raise
+        finally:
+            self._finish()
+
+    def _start(self) -> bool:
+        for hook in ("pre_connection", "connect"):
+            result = self._ask(hook)
+            if result.outcome is Outcome.CLOSE:
+                return False
+            if hook == "connect" and result.outcome is Outcome.ANSWERED:
+                return self.protocol.state is not State.CLOSED
+        banner = self.settings.banner or f"ESMTP qpgevent {__version__} ready"
+        self._out += self.protocol.greeting(reply(220, None, f"{self.me} {banner}"))
+        return True
+
+    def _converse(self) -> None:
+        while self.protocol.state is not State.CLOSED:
+            event = self.protocol.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                self._receive()
+            elif event is CONNECTION_CLOSED:
+                if self.protocol.state is State.DATA:
+                    self.log.info("client vanished during DATA; message dropped")
+                return
+            else:
+                self._handlers[type(event)](event)
+
+    def _receive(self) -> None:
+        in_data = self.protocol.state is State.DATA
+        self.sock.settimeout(self.settings.data_timeout if in_data else self.settings.command_timeout)
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            self.log.info("timeout %s", "in DATA" if in_data else "waiting for a command")
+            self._send(Canned.TIMEOUT.with_text(f"{self.me} Timeout, closing connection"))
+            self._flush()
+            raise SessionClosed from None
+        except OSError as error:
+            self.log.info("read failed: %s", error)
+            raise SessionClosed from None
+        self.protocol.receive_data(data)
+
+    def _send(self, answer_reply: Reply) -> None:
+        self._out += self.protocol.send(answer_reply)
+        if len(self._out) > READ_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        self.sock.settimeout(self.settings.command_timeout)
+        try:
+            self.sock.sendall(self._out)
+        except OSError as error:
+            self.log.info("write failed: %s", error)
+            self._out.clear()
+            raise SessionClosed from None
+        self._out.clear()
+
+    def _shutdown_reply(self) -> None:
+        """The server is stopping and our time is up: say so if we can, then go."""
+        self._out.clear()
+        self._out += Canned.SHUTTING_DOWN.to_bytes()
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(self._out)
+        except OSError:
+            self.log.debug("could not send the shutdown reply")
+        self._out.clear()
+
+    def _finish(self) -> None:
+        try:
+            self._flush()
+        except SessionClosed:
+            pass
+        self._reset_transaction()
+        self.runner.notify("disconnect", self)
+        self.log.info("disconnect: %d message(s) accepted, %d bad command(s)",
+                      self._messages, self.protocol.bad_commands)
+
+    # -- running a hook --------------------------------------------------------
+    def _ask(self, hook: str, *args: Any, **fields: str) -> Any:
+        """Run ``hook``, send what the reply table says, and return the Answer."""
+        verdict = self.runner.run(hook, self, *args)
+        result = answer(hook, verdict, me=self.me, **fields)
+        if result.outcome is Outcome.ANSWERED and self._awaiting_reply(hook):
+            self.log.error("hook=%s plugin=%s returned DONE without answering", hook, verdict.plugin)
+            result = answer(hook, Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True))
+        if result.reply is not None and result.outcome is not Outcome.PROCEED:
+            self._send(result.reply)
+        return _Asked(result.outcome, result.reply, verdict)
+
+    def _awaiting_reply(self, hook: str) -> bool:
+        if hook in ("pre_connection", "connect"):
+            return not self._out and self.protocol.state is not State.CLOSED
+        if hook in ("data_headers_end",):
+            return False
+        return self.protocol.awaiting_reply
+
+    # -- commands --------------------------------------------------------------
+    def on_rejected(self, event: Rejected) -> None:
+        self.log.info("refused %r: %s", event.line[:80], event.reply.code)
+        self._send(event.reply)
+
+    def on_helo(self, command: Helo) -> None:
+        self._hello("helo", command.domain)
+
+    def on_ehlo(self, command: Ehlo) -> None:
+        self._hello("ehlo", command.domain)
+
+    def _hello(self, verb: str, domain: str) -> None:
+        asked = self._ask(verb, domain)
+        if asked.outcome is not Outcome.PROCEED:
+            return
+        # RFC 5321 4.1.4: a new HELO/EHLO is like RSET, plus a new greeting.
+        self._reset_transaction()
+        self.connection.hello, self.connection.hello_host = verb, domain
+        first = f"{self.me} Hi {self.connection.remote_host or 'there'} [{self.connection.remote_ip}]"
+        if verb == "helo":
+            self._send(reply(250, None, first + "; I am so happy to meet you."))
+            return
+        self._send(reply(250, None, first, *self.extensions()))
+
+    def extensions(self) -> list[str]:
+        """The EHLO keywords we offer (RFC 5321 4.1.1.1), plus ones plugins add."""
+        size = self.settings.max_message_size
+        offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME",
+                   "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        offered += list(self.connection.notes.get("capabilities", ()))
+        return offered
+
+    def on_mail(self, command: Mail) -> None:
+        asked = self._ask("mail_pre", command.path, command.params)
+        if asked.outcome is not Outcome.PROCEED:
+            return
+        path = _rewritten(asked.verdict, command.path)
+        smtputf8 = "SMTPUTF8" in command.params
+        if not path.isascii() and not smtputf8:
+            self._send(Canned.NEEDS_SMTPUTF8)
+            return
+        try:
+            sender = Address.parse(path, smtputf8=smtputf8, allow_null=True)
+        except AddressError as error:
+            self._send(Canned.BAD_SENDER.with_text(f"could not parse your mail from command: {error}"))
+            return
+        self._reset_transaction()
+        asked = self._ask("mail", sender, command.params, address=sender.format())
+        if asked.outcome is Outcome.PROCEED:
+            self.transaction.sender = sender
+            self._send(asked.reply)
+        elif asked.outcome is Outcome.ANSWERED and self.protocol.state is State.MAIL:
+            self.transaction.sender = sender
+
+    def on_rcpt(self, command: Rcpt) -> None:
+        asked = self._ask("rcpt_pre", command.path, command.params)
+        if asked.outcome is not Outcome.PROCEED:
+            return
+        path = _rewritten(asked.verdict, command.path)
+        smtputf8 = self.protocol.smtputf8
+        if not path.isascii() and not smtputf8:
+            self._send(Canned.NEEDS_SMTPUTF8)
+            return
+        try:
+            recipient = Address.parse(path, smtputf8=smtputf8, allow_null=False, allow_postmaster=True)
+        except AddressError as error:
+            self._send(Canned.BAD_RECIPIENT.with_text(f"could not parse recipient: {error}"))
+            return
+        asked = self._ask("rcpt", recipient, command.params, address=recipient.format())
+        if asked.outcome is Outcome.PROCEED:
+            self.transaction.add_recipient(recipient)
+            self._send(asked.reply)
+        elif asked.outcome is Outcome.ANSWERED and self.protocol.state is State.RCPT:
+            self.transaction.add_recipient(recipient)
+
+    def on_data(self, command: Data) -> None:
+        asked = self._ask("data")
+        if asked.outcome is Outcome.PROCEED:
+            self._message_refusal = None
+            self._send(asked.reply)
+        elif asked.outcome is not Outcome.ANSWERED:
+            self._reset_transaction()
+
+    def on_message_data(self, event: MessageData) -> None:
+        if self._message_refusal is not None:
+            return  # refused at data_headers_end: read to the end, keep nothing
+        if self.transaction.write(event.data):
+            self._headers_done()
+
+    def _headers_done(self) -> None:
+        asked = self._ask_silently("data_headers_end")
+        if asked.outcome is Outcome.CLOSE:
+            self._send(asked.reply)
+        elif asked.outcome is not Outcome.PROCEED:
+            self._message_refusal = asked.reply or INTERNAL_ERROR
+
+    def _ask_silently(self, hook: str) -> Any:
+        """Run a hook whose reply must wait (mid-DATA): return the Answer, send nothing."""
+        verdict = self.runner.run(hook, self)
+        result = answer(hook, verdict, me=self.me)
+        if result.outcome is Outcome.ANSWERED:
+            result = answer(hook, Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True))
+        return _Asked(result.outcome, result.reply, verdict)
+
+    def on_message_end(self, event: MessageEnd) -> None:
+        try:
+            self._message_end(event)
+        finally:
+            self._reset_transaction()
+
+    def _message_end(self, event: MessageEnd) -> None:
+        if event.problem is not None:
+            self.log.info("message refused: %s (%d octets)", event.problem.text[0], event.size)
+            self._send(event.problem)
+            return
+        transaction = self.transaction
+        if transaction.end_of_data() and self._message_refusal is None:
+            self._headers_done()
+        if self._message_refusal is not None:
+            self._send(self._message_refusal)
+            return
+        transaction.headers.prepend("Received", self.received_line())
+        for hook in ("data_post", "queue_pre"):
+            asked = self._ask(hook)
+            if asked.outcome is not Outcome.PROCEED:
+                return
+        asked = self._ask("queue")
+        if asked.outcome is Outcome.PROCEED:
+            self._messages += 1
+            self.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
+                          len(transaction.recipients), transaction.data_size, asked.reply.text[0])
+            self._send(asked.reply)
+        self.runner.notify("queue_post", self)
+
+    def received_line(self) -> str:
+        """Our trace header (RFC 5321 4.4), protocol names as RFC 3848 and RFC 6531 4.3 say."""
+        connection, transaction = self.connection, self.transaction
+        esmtp = connection.hello == "ehlo"
+        if self.protocol.smtputf8:
+            protocol = "UTF8SMTP"
+        else:
+            protocol = "ESMTP" if esmtp else "SMTP"
+        if connection.tls:
+            protocol += "S"
+        if connection.notes.get("auth_user") and esmtp:
+            protocol += "A"
+        helo = _printable(connection.hello_host or "unknown")
+        remote = connection.remote_host or "unknown"
+        recipients = transaction.recipients
+        recipient = f"\n\tfor {recipients[0].format()}" if len(recipients) == 1 else ""
+        date = email.utils.formatdate(localtime=True)
+        return (f"from {helo} ({remote} [{connection.remote_ip}])\n"
+                f"\tby {self.me} (qpgevent {__version__}) with {protocol} id {transaction.id}"
+                f"{recipient};\n\t{date}")
+
+    def on_rset(self, command: Rset) -> None:
+        self._reset_transaction()
+        self._send(Canned.OK)
+
+    def on_noop(self, command: Noop) -> None:
+        self._ask_and_send("noop", command.argument)
+
+    def on_vrfy(self, command: Vrfy) -> None:
+        self._ask_and_send("vrfy", command.argument)
+
+    def on_help(self, command: Help) -> None:
+        self._ask_and_send("help", command.argument)
+
+    def on_quit(self, command: Quit) -> None:
+        self._ask_and_send("quit")
+
+    def on_unknown(self, command: Unknown) -> None:
+        self._ask_and_send("unrecognized_command", command.verb.lower(), command.argument)
+
+    def _ask_and_send(self, hook: str, *args: Any) -> None:
+        asked = self._ask(hook, *args)
+        if asked.outcome is Outcome.PROCEED and asked.reply is not None:
+            self._send(asked.reply)
+
+    def _reset_transaction(self) -> None:
+        if self._transaction is None:
+            return
+        self.runner.notify("reset_transaction", self)
+        self._transaction.close()
+        self._transaction = None
+        self._message_refusal = None
+
+
+class _Asked:
+    __slots__ = ("outcome", "reply", "verdict")
+
+    def __init__(self, outcome: Outcome, answer_reply: Reply | None, verdict: Verdict) -> None:
+        self.outcome, self.reply, self.verdict = outcome, answer_reply, verdict
+
+
+def _rewritten(verdict: Verdict, path: str) -> str:
+    """A ``*_pre`` hook may answer (OK, new_path) to fix up what the client wrote."""
+    if verdict.code is OK and verdict.message:
+        return verdict.message[0].strip()
+    return path
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]

@@ -1,0 +1,27 @@
+"""qpgevent packaging: the single source of metadata."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "qpgevent" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="qpgevent",
+    version=VERSION,
+    description="A plugin-driven, high-concurrency SMTP server on gevent, in the tradition of qpsmtpd",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # The bundled plugins ship inside the package as qpgevent/plugins/.
+    packages=["qpgevent", "qpgevent.plugins", "qpgevent.plugins.queue"],
+    package_dir={"qpgevent.plugins": "plugins"},
+    package_data={"qpgevent": ["configspec.ini", "py.typed"]},
+    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython>=2.6"],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"]},
+    entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"]},
+    license="MIT",
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Communications :: Email :: Mail Transport Agents"],
+)

@@ -1,0 +1,53 @@
+"""Shared fixtures. The suite runs under ``python -m gevent.monkey --module pytest``,
+so sockets are cooperative before anything imports them; we check that first."""
+
+from __future__ import annotations
+
+import gevent.monkey
+import pytest
+
+from qpgevent.testing import DEFAULT_PLUGINS, InProcessServer, ServerProcess, write_ini
+
+if not gevent.monkey.is_module_patched("socket"):
+    raise pytest.UsageError("run the tests as: python -m gevent.monkey --module pytest")
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start the real server in this process: ``make_server(plugins=..., **settings)``."""
+    started = []
+
+    def make(plugins: str = DEFAULT_PLUGINS, **settings):
+        ini = write_ini(tmp_path, plugins, **settings)
+        server = InProcessServer(ini)
+        server.maildir = tmp_path / "Maildir"
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(0.5)
+
+
+@pytest.fixture
+def server(make_server):
+    """The real server with rcpt_ok (example.test) and queue/maildir."""
+    return make_server()
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """Start ``python -m qpgevent`` as a child: ``server_process(plugins=..., **settings)``."""
+    started = []
+
+    def start(plugins: str = DEFAULT_PLUGINS, *args: str, **settings):
+        ini = write_ini(tmp_path, plugins, **settings)
+        process = ServerProcess(ini, *args)
+        process.maildir = tmp_path / "Maildir"
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.kill()
