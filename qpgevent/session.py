@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import socket
+import time
 from typing import Any, Callable
 
 import gevent
@@ -61,7 +62,7 @@ class Session:
         self._out = bytearray()
         self._message_refusal: Reply | None = None
         self._messages = 0
-        self._closing = False
+        self._started = time.monotonic()
         self._handlers: dict[type, Callable[[Any], None]] = {
             Helo: self.on_helo, Ehlo: self.on_ehlo, Mail: self.on_mail, Rcpt: self.on_rcpt,
             Data: self.on_data, Rset: self.on_rset, Noop: self.on_noop, Quit: self.on_quit,
@@ -114,8 +115,11 @@ class Session:
         except SessionClosed:
             pass
         except gevent.GreenletExit:
-            self._shutdown_reply()
+            self._shutdown_reply(Canned.SHUTTING_DOWN)
             raise
+        except Exception:  # the last resort: a bug in the core must not pass silently
+            self.log.exception("internal error; closing the session")
+            self._shutdown_reply(reply(421, "4.3.0", "Internal error, closing connection", close=True))
         finally:
             self._finish()
 
@@ -175,10 +179,10 @@ class Session:
             raise SessionClosed from None
         self._out.clear()
 
-    def _shutdown_reply(self) -> None:
-        """The server is stopping and our time is up: say so if we can, then go."""
+    def _shutdown_reply(self, last_words: Reply) -> None:
+        """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""
         self._out.clear()
-        self._out += Canned.SHUTTING_DOWN.to_bytes()
+        self._out += last_words.to_bytes()
         try:
             self.sock.settimeout(1.0)
             self.sock.sendall(self._out)
@@ -193,8 +197,9 @@ class Session:
             pass
         self._reset_transaction()
         self.runner.notify("disconnect", self)
-        self.log.info("disconnect: %d message(s) accepted, %d bad command(s)",
-                      self._messages, self.protocol.bad_commands)
+        self.log.info("disconnect: ip=%s helo=%s messages=%d bad_commands=%d seconds=%.3f",
+                      self.connection.remote_ip, self.connection.hello_host, self._messages,
+                      self.protocol.bad_commands, time.monotonic() - self._started)
 
     # -- running a hook --------------------------------------------------------
     def _ask(self, hook: str, *args: Any, **fields: str) -> Any:
