@@ -43,14 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = config_module.load(args.config, listen_override=args.listen)
+        # Logging first, so what plugins say while they set up goes where the rest goes.
+        if not args.check_config:
+            try:
+                log_module.configure(args.log_level or settings.log_level, settings.log_file)
+            except OSError as error:
+                raise ConfigError(f"{settings.path}: [logging] file: cannot open: {error.strerror}") from None
         plugins = load_plugins(settings)
     except ConfigError as error:
-        print(f"qpgevent: {error}", file=sys.stderr)
+        print(f"qpgevent: {' '.join(str(error).splitlines())}", file=sys.stderr)  # one line, always
         return 2
     if args.check_config:
         print_check(settings, HookRunner(plugins))
         return 0
-    log_module.configure(args.log_level or settings.log_level, settings.log_file)
     try:
         os.makedirs(settings.spool_dir, mode=0o700, exist_ok=True)
     except OSError as error:

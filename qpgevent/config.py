@@ -126,6 +126,12 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
     for sections, name in get_extra_values(config):
         if sections[:1] == ("plugins",):
             continue
+        parent = config
+        for part in sections:
+            parent = parent[part]
+        if name in parent.sections:  # a whole unknown section, such as a misspelt [limts]
+            where = _locate(lines, [*sections, name], None)
+            raise ConfigError(f"{path}:{where}: [{name}]: unknown section")
         where = _locate(lines, list(sections), name)
         raise ConfigError(f"{path}:{where}: [{']['.join(sections) or 'top'}] {name}: unknown key")
 

@@ -216,7 +216,9 @@ class SmtpProtocol:
             return CONNECTION_CLOSED if self._eof else NEED_DATA
         message, rest = self._data.feed(chunk)
         if rest is None:
-            return MessageData(message) if message else NEED_DATA
+            if message:
+                return MessageData(message)
+            return CONNECTION_CLOSED if self._eof else NEED_DATA
         self._framer.feed(rest)  # pipelined commands after the final dot
         end = self._finish_message()
         if message:
@@ -380,7 +382,9 @@ class SmtpProtocol:
             return Canned.UNKNOWN_PARAMETER  # RFC 1869 6: parameters need EHLO
         for key, value in params.items():
             if kind is Mail and key == "SIZE":
-                if value is None or not value.isdigit():
+                # RFC 1870 3: size-value is 1*20 ASCII DIGIT; str.isdigit() alone also
+                # takes "²", on which int() raises.
+                if value is None or not (value.isascii() and value.isdigit()):
                     return Canned.BAD_SIZE
                 limit = self.limits.max_message_size
                 if limit and int(value) > limit:

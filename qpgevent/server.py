@@ -50,6 +50,26 @@ def bind(listen: Listen) -> socket.socket:
     return sock
 
 
+def close_gracefully(sock: socket.socket, linger: float = 1.0) -> None:
+    """Close so that our last reply survives: send FIN, drain briefly, then close.
+
+    Closing a socket that still holds unread input (a client that pipelined past our
+    421, or talked before the greeting) makes the kernel send RST, which can destroy the
+    reply still in flight. So we stop writing, read and drop what comes for at most
+    ``linger`` seconds or until the client closes, and only then close.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(linger)
+        for _ in range(16):  # at most 1 MiB of leftovers
+            if not sock.recv(1 << 16):
+                break
+    except OSError:
+        log.debug("connection already gone at close")
+    finally:
+        sock.close()
+
+
 class SmtpServer:
     def __init__(self, settings: Settings, plugins: list[Plugin]) -> None:
         self.settings = settings
@@ -102,7 +122,7 @@ class SmtpServer:
             self._per_ip[connection.remote_ip] -= 1
             if self._per_ip[connection.remote_ip] <= 0:
                 del self._per_ip[connection.remote_ip]
-            sock.close()
+            close_gracefully(sock)
             self.runner.notify("post_connection", session)
 
     def _refuse(self, sock: socket.socket) -> None:
@@ -110,8 +130,8 @@ class SmtpServer:
             sock.settimeout(5)
             sock.sendall(Canned.TOO_MANY_CONNECTIONS.to_bytes())
         except OSError:
-            pass  # the client is gone already: nothing to tell it
-        sock.close()
+            log.debug("client gone before its 421")
+        close_gracefully(sock)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; let sessions finish for ``timeout`` seconds; close the rest with 421."""

@@ -208,7 +208,7 @@ class Session:
         result = answer(hook, verdict, me=self.me, **fields)
         if result.outcome is Outcome.ANSWERED and self._awaiting_reply(hook):
             self.log.error("hook=%s plugin=%s returned DONE without answering", hook, verdict.plugin)
-            result = answer(hook, Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True))
+            result = answer(hook, Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True), me=self.me, **fields)
         if result.reply is not None and result.outcome is not Outcome.PROCEED:
             self._send(result.reply)
         return _Asked(result.outcome, result.reply, verdict)
@@ -390,6 +390,8 @@ class Session:
 
     def on_quit(self, command: Quit) -> None:
         self._ask_and_send("quit")
+        if self.protocol.state is not State.CLOSED:
+            raise SessionClosed  # RFC 5321 4.1.1.10: QUIT ends it, even if a plugin answered (DONE)
 
     def on_unknown(self, command: Unknown) -> None:
         self._ask_and_send("unrecognized_command", command.verb.lower(), command.argument)

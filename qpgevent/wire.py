@@ -99,7 +99,7 @@ class DataReader:
         buf = self._partial + data
         end = buf.rfind(CRLF)
         if end < 0:
-            return self._hold(buf), None
+            return self._keep(self._hold(buf)), None  # a long line counts toward max_size too
         region, self._partial = buf[:end + 2], buf[end + 2:]
         lines = region.split(CRLF)[:-1]
         out: list[bytes] = []

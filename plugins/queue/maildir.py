@@ -71,7 +71,11 @@ class Maildir(Plugin):
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.rename(tmp, new)
+        try:
+            os.rename(tmp, new)
+        except BaseException:
+            os.unlink(tmp)  # new/ is unusable: leave no copy behind in tmp/
+            raise
         if self.config["fsync"]:
             directory = os.open(os.path.join(root, "new"), os.O_RDONLY | os.O_DIRECTORY)
             try:

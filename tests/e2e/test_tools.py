@@ -1,0 +1,48 @@
+"""The tools in tools/ run end to end: the smtp-source benchmark, with tiny numbers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "tools" / "bench_smtp_source.py"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+# config, concurrency, messages, seconds, messages/second, server CPU ms/message
+ROW = re.compile(r"^(discard|maildir) +(\d+) +(\d+) +(\d+\.\d+) +(\d+\.\d+) +(\d+\.\d+)$", re.MULTILINE)
+
+pytestmark = pytest.mark.skipif(not os.access(SMTP_SOURCE, os.X_OK),
+                                reason="smtp-source (Debian package postfix) missing")
+
+
+def test_bench_smtp_source_runs_both_configs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--python", sys.executable, "--smtp-source", SMTP_SOURCE,
+         "--messages", "20", "--size", "300", "--concurrency", "1,4", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^config +concurrency +messages +seconds +messages/second +server CPU ms/message$",
+                     result.stdout, re.MULTILINE)
+    # Each row is printed twice: as it is measured, then in the final table.
+    rows = {(config, int(concurrency), int(messages)) for config, concurrency, messages, _, rate, _
+            in ROW.findall(result.stdout) if float(rate) > 0}
+    assert rows == {(config, concurrency, 20) for config in ("discard", "maildir") for concurrency in (1, 4)}
+    for concurrency in (1, 4):
+        assert (f"maildir concurrency {concurrency}: 20 messages sent, 20 delivered in Maildir/new: OK"
+                in result.stdout)
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
+
+
+def test_bench_smtp_source_fails_loudly_when_the_server_does_not_start(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--python", "/bin/false", "--messages", "5", "--concurrency", "1",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "FAILED: server exited with status 1" in result.stderr
+    assert list(tmp_path.iterdir()) == []

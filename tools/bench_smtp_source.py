@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Benchmark the real qpgevent server with Postfix's smtp-source.
+
+Usage:
+    tools/bench_smtp_source.py [--messages 2000] [--size 1000] [--concurrency 1,10,100]
+                               [--python PYTHON] [--smtp-source /usr/sbin/smtp-source]
+                               [--keep-connection] [--log-level info] [--timeout 300]
+                               [--workdir DIR] [--configs discard,maildir]
+
+For each of two configurations, written into a temporary folder, it starts the
+qpgevent command (``PYTHON -m qpgevent -c qpsmtpd.ini --listen 127.0.0.1:PORT``, a
+free port) as a child process, then runs smtp-source against it once per concurrency:
+
+  discard   rcpt_ok (domains = example.test) + queue/discard: the SMTP engine alone
+  maildir   rcpt_ok (domains = example.test) + queue/maildir with fsync on
+
+Each run sends --messages messages of --size payload bytes, from sender@client.test
+to someone@example.test, with ``smtp-source -s CONCURRENCY -m MESSAGES``; its wall
+time gives messages/second, and the server's CPU time (user + system, from /proc)
+divided by the messages gives "server CPU ms/message". smtp-source aborts at the
+first refused command (exit status 1, "fatal: ..." on standard error), and so does
+this tool. After every maildir run it counts the files in Maildir/new and fails
+unless exactly the messages sent were delivered. Warnings and errors in the server's
+log are shown.
+
+Options:
+  --messages N         messages per run (default 2000)
+  --size BYTES         message payload, headers not included (default 1000)
+  --concurrency LIST   sessions in parallel, comma separated (default 1,10,100)
+  --python PATH        the Python that has qpgevent installed (default: this one if
+                       it can import qpgevent, else the repo's .venv/bin/python)
+  --keep-connection    smtp-source -d: several messages per connection (default:
+                       one connection per message)
+  --log-level LEVEL    the server's log level (default info, as in production)
+  --timeout SECONDS    give up on one smtp-source run after this long (default 300)
+  --workdir DIR        create the temporary folder here (default: the system's temp
+                       folder); it decides which disk the maildir run fsyncs to
+  --configs LIST       which configurations to run (default discard,maildir)
+
+Exit status 0 when every run succeeded (and every maildir count matched), 1
+otherwise, 2 for bad options. The servers are stopped with SIGTERM at the end, on
+errors and on Ctrl-C (SIGKILL only if one does not stop within 20 seconds).
+
+Example:
+    tools/bench_smtp_source.py --python .venv/bin/python --messages 500 --concurrency 1,50
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SENDER = "sender@client.test"
+RECIPIENT = "someone@example.test"
+CLIENT_NAME = "client.test"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+COMPLAINT = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
+GREETING_VERSION = re.compile(r"qpgevent (\S+)")
+
+CONFIGS = {
+    "discard": """
+  [[rcpt_ok]]
+    domains = example.test
+  [[queue/discard]]
+""",
+    "maildir": """
+  [[rcpt_ok]]
+    domains = example.test
+  [[queue/maildir]]
+    path = Maildir
+    fsync = yes
+""",
+}
+
+
+class BenchError(Exception):
+    """A run that did not do what it should: the message says what and where to look."""
+
+
+@dataclass
+class Result:
+    config: str
+    concurrency: int
+    messages: int
+    seconds: float
+    server_cpu: float  # CPU seconds the server process used during the run
+    delivered: int | None = None  # files counted in Maildir/new, maildir runs only
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else float("inf")
+
+
+class Server:
+    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT`` in a child process, logging to a file.
+
+    Its port is a free one found by binding port 0; it is ready once a connection gets
+    the 220 greeting (this works at every log level, where "listening on" is logged only
+    at info).
+    """
+
+    def __init__(self, python: str, folder: Path, plugins: str, log_level: str,
+                 max_connections: int) -> None:
+        self.folder = folder
+        self.ini = folder / "qpsmtpd.ini"
+        self.ini.write_text(
+            "[server]\n"
+            "  me = mx.example.test\n"
+            "  spool_dir = spool\n"
+            "  shutdown_timeout = 5\n"
+            "[limits]\n"
+            f"  max_connections = {max_connections}\n"
+            "[plugins]\n" + plugins,
+            encoding="utf-8")
+        self.log_path = folder / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.port, self.version = free_port(), ""
+        self.process = subprocess.Popen(
+            [python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
+             "--log-level", log_level],
+            cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def wait_ready(self) -> None:
+        """Wait until the server greets on its port; fail if it exits or takes too long."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"server exited with status {self.process.returncode}:\n{self.log()}")
+            greeting = read_greeting(self.port)
+            if greeting is not None:
+                if not greeting.startswith("220 "):
+                    raise BenchError(f"server on port {self.port} greets with {greeting!r}")
+                match = GREETING_VERSION.search(greeting)
+                self.version = match.group(1) if match else "?"
+                return
+            time.sleep(0.05)
+        raise BenchError(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process (all its threads) so far; 0 off Linux."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # After "pid (comm)": field 3 is state, so utime (14) and stime (15) are at 11 and 12.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, wait; SIGKILL only if it did not stop in time. Returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"server pid {self.process.pid} ignored SIGTERM for {STOP_TIMEOUT}s: killing",
+                      file=sys.stderr)
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT)
+        self._log.close()
+        return self.process.returncode
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def read_greeting(port: int) -> str | None:
+    """The server's first reply line, then QUIT; None while nothing listens there."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            reply = connection.makefile("rb").readline(1000).decode("utf-8", "replace").rstrip()
+            connection.sendall(b"QUIT\r\n")
+            return reply
+    except OSError:
+        return None
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for entry in os.scandir(folder) if entry.is_file()) if folder.is_dir() else 0
+
+
+def run_smtp_source(args: argparse.Namespace, port: int, concurrency: int) -> float:
+    """One smtp-source run; its wall time in seconds. Raises BenchError if it failed."""
+    command = [args.smtp_source, "-s", str(concurrency), "-m", str(args.messages),
+               "-l", str(args.size), "-f", SENDER, "-t", RECIPIENT, "-M", CLIENT_NAME]
+    if args.keep_connection:
+        command.append("-d")
+    command.append(f"127.0.0.1:{port}")
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise BenchError(f"smtp-source still running after {args.timeout}s: {' '.join(command)}")
+    finally:
+        # Ctrl-C or an error while it runs: do not leave it behind.
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise BenchError(f"smtp-source failed (exit status {process.returncode}): "
+                         f"{' '.join(command)}\n{stderr.strip()}{stdout.strip()}")
+    if stderr.strip():
+        # Exit status 0 but something on stderr: show it, it is never expected.
+        print(f"smtp-source said on stderr: {stderr.strip()}", file=sys.stderr)
+    return seconds
+
+
+def bench_config(args: argparse.Namespace, name: str, folder: Path) -> list[Result]:
+    folder.mkdir()
+    # Room for every smtp-source session (and the readiness probe) at once.
+    max_connections = max(1000, max(args.concurrency) + 10)
+    server = Server(args.python, folder, CONFIGS[name], args.log_level, max_connections)
+    results = []
+    try:
+        server.wait_ready()
+        print(f"# {name}: qpgevent {server.version} pid {server.process.pid} on 127.0.0.1:{server.port}",
+              flush=True)
+        new = folder / "Maildir" / "new"
+        for concurrency in args.concurrency:
+            before, cpu_before = count_files(new), server.cpu_seconds()
+            try:
+                seconds = run_smtp_source(args, server.port, concurrency)
+            except BenchError as error:
+                raise BenchError(f"{name}, concurrency {concurrency}: {error}\n"
+                                 f"--- server log (last lines) ---\n{tail(server.log())}") from None
+            result = Result(name, concurrency, args.messages, seconds, server.cpu_seconds() - cpu_before)
+            if name == "maildir":
+                result.delivered = count_files(new) - before
+            results.append(result)
+            print(format_row(result), flush=True)
+    finally:
+        status = server.stop()
+    if status != 0:
+        raise BenchError(f"{name}: server exited with status {status} after SIGTERM\n{tail(server.log())}")
+    leftovers = count_files(folder / "Maildir" / "tmp")
+    if leftovers:
+        raise BenchError(f"{name}: {leftovers} file(s) left in Maildir/tmp")
+    complaints = [line for line in server.log().splitlines()
+                  if COMPLAINT.search(line) and "queue/discard is loaded" not in line]
+    if complaints:
+        # Not a failure (every message was accepted), but worth a look.
+        print(f"# {name}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
+              + "\n".join(complaints[:5]), file=sys.stderr)
+    return results
+
+
+def tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+HEADER = (f"{'config':<8} {'concurrency':>11} {'messages':>8} {'seconds':>8} {'messages/second':>15} "
+          f"{'server CPU ms/message':>21}")
+
+
+def format_row(result: Result) -> str:
+    return (f"{result.config:<8} {result.concurrency:>11} {result.messages:>8} "
+            f"{result.seconds:>8.2f} {result.rate:>15.1f} {result.server_cpu * 1000 / result.messages:>21.3f}")
+
+
+def default_python() -> str:
+    if importlib.util.find_spec("qpgevent") is not None:
+        return sys.executable
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def concurrency_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("concurrency values must be 1 or more")
+    return values
+
+
+def config_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"configs are {', '.join(CONFIGS)}; got {text!r}")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark qpgevent with Postfix's smtp-source.")
+    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
+    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
+    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 10, 100],
+                        help="sessions in parallel, comma separated (default 1,10,100)")
+    parser.add_argument("--python", default=default_python(), help="the Python with qpgevent (default %(default)s)")
+    parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
+                        help="smtp-source program (default %(default)s)")
+    parser.add_argument("--keep-connection", action="store_true", help="several messages per connection (-d)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the server's log level (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per smtp-source run (default %(default)s)")
+    parser.add_argument("--workdir", help="where to create the temporary folder")
+    parser.add_argument("--configs", type=config_list, default=list(CONFIGS),
+                        help="configurations to run (default discard,maildir)")
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.size < 0:
+        parser.error("--messages must be 1 or more and --size 0 or more")
+    if not os.access(args.smtp_source, os.X_OK):
+        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
+    return args
+
+
+def _terminated(signum, frame):
+    # SIGTERM to the tool: unwind like Ctrl-C so the finally blocks stop the servers.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    # Started in the background by a non-interactive shell, SIGINT comes in ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print(f"# {args.messages} messages of {args.size} bytes per run, concurrency "
+          f"{','.join(map(str, args.concurrency))}, "
+          f"{'one connection per message' if not args.keep_connection else 'connections reused (-d)'}, "
+          f"server log level {args.log_level}, python {args.python}", flush=True)
+    results: list[Result] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="qpg-bench-", dir=args.workdir) as temp:
+            print(HEADER, flush=True)
+            for name in args.configs:
+                results += bench_config(args, name, Path(temp) / name)
+    except BenchError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped", file=sys.stderr)
+        return 130
+    print()
+    print(HEADER)
+    for result in results:
+        print(format_row(result))
+    failed = False
+    for result in results:
+        if result.delivered is None:
+            continue
+        if result.delivered == result.messages:
+            print(f"maildir concurrency {result.concurrency}: {result.delivered} messages sent, "
+                  f"{result.delivered} delivered in Maildir/new: OK")
+        else:
+            failed = True
+            print(f"maildir concurrency {result.concurrency}: {result.messages} messages sent, "
+                  f"but {result.delivered} in Maildir/new: MISMATCH", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
