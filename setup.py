@@ -19,7 +19,7 @@ setup(
     packages=["qpgevent", "qpgevent.plugins", "qpgevent.plugins.queue"],
     package_dir={"qpgevent.plugins": "plugins"},
     package_data={"qpgevent": ["configspec.ini", "py.typed"]},
-    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython>=2.6"],
+    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6"],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"]},
     entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"]},
     license="MIT",

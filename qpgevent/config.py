@@ -139,6 +139,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
     try:
         listen = tuple(parse_listen(item) for item in (listen_override or server["listen"]))
     except ValueError as error:
+        if listen_override:
+            raise ConfigError(f"--listen: {error}") from None
         raise ConfigError(f"{path}:{_locate(lines, ['server'], 'listen')}: [server] listen: {error}") from None
     plugins = []
     for label in config["plugins"].sections:

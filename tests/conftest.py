@@ -3,13 +3,34 @@ so sockets are cooperative before anything imports them; we check that first."""
 
 from __future__ import annotations
 
+import gevent
 import gevent.monkey
 import pytest
+from gevent import events
 
 from qpgevent.testing import DEFAULT_PLUGINS, InProcessServer, ServerProcess, write_ini
 
 if not gevent.monkey.is_module_patched("socket"):
     raise pytest.UsageError("run the tests as: python -m gevent.monkey --module pytest")
+
+# gevent's hub monitor: anything that keeps the event loop from switching for a whole
+# second (a plugin calling blocking C code, a CPU-bound loop) fails the test it ran in.
+# In-process servers share this hub, so this catches server code, not only test code.
+BLOCKED_FOR = 1.0
+gevent.config.monitor_thread = True
+gevent.config.max_blocking_time = BLOCKED_FOR
+gevent.get_hub().start_periodic_monitoring_thread()
+_blocked: list[events.EventLoopBlocked] = []
+events.subscribers.append(lambda event: isinstance(event, events.EventLoopBlocked) and _blocked.append(event))
+
+
+@pytest.fixture(autouse=True)
+def hub_never_blocks():
+    seen = len(_blocked)
+    yield
+    if len(_blocked) > seen:
+        report = "\n".join(_blocked[seen].info[:40])
+        pytest.fail(f"the gevent hub was blocked for more than {BLOCKED_FOR}s:\n{report}")
 
 
 @pytest.fixture

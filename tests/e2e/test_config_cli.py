@@ -87,6 +87,7 @@ def test_bad_listen_argument_exits_2(tmp_path: Path) -> None:
     result = qpgevent("-c", str(path), "--listen", "nowhere", "--check-config")
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and "nowhere" in result.stderr
+    assert "--listen" in result.stderr  # the flag is to blame, not the ini file
     assert "Traceback" not in result.stderr
 
 

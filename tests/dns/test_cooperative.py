@@ -1,0 +1,100 @@
+"""The cooperative proof: slow DNS stalls only the greenlet that asked, never the server.
+
+Against a real NSD behind a front that answers every query 1 s late: 500 concurrent
+look-ups take about 1 s, not 500 s; 500 concurrent SMTP sessions whose connect hook
+looks a name up all get their greeting in about 1 s. A nameserver that never answers
+becomes a 421 within the configured DNS timeout.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+
+from qpgevent import dns
+from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront
+
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "data" / "dns_plugins"
+ZONES = {"example.test": {"mail": [("A", "192.0.2.25")]}}
+DELAY = 1.0
+SESSIONS = 500
+
+
+@pytest.fixture(scope="module")
+def nsd():
+    with LoopbackDns(ZONES) as server:
+        yield server
+
+
+@pytest.fixture
+def slow_front(nsd):
+    with SlowDnsFront(nsd.port, delay=DELAY) as front:
+        yield front
+
+
+@pytest.fixture
+def default_resolver():
+    """Plugins use the per-process default resolver: the test sets it, then puts it back."""
+    previous = dns.set_default(None)
+    yield dns.configure
+    dns.set_default(previous)
+
+
+def test_500_lookups_take_one_delay_not_500(slow_front):
+    # No cache: every greenlet really waits on the network.
+    resolver = dns.Resolver(["127.0.0.1"], slow_front.port, timeout=5.0, cache=False)
+    started = time.monotonic()
+    jobs = [gevent.spawn(resolver.a, "mail.example.test") for _ in range(500)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    elapsed = time.monotonic() - started
+    print(f"500 lookups through a {DELAY}s front: {elapsed:.2f}s, {slow_front.queries} queries")
+    assert [job.value for job in jobs] == [["192.0.2.25"]] * 500
+    assert slow_front.queries >= 500
+    assert DELAY <= elapsed < 10, elapsed
+
+
+def greet(server, timeout=20):
+    """Connect, read the greeting; (code, text, seconds it took)."""
+    started = time.monotonic()
+    client = smtplib.SMTP(timeout=timeout)
+    try:
+        code, text = client.connect(server.host, server.port)
+    except smtplib.SMTPConnectError as refused:
+        code, text = refused.smtp_code, refused.smtp_error
+    finally:
+        client.close()
+    return code, text, time.monotonic() - started
+
+
+def test_500_sessions_greeted_while_each_connect_waits_on_dns(make_server, slow_front, default_resolver):
+    default_resolver(["127.0.0.1"], slow_front.port, timeout=5.0, cache=False)
+    server = make_server(plugins="[[lookup_at_connect]]", plugin_dirs=str(PLUGIN_DIR),
+                         max_connections=1000)
+    started = time.monotonic()
+    jobs = [gevent.spawn(greet, server) for _ in range(SESSIONS)]
+    gevent.joinall(jobs, timeout=60, raise_error=True)
+    elapsed = time.monotonic() - started
+    print(f"{SESSIONS} sessions, each with a {DELAY}s DNS look-up at connect: {elapsed:.2f}s")
+    assert [job.value[0] for job in jobs] == [220] * SESSIONS
+    assert slow_front.queries >= SESSIONS  # every session really asked
+    assert min(job.value[2] for job in jobs) >= DELAY  # and really waited
+    assert elapsed < 10, elapsed
+
+
+def test_dead_nameserver_is_a_421_within_the_dns_timeout(make_server, default_resolver):
+    with DeadDns() as dead:
+        default_resolver(["127.0.0.1"], dead.port, timeout=1.0)
+        server = make_server(plugins="[[lookup_at_connect]]", plugin_dirs=str(PLUGIN_DIR))
+        started = time.monotonic()
+        jobs = [gevent.spawn(greet, server) for _ in range(50)]
+        gevent.joinall(jobs, timeout=30, raise_error=True)
+        elapsed = time.monotonic() - started
+    print(f"50 sessions against a dead nameserver (timeout 1s): {elapsed:.2f}s")
+    assert [job.value[0] for job in jobs] == [421] * 50
+    assert b"cannot look mail.example.test up now" in jobs[0].value[1]
+    assert all(0.9 <= job.value[2] < 3.0 for job in jobs), [job.value[2] for job in jobs]
+    assert elapsed < 3.0, elapsed
