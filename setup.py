@@ -19,8 +19,10 @@ setup(
     packages=["qpgevent", "qpgevent.plugins", "qpgevent.plugins.queue"],
     package_dir={"qpgevent.plugins": "plugins"},
     package_data={"qpgevent": ["configspec.ini", "py.typed"]},
-    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6"],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"]},
+    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6", "prometheus-client>=0.20"],
+    # [store] backend = redis needs the Redis client; the embedded store needs nothing more.
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5"],
+                    "redis": ["redis>=5"]},
     entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"]},
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Communications :: Email :: Mail Transport Agents"],

@@ -3,7 +3,8 @@
 Runs at ``pre_connection``, before anything is said to the client.
 
 - ``max_conn_ip``: more than this many sessions at once from one address get
-  ``421 4.7.0 too many connections from <ip>, try again later``. 0: no limit.
+  ``421 4.7.0 too many connections from <ip>, try again later``. 0: no limit. The
+  sessions are counted over all worker processes, whichever one accepted them.
 - ``rules``: lines ``NETWORK ACTION [message]``, first match wins. ACTION is one of
   OK (skip the limit), DENY (554, close) or DENYSOFT (421, close).
 - ``exempt``: networks the per-address limit does not apply to.

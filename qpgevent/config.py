@@ -8,6 +8,7 @@ resolve against the folder of the ini file, so a copied config runs anywhere.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
@@ -70,6 +71,39 @@ class Settings:
     log_level: str
     log_file: str
     plugins: tuple[PluginSpec, ...] = field(default=())
+    #: [proxy]: who may send a PROXY header (empty: nobody), and how long it may take.
+    proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_timeout: float = 5.0
+    log_format: str = "text"  #: [logging] format: text or json
+    log_syslog: bool = False
+    log_syslog_facility: str = "mail"
+    log_syslog_address: str = "/dev/log"
+    #: [store]: the policy plugins' shared state, as keyword arguments of qpgevent.store.configure.
+    store: dict[str, Any] = field(default_factory=dict)
+    #: [admin]: the status/metrics HTTP listener (None: off), its token, the run folder.
+    admin_listen: Listen | None = None
+    admin_token: str = ""
+    admin_run_dir: str = ""
+    admin_refresh: float = 2.0
+    #: [dns]: the resolver (no nameservers: /etc/resolv.conf's), the per-session DNS time
+    #: budget (0: none), and whether the client's name is looked up (FCrDNS) at connect.
+    dns_nameservers: tuple[str, ...] = ()
+    dns_port: int = 53
+    dns_timeout: float = 5.0
+    dns_session_budget: float = 30.0
+    dns_cache_size: int = 10000
+    reverse_lookup: bool = True
+    #: [ident]: RFC 1413 at connect (off by default), its timeout and port.
+    ident: bool = False
+    ident_timeout: float = 2.0
+    ident_port: int = 113
+    #: [server] process settings: worker processes (0: one per core), who to run as after
+    #: binding, whether serving as root is meant, and the pidfile ("" for none).
+    workers: int = 0
+    user: str = ""
+    group: str = ""
+    allow_root: bool = False
+    pidfile: str = ""
 
 
 def parse_listen(text: str) -> Listen:
@@ -149,6 +183,13 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
     for key in config["plugins"].scalars:
         where = _locate(lines, ["plugins"], key)
         raise ConfigError(f"{path}:{where}: [plugins] {key}: plugins are sections, write [[{key}]]")
+    proxy_trusted = []
+    for item in filter(None, (item.strip() for item in config["proxy"]["trusted"])):  # "trusted =" is off
+        try:
+            proxy_trusted.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            where = _locate(lines, ["proxy"], "trusted")
+            raise ConfigError(f"{path}:{where}: [proxy] trusted: {item!r} is not an address or network") from None
     return Settings(
         path=path, base_dir=base_dir,
         me=server["me"] or socket.getfqdn(),
@@ -171,7 +212,70 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         log_level=config["logging"]["level"],
         log_file=config["logging"]["file"],
         plugins=tuple(plugins),
+        proxy_trusted=tuple(proxy_trusted),
+        proxy_timeout=config["proxy"]["timeout"],
+        log_format=config["logging"]["format"],
+        log_syslog=config["logging"]["syslog"],
+        log_syslog_facility=config["logging"]["syslog_facility"],
+        log_syslog_address=config["logging"]["syslog_address"],
+        store=config["store"].dict(),
+        admin_listen=_admin_listen(config["admin"], path, lines),
+        admin_token=config["admin"]["token"],
+        admin_run_dir=config["admin"]["run_dir"],
+        admin_refresh=config["admin"]["refresh"],
+        dns_nameservers=_nameservers(config["dns"]["nameservers"], path, lines),
+        dns_port=config["dns"]["port"],
+        dns_timeout=config["dns"]["timeout"],
+        dns_session_budget=config["dns"]["session_budget"],
+        dns_cache_size=config["dns"]["cache_size"],
+        reverse_lookup=config["dns"]["reverse_lookup"],
+        ident=config["ident"]["enabled"],
+        ident_timeout=config["ident"]["timeout"],
+        ident_port=config["ident"]["port"],
+        workers=server["workers"],
+        user=server["user"],
+        group=server["group"],
+        allow_root=server["allow_root"],
+        pidfile=server["pidfile"],
     )
+
+
+def _nameservers(items: list[str], path: str, lines: list[str]) -> tuple[str, ...]:
+    """[dns] nameservers: IP addresses (a resolver needs no name to find its nameserver)."""
+    servers = []
+    for item in filter(None, (item.strip() for item in items)):
+        try:
+            servers.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            where = _locate(lines, ["dns"], "nameservers")
+            raise ConfigError(f"{path}:{where}: [dns] nameservers: {item!r} is not an IP address") from None
+    return tuple(servers)
+
+
+def _admin_listen(admin: Any, path: str, lines: list[str]) -> Listen | None:
+    """[admin] listen: off when empty; a non-loopback address only with a token."""
+    if not admin["listen"].strip():
+        return None
+    try:
+        listen = parse_listen(admin["listen"])
+    except ValueError as error:
+        raise ConfigError(f"{path}:{_locate(lines, ['admin'], 'listen')}: [admin] listen: {error}") from None
+    if not is_loopback(listen.host) and not admin["token"]:
+        raise ConfigError(f"{path}:{_locate(lines, ['admin'], 'listen')}: [admin] listen: {listen} is not "
+                          "a loopback address; set [admin] token to expose the admin pages")
+    return listen
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (and ::ffff:127.x), or the name localhost."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def validate_options(spec: PluginSpec, configspec: list[str], base_dir: str) -> dict[str, Any]:
@@ -192,6 +296,11 @@ def validate_options(spec: PluginSpec, configspec: list[str], base_dir: str) -> 
         where = _locate(lines, section, name) or spec.line
         raise ConfigError(f"{spec.source}:{where}: [[{spec.label}]] {name}: unknown option")
     return options.dict()
+
+
+def line_of(path: str, sections: list[str], key: str | None) -> int | str:
+    """The line of ``key`` in ``sections`` of the ini at ``path``, for an error found later."""
+    return _locate(_read_lines(path), sections, key)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -31,6 +31,10 @@ class Connection:
     hello_host: str | None = None  #: the argument of the accepted HELO/EHLO
     relay_client: bool = False  #: may relay to any domain (set by relay, or by AUTH later)
     tls: bool = False  #: the session is encrypted
+    #: The load balancer's own address when the connection came with a PROXY header (equal
+    #: to remote_ip for the proxy's own health checks: v2 LOCAL, v1 UNKNOWN); None otherwise.
+    proxy_ip: str | None = None
+    proxy_port: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=_new_id)
 
@@ -43,7 +47,8 @@ class Connection:
         twin = Connection(
             self.remote_ip, self.remote_port, self.local_ip, self.local_port,
             self.remote_host, self.remote_info, relay_client=self.relay_client,
-            tls=self.tls, notes=self.notes, id=self.id,
+            tls=self.tls, proxy_ip=self.proxy_ip, proxy_port=self.proxy_port,
+            notes=self.notes, id=self.id,
         )
         if not no_reset:
             self.reset()

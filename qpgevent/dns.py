@@ -19,10 +19,12 @@ NXDOMAIN and no-data answers for the SOA minimum (RFC 2308 5), and drops the lea
 recently used answer when full; we cap how long any answer stays.
 
 ``budget(seconds)`` bounds the DNS time of everything run inside it, in this greenlet
-(and the ones ``parallel`` starts): each look-up gets at most what is left, and past the
-budget a look-up that needs the network raises TemporaryFailure (cached answers still
-come back). ``parallel`` runs several look-ups at once: a plugin checking five
-blocklists waits for the slowest, not for the sum.
+(and the ones ``parallel`` starts): the time spent waiting on look-ups is summed (look-ups
+running at once count once, as the wall-clock time during which any was pending; time
+between look-ups does not count, so a long SMTP session is not starved), each look-up
+gets at most what is left, and past the budget a look-up that needs the network raises
+TemporaryFailure (cached answers still come back). ``parallel`` runs several look-ups at
+once: a plugin checking five blocklists waits for the slowest, not for the sum.
 
 The module-level functions use the per-process default resolver: ``configure()`` sets it
 from the config; without that it reads /etc/resolv.conf on first use.
@@ -50,7 +52,7 @@ from .errors import ConfigError
 
 __all__ = ["TemporaryFailure", "Resolver", "budget", "remaining_budget", "parallel", "configure",
            "default", "set_default", "a", "aaaa", "mx", "txt", "ptr", "addresses", "blocklist",
-           "blocklist_reason", "fcrdns"]
+           "blocklist_reason", "fcrdns", "ascii_name"]
 
 log = logging.getLogger("qpgevent.dns")
 
@@ -74,26 +76,65 @@ class TemporaryFailure(Exception):
 
 
 # -- the time budget -------------------------------------------------------------
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("qpgevent_dns_deadline",
-                                                                          default=None)
+class _Budget:
+    """Seconds of DNS waiting one ``budget`` block allows, and how many it has used."""
+
+    __slots__ = ("seconds", "outer", "spent", "pending", "since")
+
+    def __init__(self, seconds: float, outer: _Budget | None) -> None:
+        self.seconds = seconds
+        self.outer = outer  #: the enclosing budget: a look-up spends from both
+        self.spent = 0.0  #: seconds used by look-ups that have ended
+        self.pending = 0  #: look-ups running now (parallel ones share the clock)
+        self.since = 0.0  #: when the first of the pending look-ups started
+
+    def remaining(self) -> float:
+        spent = self.spent + (time.monotonic() - self.since if self.pending else 0.0)
+        left = max(0.0, self.seconds - spent)
+        return left if self.outer is None else min(left, self.outer.remaining())
+
+    def chain(self) -> Iterator[_Budget]:
+        budget: _Budget | None = self
+        while budget is not None:
+            yield budget
+            budget = budget.outer
+
+    @contextlib.contextmanager
+    def spending(self) -> Iterator[None]:
+        """Charge the time inside to this budget and every enclosing one."""
+        now = time.monotonic()
+        for budget in self.chain():
+            if not budget.pending:
+                budget.since = now
+            budget.pending += 1
+        try:
+            yield
+        finally:
+            now = time.monotonic()
+            for budget in self.chain():
+                budget.pending -= 1
+                if not budget.pending:
+                    budget.spent += now - budget.since
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("qpgevent_dns_budget",
+                                                                         default=None)
 
 
 @contextlib.contextmanager
 def budget(seconds: float) -> Iterator[None]:
-    """Bound the DNS time of the look-ups inside to ``seconds`` (nested budgets: the tighter wins)."""
-    deadline = time.monotonic() + seconds
-    outer = _deadline.get()
-    token = _deadline.set(deadline if outer is None else min(deadline, outer))
+    """Allow the look-ups inside ``seconds`` of DNS waiting in all (nested budgets: the tighter wins)."""
+    token = _budget.set(_Budget(seconds, _budget.get()))
     try:
         yield
     finally:
-        _deadline.reset(token)
+        _budget.reset(token)
 
 
 def remaining_budget() -> float | None:
-    """Seconds left in the current budget, or None outside any budget."""
-    deadline = _deadline.get()
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+    """Seconds of DNS waiting left in the current budget, or None outside any budget."""
+    current = _budget.get()
+    return None if current is None else current.remaining()
 
 
 def parallel(calls: Sequence[Call], return_exceptions: bool = False) -> list[Any]:
@@ -273,8 +314,10 @@ class Resolver:
         if left is not None and left < lifetime:
             lifetime = left  # 0 still answers from the cache: dnspython looks there first
         what = f"{qname.to_text(omit_final_dot=True)} {dns.rdatatype.to_text(rdtype)}"
+        current = _budget.get()
         try:
-            answer = self._resolver.resolve(qname, rdtype, search=False, lifetime=lifetime)
+            with current.spending() if current is not None else contextlib.nullcontext():
+                answer = self._resolver.resolve(qname, rdtype, search=False, lifetime=lifetime)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.resolver.LifetimeTimeout:
@@ -284,6 +327,16 @@ class Resolver:
         except dns.exception.DNSException as error:
             raise TemporaryFailure(f"{what}: {error}") from None
         return list(answer)
+
+
+def ascii_name(text: str) -> str | None:
+    """``text`` as the DNS sees it: lower case, A-labels, no final dot; None if it cannot be a name.
+
+    The IDNA 2008 form look-ups use (``Bücher.test`` is ``xn--bcher-kva.test``). No
+    look-up; not a host-name syntax check either (``_dmarc`` and ``a b`` are DNS labels).
+    """
+    name = _to_name(text)
+    return None if name is None else _host(name)
 
 
 def _to_name(text: str) -> dns.name.Name | None:

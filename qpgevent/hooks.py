@@ -10,14 +10,17 @@ Rules:
    and gives an ``internal_error`` verdict (451 4.3.0), never a silent pass.
 3. Notification hooks (``deny``, ``ok``, ``disconnect``...) run every plugin; their
    results and failures are logged and change nothing.
+4. ``observers`` are told of every plugin call, before and after (metrics, the live
+   scoreboard); the runner stays ignorant of what they do with it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 
@@ -46,8 +49,8 @@ def _spec(name: str, *args: str, notify: bool = False, session: bool = True,
 
 #: Every hook, roughly in the order it fires in a session.
 HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
-    _spec("post_fork", session=False, notify=True, fired=False,
-          doc="in each worker process after it starts (reserved for the pre-fork master)"),
+    _spec("post_fork", session=False, notify=True,
+          doc="in each worker process after it is forked, before it serves: open pools here"),
     _spec("pre_connection", doc="a client connected; nothing has been said yet"),
     _spec("connect", doc="before the 220 greeting"),
     _spec("helo", "host", doc="HELO, before it is accepted"),
@@ -80,12 +83,21 @@ HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
 )}
 
 
+class HookObserver(Protocol):
+    """Told of every plugin call. Called in the session's greenlet: be quick, never raise."""
+
+    def hook_started(self, hook: str, plugin: str, session: Any) -> None: ...
+
+    def hook_finished(self, hook: str, plugin: str, session: Any, verdict: Verdict, seconds: float) -> None: ...
+
+
 class HookRunner:
     """Runs hooks over an ordered list of loaded plugins."""
 
     def __init__(self, plugins: list[Plugin], default_timeout: float = 30.0) -> None:
         self.plugins = plugins
         self.default_timeout = default_timeout
+        self.observers: list[HookObserver] = []
         self._chains: dict[str, list[tuple[Plugin, Callable[..., Any]]]] = {name: [] for name in HOOKS}
         for plugin in plugins:
             for name in plugin.implemented_hooks():
@@ -93,6 +105,11 @@ class HookRunner:
 
     def has(self, hook: str) -> bool:
         return bool(self._chains[hook])
+
+    def observe(self, observer: HookObserver) -> None:
+        """Add ``observer`` (once: adding it again changes nothing)."""
+        if observer not in self.observers:
+            self.observers.append(observer)
 
     def order(self) -> dict[str, list[str]]:
         """Hook -> plugin labels, in the order they run (for --check-config)."""
@@ -127,6 +144,19 @@ class HookRunner:
 
     def _call(self, plugin: Plugin, method: Callable[..., Any], hook: str, session: Any,
               args: tuple[Any, ...], logger: Any) -> Verdict:
+        if not self.observers:
+            return self._invoke(plugin, method, hook, session, args, logger)
+        for observer in self.observers:
+            observer.hook_started(hook, plugin.name, session)
+        started = time.monotonic()
+        verdict = self._invoke(plugin, method, hook, session, args, logger)
+        seconds = time.monotonic() - started
+        for observer in self.observers:
+            observer.hook_finished(hook, plugin.name, session, verdict, seconds)
+        return verdict
+
+    def _invoke(self, plugin: Plugin, method: Callable[..., Any], hook: str, session: Any,
+                args: tuple[Any, ...], logger: Any) -> Verdict:
         seconds = plugin.timeout or self.default_timeout
         call_args = (session, *args) if HOOKS[hook].session else args
         timer = gevent.Timeout(seconds)

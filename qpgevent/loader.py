@@ -51,6 +51,16 @@ def load_plugins(settings: Settings) -> list[Plugin]:
     return [load_plugin(spec, dirs, settings.base_dir) for spec in settings.plugins]
 
 
+def forget_plugin_modules() -> None:
+    """Drop the plugin modules imported so far, so the next load reads their files again.
+
+    For a reload (SIGHUP) in the master, which serves no session itself: the workers
+    already forked keep the modules they were forked with.
+    """
+    for name in [name for name in sys.modules if name.startswith(_MODULE_PREFIX)]:
+        del sys.modules[name]
+
+
 def load_plugin(spec: PluginSpec, dirs: list[Path], base_dir: str) -> Plugin:
     where = f"{spec.source}:{spec.line or '?'}: [[{spec.label}]]"
     module, path = _import(spec.name, dirs, where)
@@ -135,4 +145,4 @@ def _line_of(method: object) -> str:
         return ""
 
 
-__all__ = ["load_plugins", "load_plugin", "plugin_dirs", "bundled_plugin_dir"]
+__all__ = ["load_plugins", "load_plugin", "forget_plugin_modules", "plugin_dirs", "bundled_plugin_dir"]

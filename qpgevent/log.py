@@ -1,33 +1,169 @@
-"""Logging set-up, and the per-session logger that puts the connection id on every line."""
+"""Logging set-up, and the per-session logger that puts the connection id on every line.
+
+Owns the output side of stdlib logging for the ``qpgevent`` logger tree:
+- where lines go: standard error, a file, and/or syslog (``configure``);
+- how they look: plain text (``TEXT_FORMAT``) or one JSON object per line;
+- which session a line belongs to: ``SessionLogger`` attaches ``conn`` (and ``txn``
+  inside a transaction) to each record it makes, and ``bind_session`` marks the running
+  greenlet's session so that lines logged by plugins and services through their own
+  loggers get the same ids;
+- what must never be written: ``redact`` hides the secret part of a command line (AUTH).
+
+Structured values ride on the record (``extra={"fields": {...}}``): the text format shows
+the message as written, the JSON format adds the fields as typed keys.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
+import logging.handlers
+import re
+import socket
 import sys
+import time
 from typing import Any
 
-FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(context)s%(message)s"
+#: Syslog adds its own time stamp and host; we add the program name and pid (RFC 3164 TAG).
+SYSLOG_FORMAT = "qpgevent[%(process)d]: %(levelname)s %(name)s: %(context)s%(message)s"
+FORMATS = ("text", "json")
+
+#: The session the running greenlet serves (gevent gives each greenlet its own context).
+_session: contextvars.ContextVar[Any] = contextvars.ContextVar("qpgevent_session", default=None)
 
 
-def configure(level: str = "info", path: str = "") -> None:
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+def bind_session(session: Any) -> None:
+    """Mark ``session`` as the one this greenlet serves: every line it logs gets its ids."""
+    _session.set(session)
+
+
+def session_ids(session: Any) -> dict[str, str]:
+    ids = {"conn": session.connection.id}
+    transaction = session.current_transaction
+    if transaction is not None:
+        ids["txn"] = transaction.id
+    return ids
+
+
+class SessionContext(logging.Filter):
+    """Gives every record ``conn``/``txn`` (from the bound session when the logger did not)
+    and ``context``, their text form ("conn=1a.2 txn=3 " or "")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "conn"):
+            session = _session.get()
+            for key, value in (session_ids(session) if session is not None else {}).items():
+                setattr(record, key, value)
+        context = ""
+        if getattr(record, "conn", None):
+            context = f"conn={record.conn} "
+            if getattr(record, "txn", None):
+                context += f"txn={record.txn} "
+        record.context = context
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, pid, logger, conn, txn, msg,
+    the record's ``fields``, and the traceback as ``exc`` when there is one."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, Any] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "logger": record.name,
+        }
+        for key in ("conn", "txn"):
+            if getattr(record, key, None):
+                line[key] = getattr(record, key)
+        line["msg"] = record.getMessage()
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update({key: value for key, value in fields.items() if key not in line})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return self.prefix % {"process": record.process} + json.dumps(line, ensure_ascii=False, default=str)
+
+
+def syslog_handler(address: str, facility: str) -> logging.Handler:
+    """A SysLogHandler to a unix socket path (default /dev/log) or to ``host:port`` over UDP."""
+    target: str | tuple[str, int]
+    if "/" in address:
+        target = address
+        # The handler ignores a missing socket (and loses every line); at start it is a
+        # mistake to report. Later outages are the handler's: it reconnects when it can.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+    else:
+        host, _, port = address.rpartition(":")
+        target = (host.strip("[]") or "127.0.0.1", int(port or 514))
+    try:
+        code = logging.handlers.SysLogHandler.facility_names[facility]
+    except KeyError:
+        raise ValueError(f"unknown syslog facility {facility!r}") from None
+    return logging.handlers.SysLogHandler(target, code, socket.SOCK_DGRAM)
+
+
+def configure(level: str = "info", path: str = "", format: str = "text", syslog: bool = False,
+              syslog_facility: str = "mail", syslog_address: str = "/dev/log") -> None:
+    """Send the ``qpgevent`` loggers to a file (or standard error) and/or syslog.
+
+    Standard error is used when neither a file nor syslog is set. Raises OSError when
+    the file or the syslog socket cannot be opened, ValueError for a bad facility.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown log format {format!r}")
+    handlers: list[logging.Handler] = []
+    if path or not syslog:
+        stream = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+        stream.setFormatter(JsonFormatter() if format == "json" else logging.Formatter(TEXT_FORMAT))
+        handlers.append(stream)
+    if syslog:
+        to_syslog = syslog_handler(syslog_address, syslog_facility)
+        to_syslog.setFormatter(JsonFormatter("qpgevent[%(process)d]: ") if format == "json"
+                               else logging.Formatter(SYSLOG_FORMAT))
+        handlers.append(to_syslog)
+    for handler in handlers:
+        handler.addFilter(SessionContext())
     root = logging.getLogger("qpgevent")
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
 
 
 class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes ``conn=<id>`` (and ``txn=<id>`` inside a transaction) to every message."""
+    """Attaches ``conn=<id>`` (and ``txn=<id>`` inside a transaction) to every record."""
 
     def __init__(self, logger: logging.Logger, session: Any) -> None:
         super().__init__(logger, {})
         self.session = session
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        prefix = f"conn={self.session.connection.id}"
-        transaction = self.session.current_transaction
-        if transaction is not None:
-            prefix += f" txn={transaction.id}"
-        return f"{prefix} {msg}", kwargs
+        kwargs["extra"] = {**session_ids(self.session), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+_AUTH = re.compile(r"(?i)^(\s*AUTH\s+\S+)(\s+\S.*)?$")
+
+
+def redact(line: str) -> str:
+    """A command line fit for a log: ``AUTH PLAIN <secret>`` becomes ``AUTH PLAIN ***``.
+
+    The AUTH mechanism stays (it helps), its initial response goes (RFC 4954 4: it holds
+    the credentials, base64 is no protection). Lines sent in answer to a 334 challenge
+    are all secret: the code that reads them must not log them at all.
+    """
+    match = _AUTH.match(line)
+    if match is None:
+        return line
+    return match.group(1) + (" ***" if match.group(2) else "")

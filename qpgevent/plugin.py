@@ -26,7 +26,8 @@ from .codes import (DECLINED, DENY, DENY_DISCONNECT, DENYSOFT, DENYSOFT_DISCONNE
                     ReturnCode, Verdict)
 
 __all__ = ["Plugin", "OK", "DENY", "DENYSOFT", "DENY_DISCONNECT", "DENYSOFT_DISCONNECT",
-           "DECLINED", "DONE", "ReturnCode", "Verdict", "run_blocking", "ip_in"]
+           "DECLINED", "DONE", "ReturnCode", "Verdict", "run_blocking", "ip_in", "reject_code",
+           "same_network"]
 
 STANDARD_CONFIGSPEC = [
     'reject = option("0", "1", "naughty", default="1")',
@@ -67,12 +68,16 @@ class Plugin:
         """Called once per worker after loading: open pools, read files. Override at will."""
 
     # -- helpers for hooks ---------------------------------------------------
-    def reject(self, message: str, session: Any = None) -> tuple[ReturnCode, str] | ReturnCode:
+    def reject(self, message: str, session: Any = None,
+               reject_type: str | None = None) -> tuple[ReturnCode, str] | ReturnCode:
         """Refuse as the ``reject`` / ``reject_type`` options say.
 
         ``reject = 0`` logs and passes; ``reject = naughty`` notes the refusal on the
         connection (``notes["naughty"]``) for a later plugin to act on, and passes.
+        ``reject_type`` overrides the option for this one refusal: "temp" when the check
+        could not be made (the DNS did not answer), whatever the operator chose for a fail.
         """
+        reject_type = reject_type or self.config.get("reject_type", "perm")
         mode = self.config.get("reject", "1")
         if mode == "0":
             self.log.info("fail, tolerated: %s", message)
@@ -82,9 +87,9 @@ class Plugin:
                 raise ValueError("reject = naughty needs the session: self.reject(msg, session)")
             notes = session.connection.notes
             notes.setdefault("naughty", message)
-            notes.setdefault("naughty_reject_type", self.config.get("reject_type", "perm"))
+            notes.setdefault("naughty_reject_type", reject_type)
             return DECLINED
-        return _REJECT_TYPES[self.config.get("reject_type", "perm")], message
+        return reject_code(reject_type), message
 
     def is_immune(self, session: Any) -> bool:
         """Relay clients and whitelisted hosts or senders are not checked (qpsmtpd's rule)."""
@@ -95,6 +100,11 @@ class Plugin:
         return bool(transaction is not None and transaction.notes.get("whitelistsender"))
 
 
+def reject_code(reject_type: str) -> ReturnCode:
+    """The return code of a ``reject_type`` name: perm/hard, temp/soft, disconnect, temp_disconnect."""
+    return _REJECT_TYPES[reject_type]
+
+
 def run_blocking(function: Any, *args: Any) -> Any:
     """Run a call that would block the whole process (disk fsync, CPU work) in a thread.
 
@@ -102,6 +112,27 @@ def run_blocking(function: Any, *args: Any) -> Any:
     crunches calls it through here so other sessions keep running meanwhile.
     """
     return gevent.get_hub().threadpool.apply(function, args)
+
+
+def same_network(ip: str, other: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> bool:
+    """Whether two addresses share their first ``ipv4_prefix`` / ``ipv6_prefix`` bits (32/128: equal).
+
+    IPv4-mapped IPv6 addresses count as IPv4; addresses of different families never match.
+    """
+    try:
+        first, second = (_unmapped(ipaddress.ip_address(value)) for value in (ip, other))
+    except ValueError:
+        return False
+    if first.version != second.version:
+        return False
+    prefix = ipv4_prefix if first.version == 4 else ipv6_prefix
+    return second in ipaddress.ip_network(f"{first}/{prefix}", strict=False)
+
+
+def _unmapped(address: Any) -> Any:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 def ip_in(ip: str, networks: list[Any]) -> bool:

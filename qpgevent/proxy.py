@@ -15,6 +15,7 @@ from dataclasses import dataclass
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # spec 2.1: the longest v1 line, CRLF included
+V2_MAX = 16 + 0xFFFF  # spec 2.2: 16 octets, then at most 65535 of addresses and TLVs
 _V2_HEADER = struct.Struct("!12sBBH")
 
 
@@ -41,6 +42,14 @@ def parse(buffer: bytes) -> tuple[ProxyHeader, int] | None:
     if buffer[:len(V1_PREFIX)] == V1_PREFIX[:len(buffer)]:
         return _parse_v1(buffer)
     raise ProxyError("no PROXY header")
+
+
+def looks_like_header(data: bytes) -> bool:
+    """Whether ``data`` opens with a PROXY header: the v1 prefix or the whole v2 signature.
+
+    For spotting a proxy we were not told to trust; not a validation (``parse`` is).
+    """
+    return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE)
 
 
 def _parse_v1(buffer: bytes) -> tuple[ProxyHeader, int] | None:

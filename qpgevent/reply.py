@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .codes import ReturnCode, Verdict
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_CODE = re.compile(r"^([245][0-5][0-9])(?:\s+|$)")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -246,9 +247,10 @@ class _Fields(dict[str, str]):
 def answer(hook: str, verdict: Verdict, **fields: str) -> Answer:
     """Turn the verdict of a hook into what the session does and says.
 
-    A plugin's message replaces the default text (one line per element); a message
-    that starts with an enhanced status code of the right class ("5.1.1 no such user")
-    replaces the default enhanced code too.
+    A plugin's message replaces the default text (one line per element). A message that
+    starts with a reply code of the verdict's class ("452 ...") replaces the code, and
+    one that starts with an enhanced status code ("5.1.1 no such user") replaces the
+    default enhanced code, its class made to match the reply's.
     """
     if verdict.internal_error:
         if hook == "quit":
@@ -265,14 +267,35 @@ def answer(hook: str, verdict: Verdict, **fields: str) -> Answer:
     rule = rules.get(verdict.code, SILENT)
     if rule.code == 0:
         return Answer(rule.outcome, None)
-    enhanced = rule.enhanced
+    code, enhanced = rule.code, rule.enhanced
     lines = [line for text in verdict.message for line in text.split("\n")]
     lines = [line.rstrip("\r") for line in lines]
     if lines:
+        match = _CODE.match(lines[0])
+        if match and rule.code // 100 in (4, 5) and int(match.group(1)) // 100 in (4, 5):
+            if _may_use_code(int(match.group(1)), rule):
+                code = int(match.group(1))
+            lines[0] = lines[0][match.end():]  # of the other class: the verdict's code stands
         match = _ENHANCED.match(lines[0])
-        if match and enhanced and match.group(1) == str(rule.code)[0]:
-            enhanced = ".".join(match.groups())
+        reply_class = str(code)[0]
+        if match and enhanced and (match.group(1) == reply_class or
+                                   {match.group(1), reply_class} <= {"4", "5"}):
+            # The class follows the reply: a check written with "5.7.1" that is set to
+            # reject_type = temp answers 4.7.1 (RFC 3463 2: the class must agree).
+            enhanced = ".".join((str(code)[0], match.group(2), match.group(3)))
             lines[0] = lines[0][match.end():]
     else:
         lines = [rule.text.format_map(_Fields(fields))]
-    return Answer(rule.outcome, Reply(rule.code, tuple(lines), enhanced, rule.outcome is C))
+    return Answer(rule.outcome, Reply(code, tuple(lines), enhanced, rule.outcome is C))
+
+
+def _may_use_code(code: int, rule: Rule) -> bool:
+    """A plugin may pick its own failure code within the class the verdict fixed.
+
+    ``(DENYSOFT, "452 4.5.3 Too many recipients")`` at RCPT answers 452, not 450. The
+    class (4xx or 5xx) is never changed, and 421 only where the verdict closes anyway,
+    since RFC 5321 3.8 makes 421 mean "closing".
+    """
+    if rule.code // 100 not in (4, 5) or code // 100 != rule.code // 100:
+        return False
+    return code != 421 or rule.outcome is C

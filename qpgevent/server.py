@@ -5,34 +5,52 @@ Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
 ``stop`` stops accepting, gives sessions in flight up to ``shutdown_timeout`` to end,
 then closes the rest with 421.
+
+On its own (tests, embedding) a server binds its listen addresses and counts sessions
+for itself. Under the pre-fork master (``master``), each worker's server serves the
+sockets the master bound, and counts sessions in a table shared by every worker, so
+``max_connections`` and the per-address count hold for the whole host.
+
+A connection from a proxy listed in ``[proxy] trusted`` first gives its PROXY header
+(v1 or v2), which names the real client; everything after (the limits, the hooks, the
+session) sees that client. A bad header, or none in ``[proxy] timeout``, gets 421 4.7.0.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
+import ipaddress
 import logging
 import socket
+import time
 from typing import Any
 
 import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from . import metrics, proxy
 from .config import Listen, Settings
 from .connection import Connection
 from .hooks import HookRunner
-from .plugin import Plugin
-from .reply import Canned
+from .plugin import Plugin, ip_in
+from .reply import Canned, Reply, reply
 from .session import Session
+from .shared_counters import Counters, Lease, LocalCounters
 
 log = logging.getLogger("qpgevent.server")
 BACKLOG = 1024
 
 
 def normalize_ip(ip: str) -> str:
-    """``::ffff:192.0.2.1`` is 192.0.2.1: one client, one address, whatever the listener."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+    """``::ffff:192.0.2.1`` is 192.0.2.1: one client, one address, whatever the listener.
+
+    Also in the form ``::ffff:c000:201``, which a PROXY v2 header gives after ``str()``.
+    """
+    if not ip.startswith("::ffff:"):
+        return ip
+    mapped = ipaddress.ip_address(ip).ipv4_mapped
+    return str(mapped) if mapped else ip
 
 
 def bind(listen: Listen) -> socket.socket:
@@ -48,6 +66,33 @@ def bind(listen: Listen) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind_listeners(listens: tuple[Listen, ...]) -> tuple[list[socket.socket], list[tuple[Listen, str]]]:
+    """Bind every address: (the sockets, the addresses skipped and why).
+
+    An IPv6 address the machine cannot bind (no IPv6) is skipped when there are others;
+    any other failure closes what was bound and raises OSError.
+    """
+    sockets: list[socket.socket] = []
+    skipped: list[tuple[Listen, str]] = []
+    for listen in listens:
+        try:
+            sockets.append(bind(listen))
+        except OSError as error:
+            optional = ":" in listen.host and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+            if optional and len(listens) > 1:
+                skipped.append((listen, error.strerror or str(error)))
+                continue
+            for sock in sockets:
+                sock.close()
+            raise
+    return sockets, skipped
+
+
+def describe_listener(sock: socket.socket) -> Listen:
+    host, port = sock.getsockname()[:2]
+    return Listen(host, port)
 
 
 def close_gracefully(sock: socket.socket, linger: float = 1.0) -> None:
@@ -70,13 +115,45 @@ def close_gracefully(sock: socket.socket, linger: float = 1.0) -> None:
         sock.close()
 
 
+def read_proxy_header(sock: socket.socket, timeout: float) -> proxy.ProxyHeader:
+    """Read one PROXY header off ``sock`` within ``timeout`` seconds, and not one octet more.
+
+    The client's first bytes may come in the same segment (a client that talks before
+    our greeting, or pipelines), and they must stay in the socket for the session, and
+    for earlytalker's look at it. So we peek, and take only what the parser says is the
+    header; while the parser wants more, all we peeked is header and safe to take before
+    waiting for the rest. Raises ProxyError, TimeoutError, EOFError or OSError.
+    """
+    deadline = time.monotonic() + timeout
+    taken = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        peeked = sock.recv(proxy.V2_MAX, socket.MSG_PEEK)
+        if not peeked:
+            raise EOFError
+        parsed = proxy.parse(taken + peeked)
+        wanted = len(peeked) if parsed is None else parsed[1] - len(taken)
+        while wanted:  # already in the kernel's buffer: no wait here
+            chunk = sock.recv(wanted)
+            if not chunk:
+                raise EOFError
+            taken += chunk
+            wanted -= len(chunk)
+        if parsed is not None:
+            return parsed[0]
+
+
 class SmtpServer:
-    def __init__(self, settings: Settings, plugins: list[Plugin]) -> None:
+    def __init__(self, settings: Settings, plugins: list[Plugin], counters: Counters | None = None) -> None:
         self.settings = settings
         self.runner = HookRunner(plugins, settings.plugin_timeout)
         self.servers: list[StreamServer] = []
         self.sessions: set[gevent.Greenlet] = set()
-        self._per_ip: collections.Counter[str] = collections.Counter()
+        #: Sessions open, in all and per client address: this process's, or the host's.
+        self.counters: Counters = counters if counters is not None else LocalCounters()
         # Room above the limit so that refusals are answered rather than left queued.
         self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
 
@@ -84,64 +161,117 @@ class SmtpServer:
     def addresses(self) -> list[tuple[str, int]]:
         return [server.socket.getsockname()[:2] for server in self.servers]
 
-    def start(self) -> None:
-        """Bind every listen address; an unavailable IPv6 address is skipped with a warning."""
-        for listen in self.settings.listen:
-            try:
-                sock = bind(listen)
-            except OSError as error:
-                optional = ":" in listen.host and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
-                if optional and len(self.settings.listen) > 1:
-                    log.warning("not listening on %s: %s", listen, error.strerror)
-                    continue
-                self.stop(0)
-                raise
+    def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Serve ``sockets`` (bound by the master), or bind every listen address ourselves.
+
+        Binding ourselves, an unavailable IPv6 address is skipped with a warning.
+        """
+        if sockets is None:
+            sockets, skipped = bind_listeners(self.settings.listen)
+            for listen, reason in skipped:
+                log.warning("not listening on %s: %s", listen, reason)
+            for sock in sockets:
+                log.info("listening on %s", describe_listener(sock))
+        for sock in sockets:
             server = StreamServer(sock, self.handle, spawn=self._pool)
             server.start()
             self.servers.append(server)
-            host, port = sock.getsockname()[:2]
-            log.info("listening on %s", Listen(host, port))
 
     def handle(self, sock: socket.socket, address: Any) -> None:
-        if len(self.sessions) >= self.settings.max_connections:
-            log.warning("refused %s: %d sessions already", address[0], len(self.sessions))
+        # A place under max_connections first (on every worker: the count is the host's),
+        # before anything else is spent on the client.
+        lease = self.counters.acquire(self.settings.max_connections)
+        if lease is None:
+            log.warning("refused %s: %d sessions already", address[0], self.settings.max_connections)
+            metrics.connection_refused("max_connections")
             self._refuse(sock)
             return
+        try:
+            self._handle(sock, address, lease)
+        finally:
+            lease.release()
+
+    def _handle(self, sock: socket.socket, address: Any, lease: Lease) -> None:
         local = sock.getsockname()
         connection = Connection(normalize_ip(address[0]), address[1], normalize_ip(local[0]), local[1])
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
-        self._per_ip[connection.remote_ip] += 1
-        session = Session(sock, connection, self.runner, self.settings, self._per_ip.__getitem__)
+        # The header comes before the per-IP count and pre_connection: they must see the client.
+        trusted = self.settings.proxy_trusted
+        if trusted and ip_in(connection.remote_ip, trusted) and not self._proxied(sock, connection):
+            self.sessions.discard(greenlet)
+            return
+        lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
+        session = Session(sock, connection, self.runner, self.settings, self.counters.count)
         try:
             session.run()
         except gevent.GreenletExit:
             pass  # stopped by the server; the session has said 421
         finally:
             self.sessions.discard(greenlet)
-            self._per_ip[connection.remote_ip] -= 1
-            if self._per_ip[connection.remote_ip] <= 0:
-                del self._per_ip[connection.remote_ip]
+            lease.release()  # the session is over, even if the close lingers
             close_gracefully(sock)
             self.runner.notify("post_connection", session)
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def _proxied(self, sock: socket.socket, connection: Connection) -> bool:
+        """Read the PROXY header of a trusted proxy into ``connection``; or 421, close, False."""
+        where = f"conn={connection.id} proxy {connection.remote_ip}:{connection.remote_port}"
+        timeout = self.settings.proxy_timeout
+        try:
+            header = read_proxy_header(sock, timeout)
+        except TimeoutError:
+            problem, text = f"no PROXY header within {timeout:g}s", "No PROXY header in time"
+        except proxy.ProxyError as error:
+            problem, text = f"bad PROXY header: {error}", "Bad PROXY header"
+        except EOFError:
+            log.info("%s: closed before the end of its PROXY header", where)
+            close_gracefully(sock)
+            return False
+        except OSError as error:
+            log.info("%s: reading its PROXY header failed: %s", where, error)
+            close_gracefully(sock)
+            return False
+        except gevent.GreenletExit:  # the server is stopping
+            self._refuse(sock, Canned.SHUTTING_DOWN)
+            return False
+        else:
+            connection.proxy_ip, connection.proxy_port = connection.remote_ip, connection.remote_port
+            if header.proxied:  # else a health check: the proxy speaks for itself
+                connection.remote_ip = normalize_ip(header.source_ip)
+                connection.remote_port = header.source_port
+                connection.local_ip, connection.local_port = normalize_ip(header.dest_ip), header.dest_port
+            log.debug("%s: PROXY v%d for %s", where, header.version, connection.remote_ip)
+            return True
+        log.warning("%s: %s; closing with 421", where, problem)
+        metrics.connection_refused("proxy_header")
+        self._refuse(sock, reply(421, "4.7.0", f"{self.settings.me} {text}, closing connection", close=True))
+        return False
+
+    def _refuse(self, sock: socket.socket, last_words: Reply = Canned.TOO_MANY_CONNECTIONS) -> None:
         try:
             sock.settimeout(5)
-            sock.sendall(Canned.TOO_MANY_CONNECTIONS.to_bytes())
+            sock.sendall(last_words.to_bytes())
         except OSError:
             log.debug("client gone before its 421")
         close_gracefully(sock)
 
+    def stop_accepting(self) -> None:
+        """Close the listeners (the kernel refuses new clients once no process holds them)."""
+        for server in self.servers:
+            server.close()
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; let sessions finish for ``timeout`` seconds; close the rest with 421."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
-        for server in self.servers:
-            server.close()
-        if self.sessions:
-            log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(self.sessions))
-            gevent.wait(list(self.sessions), timeout=timeout)
-        if self.sessions:
-            log.info("stopping: closing %d session(s) still open", len(self.sessions))
-            gevent.killall(list(self.sessions), block=True, timeout=5)
+        self.stop_accepting()
+        # Every greenlet of the pool, not only self.sessions: a connection accepted just
+        # before the close may not have started its greenlet yet, and is in flight too.
+        in_flight = list(self._pool)
+        if in_flight:
+            log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(in_flight))
+            gevent.wait(in_flight, timeout=timeout)
+        in_flight = list(self._pool)
+        if in_flight:
+            log.info("stopping: closing %d session(s) still open", len(in_flight))
+            gevent.killall(in_flight, block=True, timeout=5)
         self.servers = []

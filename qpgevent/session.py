@@ -11,8 +11,10 @@ This module owns the ``Session`` object plugins receive as their first argument:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
+import os
 import socket
 import time
 from typing import Any, Callable
@@ -20,17 +22,19 @@ from typing import Any, Callable
 import gevent
 from gevent import select
 
-from . import __version__
+from . import __version__, dns, metrics, scoreboard
 from .address import Address, AddressError
 from .codes import OK, ReturnCode, Verdict
 from .config import Settings
 from .connection import Connection
 from .hooks import HookRunner
-from .log import SessionLogger
+from .log import SessionLogger, bind_session, redact
 from .protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Limits, Mail,
                        MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
                        State, Unknown, Vrfy)
+from .proxy import looks_like_header
 from .reply import INTERNAL_ERROR, Canned, Outcome, Reply, answer, reply
+from .services import identify
 from .transaction import Transaction
 
 log = logging.getLogger("qpgevent.session")
@@ -63,6 +67,16 @@ class Session:
         self._message_refusal: Reply | None = None
         self._messages = 0
         self._started = time.monotonic()
+        self._started_at = time.time()  #: wall clock: the scoreboard is read by other processes
+        # For the summary line and the scoreboard:
+        self._transactions = self._accepted = self._refused = self._bytes = self._last_reply = 0
+        self._doing = "connect"  #: the command in progress, or "waiting"
+        self.hook_running: str | None = None  #: "hook (plugin)" while a plugin runs
+        if metrics.enabled():
+            runner.observe(metrics.HOOK_METRICS)
+        if scoreboard.active():
+            runner.observe(HOOK_ACTIVITY)
+        self._heard = False  #: the client has sent something
         self._handlers: dict[type, Callable[[Any], None]] = {
             Helo: self.on_helo, Ehlo: self.on_ehlo, Mail: self.on_mail, Rcpt: self.on_rcpt,
             Data: self.on_data, Rset: self.on_rset, Noop: self.on_noop, Quit: self.on_quit,
@@ -107,11 +121,26 @@ class Session:
 
     # -- the conversation ----------------------------------------------------
     def run(self) -> None:
-        self.log.info("connect from %s:%s to %s:%s", self.connection.remote_ip,
-                      self.connection.remote_port, self.connection.local_ip, self.connection.local_port)
+        bind_session(self)  # lines that plugins and services log get our ids
+        scoreboard.add(self)
+        metrics.connection_opened()
         try:
-            if self._start():
-                self._converse()
+            self._run()
+        finally:
+            scoreboard.discard(self)
+            metrics.connection_closed()
+
+    def _run(self) -> None:
+        connection = self.connection
+        via = f" via proxy {connection.proxy_ip}:{connection.proxy_port}" if connection.proxy_ip else ""
+        self.log.info("connect from %s:%s to %s:%s%s", connection.remote_ip, connection.remote_port,
+                      connection.local_ip, connection.local_port, via)
+        # The DNS time every hook of this session may spend, in all ([dns] session_budget).
+        seconds = self.settings.dns_session_budget
+        try:
+            with dns.budget(seconds) if seconds else contextlib.nullcontext():
+                if self._start():
+                    self._converse()
         except SessionClosed:
             pass
         except gevent.GreenletExit:
@@ -125,6 +154,8 @@ class Session:
 
     def _start(self) -> bool:
         for hook in ("pre_connection", "connect"):
+            if hook == "connect":
+                identify(self.connection, self.settings, self.log)  # remote_host, remote_info
             result = self._ask(hook)
             if result.outcome is Outcome.CLOSE:
                 return False
@@ -139,12 +170,14 @@ class Session:
             event = self.protocol.next_event()
             if event is NEED_DATA:
                 self._flush()
+                self._doing = "DATA (receiving)" if self.protocol.state is State.DATA else "waiting"
                 self._receive()
             elif event is CONNECTION_CLOSED:
                 if self.protocol.state is State.DATA:
                     self.log.info("client vanished during DATA; message dropped")
                 return
             else:
+                self._doing = _describe(event)
                 self._handlers[type(event)](event)
 
     def _receive(self) -> None:
@@ -160,9 +193,30 @@ class Session:
         except OSError as error:
             self.log.info("read failed: %s", error)
             raise SessionClosed from None
+        self._bytes += len(data)
+        metrics.received(len(data))
+        if not self._heard and data:
+            self._heard = True
+            if looks_like_header(data):
+                self._untrusted_proxy()
         self.protocol.receive_data(data)
 
+    def _untrusted_proxy(self) -> None:
+        """A PROXY header from an address not in ``[proxy] trusted`` (or a second header).
+
+        Most likely a load balancer missing from the list. Answered as SMTP, its "PROXY"
+        line would get our 500 as the reply to the real client's EHLO, and the dialogue
+        would limp on out of step; so we say what is wrong once, and close.
+        """
+        ip = self.connection.remote_ip
+        self.log.warning("PROXY header from %s, which is not in [proxy] trusted; closing with 421", ip)
+        text = f"{self.me} PROXY header not accepted from {ip}, closing connection"
+        self._send(reply(421, "4.7.0", text, close=True))
+        self._flush()
+        raise SessionClosed
+
     def _send(self, answer_reply: Reply) -> None:
+        self._last_reply = answer_reply.code
         self._out += self.protocol.send(answer_reply)
         if len(self._out) > READ_SIZE:
             self._flush()
@@ -197,9 +251,32 @@ class Session:
             pass
         self._reset_transaction()
         self.runner.notify("disconnect", self)
-        self.log.info("disconnect: ip=%s helo=%s messages=%d bad_commands=%d seconds=%.3f",
-                      self.connection.remote_ip, self.connection.hello_host, self._messages,
-                      self.protocol.bad_commands, time.monotonic() - self._started)
+        summary = self.summary()
+        self.log.info("disconnect: %s", " ".join(f"{key}={_text(value)}" for key, value in summary.items()),
+                      extra={"fields": summary})
+
+    def summary(self) -> dict[str, Any]:
+        """The one line per connection (Haraka's lesson): who, what, how it ended."""
+        connection = self.connection
+        return {"ip": connection.remote_ip, "rdns": connection.remote_host, "helo": connection.hello_host,
+                "tls": connection.tls, "auth": connection.notes.get("auth_user"),
+                "transactions": self._transactions, "rcpts_accepted": self._accepted,
+                "rcpts_rejected": self._refused, "messages": self._messages, "bytes": self._bytes,
+                "bad_commands": self.protocol.bad_commands,
+                "seconds": round(time.monotonic() - self._started, 3), "last_reply": self._last_reply}
+
+    def status(self) -> dict[str, Any]:
+        """This session's row on the live scoreboard (``qpgevent.scoreboard``)."""
+        connection, transaction = self.connection, self._transaction
+        sender = transaction.sender if transaction is not None else None
+        return {"id": connection.id, "pid": os.getpid(), "remote_ip": connection.remote_ip,
+                "remote_port": connection.remote_port, "rdns": connection.remote_host,
+                "helo": connection.hello_host, "tls": connection.tls, "auth": connection.notes.get("auth_user"),
+                "state": self.protocol.state.value, "doing": self.hook_running or self._doing,
+                "sender": sender.format() if sender is not None else None,
+                "recipients": len(transaction.recipients) if transaction is not None else 0,
+                "transactions": self._transactions, "messages": self._messages, "bytes": self._bytes,
+                "started": self._started_at}
 
     # -- running a hook --------------------------------------------------------
     def _ask(self, hook: str, *args: Any, **fields: str) -> Any:
@@ -222,7 +299,12 @@ class Session:
 
     # -- commands --------------------------------------------------------------
     def on_rejected(self, event: Rejected) -> None:
-        self.log.info("refused %r: %s", event.line[:80], event.reply.code)
+        self.log.info("refused %r: %s", redact(event.line[:80]), event.reply.code)
+        verb = event.line.split(" ", 1)[0].upper()
+        if verb == "RCPT":
+            self._refused += 1
+            metrics.recipient(False)
+        metrics.rejected(verb.lower() if verb in _VERBS else "command", "core", str(event.reply.code))
         self._send(event.reply)
 
     def on_helo(self, command: Helo) -> None:
@@ -269,12 +351,24 @@ class Session:
         self._reset_transaction()
         asked = self._ask("mail", sender, command.params, address=sender.format())
         if asked.outcome is Outcome.PROCEED:
-            self.transaction.sender = sender
+            self._begin(sender)
             self._send(asked.reply)
         elif asked.outcome is Outcome.ANSWERED and self.protocol.state is State.MAIL:
-            self.transaction.sender = sender
+            self._begin(sender)
+
+    def _begin(self, sender: Address) -> None:
+        self.transaction.sender = sender
+        self._transactions += 1
+        metrics.transaction_started()
 
     def on_rcpt(self, command: Rcpt) -> None:
+        accepted = self._accepted
+        self._rcpt(command)
+        if self._accepted == accepted:
+            self._refused += 1
+            metrics.recipient(False)
+
+    def _rcpt(self, command: Rcpt) -> None:
         asked = self._ask("rcpt_pre", command.path, command.params)
         if asked.outcome is not Outcome.PROCEED:
             return
@@ -290,10 +384,15 @@ class Session:
             return
         asked = self._ask("rcpt", recipient, command.params, address=recipient.format())
         if asked.outcome is Outcome.PROCEED:
-            self.transaction.add_recipient(recipient)
+            self._accept(recipient)
             self._send(asked.reply)
         elif asked.outcome is Outcome.ANSWERED and self.protocol.state is State.RCPT:
-            self.transaction.add_recipient(recipient)
+            self._accept(recipient)
+
+    def _accept(self, recipient: Address) -> None:
+        self.transaction.add_recipient(recipient)
+        self._accepted += 1
+        metrics.recipient(True)
 
     def on_data(self, command: Data) -> None:
         asked = self._ask("data")
@@ -333,6 +432,7 @@ class Session:
     def _message_end(self, event: MessageEnd) -> None:
         if event.problem is not None:
             self.log.info("message refused: %s (%d octets)", event.problem.text[0], event.size)
+            metrics.rejected("data", "core", str(event.problem.code))
             self._send(event.problem)
             return
         transaction = self.transaction
@@ -349,6 +449,7 @@ class Session:
         asked = self._ask("queue")
         if asked.outcome is Outcome.PROCEED:
             self._messages += 1
+            metrics.message_queued(asked.verdict.plugin)
             self.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
                           len(transaction.recipients), transaction.data_size, asked.reply.text[0])
             self._send(asked.reply)
@@ -368,6 +469,8 @@ class Session:
             protocol += "A"
         helo = _printable(connection.hello_host or "unknown")
         remote = connection.remote_host or "unknown"
+        if connection.remote_info:  # the ident answer, as sendmail writes it: user@host
+            remote = f"{_printable(connection.remote_info)}@{remote}"
         recipients = transaction.recipients
         recipient = f"\n\tfor {recipients[0].format()}" if len(recipients) == 1 else ""
         date = email.utils.formatdate(localtime=True)
@@ -415,6 +518,45 @@ class _Asked:
 
     def __init__(self, outcome: Outcome, answer_reply: Reply | None, verdict: Verdict) -> None:
         self.outcome, self.reply, self.verdict = outcome, answer_reply, verdict
+
+
+class _HookActivity:
+    """A hook-runner observer: which plugin a session is in, for the scoreboard."""
+
+    def hook_started(self, hook: str, plugin: str, session: Any) -> None:
+        if isinstance(session, Session):
+            session.hook_running = f"{hook} ({plugin})"
+
+    def hook_finished(self, hook: str, plugin: str, session: Any, verdict: Verdict, seconds: float) -> None:
+        if isinstance(session, Session):
+            session.hook_running = None
+
+
+HOOK_ACTIVITY = _HookActivity()
+#: Verbs the core knows: a refused line's verb is a metric label only if it is one of these.
+_VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+
+
+def _describe(event: Any) -> str:
+    """What the scoreboard shows for an event: the verb alone, never an argument (AUTH)."""
+    if isinstance(event, MessageData):
+        return "DATA (receiving)"
+    if isinstance(event, MessageEnd):
+        return "DATA (end)"
+    if isinstance(event, Rejected):
+        return "refused command"
+    verb = event.verb.upper()
+    return verb if verb.isascii() and verb.isalpha() and len(verb) <= 12 else "unknown command"
+
+
+def _text(value: Any) -> str:
+    """A summary value in the text log: '-' for none, yes/no, quoted when it has spaces."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = str(value)
+    return repr(text) if any(c.isspace() or not c.isprintable() for c in text) else text
 
 
 def _rewritten(verdict: Verdict, path: str) -> str:

@@ -24,13 +24,20 @@ import gevent.event
 from . import config as config_module
 from .loader import load_plugins
 from .server import SmtpServer
+from .services import configure_services, configure_store
 
 _SECTIONS = {
-    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout"),
+    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
+               "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
                "max_text_line", "command_timeout", "data_timeout", "plugin_timeout", "max_bad_commands"),
     "smtp": ("allow_bare_lf",),
-    "logging": ("level", "file"),
+    "proxy": ("trusted", "timeout"),
+    "dns": ("nameservers", "port", "timeout", "session_budget", "cache_size", "reverse_lookup"),
+    "ident": ("enabled", "timeout", "port"),
+    "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address"),
+    "admin": ("listen", "token", "run_dir", "refresh"),  # [admin] listen: write admin_listen=
+    "store": ("backend", "path", "url", "prefix", "timeout", "fail", "retry", "lease_ttl", "pool_size"),
 }
 
 DEFAULT_PLUGINS = """
@@ -42,15 +49,29 @@ DEFAULT_PLUGINS = """
 
 
 def write_ini(directory: str | os.PathLike[str], plugins: str = DEFAULT_PLUGINS, **settings: Any) -> Path:
-    """Write ``qpsmtpd.ini`` into ``directory``: settings by key name, plugins as ini text."""
+    """Write ``qpsmtpd.ini`` into ``directory``: settings by key name, plugins as ini text.
+
+    A key may be qualified by its section, ``proxy_timeout=3`` for ``[proxy] timeout``;
+    that is how to name a key whose bare name is vague or used by two sections.
+
+    ``[dns] reverse_lookup`` is off unless given: a test server must never ask the
+    system's resolver (it is not on loopback). Tests of DNS name their own nameserver
+    (``dns_nameservers="127.0.0.1", dns_port=nsd.port``) and turn it on.
+    """
     settings.setdefault("me", "mx.example.test")
     settings.setdefault("listen", "127.0.0.1:0")
+    # Test folders are private to the user running the tests, often root in a container:
+    # the server must be able to serve as that user (pass allow_root="no" to test the refusal).
+    settings.setdefault("allow_root", "yes")
+    if "reverse_lookup" not in settings and "dns_reverse_lookup" not in settings:
+        settings["reverse_lookup"] = "no"
     lines = []
     for section, keys in _SECTIONS.items():
         lines.append(f"[{section}]")
         for key in keys:
-            if key in settings:
-                value = settings.pop(key)
+            name = f"{section}_{key}" if f"{section}_{key}" in settings else key
+            if name in settings:
+                value = settings.pop(name)
                 if isinstance(value, (list, tuple)):
                     value = ", ".join(str(v) for v in value)
                 lines.append(f"  {key} = {value}")
@@ -64,12 +85,22 @@ def write_ini(directory: str | os.PathLike[str], plugins: str = DEFAULT_PLUGINS,
 
 
 class InProcessServer:
-    """The real server in this process (greenlets), on a loopback port the OS picked."""
+    """The real server in this process (greenlets), on a loopback port the OS picked.
+
+    When the ini names ``[dns] nameservers``, the process's default resolver is set from
+    ``[dns]`` (``configure_services``, as the CLI does at start); otherwise it is left as
+    the test set it (``dns.configure`` / ``dns.set_default``), and the system's resolver is
+    never configured here. The resolver is per process: the last server started wins.
+    """
 
     def __init__(self, ini: str | os.PathLike[str]) -> None:
         self.settings = config_module.load(str(ini))
+        if self.settings.dns_nameservers:
+            configure_services(self.settings)
+        configure_store(self.settings)  # the ini's [store] (or its defaults): the last server started wins
         os.makedirs(self.settings.spool_dir, exist_ok=True)
         self.server = SmtpServer(self.settings, load_plugins(self.settings))
+        self.server.runner.notify("post_fork", None)  # as in a worker of the master
         self.server.start()
         self.host, self.port = self.server.addresses[0]
 
@@ -84,6 +115,7 @@ class ServerProcess:
     """``python -m qpgevent -c INI`` in a child process; its port read from its log."""
 
     LISTENING = re.compile(r"listening on (\S+):(\d+)")
+    ADMIN = re.compile(r"admin pages on (http://[^/\s]+)/status")
 
     def __init__(self, ini: str | os.PathLike[str], *extra_args: str, ready_timeout: float = 20.0) -> None:
         self.ini = str(ini)
@@ -94,6 +126,7 @@ class ServerProcess:
             [sys.executable, "-m", "qpgevent", "-c", self.ini, *extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.PIPE, env=env)
         self.ports: list[int] = []
+        self.admin_url: str | None = None  #: "http://127.0.0.1:PORT" when [admin] listen is set
         self._ready = gevent.event.Event()
         self._reader = gevent.spawn(self._read_log)
         if not self._ready.wait(ready_timeout):
@@ -109,6 +142,9 @@ class ServerProcess:
             match = self.LISTENING.search(line.decode("utf-8", "replace"))
             if match:
                 self.ports.append(int(match.group(2)))
+            admin = self.ADMIN.search(line.decode("utf-8", "replace"))
+            if admin:
+                self.admin_url = admin.group(1)
             if b"ready (pid" in line:
                 self._ready.set()
         self._ready.set()  # the process ended: let the waiter look at the log
@@ -119,6 +155,10 @@ class ServerProcess:
 
     def smtp(self, **kwargs: Any) -> smtplib.SMTP:
         return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.example.test", **kwargs)
+
+    def worker_pids(self) -> list[int]:
+        """The master's child processes now: its workers (Linux, from /proc)."""
+        return child_pids(self.process.pid)
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -132,6 +172,22 @@ class ServerProcess:
         code = self.process.wait(timeout)
         self._reader.join(5)
         return code
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from /proc/PID/task/*/children, Linux)."""
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+                children += [int(word) for word in handle.read().split()]
+        except OSError:
+            continue
+    return sorted(children)
 
 
 def maildir_messages(maildir: str | os.PathLike[str]) -> dict[str, bytes]:

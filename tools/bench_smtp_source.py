@@ -2,22 +2,26 @@
 """Benchmark the real qpgevent server with Postfix's smtp-source.
 
 Usage:
-    tools/bench_smtp_source.py [--messages 2000] [--size 1000] [--concurrency 1,10,100]
-                               [--python PYTHON] [--smtp-source /usr/sbin/smtp-source]
+    tools/bench_smtp_source.py [--messages 2000] [--size 1000] [--concurrency 100,500]
+                               [--workers 1,2] [--python PYTHON]
+                               [--smtp-source /usr/sbin/smtp-source]
                                [--keep-connection] [--log-level info] [--timeout 300]
                                [--workdir DIR] [--configs discard,maildir]
 
-For each of two configurations, written into a temporary folder, it starts the
-qpgevent command (``PYTHON -m qpgevent -c qpsmtpd.ini --listen 127.0.0.1:PORT``, a
-free port) as a child process, then runs smtp-source against it once per concurrency:
+For each of two configurations, written into a temporary folder, and each number of
+worker processes, it starts the qpgevent command (``PYTHON -m qpgevent -c qpsmtpd.ini
+--listen 127.0.0.1:PORT --workers N``, a free port) as a child process, then runs
+smtp-source against it once per concurrency:
 
   discard   rcpt_ok (domains = example.test) + queue/discard: the SMTP engine alone
   maildir   rcpt_ok (domains = example.test) + queue/maildir with fsync on
 
 Each run sends --messages messages of --size payload bytes, from sender@client.test
 to someone@example.test, with ``smtp-source -s CONCURRENCY -m MESSAGES``; its wall
-time gives messages/second, and the server's CPU time (user + system, from /proc)
-divided by the messages gives "server CPU ms/message". smtp-source aborts at the
+time gives messages/second, and the server's CPU time (user + system of the master and
+its workers, from /proc) divided by the messages gives "server CPU ms/message". At the
+end, the messages/second of each worker count are printed side by side (1 worker
+against 2 workers, and their ratio, by default), all measured in the same run. smtp-source aborts at the
 first refused command (exit status 1, "fatal: ..." on standard error), and so does
 this tool. After every maildir run it counts the files in Maildir/new and fails
 unless exactly the messages sent were delivered. Warnings and errors in the server's
@@ -26,7 +30,8 @@ log are shown.
 Options:
   --messages N         messages per run (default 2000)
   --size BYTES         message payload, headers not included (default 1000)
-  --concurrency LIST   sessions in parallel, comma separated (default 1,10,100)
+  --concurrency LIST   sessions in parallel, comma separated (default 100,500)
+  --workers LIST       worker processes of the server, comma separated (default 1,2)
   --python PATH        the Python that has qpgevent installed (default: this one if
                        it can import qpgevent, else the repo's .venv/bin/python)
   --keep-connection    smtp-source -d: several messages per connection (default:
@@ -43,6 +48,7 @@ errors and on Ctrl-C (SIGKILL only if one does not stop within 20 seconds).
 
 Example:
     tools/bench_smtp_source.py --python .venv/bin/python --messages 500 --concurrency 1,50
+    tools/bench_smtp_source.py --configs discard --messages 5000   # 1 vs 2 workers at 100, 500
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 COMPLAINT = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
 GREETING_VERSION = re.compile(r"qpgevent (\S+)")
+#: Warnings this tool causes on purpose: the discard queue, and allow_root when run as root.
+EXPECTED_WARNINGS = re.compile(r"queue/discard is loaded|serving as root \(allow_root = yes\)")
 
 CONFIGS = {
     "discard": """
@@ -93,10 +101,11 @@ class BenchError(Exception):
 @dataclass
 class Result:
     config: str
+    workers: int
     concurrency: int
     messages: int
     seconds: float
-    server_cpu: float  # CPU seconds the server process used during the run
+    server_cpu: float  # CPU seconds the server's processes used during the run
     delivered: int | None = None  # files counted in Maildir/new, maildir runs only
 
     @property
@@ -105,7 +114,8 @@ class Result:
 
 
 class Server:
-    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT`` in a child process, logging to a file.
+    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT --workers N`` in a child process,
+    logging to a file.
 
     Its port is a free one found by binding port 0; it is ready once a connection gets
     the 220 greeting (this works at every log level, where "listening on" is logged only
@@ -113,14 +123,17 @@ class Server:
     """
 
     def __init__(self, python: str, folder: Path, plugins: str, log_level: str,
-                 max_connections: int) -> None:
+                 max_connections: int, workers: int) -> None:
         self.folder = folder
         self.ini = folder / "qpsmtpd.ini"
+        # Run as root (a container), the server must be told that serving as root is meant.
+        allow_root = "  allow_root = yes\n" if os.geteuid() == 0 else ""
         self.ini.write_text(
             "[server]\n"
             "  me = mx.example.test\n"
             "  spool_dir = spool\n"
             "  shutdown_timeout = 5\n"
+            + allow_root +
             "[limits]\n"
             f"  max_connections = {max_connections}\n"
             "[plugins]\n" + plugins,
@@ -130,7 +143,7 @@ class Server:
         self.port, self.version = free_port(), ""
         self.process = subprocess.Popen(
             [python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
-             "--log-level", log_level],
+             "--log-level", log_level, "--workers", str(workers)],
             cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
@@ -151,13 +164,12 @@ class Server:
         raise BenchError(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all its threads) so far; 0 off Linux."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        # After "pid (comm)": field 3 is state, so utime (14) and stime (15) are at 11 and 12.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time so far of the master and its workers (all threads); 0 off Linux.
+
+        A worker that exited during a run would take its time with it (the master reaps it
+        without adding its children's times to its own): none does unless killed.
+        """
+        return sum(process_cpu_seconds(pid) for pid in [self.process.pid, *child_pids(self.process.pid)])
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -175,6 +187,25 @@ class Server:
                 self.process.wait(STOP_TIMEOUT)
         self._log.close()
         return self.process.returncode
+
+
+def process_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After "pid (comm)": field 3 is state, so utime (14) and stime (15) are at 11 and 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").is_dir() else []:
+        try:
+            children += [int(word) for word in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 def free_port() -> int:
@@ -229,15 +260,16 @@ def run_smtp_source(args: argparse.Namespace, port: int, concurrency: int) -> fl
     return seconds
 
 
-def bench_config(args: argparse.Namespace, name: str, folder: Path) -> list[Result]:
+def bench_config(args: argparse.Namespace, name: str, folder: Path, workers: int) -> list[Result]:
     folder.mkdir()
     # Room for every smtp-source session (and the readiness probe) at once.
     max_connections = max(1000, max(args.concurrency) + 10)
-    server = Server(args.python, folder, CONFIGS[name], args.log_level, max_connections)
+    server = Server(args.python, folder, CONFIGS[name], args.log_level, max_connections, workers)
+    name_workers = f"{name}, {workers} worker{'s' if workers > 1 else ''}"
     results = []
     try:
         server.wait_ready()
-        print(f"# {name}: qpgevent {server.version} pid {server.process.pid} on 127.0.0.1:{server.port}",
+        print(f"# {name_workers}: qpgevent {server.version} pid {server.process.pid} on 127.0.0.1:{server.port}",
               flush=True)
         new = folder / "Maildir" / "new"
         for concurrency in args.concurrency:
@@ -245,9 +277,9 @@ def bench_config(args: argparse.Namespace, name: str, folder: Path) -> list[Resu
             try:
                 seconds = run_smtp_source(args, server.port, concurrency)
             except BenchError as error:
-                raise BenchError(f"{name}, concurrency {concurrency}: {error}\n"
+                raise BenchError(f"{name_workers}, concurrency {concurrency}: {error}\n"
                                  f"--- server log (last lines) ---\n{tail(server.log())}") from None
-            result = Result(name, concurrency, args.messages, seconds, server.cpu_seconds() - cpu_before)
+            result = Result(name, workers, concurrency, args.messages, seconds, server.cpu_seconds() - cpu_before)
             if name == "maildir":
                 result.delivered = count_files(new) - before
             results.append(result)
@@ -255,15 +287,15 @@ def bench_config(args: argparse.Namespace, name: str, folder: Path) -> list[Resu
     finally:
         status = server.stop()
     if status != 0:
-        raise BenchError(f"{name}: server exited with status {status} after SIGTERM\n{tail(server.log())}")
+        raise BenchError(f"{name_workers}: server exited with status {status} after SIGTERM\n{tail(server.log())}")
     leftovers = count_files(folder / "Maildir" / "tmp")
     if leftovers:
-        raise BenchError(f"{name}: {leftovers} file(s) left in Maildir/tmp")
+        raise BenchError(f"{name_workers}: {leftovers} file(s) left in Maildir/tmp")
     complaints = [line for line in server.log().splitlines()
-                  if COMPLAINT.search(line) and "queue/discard is loaded" not in line]
+                  if COMPLAINT.search(line) and not EXPECTED_WARNINGS.search(line)]
     if complaints:
         # Not a failure (every message was accepted), but worth a look.
-        print(f"# {name}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
+        print(f"# {name_workers}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
               + "\n".join(complaints[:5]), file=sys.stderr)
     return results
 
@@ -274,6 +306,25 @@ def tail(text: str, lines: int = 30) -> str:
 
 HEADER = (f"{'config':<8} {'concurrency':>11} {'messages':>8} {'seconds':>8} {'messages/second':>15} "
           f"{'server CPU ms/message':>21}")
+
+
+def side_by_side(results: list[Result], workers: list[int]) -> list[str]:
+    """messages/second per (config, concurrency), one column per worker count, and the ratio."""
+    labels = [f"{w} worker{'s' if w > 1 else ''}" for w in workers]
+    ratio = len(workers) >= 2
+    header = f"{'config':<8} {'concurrency':>11}" + "".join(f" {label:>10}" for label in labels)
+    if ratio:
+        header += f" {f'{workers[-1]} vs {workers[0]}':>8}"
+    lines = ["messages/second by number of worker processes, measured in this run:", header]
+    rates = {(r.config, r.concurrency, r.workers): r.rate for r in results}
+    for config, concurrency in dict.fromkeys((r.config, r.concurrency) for r in results):
+        row = f"{config:<8} {concurrency:>11}"
+        row += "".join(f" {rates.get((config, concurrency, w), float('nan')):>10.1f}" for w in workers)
+        if ratio:
+            first, last = rates.get((config, concurrency, workers[0])), rates.get((config, concurrency, workers[-1]))
+            row += f" {last / first:>7.2f}x" if first and last else f" {'-':>8}"
+        lines.append(row)
+    return lines
 
 
 def format_row(result: Result) -> str:
@@ -298,6 +349,16 @@ def concurrency_list(text: str) -> list[int]:
     return values
 
 
+def workers_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("worker counts must be 1 or more")
+    return values
+
+
 def config_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -310,8 +371,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark qpgevent with Postfix's smtp-source.")
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
     parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 10, 100],
-                        help="sessions in parallel, comma separated (default 1,10,100)")
+    parser.add_argument("--concurrency", type=concurrency_list, default=[100, 500],
+                        help="sessions in parallel, comma separated (default 100,500)")
+    parser.add_argument("--workers", type=workers_list, default=[1, 2],
+                        help="worker processes of the server, comma separated (default 1,2)")
     parser.add_argument("--python", default=default_python(), help="the Python with qpgevent (default %(default)s)")
     parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
                         help="smtp-source program (default %(default)s)")
@@ -341,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     # Started in the background by a non-interactive shell, SIGINT comes in ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"# {args.messages} messages of {args.size} bytes per run, concurrency "
-          f"{','.join(map(str, args.concurrency))}, "
+          f"{','.join(map(str, args.concurrency))}, workers {','.join(map(str, args.workers))}, "
           f"{'one connection per message' if not args.keep_connection else 'connections reused (-d)'}, "
           f"server log level {args.log_level}, python {args.python}", flush=True)
     results: list[Result] = []
@@ -349,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="qpg-bench-", dir=args.workdir) as temp:
             print(HEADER, flush=True)
             for name in args.configs:
-                results += bench_config(args, name, Path(temp) / name)
+                for workers in args.workers:
+                    results += bench_config(args, name, Path(temp) / f"{name}-{workers}w", workers)
     except BenchError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
@@ -358,18 +422,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print()
     print(HEADER)
-    for result in results:
+    for n, result in enumerate(results):
+        if n == 0 or (result.config, result.workers) != (results[n - 1].config, results[n - 1].workers):
+            print(f"# {result.config}, {result.workers} worker{'s' if result.workers > 1 else ''}")
         print(format_row(result))
+    print()
+    print("\n".join(side_by_side(results, args.workers)))
     failed = False
     for result in results:
         if result.delivered is None:
             continue
+        who = f"{result.workers} worker{'s' if result.workers > 1 else ''}"
         if result.delivered == result.messages:
-            print(f"maildir concurrency {result.concurrency}: {result.delivered} messages sent, "
+            print(f"{who}, maildir concurrency {result.concurrency}: {result.delivered} messages sent, "
                   f"{result.delivered} delivered in Maildir/new: OK")
         else:
             failed = True
-            print(f"maildir concurrency {result.concurrency}: {result.messages} messages sent, "
+            print(f"{who}, maildir concurrency {result.concurrency}: {result.messages} messages sent, "
                   f"but {result.delivered} in Maildir/new: MISMATCH", file=sys.stderr)
     return 1 if failed else 0
 

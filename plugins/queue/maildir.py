@@ -1,64 +1,170 @@
 """queue/maildir: deliver each message into a Maildir, safely, before saying 250.
 
-One file per message (whatever the number of recipients), written the Maildir way:
-into ``tmp/``, flushed to disk with fsync, renamed into ``new/``, and the ``new/``
-folder fsynced so the rename itself survives a crash. Only then does the client get
-``250 2.0.0 Queued as <file name>``. A crash at any point leaves either nothing in
-``new/`` or the whole message; a half-written file can only ever be in ``tmp/``
+Written the Maildir way: into ``tmp/``, flushed to disk with fsync, renamed into ``new/``,
+and the ``new/`` folder fsynced so the link itself survives a crash. Only then does the
+client get ``250 2.0.0 Queued as <file name>``. A crash at any point leaves either nothing
+in ``new/`` or the whole message; a half-written file can only ever be in ``tmp/``
 (files there older than 36 hours are removed at start, as the Maildir convention says).
 
 The file holds ``Return-Path: <sender>`` (RFC 5321 4.4: added at final delivery), then
 the message as received, our Received header on top, CRLF line endings as sent.
 
+One Maildir for everything (``path``), or one per recipient (``mailbox``, for virtual
+users): ``mailbox = %d/%l`` puts bob@example.test's mail in ``<path>/example.test/bob/``.
+  %d  the domain        %l  the local part        %u  the local part up to a ``+``
+  %%  a percent sign
+Both are lower-cased; characters other than letters, digits and ``.-_+=`` become
+``%XX``, and a part may not start with a dot, so no address can name a path outside
+``path``. The bare ``<postmaster>`` has the server's own name as its domain.
+
+Several recipients, one file: the message is written and fsynced once, in the first
+recipient's ``tmp/``, then hard-linked into every recipient's ``new/`` (renamed into the
+last one), and each ``new/`` folder is fsynced; then the client gets 250.
+Linking keeps the disk work at one copy however many recipients there are (a message to
+200 people at a domain is written once, not 200 times) and the copies cannot differ. The
+price: the copies share their bytes, so there is no per-recipient ``Delivered-To``
+header, and Maildirs on different file systems cannot share; there (``EXDEV``), or past
+the file system's link limit (``EMLINK``), that recipient gets a copy of its own, written
+and fsynced the same way. Recipients that name the same Maildir get one file.
+A crash or an error half-way leaves the message in some of the Maildirs and the client
+without a 250: its retry duplicates the message there, it never loses it (RFC 5321 6.1).
+
 Options:
-  path   the Maildir (default ``spool/Maildir``, relative to the ini file); created if missing
-  fsync  fsync files and folder before answering (default true; turn off only to
-         measure, never in production)
+  path     the Maildir, or the root of the per-recipient Maildirs (default
+           ``spool/Maildir``, relative to the ini file); created if missing
+  mailbox  the per-recipient sub-path under ``path`` (default: empty, one Maildir)
+  create   create a recipient's Maildir on first delivery (default yes). With ``no``, a
+           recipient whose Maildir does not exist is refused at RCPT time with
+           ``550 5.1.1`` (list this plugin before rcpt_ok); if it vanishes before the
+           message ends, the message gets 451
+  fsync    fsync files and folders before answering (default true; turn off only to
+           measure, never in production)
 
 Example::
 
     [[queue/maildir]]
-      path = /var/mail/inbound
+      path = /var/mail/virtual
+      mailbox = %d/%l
+      create = no
 """
 
+import errno
 import itertools
 import os
+import re
 import socket
 import time
 
-from qpgevent.plugin import DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
 
 STALE_TMP_SECONDS = 36 * 3600
 _deliveries = itertools.count(1)
+_UNSAFE = re.compile(r"[^a-z0-9.\-_+=]")
+_PATTERN = re.compile(r"%(.)")
 
 
 class Maildir(Plugin):
     configspec = """
     path = path(default="spool/Maildir")
+    mailbox = string(default="")
+    create = boolean(default=True)
     fsync = boolean(default=True)
     """
 
     def setup(self):
+        pattern = self.config["mailbox"].strip().strip("/")
+        bad = sorted({m for m in _PATTERN.findall(pattern) if m not in "dlu%"})
+        if bad:
+            raise ValueError(f"mailbox: unknown %{', %'.join(bad)} (known: %d %l %u %%)")
+        if pattern and not _PATTERN.search(pattern.replace("%%", "")):
+            raise ValueError("mailbox: name a part of the address (%d, %l or %u)")
+        self.pattern = pattern
         root = self.config["path"]
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-        self._remove_stale_tmp(os.path.join(root, "tmp"))
+        if not pattern or self.config["create"]:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        if not pattern:
+            _make_maildir(root)
+            self._remove_stale_tmp(os.path.join(root, "tmp"))
         self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+    def hook_rcpt(self, session, recipient, params):
+        if not self.pattern or self.config["create"]:
+            return DECLINED
+        if os.path.isdir(os.path.join(self.mailbox(recipient, session.me), "new")):
+            return DECLINED  # it exists; whether we may take mail for it is rcpt_ok's call
+        return DENY, "5.1.1 mailbox unavailable"
+
+    def mailbox(self, recipient, me):
+        """The Maildir of ``recipient``: ``path``, or ``path/<mailbox pattern>``."""
+        if not self.pattern:
+            return self.config["path"]
+        domain = (recipient.host or me).lower()
+        local = recipient.user.lower()
+        parts = {"d": domain, "l": local, "u": local.split("+", 1)[0], "%": "%"}
+        # Each value is made safe on its own (no "/", no leading dot); the pattern around
+        # them is the operator's.
+        relative = _PATTERN.sub(lambda m: "%" if m.group(1) == "%" else _safe(parts[m.group(1)]),
+                                self.pattern)
+        return os.path.join(self.config["path"], *[p for p in relative.split("/") if p])
 
     def hook_queue(self, session):
         name = self._unique_name()
+        transaction = session.transaction
+        recipients = transaction.recipients or []
+        mailboxes = list(dict.fromkeys(self.mailbox(r, session.me) for r in recipients))
+        if not mailboxes:
+            mailboxes = [self.config["path"]]
         try:
-            run_blocking(self._deliver, session.transaction, name)
+            run_blocking(self._deliver, transaction, name, mailboxes)
+        except _Missing as missing:
+            self.log.warning("Maildir %s is gone (create = no)", missing)
+            return DENYSOFT, "4.2.1 mailbox unavailable, try again later"
         except OSError as error:
             self.log.error("cannot write %s: %s", name, error)
             return DENYSOFT, "4.3.0 cannot store the message right now, try again later"
+        if len(mailboxes) > 1:
+            self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))
         return OK, f"Queued as {name}"
 
-    def _deliver(self, transaction, name):
-        """Write, fsync, rename into new/, fsync new/ (runs in a worker thread)."""
-        root = self.config["path"]
-        tmp, new = os.path.join(root, "tmp", name), os.path.join(root, "new", name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # -- in a worker thread ------------------------------------------------------
+    def _deliver(self, transaction, name, mailboxes):
+        """Write once, fsync, into every new/, fsync every new/ (runs in a worker thread)."""
+        for mailbox in mailboxes:
+            if not os.path.isdir(os.path.join(mailbox, "new")):
+                if not self.config["create"]:
+                    raise _Missing(mailbox)
+                _make_maildir(mailbox)
+        first = os.path.join(mailboxes[0], "tmp", name)
+        self._write(first, transaction)
+        try:
+            # Hard links into all new/ folders but the last, and a rename into the last:
+            # with one Maildir, that is the classic tmp/ -> new/ rename.
+            for i, mailbox in enumerate(mailboxes):
+                target = os.path.join(mailbox, "new", name)
+                try:
+                    (os.rename if i == len(mailboxes) - 1 else os.link)(first, target)
+                except OSError as error:
+                    if error.errno not in (errno.EXDEV, errno.EMLINK):
+                        raise
+                    self._copy_into(mailbox, name, transaction)
+                if self.config["fsync"]:
+                    _fsync_folder(os.path.join(mailbox, "new"))
+        finally:
+            if os.path.lexists(first):
+                os.unlink(first)  # new/ holds the message now, or nothing does
+
+    def _copy_into(self, mailbox, name, transaction):
+        """A copy of its own for a Maildir we cannot link into (another file system)."""
+        tmp = os.path.join(mailbox, "tmp", name)
+        self._write(tmp, transaction)
+        try:
+            os.rename(tmp, os.path.join(mailbox, "new", name))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def _write(self, path, transaction):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             sender = transaction.sender.format() if transaction.sender else "<>"
             _write_all(fd, f"Return-Path: {sender}\r\n".encode("utf-8"))
@@ -68,20 +174,9 @@ class Maildir(Plugin):
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
+            os.unlink(path)
             raise
         os.close(fd)
-        try:
-            os.rename(tmp, new)
-        except BaseException:
-            os.unlink(tmp)  # new/ is unusable: leave no copy behind in tmp/
-            raise
-        if self.config["fsync"]:
-            directory = os.open(os.path.join(root, "new"), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
 
     def _unique_name(self):
         # The Maildir naming convention: time, then what makes it unique on this host.
@@ -94,6 +189,29 @@ class Maildir(Plugin):
         for entry in os.scandir(tmp):
             if entry.is_file() and entry.stat().st_mtime < cutoff:
                 os.unlink(entry.path)
+
+
+class _Missing(Exception):
+    """A recipient's Maildir does not exist and may not be created."""
+
+
+def _safe(part):
+    """One path component that can only name a folder under the root."""
+    part = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), part)
+    return "%2E" + part[1:] if part.startswith(".") else (part or "%00")
+
+
+def _make_maildir(root):
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+
+
+def _fsync_folder(folder):
+    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _write_all(fd, data):

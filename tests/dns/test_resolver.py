@@ -348,6 +348,41 @@ def test_exhausted_budget_still_answers_from_the_cache(resolver):
             resolver.a("backup.example.test")
 
 
+def test_budget_counts_time_spent_waiting_on_dns_not_the_time_between():
+    # A session budget must not run out while the session does something else (a long
+    # DATA): only the seconds look-ups were pending are spent.
+    with DeadDns() as dead:
+        resolver = dns.Resolver(["127.0.0.1"], dead.port, timeout=0.3)
+        with dns.budget(1.0):
+            with pytest.raises(dns.TemporaryFailure, match="no answer in 0.3s"):
+                resolver.a("a.example.test")
+            left = dns.remaining_budget()
+            assert 0.55 <= left <= 0.72, left
+            gevent.sleep(0.3)  # the time passing is what is tested: idle time is free
+            assert dns.remaining_budget() == left
+
+
+def test_budget_counts_look_ups_at_once_once():
+    with DeadDns() as dead:
+        resolver = dns.Resolver(["127.0.0.1"], dead.port, timeout=0.3)
+        with dns.budget(1.0):
+            results = dns.parallel([(resolver.a, f"p{i}.example.test") for i in range(3)],
+                                   return_exceptions=True)
+            left = dns.remaining_budget()
+    assert all(isinstance(result, dns.TemporaryFailure) for result in results)
+    assert 0.55 <= left <= 0.72, left  # 0.3 s of waiting, not 0.9
+
+
+def test_nested_budget_spends_from_the_outer_one_too():
+    with DeadDns() as dead:
+        resolver = dns.Resolver(["127.0.0.1"], dead.port, timeout=0.3)
+        with dns.budget(1.0):
+            with dns.budget(5.0):
+                with pytest.raises(dns.TemporaryFailure):
+                    resolver.a("n.example.test")
+            assert 0.55 <= dns.remaining_budget() <= 0.72
+
+
 def test_nested_budget_the_tighter_wins():
     with dns.budget(10):
         with dns.budget(1):

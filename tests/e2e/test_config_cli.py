@@ -19,7 +19,9 @@ from qpgevent.testing import ServerProcess, maildir_messages
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO / "tests" / "data" / "plugins"
-HEAD = ["[server]", "  me = mx.example.test", "  listen = 127.0.0.1:0", f"  plugin_dirs = {PLUGIN_DIR}"]
+# allow_root: the tests may run as root (a container); serving as root needs saying so.
+HEAD = ["[server]", "  me = mx.example.test", "  listen = 127.0.0.1:0", f"  plugin_dirs = {PLUGIN_DIR}",
+        "  allow_root = yes"]
 
 
 def write(directory: Path, lines: list[str]) -> Path:
@@ -141,7 +143,7 @@ def relative_config(conf: Path) -> Path:
         '"""local_one: a plugin found through a relative plugin_dirs."""\n'
         "from qpgevent.plugin import Plugin\n\n\nclass LocalOne(Plugin):\n    pass\n")
     return write(conf, [
-        "[server]", "  me = mx.example.test", "  listen = 127.0.0.1:0",
+        "[server]", "  me = mx.example.test", "  listen = 127.0.0.1:0", "  allow_root = yes",
         "  spool_dir = spool/tmp", "  plugin_dirs = my-plugins",
         "[plugins]", "  [[local_one]]",
         "  [[rcpt_ok]]", "    rcpthosts = rcpthosts",
@@ -181,7 +183,7 @@ def test_relative_paths_resolve_against_the_ini_folder_when_serving(tmp_path: Pa
 
 
 def test_listen_option_overrides_the_ini_and_repeats(tmp_path: Path) -> None:
-    path = write(tmp_path, ["[server]", "  me = mx.example.test", "  listen = 192.0.2.1:25",
+    path = write(tmp_path, ["[server]", "  me = mx.example.test", "  listen = 192.0.2.1:25", "  allow_root = yes",
                             "[plugins]", "  [[queue/discard]]"])
     result = qpgevent("-c", str(path), "--listen", "127.0.0.1:0", "-l", "[::1]:0", "--check-config")
     assert result.returncode == 0, result.stderr
@@ -201,7 +203,7 @@ def test_listen_option_overrides_the_ini_and_repeats(tmp_path: Path) -> None:
 def test_without_listen_option_the_ini_address_is_used(tmp_path: Path) -> None:
     # The counterpart of the test above: the same ini, no --listen, and the server tries
     # (and fails) to bind the documentation address of [server] listen.
-    path = write(tmp_path, ["[server]", "  me = mx.example.test", "  listen = 192.0.2.1:25",
+    path = write(tmp_path, ["[server]", "  me = mx.example.test", "  listen = 192.0.2.1:25", "  allow_root = yes",
                             "[plugins]", "  [[queue/discard]]"])
     result = qpgevent("-c", str(path))
     assert result.returncode == 1, result

@@ -6,7 +6,7 @@ imported). The layers, lowest first:
 0. pure values and protocol: no I/O, stdlib only;
 2. the objects plugins see, and the config reader;
 3. the plugin base class, the hook runner, the loader;
-4. services for plugins (DNS, ident, store, logging);
+4. services for plugins (DNS, ident, store, logging) and the metrics and scoreboard they feed;
 5. I/O and processes: session, TLS, server, master, CLI, test helpers.
 
 A module may import modules of lower layers, and modules listed before it in its own
@@ -32,15 +32,18 @@ LAYERS: dict[int, list[str]] = {
     0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol"],
     2: ["connection", "transaction", "config"],
     3: ["plugin", "hooks", "loader"],
-    4: ["log", "dns", "ident", "store"],
-    5: ["session", "tls", "server", "master", "cli", "__main__", "testing", "testing_dns"],
+    4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
+        "store", "services", "shared_counters", "smtp_client"],
+    5: ["session", "tls", "server", "admin", "privileges", "master", "cli", "__main__", "testing", "testing_dns",
+        "testing_redis", "testing_mta"],
 }
 RANK = {name: (layer, i) for layer, names in LAYERS.items() for i, name in enumerate(names)}
 #: Standard modules that do I/O or concurrency: not in the pure layer either.
 IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "signal", "subprocess",
              "multiprocessing", "concurrent", "socketserver", "smtplib", "http", "urllib"}
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
-PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident"}
+PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident",
+              "qpgevent.policy", "qpgevent.smtp_client"}
 NEVER_FOR_PLUGINS = {"qpgevent.session", "qpgevent.server", "qpgevent.cli", "qpgevent.hooks",
                      "qpgevent.loader", "qpgevent.config", "qpgevent.testing"}
 

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from qpgevent.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, parse
+from qpgevent.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, looks_like_header, parse
 
 
 def v2(command=0x1, family=0x11, addresses=b"", tlvs=b""):
@@ -84,3 +84,17 @@ def test_v2_incomplete_at_every_length():
 def test_v2_malformed(data):
     with pytest.raises(ProxyError):
         parse(data)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 25\r\n", True),
+    (b"PROXY UNKNOWN\r\n", True),
+    (v2(), True),
+    (V2_SIGNATURE, True),
+    (b"\r\n\r\n", False),  # an empty command line or two: only the whole v2 signature counts
+    (b"PROXY", False),
+    (b"EHLO client.test\r\n", False),
+    (b"", False),
+])
+def test_looks_like_header(data, expected):
+    assert looks_like_header(data) is expected

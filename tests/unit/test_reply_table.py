@@ -166,8 +166,10 @@ def test_leading_enhanced_code_in_the_message(hook: str, code: ReturnCode) -> No
         result = answer(hook, Verdict(code, (f"{digit}.1.1 no such user", "second line")))
         sent = result.reply
         assert sent is not None
-        if default.enhanced is not None and str(default.code)[0] == digit:
-            assert sent.enhanced == f"{digit}.1.1"
+        reply_class = str(default.code)[0]
+        if default.enhanced is not None and (reply_class == digit or {reply_class, digit} <= {"4", "5"}):
+            # Taken, with its class made to agree with the reply (RFC 3463 2).
+            assert sent.enhanced == f"{reply_class}.1.1"
             assert sent.text == ("no such user", "second line")
         else:
             # A code of another class (or on a reply without one) is just words.
@@ -317,3 +319,29 @@ def test_canned_replies_have_words_and_an_enhanced_code_of_their_class(name: str
         assert sent.enhanced is not None and ENHANCED.match(sent.enhanced)
         assert sent.enhanced[0] == str(sent.code)[0]
     assert sent.close == (sent.code == 421)
+
+
+@pytest.mark.parametrize("hook,code", [c for c in CELLS if c[1] is not ReturnCode.DONE], ids=cell_id)
+def test_leading_reply_code_in_the_message(hook: str, code: ReturnCode) -> None:
+    """A plugin may choose its failure code inside the class the verdict fixed."""
+    default = answer(hook, Verdict(code)).reply
+    if default is None:
+        return
+    for wanted in (452, 421, 553, 250, 299):
+        sent = answer(hook, Verdict(code, (f"{wanted} 4.5.3 words",))).reply
+        assert sent is not None
+        failure = default.code // 100 in (4, 5) and wanted // 100 in (4, 5)
+        if failure and wanted // 100 == default.code // 100 and (wanted != 421 or default.close):
+            assert sent.code == wanted and sent.text == ("words",)
+        elif failure:
+            # The other failure class: the verdict's code stands, the plugin's is dropped.
+            assert sent.code == default.code and sent.text == ("words",)
+        else:
+            assert sent.code == default.code
+            assert sent.text[0].startswith(f"{wanted} ")
+        assert sent.close == default.close  # the verdict, never the words, decides closing
+
+
+def test_too_many_recipients_can_say_452() -> None:
+    sent = answer("rcpt", Verdict(ReturnCode.DENYSOFT, ("452 4.5.3 Too many recipients",))).reply
+    assert sent is not None and (sent.code, sent.enhanced, sent.text) == (452, "4.5.3", ("Too many recipients",))

@@ -1,0 +1,276 @@
+"""The admin HTTP server: the live status page, its JSON, the Prometheus metrics; and who may see them.
+
+Routes (GET or HEAD):
+- ``/status``: an HTML page that reloads itself every ``[admin] refresh`` seconds, listing
+  every live session of every process (worker pid, remote ip, rDNS, HELO, state, command
+  or hook in progress, sender, recipients, bytes, age), with totals;
+- ``/status.json``: the same data;
+- ``/metrics``: the Prometheus text format, summed over every process.
+
+Access: with ``[admin] token`` set, every request must carry it, as
+``Authorization: Bearer <token>`` or as ``?token=<token>`` (for a browser); without a
+token only loopback clients are served, and the config refuses a non-loopback
+``[admin] listen`` (see ``config._admin_listen``). The pages show what clients wrote
+(HELO, sender): everything is escaped, and a Content-Security-Policy forbids scripts.
+
+Start-up, for the single process (``start_single_process``) or split for a pre-fork
+master: ``prepare`` once in the master before forking (empties the run folder, turns the
+metrics on), ``start_sessions`` in each process that serves SMTP sessions (after its
+fork: it publishes that process's scoreboard), ``serve`` where the HTTP server should run
+(the master), ``process_ended`` when the master reaps a worker.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+from gevent.pywsgi import WSGIServer
+
+from . import __version__, metrics, scoreboard
+from .config import Listen, Settings, is_loopback
+
+log = logging.getLogger("qpgevent.admin")
+
+StartResponse = Callable[..., Any]
+HTML_HEADERS = [("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+                ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")]
+
+
+def scoreboard_dir(settings: Settings) -> str:
+    return os.path.join(settings.admin_run_dir, "scoreboard")
+
+
+def metrics_dir(settings: Settings) -> str:
+    return os.path.join(settings.admin_run_dir, "metrics")
+
+
+# -- start-up ------------------------------------------------------------------------------
+def prepare(settings: Settings) -> bool:
+    """Once, at start, in the master (before forking) or the single process: empty the run
+    folder of a previous run's files and turn metrics on. False when [admin] is off."""
+    if settings.admin_listen is None:
+        return False
+    os.makedirs(scoreboard_dir(settings), exist_ok=True)
+    scoreboard.clear(scoreboard_dir(settings))
+    metrics.init(metrics_dir(settings), clear=True)
+    return True
+
+
+def start_sessions(settings: Settings) -> None:
+    """In each process that serves sessions (a worker, after its fork): publish its scoreboard.
+
+    A worker forked from a master that serves the admin pages inherits that server, its
+    socket and its accept loop: it is closed here, in the worker only, or the worker would
+    answer some of the requests (from its own, fresher, view of the board).
+    """
+    if _serving is not None and _serving.pid != os.getpid():
+        _serving.close_inherited()
+    if settings.admin_listen is not None:
+        scoreboard.publish(scoreboard_dir(settings))
+
+
+def process_ended(settings: Settings, pid: int) -> None:
+    """The master reaped process ``pid``: drop its live gauges and its scoreboard."""
+    if settings.admin_listen is not None:
+        metrics.process_dead(pid)
+        scoreboard.remove_process(scoreboard_dir(settings), pid)
+
+
+def serve(settings: Settings) -> AdminServer | None:
+    """Start the admin HTTP server on ``[admin] listen``; None when off. Raises OSError."""
+    if settings.admin_listen is None:
+        return None
+    app = AdminApp(scoreboard_dir(settings), settings.admin_token, settings.admin_refresh, settings.me)
+    server = AdminServer(settings.admin_listen, app)
+    server.start()
+    global _serving
+    _serving = server
+    return server
+
+
+def start_single_process(settings: Settings) -> AdminServer | None:
+    """All of the above for one process serving SMTP itself (the CLI without a master)."""
+    if not prepare(settings):
+        return None
+    start_sessions(settings)
+    try:
+        return serve(settings)
+    except OSError:
+        scoreboard.unpublish()
+        raise
+
+
+class AdminServer:
+    """gevent's WSGI server on one address, no access log (errors go to our log)."""
+
+    def __init__(self, listen: Listen, app: AdminApp) -> None:
+        self.app = app
+        self.pid = os.getpid()
+        self.server = WSGIServer((listen.host, listen.port), app, log=None, error_log=log)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.socket.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self.server.start()
+        # Not "listening on": the test helper reads the SMTP port from that phrase.
+        log.info("admin pages on %s/status (also /status.json, /metrics)", self.url)
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+        scoreboard.unpublish()
+
+    def close_inherited(self) -> None:
+        """In a forked child: stop accepting here (the parent's socket stays open)."""
+        self.server.close()
+
+
+_serving: AdminServer | None = None  #: the server this process started (or inherited by fork)
+
+
+# -- the pages -----------------------------------------------------------------------------
+class AdminApp:
+    """The WSGI application: access check, then one of three routes."""
+
+    def __init__(self, directory: str, token: str = "", refresh: float = 2.0, me: str = "") -> None:
+        self.directory = directory
+        self.token = token
+        self.refresh = refresh
+        self.me = me
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        refusal = self.refusal(environ)
+        if refusal is not None:
+            status, text, extra = refusal
+            log.warning("admin: refused %s %s from %s: %s", environ.get("REQUEST_METHOD"),
+                        environ.get("PATH_INFO"), environ.get("REMOTE_ADDR"), text)
+            return _respond(start_response, status, text.encode() + b"\n", "text/plain; charset=utf-8", extra)
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", b"GET only\n", "text/plain",
+                            [("Allow", "GET, HEAD")])
+        path = environ.get("PATH_INFO", "/")
+        if path in ("/", ""):
+            query = environ.get("QUERY_STRING", "")
+            return _respond(start_response, "302 Found", b"", "text/plain",
+                            [("Location", "/status" + (f"?{query}" if query else ""))])
+        if path == "/status":
+            return _respond(start_response, "200 OK", self.page().encode(), "text/html; charset=utf-8",
+                            HTML_HEADERS)
+        if path == "/status.json":
+            body = json.dumps(self.status(), indent=1).encode()
+            return _respond(start_response, "200 OK", body, "application/json", [("Cache-Control", "no-store")])
+        if path == "/metrics":
+            body, content_type = metrics.render()
+            return _respond(start_response, "200 OK", body, content_type, [("Cache-Control", "no-store")])
+        return _respond(start_response, "404 Not Found", b"not found: try /status\n", "text/plain")
+
+    def refusal(self, environ: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]] | None:
+        """Why this request may not be served, or None."""
+        if self.token:
+            given = ""
+            authorization = environ.get("HTTP_AUTHORIZATION", "")
+            if authorization[:7].lower() == "bearer ":
+                given = authorization[7:].strip()
+            else:
+                given = parse_qs(environ.get("QUERY_STRING", "")).get("token", [""])[0]
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return "401 Unauthorized", "token required", [("WWW-Authenticate", 'Bearer realm="qpgevent"')]
+            return None
+        if not is_loopback(environ.get("REMOTE_ADDR", "")):
+            return "403 Forbidden", "loopback clients only (set [admin] token to allow others)", []
+        return None
+
+    def status(self) -> dict[str, Any]:
+        data = scoreboard.read(self.directory)
+        data["since_start"] = metrics.totals()
+        data["server"] = {"me": self.me, "version": __version__, "refresh": self.refresh}
+        return data
+
+    def page(self) -> str:
+        data = self.status()
+        totals, since = data["totals"], data["since_start"]
+        states = ", ".join(f"{count} {state}" for state, count in totals["by_state"].items()) or "none"
+        rows = "\n".join(_row(session) for session in data["sessions"]) or (
+            '<tr><td colspan="10" class="empty">no sessions</td></tr>')
+        processes = ", ".join(f"{p['pid']} ({p['sessions']})" for p in data["processes"]) or "none"
+        e = html.escape
+        return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{self.refresh:g}">
+<title>qpgevent {e(self.me)}: {totals['sessions']} sessions</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
+h1 {{ font-size: 1.3em; margin: 0 0 .3em; }}
+p {{ margin: .2em 0; }}
+table {{ border-collapse: collapse; margin-top: 1em; width: 100%; }}
+th, td {{ text-align: left; padding: .25em .6em; border-bottom: 1px solid #ddd; white-space: nowrap; }}
+th {{ background: #f2f2f2; }}
+td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.empty {{ color: #888; font-style: italic; }}
+.muted {{ color: #666; }}
+</style></head>
+<body>
+<h1>qpgevent {e(__version__)} on {e(self.me)}</h1>
+<p id="totals"><b>{totals['sessions']}</b> live sessions in <b>{totals['processes']}</b> processes
+({e(states)}); {_size(totals['bytes'])} received by them.</p>
+<p id="since" class="muted">Since start: {since['connections']} connections, {since['transactions']} transactions,
+{since['messages_queued']} messages queued, {since['rejections']} refusals,
+{_size(since['bytes_received'])} received, {since['worker_restarts']} worker restarts.</p>
+<p class="muted">Processes (sessions): {e(processes)}. Reloads every {self.refresh:g} s;
+updated {e(time.strftime('%H:%M:%S', time.localtime(data['time'])))}.</p>
+<table id="sessions">
+<thead><tr><th>Worker</th><th>Remote IP</th><th>rDNS</th><th>HELO</th><th>State</th><th>Doing</th>
+<th>Sender</th><th class="num">Rcpts</th><th class="num">Bytes</th><th class="num">Age</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+</body></html>
+"""
+
+
+def _row(session: dict[str, Any]) -> str:
+    e = html.escape
+    cells = [
+        (str(session.get("pid", "")), ""), (session.get("remote_ip") or "", ""),
+        (session.get("rdns") or "-", ""), (session.get("helo") or "-", ""),
+        (session.get("state") or "", ""), (session.get("doing") or "", ""),
+        (session.get("sender") or "-", ""), (str(session.get("recipients", 0)), "num"),
+        (_size(session.get("bytes", 0)), "num"), (_age(session.get("age", 0)), "num"),
+    ]
+    tds = "".join(f'<td class="{cls}">{e(str(text)[:120])}</td>' if cls else f"<td>{e(str(text)[:120])}</td>"
+                  for text, cls in cells)
+    return f'<tr data-session="{e(str(session.get("id", "")))}">{tds}</tr>'
+
+
+def _size(octets: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if octets < 1024 or unit == "GiB":
+            return f"{octets:.0f} {unit}" if unit == "B" else f"{octets:.1f} {unit}"
+        octets /= 1024
+    return f"{octets:.1f} GiB"
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _respond(start_response: StartResponse, status: str, body: bytes, content_type: str,
+             headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                            *(headers or [])])
+    return [body]

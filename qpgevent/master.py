@@ -1,0 +1,560 @@
+"""The pre-fork master: bind, check, load, fork the workers; reap, respawn, reload, stop.
+
+Theory of operation.
+
+*Listeners.* The master binds every listen address itself and the workers inherit the
+sockets across ``fork``: one kernel accept queue per address, shared by every process
+that holds it. We chose this over ``SO_REUSEPORT`` (one queue per worker) because the
+master keeps its copy open for its whole life: while workers roll over on a reload, or
+one is respawned, connections wait in the queue for whichever worker accepts next, and
+none is refused. With SO_REUSEPORT, connections queued on a worker that exits are reset,
+and the kernel hashes clients to queues whether or not the worker behind one is busy.
+
+*Startup.* Config first (exit 2 on a mistake), then who we will run as (``privileges``:
+exit 2 for root without ``allow_root``), bind (exit 1), drop root, load every plugin
+(exit 2, one line: a bad plugin fails the start here, once, before any fork, instead of
+crash-looping in the workers), then fork ``workers`` workers. The master logs
+``ready (pid ...)`` once every worker has said it is serving.
+
+*gevent and fork* (see aesthetics.md 2.5). The master is monkey-patched like everything
+else (``__main__`` patches first): plugins are imported in the master, and the workers
+run those very modules, so they must be imported patched. So the master forks with
+``gevent.os.fork_and_watch`` (which reinitialises the hub in the child and starts a
+libev child watcher in the master) and reaps each worker with the cooperative
+``gevent.os.waitpid``, in one small greenlet per worker; never a raw SIGCHLD handler,
+which would race libev's. Signals go through ``gevent.signal_handler``, and the handlers
+only queue the signal; the main greenlet does everything (gunicorn's arbiter shape), and
+it alone forks. A forked child inherits the master's greenlets and signal watchers: the
+first thing a worker does is install its own handlers, cancel the master's, kill the
+master's helper greenlets and close their descriptors.
+
+*Workers* talk back over a pipe: ``R`` once serving (after the ``post_fork`` hooks),
+``C`` once their listeners are closed (when stopping). EOF means the worker is gone;
+the watcher greenlet then reaps it. A worker dies with the master (PR_SET_PDEATHSIG).
+
+*Respawn.* A worker that dies unasked is reaped, its session leases are cleared (see
+``shared_counters``), the log says how it died (``exited with status 3``, ``killed by
+signal SIGKILL``), and it is forked again: at once if it had served for a while, else
+after a backoff that doubles from 0.5 s up to 30 s.
+
+*Signals.* TERM and INT: the master closes its listeners and sends TERM to every worker,
+which closes its own (the kernel then refuses new clients), lets its sessions finish for
+up to ``shutdown_timeout``, says 421 to the rest, and exits; the master exits 0 when the
+last one has (or SIGKILLs stragglers ``KILL_GRACE`` seconds later and exits 1). HUP:
+re-read the config and load the plugins again; if that fails, log it and keep the
+running workers. Else fork a new generation of workers with the new config, and once
+all of them serve, TERM the old ones, which drain as above. The listening sockets never
+close, so no connection is refused; old workers finish what they accepted. The listen
+addresses and user/group cannot change on a reload (we are no longer root to bind
+port 25): a change is logged and needs a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import signal
+import socket
+import time
+from typing import NoReturn
+
+import gevent
+import gevent.monkey
+import gevent.os
+from gevent.event import Event
+from gevent.pool import Group
+from gevent.queue import Queue
+from gevent.socket import wait_read
+
+from . import __version__, admin, metrics, privileges
+from . import config as config_module
+from .config import Settings
+from .errors import ConfigError, StartError
+from .loader import forget_plugin_modules, load_plugins
+from .plugin import Plugin
+from .server import SmtpServer, bind_listeners, describe_listener
+from .services import configure_services
+from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
+
+log = logging.getLogger("qpgevent.master")
+
+#: The real close(2). gevent's patched ``os.close`` defers the close to the next turn of
+#: the event loop (so that watchers on the fd can be cancelled first); a pipe end we
+#: close before the next fork must be gone before it, or the next worker inherits it
+#: and the master never sees EOF when a worker dies. None of these fds has a watcher.
+close_now = gevent.monkey.get_original("os", "close")
+
+WORKER_BOOT_ERROR = 3  #: a worker's exit status when it could not start serving
+QUICK_EXIT = 5.0  #: a worker that dies sooner than this after its start died "at once"
+BACKOFF_FIRST = 0.5  #: seconds before respawning a worker that died at once; doubles
+BACKOFF_MAX = 30.0
+KILL_GRACE = 10.0  #: seconds past shutdown_timeout before a stopping worker is SIGKILLed
+READY, CLOSED = b"R", b"C"  #: what a worker says over its pipe
+#: Settings a reload cannot change (the sockets are bound, root is gone, the admin server
+#: runs in the master): setting -> its name in the ini.
+FIXED_AT_START = {
+    "listen": "[server] listen", "user": "[server] user", "group": "[server] group",
+    "allow_root": "[server] allow_root", "pidfile": "[server] pidfile", "spool_dir": "[server] spool_dir",
+    "admin_listen": "[admin] listen", "admin_token": "[admin] token", "admin_run_dir": "[admin] run_dir",
+    "admin_refresh": "[admin] refresh",
+    # Logging is set up once, in the master, before the workers inherit it.
+    "log_level": "[logging] level", "log_file": "[logging] file", "log_format": "[logging] format",
+    "log_syslog": "[logging] syslog", "log_syslog_facility": "[logging] syslog_facility",
+    "log_syslog_address": "[logging] syslog_address",
+}
+
+
+def worker_count(settings: Settings) -> int:
+    """``[server] workers``; 0 means one per CPU core this process may run on."""
+    if settings.workers:
+        return settings.workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = str(number)
+        return f"killed by signal {name}" + (" (core dumped)" if os.WCOREDUMP(status) else "")
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+@dataclasses.dataclass(eq=False)
+class Generation:
+    """Workers forked from one version of the config: 1 at start, +1 per reload."""
+
+    number: int
+    settings: Settings
+    plugins: list[Plugin]
+    size: int
+    slots: dict[int, Worker | None] = dataclasses.field(default_factory=dict)
+    failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: quick deaths in a row
+    complete: bool = False  #: no worker of an older generation is left
+
+    def all_ready(self) -> bool:
+        return len(self.slots) == self.size and all(w is not None and w.ready for w in self.slots.values())
+
+
+@dataclasses.dataclass(eq=False)
+class Worker:
+    """The master's record of one worker process."""
+
+    generation: Generation
+    slot: int  #: its number in the generation, kept across respawns
+    pid: int
+    row: int  #: its row in the shared session table
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    ready: bool = False
+    closed: bool = False  #: has closed its listeners (stopping)
+    stopping: bool = False  #: asked to stop: its exit is expected
+
+    def __str__(self) -> str:
+        return f"worker {self.slot} (pid {self.pid})"
+
+
+class Master:
+    def __init__(self, settings: Settings, listen_override: list[str] | None = None,
+                 workers_override: int | None = None) -> None:
+        self.settings = settings
+        self.listen_override = listen_override
+        self.workers_override = workers_override
+        self.pid = os.getpid()
+        self.listeners: list[socket.socket] = []
+        self.workers: dict[int, Worker] = {}  #: pid -> worker, every live one
+        self.events: Queue = Queue()
+        self.helpers = Group()  #: the master's greenlets (a worker kills its copies)
+        self.status_fds: set[int] = set()  #: read ends of the workers' pipes, in the master
+        self.signal_handlers: list[object] = []
+        self.current: Generation | None = None
+        self.pending: Generation | None = None  #: a reload whose workers are starting
+        self.reload_again = False
+        self.stopping = False
+        self.closed_everywhere = False
+        self.killed_any = False
+        self.announced = False
+        self.table: SharedTable | None = None
+        self.admin_server: admin.AdminServer | None = None
+        self.identity: privileges.Identity | None = None
+
+    # -- start ----------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until TERM/INT; the exit status. ConfigError (2) and StartError (1) escape."""
+        settings = self.settings
+        self.identity = privileges.plan(settings)
+        folders = {"spool_dir": settings.spool_dir}
+        if settings.admin_listen is not None:
+            folders["[admin] run_dir"] = settings.admin_run_dir
+        for name, folder in folders.items():  # made for the user we will run as
+            try:
+                privileges.prepare_dir(folder, self.identity)
+            except OSError as error:
+                raise StartError(f"cannot create {name} {folder}: {error.strerror}") from None
+        try:
+            self.listeners, skipped = bind_listeners(settings.listen)
+        except OSError as error:
+            raise StartError(f"cannot listen: {error.strerror} ({error})") from None
+        try:
+            if settings.pidfile:
+                try:
+                    privileges.write_pidfile(settings.pidfile)
+                except OSError as error:
+                    raise StartError(f"cannot write pidfile {settings.pidfile}: {error.strerror}") from None
+            privileges.drop(self.identity)
+            # As the user we serve as. The resolver first: plugins may look names up in setup.
+            configure_services(settings)
+            plugins = load_plugins(settings)  # ConfigError: exit 2, before any fork
+            self.admin_server = self._start_admin(settings)
+        except BaseException:
+            self._close_listeners()
+            if settings.pidfile:
+                privileges.remove_pidfile(settings.pidfile)
+            raise
+        # Only now, so that a bad plugin prints its one line and nothing else.
+        privileges.announce(settings, self.identity)
+        for listen, reason in skipped:
+            log.warning("not listening on %s: %s", listen, reason)
+        for sock in self.listeners:
+            log.info("listening on %s", describe_listener(sock))
+        size = worker_count(settings)
+        pool = settings.max_connections + max(16, settings.max_connections // 8)
+        # Room for the workers of two generations (a reload) and respawns meanwhile.
+        self.table = SharedTable(rows=4 * size + 4, capacity=max(DEFAULT_CAPACITY, pool))
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.signal_handlers.append(gevent.signal_handler(signum, self.events.put, ("signal", signum)))
+        self.current = Generation(1, settings, plugins, size)
+        for slot in range(size):
+            self._spawn(self.current, slot)
+        try:
+            return self._loop()
+        finally:
+            self._close_listeners()
+            if self.admin_server is not None:
+                self.admin_server.stop()
+            if settings.pidfile:
+                privileges.remove_pidfile(settings.pidfile)
+
+    @staticmethod
+    def _start_admin(settings: Settings) -> admin.AdminServer | None:
+        """The status pages and metrics, served by the master for every worker."""
+        try:
+            admin.prepare(settings)
+            return admin.serve(settings)
+        except OSError as error:
+            raise StartError(f"[admin] cannot start: {error.strerror} ({error})") from None
+
+    def _loop(self) -> int:
+        handlers = {"signal": self._on_signal, "status": self._on_status, "exited": self._on_exit,
+                    "respawn": self._on_respawn, "deadline": self._on_deadline}
+        while not (self.stopping and not self.workers):
+            kind, *args = self.events.get()
+            handlers[kind](*args)
+        self.helpers.kill(block=True, timeout=5)
+        log.info("stopped")
+        return 1 if self.killed_any else 0
+
+    # -- forking ----------------------------------------------------------------------
+    def _spawn(self, generation: Generation, slot: int) -> None:
+        assert self.table is not None
+        row = self.table.claim_row()
+        if row is None:  # cannot happen with the sizing above, short of reload storms
+            log.error("no room in the session table for worker %d; retrying in %ss", slot, BACKOFF_MAX)
+            self.helpers.add(gevent.spawn_later(BACKOFF_MAX, self.events.put, ("respawn", generation, slot)))
+            return
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = gevent.os.fork_and_watch()
+        except OSError as error:
+            close_now(read_fd)
+            close_now(write_fd)
+            self.table.clear_row(row)
+            log.error("cannot fork worker %d: %s; retrying in %ss", slot, error.strerror, BACKOFF_MAX)
+            self.helpers.add(gevent.spawn_later(BACKOFF_MAX, self.events.put, ("respawn", generation, slot)))
+            return
+        if pid == 0:
+            close_now(read_fd)
+            self._become_worker(generation, slot, row, write_fd)
+        close_now(write_fd)
+        os.set_blocking(read_fd, False)
+        worker = Worker(generation, slot, pid, row)
+        self.workers[pid] = worker
+        generation.slots[slot] = worker
+        self.status_fds.add(read_fd)
+        self.helpers.spawn(self._watch, worker, read_fd)
+
+    def _watch(self, worker: Worker, read_fd: int) -> None:
+        """Relay what the worker says; at EOF (it is gone), reap it with gevent's waitpid.
+
+        A worker forked while this greenlet exists gets a copy of it, and of ``read_fd``.
+        The copy must never read (the bytes are the master's), so every read is preceded,
+        with no switch in between, by a look at who we are.
+        """
+        while True:
+            wait_read(read_fd)
+            if os.getpid() != self.pid:
+                return  # a copy in a worker, about to be killed
+            try:
+                data = os.read(read_fd, 64)
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+            for byte in data:
+                self.events.put(("status", worker, bytes([byte])))
+        self.status_fds.discard(read_fd)
+        close_now(read_fd)
+        _, status = gevent.os.waitpid(worker.pid, 0)
+        self.events.put(("exited", worker, status))
+
+    # -- events -------------------------------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._reload()
+        else:
+            self._stop(signal.Signals(signum).name)
+
+    def _on_status(self, worker: Worker, what: bytes) -> None:
+        if what == READY:
+            worker.ready = True
+            generation = worker.generation
+            if generation is self.pending and generation.all_ready():
+                self._switch_to(generation)
+            elif generation is self.current and not self.announced and generation.all_ready():
+                self.announced = True
+                log.info("qpgevent %s ready (pid %d, %d workers, %d plugins)", __version__, self.pid,
+                         generation.size, len(generation.plugins))
+        elif what == CLOSED:
+            worker.closed = True
+            self._check_closed()
+
+    def _on_exit(self, worker: Worker, status: int) -> None:
+        self.workers.pop(worker.pid, None)
+        assert self.table is not None
+        leases = self.table.clear_row(worker.row)
+        admin.process_ended(worker.generation.settings, worker.pid)
+        generation = worker.generation
+        if generation.slots.get(worker.slot) is worker:
+            generation.slots[worker.slot] = None
+        uptime = time.monotonic() - worker.started
+        how = describe_status(status)
+        cleared = f"; {leases} session lease(s) cleared" if leases else ""
+        expected = worker.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        log.log(logging.INFO if expected else logging.ERROR, "%s of generation %d %s after %.1fs%s",
+                worker, generation.number, how, uptime, cleared)
+        if self.stopping:
+            self._check_closed()
+            return
+        if worker.stopping:
+            self._check_drained()
+            return
+        if generation is self.pending:
+            self._abort_reload(f"{worker} {how} before serving")
+            return
+        if generation is not self.current:
+            return
+        quick = not worker.ready or uptime < QUICK_EXIT
+        failures = generation.failures.get(worker.slot, 0) + 1 if quick else 0
+        generation.failures[worker.slot] = failures
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)) if failures else 0.0
+        log.warning("respawning worker %d in %.1fs", worker.slot, delay)
+        metrics.worker_restarted()
+        if delay:
+            self.helpers.add(gevent.spawn_later(delay, self.events.put, ("respawn", generation, worker.slot)))
+        else:
+            self._spawn(generation, worker.slot)
+
+    def _on_respawn(self, generation: Generation, slot: int) -> None:
+        wanted = generation is self.current or generation is self.pending
+        if not self.stopping and wanted and generation.slots.get(slot) is None:
+            self._spawn(generation, slot)
+
+    def _on_deadline(self, seconds: float) -> None:
+        for worker in list(self.workers.values()):
+            log.error("%s still running %.0fs after the stop (shutdown_timeout + %ss): SIGKILL",
+                      worker, seconds, KILL_GRACE)
+            self.killed_any = True
+            self._signal(worker, signal.SIGKILL)
+
+    # -- stop -------------------------------------------------------------------------------
+    def _stop(self, why: str) -> None:
+        if self.stopping:
+            log.info("%s: already stopping", why)
+            return
+        self.stopping = True
+        timeouts = [g.settings.shutdown_timeout for g in (self.current, self.pending) if g is not None]
+        log.info("%s: stopping; sessions get up to %ss to finish", why, max(timeouts))
+        # Ours first: once the workers have closed theirs, nothing listens any more.
+        self._close_listeners()
+        for worker in list(self.workers.values()):
+            self._ask_to_stop(worker)
+        deadline = max(timeouts) + KILL_GRACE
+        self.helpers.add(gevent.spawn_later(deadline, self.events.put, ("deadline", deadline)))
+
+    def _check_closed(self) -> None:
+        if self.stopping and not self.closed_everywhere and all(w.closed for w in self.workers.values()):
+            self.closed_everywhere = True
+            log.info("stopped accepting: the listeners are closed in every process")
+
+    def _ask_to_stop(self, worker: Worker) -> None:
+        worker.stopping = True
+        self._signal(worker, signal.SIGTERM)
+
+    def _signal(self, worker: Worker, signum: int) -> None:
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass  # already gone; its watcher reports it
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+
+    # -- reload -------------------------------------------------------------------------------
+    def _reload(self) -> None:
+        if self.stopping:
+            return
+        if self.pending is not None:
+            log.info("SIGHUP: a reload is under way; reloading again when it is done")
+            self.reload_again = True
+            return
+        assert self.current is not None
+        log.info("SIGHUP: reloading %s", self.settings.path)
+        try:
+            settings = config_module.load(self.settings.path, listen_override=self.listen_override)
+            if self.workers_override is not None:
+                settings = dataclasses.replace(settings, workers=self.workers_override)
+            settings = self._keep_fixed_settings(settings)
+            configure_services(settings)  # for the plugins' setup; each worker makes its own
+            forget_plugin_modules()  # so that changed plugin files are read again
+            plugins = load_plugins(settings)
+        except ConfigError as error:
+            log.error("reload failed, the running workers stay: %s", " ".join(str(error).splitlines()))
+            return
+        except OSError as error:
+            log.error("reload failed, the running workers stay: %s", error)
+            return
+        generation = Generation(self.current.number + 1, settings, plugins, worker_count(settings))
+        assert self.table is not None
+        if self.table.free_rows() < generation.size:
+            log.error("reload failed, the running workers stay: no room for %d new workers beside "
+                      "them (the session table, sized at start, holds %d); that takes a restart",
+                      generation.size, self.table.rows)
+            return
+        self.pending = generation
+        for slot in range(generation.size):
+            self._spawn(generation, slot)
+
+    def _keep_fixed_settings(self, settings: Settings) -> Settings:
+        """``settings`` with what a reload cannot change (sockets, identity) as at start."""
+        fixed = {name: getattr(self.settings, name) for name in FIXED_AT_START}
+        for name, value in fixed.items():
+            if getattr(settings, name) != value:
+                log.warning("reload: %s changed; that takes a restart", FIXED_AT_START[name])
+        return dataclasses.replace(settings, **fixed)
+
+    def _switch_to(self, generation: Generation) -> None:
+        old = self.current
+        assert old is not None
+        self.current, self.pending, self.settings = generation, None, generation.settings
+        draining = [w for w in self.workers.values() if w.generation is not generation]
+        log.info("reload: generation %d serving (%d workers); %d old worker(s) draining",
+                 generation.number, generation.size, len(draining))
+        for worker in draining:
+            self._ask_to_stop(worker)
+        self._check_drained()
+        if self.reload_again:
+            self.reload_again = False
+            self._reload()
+
+    def _check_drained(self) -> None:
+        assert self.current is not None
+        if self.pending is None and all(w.generation is self.current for w in self.workers.values()):
+            if self.current.number > 1 and not self.current.complete:
+                self.current.complete = True
+                log.info("reload complete: every worker runs generation %d", self.current.number)
+
+    def _abort_reload(self, why: str) -> None:
+        generation, self.pending = self.pending, None
+        assert generation is not None
+        log.error("reload failed: %s; stopping the new workers, the running ones stay", why)
+        for worker in self.workers.values():
+            if worker.generation is generation:
+                self._ask_to_stop(worker)
+        if self.reload_again:
+            self.reload_again = False
+            self._reload()
+
+    # -- in the child ----------------------------------------------------------------------------
+    def _become_worker(self, generation: Generation, slot: int, row: int, status_fd: int) -> NoReturn:
+        """The forked child: shed the master's state, serve, and never return."""
+        status = WORKER_BOOT_ERROR
+        try:
+            # Nothing here may yield to the hub before the master's greenlets are dead:
+            # they would run in this process, on the master's pipes.
+            privileges.die_with_parent(self.pid)
+            stop = Event()
+            # Our handlers before cancelling the master's: libev restores the default
+            # action (die, for HUP) when a signal's last watcher goes.
+            handlers = [gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT)]
+            handlers.append(gevent.signal_handler(signal.SIGHUP, lambda: None))  # HUP is the master's
+            for handler in self.signal_handlers:
+                handler.cancel()  # type: ignore[attr-defined]
+            if self.admin_server is not None:
+                self.admin_server.server.close()  # our copy of the master's admin listener
+            # Every greenlet we inherited is the master's (its helpers, an admin request in
+            # flight): kill them all. Killing schedules the kill before any I/O wake-up is
+            # handled (gevent runs its callbacks before it polls), and a greenlet that has
+            # not started never will.
+            inherited = [obj for obj in gc.get_objects()
+                         if isinstance(obj, gevent.Greenlet) and obj is not gevent.getcurrent() and not obj.dead]
+            gevent.killall(inherited, block=True, timeout=5)
+            for fd in self.status_fds:
+                close_now(fd)
+            assert self.table is not None
+            worker = _WorkerProcess(generation, slot, self.listeners, WorkerCounters(self.table, row), status_fd)
+            status = worker.serve(stop)
+        except BaseException:
+            log.exception("worker %d (pid %d) failed", slot, os.getpid())
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+
+class _WorkerProcess:
+    """One worker: the real ``SmtpServer`` on the inherited listeners, until TERM."""
+
+    def __init__(self, generation: Generation, slot: int, listeners: list[socket.socket],
+                 counters: WorkerCounters, status_fd: int) -> None:
+        self.generation, self.slot, self.listeners = generation, slot, listeners
+        self.counters, self.status_fd = counters, status_fd
+
+    def serve(self, stop: Event) -> int:
+        settings = self.generation.settings
+        configure_services(settings)  # this worker's own resolver and cache
+        admin.start_sessions(settings)
+        server = SmtpServer(settings, self.generation.plugins, counters=self.counters)
+        server.runner.notify("post_fork", None)  # plugins open their pools here
+        server.start(sockets=self.listeners)
+        if self.generation.size > 1:
+            # gunicorn's choice: one accept per wake-up, so a burst spreads over the workers.
+            for stream_server in server.servers:
+                stream_server.max_accept = 1
+        # Logged before the master hears of it, so its "ready" line comes after every one of these.
+        log.info("worker %d (pid %d, generation %d) serving", self.slot, os.getpid(), self.generation.number)
+        os.write(self.status_fd, READY)
+        stop.wait()
+        server.stop_accepting()
+        for sock in self.listeners:
+            sock.close()
+        os.write(self.status_fd, CLOSED)
+        server.stop()
+        return 0

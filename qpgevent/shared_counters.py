@@ -1,0 +1,257 @@
+"""Concurrent-session counts that hold for the whole host: the global and per-address limits.
+
+Theory of operation. Every open session holds a *lease*: one 16-octet slot naming its
+client address. Each worker process owns one *row* of slots in a table shared by all
+workers (a small file, mapped with ``MAP_SHARED`` by the master before it forks, so every
+worker sees the same memory). A worker only ever writes its own row; it keeps the row
+packed (slots ``0 .. used-1``), so reading the table costs the sessions open, not its
+capacity. "How many sessions from 192.0.2.7, on every worker?" is a scan of the used
+slots of every row; "how many in all?" is the sum of the row headers.
+
+Leases free themselves when their holder dies: the master clears a worker's row when it
+reaps that worker, whatever killed it, so a ``kill -9`` cannot leak counts.
+
+Check-and-increment must be atomic across processes, or two workers could each see 999
+sessions and both take the 1000th place. An ``fcntl.lockf`` lock on the table's file
+guards every read and write. It is held for microseconds and never across a greenlet
+switch (nothing in between yields), so holding it blocks neither our other greenlets nor,
+for long, the other workers; and the kernel drops it if its holder dies.
+
+``LocalCounters`` is the same interface for a single process (the in-process server of
+the tests), without the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import hashlib
+import ipaddress
+import mmap
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+SLOT = 16  #: one client address: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d)
+_HEADER = struct.Struct("=IIQ")  # owner pid, used slots, padding (keeps slots 16-aligned)
+FREE = bytes(SLOT)  # "::": never a TCP peer
+PENDING = b"\xff" * SLOT  # a session whose address is not known yet (PROXY header coming)
+#: Sessions one worker can hold; the table is a sparse file, so unused room costs nothing.
+DEFAULT_CAPACITY = 65536
+
+
+def address_key(ip: str) -> bytes:
+    """The 16 octets that stand for ``ip`` in the table (192.0.2.1 is ::ffff:192.0.2.1)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:  # not an IP address (a Unix socket?): any stable 16 octets will do
+        return hashlib.blake2b(ip.encode(), digest_size=SLOT).digest()
+    if isinstance(address, ipaddress.IPv4Address):
+        address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+    key = address.packed
+    return key if key not in (FREE, PENDING) else PENDING
+
+
+class Lease(Protocol):
+    def set_ip(self, ip: str) -> None: ...
+    def release(self) -> None: ...
+
+
+class Counters(Protocol):
+    """What the server needs: take a place under a limit, count sessions from an address."""
+
+    def acquire(self, limit: int) -> Lease | None: ...
+    def count(self, ip: str) -> int: ...
+
+
+# -- one process --------------------------------------------------------------------
+
+
+class LocalLease:
+    def __init__(self, counters: LocalCounters) -> None:
+        self._counters, self._key, self._released = counters, PENDING, False
+
+    def set_ip(self, ip: str) -> None:
+        self._counters._move(self._key, address_key(ip))
+        self._key = address_key(ip)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._counters._move(self._key, None)
+
+
+class LocalCounters:
+    """Counts for one process: ``SmtpServer`` used on its own (tests, embedding)."""
+
+    def __init__(self) -> None:
+        self._by_key: collections.Counter[bytes] = collections.Counter()
+        self.total = 0
+
+    def acquire(self, limit: int) -> LocalLease | None:
+        if self.total >= limit:
+            return None
+        self.total += 1
+        self._by_key[PENDING] += 1
+        return LocalLease(self)
+
+    def count(self, ip: str) -> int:
+        return self._by_key[address_key(ip)]
+
+    def _move(self, old: bytes, new: bytes | None) -> None:
+        self._by_key[old] -= 1
+        if self._by_key[old] <= 0:
+            del self._by_key[old]
+        if new is None:
+            self.total -= 1
+        else:
+            self._by_key[new] += 1
+
+
+# -- every worker of the host --------------------------------------------------------
+
+
+class SharedTable:
+    """The table itself: created by the master before forking, inherited by every worker."""
+
+    def __init__(self, rows: int, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.rows, self.capacity = rows, capacity
+        self.row_size = _HEADER.size + capacity * SLOT
+        # An unlinked temporary file: nothing to clean up, even after kill -9. Sparse, so
+        # only the pages of slots ever used take memory.
+        self._file = tempfile.TemporaryFile(prefix="qpgevent-counters-")
+        os.ftruncate(self._file.fileno(), rows * self.row_size)
+        self.map = mmap.mmap(self._file.fileno(), rows * self.row_size, mmap.MAP_SHARED)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._file.fileno(), fcntl.LOCK_UN)
+
+    def header(self, row: int) -> tuple[int, int]:
+        pid, used, _ = _HEADER.unpack_from(self.map, row * self.row_size)
+        return pid, used
+
+    def set_header(self, row: int, pid: int, used: int) -> None:
+        _HEADER.pack_into(self.map, row * self.row_size, pid, used, 0)
+
+    def slot_offset(self, row: int, index: int) -> int:
+        return row * self.row_size + _HEADER.size + index * SLOT
+
+    def total(self) -> int:
+        """Sessions open on every worker (call with the lock held)."""
+        return sum(self.header(row)[1] for row in range(self.rows))
+
+    def count(self, key: bytes) -> int:
+        """Sessions from the address ``key`` on every worker (call with the lock held)."""
+        found = 0
+        for row in range(self.rows):
+            used = self.header(row)[1]
+            if not used:
+                continue
+            start = self.slot_offset(row, 0)
+            region = self.map[start:start + used * SLOT]
+            at = region.find(key)
+            while at >= 0:
+                if at % SLOT == 0:  # a match across two slots is not an address
+                    found += 1
+                at = region.find(key, at + 1)
+        return found
+
+    # -- the master's side ----------------------------------------------------------
+    def claim_row(self) -> int | None:
+        """A free row for a worker about to be forked, or None when every row is taken.
+
+        The row is marked with the master's pid until the worker writes its own.
+        """
+        with self.locked():
+            for row in range(self.rows):
+                if self.header(row)[0] == 0:
+                    self.set_header(row, os.getpid(), 0)
+                    return row
+        return None
+
+    def free_rows(self) -> int:
+        with self.locked():
+            return sum(1 for row in range(self.rows) if self.header(row)[0] == 0)
+
+    def clear_row(self, row: int) -> int:
+        """The worker of ``row`` is gone: its leases are void. Returns how many there were."""
+        with self.locked():
+            _, used = self.header(row)
+            self.set_header(row, 0, 0)
+        return used
+
+    def sessions(self) -> int:
+        with self.locked():
+            return self.total()
+
+    def close(self) -> None:
+        self.map.close()
+        self._file.close()
+
+
+class SharedLease:
+    __slots__ = ("_counters", "index")
+
+    def __init__(self, counters: WorkerCounters, index: int) -> None:
+        self._counters, self.index = counters, index
+
+    def set_ip(self, ip: str) -> None:
+        self._counters._write(self, address_key(ip))
+
+    def release(self) -> None:
+        self._counters._release(self)
+
+
+class WorkerCounters:
+    """One worker's view of the shared table: it writes only its own ``row``."""
+
+    def __init__(self, table: SharedTable, row: int) -> None:
+        self.table, self.row = table, row
+        self._leases: list[SharedLease] = []  # slot i of our row belongs to _leases[i]
+        with table.locked():
+            table.set_header(row, os.getpid(), 0)
+
+    def acquire(self, limit: int) -> SharedLease | None:
+        table = self.table
+        with table.locked():
+            if table.total() >= limit or len(self._leases) >= table.capacity:
+                return None
+            lease = SharedLease(self, len(self._leases))
+            offset = table.slot_offset(self.row, lease.index)
+            table.map[offset:offset + SLOT] = PENDING
+            self._leases.append(lease)
+            table.set_header(self.row, os.getpid(), len(self._leases))
+        return lease
+
+    def count(self, ip: str) -> int:
+        with self.table.locked():
+            return self.table.count(address_key(ip))
+
+    def _write(self, lease: SharedLease, key: bytes) -> None:
+        if lease.index < 0:
+            return
+        offset = self.table.slot_offset(self.row, lease.index)
+        with self.table.locked():
+            self.table.map[offset:offset + SLOT] = key
+
+    def _release(self, lease: SharedLease) -> None:
+        if lease.index < 0:
+            return  # released already
+        table, last = self.table, len(self._leases) - 1
+        with table.locked():
+            if lease.index != last:  # keep the row packed: the last slot fills the hole
+                moved = self._leases[last]
+                source, target = table.slot_offset(self.row, last), table.slot_offset(self.row, lease.index)
+                table.map[target:target + SLOT] = table.map[source:source + SLOT]
+                moved.index = lease.index
+                self._leases[lease.index] = moved
+            self._leases.pop()
+            table.set_header(self.row, os.getpid(), len(self._leases))
+        lease.index = -1

@@ -1,0 +1,58 @@
+"""tools/bench_dns_checks.py runs end to end with tiny numbers, and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "tools" / "bench_dns_checks.py"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+HEADER = re.compile(r"^checks +dns delay +concurrency +messages +seconds +messages/second +"
+                    r"server CPU ms/message +DNS queries/message +front CPU %$", re.MULTILINE)
+# checks, delay, concurrency, messages, seconds, messages/second, CPU ms/message, queries/message, front CPU %
+ROW = re.compile(r"^(off|on) +(-|\d+ ms) +(\d+) +(\d+) +(\d+\.\d+) +(\d+\.\d+) +(\d+\.\d+) +(\d+\.\d) +(\d+)$",
+                 re.MULTILINE)
+
+pytestmark = [
+    pytest.mark.skipif(not os.access(SMTP_SOURCE, os.X_OK), reason="smtp-source (Debian package postfix) missing"),
+    pytest.mark.skipif(not (shutil.which("nsd") or os.access("/usr/sbin/nsd", os.X_OK)),
+                       reason="nsd (Debian package nsd) missing"),
+]
+
+
+def test_bench_dns_checks_prints_the_three_runs_side_by_side(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--python", sys.executable, "--smtp-source", SMTP_SOURCE,
+         "--messages", "30", "--size", "200", "--concurrency", "10", "--delays", "0,50",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(HEADER.findall(result.stdout)) == 2  # as the runs go, and in the final table
+    rows = {(checks, delay, int(concurrency), int(messages)): float(queries)
+            for checks, delay, concurrency, messages, _, rate, _, queries, _ in ROW.findall(result.stdout)
+            if float(rate) > 0}
+    assert set(rows) == {("off", "-", 10, 30), ("on", "0 ms", 10, 30), ("on", "50 ms", 10, 30)}
+    assert rows[("off", "-", 10, 30)] == 0  # no DNS at all without the checks
+    # Nothing cached: each message asks PTR, A, 3 DNSBL, MX, A and AAAA again.
+    assert rows[("on", "0 ms", 10, 30)] == rows[("on", "50 ms", 10, 30)] == 8.0
+    assert re.search(r"^concurrency 10, messages/second: checks off \d+\.\d \| checks on, DNS 0 ms \d+\.\d \| "
+                     r"checks on, DNS 50 ms \d+\.\d$", result.stdout, re.MULTILINE), result.stdout
+    assert "warning" not in result.stderr.lower(), result.stderr
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
+
+
+def test_bench_dns_checks_fails_loudly_when_the_server_does_not_start(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--python", "/bin/false", "--smtp-source", SMTP_SOURCE,
+         "--messages", "5", "--concurrency", "1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "FAILED: server exited with status 1" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Benchmark the connection-time DNS checks: messages/s with them on (0 ms and 50 ms DNS) and off.
+
+Usage:
+    tools/bench_dns_checks.py [--messages 2000] [--size 1000] [--concurrency 100]
+                              [--delays 0,50] [--workers 1] [--python PYTHON]
+                              [--smtp-source /usr/sbin/smtp-source] [--log-level info]
+                              [--timeout 300] [--workdir DIR]
+
+What it runs, all on this machine:
+
+  DNS     a real NSD on 127.0.0.1 (``qpgevent.testing_dns.LoopbackDns``) serving the zones
+          the checks need, behind a front (``SlowDnsFront``, greenlets in this process)
+          that answers every query DELAY ms late and counts the queries
+  server  ``PYTHON -m qpgevent -c qpsmtpd.ini --workers N`` as a child process, its
+          ``[dns]`` pointed at the front
+  client  Postfix's smtp-source: ``-s CONCURRENCY -m MESSAGES``, one connection per message,
+          from 127.0.0.1, HELO client.test, MAIL FROM sender@client.test
+
+Configurations:
+
+  off   rcpt_ok + queue/discard; ``[dns] reverse_lookup = no``: no DNS at all
+  on    ``[dns] reverse_lookup = yes`` (FCrDNS at connect: PTR, then A), ``dnsbl`` with
+        three zones (asked at once, at connect), ``resolvable_fromhost`` (at MAIL: MX, then
+        A and AAAA of the MX target), then rcpt_ok + queue/discard. Measured once per
+        ``--delays`` value, the front's delay changed between runs.
+
+What the numbers mean. Every zone is served with TTL 0 and an SOA minimum (negative TTL)
+of 0, so the server's resolver cache keeps nothing: every message pays for every look-up,
+as it would if each connection came from a new address with a new sender domain (which
+smtp-source, sending from one address and one domain, cannot do). That is the worst case
+for an MX; real traffic hits the cache for repeat senders and repeat domains. The "DNS
+queries/message" column shows it: about 8 with the checks on (PTR, A, 3 DNSBL, MX, A,
+AAAA), 0 with them off; the tool fails if the checks did not ask the DNS. With a delay,
+a message waits for about five round trips one after another (PTR, then A, then the
+three DNSBL at once; MX, then A/AAAA at once), so at concurrency C the rate cannot pass
+C / (5 x delay) (100 / 0.25 s = 400/s at 50 ms): the server's cooperative look-ups keep
+the other sessions running meanwhile, and the rate with the delay shows how close it gets.
+"server CPU ms/message" is the CPU time of the server's processes (master and workers)
+per message; when it times messages/second comes near 1000 per worker, the workers are
+CPU-bound (parsing DNS answers costs about 0.3 ms each in dnspython) and the delay hardly
+shows. The DNS front runs in this tool's process; "front CPU %" is its share of one
+core during the run: near 100 % the front, not the server, is the bottleneck.
+
+Options:
+  --messages N         messages per run (default 2000)
+  --size BYTES         message payload, headers not included (default 1000)
+  --concurrency LIST   sessions in parallel, comma separated (default 100)
+  --delays LIST        DNS answer delays in ms for the "on" runs, comma separated (default 0,50)
+  --workers N          the server's worker processes (default 1: numbers for one core)
+  --python PATH        the Python that has qpgevent installed (default: this one if it
+                       can import qpgevent, else the repo's .venv/bin/python)
+  --smtp-source PATH   (default: from PATH, or /usr/sbin/smtp-source)
+  --log-level LEVEL    the server's log level (default info, as in production)
+  --timeout SECONDS    give up on one smtp-source run after this long (default 300)
+  --workdir DIR        create the temporary folder here (default: the system's)
+
+Exit status 0 when every run succeeded, 1 otherwise (smtp-source aborts at the first
+refused command: a DNS check that failed or refused fails the run), 2 for bad options.
+
+Example:
+    tools/bench_dns_checks.py --messages 1000 --concurrency 10,100 --delays 0,10,50
+"""
+
+from gevent import monkey
+
+monkey.patch_all()  # the DNS front is greenlets: they must run while we wait on smtp-source
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_smtp_source as smtp_bench  # noqa: E402  (its smtp-source runner and helpers)
+
+from qpgevent.testing_dns import (LoopbackDns, SlowDnsFront, blocklist_zone,  # noqa: E402
+                                  ptr_zone_for)
+
+BLOCKLISTS = ("bl1.test", "bl2.test", "bl3.test")
+ZONES = {
+    # The sender domain: an MX whose target has A and AAAA; the client's FCrDNS name too.
+    "client.test": {"@": [("MX", "10 mail.client.test."), ("A", "127.0.0.1")],
+                    "mail": [("A", "192.0.2.25"), ("AAAA", "2001:db8::25")]},
+    **ptr_zone_for("127.0.0.0/8", {"127.0.0.1": "client.test."}),
+    # Three blocklists that list somebody else: 127.0.0.1 gets NXDOMAIN from each.
+    **{zone: records for name in BLOCKLISTS
+       for zone, records in blocklist_zone(name, {"192.0.2.99": ("127.0.0.2", "listed")}).items()},
+}
+#: Queries one message needs with the checks on and nothing cached; fewer means a cache.
+MIN_QUERIES_PER_MESSAGE = 7
+
+CHECKS_OFF = """
+  [[rcpt_ok]]
+    domains = example.test
+  [[queue/discard]]
+"""
+CHECKS_ON = f"""
+  [[dnsbl]]
+    zones = {", ".join(BLOCKLISTS)}
+  [[resolvable_fromhost]]
+{CHECKS_OFF}"""
+
+BenchError = smtp_bench.BenchError
+#: Warnings the server logs at start in this set-up, on purpose.
+EXPECTED_WARNINGS = ("queue/discard is loaded", "serving as root (allow_root = yes)")
+
+
+@dataclass
+class Result:
+    checks: str  # "off" or "on"
+    delay_ms: float | None  # the front's delay; None when the checks are off
+    concurrency: int
+    messages: int
+    seconds: float
+    server_cpu: float  # CPU seconds of the server's processes during the run
+    front_cpu: float  # CPU seconds of this process (the DNS front) during the run
+    queries: int  # DNS queries the front received during the run
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def label(self) -> str:
+        return "checks off" if self.delay_ms is None else f"checks on, DNS {self.delay_ms:g} ms"
+
+
+class Server:
+    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT --workers N``, logging to a file."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path, plugins: str, dns_port: int,
+                 reverse_lookup: bool) -> None:
+        folder.mkdir()
+        self.ini = folder / "qpsmtpd.ini"
+        max_connections = max(1000, max(args.concurrency) + 10)
+        root = "  allow_root = yes\n" if os.geteuid() == 0 else ""  # containers often run as root
+        self.ini.write_text(
+            "[server]\n"
+            "  me = mx.example.test\n"
+            "  spool_dir = spool\n"
+            "  shutdown_timeout = 5\n"
+            f"{root}"
+            "[limits]\n"
+            f"  max_connections = {max_connections}\n"
+            "[dns]\n"
+            "  nameservers = 127.0.0.1\n"
+            f"  port = {dns_port}\n"
+            "  timeout = 5\n"
+            f"  reverse_lookup = {'yes' if reverse_lookup else 'no'}\n"
+            "[plugins]\n" + plugins,
+            encoding="utf-8")
+        self.log_path = folder / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.port, self.version = smtp_bench.free_port(), ""
+        self.process = subprocess.Popen(
+            [args.python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
+             "--log-level", args.log_level, "--workers", str(args.workers)],
+            cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + smtp_bench.READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                hint = ""
+                if "[dns]" in self.log() and "unknown section" in self.log():
+                    hint = "\n(this qpgevent has no [dns] settings: the checks cannot use the local DNS)"
+                raise BenchError(f"server exited with status {self.process.returncode}:\n"
+                                 f"{smtp_bench.tail(self.log())}{hint}")
+            greeting = smtp_bench.read_greeting(self.port)
+            if greeting is not None:
+                if not greeting.startswith("220 "):
+                    raise BenchError(f"server on port {self.port} greets with {greeting!r}")
+                match = smtp_bench.GREETING_VERSION.search(greeting)
+                self.version = match.group(1) if match else "?"
+                return
+            time.sleep(0.05)
+        raise BenchError(f"server not ready after {smtp_bench.READY_TIMEOUT}s:\n{self.log()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far of the server and its descendants alive now (Linux)."""
+        total, pending = 0.0, [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    pending += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+            except (OSError, IndexError, ValueError):
+                continue  # a process that just ended, or not Linux
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(smtp_bench.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"server pid {self.process.pid} ignored SIGTERM for {smtp_bench.STOP_TIMEOUT}s: killing",
+                      file=sys.stderr)
+                self.process.kill()
+                self.process.wait(smtp_bench.STOP_TIMEOUT)
+        self._log.close()
+        return self.process.returncode
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench(args: argparse.Namespace, name: str, folder: Path, front: SlowDnsFront) -> list[Result]:
+    on = name == "on"
+    server = Server(args, folder, CHECKS_ON if on else CHECKS_OFF, front.port, reverse_lookup=on)
+    results = []
+    try:
+        front.delay = 0
+        server.wait_ready()
+        print(f"# checks {name}: qpgevent {server.version} pid {server.process.pid} on 127.0.0.1:{server.port}",
+              flush=True)
+        for delay_ms in args.delays if on else [None]:
+            front.delay = (delay_ms or 0) / 1000
+            for concurrency in args.concurrency:
+                queries, cpu, own = front.queries, server.cpu_seconds(), own_cpu_seconds()
+                try:
+                    seconds = smtp_bench.run_smtp_source(args, server.port, concurrency)
+                except BenchError as error:
+                    raise BenchError(f"checks {name}, concurrency {concurrency}: {error}\n"
+                                     f"--- server log (last lines) ---\n{smtp_bench.tail(server.log())}") from None
+                result = Result(name, delay_ms, concurrency, args.messages, seconds,
+                                server.cpu_seconds() - cpu, own_cpu_seconds() - own, front.queries - queries)
+                results.append(result)
+                print(format_row(result), flush=True)
+                per_message = result.queries / result.messages
+                if on and per_message < MIN_QUERIES_PER_MESSAGE:
+                    raise BenchError(f"checks on: only {per_message:.1f} DNS queries/message (expected about 8): "
+                                     "answers were cached, or the checks did not run")
+                if not on and result.queries:
+                    raise BenchError(f"checks off: {result.queries} DNS queries were made")
+    finally:
+        status = server.stop()
+    if status != 0:
+        raise BenchError(f"checks {name}: server exited with status {status} after SIGTERM\n"
+                         f"{smtp_bench.tail(server.log())}")
+    complaints = [line for line in server.log().splitlines()
+                  if smtp_bench.COMPLAINT.search(line) and not any(known in line for known in EXPECTED_WARNINGS)]
+    if complaints:
+        print(f"# checks {name}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
+              + "\n".join(complaints[:5]), file=sys.stderr)
+    return results
+
+
+HEADER = (f"{'checks':<6} {'dns delay':>9} {'concurrency':>11} {'messages':>8} {'seconds':>8} "
+          f"{'messages/second':>15} {'server CPU ms/message':>21} {'DNS queries/message':>19} "
+          f"{'front CPU %':>11}")
+
+
+def format_row(result: Result) -> str:
+    delay = "-" if result.delay_ms is None else f"{result.delay_ms:g} ms"
+    return (f"{result.checks:<6} {delay:>9} {result.concurrency:>11} {result.messages:>8} "
+            f"{result.seconds:>8.2f} {result.rate:>15.1f} {result.server_cpu * 1000 / result.messages:>21.3f} "
+            f"{result.queries / result.messages:>19.1f} {100 * result.front_cpu / result.seconds:>11.0f}")
+
+
+def side_by_side(results: list[Result], concurrency: int) -> str:
+    rows = [r for r in results if r.concurrency == concurrency]
+    return f"concurrency {concurrency}, messages/second: " + " | ".join(f"{r.label} {r.rate:.1f}" for r in rows)
+
+
+def number_list(text: str, kind: type = int, minimum: float = 1) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"values must be {minimum:g} or more")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark qpgevent's connection-time DNS checks.")
+    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
+    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
+    parser.add_argument("--concurrency", type=number_list, default=[100],
+                        help="sessions in parallel, comma separated (default 100)")
+    parser.add_argument("--delays", type=lambda text: number_list(text, float, 0), default=[0.0, 50.0],
+                        help="DNS answer delays in ms for the runs with checks, comma separated (default 0,50)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (default %(default)s)")
+    parser.add_argument("--python", default=smtp_bench.default_python(),
+                        help="the Python with qpgevent (default %(default)s)")
+    parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
+                        help="smtp-source program (default %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the server's log level (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds per smtp-source run (default %(default)s)")
+    parser.add_argument("--workdir", help="where to create the temporary folder")
+    args = parser.parse_args(argv)
+    args.keep_connection = False  # one connection per message: every message is a new client
+    if args.messages < 1 or args.size < 0 or args.workers < 0:
+        parser.error("--messages must be 1 or more, --size and --workers 0 or more")
+    if not os.access(args.smtp_source, os.X_OK):
+        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
+    return args
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwind like Ctrl-C: the finally blocks stop servers and DNS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print(f"# {args.messages} messages of {args.size} bytes per run, concurrency "
+          f"{','.join(map(str, args.concurrency))}, one connection per message, "
+          f"{args.workers} worker(s), server log level {args.log_level}, python {args.python}", flush=True)
+    results: list[Result] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="qpg-bench-dns-", dir=args.workdir) as temp:
+            with LoopbackDns(ZONES, ttl=0, negative_ttl=0) as nsd, SlowDnsFront(nsd.port, delay=0) as front:
+                print(f"# DNS: NSD on 127.0.0.1:{nsd.port}, TTL 0 and negative TTL 0 (nothing cached), "
+                      f"behind a front on 127.0.0.1:{front.port} delaying each answer "
+                      f"{', '.join(f'{d:g}' for d in args.delays)} ms", flush=True)
+                print("# checks on: [dns] reverse_lookup (PTR + A), dnsbl (3 zones at once), "
+                      "resolvable_fromhost (MX, then A + AAAA)", flush=True)
+                print(HEADER, flush=True)
+                for name in ("off", "on"):
+                    results += bench(args, name, Path(temp) / name, front)
+    except BenchError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: servers and DNS stopped", file=sys.stderr)
+        return 130
+    print()
+    print(HEADER)
+    for result in results:
+        print(format_row(result))
+    print()
+    for concurrency in args.concurrency:
+        print(side_by_side(results, concurrency))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
