@@ -61,6 +61,7 @@ import re
 
 from qpgevent import dns
 from qpgevent.plugin import DECLINED, Plugin, same_network
+from qpgevent.policy import Entries
 
 LENIENT = ("badhelo", "plain_ip", "forged_literal", "invalid_localhost", "claims_us")
 RFC = LENIENT + ("invalid_syntax", "not_fqdn", "no_forward_dns", "no_reverse_dns")
@@ -87,22 +88,11 @@ class Helo(Plugin):
     def setup(self):
         policy = POLICIES[self.config["policy"]]
         # badhelo is on in every policy; an empty list makes it a no-op.
+        # (badhelo's option is its list, not an on/off switch: it is always a rule.)
         self.rules = [rule for rule in RULES
-                      if (rule in policy if self.config.get(rule) is None else self.config[rule])]
-        patterns = list(self.config["badhelo"])
-        if self.config["badhelo_file"]:
-            with open(self.config["badhelo_file"], encoding="utf-8") as handle:
-                patterns += [line.split("#", 1)[0].strip() for line in handle]
-        self.badhelo_patterns = []
-        for pattern in filter(None, patterns):
-            if REGEX_CHARS.search(pattern):
-                negated = pattern.startswith("!")
-                try:
-                    self.badhelo_patterns.append((re.compile(pattern[1:] if negated else pattern, re.I), negated))
-                except re.error as error:
-                    raise ValueError(f"badhelo pattern {pattern!r}: {error}") from None
-            else:
-                self.badhelo_patterns.append((pattern.lower().rstrip("."), None))
+                      if rule == "badhelo" or (rule in policy if self.config.get(rule) is None else self.config[rule])]
+        # The file is re-read when it changes (kept as it was if the new one is broken).
+        self.badhelo_patterns = Entries(self.config["badhelo"], self.config["badhelo_file"], _parse_badhelo)
         self.our_names = {name.lower().rstrip(".") for name in self.config["our_names"]}
 
     def hook_helo(self, session, host):
@@ -144,7 +134,7 @@ class Helo(Plugin):
     # -- rules without DNS: each gives (reply text, the name) or None ---------------
     def badhelo(self, session, helo):
         name = helo.text.lower().rstrip(".")
-        for pattern, negated in self.badhelo_patterns:
+        for pattern, negated in self.badhelo_patterns.get():
             if negated is None:
                 if name == pattern or (helo.ascii and helo.ascii == pattern):
                     return f"I do not believe you are {helo.text}.", helo.text
@@ -290,3 +280,18 @@ def _same_domain(ptr_name, helo_name):
         return True
     ptr_labels, helo_labels = ptr_name.split("."), helo_name.split(".")
     return len(ptr_labels) >= 2 and len(helo_labels) >= 2 and ptr_labels[-2:] == helo_labels[-2:]
+
+
+def _parse_badhelo(entries):
+    """badhelo entries: a plain name, or a regular expression (``!`` in front: must NOT match)."""
+    patterns = []
+    for pattern in entries:
+        if REGEX_CHARS.search(pattern):
+            negated = pattern.startswith("!")
+            try:
+                patterns.append((re.compile(pattern[1:] if negated else pattern, re.I), negated))
+            except re.error as error:
+                raise ValueError(f"badhelo pattern {pattern!r}: {error}") from None
+        else:
+            patterns.append((pattern.lower().rstrip("."), None))
+    return patterns

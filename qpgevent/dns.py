@@ -42,12 +42,14 @@ from typing import Any
 
 import dns.exception
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
 import gevent
 import gevent.monkey
 
+from . import metrics
 from .errors import ConfigError
 
 __all__ = ["TemporaryFailure", "Resolver", "budget", "remaining_budget", "parallel", "configure",
@@ -315,17 +317,29 @@ class Resolver:
             lifetime = left  # 0 still answers from the cache: dnspython looks there first
         what = f"{qname.to_text(omit_final_dot=True)} {dns.rdatatype.to_text(rdtype)}"
         current = _budget.get()
+        cache = self._resolver.cache
+        cached = cache is not None and cache.get((qname, rdtype, dns.rdataclass.IN)) is not None
+        started, outcome = time.monotonic(), "answer"
         try:
             with current.spending() if current is not None else contextlib.nullcontext():
                 answer = self._resolver.resolve(qname, rdtype, search=False, lifetime=lifetime)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except dns.resolver.NXDOMAIN:
+            outcome = "nxdomain"
+            return []
+        except dns.resolver.NoAnswer:
+            outcome = "nodata"
             return []
         except dns.resolver.LifetimeTimeout:
+            outcome = "timeout"
             if lifetime < self.timeout:
                 raise TemporaryFailure(f"{what}: DNS time budget used up") from None
             raise TemporaryFailure(f"{what}: no answer in {self.timeout}s") from None
         except dns.exception.DNSException as error:
+            outcome = "error"
             raise TemporaryFailure(f"{what}: {error}") from None
+        finally:
+            if not cached:  # only what went to the network: cache hits would flatter the latency
+                metrics.observe_dns(time.monotonic() - started, outcome)
         return list(answer)
 
 

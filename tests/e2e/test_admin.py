@@ -374,3 +374,28 @@ def test_a_syslog_socket_that_is_not_there_stops_the_start_with_one_line(tmp_pat
     assert result.returncode == 2
     assert result.stderr.strip() == (f"qpgevent: {ini}: [logging] syslog_address: cannot open: "
                                      "No such file or directory")
+
+
+def test_dns_lookups_are_measured(admin_server):
+    """The reverse look-up at connect goes to the network once: one answer, one NXDOMAIN."""
+    from qpgevent.testing_dns import LoopbackDns, ptr_zone_for
+
+    zones = {"example.test": {"mail": [("A", "127.0.0.1")]},
+             **ptr_zone_for("127.0.0.0/8", {"127.0.0.1": "mail.example.test."})}
+    with LoopbackDns(zones) as nameserver:
+        server = admin_server(dns_nameservers="127.0.0.1", dns_port=nameserver.port,
+                              dns_reverse_lookup="yes")
+        before = scrape(server)
+        with client(server, "127.0.0.1", "named.client.test") as smtp:
+            assert smtp.noop()[0] == 250
+        with client(server, "127.0.0.11", "anonymous.client.test") as smtp:
+            assert smtp.noop()[0] == 250  # no PTR for 127.0.0.11: NXDOMAIN, measured too
+        after = scrape(server)
+
+    def moved(outcome):
+        key = ("qpgevent_dns_lookup_duration_seconds_count", (("outcome", outcome),))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("answer") >= 2  # the PTR of 127.0.0.1 and the A that confirms it
+    assert moved("nxdomain") == 1
+    assert after[("qpgevent_dns_timeouts_total", ())] == 0

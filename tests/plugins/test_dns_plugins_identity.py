@@ -11,6 +11,7 @@ answers (DeadDns). Replies are checked as the client sees them (smtplib).
 from __future__ import annotations
 
 import logging
+import os
 import smtplib
 import socket
 import time
@@ -245,6 +246,20 @@ def test_helo_badhelo_names_and_patterns(start, tmp_path, name):
     code, text = hello(server, name)
     assert code == 550
     assert text in (f"5.7.1 I do not believe you are {name}.", "5.7.1 Your HELO hostname is not allowed")
+
+
+def test_helo_badhelo_file_is_re_read_when_it_changes(start, tmp_path):
+    listed = tmp_path / "badhelo"
+    listed.write_text("yahoo.com\n")
+    server = start(helo_plugin(badhelo_file="badhelo"))
+    assert hello(server, "aol.com")[0] == 250
+    listed.write_text("yahoo.com\naol.com\n")
+    os.utime(listed, ns=(time.time_ns() + 10**9,) * 2)  # a new mtime even on a coarse clock
+    assert hello(server, "aol.com")[0] == 550  # no restart, no reload signal
+    listed.write_text("(unclosed\n")  # a broken file: the last good list stays in force
+    os.utime(listed, ns=(time.time_ns() + 2 * 10**9,) * 2)
+    assert hello(server, "aol.com")[0] == 550
+    assert hello(server, "good.example.test")[0] == 250
 
 
 def test_helo_badhelo_lets_others_through(start):
