@@ -16,8 +16,9 @@ import pytest
 
 from qpgevent import store
 from qpgevent.errors import PluginLoadError
+from qpgevent.testing import RawClient, wait_until
 
-from policy_helpers import ACCEPT, RawClient, greeting, section, send, smtp_from, wait_for
+from policy_helpers import ACCEPT, greeting, section, send, smtp_from
 
 PLUGIN_DIR = str(Path(__file__).resolve().parents[1] / "data" / "plugins")
 IP = "127.0.0.1"
@@ -47,7 +48,7 @@ def naughty_session(server, source: str = IP) -> None:
 
 
 def recorded(key: str, value: str) -> None:
-    wait_for(lambda: store.default().get(key) == value, 5, f"{key} = {value} in the store")
+    wait_until(lambda: store.default().get(key) == value, 5, f"{key} = {value} in the store")
 
 
 def test_the_session_score_follows_other_plugins_verdicts(policy_server):
@@ -94,20 +95,20 @@ def test_a_naughty_session_sends_the_address_to_the_penalty_box(policy_server):
     code, text = client.reply()
     assert code == 554 and re.fullmatch(r"5\.7\.1 You were naughty\. You are penalized for (0\.99|1\.00) more days\.",
                                         text), text
-    assert client.closed_by_server()
+    assert client.is_closed_by_server()
     client.close()
     assert greeting(server, "127.0.0.2")[0] == 220  # only that address
 
 
 def test_the_penalty_ends_after_penalty_days(policy_server):
-    # 4 seconds: long enough that a loaded machine still sees the penalty in force,
+    # 8 seconds: long enough that a loaded machine still sees the penalty in force,
     # short enough to wait for its end.
-    server = karma_server(policy_server, penalty_days=4 / 86400)
+    server = karma_server(policy_server, penalty_days=8 / 86400)
     naughty_session(server)
     recorded(f"karma:naughty:{IP}", "1")
     boxed = time.monotonic()
     assert greeting(server)[0] == 554
-    wait_for(lambda: greeting(server)[0] == 220, 10, "the penalty ending", 0.1)
+    wait_until(lambda: greeting(server)[0] == 220, 10, "the penalty ending", 0.1)
     assert time.monotonic() - boxed >= 2.0
 
 
