@@ -11,7 +11,7 @@ import json
 import os
 import smtplib
 import sys
-import sys
+import time
 
 import gevent
 import pytest
