@@ -16,14 +16,22 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The bundled plugins ship inside the package as qpgevent/plugins/.
-    packages=["qpgevent", "qpgevent.plugins", "qpgevent.plugins.queue"],
+    packages=["qpgevent", "qpgevent.plugins", "qpgevent.plugins.queue", "qpgevent.plugins.auth",
+              "qpgevent.plugins.virus"],
     package_dir={"qpgevent.plugins": "plugins"},
     package_data={"qpgevent": ["configspec.ini", "py.typed"]},
     install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6", "prometheus-client>=0.20"],
     # [store] backend = redis needs the Redis client; the embedded store needs nothing more.
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5"],
+    # locust: loadtest/locustfile.py, and tests/loadtest runs it (skipped when it is missing).
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5",
+                             "locust>=2.20", "trustme>=1.1", "dkimpy>=1.1", "pyspf>=2.0.14"],
+                    # sender_permitted_from needs pyspf, dkim needs dkimpy: only those plugins.
+                    "auth": ["dkimpy>=1.1", "pyspf>=2.0.14"],
+                    "loadtest": ["locust>=2.20"],
                     "redis": ["redis>=5"]},
-    entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"]},
+    entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"],
+                  # The fixtures of qpgevent.testing for plugin packages' own tests.
+                  "pytest11": ["qpgevent = qpgevent.testing_pytest"]},
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Communications :: Email :: Mail Transport Agents"],
 )

@@ -9,6 +9,12 @@ same sender pass. Relay clients and whitelisted hosts or senders are not checked
 Options (and the standard ``reject`` / ``reject_type``):
   list  pairs written here, as a list: "boss@partner.example @example.test"
   file  a file of pairs, one a line (qpsmtpd's ``config/badmailfromto``), re-read when it changes
+
+Example::
+
+    [[badmailfromto]]
+      list = "boss@partner.example @example.test", "<> noreply@example.test"
+      file = badmailfromto
 """
 
 from qpgevent.plugin import DECLINED, Plugin

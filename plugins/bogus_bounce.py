@@ -10,6 +10,11 @@ bounces. Relay clients and whitelisted hosts or senders are not checked.
 Options: the standard ``reject`` / ``reject_type`` (``reject = 0`` only logs), or
 qpsmtpd's ``action``, which takes precedence when given: ``log`` (only log),
 ``deny`` (5xx) or ``denysoft`` (4xx).
+
+Example::
+
+    [[bogus_bounce]]
+      reject_type = temp
 """
 
 from qpgevent.plugin import DECLINED, DENY, DENYSOFT, Plugin

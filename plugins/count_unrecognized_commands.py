@@ -6,6 +6,11 @@ and is disconnected. The count lives in the connection notes (``unrec_cmd_count`
 
 Options:
   count  unknown commands allowed before closing (default 4, as qpsmtpd)
+
+Example::
+
+    [[count_unrecognized_commands]]
+      count = 3
 """
 
 from qpgevent.plugin import DECLINED, DENY_DISCONNECT, Plugin

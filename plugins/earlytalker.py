@@ -9,6 +9,14 @@ standard ``reject`` / ``reject_type`` options say; ``reject = 0`` only notes it 
 
 Options:
   wait  seconds to wait before the greeting (default 1)
+
+Notes:
+  connection.notes["earlytalker"]  set when the client talked early (any ``reject``)
+
+Example::
+
+    [[earlytalker]]
+      wait = 2
 """
 
 from qpgevent.plugin import DECLINED, Plugin

@@ -9,6 +9,11 @@ Runs at ``pre_connection``, before anything is said to the client.
   OK (skip the limit), DENY (554, close) or DENYSOFT (421, close).
 - ``exempt``: networks the per-address limit does not apply to.
 
+Options:
+  max_conn_ip  sessions at once per address (default 0: no limit)
+  rules        ``NETWORK ACTION [message]`` lines, first match wins (default: none)
+  exempt       networks without the per-address limit (default: none)
+
 Example::
 
     [[hosts_allow]]

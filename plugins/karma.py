@@ -42,6 +42,17 @@ Options (and the standard ``reject`` / ``reject_type``):
   tarpit_delay        seconds per point of bad karma (default 1; 0: no tarpit)
   tarpit_max          longest delay of one reply, seconds (default 5)
   naughty_recipients  recipients per message for negative history (default 1; 0: no limit)
+
+Notes:
+  connection.notes["karma"]          this session's score; any plugin may add to it
+  connection.notes["karma_history"]  the address's karma (nice - naughty), set at connect
+
+Example::
+
+    [[karma]]
+      negative = 2
+      penalty_days = 0.5
+      scores = "* DENY -1", "dnsbl DENY -3", "queue* OK 1"
 """
 
 import fnmatch

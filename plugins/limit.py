@@ -33,6 +33,10 @@ Options (Haraka's limit plugin names; and ``reject``, ``reject_type`` defaulting
   rate_rcpt_sender  recipients per envelope sender per period
   exempt            addresses / networks without limits
 
+Notes:
+  connection.notes["limit_lease"]       the concurrency lease this session holds
+  connection.notes["limit_recipients"]  recipients of this connection's finished transactions
+
 Example::
 
     [[limit]]

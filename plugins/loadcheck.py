@@ -12,6 +12,12 @@ must never be permanent):
   cache_time    seconds one reading is used (default 10; 0 reads at every connection)
   loadavg_file  read the load from this file (first number, as /proc/loadavg) instead
                 of asking the kernel: a container's own view, or a test's
+
+Example::
+
+    [[loadcheck]]
+      max_load = 12
+      cache_time = 5
 """
 
 import os

@@ -16,6 +16,12 @@ Example (the file)::
     /^(abuse|postmaster)@/   DECLINED
     /^(me|you)@example\\.org$/  OK
     /@example\\.org$/          DENY No such user.
+
+Example::
+
+    [[rcpt_regexp]]
+      file = rcpt_regexp
+      list = "/^spamtrap@/ DENY No such user."
 """
 
 import re

@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["plugin"]:  # a subcommand; every other command line is the server's, as before
+        from .dryrun import plugin_main
+
+        return plugin_main(words[1:])
     args = parse_args(argv)
     try:
         settings = config_module.load(args.config, listen_override=args.listen)

@@ -27,6 +27,16 @@ CONFIGSPEC = Path(__file__).with_name("configspec.ini")
 class Listen:
     host: str
     port: int
+    #: Per-listener policy, from ``HOST:PORT/flag+flag`` (see [server] listen in configspec.ini).
+    implicit_tls: bool = False  #: TLS from the first octet (SMTPS, RFC 8314 3.3)
+    submission: bool = False  #: AUTH before MAIL; the sender must be the user's (RFC 6409)
+    plain_auth: bool = False  #: AUTH offered without TLS on this listener
+
+    @property
+    def flags(self) -> str:
+        names = [n for n, on in (("tls", self.implicit_tls), ("submission", self.submission),
+                                 ("plainauth", self.plain_auth)) if on]
+        return "+".join(names)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -104,10 +114,37 @@ class Settings:
     group: str = ""
     allow_root: bool = False
     pidfile: str = ""
+    #: [tls]: the default certificate (PEM; key in it unless tls_key), SNI name -> (cert,
+    #: key), minimum version, handshake timeout, seconds between certificate file checks.
+    tls_certificate: str = ""
+    tls_key: str = ""
+    tls_sni: tuple[tuple[str, str, str], ...] = ()
+    tls_min_version: str = "TLSv1.2"
+    tls_handshake_timeout: float = 10.0
+    tls_reload_check: float = 5.0
+    #: [auth]: AUTH only over TLS unless a listener says plainauth; failure limits; senders.
+    tls_before_auth: bool = True
+    auth_max_failures_ip: int = 10
+    auth_max_failures_user: int = 5
+    auth_failure_window: float = 900.0
+    auth_failure_delay: float = 1.0
+    auth_max_delay: float = 10.0
+    auth_senders: str = ""
+
+
+#: Listener flags; ``smtps`` is implicit TLS for submission (RFC 8314 3.3, port 465).
+_LISTEN_FLAGS = {"smtp": {}, "tls": {"implicit_tls": True}, "submission": {"submission": True},
+                 "smtps": {"implicit_tls": True, "submission": True}, "plainauth": {"plain_auth": True}}
 
 
 def parse_listen(text: str) -> Listen:
-    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all IPv4 addresses)."""
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all IPv4 addresses), then ``/flag+flag``."""
+    text, _, flag_text = text.strip().partition("/")
+    flags: dict[str, bool] = {}
+    for flag in filter(None, flag_text.lower().split("+")):
+        if flag not in _LISTEN_FLAGS:
+            raise ValueError(f"listen flag {flag!r} unknown (known: {', '.join(_LISTEN_FLAGS)})")
+        flags.update(_LISTEN_FLAGS[flag])
     host, sep, port = text.strip().rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"listen address {text!r} is not HOST:PORT")
@@ -115,7 +152,7 @@ def parse_listen(text: str) -> Listen:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"listen address {text!r}: put IPv6 addresses in brackets")
-    return Listen(host or "0.0.0.0", int(port))
+    return Listen(host or "0.0.0.0", int(port), **flags)
 
 
 def make_validator(base_dir: str) -> Validator:
@@ -237,7 +274,35 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         group=server["group"],
         allow_root=server["allow_root"],
         pidfile=server["pidfile"],
+        **_tls_settings(config, path, lines, listen),
     )
+
+
+def _tls_settings(config: Any, path: str, lines: list[str], listen: tuple[Listen, ...]) -> dict[str, Any]:
+    """[tls] and [auth]; an implicit-TLS listener without a certificate is a config error."""
+    tls, auth = config["tls"], config["auth"]
+    sni = []
+    for item in filter(None, (item.strip() for item in tls["sni"])):
+        name, eq, files = item.partition("=")
+        cert, _, key = files.partition(":")
+        if not eq or not name.strip() or not cert.strip():
+            where = _locate(lines, ["tls"], "sni")
+            raise ConfigError(f"{path}:{where}: [tls] sni: {item!r} is not NAME=CERT.pem[:KEY.pem]")
+        base = os.path.dirname(path)
+        sni.append((name.strip().lower().rstrip("."), os.path.join(base, cert.strip()),
+                    os.path.join(base, key.strip()) if key.strip() else ""))
+    if not tls["certificate"]:
+        for item in listen:
+            if item.implicit_tls:
+                where = _locate(lines, ["server"], "listen")
+                raise ConfigError(f"{path}:{where}: [server] listen: {item}/{item.flags} needs [tls] certificate")
+    return {"tls_certificate": tls["certificate"], "tls_key": tls["key"], "tls_sni": tuple(sni),
+            "tls_min_version": tls["min_version"], "tls_handshake_timeout": tls["handshake_timeout"],
+            "tls_reload_check": tls["reload_check"], "tls_before_auth": auth["tls_before_auth"],
+            "auth_max_failures_ip": auth["max_failures_ip"],
+            "auth_max_failures_user": auth["max_failures_user"],
+            "auth_failure_window": auth["failure_window"], "auth_failure_delay": auth["failure_delay"],
+            "auth_max_delay": auth["max_delay"], "auth_senders": auth["senders"]}
 
 
 def _nameservers(items: list[str], path: str, lines: list[str]) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ nobody edited leaves exactly as it came, with only our Received line on top.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 CRLF = b"\r\n"
 _FIELD_START = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")  # RFC 5322 2.2 field-name
@@ -62,6 +62,13 @@ class Headers:
     def remove(self, name: str) -> int:
         before = len(self._fields)
         self._fields = [(n, raw) for n, raw in self._fields if n.lower() != name.lower()]
+        return before - len(self._fields)
+
+    def remove_if(self, name: str, predicate: Callable[[str], bool]) -> int:
+        """Remove the ``name`` fields whose unfolded value ``predicate`` accepts; the rest stay as they were."""
+        before = len(self._fields)
+        self._fields = [(n, raw) for n, raw in self._fields
+                        if n.lower() != name.lower() or not predicate(_value(raw))]
         return before - len(self._fields)
 
     def replace(self, name: str, value: str) -> None:

@@ -47,6 +47,10 @@ def _spec(name: str, *args: str, notify: bool = False, session: bool = True,
     return HookSpec(name, args, notify, session, doc, fired)
 
 
+_AUTH_DOC = ("AUTH (RFC 4954): OK accepts the credentials (235, relay client); anything else refuses "
+             "(535; DENYSOFT 454). auth_<mechanism> runs first, the generic auth if it declined. "
+             "CRAM-MD5: password is the client's hex digest and ticket the challenge; else ticket is None")
+
 #: Every hook, roughly in the order it fires in a session.
 HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
     _spec("post_fork", session=False, notify=True,
@@ -76,10 +80,10 @@ HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
     _spec("post_connection", notify=True, doc="after the socket is closed"),
     _spec("deny", "verdict", notify=True, doc="a plugin denied something"),
     _spec("ok", "verdict", notify=True, doc="a plugin accepted something"),
-    _spec("auth", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
-    _spec("auth_plain", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
-    _spec("auth_login", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
-    _spec("auth_cram_md5", "mechanism", "user", "password", "ticket", fired=False, doc="reserved for AUTH"),
+    _spec("auth", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_plain", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_login", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_cram_md5", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
 )}
 
 

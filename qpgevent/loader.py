@@ -2,8 +2,10 @@
 
 A name like ``queue/maildir`` is a file ``queue/maildir.py`` in the first plugin folder
 that has it: the ``plugin_dirs`` of the config, then ``plugins/`` beside the ini file,
-then the plugins bundled with qpgevent. A dotted name (``mypackage.myplugin``) is
-imported as a Python module. ``name:2`` is a second instance of ``name``.
+then the plugins bundled with qpgevent, then the entry points of the ``qpgevent.plugins``
+group of installed packages (``name = package.module``). A dotted name
+(``mypackage.myplugin``) is imported as a Python module. ``name:2`` is a second
+instance of ``name``.
 
 Each module must define exactly one ``Plugin`` subclass. Every ``hook_*`` method must
 name a hook of the table and accept its arguments; options are validated against the
@@ -13,6 +15,7 @@ class's configspec. Anything wrong is a PluginLoadError naming the plugin and it
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import re
@@ -27,6 +30,8 @@ from .plugin import Plugin
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _MODULE_PREFIX = "qpgevent_plugins."
+#: Installed packages publish plugins here: ``[project.entry-points."qpgevent.plugins"]``.
+ENTRY_POINT_GROUP = "qpgevent.plugins"
 
 
 def bundled_plugin_dir() -> Path:
@@ -92,8 +97,30 @@ def _import(name: str, dirs: list[Path], where: str) -> tuple[ModuleType, str]:
         path = folder / f"{name}.py"
         if path.is_file():
             return _import_file(name, str(path), where), str(path)
+    found = _entry_point(name, where)
+    if found is not None:
+        return found
     searched = ", ".join(str(d) for d in dirs)
-    raise PluginLoadError(f"{where} unknown plugin {name!r} (looked in {searched})")
+    raise PluginLoadError(f"{where} unknown plugin {name!r} (looked in {searched}, "
+                          f"and the {ENTRY_POINT_GROUP!r} entry points)")
+
+
+def _entry_point(name: str, where: str) -> tuple[ModuleType, str] | None:
+    """The module of the installed entry point ``name`` of ``qpgevent.plugins``, if any."""
+    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not points:
+        return None
+    values = sorted({point.value for point in points})
+    if len(values) > 1:  # two installed packages claim the name: say so rather than pick one
+        raise PluginLoadError(f"{where} entry point {name} is ambiguous: {', '.join(values)}")
+    point = next(iter(points))
+    module_name = point.module
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # any import-time failure of a plugin is a load error
+        raise PluginLoadError(f"{where} entry point {name} = {point.value} failed to import: "
+                              f"{type(error).__name__}: {error}") from None
+    return module, getattr(module, "__file__", module_name) or module_name
 
 
 def _import_file(name: str, path: str, where: str) -> ModuleType:

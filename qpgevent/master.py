@@ -75,6 +75,7 @@ from .errors import ConfigError, StartError
 from .loader import forget_plugin_modules, load_plugins
 from .plugin import Plugin
 from .server import SmtpServer, bind_listeners, describe_listener
+from .tls import TlsContexts
 from .services import configure_services
 from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
 
@@ -213,6 +214,8 @@ class Master:
             # As the user we serve as. The resolver first: plugins may look names up in setup.
             configure_services(settings)
             plugins = load_plugins(settings)  # ConfigError: exit 2, before any fork
+            if settings.tls_certificate:
+                TlsContexts(settings)  # an unreadable certificate: ConfigError too, not crashing workers
             self.admin_server = self._start_admin(settings)
         except BaseException:
             self._close_listeners()

@@ -20,6 +20,8 @@ from whatever the client sent, and the session writes the replies out in order w
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import re
 from dataclasses import dataclass, field
@@ -99,6 +101,26 @@ class Help(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Starttls(Command):
+    """RFC 3207. Answered 220, the input buffered after it is thrown away (see ``send``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Command):
+    """RFC 4954. ``initial`` is the decoded initial response (None: none given; ``=`` is b"")."""
+
+    mechanism: str = ""
+    initial: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """One client line in answer to our 334 challenge, base64-decoded. Never log it."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown(Command):
     """A verb the core does not know; plugins may (the unrecognized_command hook)."""
 
@@ -139,12 +161,15 @@ class _ConnectionClosed:
 NEED_DATA = _NeedData()
 CONNECTION_CLOSED = _ConnectionClosed()
 
-Event = Command | Rejected | MessageData | MessageEnd | _NeedData | _ConnectionClosed
+Event = Command | AuthResponse | Rejected | MessageData | MessageEnd | _NeedData | _ConnectionClosed
 
 _VERBS: dict[str, type[Command]] = {
     "HELO": Helo, "EHLO": Ehlo, "MAIL": Mail, "RCPT": Rcpt, "DATA": Data, "RSET": Rset,
-    "NOOP": Noop, "QUIT": Quit, "VRFY": Vrfy, "HELP": Help,
+    "NOOP": Noop, "QUIT": Quit, "VRFY": Vrfy, "HELP": Help, "STARTTLS": Starttls, "AUTH": Auth,
 }
+#: RFC 4954 4: an AUTH command line, and each line answering a 334, may be 12288 octets.
+AUTH_LINE_MAX = 12288
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}$")
 _MAIL_ARG = re.compile(r"FROM:\s*", re.IGNORECASE)
 _RCPT_ARG = re.compile(r"TO:\s*", re.IGNORECASE)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 5321 4.1.2 esmtp-keyword
@@ -174,7 +199,10 @@ class SmtpProtocol:
         self.bad_commands = 0
         self.recipients_tried = 0
         self.recipients_accepted = 0
-        self._framer = CommandFramer(limits.max_command_line)
+        self.authenticated = False  #: an AUTH exchange ended in 235 (RFC 4954 4: once only)
+        # The framer lets AUTH-sized lines through; _parse holds other verbs to their limit.
+        self._framer = CommandFramer(max(limits.max_command_line, AUTH_LINE_MAX))
+        self._in_auth = False  #: we sent 334: the next line is a SASL response, not a command
         self._data: DataReader | None = None
         self._pending: object = None
         self._end_ready: MessageEnd | None = None
@@ -191,6 +219,7 @@ class SmtpProtocol:
     def discard_input(self) -> None:
         """Forget buffered input (after STARTTLS, pipelined plaintext must not count)."""
         self._framer.take_rest()
+        self._framer = CommandFramer(self._framer.max_line)  # no half-discarded line survives
 
     def next_event(self) -> Event:
         if self.state is State.CLOSED:
@@ -205,7 +234,7 @@ class SmtpProtocol:
         line = self._framer.next_line()
         if line is None:
             return CONNECTION_CLOSED if self._eof else NEED_DATA
-        event = self._parse(line)
+        event = self._parse_auth_response(line) if self._in_auth else self._parse(line)
         self._pending = event
         return event
 
@@ -259,6 +288,10 @@ class SmtpProtocol:
                 if self.limits.max_bad_commands and self.bad_commands >= self.limits.max_bad_commands:
                     self.state = State.CLOSED
                     return out + Canned.TOO_MANY_ERRORS.to_bytes()
+        if isinstance(pending, (Auth, AuthResponse)):
+            # 334 asks for another line; anything else ends the exchange (RFC 4954 4).
+            self._in_auth = reply.code == 334
+            self.authenticated = self.authenticated or reply.code == 235
         if isinstance(pending, Command):
             self._transition(pending, reply)
         elif isinstance(pending, MessageEnd):
@@ -295,6 +328,14 @@ class SmtpProtocol:
                 self._reset_transaction()
         elif isinstance(command, Rset):
             self._reset_transaction()
+        elif isinstance(command, Starttls) and reply.code == 220:
+            # RFC 3207 4.2: forget everything learnt before TLS, EHLO again; and drop any
+            # input the client pipelined after STARTTLS, which came in plaintext and must
+            # not be taken as said inside TLS (CVE-2011-0411).
+            self.discard_input()
+            self._reset_transaction()
+            self.state = State.NEED_HELLO
+            self.esmtp = self.authenticated = self._in_auth = False
 
     def _reset_transaction(self) -> None:
         self.state = State.NEED_HELLO if self.state is State.NEED_HELLO else State.READY
@@ -313,6 +354,8 @@ class SmtpProtocol:
             return Rejected(Canned.NOT_UTF8)
         verb, _, argument = line.strip(" ").partition(" ")
         argument = argument.strip(" ")
+        if len(raw) + 2 > self.limits.max_command_line and verb.upper() != "AUTH":
+            return Rejected(Canned.COMMAND_TOO_LONG)  # only AUTH may be longer (RFC 4954 4)
         if not _VERB.match(verb):
             return Unknown(verb.upper()[:20], argument, line)
         verb = verb.upper()
@@ -328,7 +371,37 @@ class SmtpProtocol:
             return kind(verb, argument, line, domain=argument.split(" ")[0])
         if kind is Mail or kind is Rcpt:
             return self._parse_path_command(kind, verb, argument, line)
+        if kind is Auth:
+            return self._parse_auth(verb, argument, line)
         return kind(verb, argument, line)
+
+    def _parse_auth(self, verb: str, argument: str, line: str) -> Auth | Rejected:
+        mechanism, _, initial = argument.partition(" ")
+        if not mechanism or " " in initial.strip(" ") or not _KEYWORD.match(mechanism):
+            return Rejected(Canned.SYNTAX, line)
+        initial = initial.strip(" ")
+        if not initial:
+            return Auth(verb, argument, line, mechanism=mechanism.upper())
+        if initial == "=":  # RFC 4954 4: "=" is an empty initial response
+            return Auth(verb, argument, line, mechanism=mechanism.upper(), initial=b"")
+        decoded = _decode_base64(initial.encode("ascii", "replace"))
+        if decoded is None:
+            return Rejected(Canned.BAD_BASE64, line)
+        return Auth(verb, argument, line, mechanism=mechanism.upper(), initial=decoded)
+
+    def _parse_auth_response(self, raw: bytes | LineTooLong | BareLineEnding) -> AuthResponse | Rejected:
+        """A line answering our 334: ``*`` cancels, else base64 (RFC 4954 4). Never logged."""
+        self._in_auth = False  # a Rejected ends the exchange; send() re-enters on 334
+        if isinstance(raw, LineTooLong):
+            return Rejected(Canned.COMMAND_TOO_LONG)
+        if isinstance(raw, BareLineEnding):
+            return Rejected(Canned.BARE_LF_IN_COMMAND)
+        if raw.strip() == b"*":
+            return Rejected(Canned.AUTH_CANCELLED)
+        decoded = _decode_base64(raw.strip())
+        if decoded is None:
+            return Rejected(Canned.BAD_BASE64)
+        return AuthResponse(decoded)
 
     def _out_of_order(self, kind: type[Command], argument: str) -> Reply | None:
         state = self.state
@@ -356,6 +429,20 @@ class SmtpProtocol:
             return Canned.NO_ARGUMENTS
         elif kind is Vrfy and not argument:
             return Canned.SYNTAX
+        elif kind is Starttls:
+            if argument:
+                return Canned.NO_ARGUMENTS  # RFC 3207 4: no parameters
+            if not self.esmtp or state is State.NEED_HELLO:
+                return Canned.SAY_EHLO_FIRST
+            if state is not State.READY:
+                return Canned.NOT_IN_TRANSACTION
+        elif kind is Auth:
+            if not self.esmtp or state is State.NEED_HELLO:
+                return Canned.SAY_EHLO_FIRST  # AUTH is an ESMTP extension: EHLO first
+            if self.authenticated:
+                return Canned.ALREADY_AUTHENTICATED  # RFC 4954 4: one successful AUTH only
+            if state is not State.READY:
+                return Canned.NOT_IN_TRANSACTION  # RFC 4954 4: not during a mail transaction
         return None
 
     def _parse_path_command(self, kind: type[Mail] | type[Rcpt], verb: str, argument: str,
@@ -395,8 +482,21 @@ class SmtpProtocol:
             elif kind is Mail and key == "SMTPUTF8":
                 if value is not None:
                     return Canned.SYNTAX
+            elif kind is Mail and key == "AUTH":
+                if not value:  # RFC 4954 5: AUTH=<mailbox> or AUTH=<>, an xtext; kept, not trusted
+                    return Canned.SYNTAX
             else:
                 return Canned.UNKNOWN_PARAMETER  # RFC 5321 4.1.1.11
+        return None
+
+
+def _decode_base64(data: bytes) -> bytes | None:
+    """Strict base64 (RFC 4648 4), or None: binascii alone skips junk characters."""
+    if len(data) % 4 or not _BASE64.match(data):
+        return None
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
         return None
 
 

@@ -99,6 +99,23 @@ class Canned:
     SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down, try again later", close=True)
     INCOMPLETE_DATA = reply(451, "4.3.0", "Incomplete DATA")
     NO_ARGUMENTS = reply(501, "5.5.4", "No parameters allowed")
+    SAY_EHLO_FIRST = reply(503, "5.5.1", "EHLO first")
+    NOT_IN_TRANSACTION = reply(503, "5.5.1", "Not inside a mail transaction; RSET first")
+    # STARTTLS (RFC 3207) and AUTH (RFC 4954); secrets never appear in these.
+    READY_FOR_TLS = reply(220, "2.0.0", "Ready to start TLS")
+    TLS_NOT_OFFERED = reply(502, "5.5.1", "STARTTLS not offered here")
+    TLS_UNAVAILABLE = reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 4
+    ALREADY_TLS = reply(503, "5.5.1", "Already in TLS")
+    AUTH_NOT_OFFERED = reply(503, "5.5.1", "AUTH not offered here")
+    ENCRYPTION_REQUIRED = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+    UNKNOWN_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
+    ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Already authenticated")
+    AUTH_CANCELLED = reply(501, "5.7.0", "Authentication cancelled")
+    BAD_BASE64 = reply(501, "5.5.2", "Cannot decode response (base64)")
+    BAD_CREDENTIALS = reply(535, "5.7.8", "Authentication credentials invalid")
+    AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
+    TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0", "Too many failed authentications, closing connection", close=True)
+    SENDER_NOT_YOURS = reply(553, "5.7.1", "Sender address not owned by the authenticated user")
     OK = reply(250, "2.0.0", "OK")
     GO_AHEAD = reply(354, None, "go ahead")
 
@@ -230,6 +247,17 @@ REPLY_TABLE: dict[str, dict[ReturnCode, Rule]] = {
                    (521, "5.5.1", "Unrecognized command")),
     },
 }
+
+# RFC 4954 6: 235 success, 535 bad credentials, 454 temporary failure. The mechanism's
+# own hook (auth_plain...) runs first; the generic ``auth`` hook only if it declined.
+_AUTH_RULES = {
+    D.OK: Rule(P, 235, "2.7.0", "Authentication successful"),
+    D.DECLINED: Rule(R, 535, "5.7.8", "Authentication credentials invalid"),
+    **_denials((535, "5.7.8", "Authentication credentials invalid"),
+               (454, "4.7.0", "Temporary authentication failure")),
+}
+for _hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5"):
+    REPLY_TABLE[_hook] = _AUTH_RULES
 
 #: Hooks whose DONE means "the plugin answered"; everywhere else DONE is a plain pass.
 _ANSWERING_HOOKS = frozenset(REPLY_TABLE)

@@ -37,6 +37,7 @@ from .plugin import Plugin, ip_in
 from .reply import Canned, Reply, reply
 from .session import Session
 from .shared_counters import Counters, Lease, LocalCounters
+from .tls import TlsContexts
 
 log = logging.getLogger("qpgevent.server")
 BACKLOG = 1024
@@ -79,6 +80,7 @@ def bind_listeners(listens: tuple[Listen, ...]) -> tuple[list[socket.socket], li
     for listen in listens:
         try:
             sockets.append(bind(listen))
+            _BOUND[sockets[-1].fileno()] = listen
         except OSError as error:
             optional = ":" in listen.host and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
             if optional and len(listens) > 1:
@@ -92,6 +94,22 @@ def bind_listeners(listens: tuple[Listen, ...]) -> tuple[list[socket.socket], li
 
 def describe_listener(sock: socket.socket) -> Listen:
     host, port = sock.getsockname()[:2]
+    return Listen(host, port)
+
+
+#: Socket fd -> the listener it was bound for: the master binds, its forked workers look up.
+_BOUND: dict[int, Listen] = {}
+
+
+def _policy_of(sock: socket.socket, listens: list[Listen]) -> Listen:
+    """The configured listener (with its policy) a bound socket serves: as bound, else by address."""
+    bound = _BOUND.get(sock.fileno())
+    if bound is not None:
+        return bound
+    host, port = sock.getsockname()[:2]
+    for listen in listens:
+        if listen.port == port and (listen.host == host or listen.host in ("0.0.0.0", "::")):
+            return listen
     return Listen(host, port)
 
 
@@ -156,6 +174,8 @@ class SmtpServer:
         self.counters: Counters = counters if counters is not None else LocalCounters()
         # Room above the limit so that refusals are answered rather than left queued.
         self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
+        #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
+        self.tls = TlsContexts(settings) if settings.tls_certificate else None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -166,18 +186,24 @@ class SmtpServer:
 
         Binding ourselves, an unavailable IPv6 address is skipped with a warning.
         """
+        listens = list(self.settings.listen)
         if sockets is None:
             sockets, skipped = bind_listeners(self.settings.listen)
             for listen, reason in skipped:
                 log.warning("not listening on %s: %s", listen, reason)
-            for sock in sockets:
-                log.info("listening on %s", describe_listener(sock))
-        for sock in sockets:
-            server = StreamServer(sock, self.handle, spawn=self._pool)
+                listens.remove(listen)
+            for sock, listen in zip(sockets, listens):
+                flags = f" ({listen.flags})" if listen.flags else ""
+                log.info("listening on %s%s", describe_listener(sock), flags)
+            policies = listens  # bound in order: the i-th socket is the i-th listener
+        else:
+            policies = [_policy_of(sock, listens) for sock in sockets]
+        for sock, listen in zip(sockets, policies):
+            server = StreamServer(sock, lambda s, a, listen=listen: self.handle(s, a, listen), spawn=self._pool)
             server.start()
             self.servers.append(server)
 
-    def handle(self, sock: socket.socket, address: Any) -> None:
+    def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
         # A place under max_connections first (on every worker: the count is the host's),
         # before anything else is spent on the client.
         lease = self.counters.acquire(self.settings.max_connections)
@@ -187,11 +213,11 @@ class SmtpServer:
             self._refuse(sock)
             return
         try:
-            self._handle(sock, address, lease)
+            self._handle(sock, address, lease, listen)
         finally:
             lease.release()
 
-    def _handle(self, sock: socket.socket, address: Any, lease: Lease) -> None:
+    def _handle(self, sock: socket.socket, address: Any, lease: Lease, listen: Listen | None = None) -> None:
         local = sock.getsockname()
         connection = Connection(normalize_ip(address[0]), address[1], normalize_ip(local[0]), local[1])
         greenlet = gevent.getcurrent()
@@ -202,7 +228,8 @@ class SmtpServer:
             self.sessions.discard(greenlet)
             return
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
-        session = Session(sock, connection, self.runner, self.settings, self.counters.count)
+        session = Session(sock, connection, self.runner, self.settings, self.counters.count,
+                          listen=listen, tls=self.tls)
         try:
             session.run()
         except gevent.GreenletExit:
@@ -210,7 +237,7 @@ class SmtpServer:
         finally:
             self.sessions.discard(greenlet)
             lease.release()  # the session is over, even if the close lingers
-            close_gracefully(sock)
+            close_gracefully(session.sock)  # the TLS socket after STARTTLS
             self.runner.notify("post_connection", session)
 
     def _proxied(self, sock: socket.socket, connection: Connection) -> bool:

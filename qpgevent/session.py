@@ -11,6 +11,7 @@ This module owns the ``Session`` object plugins receive as their first argument:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import logging
@@ -22,19 +23,20 @@ from typing import Any, Callable
 import gevent
 from gevent import select
 
-from . import __version__, dns, metrics, scoreboard
+from . import __version__, auth, authresults, dns, metrics, scoreboard
 from .address import Address, AddressError
 from .codes import OK, ReturnCode, Verdict
-from .config import Settings
+from .config import Listen, Settings
 from .connection import Connection
 from .hooks import HookRunner
 from .log import SessionLogger, bind_session, redact
-from .protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Limits, Mail,
-                       MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
-                       State, Unknown, Vrfy)
+from .protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Data, Ehlo, Helo, Help,
+                       Limits, Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset,
+                       SmtpProtocol, Starttls, State, Unknown, Vrfy)
 from .proxy import looks_like_header
 from .reply import INTERNAL_ERROR, Canned, Outcome, Reply, answer, reply
 from .services import identify
+from .tls import HandshakeFailed, TlsContexts, describe
 from .transaction import Transaction
 
 log = logging.getLogger("qpgevent.session")
@@ -47,8 +49,13 @@ class SessionClosed(Exception):
 
 class Session:
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
-                 settings: Settings, peers: Callable[[str], int] = lambda ip: 1) -> None:
+                 settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
+                 listen: Listen | None = None, tls: TlsContexts | None = None) -> None:
         self.sock = sock
+        #: This listener's policy (implicit TLS, submission...), and the TLS contexts (None: no TLS).
+        self.listen = listen or Listen("", 0)
+        self.tls = tls
+        self._sasl: dict[str, Any] | None = None  #: the AUTH exchange in progress
         self.connection = connection
         self.runner = runner
         self.settings = settings
@@ -82,7 +89,8 @@ class Session:
             Data: self.on_data, Rset: self.on_rset, Noop: self.on_noop, Quit: self.on_quit,
             Vrfy: self.on_vrfy, Help: self.on_help, Unknown: self.on_unknown,
             Rejected: self.on_rejected, MessageData: self.on_message_data,
-            MessageEnd: self.on_message_end,
+            MessageEnd: self.on_message_end, Starttls: self.on_starttls, Auth: self.on_auth,
+            AuthResponse: self.on_auth_response,
         }
 
     # -- what plugins use ----------------------------------------------------
@@ -153,6 +161,8 @@ class Session:
             self._finish()
 
     def _start(self) -> bool:
+        if self.listen.implicit_tls and self.tls is not None:
+            self._start_tls()  # RFC 8314 3.3: TLS from the first octet, before the greeting
         for hook in ("pre_connection", "connect"):
             if hook == "connect":
                 identify(self.connection, self.settings, self.log)  # remote_host, remote_info
@@ -299,6 +309,7 @@ class Session:
 
     # -- commands --------------------------------------------------------------
     def on_rejected(self, event: Rejected) -> None:
+        self._sasl = None  # a refused line ends any AUTH exchange (the protocol left it too)
         self.log.info("refused %r: %s", redact(event.line[:80]), event.reply.code)
         verb = event.line.split(" ", 1)[0].upper()
         if verb == "RCPT":
@@ -331,10 +342,169 @@ class Session:
         size = self.settings.max_message_size
         offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME",
                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.tls is not None and not self.connection.tls:
+            offered.append("STARTTLS")
+        mechanisms = self.auth_mechanisms()
+        if mechanisms and not self.protocol.authenticated:
+            offered.append("AUTH " + " ".join(mechanisms))
         offered += list(self.connection.notes.get("capabilities", ()))
         return offered
 
+    # -- STARTTLS (RFC 3207) ---------------------------------------------------
+    def on_starttls(self, command: Starttls) -> None:
+        if self.tls is None:
+            self._send(Canned.TLS_NOT_OFFERED)
+        elif self.connection.tls:
+            self._send(Canned.ALREADY_TLS)
+        else:
+            self._send(Canned.READY_FOR_TLS)  # the protocol drops pipelined plaintext here
+            self._flush()
+            self._start_tls()
+
+    def _start_tls(self) -> None:
+        """Handshake on our socket; then a new Connection, everything said before forgotten."""
+        assert self.tls is not None
+        try:
+            self.sock = self.tls.handshake(self.sock)
+        except HandshakeFailed as error:
+            self.log.info("TLS handshake failed: %s", error)
+            raise SessionClosed from None
+        self._reset_transaction()
+        old = self.connection
+        twin = old.clone()  # RFC 3207 4.2: discard knowledge obtained before TLS
+        twin.tls = True
+        if twin.notes.pop("auth_user", None) is not None:
+            twin.notes.pop("auth_method", None)
+            twin.relay_client = False
+        twin.hello = twin.hello_host = None
+        details = describe(self.sock)  # type: ignore[arg-type]
+        twin.notes.update(details)
+        self.connection = twin
+        self.log.info("TLS started: %s %s", details["tls_version"], details["tls_cipher"])
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------
+    def auth_mechanisms(self) -> tuple[str, ...]:
+        """The mechanisms offered now: only over TLS, unless the listener or config allows plaintext."""
+        if not (self.connection.tls or self.listen.plain_auth or not self.settings.tls_before_auth):
+            return ()
+        return auth.mechanisms(self.runner.has)
+
+    def _limiter(self) -> auth.FailureLimiter:
+        settings = self.settings
+        return auth.FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
+                                   settings.auth_failure_window)
+
+    def on_auth(self, command: Auth) -> None:
+        offered = self.auth_mechanisms()
+        if not offered:
+            needs_tls = auth.mechanisms(self.runner.has) and not self.connection.tls
+            self._send(Canned.ENCRYPTION_REQUIRED if needs_tls else Canned.AUTH_NOT_OFFERED)
+            return
+        if command.mechanism not in offered:
+            self._send(Canned.UNKNOWN_MECHANISM)
+            return
+        if self._limiter().blocked(self.connection.remote_ip):
+            self.log.warning("AUTH refused: too many failures from %s", self.connection.remote_ip)
+            self._send(Canned.TOO_MANY_AUTH_FAILURES)
+            return
+        mechanism, initial = command.mechanism, command.initial
+        if mechanism == "PLAIN":
+            self._sasl = {"mechanism": mechanism}
+            if initial is None:
+                self._send(reply(334, None, ""))
+            else:
+                self._sasl_step(initial)
+        elif mechanism == "LOGIN":
+            self._sasl = {"mechanism": mechanism}
+            if initial is None:
+                self._send(reply(334, None, auth.USERNAME_PROMPT))
+            else:
+                self._sasl_step(initial)
+        else:  # CRAM-MD5: the server speaks first (RFC 4954 4: no initial response)
+            if initial is not None:
+                self._send(Canned.SYNTAX)
+                return
+            ticket = auth.challenge(self.me)
+            self._sasl = {"mechanism": mechanism, "ticket": ticket}
+            self._send(reply(334, None, base64.b64encode(ticket.encode()).decode()))
+
+    def on_auth_response(self, event: AuthResponse) -> None:
+        self._doing = "AUTH"
+        if self._sasl is None:  # cannot happen: the protocol only reads these after our 334
+            self._send(Canned.AUTH_CANCELLED)
+            return
+        self._sasl_step(event.data)
+
+    def _sasl_step(self, data: bytes) -> None:
+        """One client response in the exchange: ask for more, or check the credentials."""
+        sasl = self._sasl
+        assert sasl is not None
+        mechanism = sasl["mechanism"]
+        try:
+            if mechanism == "PLAIN":
+                user, password = auth.parse_plain(data)
+                ticket = None
+            elif mechanism == "LOGIN" and "user" not in sasl:
+                sasl["user"] = auth.parse_login(data)
+                self._send(reply(334, None, auth.PASSWORD_PROMPT))
+                return
+            elif mechanism == "LOGIN":
+                user, ticket = sasl["user"], None
+                password = auth.parse_login(data)
+            else:
+                user, password = auth.parse_cram(data)
+                ticket = sasl["ticket"]
+        except auth.BadResponse as error:
+            self.log.info("AUTH %s: %s", mechanism, error)
+            self._auth_failed(mechanism, sasl.get("user"), Canned.BAD_CREDENTIALS)
+            return
+        self._check_credentials(mechanism, user, password, ticket)
+
+    def _check_credentials(self, mechanism: str, user: str, password: str, ticket: str | None) -> None:
+        if self._limiter().blocked(self.connection.remote_ip, user):
+            self._auth_failed(mechanism, user, Canned.BAD_CREDENTIALS, counted=False)
+            return
+        hook = auth.MECHANISM_HOOKS[mechanism]
+        verdict = self.runner.run(hook, self, mechanism, user, password, ticket)
+        if verdict.code is ReturnCode.DECLINED and not verdict.internal_error and mechanism in auth.GENERIC_MECHANISMS:
+            verdict = self.runner.run("auth", self, mechanism, user, password, ticket)
+        result = answer("auth", verdict, me=self.me)
+        if result.outcome is Outcome.ANSWERED and self.protocol.awaiting_reply:
+            result = answer("auth", Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True), me=self.me)
+        if result.outcome is Outcome.PROCEED:
+            self._sasl = None
+            self.connection.notes["auth_user"] = user
+            self.connection.notes["auth_method"] = mechanism
+            self.connection.relay_client = True
+            self.log.info("AUTH %s: authenticated user=%s (plugin %s)", mechanism, user, verdict.plugin)
+            assert result.reply is not None
+            self._send(result.reply)
+        elif result.outcome is Outcome.ANSWERED:
+            self._sasl = None
+        elif result.reply is not None and result.reply.code // 100 == 4 and not result.reply.close:
+            self._sasl = None  # the backend could not check (454): not the client's failure
+            self._send(result.reply)
+        else:
+            self._auth_failed(mechanism, user, result.reply or Canned.BAD_CREDENTIALS)
+
+    def _auth_failed(self, mechanism: str, user: str | None, refusal: Reply, counted: bool = True) -> None:
+        """Count the failure, make the client wait longer each time, then 535 (or 421 past the limit)."""
+        self._sasl = None
+        settings, ip = self.settings, self.connection.remote_ip
+        failures = self._limiter().failed(ip, user) if counted else settings.auth_max_failures_ip + 1
+        self.log.info("AUTH %s failed for user=%s (%d from %s in the window)", mechanism, user or "-",
+                      min(failures, settings.auth_max_failures_ip + 1), ip)
+        gevent.sleep(min(settings.auth_failure_delay * failures, settings.auth_max_delay))
+        if failures > settings.auth_max_failures_ip or self._limiter().blocked(ip, user):
+            self.log.warning("AUTH: too many failures (address %s, user %s); closing", ip, user or "-")
+            self._send(Canned.TOO_MANY_AUTH_FAILURES)
+        else:
+            self._send(refusal)
+
     def on_mail(self, command: Mail) -> None:
+        if self.listen.submission and not self.connection.notes.get("auth_user"):
+            self._send(Canned.AUTH_REQUIRED)  # RFC 4954 6: 530 until AUTH
+            return
         asked = self._ask("mail_pre", command.path, command.params)
         if asked.outcome is not Outcome.PROCEED:
             return
@@ -348,6 +518,11 @@ class Session:
         except AddressError as error:
             self._send(Canned.BAD_SENDER.with_text(f"could not parse your mail from command: {error}"))
             return
+        user = self.connection.notes.get("auth_user")
+        if self.listen.submission and not self._senders().allows(user, sender):
+            self.log.info("sender %s refused: not one of user %s's", sender.format(), user)
+            self._send(Canned.SENDER_NOT_YOURS)
+            return
         self._reset_transaction()
         asked = self._ask("mail", sender, command.params, address=sender.format())
         if asked.outcome is Outcome.PROCEED:
@@ -355,6 +530,12 @@ class Session:
             self._send(asked.reply)
         elif asked.outcome is Outcome.ANSWERED and self.protocol.state is State.MAIL:
             self._begin(sender)
+
+    def _senders(self) -> auth.SenderMap:
+        senders = _SENDER_MAPS.get(self.settings.auth_senders)
+        if senders is None:
+            senders = _SENDER_MAPS[self.settings.auth_senders] = auth.SenderMap(self.settings.auth_senders)
+        return senders
 
     def _begin(self, sender: Address) -> None:
         self.transaction.sender = sender
@@ -446,6 +627,8 @@ class Session:
             asked = self._ask(hook)
             if asked.outcome is not Outcome.PROCEED:
                 return
+            if hook == "data_post":  # every plugin has recorded its result: one header (RFC 8601)
+                authresults.finish(transaction, self.connection, self.me)
         asked = self._ask("queue")
         if asked.outcome is Outcome.PROCEED:
             self._messages += 1
@@ -465,8 +648,10 @@ class Session:
             protocol = "ESMTP" if esmtp else "SMTP"
         if connection.tls:
             protocol += "S"
-        if connection.notes.get("auth_user") and esmtp:
+        user = connection.notes.get("auth_user")
+        if user and esmtp:
             protocol += "A"
+            protocol += f" (authenticated as {_printable(user)})"
         helo = _printable(connection.hello_host or "unknown")
         remote = connection.remote_host or "unknown"
         if connection.remote_info:  # the ident answer, as sendmail writes it: user@host
@@ -533,6 +718,7 @@ class _HookActivity:
 
 
 HOOK_ACTIVITY = _HookActivity()
+_SENDER_MAPS: dict[str, auth.SenderMap] = {}  #: [auth] senders path -> its map (one per process)
 #: Verbs the core knows: a refused line's verb is a metric label only if it is one of these.
 _VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})
 
@@ -545,6 +731,8 @@ def _describe(event: Any) -> str:
         return "DATA (end)"
     if isinstance(event, Rejected):
         return "refused command"
+    if isinstance(event, AuthResponse):
+        return "AUTH"
     verb = event.verb.upper()
     return verb if verb.isascii() and verb.isalpha() and len(verb) <= 12 else "unknown command"
 

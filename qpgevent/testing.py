@@ -2,7 +2,12 @@
 
 Used by this project's tests and meant for plugin authors too. Nothing here is a fake:
 ``InProcessServer`` is the real ``SmtpServer`` with the real loader and hook runner on a
-loopback port; ``ServerProcess`` is the real ``qpgevent`` command in a child process.
+loopback port; ``ServerProcess`` is the real ``qpgevent`` command in a child process;
+``PluginHarness`` loads plugins through the real config reader and loader and runs one
+hook, or a scripted session through the real ``Session`` (``qpgevent.dryrun``), with the
+embedded state store and, if given, a ``LoopbackDns`` as the resolver. ``RawClient`` and
+``wait_until`` are the socket client and the deadline poll the tests share.
+The pytest fixtures over all this are in ``qpgevent.testing_pytest``.
 Runtime code never imports this module.
 """
 
@@ -12,19 +17,31 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import gevent.event
 
 from . import config as config_module
+from .address import Address
+from .codes import Verdict
+from .connection import Connection
+from .dryrun import ClientReply, Transcript, run_script
+from .hooks import HOOKS, HookRunner
 from .loader import load_plugins
+from .plugin import Plugin
+from .reply import Reply, answer
 from .server import SmtpServer
 from .services import configure_services, configure_store
+from .session import Session
 
 _SECTIONS = {
     "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
@@ -32,6 +49,9 @@ _SECTIONS = {
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
                "max_text_line", "command_timeout", "data_timeout", "plugin_timeout", "max_bad_commands"),
     "smtp": ("allow_bare_lf",),
+    "tls": ("certificate", "key", "sni", "min_version", "handshake_timeout", "reload_check"),
+    "auth": ("tls_before_auth", "max_failures_ip", "max_failures_user", "failure_window", "failure_delay",
+             "max_delay", "senders"),
     "proxy": ("trusted", "timeout"),
     "dns": ("nameservers", "port", "timeout", "session_budget", "cache_size", "reverse_lookup"),
     "ident": ("enabled", "timeout", "port"),
@@ -112,18 +132,22 @@ class InProcessServer:
 
 
 class ServerProcess:
-    """``python -m qpgevent -c INI`` in a child process; its port read from its log."""
+    """``python -m qpgevent -c INI`` in a child process; its port read from its log.
+
+    ``python`` is the interpreter to run (another venv's, to test an installed plugin).
+    """
 
     LISTENING = re.compile(r"listening on (\S+):(\d+)")
     ADMIN = re.compile(r"admin pages on (http://[^/\s]+)/status")
 
-    def __init__(self, ini: str | os.PathLike[str], *extra_args: str, ready_timeout: float = 20.0) -> None:
+    def __init__(self, ini: str | os.PathLike[str], *extra_args: str, ready_timeout: float = 20.0,
+                 python: str = sys.executable) -> None:
         self.ini = str(ini)
         self.log_path = Path(self.ini).with_name("server.log")
         self._log = open(self.log_path, "w+b")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "qpgevent", "-c", self.ini, *extra_args],
+            [python, "-m", "qpgevent", "-c", self.ini, *extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.PIPE, env=env)
         self.ports: list[int] = []
         self.admin_url: str | None = None  #: "http://127.0.0.1:PORT" when [admin] listen is set
@@ -205,3 +229,189 @@ def strip_trace(message: bytes) -> bytes:
     while lines[i][:1] in (b" ", b"\t"):
         i += 1
     return b"\r\n".join(lines[i:])
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, step: float = 0.05) -> T:
+    """Poll ``condition`` until it is truthy; its value, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        gevent.sleep(step)
+
+
+class RawClient:
+    """A bare SMTP client: it can talk out of turn, read replies smtplib would turn into
+    exceptions (421 at connect), and check that the server hung up."""
+
+    def __init__(self, server: Any, source: str | None = None) -> None:
+        self.sock = socket.create_connection((getattr(server, "host", "127.0.0.1"), server.port), timeout=10,
+                                             source_address=(source, 0) if source else None)
+        self._buffer = b""
+
+    def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise EOFError(f"connection closed after {lines!r}")
+                self._buffer += chunk
+                continue
+            line, self._buffer = self._buffer[:end].decode(), self._buffer[end + 2:]
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return int(line[:3]), "\n".join(lines)
+
+    def command(self, line: str) -> tuple[int, str]:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def is_closed_by_server(self) -> bool:
+        """True once the server has closed; a server that keeps it open times out.
+
+        A server that closes while our unread input is in its buffer makes its kernel
+        send an RST rather than a FIN: that is a close too.
+        """
+        if self._buffer:
+            return False
+        try:
+            return self.sock.recv(4096) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """One hook run by the harness: the chain's verdict and the reply it makes (None: silent)."""
+
+    verdict: Verdict
+    reply: Reply | None
+
+    @property
+    def code(self) -> str:
+        return self.verdict.code.name
+
+
+def plugin_section(name: str, **options: Any) -> str:
+    """``[[name]]`` with ``options`` as ini text (a list becomes a comma list)."""
+    lines = [f"[[{name}]]"]
+    for key, value in options.items():
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(_ini_word(str(v)) for v in value) + ("," if len(value) == 1 else "")
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        else:
+            value = _ini_word(str(value))
+        lines.append(f"  {key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _ini_word(text: str) -> str:
+    """``text`` as one configobj value: quoted when a comma, a '#' or edge spaces would split it."""
+    if not any(c in text for c in ',#"\'') and text == text.strip():
+        return text
+    return f"'{text}'" if '"' in text else f'"{text}"'
+
+
+class PluginHarness:
+    """Plugins loaded as the server loads them, run without a network client.
+
+    ``PluginHarness(tmp_path, "dnsbl", zones=["zen.test"])`` loads one plugin by name (a
+    file of the plugin folders, a dotted module, an entry point of ``qpgevent.plugins``)
+    or from a file path, its options validated by its configspec; ``after`` is ini text
+    for plugins that run after it (``[[rcpt_ok]]`` to accept what it lets through).
+    ``dns`` is a ``LoopbackDns`` to resolve with; ``settings`` go to ``write_ini``. The
+    state store is the embedded one, in ``directory``. The resolver and the store are per
+    process, as in a worker: the last harness (or server) made wins.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], plugin: str | os.PathLike[str] | None = None, *,
+                 after: str = "", dns: Any = None, settings: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        self.directory = Path(directory)
+        settings = dict(settings or {})
+        settings.setdefault("store_backend", "embedded")
+        settings.setdefault("store_path", str(self.directory / "store.sqlite"))
+        settings.setdefault("spool_dir", str(self.directory / "spool"))
+        if dns is not None:
+            settings.setdefault("dns_nameservers", "127.0.0.1")
+            settings.setdefault("dns_port", dns.port)
+        plugins = ""
+        if plugin is not None:
+            name = str(plugin)
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                dirs = settings.get("plugin_dirs") or []
+                dirs = [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs)
+                settings["plugin_dirs"] = [*dirs, str(path.parent)]
+                name = path.stem
+            plugins = plugin_section(name, **options)
+        elif options:
+            raise TypeError("plugin options without a plugin")
+        plugins += textwrap.dedent(after)
+        self.ini = write_ini(self.directory, plugins or "", **settings)
+        self.settings = config_module.load(str(self.ini))
+        if self.settings.dns_nameservers:
+            configure_services(self.settings)
+        configure_store(self.settings)
+        os.makedirs(self.settings.spool_dir, exist_ok=True)
+        self.plugins: list[Plugin] = load_plugins(self.settings)
+        self.runner = HookRunner(self.plugins, self.settings.plugin_timeout)
+        self.runner.notify("post_fork", None)
+
+    @property
+    def plugin(self) -> Plugin:
+        """The first plugin (the one under test)."""
+        return self.plugins[0]
+
+    def run_session(self, script: Iterable[str | bytes], ip: str = "192.0.2.1",
+                    timeout: float = 30.0) -> Transcript:
+        """Play SMTP lines through a real Session; see ``qpgevent.dryrun.run_script``."""
+        return run_script(self.runner, self.settings, script, remote_ip=ip, timeout=timeout)
+
+    def session(self, ip: str = "192.0.2.1", helo: str | None = None) -> Session:
+        """A real Session for ``run_hook``, not running (no greeting, nothing read)."""
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        connection = Connection(ip, 40000, "127.0.0.1", 25, hello="ehlo" if helo else None, hello_host=helo)
+        return Session(ours, connection, self.runner, self.settings)
+
+    def run_hook(self, hook: str, *args: Any, session: Session | None = None, ip: str = "192.0.2.1",
+                 helo: str | None = None) -> HookResult:
+        """Run ``hook`` through the real runner and reply table, as the session would.
+
+        The sender of ``mail`` and the recipient of ``rcpt`` may be given as text
+        ("<a@example.test>"); their params default to ``{}``.
+        """
+        spec = HOOKS[hook]
+        args = list(args)
+        if hook in ("mail", "rcpt"):
+            if args and isinstance(args[0], str):
+                args[0] = Address.parse(args[0] if args[0].startswith("<") else f"<{args[0]}>")
+            if len(args) == 1:
+                args.append({})
+        if hook in ("mail_pre", "rcpt_pre") and len(args) == 1:
+            args.append({})
+        if len(args) != len(spec.args):
+            raise TypeError(f"hook {hook} takes ({', '.join(spec.args)}); got {len(args)} arguments")
+        session = session or self.session(ip, helo)
+        verdict = self.runner.run(hook, session if spec.session else None, *args)
+        fields = {"me": self.settings.me}
+        if args and isinstance(args[0], Address):
+            fields["address"] = args[0].format()
+        return HookResult(verdict, answer(hook, verdict, **fields).reply)
+
+
+__all__ = ["write_ini", "InProcessServer", "ServerProcess", "child_pids", "maildir_messages", "strip_trace",
+           "wait_until", "RawClient", "PluginHarness", "HookResult", "plugin_section", "ClientReply",
+           "Transcript", "DEFAULT_PLUGINS"]

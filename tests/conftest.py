@@ -8,7 +8,7 @@ import gevent.monkey
 import pytest
 from gevent import events
 
-from qpgevent.testing import DEFAULT_PLUGINS, InProcessServer, ServerProcess, write_ini
+from qpgevent.testing import DEFAULT_PLUGINS, ServerProcess, write_ini
 
 if not gevent.monkey.is_module_patched("socket"):
     raise pytest.UsageError("run the tests as: python -m gevent.monkey --module pytest")
@@ -34,20 +34,10 @@ def hub_never_blocks():
 
 
 @pytest.fixture
-def make_server(tmp_path):
-    """Start the real server in this process: ``make_server(plugins=..., **settings)``."""
-    started = []
-
-    def make(plugins: str = DEFAULT_PLUGINS, **settings):
-        ini = write_ini(tmp_path, plugins, **settings)
-        server = InProcessServer(ini)
-        server.maildir = tmp_path / "Maildir"
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop(0.5)
+def make_server(qpgevent_server):
+    """Start the real server in this process: ``make_server(plugins=..., **settings)``
+    (the ``qpgevent_server`` fixture of qpgevent.testing_pytest, under this suite's name)."""
+    return qpgevent_server
 
 
 @pytest.fixture

@@ -70,16 +70,14 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_smtp_source as smtp_bench  # noqa: E402  (its smtp-source runner and helpers)
+import bench_smtp_source as smtp_bench  # noqa: E402  (its smtp-source runner)
+import benchlib  # noqa: E402
 
 from qpgevent.testing_dns import (LoopbackDns, SlowDnsFront, blocklist_zone,  # noqa: E402
                                   ptr_zone_for)
@@ -133,87 +131,25 @@ class Result:
         return "checks off" if self.delay_ms is None else f"checks on, DNS {self.delay_ms:g} ms"
 
 
-class Server:
-    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT --workers N``, logging to a file."""
+class Server(benchlib.QpgeventServer):
+    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT --workers N`` with a [dns] section."""
 
     def __init__(self, args: argparse.Namespace, folder: Path, plugins: str, dns_port: int,
                  reverse_lookup: bool) -> None:
         folder.mkdir()
-        self.ini = folder / "qpsmtpd.ini"
-        max_connections = max(1000, max(args.concurrency) + 10)
-        root = "  allow_root = yes\n" if os.geteuid() == 0 else ""  # containers often run as root
-        self.ini.write_text(
-            "[server]\n"
-            "  me = mx.example.test\n"
-            "  spool_dir = spool\n"
-            "  shutdown_timeout = 5\n"
-            f"{root}"
-            "[limits]\n"
-            f"  max_connections = {max_connections}\n"
-            "[dns]\n"
-            "  nameservers = 127.0.0.1\n"
-            f"  port = {dns_port}\n"
-            "  timeout = 5\n"
-            f"  reverse_lookup = {'yes' if reverse_lookup else 'no'}\n"
-            "[plugins]\n" + plugins,
-            encoding="utf-8")
-        self.log_path = folder / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.port, self.version = smtp_bench.free_port(), ""
-        self.process = subprocess.Popen(
-            [args.python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
-             "--log-level", args.log_level, "--workers", str(args.workers)],
-            cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        dns = ("[dns]\n  nameservers = 127.0.0.1\n"
+               f"  port = {dns_port}\n  timeout = 5\n  reverse_lookup = {'yes' if reverse_lookup else 'no'}\n")
+        super().__init__(args.python, folder, plugins, args.log_level, max(1000, max(args.concurrency) + 10),
+                         args.workers, sections=dns)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + smtp_bench.READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                hint = ""
-                if "[dns]" in self.log() and "unknown section" in self.log():
-                    hint = "\n(this qpgevent has no [dns] settings: the checks cannot use the local DNS)"
-                raise BenchError(f"server exited with status {self.process.returncode}:\n"
-                                 f"{smtp_bench.tail(self.log())}{hint}")
-            greeting = smtp_bench.read_greeting(self.port)
-            if greeting is not None:
-                if not greeting.startswith("220 "):
-                    raise BenchError(f"server on port {self.port} greets with {greeting!r}")
-                match = smtp_bench.GREETING_VERSION.search(greeting)
-                self.version = match.group(1) if match else "?"
-                return
-            time.sleep(0.05)
-        raise BenchError(f"server not ready after {smtp_bench.READY_TIMEOUT}s:\n{self.log()}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time so far of the server and its descendants alive now (Linux)."""
-        total, pending = 0.0, [self.process.pid]
-        while pending:
-            pid = pending.pop()
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    pending += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-            except (OSError, IndexError, ValueError):
-                continue  # a process that just ended, or not Linux
-        return total
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(smtp_bench.STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"server pid {self.process.pid} ignored SIGTERM for {smtp_bench.STOP_TIMEOUT}s: killing",
-                      file=sys.stderr)
-                self.process.kill()
-                self.process.wait(smtp_bench.STOP_TIMEOUT)
-        self._log.close()
-        return self.process.returncode
+        try:
+            super().wait_ready()
+        except BenchError as error:
+            if "[dns]" in self.log() and "unknown section" in self.log():
+                raise BenchError(f"{error}\n(this qpgevent has no [dns] settings: "
+                                 "the checks cannot use the local DNS)") from None
+            raise
 
 
 def own_cpu_seconds() -> float:
@@ -238,7 +174,7 @@ def bench(args: argparse.Namespace, name: str, folder: Path, front: SlowDnsFront
                     seconds = smtp_bench.run_smtp_source(args, server.port, concurrency)
                 except BenchError as error:
                     raise BenchError(f"checks {name}, concurrency {concurrency}: {error}\n"
-                                     f"--- server log (last lines) ---\n{smtp_bench.tail(server.log())}") from None
+                                     f"--- server log (last lines) ---\n{benchlib.tail(server.log())}") from None
                 result = Result(name, delay_ms, concurrency, args.messages, seconds,
                                 server.cpu_seconds() - cpu, own_cpu_seconds() - own, front.queries - queries)
                 results.append(result)
@@ -253,7 +189,7 @@ def bench(args: argparse.Namespace, name: str, folder: Path, front: SlowDnsFront
         status = server.stop()
     if status != 0:
         raise BenchError(f"checks {name}: server exited with status {status} after SIGTERM\n"
-                         f"{smtp_bench.tail(server.log())}")
+                         f"{benchlib.tail(server.log())}")
     complaints = [line for line in server.log().splitlines()
                   if smtp_bench.COMPLAINT.search(line) and not any(known in line for known in EXPECTED_WARNINGS)]
     if complaints:
@@ -279,23 +215,13 @@ def side_by_side(results: list[Result], concurrency: int) -> str:
     return f"concurrency {concurrency}, messages/second: " + " | ".join(f"{r.label} {r.rate:.1f}" for r in rows)
 
 
-def number_list(text: str, kind: type = int, minimum: float = 1) -> list:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or min(values) < minimum:
-        raise argparse.ArgumentTypeError(f"values must be {minimum:g} or more")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark qpgevent's connection-time DNS checks.")
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
     parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=number_list, default=[100],
+    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100],
                         help="sessions in parallel, comma separated (default 100)")
-    parser.add_argument("--delays", type=lambda text: number_list(text, float, 0), default=[0.0, 50.0],
+    parser.add_argument("--delays", type=benchlib.number_list("delays", float, 0), default=[0.0, 50.0],
                         help="DNS answer delays in ms for the runs with checks, comma separated (default 0,50)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default %(default)s)")
     parser.add_argument("--python", default=smtp_bench.default_python(),
@@ -316,14 +242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt  # unwind like Ctrl-C: the finally blocks stop servers and DNS
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    benchlib.unwind_on_signals()
     print(f"# {args.messages} messages of {args.size} bytes per run, concurrency "
           f"{','.join(map(str, args.concurrency))}, one connection per message, "
           f"{args.workers} worker(s), server log level {args.log_level}, python {args.python}", flush=True)

@@ -44,22 +44,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
-import socket
 import smtplib
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from dataclasses import dataclass
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from benchlib import CLIENT_NAME, RECIPIENT, SENDER, BenchError, tail  # noqa: E402
 
-SENDER = "sender@client.test"
-RECIPIENT = "someone@example.test"
-CLIENT_NAME = "client.test"
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
 COMPLAINT = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
 
 POLICY = """
@@ -91,10 +86,6 @@ def plugins_for(name: str, folder: Path, redis_url: str | None) -> str:
     return text
 
 
-class BenchError(Exception):
-    """A run that did not do what it should: the message says what and where to look."""
-
-
 @dataclass
 class Result:
     config: str
@@ -109,107 +100,10 @@ class Result:
         return self.messages / self.seconds if self.seconds > 0 else float("inf")
 
 
-class Server:
-    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT`` in a child process, logging to a file."""
-
-    def __init__(self, python: str, folder: Path, plugins: str, log_level: str, max_connections: int,
-                 workers: int) -> None:
-        self.ini = folder / "qpsmtpd.ini"
-        self.ini.write_text(
-            "[server]\n  me = mx.example.test\n  spool_dir = spool\n  shutdown_timeout = 5\n"
-            f"  workers = {workers}\n  allow_root = yes\n"
-            f"[limits]\n  max_connections = {max_connections}\n[plugins]\n" + plugins, encoding="utf-8")
-        self.log_path = folder / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
-             "--log-level", log_level],
-            cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"server exited with status {self.process.returncode}:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
-                    greeting = connection.makefile("rb").readline(1000).decode("utf-8", "replace")
-                    connection.sendall(b"QUIT\r\n")
-            except OSError:
-                time.sleep(0.05)
-                continue
-            if not greeting.startswith("220 "):
-                raise BenchError(f"server greets with {greeting!r}")
-            return
-        raise BenchError(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
-
-    def cpu_seconds(self) -> float:
-        return tree_cpu(self.process.pid)
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-        self._log.close()
-        return self.process.returncode
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_smtp_source(args: argparse.Namespace, port: int, concurrency: int) -> float:
     """One smtp-source run (it stops at the first refusal); its wall time in seconds."""
-    command = [args.smtp_source, "-s", str(concurrency), "-m", str(args.messages), "-l", str(args.size),
-               "-f", SENDER, "-t", RECIPIENT, "-M", CLIENT_NAME, f"127.0.0.1:{port}"]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"smtp-source still running after {args.timeout}s: {' '.join(command)}") from None
-    seconds = time.perf_counter() - started
-    if done.returncode != 0 or done.stderr.strip():
-        raise BenchError(f"smtp-source failed (exit status {done.returncode}): {' '.join(command)}\n"
-                         f"{done.stderr.strip()}{done.stdout.strip()}")
-    return seconds
-
-
-def tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def process_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children (the workers)."""
-    total = process_cpu(pid)
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                total += process_cpu(int(entry.name))
-    return total
+    return benchlib.run_smtp_source(args.smtp_source, port, concurrency, args.messages, args.size, args.timeout,
+                                    strict_stderr=True)
 
 
 def prime_greylisting(port: int) -> None:
@@ -226,7 +120,8 @@ def bench(args: argparse.Namespace, name: str, folder: Path, redis) -> list[Resu
     folder.mkdir()
     max_connections = max(1000, max(args.concurrency) + 10)
     plugins = plugins_for(name, folder, redis.url if redis else None)
-    server = Server(args.python, folder, plugins, args.log_level, max_connections, args.workers)
+    server = benchlib.QpgeventServer(args.python, folder, plugins, args.log_level, max_connections,
+                                     args.workers)
     results = []
     try:
         server.wait_ready()
@@ -235,13 +130,13 @@ def bench(args: argparse.Namespace, name: str, folder: Path, redis) -> list[Resu
         print(f"# {name}: qpgevent pid {server.process.pid} on 127.0.0.1:{server.port}", flush=True)
         for concurrency in args.concurrency:
             cpu_before = server.cpu_seconds()
-            redis_before = process_cpu(redis.process.pid) if name == "redis" else 0.0
+            redis_before = benchlib.process_cpu_seconds(redis.process.pid) if name == "redis" else 0.0
             try:
                 seconds = run_smtp_source(args, server.port, concurrency)
             except BenchError as error:
                 raise BenchError(f"{name}, concurrency {concurrency}: {error}\n"
                                       f"--- server log (last lines) ---\n{tail(server.log())}") from None
-            redis_cpu = process_cpu(redis.process.pid) - redis_before if name == "redis" else None
+            redis_cpu = benchlib.process_cpu_seconds(redis.process.pid) - redis_before if name == "redis" else None
             result = Result(name, concurrency, args.messages, seconds, server.cpu_seconds() - cpu_before, redis_cpu)
             results.append(result)
             print(row(result), flush=True)
@@ -307,21 +202,11 @@ def timed(call, count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
-def concurrency_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency values must be 1 or more")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark qpgevent's policy plugins per store backend.")
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
     parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[100],
+    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100],
                         help="sessions in parallel, comma separated (default 100)")
     parser.add_argument("--configs", default="none,embedded,redis", help="which of none,embedded,redis")
     parser.add_argument("--workers", type=int, default=0, help="[server] workers (default 0: one per core)")

@@ -36,26 +36,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qpgevent.testing_mta import Dovecot, Postfix, free_port, greeting, wait_until  # noqa: E402
+sys.path.insert(0, str(REPO / "tools"))
+import benchlib  # noqa: E402
+from benchlib import BenchError  # noqa: E402
+from qpgevent.testing_mta import Dovecot, Postfix, wait_until  # noqa: E402
 
 TARGETS = ("maildir", "smtp_forward", "lmtp")
 SENDER, RECIPIENT = "sender@client.test", "someone@example.test"
-READY_TIMEOUT = STOP_TIMEOUT = 30.0
-
-
-class BenchError(Exception):
-    """A run that did not do what it should."""
 
 
 @dataclass
@@ -81,79 +76,18 @@ def format_row(result: Result) -> str:
             f"{result.rate:>15.1f} {result.server_cpu * 1000 / result.messages:>21.3f} {result.delivered:>9}")
 
 
-class Server:
+class Server(benchlib.QpgeventServer):
     """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT`` in a child process."""
 
     def __init__(self, args: argparse.Namespace, folder: Path, plugins: str) -> None:
-        spec = (REPO / "qpgevent" / "configspec.ini").read_text()
-        server = "  me = mx.example.test\n  spool_dir = spool\n  shutdown_timeout = 5\n"
-        if os.geteuid() == 0 and "\nallow_root" in spec:
-            server += "  allow_root = yes\n"  # this tool runs as root for the next hops
-        if args.workers is not None and "\nworkers" in spec:
-            server += f"  workers = {args.workers}\n"
-        max_connections = max(1000, max(args.concurrency) + 10)
-        self.ini = folder / "qpsmtpd.ini"
-        self.ini.write_text(f"[server]\n{server}[limits]\n  max_connections = {max_connections}\n"
-                            f"[plugins]\n{plugins}", encoding="utf-8")
-        self.log_path = folder / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [args.python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
-             "--log-level", args.log_level],
-            cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while (line := greeting("127.0.0.1", self.port)) is None:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"server not ready (status {self.process.poll()}):\n{self.log()}")
-            time.sleep(0.05)
-        if not line.startswith(b"220 "):
-            raise BenchError(f"server greets with {line!r}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server process and its children (the workers)."""
-        ticks = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # a process that just ended
-            if stat.parent.name == str(self.process.pid) or fields[1] == str(self.process.pid):
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-        self._log.close()
-        return self.process.returncode
+        workers = f"  workers = {args.workers}\n" if args.workers is not None else ""
+        super().__init__(args.python, folder, plugins, args.log_level, max(1000, max(args.concurrency) + 10),
+                         server_settings=workers)
 
 
 def smtp_source(args: argparse.Namespace, port: int, concurrency: int) -> float:
     """One smtp-source run; its wall time. smtp-source stops at the first refusal."""
-    command = [args.smtp_source, "-s", str(concurrency), "-m", str(args.messages), "-l", str(args.size),
-               "-f", SENDER, "-t", RECIPIENT, "-M", "client.test", f"127.0.0.1:{port}"]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"smtp-source still running after {args.timeout}s") from None
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise BenchError(f"smtp-source failed ({done.returncode}): {done.stderr.strip()}{done.stdout.strip()}")
-    return seconds
+    return benchlib.run_smtp_source(args.smtp_source, port, concurrency, args.messages, args.size, args.timeout)
 
 
 def plugins(target: str, args: argparse.Namespace, postfix: Postfix | None, dovecot: Dovecot | None) -> str:
@@ -220,21 +154,11 @@ def bench_target(args: argparse.Namespace, target: str, folder: Path) -> list[Re
     return results
 
 
-def concurrency_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency values must be 1 or more")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark qpgevent's queue targets with smtp-source.")
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
     parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[100],
+    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100],
                         help="sessions in parallel, comma separated (default 100)")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma separated (default: all three)")
     parser.add_argument("--pool-size", type=int, default=20,
@@ -257,14 +181,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt  # unwind, so that the finally blocks stop everything
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    benchlib.unwind_on_signals()
     print(f"# {args.messages} messages of {args.size} bytes per run, one connection each, concurrency "
           f"{','.join(map(str, args.concurrency))}, pool_size {args.pool_size}, {os.cpu_count()} CPUs", flush=True)
     print(HEADER, flush=True)

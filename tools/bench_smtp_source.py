@@ -58,23 +58,17 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from benchlib import BenchError, count_files, tail  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-SENDER = "sender@client.test"
-RECIPIENT = "someone@example.test"
-CLIENT_NAME = "client.test"
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
 COMPLAINT = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
-GREETING_VERSION = re.compile(r"qpgevent (\S+)")
 #: Warnings this tool causes on purpose: the discard queue, and allow_root when run as root.
 EXPECTED_WARNINGS = re.compile(r"queue/discard is loaded|serving as root \(allow_root = yes\)")
 
@@ -94,10 +88,6 @@ CONFIGS = {
 }
 
 
-class BenchError(Exception):
-    """A run that did not do what it should: the message says what and where to look."""
-
-
 @dataclass
 class Result:
     config: str
@@ -113,158 +103,17 @@ class Result:
         return self.messages / self.seconds if self.seconds > 0 else float("inf")
 
 
-class Server:
-    """``PYTHON -m qpgevent -c INI --listen 127.0.0.1:PORT --workers N`` in a child process,
-    logging to a file.
-
-    Its port is a free one found by binding port 0; it is ready once a connection gets
-    the 220 greeting (this works at every log level, where "listening on" is logged only
-    at info).
-    """
-
-    def __init__(self, python: str, folder: Path, plugins: str, log_level: str,
-                 max_connections: int, workers: int) -> None:
-        self.folder = folder
-        self.ini = folder / "qpsmtpd.ini"
-        # Run as root (a container), the server must be told that serving as root is meant.
-        allow_root = "  allow_root = yes\n" if os.geteuid() == 0 else ""
-        self.ini.write_text(
-            "[server]\n"
-            "  me = mx.example.test\n"
-            "  spool_dir = spool\n"
-            "  shutdown_timeout = 5\n"
-            + allow_root +
-            "[limits]\n"
-            f"  max_connections = {max_connections}\n"
-            "[plugins]\n" + plugins,
-            encoding="utf-8")
-        self.log_path = folder / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.port, self.version = free_port(), ""
-        self.process = subprocess.Popen(
-            [python, "-m", "qpgevent", "-c", str(self.ini), "--listen", f"127.0.0.1:{self.port}",
-             "--log-level", log_level, "--workers", str(workers)],
-            cwd=folder, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def wait_ready(self) -> None:
-        """Wait until the server greets on its port; fail if it exits or takes too long."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"server exited with status {self.process.returncode}:\n{self.log()}")
-            greeting = read_greeting(self.port)
-            if greeting is not None:
-                if not greeting.startswith("220 "):
-                    raise BenchError(f"server on port {self.port} greets with {greeting!r}")
-                match = GREETING_VERSION.search(greeting)
-                self.version = match.group(1) if match else "?"
-                return
-            time.sleep(0.05)
-        raise BenchError(f"server not ready after {READY_TIMEOUT}s:\n{self.log()}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time so far of the master and its workers (all threads); 0 off Linux.
-
-        A worker that exited during a run would take its time with it (the master reaps it
-        without adding its children's times to its own): none does unless killed.
-        """
-        return sum(process_cpu_seconds(pid) for pid in [self.process.pid, *child_pids(self.process.pid)])
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM, wait; SIGKILL only if it did not stop in time. Returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"server pid {self.process.pid} ignored SIGTERM for {STOP_TIMEOUT}s: killing",
-                      file=sys.stderr)
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-        self._log.close()
-        return self.process.returncode
-
-
-def process_cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After "pid (comm)": field 3 is state, so utime (14) and stime (15) are at 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def child_pids(pid: int) -> list[int]:
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").is_dir() else []:
-        try:
-            children += [int(word) for word in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return children
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def read_greeting(port: int) -> str | None:
-    """The server's first reply line, then QUIT; None while nothing listens there."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-            reply = connection.makefile("rb").readline(1000).decode("utf-8", "replace").rstrip()
-            connection.sendall(b"QUIT\r\n")
-            return reply
-    except OSError:
-        return None
-
-
-def count_files(folder: Path) -> int:
-    return sum(1 for entry in os.scandir(folder) if entry.is_file()) if folder.is_dir() else 0
-
-
 def run_smtp_source(args: argparse.Namespace, port: int, concurrency: int) -> float:
-    """One smtp-source run; its wall time in seconds. Raises BenchError if it failed."""
-    command = [args.smtp_source, "-s", str(concurrency), "-m", str(args.messages),
-               "-l", str(args.size), "-f", SENDER, "-t", RECIPIENT, "-M", CLIENT_NAME]
-    if args.keep_connection:
-        command.append("-d")
-    command.append(f"127.0.0.1:{port}")
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = process.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise BenchError(f"smtp-source still running after {args.timeout}s: {' '.join(command)}")
-    finally:
-        # Ctrl-C or an error while it runs: do not leave it behind.
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    seconds = time.perf_counter() - started
-    if process.returncode != 0:
-        raise BenchError(f"smtp-source failed (exit status {process.returncode}): "
-                         f"{' '.join(command)}\n{stderr.strip()}{stdout.strip()}")
-    if stderr.strip():
-        # Exit status 0 but something on stderr: show it, it is never expected.
-        print(f"smtp-source said on stderr: {stderr.strip()}", file=sys.stderr)
-    return seconds
+    """One smtp-source run with this tool's options; its wall time. Raises BenchError if it failed."""
+    return benchlib.run_smtp_source(args.smtp_source, port, concurrency, args.messages, args.size, args.timeout,
+                                    keep_connection=args.keep_connection)
 
 
 def bench_config(args: argparse.Namespace, name: str, folder: Path, workers: int) -> list[Result]:
     folder.mkdir()
     # Room for every smtp-source session (and the readiness probe) at once.
     max_connections = max(1000, max(args.concurrency) + 10)
-    server = Server(args.python, folder, CONFIGS[name], args.log_level, max_connections, workers)
+    server = benchlib.QpgeventServer(args.python, folder, CONFIGS[name], args.log_level, max_connections, workers)
     name_workers = f"{name}, {workers} worker{'s' if workers > 1 else ''}"
     results = []
     try:
@@ -298,10 +147,6 @@ def bench_config(args: argparse.Namespace, name: str, folder: Path, workers: int
         print(f"# {name_workers}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
               + "\n".join(complaints[:5]), file=sys.stderr)
     return results
-
-
-def tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.splitlines()[-lines:])
 
 
 HEADER = (f"{'config':<8} {'concurrency':>11} {'messages':>8} {'seconds':>8} {'messages/second':>15} "
@@ -339,26 +184,6 @@ def default_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def concurrency_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency values must be 1 or more")
-    return values
-
-
-def workers_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("worker counts must be 1 or more")
-    return values
-
-
 def config_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -371,9 +196,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark qpgevent with Postfix's smtp-source.")
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
     parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[100, 500],
+    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100, 500],
                         help="sessions in parallel, comma separated (default 100,500)")
-    parser.add_argument("--workers", type=workers_list, default=[1, 2],
+    parser.add_argument("--workers", type=benchlib.number_list("worker counts"), default=[1, 2],
                         help="worker processes of the server, comma separated (default 1,2)")
     parser.add_argument("--python", default=default_python(), help="the Python with qpgevent (default %(default)s)")
     parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
@@ -393,16 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum, frame):
-    # SIGTERM to the tool: unwind like Ctrl-C so the finally blocks stop the servers.
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    # Started in the background by a non-interactive shell, SIGINT comes in ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    benchlib.unwind_on_signals()
     print(f"# {args.messages} messages of {args.size} bytes per run, concurrency "
           f"{','.join(map(str, args.concurrency))}, workers {','.join(map(str, args.workers))}, "
           f"{'one connection per message' if not args.keep_connection else 'connections reused (-d)'}, "

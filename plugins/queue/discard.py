@@ -3,6 +3,12 @@
 Answers ``250 2.0.0 Queued (discarded)`` and keeps nothing, so a benchmark measures the
 SMTP engine and not the disk. Never use it on a server that receives real mail: the
 client is told the message is safe, and it is gone.
+
+Options: only the standard ones (it never refuses).
+
+Example::
+
+    [[queue/discard]]
 """
 
 from qpgevent.plugin import OK, Plugin

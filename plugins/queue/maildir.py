@@ -58,6 +58,8 @@ import time
 from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
 
 STALE_TMP_SECONDS = 36 * 3600
+#: With fsync = no, messages up to this size are written without a worker thread.
+INLINE_BYTES = 256 * 1024
 _deliveries = itertools.count(1)
 _UNSAFE = re.compile(r"[^a-z0-9.\-_+=]")
 _PATTERN = re.compile(r"%(.)")
@@ -115,7 +117,13 @@ class Maildir(Plugin):
         if not mailboxes:
             mailboxes = [self.config["path"]]
         try:
-            run_blocking(self._deliver, transaction, name, mailboxes)
+            if self.config["fsync"] or transaction.data_size > INLINE_BYTES:
+                run_blocking(self._deliver, transaction, name, mailboxes)
+            else:
+                # No fsync and a small message: the write lands in the page cache in
+                # microseconds, less than the trip to a worker thread and back costs
+                # (docs/benchmarks.md, "Profile").
+                self._deliver(transaction, name, mailboxes)
         except _Missing as missing:
             self.log.warning("Maildir %s is gone (create = no)", missing)
             return DENYSOFT, "4.2.1 mailbox unavailable, try again later"
@@ -126,9 +134,9 @@ class Maildir(Plugin):
             self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))
         return OK, f"Queued as {name}"
 
-    # -- in a worker thread ------------------------------------------------------
+    # -- in a worker thread (inline for small messages when fsync is off) ---------
     def _deliver(self, transaction, name, mailboxes):
-        """Write once, fsync, into every new/, fsync every new/ (runs in a worker thread)."""
+        """Write once, fsync, into every new/, fsync every new/."""
         for mailbox in mailboxes:
             if not os.path.isdir(os.path.join(mailbox, "new")):
                 if not self.config["create"]:
@@ -167,8 +175,10 @@ class Maildir(Plugin):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             sender = transaction.sender.format() if transaction.sender else "<>"
-            _write_all(fd, f"Return-Path: {sender}\r\n".encode("utf-8"))
-            for chunk in transaction.message_chunks():
+            chunks = transaction.message_chunks()
+            # Return-Path and the header in one write; the body streams after it.
+            _write_all(fd, f"Return-Path: {sender}\r\n".encode("utf-8") + next(chunks, b""))
+            for chunk in chunks:
                 _write_all(fd, chunk)
             if self.config["fsync"]:
                 os.fsync(fd)

@@ -15,7 +15,6 @@ import re
 import smtplib
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qpgevent import admin, metrics
-from qpgevent.testing import DEFAULT_PLUGINS, write_ini
+from qpgevent.testing import DEFAULT_PLUGINS, wait_until, write_ini
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGE = b"Subject: admin test\r\n\r\nHello.\r\n"
@@ -67,17 +66,6 @@ def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        gevent.sleep(0.05)
-
-
 def client(server, source: str, helo: str) -> smtplib.SMTP:
     smtp = smtplib.SMTP("127.0.0.1", server.port, local_hostname=helo, source_address=(source, 0), timeout=30)
     smtp.ehlo()
@@ -108,9 +96,9 @@ def test_status_json_lists_every_live_session_with_its_fields(admin_server):
     assert in_data.docmd("DATA")[0] == 354
     in_data.send(b"Subject: half a message\r\n\r\n" + b"x" * 5000 + b"\r\n")  # no final dot: still in DATA
     try:
-        data = wait_for(lambda: (lambda d: d if d["totals"]["by_state"] == {"data": 1, "rcpt": 1, "ready": 1}
-                                 and any(r["bytes"] > 5000 for r in d["sessions"]) else None)(status(server)),
-                        10, "three sessions in their states")
+        data = wait_until(lambda: (lambda d: d if d["totals"]["by_state"] == {"data": 1, "rcpt": 1, "ready": 1}
+                                   and any(r["bytes"] > 5000 for r in d["sessions"]) else None)(status(server)),
+                          10, "three sessions in their states")
         rows = {row["remote_ip"]: row for row in data["sessions"]}
         assert set(rows) == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
         workers = server.worker_pids()
@@ -132,11 +120,11 @@ def test_status_json_lists_every_live_session_with_its_fields(admin_server):
         assert data["since_start"]["connections"] == 3
         # The rows move with the sessions.
         assert sending.docmd("RSET")[0] == 250
-        wait_for(lambda: status(server)["totals"]["by_state"].get("rcpt") is None, 10, "RSET to show")
+        wait_until(lambda: status(server)["totals"]["by_state"].get("rcpt") is None, 10, "RSET to show")
     finally:
         for smtp in (greeted, sending, in_data):
             smtp.close()
-    wait_for(lambda: status(server)["totals"]["sessions"] == 0, 10, "the sessions to leave the board")
+    wait_until(lambda: status(server)["totals"]["sessions"] == 0, 10, "the sessions to leave the board")
 
 
 def test_the_board_shows_the_hook_and_plugin_a_session_is_in(admin_server, tmp_path):
@@ -145,9 +133,9 @@ def test_the_board_shows_the_hook_and_plugin_a_session_is_in(admin_server, tmp_p
     server = admin_server("[[slow_helo]]\n" + DEFAULT_PLUGINS)
     slow = gevent.spawn(client, server, "127.0.0.5", "slow.client.test")
     try:
-        row = wait_for(lambda: next(iter(status(server)["sessions"]), None), 10, "the slow session")
-        row = wait_for(lambda: next((r for r in status(server)["sessions"] if r["doing"] != "waiting"
-                                     and r["doing"] != "connect"), None), 10, "the EHLO hook")
+        row = wait_until(lambda: next(iter(status(server)["sessions"]), None), 10, "the slow session")
+        row = wait_until(lambda: next((r for r in status(server)["sessions"] if r["doing"] != "waiting"
+                                       and r["doing"] != "connect"), None), 10, "the EHLO hook")
         assert row["doing"] == "ehlo (slow_helo)"
     finally:
         slow.join(10)
@@ -166,7 +154,7 @@ def test_metrics_count_what_is_sent_and_refused(admin_server):
         assert smtp.docmd("RCPT TO:<bob@example.test>")[0] == 503  # out of sequence: the core refuses
         during = scrape(server)
         assert during[("qpgevent_connections_open", ())] == 1
-    wait_for(lambda: scrape(server)[("qpgevent_connections_open", ())] == 0, 10, "the session to end")
+    wait_until(lambda: scrape(server)[("qpgevent_connections_open", ())] == 0, 10, "the session to end")
     after = scrape(server)
 
     def moved(name, **labels):
@@ -197,8 +185,8 @@ def test_metrics_count_connections_refused_over_the_limit(admin_server):
         with pytest.raises(smtplib.SMTPConnectError) as refused:
             smtplib.SMTP("127.0.0.1", server.port, timeout=30)
         assert refused.value.smtp_code == 421
-        counts = wait_for(lambda: (lambda c: c if c.get(("qpgevent_connections_refused_total",
-                                                           (("reason", "max_connections"),))) else None)(
+        counts = wait_until(lambda: (lambda c: c if c.get(("qpgevent_connections_refused_total",
+                                                             (("reason", "max_connections"),))) else None)(
             scrape(server)), 10, "the refusal to be counted")
         assert counts[("qpgevent_connections_refused_total", (("reason", "max_connections"),))] == 1
         assert counts[("qpgevent_connections_total", ())] == 1  # a refused client is no session
@@ -272,8 +260,8 @@ def test_one_process_serving_both_reads_its_own_board_from_memory(make_server):
             assert data["totals"]["by_state"] == {"mail": 1}
             assert [row["pid"] for row in data["sessions"]] == [os.getpid()]
             assert data["sessions"][0]["sender"] == "<a@client.test>"
-        wait_for(lambda: json.loads(get(pages.url + "/status.json")[2])["totals"]["sessions"] == 0, 10,
-                 "the session to leave")
+        wait_until(lambda: json.loads(get(pages.url + "/status.json")[2])["totals"]["sessions"] == 0, 10,
+                   "the session to leave")
         metrics_text = get(pages.url + "/metrics")[2].decode()
         assert "qpgevent_connections_total 1.0" in metrics_text
         assert "qpgevent_transactions_total 1.0" in metrics_text
@@ -287,7 +275,7 @@ def test_one_summary_line_per_connection(server_process):
     server = server_process()
     with server.smtp() as smtp:
         smtp.sendmail("a@client.test", ["bob@example.test", "eve@elsewhere.test"], MESSAGE)
-    wait_for(lambda: " disconnect: " in server.log(), 10, "the summary line")
+    wait_until(lambda: " disconnect: " in server.log(), 10, "the summary line")
     (line,) = [line for line in server.log().splitlines() if " disconnect: " in line]
     assert re.search(r"INFO qpgevent.session: conn=[0-9a-f]+\.[0-9a-f]+ disconnect: ip=127.0.0.1 rdns=- "
                      r"helo=client.example.test tls=no auth=- transactions=1 rcpts_accepted=1 rcpts_rejected=1 "
@@ -298,7 +286,7 @@ def test_json_logs_every_line_an_object_with_the_summary_fields(server_process):
     server = server_process(format="json")
     with server.smtp() as smtp:
         smtp.sendmail("a@client.test", ["bob@example.test", "eve@elsewhere.test"], MESSAGE)
-    wait_for(lambda: "disconnect:" in server.log(), 10, "the summary line")
+    wait_until(lambda: "disconnect:" in server.log(), 10, "the summary line")
     lines = [json.loads(line) for line in server.log().splitlines()]  # every line is JSON
     (summary,) = [line for line in lines if line["msg"].startswith("disconnect:")]
     assert summary["conn"] and "txn" not in summary
@@ -322,7 +310,7 @@ def test_auth_secrets_never_reach_the_log(server_process, format):
         smtp.docmd("AUTH", "LOGIN")
         smtp.docmd(base64.b64encode(b"correct horse battery staple").decode())
         smtp.docmd("MAIL", f"FROM:<a@client.test> AUTH PLAIN {secret}")  # refused by the core: logged
-    wait_for(lambda: "disconnect:" in server.log(), 10, "the summary line")
+    wait_until(lambda: "disconnect:" in server.log(), 10, "the summary line")
     log = server.log()
     assert "refused" in log  # the refused MAIL line was logged...
     assert secret not in log and "Y29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ" not in log  # ...never a secret
@@ -339,7 +327,7 @@ def test_the_terminal_scoreboard_prints_the_live_sessions(admin_server):
     smtp = client(server, "127.0.0.7", "terminal.client.test")
     smtp.mail("frank@client.test")
     try:
-        wait_for(lambda: status(server)["totals"]["by_state"] == {"mail": 1}, 10, "the session")
+        wait_until(lambda: status(server)["totals"]["by_state"] == {"mail": 1}, 10, "the session")
         result = scoreboard_tool("--url", server.admin_url)
         assert result.returncode == 0, result.stderr
         header, since, titles, row = result.stdout.splitlines()

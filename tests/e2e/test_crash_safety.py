@@ -27,18 +27,9 @@ import gevent
 import gevent.event
 import pytest
 
-from qpgevent.testing import maildir_messages
+from qpgevent.testing import maildir_messages, wait_until
 
 RECIPIENT = "bob@example.test"
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        gevent.sleep(0.01)
 
 
 class RawClient:
@@ -97,9 +88,9 @@ def test_client_vanishing_mid_data_leaves_nothing_and_server_keeps_serving(
         client.sock.sendall(b"Subject: half a message\r\n\r\n" + b"a line of the body\r\n" * 2000
                             + b"and a line cut in the mid")
         # The server has the body in hand (spooled) before the client goes.
-        wait_for(lambda: listing(spool), 10, "the body to be spooled")
+        wait_until(lambda: listing(spool), 10, "the body to be spooled")
         client.vanish(reset)
-    wait_for(lambda: " disconnect: " in server.log(), 10, "the server to end the session")
+    wait_until(lambda: " disconnect: " in server.log(), 10, "the server to end the session")
 
     assert listing(server.maildir / "new") == []
     assert listing(server.maildir / "tmp") == []

@@ -11,6 +11,7 @@ notification hooks (deny, ok, reset_transaction, disconnect, post_connection).
 
 from __future__ import annotations
 
+import base64
 import logging
 import smtplib
 import socket
@@ -30,6 +31,12 @@ INTERNAL_CLOSE = b"421 4.3.0 Internal error, try again later\r\n"
 MESSAGE = b"Subject: hooks\r\nFrom: a@client.test\r\n\r\nbody\r\n.\r\n"
 MESSAGE_HOOKS = ("data_headers_end", "data_post", "queue_pre", "queue")
 
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+PLAIN = "\0bob@example.test\0pw"
+
 #: What the client says before the command that fires each hook (after the greeting).
 PRELUDE = {
     "pre_connection": [], "connect": [], "helo": [], "ehlo": [],
@@ -41,6 +48,10 @@ PRELUDE = {
        for hook in MESSAGE_HOOKS},
     "vrfy": ["EHLO client.test"], "noop": ["EHLO client.test"], "help": ["EHLO client.test"],
     "quit": ["EHLO client.test"], "unrecognized_command": ["EHLO client.test"],
+    # AUTH (offered in plaintext here: tls_before_auth = no): the hook fires on the last line.
+    "auth": ["EHLO client.test"], "auth_plain": ["EHLO client.test"],
+    "auth_login": ["EHLO client.test", "AUTH LOGIN", _b64("bob@example.test")],
+    "auth_cram_md5": ["EHLO client.test", "AUTH CRAM-MD5"],
 }
 #: The command that fires the hook (None: the connection itself).
 TRIGGER: dict[str, bytes | None] = {
@@ -51,6 +62,8 @@ TRIGGER: dict[str, bytes | None] = {
     "data": b"DATA\r\n", **{hook: MESSAGE for hook in MESSAGE_HOOKS},
     "vrfy": b"VRFY bob\r\n", "noop": b"NOOP\r\n", "help": b"HELP\r\n", "quit": b"QUIT\r\n",
     "unrecognized_command": b"FOO bar\r\n",
+    "auth": f"AUTH PLAIN {_b64(PLAIN)}\r\n".encode(), "auth_plain": f"AUTH PLAIN {_b64(PLAIN)}\r\n".encode(),
+    "auth_login": f"{_b64('pw')}\r\n".encode(), "auth_cram_md5": f"{_b64('bob ' + '0' * 32)}\r\n".encode(),
 }
 #: The reply code of the command when the hook passes silently.
 SILENT_PASS = {"pre_connection": b"220 ", "connect": b"220 ", "helo": b"250 ", "ehlo": b"250-",
@@ -116,6 +129,8 @@ def start(make_server, plugins_module):
     """``start(plugins_ini, **settings)``: the real server with the test plugins, records cleared."""
 
     def run(plugins: str, **settings):
+        settings.setdefault("tls_before_auth", "no")  # the AUTH hooks are swept in plaintext
+        settings.setdefault("auth_failure_delay", 0)
         server = make_server(plugins, plugin_dirs=PLUGIN_DIR, **settings)
         for name, attr in (("returns", "CALLS"), ("recorder", "EVENTS")):
             if "qpgevent_plugins." + name in sys.modules:

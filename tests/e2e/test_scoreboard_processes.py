@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qpgevent import metrics, scoreboard
+from qpgevent.testing import wait_until
 
 CHILD = """
 import sys, time
@@ -52,14 +51,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        gevent.sleep(0.02)
-
-
 @pytest.fixture
 def run_dir(tmp_path: Path):
     (tmp_path / "scoreboard").mkdir()
@@ -85,7 +76,7 @@ def test_every_process_is_merged_and_a_dead_one_drops_out(run_dir):
     directory, start = run_dir
     board = str(directory / "scoreboard")
     first, second = start("a", 2), start("b", 3)
-    wait_for(lambda: scoreboard.read(board)["totals"]["sessions"] == 5, 10, "5 sessions from 2 processes")
+    wait_until(lambda: scoreboard.read(board)["totals"]["sessions"] == 5, 10, "5 sessions from 2 processes")
     data = scoreboard.read(board)
     assert sorted(p["pid"] for p in data["processes"]) == sorted([first.pid, second.pid])
     assert sorted(row["id"] for row in data["sessions"]) == ["a.0", "a.1", "b.0", "b.1", "b.2"]

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from qpgevent import dns
 from qpgevent.errors import PluginLoadError
 from qpgevent.testing import maildir_messages
 from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront, blocklist_zone
@@ -60,18 +59,6 @@ RCPT_AND_QUEUE = """
 def nsd():
     with LoopbackDns(ZONES, servfail_zones=("broken.test",)) as server:
         yield server
-
-
-@pytest.fixture
-def use_dns():
-    """Point the server's resolver (the per-process default) elsewhere; put the old one back."""
-    previous = dns.set_default(None)
-
-    def use(port, timeout=2.0, cache=True):
-        dns.set_default(dns.Resolver(["127.0.0.1"], port=port, timeout=timeout, cache=cache))
-
-    yield use
-    dns.set_default(previous)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import smtplib
-import socket
 import stat
 import subprocess
 import time
@@ -20,57 +19,13 @@ import time
 import pytest
 
 from qpgevent.errors import PluginLoadError
-from qpgevent.testing import maildir_messages
+from qpgevent.testing import RawClient, maildir_messages
 
 MESSAGE = b"Subject: test\r\nFrom: a@client.test\r\n\r\nhello\r\n"
 MAILDIR = """
 [[queue/maildir]]
   path = Maildir
 """
-
-
-class RawClient:
-    """A bare SMTP client: it can talk out of turn and check that the server hung up."""
-
-    def __init__(self, server, source: str | None = None) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=10,
-                                             source_address=(source, 0) if source else None)
-        self._buffer = b""
-
-    def reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            end = self._buffer.find(b"\r\n")
-            if end < 0:
-                chunk = self.sock.recv(4096)
-                if not chunk:
-                    raise EOFError(f"connection closed after {lines!r}")
-                self._buffer += chunk
-                continue
-            line, self._buffer = self._buffer[:end].decode(), self._buffer[end + 2:]
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                return int(line[:3]), "\n".join(lines)
-
-    def command(self, line: str) -> tuple[int, str]:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
-
-    def is_closed_by_server(self) -> bool:
-        """True once the server has closed; a server that keeps it open times out.
-
-        A server that closes while our unread input is in its buffer makes its kernel
-        send an RST rather than a FIN: that is a close too.
-        """
-        if self._buffer:
-            return False
-        try:
-            return self.sock.recv(4096) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def smtp_from(server, source: str | None = None) -> smtplib.SMTP:

@@ -16,9 +16,9 @@ import gevent
 import pytest
 
 from qpgevent import store
-from qpgevent.testing import ServerProcess, write_ini
+from qpgevent.testing import ServerProcess, wait_until, write_ini
 
-from policy_helpers import ACCEPT, greeting, rcpt, section, wait_for
+from policy_helpers import ACCEPT, greeting, rcpt, section
 
 GREYLISTED = (450, b"4.7.1 This mail is temporarily denied")
 POLICY_FAILURE = b"4.3.0 Temporary policy failure, please try again later"
@@ -52,7 +52,7 @@ def test_fail_open_skips_the_checks_while_redis_is_down(make_server, redis_backe
     finally:
         redis_backend.start()
     back = time.monotonic()
-    wait_for(lambda: rcpt(server, "dave@example.test") == GREYLISTED, 5, "greylisting working again", 0.1)
+    wait_until(lambda: rcpt(server, "dave@example.test") == GREYLISTED, 5, "greylisting working again", 0.1)
     assert time.monotonic() - back < 3
     assert not store.stats()["down"]
 
@@ -68,7 +68,7 @@ def test_fail_temp_refuses_temporarily_while_redis_is_down(make_server, redis_ba
     finally:
         redis_backend.start()
     # This Redis keeps nothing across a restart: the triplet is new again once it is back.
-    wait_for(lambda: rcpt(server, "bob@example.test") == GREYLISTED, 5, "greylisting working again", 0.1)
+    wait_until(lambda: rcpt(server, "bob@example.test") == GREYLISTED, 5, "greylisting working again", 0.1)
 
 
 def test_fail_temp_at_connect_is_a_421(make_server, redis_backend):
@@ -120,20 +120,20 @@ def test_redis_stopped_during_a_load_run(tmp_path, redis_backend, fail, degraded
                 one_message(server.port, outcomes)
 
         clients = [gevent.spawn(client_loop) for _ in range(30)]
-        wait_for(lambda: outcomes["250"] >= 100, 30, "the load run going")
+        wait_until(lambda: outcomes["250"] >= 100, 30, "the load run going")
         redis_backend.stop()
         stopped = dict(outcomes)
         if fail == "temp":
-            wait_for(lambda: sum(outcomes[r] for r in degraded_replies) >= 30, 15, "sessions getting 4xx")
+            wait_until(lambda: sum(outcomes[r] for r in degraded_replies) >= 30, 15, "sessions getting 4xx")
         else:
-            wait_for(lambda: outcomes["250"] >= stopped["250"] + 100, 15, "mail flowing without Redis")
+            wait_until(lambda: outcomes["250"] >= stopped["250"] + 100, 15, "mail flowing without Redis")
         redis_backend.start()
         restarted = time.monotonic()
         # Every worker that lost the store uses it again (it logs so on its first good call).
-        wait_for(lambda: pids(server.log(), "store unavailable") <= pids(server.log(), "store is back"), 15,
-                 "every worker using Redis again", 0.1)
+        wait_until(lambda: pids(server.log(), "store unavailable") <= pids(server.log(), "store is back"), 15,
+                   "every worker using Redis again", 0.1)
         recovered, at_recovery = time.monotonic() - restarted, outcomes["250"]
-        wait_for(lambda: outcomes["250"] >= at_recovery + 100, 15, "mail flowing again")
+        wait_until(lambda: outcomes["250"] >= at_recovery + 100, 15, "mail flowing again")
         running = False
         gevent.joinall(clients, timeout=30, raise_error=True)
         assert server.process.poll() is None, "the server died"

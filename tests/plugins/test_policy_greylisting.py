@@ -16,9 +16,9 @@ import gevent
 import pytest
 
 from qpgevent.errors import PluginLoadError
-from qpgevent.testing import ServerProcess, maildir_messages, write_ini
+from qpgevent.testing import ServerProcess, maildir_messages, wait_until, write_ini
 
-from policy_helpers import ACCEPT, mail_rcpt, rcpt, section, send, smtp_from, wait_for
+from policy_helpers import ACCEPT, mail_rcpt, rcpt, section, send, smtp_from
 
 GREYLISTED = (450, b"4.7.1 This mail is temporarily denied")
 BLACK = 1.0
@@ -31,7 +31,7 @@ def greylisting(**options) -> str:
 
 def passes_after_black(attempt, first_seen: float, expected=250):
     """Retry (each retry a real attempt) until one passes; check it was not before BLACK."""
-    code = wait_for(lambda: attempt()[0] == expected and time.monotonic(), BLACK + 10, "the retry passing", 0.2)
+    code = wait_until(lambda: attempt()[0] == expected and time.monotonic(), BLACK + 10, "the retry passing", 0.2)
     assert code - first_seen >= BLACK - 0.05, "passed before the black period was over"
 
 
@@ -89,10 +89,10 @@ def test_a_triplet_not_retried_within_grey_timeout_starts_over(policy_server):
     server = policy_server(greylisting(black_timeout="0.3", grey_timeout="1"))
     assert rcpt(server, "bob@example.test") == GREYLISTED
     first = time.monotonic()
-    wait_for(lambda: time.monotonic() - first > 1.2, 5, "the grey period passing")
+    wait_until(lambda: time.monotonic() - first > 1.2, 5, "the grey period passing")
     assert rcpt(server, "bob@example.test") == GREYLISTED  # forgotten: a first attempt again
     second = time.monotonic()
-    wait_for(lambda: rcpt(server, "bob@example.test")[0] == 250, 5, "the new retry passing", 0.1)
+    wait_until(lambda: rcpt(server, "bob@example.test")[0] == 250, 5, "the new retry passing", 0.1)
     assert time.monotonic() - second >= 0.25
 
 
@@ -102,7 +102,7 @@ def test_a_white_triplet_lapses_after_white_timeout_without_mail(policy_server):
     assert rcpt(server, "bob@example.test")[0] == 250  # black 0: any retry passes
     whitened = time.monotonic()
     # Any message would renew it: wait on the clock alone, then try once.
-    wait_for(lambda: time.monotonic() - whitened > 1.3, 5, "white_timeout passing")
+    wait_until(lambda: time.monotonic() - whitened > 1.3, 5, "white_timeout passing")
     assert rcpt(server, "bob@example.test") == GREYLISTED
 
 
@@ -180,7 +180,7 @@ def test_smtplib_end_to_end_and_the_retry_passes_on_another_server_process(tmp_p
         started = time.monotonic()
         assert sendmail(first) == (451, b"4.7.1 This mail is temporarily denied")
         assert sendmail(second) == (451, b"4.7.1 This mail is temporarily denied")  # the same triplet: too soon
-        passed = wait_for(lambda: sendmail(second) == {} and time.monotonic(), BLACK + 10, "the retry passing", 0.2)
+        passed = wait_until(lambda: sendmail(second) == {} and time.monotonic(), BLACK + 10, "the retry passing", 0.2)
         assert passed - started >= BLACK - 0.05
         assert sendmail(first) == {}  # white for every process sharing the store
         assert len(maildir_messages(tmp_path / "one" / "Maildir")) == 1

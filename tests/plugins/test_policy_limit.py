@@ -16,9 +16,9 @@ import pytest
 
 from qpgevent import store
 from qpgevent.errors import PluginLoadError
-from qpgevent.testing import ServerProcess, write_ini
+from qpgevent.testing import RawClient, ServerProcess, wait_until, write_ini
 
-from policy_helpers import ACCEPT, RawClient, greeting, mail_rcpt, section, smtp_from, wait_for
+from policy_helpers import ACCEPT, greeting, mail_rcpt, section, smtp_from
 
 
 def limit(**options) -> str:
@@ -36,16 +36,16 @@ def test_concurrency_per_address(policy_server):
     first, second = opened(server), opened(server)
     refused = RawClient(server)
     assert refused.reply() == (421, "4.7.0 Too many concurrent connections from 127.0.0.1")
-    assert refused.closed_by_server()
+    assert refused.is_closed_by_server()
     other = opened(server, "127.0.0.2")  # its own slots
     assert first.command("QUIT")[0] == 221
     first.close()
-    wait_for(lambda: greeting(server)[0] == 220, 5, "the slot freeing after QUIT")
+    wait_until(lambda: greeting(server)[0] == 220, 5, "the slot freeing after QUIT")
     # That probe's own slot goes when the server sees it close: second's is left.
-    wait_for(lambda: store.default().holders("limit:concurrency:127.0.0.1") == 1, 5, "the probe's slot released")
+    wait_until(lambda: store.default().holders("limit:concurrency:127.0.0.1") == 1, 5, "the probe's slot released")
     for client in (second, refused, other):
         client.close()
-    wait_for(lambda: store.default().holders("limit:concurrency:127.0.0.1") == 0, 5, "every slot released")
+    wait_until(lambda: store.default().holders("limit:concurrency:127.0.0.1") == 0, 5, "every slot released")
 
 
 def test_connection_rate_per_address(policy_server):
@@ -54,7 +54,7 @@ def test_connection_rate_per_address(policy_server):
     assert [greeting(server)[0] for _ in range(3)] == [220, 220, 220]
     assert greeting(server) == (421, "4.7.0 Connection rate limit exceeded for 127.0.0.1")
     assert greeting(server, "127.0.0.2")[0] == 220
-    wait_for(lambda: greeting(server)[0] == 220, 5, "the window sliding", 0.1)
+    wait_until(lambda: greeting(server)[0] == 220, 5, "the window sliding", 0.1)
     assert time.monotonic() - started >= 1.4
 
 
@@ -139,7 +139,7 @@ def test_a_killed_workers_slots_are_free_again_within_the_lease_ttl(tmp_path, ba
         (worker,) = worker_pids(server.log())
         os.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
-        wait_for(lambda: len(worker_pids(server.log())) == 2, 10, "the master respawning the worker")
+        wait_until(lambda: len(worker_pids(server.log())) == 2, 10, "the master respawning the worker")
 
         def take_slot():
             client = RawClient(server)
@@ -149,7 +149,7 @@ def test_a_killed_workers_slots_are_free_again_within_the_lease_ttl(tmp_path, ba
             client.close()
             return False
 
-        wait_for(take_slot, ttl + 5, "five slots again", 0.1)
+        wait_until(take_slot, ttl + 5, "five slots again", 0.1)
         assert time.monotonic() - killed < ttl + 2  # the TTL, plus a respawn
         extra = RawClient(server)
         assert extra.reply()[0] == 421  # five, not more: the dead worker's are gone, not doubled

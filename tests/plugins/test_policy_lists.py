@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from qpgevent.errors import PluginLoadError
-from qpgevent.testing import maildir_messages
+from qpgevent.testing import RawClient, maildir_messages
 
-from policy_helpers import ACCEPT, MESSAGE, RawClient, greeting, mail_rcpt, rcpt, section, send, smtp_from
+from policy_helpers import ACCEPT, MESSAGE, greeting, mail_rcpt, rcpt, section, send, smtp_from
 
 PLUGIN_DIR = str(Path(__file__).resolve().parents[1] / "data" / "plugins")
 
@@ -384,7 +384,7 @@ def test_loadcheck_refuses_with_421_above_max_load(make_server, tmp_path):
     server = make_server(section("loadcheck", max_load=7, cache_time=0, loadavg_file="loadavg") + ACCEPT)
     client = RawClient(server)
     assert client.reply() == (421, "4.7.0 Server load too high, please try again later")
-    assert client.closed_by_server()
+    assert client.is_closed_by_server()
     client.close()
     loadavg(tmp_path, 7.0)  # at max_load is not above it
     assert greeting(server)[0] == 220

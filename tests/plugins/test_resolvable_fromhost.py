@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from qpgevent import dns
 from qpgevent.errors import PluginLoadError
 from qpgevent.testing import maildir_messages
 from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront
@@ -66,18 +65,6 @@ class Probe(Plugin):
 def nsd():
     with LoopbackDns(ZONES, servfail_zones=("broken.test",)) as server:
         yield server
-
-
-@pytest.fixture
-def use_dns():
-    """Point the server's resolver (the per-process default) elsewhere; put the old one back."""
-    previous = dns.set_default(None)
-
-    def use(port, timeout=2.0, cache=True):
-        dns.set_default(dns.Resolver(["127.0.0.1"], port=port, timeout=timeout, cache=cache))
-
-    yield use
-    dns.set_default(previous)
 
 
 @pytest.fixture

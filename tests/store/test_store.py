@@ -19,21 +19,11 @@ import pytest
 
 from qpgevent.store_base import StoreUnavailable
 from qpgevent.store_sqlite import EmbeddedStore
+from qpgevent.testing import wait_until
 
 from store_helpers import make_store
 
 CHILD = Path(__file__).with_name("store_child.py")
-
-
-def wait_for(condition, timeout: float, what: str, step: float = 0.02):
-    """Poll ``condition`` until it is truthy; its value, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        gevent.sleep(step)
 
 
 def where(store) -> str:
@@ -65,7 +55,7 @@ def test_a_value_lapses_at_its_ttl(store):
     store.set("short", "x", ttl=0.4)
     store.set("long", "y", ttl=60)
     assert store.get("short") == "x"
-    wait_for(lambda: store.get("short") is None, 5, "the value lapsing")
+    wait_until(lambda: store.get("short") is None, 5, "the value lapsing")
     assert time.monotonic() - started >= 0.35
     assert store.get("long") == "y"
 
@@ -78,7 +68,7 @@ def test_incr_counts_from_zero_and_each_change_renews_the_ttl(store):
     store.incr("t", 1, ttl=0.5)
     renewed = time.monotonic()
     store.incr("t", 1, ttl=0.5)
-    wait_for(lambda: store.get("t") is None, 5, "the counter lapsing")
+    wait_until(lambda: store.get("t") is None, 5, "the counter lapsing")
     assert time.monotonic() - renewed >= 0.45
     assert store.incr("t", 1, ttl=0.5) == 1  # a lapsed counter starts again from 0
 
@@ -114,10 +104,10 @@ def test_the_window_slides(store):
     store.hit("w", 2, 0.6)
     assert store.hit("w", 2, 0.6) == 3  # full
     # The first event leaves the window before the second: room for exactly one more.
-    wait_for(lambda: store.count("w", 0.6) == 1, 5, "the oldest event leaving the window")
+    wait_until(lambda: store.count("w", 0.6) == 1, 5, "the oldest event leaving the window")
     assert store.hit("w", 2, 0.6) == 2
     assert store.hit("w", 2, 0.6) == 3
-    wait_for(lambda: store.count("w", 0.6) == 0, 5, "the window emptying")
+    wait_until(lambda: store.count("w", 0.6) == 0, 5, "the window emptying")
 
 
 def test_hit_is_atomic_across_processes(store):
@@ -174,7 +164,7 @@ def test_the_leases_of_a_killed_holder_are_free_within_the_ttl(store):
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
         killed = time.monotonic()
-        leases = [wait_for(lambda: store.acquire("per-ip", 5, ttl=30), ttl + 2, "a slot freeing")]
+        leases = [wait_until(lambda: store.acquire("per-ip", 5, ttl=30), ttl + 2, "a slot freeing")]
         leases += [store.acquire("per-ip", 5, ttl=30) for _ in range(4)]
         assert all(leases), "all 5 slots are free again"
         assert time.monotonic() - killed < ttl + 1
@@ -195,7 +185,7 @@ def test_the_leases_of_a_hung_holder_lapse_at_the_ttl(store):
         holder.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         assert store.acquire("hung", 2) is None
-        wait_for(lambda: store.holders("hung") == 0, ttl + 2, "the hung holder's leases lapsing")
+        wait_until(lambda: store.holders("hung") == 0, ttl + 2, "the hung holder's leases lapsing")
         # At most a third of the TTL passed between its last heartbeat and the stop.
         assert time.monotonic() - stopped >= ttl * 2 / 3 - 0.2
     finally:
@@ -224,7 +214,7 @@ def test_an_unreachable_redis_fails_fast_and_is_used_again_once_back(request, tm
     finally:
         redis_server.start()
     back = time.monotonic()
-    wait_for(lambda: _answers(store), 5, "the store answering again", step=0.1)
+    wait_until(lambda: _answers(store), 5, "the store answering again", step=0.1)
     assert time.monotonic() - back < 2  # within the retry interval and a try
     assert not store.is_down
     assert store.get("k") is None  # this Redis keeps nothing across restarts

@@ -33,9 +33,9 @@ LAYERS: dict[int, list[str]] = {
     2: ["connection", "transaction", "config"],
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
-        "store", "services", "shared_counters", "smtp_client"],
-    5: ["session", "tls", "server", "admin", "privileges", "master", "cli", "__main__", "testing", "testing_dns",
-        "testing_redis", "testing_mta"],
+        "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth"],
+    5: ["tls", "session", "dryrun", "server", "admin", "privileges", "master", "cli", "__main__", "testing", "testing_dns",
+        "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
 }
 RANK = {name: (layer, i) for layer, names in LAYERS.items() for i, name in enumerate(names)}
 #: Standard modules that do I/O or concurrency: not in the pure layer either.
@@ -43,7 +43,7 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
              "multiprocessing", "concurrent", "socketserver", "smtplib", "http", "urllib"}
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident",
-              "qpgevent.policy", "qpgevent.smtp_client"}
+              "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults"}
 NEVER_FOR_PLUGINS = {"qpgevent.session", "qpgevent.server", "qpgevent.cli", "qpgevent.hooks",
                      "qpgevent.loader", "qpgevent.config", "qpgevent.testing"}
 
@@ -196,6 +196,9 @@ def test_plugins_import_only_the_plugin_api(path: Path) -> None:
     assert not forbidden, f"{path.name} imports {forbidden}; plugins use only {sorted(PLUGIN_API)}"
     assert not ours & NEVER_FOR_PLUGINS
     other_plugins = {p.stem for p in plugin_files()} | {p.name for p in PLUGINS.iterdir() if p.is_dir()}
+    # A plugin named after the library it wraps (dkim: dkimpy's "dkim") imports the library:
+    # the loader gives plugin modules names of their own, so that is never the plugin itself.
+    other_plugins.discard(path.stem)
     siblings = sorted(top_level(names) & (other_plugins | {"plugins", "qpgevent_plugins"}))
     assert not siblings, f"{path.name} imports other plugins {siblings}"
 

@@ -28,7 +28,9 @@ FIELDS = {"address": "<someone@example.test>", "me": "mx.example.test"}
 #: for a recipient; at queue nobody took the message; at unrecognized_command nobody
 #: handled the verb (a plugin that does returns DONE).
 REFUSING_PASSES = {("rcpt", ReturnCode.DECLINED), ("queue", ReturnCode.DECLINED),
-                   ("unrecognized_command", ReturnCode.DECLINED), ("unrecognized_command", ReturnCode.OK)}
+                   ("unrecognized_command", ReturnCode.DECLINED), ("unrecognized_command", ReturnCode.OK),
+                   # AUTH: no backend said yes, so the credentials are refused (RFC 4954 6: 535).
+                   *((hook, ReturnCode.DECLINED) for hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5"))}
 #: Hooks where the session is over whatever the verdict.
 ALWAYS_CLOSE = {"pre_connection", "connect", "quit"}
 

@@ -68,6 +68,18 @@ class Returns(Plugin):
     def hook_connect(self, session):
         return self._answer("connect", session)
 
+    def hook_auth(self, session, mechanism, user, password, ticket):
+        return self._answer("auth", session)
+
+    def hook_auth_plain(self, session, mechanism, user, password, ticket):
+        return self._answer("auth_plain", session)
+
+    def hook_auth_login(self, session, mechanism, user, password, ticket):
+        return self._answer("auth_login", session)
+
+    def hook_auth_cram_md5(self, session, mechanism, user, password, ticket):
+        return self._answer("auth_cram_md5", session)
+
     def hook_helo(self, session, host):
         return self._answer("helo", session)
 
