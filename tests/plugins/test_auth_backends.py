@@ -82,3 +82,41 @@ def test_checkpassword_timeout_and_crash_are_temporary(make_server, tmp_path):
                              listen="127.0.0.1:0/plainauth", auth_failure_delay=0)
         assert login(server, "x@example.test", "pw") == 454
         server.stop(0.5)
+
+
+def test_cram_md5_end_to_end_through_checkpassword(make_server, tmp_path):
+    """CRAM-MD5 (RFC 2195): the client proves it knows the secret without sending it.
+
+    The checkpassword program knows the plaintext secret, as vchkpw does: it gets the
+    client's digest in the password field and the challenge in the timestamp field.
+    """
+    program = tmp_path / "cram"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import hashlib, hmac, os\n"
+        "user, digest, challenge = os.read(3, 4096).split(b'\\0')[:3]\n"
+        "expected = hmac.new(b's3cret', challenge, hashlib.md5).hexdigest().encode()\n"
+        "raise SystemExit(0 if user == b'dave@example.test' and hmac.compare_digest(digest, expected) else 1)\n")
+    program.chmod(0o755)
+    server = make_server(f"[[auth/checkpassword]]\n  command = {program}\n  cram_md5 = yes\n"
+                         "[[rcpt_ok]]\n  domains = example.test\n",
+                         listen="127.0.0.1:0/plainauth", auth_failure_delay=0)
+    with server.smtp(timeout=10) as client:
+        client.ehlo()
+        assert "CRAM-MD5" in client.esmtp_features["auth"].split()
+        def answer(secret):
+            return lambda challenge=None: "dave@example.test " + _cram(secret, challenge)
+
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.auth("CRAM-MD5", answer(b"wrong"), initial_response_ok=False)
+        assert refused.value.smtp_code == 535
+        assert client.auth("CRAM-MD5", answer(b"s3cret"), initial_response_ok=False)[0] == 235
+        assert client.mail("dave@example.test")[0] == 250
+        assert client.rcpt("someone@elsewhere.test")[0] == 250  # authenticated: may relay
+
+
+def _cram(secret: bytes, challenge: bytes | None) -> str:
+    import hashlib
+    import hmac
+    assert challenge, "CRAM-MD5 starts with a challenge"
+    return hmac.new(secret, challenge, hashlib.md5).hexdigest()
