@@ -9,6 +9,8 @@ import base64
 import re
 import smtplib
 import subprocess
+import sys
+from pathlib import Path
 
 import dkim as dkimpy
 import pytest
@@ -302,6 +304,47 @@ def test_mail_from_a_relay_client_is_signed_and_the_signature_verifies(make_serv
 
         assert dkimpy.verify(mail, dnsfunc=txt_record)
         assert not dkimpy.verify(mail.replace(b"lunch at noon?", b"lunch at one?"), dnsfunc=txt_record)
+    finally:
+        dns.set_default(previous)
+
+
+def test_mail_from_an_authenticated_user_is_signed(make_server, nsd, key, tmp_path):
+    """Real AUTH (auth/flat_file over a plaintext-AUTH listener), no relay plugin: signed."""
+    private, _ = key
+    pem = tmp_path / "sender.test.pem"
+    pem.write_bytes(private)
+    tool = Path(__file__).resolve().parents[2] / "tools" / "qpgevent-adduser"
+    added = subprocess.run([sys.executable, str(tool), "--stdin", str(tmp_path / "users.auth"), "alice@sender.test"],
+                           input="secret\n", text=True, capture_output=True, timeout=30)
+    assert added.returncode == 0, added.stderr
+    previous = dns.set_default(None)
+    try:
+        server = make_server(plugins=f"""
+[[auth/flat_file]]
+  users = users.auth
+[[dkim]]
+  sign_keys = sender.test:sel:{pem}
+[[rcpt_ok]]
+  domains = example.test
+[[queue/maildir]]
+  path = Maildir
+""", listen="127.0.0.1:0/plainauth", auth_failure_delay=0,
+                             dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
+        assert send(server, "alice@sender.test", message())[0] == 250  # not authenticated
+        with server.smtp(timeout=10) as client:
+            client.ehlo()
+            assert client.login("alice@sender.test", "secret")[0] == 235
+            assert client.sendmail("alice@sender.test", ["bob@example.test"], message()) == {}
+        mails = list(maildir_messages(server.maildir).values())
+        [signed] = [mail for mail in mails if b"DKIM-Signature:" in mail]  # one of the two
+        assert len(mails) == 2 and b"with ESMTPA" in signed  # and it is the authenticated one
+        assert signed.split(b"\r\n")[1].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;")
+        resolver = dns.Resolver(["127.0.0.1"], port=nsd.port)
+
+        def txt_record(name, timeout=5):
+            return " ".join(resolver.txt(name.decode().rstrip("."))).encode()
+
+        assert dkimpy.verify(signed, dnsfunc=txt_record)
     finally:
         dns.set_default(previous)
 
