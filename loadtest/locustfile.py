@@ -215,6 +215,7 @@ class SmtpUser(User):
         """CONNECT (to the 220 greeting), EHLO, and STARTTLS + EHLO, AUTH as the options say."""
         options = self.options
         client = smtplib.SMTP(timeout=options.timeout, local_hostname=options.helo)
+        client._host = self.address[0]  # STARTTLS's server_hostname; only SMTP(host) would set it
         self.client = client
         self.step("CONNECT", client.connect, *self.address, expect=(220,))
         self.step("EHLO", client.ehlo)
