@@ -48,7 +48,7 @@ from typing import Any
 from gevent.lock import BoundedSemaphore
 
 from .address import Address
-from .plugin import DECLINED, DENY, DENYSOFT, OK
+from .plugin import DECLINED, DENY, DENYSOFT, OK, Plugin
 
 log = logging.getLogger("qpgevent.smtp_client")
 
@@ -764,3 +764,30 @@ def _describe(error: BaseException) -> str:
 __all__ = ["CONFIGSPEC", "ClientFacts", "ClientOptions", "ConfigurationError", "Downstream",
            "DownstreamError", "Hop", "Pool", "Relay", "Response", "Route", "dot_stuffed", "parse_routes",
            "route_for", "xtext"]
+
+
+class RelayPlugin(Plugin):
+    """What queue/smtp_forward and queue/lmtp share: a ``Relay`` to the next hop.
+
+    The plugin checks recipients with the next hop at RCPT (callahead) and delivers at
+    queue; ``lmtp`` says which protocol. Its hook timeout defaults to the sum of its own
+    network timeouts, so a slow next hop is waited for rather than cut off mid-reply.
+    """
+
+    configspec = CONFIGSPEC
+    lmtp = False
+
+    def setup(self) -> None:
+        try:
+            self.relay = Relay(self.config, lmtp=self.lmtp, logger=self.log)
+        except ConfigurationError as error:
+            raise ValueError(str(error)) from None
+        if self.timeout is None:
+            config = self.config
+            self.timeout = config["connect_timeout"] + 8 * config["command_timeout"] + config["data_timeout"]
+
+    def hook_rcpt(self, session: Any, recipient: Address, params: dict[str, Any]) -> Any:
+        return self.relay.check_recipient(session, recipient)
+
+    def hook_queue(self, session: Any) -> Any:
+        return self.relay.deliver(session)

@@ -40,24 +40,8 @@ Example::
       domains = example.test
 """
 
-from qpgevent.plugin import Plugin
-from qpgevent.smtp_client import CONFIGSPEC, ConfigurationError, Relay
+from qpgevent.smtp_client import RelayPlugin
 
 
-class Lmtp(Plugin):
-    configspec = CONFIGSPEC
-
-    def setup(self):
-        try:
-            self.relay = Relay(self.config, lmtp=True, logger=self.log)
-        except ConfigurationError as error:
-            raise ValueError(str(error)) from None
-        if self.timeout is None:
-            config = self.config
-            self.timeout = config["connect_timeout"] + 8 * config["command_timeout"] + config["data_timeout"]
-
-    def hook_rcpt(self, session, recipient, params):
-        return self.relay.check_recipient(session, recipient)
-
-    def hook_queue(self, session):
-        return self.relay.deliver(session)
+class Lmtp(RelayPlugin):
+    lmtp = True
