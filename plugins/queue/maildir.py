@@ -49,6 +49,7 @@ Example::
       create = no
 """
 
+import contextlib
 import errno
 import itertools
 import os
@@ -145,6 +146,7 @@ class Maildir(Plugin):
                 _make_maildir(mailbox)
         first = os.path.join(mailboxes[0], "tmp", name)
         self._write(first, transaction)
+        delivered = []
         try:
             # Hard links into all new/ folders but the last, and a rename into the last:
             # with one Maildir, that is the classic tmp/ -> new/ rename.
@@ -156,8 +158,16 @@ class Maildir(Plugin):
                     if error.errno not in (errno.EXDEV, errno.EMLINK):
                         raise
                     self._copy_into(mailbox, name, transaction)
+                delivered.append(target)
                 if self.config["fsync"]:
                     _fsync_folder(os.path.join(mailbox, "new"))
+        except BaseException:
+            # The client will hear 4xx and retry: take back what the first recipients
+            # got, so no one has the message twice (never both a 4xx and a delivery).
+            for target in delivered:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+            raise
         finally:
             if os.path.lexists(first):
                 os.unlink(first)  # new/ holds the message now, or nothing does

@@ -64,6 +64,25 @@ def test_one_maildir_per_recipient_one_file_linked(make_server, tmp_path):
     assert (bob / "cur").is_dir() and (carol / "cur").is_dir()
 
 
+def test_a_maildir_that_refuses_the_message_takes_it_back_from_the_others(make_server, tmp_path):
+    """Issue 8's rule: never both a 4xx and a delivery. Bob's link is undone when Carol's fails."""
+    server = make_server(virtual())
+    carol_new = tmp_path / "mail/other.test/carol/new"
+    for sub in ("tmp", "new", "cur"):
+        (carol_new.parent / sub).mkdir(parents=True)
+    # Immutable: even root cannot create a file there (chattr, e2fsprogs; tests run as root).
+    subprocess.run(["chattr", "+i", str(carol_new)], check=True)
+    try:
+        (code, text), refused = send(server, ["bob@example.test", "carol@other.test"])
+    finally:
+        subprocess.run(["chattr", "-i", str(carol_new)], check=True)
+    assert (code, text) == (451, b"4.3.0 cannot store the message right now, try again later")
+    bob = tmp_path / "mail/example.test/bob"
+    assert files(bob / "new") == files(bob / "tmp") == files(carol_new) == []
+    (code, _), _ = send(server, ["bob@example.test", "carol@other.test"])  # the retry: once each
+    assert code == 250 and len(files(bob / "new")) == len(files(carol_new)) == 1
+
+
 def test_user_without_extension(make_server, tmp_path):
     server = make_server(virtual().replace("%d/%l", "%d/%u"))
     send(server, ["bob+lists@example.test"])
