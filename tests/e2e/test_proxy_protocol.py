@@ -30,7 +30,7 @@ import pytest
 from qpgevent.config import load
 from qpgevent.errors import ConfigError
 from qpgevent.proxy import V2_SIGNATURE
-from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, write_ini
+from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, wait_until, write_ini
 
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent / "data" / "plugins")
 PLUGINS = "[[peers]]\n" + DEFAULT_PLUGINS
@@ -347,7 +347,7 @@ def test_a_trusted_proxy_that_says_nothing_gets_421_after_the_timeout(start, ser
 def test_stopping_while_a_proxy_header_is_awaited(start):
     server = start(proxy_timeout=30)
     with connect(server) as sock:
-        gevent.sleep(0.1)
+        wait_until(lambda: server.server.sessions, 5, "the server to take the connection")
         stopper = gevent.spawn(server.stop, 0.1)
         assert read_to_eof(sock) == b"421 4.3.2 Service shutting down, try again later\r\n"
         stopper.join(5)
