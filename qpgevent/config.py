@@ -84,6 +84,8 @@ class Settings:
     #: [proxy]: who may send a PROXY header (empty: nobody), and how long it may take.
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_timeout: float = 5.0
+    #: [limits] park_after: seconds idle before a session waits with no greenlet (0: never).
+    park_after: float = 1.0
     log_format: str = "text"  #: [logging] format: text or json
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
@@ -243,6 +245,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         max_text_line=limits["max_text_line"],
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
+        park_after=limits["park_after"],
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],

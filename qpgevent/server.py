@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -33,6 +34,7 @@ from . import metrics, proxy
 from .config import Listen, Settings
 from .connection import Connection
 from .hooks import HookRunner
+from .parking import Parking, Pause
 from .plugin import Plugin, ip_in
 from .reply import Canned, Reply, reply
 from .session import Session
@@ -164,12 +166,23 @@ def read_proxy_header(sock: socket.socket, timeout: float) -> proxy.ProxyHeader:
             return parsed[0]
 
 
+class _Listener(StreamServer):
+    """A StreamServer that leaves the closing to ``handle``: the socket of a parked
+    session outlives the greenlet it was accepted in."""
+
+    def do_close(self, sock: socket.socket, *args: Any) -> None:
+        pass
+
+
 class SmtpServer:
     def __init__(self, settings: Settings, plugins: list[Plugin], counters: Counters | None = None) -> None:
         self.settings = settings
         self.runner = HookRunner(plugins, settings.plugin_timeout)
         self.servers: list[StreamServer] = []
-        self.sessions: set[gevent.Greenlet] = set()
+        #: What holds a connection now: the greenlet serving it, or the session if parked.
+        self.sessions: set[gevent.Greenlet | Session] = set()
+        #: Sessions idle past [limits] park_after wait here, without a greenlet.
+        self.parking = Parking(settings.park_after, self._resume)
         #: Sessions open, in all and per client address: this process's, or the host's.
         self.counters: Counters = counters if counters is not None else LocalCounters()
         # Room above the limit so that refusals are answered rather than left queued.
@@ -199,7 +212,7 @@ class SmtpServer:
         else:
             policies = [_policy_of(sock, listens) for sock in sockets]
         for sock, listen in zip(sockets, policies):
-            server = StreamServer(sock, lambda s, a, listen=listen: self.handle(s, a, listen), spawn=self._pool)
+            server = _Listener(sock, lambda s, a, listen=listen: self.handle(s, a, listen), spawn=self._pool)
             server.start()
             self.servers.append(server)
 
@@ -212,12 +225,16 @@ class SmtpServer:
             metrics.connection_refused("max_connections")
             self._refuse(sock)
             return
+        parked = False
         try:
-            self._handle(sock, address, lease, listen)
+            parked = self._handle(sock, address, lease, listen)
         finally:
-            lease.release()
+            if not parked:
+                lease.release()
+                sock.close()  # closed already when a session ran; not when a header failed
 
-    def _handle(self, sock: socket.socket, address: Any, lease: Lease, listen: Listen | None = None) -> None:
+    def _handle(self, sock: socket.socket, address: Any, lease: Lease, listen: Listen | None = None) -> bool:
+        """Serve the connection; True if its session parked (it holds ``lease`` still)."""
         local = sock.getsockname()
         connection = Connection(normalize_ip(address[0]), address[1], normalize_ip(local[0]), local[1])
         greenlet = gevent.getcurrent()
@@ -226,19 +243,38 @@ class SmtpServer:
         trusted = self.settings.proxy_trusted
         if trusted and ip_in(connection.remote_ip, trusted) and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
-            return
+            return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
         session = Session(sock, connection, self.runner, self.settings, self.counters.count,
-                          listen=listen, tls=self.tls)
+                          listen=listen, tls=self.tls, parking=self.parking)
+        return self._serve(session, lease, greenlet, session.run)
+
+    def _resume(self, session: Session, timed_out: bool, lease: Lease) -> None:
+        """A parked session woke (in a new greenlet, in its own context): go on with it."""
+        self.sessions.discard(session)
+        greenlet = gevent.getcurrent()
+        self.sessions.add(greenlet)
+        self._serve(session, lease, greenlet, lambda: session.resume(timed_out))
+
+    def _serve(self, session: Session, lease: Lease, greenlet: gevent.Greenlet,
+               part: Callable[[], Pause | None]) -> bool:
+        """Run ``part`` of the session; then close the connection, or park the session (True)."""
+        pause = None
         try:
-            session.run()
+            pause = part()
         except gevent.GreenletExit:
             pass  # stopped by the server; the session has said 421
         finally:
             self.sessions.discard(greenlet)
-            lease.release()  # the session is over, even if the close lingers
-            close_gracefully(session.sock)  # the TLS socket after STARTTLS
-            self.runner.notify("post_connection", session)
+            if pause is None:
+                lease.release()  # the session is over, even if the close lingers
+                close_gracefully(session.sock)  # the TLS socket after STARTTLS
+                self.runner.notify("post_connection", session)
+        if pause is None:
+            return False
+        self.sessions.add(session)
+        self.parking.park(session, pause, lease)
+        return True
 
     def _proxied(self, sock: socket.socket, connection: Connection) -> bool:
         """Read the PROXY header of a trusted proxy into ``connection``; or 421, close, False."""
@@ -291,13 +327,14 @@ class SmtpServer:
         """Stop accepting; let sessions finish for ``timeout`` seconds; close the rest with 421."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         self.stop_accepting()
+        self.parking.stop_parking()  # parked sessions wait in greenlets again, to end as all do
         # Every greenlet of the pool, not only self.sessions: a connection accepted just
         # before the close may not have started its greenlet yet, and is in flight too.
-        in_flight = list(self._pool)
+        in_flight = list(self._pool) + list(self.parking.resumed)
         if in_flight:
             log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(in_flight))
             gevent.wait(in_flight, timeout=timeout)
-        in_flight = list(self._pool)
+        in_flight = list(self._pool) + list(self.parking.resumed)
         if in_flight:
             log.info("stopping: closing %d session(s) still open", len(in_flight))
             gevent.killall(in_flight, block=True, timeout=5)

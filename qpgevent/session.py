@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import email.utils
 import logging
 import os
@@ -30,6 +31,7 @@ from .config import Listen, Settings
 from .connection import Connection
 from .hooks import HookRunner
 from .log import SessionLogger, bind_session, redact
+from .parking import Parking, Pause
 from .protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Data, Ehlo, Helo, Help,
                        Limits, Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset,
                        SmtpProtocol, Starttls, State, Unknown, Vrfy)
@@ -47,11 +49,22 @@ class SessionClosed(Exception):
     """The client went away, or we closed; the session ends without further replies."""
 
 
+class _Parked(Exception):
+    """Unwinds the session's greenlet when it parks; ``Session._hold`` catches it."""
+
+    def __init__(self, pause: Pause) -> None:
+        super().__init__()
+        self.pause = pause
+
+
 class Session:
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
-                 listen: Listen | None = None, tls: TlsContexts | None = None) -> None:
+                 listen: Listen | None = None, tls: TlsContexts | None = None,
+                 parking: Parking | None = None) -> None:
         self.sock = sock
+        #: When to park while waiting for a command (None: never); see qpgevent.parking.
+        self.parking = parking
         #: This listener's policy (implicit TLS, submission...), and the TLS contexts (None: no TLS).
         self.listen = listen or Listen("", 0)
         self.tls = tls
@@ -128,27 +141,36 @@ class Session:
         return bool(readable)
 
     # -- the conversation ----------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> Pause | None:
+        """Hold the conversation from the connect: None once it has ended, or a Pause.
+
+        A Pause means the session parked (``qpgevent.parking``): it waits for its client
+        without a greenlet, and ``resume`` goes on with it, in the Pause's context.
+        """
         bind_session(self)  # lines that plugins and services log get our ids
         scoreboard.add(self)
         metrics.connection_opened()
-        try:
-            self._run()
-        finally:
-            scoreboard.discard(self)
-            metrics.connection_closed()
-
-    def _run(self) -> None:
         connection = self.connection
         via = f" via proxy {connection.proxy_ip}:{connection.proxy_port}" if connection.proxy_ip else ""
         self.log.info("connect from %s:%s to %s:%s%s", connection.remote_ip, connection.remote_port,
                       connection.local_ip, connection.local_port, via)
-        # The DNS time every hook of this session may spend, in all ([dns] session_budget).
+        # The DNS time every hook of this session may spend, in all ([dns] session_budget);
+        # a parked session keeps it in its Pause's context.
         seconds = self.settings.dns_session_budget
+        with dns.budget(seconds) if seconds else contextlib.nullcontext():
+            return self._hold(self._open)
+
+    def resume(self, timed_out: bool) -> Pause | None:
+        """Go on after parking: read what woke us, or say we timed out (as ``run``)."""
+        return self._hold(self._timed_out if timed_out else self._converse)
+
+    def _hold(self, part: Callable[[], Any]) -> Pause | None:
+        """Run ``part`` of the conversation; end the session unless it parked."""
+        pause = None
         try:
-            with dns.budget(seconds) if seconds else contextlib.nullcontext():
-                if self._start():
-                    self._converse()
+            part()
+        except _Parked as parked:
+            pause = parked.pause
         except SessionClosed:
             pass
         except gevent.GreenletExit:
@@ -158,7 +180,17 @@ class Session:
             self.log.exception("internal error; closing the session")
             self._shutdown_reply(reply(421, "4.3.0", "Internal error, closing connection", close=True))
         finally:
-            self._finish()
+            if pause is None:
+                try:
+                    self._finish()
+                finally:
+                    scoreboard.discard(self)
+                    metrics.connection_closed()
+        return pause
+
+    def _open(self) -> None:
+        if self._start():
+            self._converse()
 
     def _start(self) -> bool:
         if self.listen.implicit_tls and self.tls is not None:
@@ -192,14 +224,10 @@ class Session:
 
     def _receive(self) -> None:
         in_data = self.protocol.state is State.DATA
-        self.sock.settimeout(self.settings.data_timeout if in_data else self.settings.command_timeout)
         try:
-            data = self.sock.recv(READ_SIZE)
+            data = self._recv(in_data)
         except TimeoutError:
-            self.log.info("timeout %s", "in DATA" if in_data else "waiting for a command")
-            self._send(Canned.TIMEOUT.with_text(f"{self.me} Timeout, closing connection"))
-            self._flush()
-            raise SessionClosed from None
+            self._timed_out(in_data)
         except OSError as error:
             self.log.info("read failed: %s", error)
             raise SessionClosed from None
@@ -210,6 +238,29 @@ class Session:
             if looks_like_header(data):
                 self._untrusted_proxy()
         self.protocol.receive_data(data)
+
+    def _recv(self, in_data: bool) -> bytes:
+        """The client's next bytes; raises _Parked past ``[limits] park_after`` of silence.
+
+        Only between commands: mid-DATA the client is sending, and a TLS session with
+        decrypted bytes buffered has input the socket's watcher would never report.
+        """
+        timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        after = self.parking.after if self.parking is not None and not in_data else None
+        if after is None or after >= timeout or getattr(self.sock, "pending", _nothing)():
+            self.sock.settimeout(timeout)
+            return self.sock.recv(READ_SIZE)
+        self.sock.settimeout(after)
+        try:
+            return self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _timed_out(self, in_data: bool = False) -> None:
+        self.log.info("timeout %s", "in DATA" if in_data else "waiting for a command")
+        self._send(Canned.TIMEOUT.with_text(f"{self.me} Timeout, closing connection"))
+        self._flush()
+        raise SessionClosed
 
     def _untrusted_proxy(self) -> None:
         """A PROXY header from an address not in ``[proxy] trusted`` (or a second header).
@@ -735,6 +786,10 @@ def _describe(event: Any) -> str:
         return "AUTH"
     verb = event.verb.upper()
     return verb if verb.isascii() and verb.isalpha() and len(verb) <= 12 else "unknown command"
+
+
+def _nothing() -> int:
+    return 0
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,92 @@
+"""Idle sessions without a greenlet: how thousands of quiet clients stay cheap.
+
+A session waiting for its client's next command holds a greenlet, and a greenlet parked
+in ``recv()`` keeps its Python frames and its saved slice of the C stack: about 9 KiB,
+more than the session's own objects. So past ``[limits] park_after`` seconds of silence
+the session *parks*: its greenlet ends (everything the conversation needs lives in the
+``Session`` and its protocol object, not on the stack), and two watchers on the event
+loop wait in its place, one for input and one for the rest of ``command_timeout``.
+Input wakes the session into a new greenlet that goes on where it stopped; the timer
+wakes it to say 421 and close, as if it had waited all along. A parked session is its
+socket, its objects and two watchers.
+
+``Parking`` holds the parked sessions of one server. The server decides what a woken
+session runs (``resume``); the session decides when to park (``Session._recv``), and
+reads ``after`` for that each time, so ``stop_parking`` takes effect at once: a server
+that stops wakes every parked session and lets none park again, so that each one ends
+the usual way, within ``shutdown_timeout`` or with 421.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import gevent
+from gevent.pool import Group
+
+
+class Pause:
+    """A parked session's place in time: its context (log ids, DNS budget), its time left.
+
+    ``context`` is the session greenlet's ``contextvars`` context as it parked: the woken
+    session runs in it. ``seconds_left``: of ``command_timeout``, when it must give up.
+    """
+
+    __slots__ = ("context", "seconds_left")
+
+    def __init__(self, context: contextvars.Context, seconds_left: float) -> None:
+        self.context, self.seconds_left = context, seconds_left
+
+
+class Session(Protocol):
+    """What parking needs of a session (qpgevent.session.Session): its socket."""
+
+    @property
+    def sock(self) -> Any: ...
+
+
+class Parking:
+    """The parked sessions of one server, and the greenlets of the ones woken."""
+
+    def __init__(self, after: float, resume: Callable[..., None]) -> None:
+        #: Seconds of silence before a session parks; None: sessions do not park.
+        self.after: float | None = after or None
+        #: Called in a new greenlet, in the session's saved context, as
+        #: ``resume(session, timed_out, *args)`` with the ``args`` given to ``park``.
+        self._resume = resume
+        self._parked: dict[Session, tuple[Any, Any, Pause, tuple[Any, ...]]] = {}
+        #: The greenlets of woken sessions, for the server to wait for when it stops.
+        self.resumed = Group()
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def __contains__(self, session: object) -> bool:
+        return session in self._parked
+
+    def park(self, session: Session, pause: Pause, *args: Any) -> None:
+        """Wait for ``session``'s input, or for ``pause.seconds_left``, with no greenlet."""
+        loop = gevent.get_hub().loop
+        reader = loop.io(session.sock.fileno(), 1)  # 1: readable (EV_READ)
+        timer = loop.timer(max(pause.seconds_left, 0.0))
+        self._parked[session] = (reader, timer, pause, args)
+        reader.start(self._wake, session, False)
+        timer.start(self._wake, session, True)
+
+    def stop_parking(self) -> None:
+        """No session parks from now on, and every parked one is woken to wait in a greenlet."""
+        self.after = None
+        for session in list(self._parked):
+            self._wake(session, False)
+
+    def _wake(self, session: Session, timed_out: bool) -> None:
+        # Runs in the hub: both watchers may fire in one loop turn, the second finds it gone.
+        parked = self._parked.pop(session, None)
+        if parked is None:
+            return
+        reader, timer, pause, args = parked
+        reader.close()
+        timer.close()
+        self.resumed.spawn(pause.context.run, self._resume, session, timed_out, *args)
