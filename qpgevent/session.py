@@ -58,6 +58,9 @@ class _Parked(Exception):
 
 
 class Session:
+    #: The client ended the session with QUIT (it expects nothing after our 221).
+    client_quit = False
+
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  listen: Listen | None = None, tls: TlsContexts | None = None,
@@ -728,6 +731,7 @@ class Session:
         self._ask_and_send("help", command.argument)
 
     def on_quit(self, command: Quit) -> None:
+        self.client_quit = True
         self._ask_and_send("quit")
         if self.protocol.state is not State.CLOSED:
             raise SessionClosed  # RFC 5321 4.1.1.10: QUIT ends it, even if a plugin answered (DONE)
