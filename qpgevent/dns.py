@@ -42,6 +42,7 @@ from typing import Any
 
 import dns.exception
 import dns.name
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
@@ -123,14 +124,26 @@ _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("qpgeve
                                                                          default=None)
 
 
-@contextlib.contextmanager
-def budget(seconds: float) -> Iterator[None]:
+class _BudgetBlock:
+    """The ``with`` block of one ``budget`` call (a class: a generator is dear per session)."""
+
+    __slots__ = ("seconds", "token")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.token: contextvars.Token[_Budget | None] | None = None
+
+    def __enter__(self) -> None:
+        self.token = _budget.set(_Budget(self.seconds, _budget.get()))
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.token is not None
+        _budget.reset(self.token)
+
+
+def budget(seconds: float) -> _BudgetBlock:
     """Allow the look-ups inside ``seconds`` of DNS waiting in all (nested budgets: the tighter wins)."""
-    token = _budget.set(_Budget(seconds, _budget.get()))
-    try:
-        yield
-    finally:
-        _budget.reset(token)
+    return _BudgetBlock(seconds)
 
 
 def remaining_budget() -> float | None:
@@ -140,29 +153,37 @@ def remaining_budget() -> float | None:
 
 
 def parallel(calls: Sequence[Call], return_exceptions: bool = False) -> list[Any]:
-    """Run ``calls`` at once, one greenlet each; return their results in the order given.
+    """Run ``calls`` at once, one greenlet each (one call alone runs in the caller's);
+    return their results in the order given.
 
     A call is a callable or a tuple ``(callable, arg, ...)``. Each runs under the caller's
     DNS budget. When calls raise, the first exception (in call order) is raised once all
     have ended; with ``return_exceptions`` it takes that call's place in the list instead.
     If the caller is interrupted (its hook timed out), the calls still running are killed.
     """
-    jobs = []
-    for call in calls:
-        function, args = (call[0], call[1:]) if isinstance(call, tuple) else (call, ())
+    calls = list(calls)
+    if len(calls) < 2:
+        # Nothing to wait for at once: run it here (as most callers ask for one call, or
+        # none), in a copy of our context as its own greenlet would have.
+        outcomes = [contextvars.copy_context().run(_capture, *_split(call)) for call in calls]
+    else:
         # A new greenlet starts with an empty context: give each its own copy of ours.
-        jobs.append(gevent.spawn(contextvars.copy_context().run, _capture, function, args))
-    try:
-        gevent.joinall(jobs)
-    finally:
-        gevent.killall([job for job in jobs if not job.dead], block=False)
+        jobs = [gevent.spawn(contextvars.copy_context().run, _capture, *_split(call)) for call in calls]
+        try:
+            gevent.joinall(jobs)
+        finally:
+            gevent.killall([job for job in jobs if not job.dead], block=False)
+        outcomes = [job.value for job in jobs]
     results = []
-    for job in jobs:
-        ok, value = job.value
+    for ok, value in outcomes:
         if not ok and not return_exceptions:
             raise value
         results.append(value)
     return results
+
+
+def _split(call: Call) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    return (call[0], call[1:]) if isinstance(call, tuple) else (call, ())
 
 
 def _capture(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
@@ -253,7 +274,9 @@ class Resolver:
 
     def ptr(self, ip: str) -> list[str]:
         """The names of ``ip`` (in-addr.arpa or ip6.arpa)."""
-        qname = dns.reversename.from_address(str(_ip(ip)))
+        qname = _REVERSED.get(ip)
+        if qname is None:
+            qname = _remember(_REVERSED, ip, dns.reversename.from_address(str(_ip(ip))))
         return [_host(rdata.target) for rdata in self._records(qname, dns.rdatatype.PTR)]
 
     def addresses(self, name: str) -> list[str]:
@@ -311,14 +334,24 @@ class Resolver:
         qname = name if isinstance(name, dns.name.Name) else _to_name(name)
         if qname is None:
             return []
+        cache = self._resolver.cache
+        if cache is not None:
+            # What dnspython's resolve would answer from its cache, without its query
+            # machinery. Nothing is waited for, so no budget is spent.
+            cached = cache.get((qname, rdtype, dns.rdataclass.IN))
+            if cached is not None:  # not a look-up for the metrics: it would flatter the latency
+                return list(cached) if cached.rrset is not None else []  # no data: NoAnswer
+            cached = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            if cached is not None and cached.response.rcode() == dns.rcode.NXDOMAIN:
+                # dnspython keeps NXDOMAIN under ANY (the name has no type at all); the
+                # metrics have always counted these hits as look-ups, and still do.
+                metrics.observe_dns(0.0, "nxdomain")
+                return []
         lifetime = self.timeout
-        left = remaining_budget()
+        current = _budget.get()
+        left = None if current is None else current.remaining()
         if left is not None and left < lifetime:
             lifetime = left  # 0 still answers from the cache: dnspython looks there first
-        what = f"{qname.to_text(omit_final_dot=True)} {dns.rdatatype.to_text(rdtype)}"
-        current = _budget.get()
-        cache = self._resolver.cache
-        cached = cache is not None and cache.get((qname, rdtype, dns.rdataclass.IN)) is not None
         started, outcome = time.monotonic(), "answer"
         try:
             with current.spending() if current is not None else contextlib.nullcontext():
@@ -332,14 +365,14 @@ class Resolver:
         except dns.resolver.LifetimeTimeout:
             outcome = "timeout"
             if lifetime < self.timeout:
-                raise TemporaryFailure(f"{what}: DNS time budget used up") from None
-            raise TemporaryFailure(f"{what}: no answer in {self.timeout}s") from None
+                raise TemporaryFailure(f"{_what(qname, rdtype)}: DNS time budget used up") from None
+            raise TemporaryFailure(f"{_what(qname, rdtype)}: no answer in {self.timeout}s") from None
         except dns.exception.DNSException as error:
             outcome = "error"
-            raise TemporaryFailure(f"{what}: {error}") from None
+            raise TemporaryFailure(f"{_what(qname, rdtype)}: {error}") from None
         finally:
-            if not cached:  # only what went to the network: cache hits would flatter the latency
-                metrics.observe_dns(time.monotonic() - started, outcome)
+            # Only what went to the network: cache hits, returned above, would flatter the latency.
+            metrics.observe_dns(time.monotonic() - started, outcome)
         return list(answer)
 
 
@@ -353,8 +386,37 @@ def ascii_name(text: str) -> str | None:
     return None if name is None else _host(name)
 
 
+#: Names already made: the same clients, hosts and zones come back all day, and making a
+#: name (IDNA, reversed octets) is the dearest part of a look-up answered from the cache.
+#: A memo is emptied when full: simpler than LRU, and what is still in use comes back.
+_PARSED: dict[str, dns.name.Name] = {}  #: text -> its name (``_to_name``)
+_REVERSED: dict[str, dns.name.Name] = {}  #: IP text -> its in-addr.arpa / ip6.arpa name
+MEMO_SIZE = 10000
+
+
+def _remember(memo: dict[str, dns.name.Name], key: str, name: dns.name.Name) -> dns.name.Name:
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = name
+    return name
+
+
+def _what(qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> str:
+    """A look-up as an error message names it: ``mail.example.test MX``."""
+    return f"{qname.to_text(omit_final_dot=True)} {dns.rdatatype.to_text(rdtype)}"
+
+
 def _to_name(text: str) -> dns.name.Name | None:
     """An absolute name, IDNA 2008-encoded; None for text that cannot be a DNS name."""
+    name = _PARSED.get(text)
+    if name is None:
+        name = _parse_name(text)
+        if name is not None:
+            _remember(_PARSED, text, name)
+    return name
+
+
+def _parse_name(text: str) -> dns.name.Name | None:
     try:
         name = dns.name.from_text(text, origin=dns.name.root, idna_codec=IDNA)
     except dns.name.NoIDNA2008:

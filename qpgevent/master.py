@@ -547,6 +547,10 @@ class _WorkerProcess:
         server = SmtpServer(settings, self.generation.plugins, counters=self.counters)
         server.runner.notify("post_fork", None)  # plugins open their pools here
         server.start(sockets=self.listeners)
+        # What the worker has built by now (modules, plugins, the master's heap) lives as
+        # long as it does: out of the collector's sight, a full collection walks only what
+        # sessions make, and pages shared with the master are not written to.
+        gc.freeze()
         if self.generation.size > 1:
             # gunicorn's choice: one accept per wake-up, so a burst spreads over the workers.
             for stream_server in server.servers:

@@ -509,6 +509,17 @@ def _split_path(text: str) -> tuple[str, list[str]]:
     if not text.startswith("<"):
         first, _, rest = text.partition(" ")
         return first, rest.split()
+    close = _closing_bracket(text)
+    rest = text[close + 1:]
+    if close < 0 or (rest and not rest.startswith(" ")):
+        return "", []
+    return text[:close + 1], rest.split()
+
+
+def _closing_bracket(text: str) -> int:
+    """Where the ``>`` that ends the path is in ``text``, or -1."""
+    if '"' not in text:
+        return text.find(">")  # nothing quoted: the first one
     quoted = escaped = False
     for i, char in enumerate(text):
         if escaped:
@@ -518,8 +529,5 @@ def _split_path(text: str) -> tuple[str, list[str]]:
         elif char == '"':
             quoted = not quoted
         elif char == ">" and not quoted:
-            rest = text[i + 1:]
-            if rest and not rest.startswith(" "):
-                return "", []
-            return text[:i + 1], rest.split()
-    return "", []
+            return i
+    return -1

@@ -265,6 +265,10 @@ _ANSWERING_HOOKS = frozenset(REPLY_TABLE)
 _CLOSE_ON_ERROR = frozenset({"pre_connection", "connect"})
 
 
+#: The answers without a reply, made once: most hooks, most of the time, say nothing.
+_NOTHING_TO_SAY = {outcome: Answer(outcome, None) for outcome in Outcome}
+
+
 class _Fields(dict[str, str]):
     """Template fields; a field the caller did not give shows as itself, never a KeyError."""
 
@@ -288,13 +292,13 @@ def answer(hook: str, verdict: Verdict, **fields: str) -> Answer:
         else:
             return Answer(R, INTERNAL_ERROR)
     if verdict.code is ReturnCode.DONE and hook in _ANSWERING_HOOKS:
-        return Answer(Outcome.ANSWERED, None)
+        return _NOTHING_TO_SAY[Outcome.ANSWERED]
     rules = REPLY_TABLE.get(hook)
     if rules is None:
-        return Answer(P, None)
+        return _NOTHING_TO_SAY[P]
     rule = rules.get(verdict.code, SILENT)
     if rule.code == 0:
-        return Answer(rule.outcome, None)
+        return _NOTHING_TO_SAY[rule.outcome]
     code, enhanced = rule.code, rule.enhanced
     lines = [line for text in verdict.message for line in text.split("\n")]
     lines = [line.rstrip("\r") for line in lines]

@@ -1,7 +1,9 @@
 """The listening side: sockets, one greenlet per connection, the connection limit, stop.
 
 Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
-``Connection`` and a ``Session`` in its own greenlet. Beyond ``max_connections`` a
+``Connection`` and a ``Session`` in its own greenlet; a session idle past ``[limits]
+park_after`` gives its greenlet up and waits parked (``qpgevent.parking``), and gets a
+new one when its client speaks. Beyond ``max_connections`` a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
 ``stop`` stops accepting, gives sessions in flight up to ``shutdown_timeout`` to end,
 then closes the rest with 421.

@@ -91,11 +91,16 @@ def identify(connection: Connection, settings: Settings, logger: Any = log) -> N
 def _confirmed_name(ip: str, seconds: float) -> tuple[str, str | None, str]:
     """("pass", name, "") or ("fail", None, "") or ("temperror", None, why), within ``seconds``."""
     # dns.fcrdns is a PTR look-up, then A/AAAA look-ups: each has the DNS timeout, the two
-    # together must not take more either.
-    expired = dns.TemporaryFailure(f"no confirmed answer within {seconds:g}s")
+    # together must not take more either. The Timeout itself is raised, not an Exception
+    # of ours: dnspython catches Exception around each query (and would try again).
+    deadline = gevent.Timeout(seconds)
     try:
-        with gevent.Timeout(seconds, expired):
+        with deadline:
             name = dns.fcrdns(ip)
+    except gevent.Timeout as error:
+        if error is not deadline:
+            raise
+        return "temperror", None, f"no confirmed answer within {seconds:g}s"
     except dns.TemporaryFailure as error:
         return "temperror", None, str(error)
     return ("pass", name, "") if name else ("fail", None, "")

@@ -100,14 +100,6 @@ class Session:
         if scoreboard.active():
             runner.observe(HOOK_ACTIVITY)
         self._heard = False  #: the client has sent something
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            Helo: self.on_helo, Ehlo: self.on_ehlo, Mail: self.on_mail, Rcpt: self.on_rcpt,
-            Data: self.on_data, Rset: self.on_rset, Noop: self.on_noop, Quit: self.on_quit,
-            Vrfy: self.on_vrfy, Help: self.on_help, Unknown: self.on_unknown,
-            Rejected: self.on_rejected, MessageData: self.on_message_data,
-            MessageEnd: self.on_message_end, Starttls: self.on_starttls, Auth: self.on_auth,
-            AuthResponse: self.on_auth_response,
-        }
 
     # -- what plugins use ----------------------------------------------------
     @property
@@ -223,7 +215,7 @@ class Session:
                 return
             else:
                 self._doing = _describe(event)
-                self._handlers[type(event)](event)
+                getattr(self, _HANDLERS[type(event)])(event)
 
     def _receive(self) -> None:
         in_data = self.protocol.state is State.DATA
@@ -315,9 +307,10 @@ class Session:
             pass
         self._reset_transaction()
         self.runner.notify("disconnect", self)
-        summary = self.summary()
-        self.log.info("disconnect: %s", " ".join(f"{key}={_text(value)}" for key, value in summary.items()),
-                      extra={"fields": summary})
+        if self.log.isEnabledFor(logging.INFO):  # the line is dear to make, and often not kept
+            summary = self.summary()
+            self.log.info("disconnect: %s", " ".join(f"{key}={_text(value)}" for key, value in summary.items()),
+                          extra={"fields": summary})
 
     def summary(self) -> dict[str, Any]:
         """The one line per connection (Haraka's lesson): who, what, how it ended."""
@@ -712,7 +705,7 @@ class Session:
             remote = f"{_printable(connection.remote_info)}@{remote}"
         recipients = transaction.recipients
         recipient = f"\n\tfor {recipients[0].format()}" if len(recipients) == 1 else ""
-        date = email.utils.formatdate(localtime=True)
+        date = _received_date()
         return (f"from {helo} ({remote} [{connection.remote_ip}])\n"
                 f"\tby {self.me} (qpgevent {__version__}) with {protocol} id {transaction.id}"
                 f"{recipient};\n\t{date}")
@@ -773,6 +766,14 @@ class _HookActivity:
 
 
 HOOK_ACTIVITY = _HookActivity()
+#: Event type -> the Session method that handles it (a name: one table per process, not a
+#: dict of bound methods per session).
+_HANDLERS: dict[type, str] = {
+    Helo: "on_helo", Ehlo: "on_ehlo", Mail: "on_mail", Rcpt: "on_rcpt", Data: "on_data", Rset: "on_rset",
+    Noop: "on_noop", Quit: "on_quit", Vrfy: "on_vrfy", Help: "on_help", Unknown: "on_unknown",
+    Rejected: "on_rejected", MessageData: "on_message_data", MessageEnd: "on_message_end",
+    Starttls: "on_starttls", Auth: "on_auth", AuthResponse: "on_auth_response",
+}
 _SENDER_MAPS: dict[str, auth.SenderMap] = {}  #: [auth] senders path -> its map (one per process)
 #: Verbs the core knows: a refused line's verb is a metric label only if it is one of these.
 _VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})
@@ -815,3 +816,16 @@ def _rewritten(verdict: Verdict, path: str) -> str:
 
 def _printable(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]
+
+
+_date_second, _date_text = -1, ""  #: the wall-clock second _received_date last made, and its text
+
+
+def _received_date() -> str:
+    """``email.utils.formatdate(localtime=True)``, made once a second: every message's
+    Received header needs it, and it costs more than the rest of the header."""
+    global _date_second, _date_text
+    now = time.time()
+    if int(now) != _date_second:
+        _date_second, _date_text = int(now), email.utils.formatdate(now, localtime=True)
+    return _date_text

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import mmap
 import os
 import struct
 import tempfile
-from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 SLOT = 16  #: one client address: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d)
 _HEADER = struct.Struct("=IIQ")  # owner pid, used slots, padding (keeps slots 16-aligned)
@@ -42,6 +42,7 @@ PENDING = b"\xff" * SLOT  # a session whose address is not known yet (PROXY head
 DEFAULT_CAPACITY = 65536
 
 
+@functools.lru_cache(maxsize=4096)  # a few microseconds per session otherwise; clients come back
 def address_key(ip: str) -> bytes:
     """The 16 octets that stand for ``ip`` in the table (192.0.2.1 is ::ffff:192.0.2.1)."""
     try:
@@ -124,14 +125,11 @@ class SharedTable:
         self._file = tempfile.TemporaryFile(prefix="qpgevent-counters-")
         os.ftruncate(self._file.fileno(), rows * self.row_size)
         self.map = mmap.mmap(self._file.fileno(), rows * self.row_size, mmap.MAP_SHARED)
+        self._lock = _FileLock(self._file.fileno())
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._file.fileno(), fcntl.LOCK_UN)
+    def locked(self) -> _FileLock:
+        """``with table.locked():`` holds the lock on the table, across processes."""
+        return self._lock
 
     def header(self, row: int) -> tuple[int, int]:
         pid, used, _ = _HEADER.unpack_from(self.map, row * self.row_size)
@@ -194,6 +192,22 @@ class SharedTable:
     def close(self) -> None:
         self.map.close()
         self._file.close()
+
+
+class _FileLock:
+    """An ``fcntl.lockf`` lock on a file, as a ``with`` block (a class: this is taken three
+    times per session, and a generator-based context manager costs more than the lock)."""
+
+    __slots__ = ("fileno",)
+
+    def __init__(self, fileno: int) -> None:
+        self.fileno = fileno
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self.fileno, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        fcntl.lockf(self.fileno, fcntl.LOCK_UN)
 
 
 class SharedLease:

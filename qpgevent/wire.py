@@ -104,21 +104,25 @@ class DataReader:
         lines = region.split(CRLF)[:-1]
         out: list[bytes] = []
         rest: bytes | None = None
-        if b"\r\n." in region or (region.startswith(b".") and not self._mid_line):
-            # Slow path, rare: a line starts with a dot (stuffed, or the end marker).
-            kept = []
-            for i, line in enumerate(lines):
-                at_start = i > 0 or not self._mid_line
-                if at_start and line == b".":
-                    rest = CRLF.join(lines[i + 1:]) + (CRLF if i + 1 < len(lines) else b"")
+        starts_with_dot = region.startswith(b".") and not self._mid_line
+        dot_line = -1 if starts_with_dot else region.find(b"\r\n.")
+        if starts_with_dot or dot_line >= 0:
+            # A line starts with a dot (stuffed, or the end marker: once per message).
+            # The lines before the first such line stay as they are, in one piece.
+            first = dot_line + 2 if dot_line >= 0 else 0
+            head, tail = region[:first], region[first:].split(CRLF)[:-1]
+            unstuffed = []
+            for i, line in enumerate(tail):
+                if line == b".":
+                    rest = CRLF.join(tail[i + 1:]) + (CRLF if i + 1 < len(tail) else b"")
                     rest += self._partial
                     self._partial = b""
                     break
-                if at_start and line.startswith(b"."):
+                if line.startswith(b"."):
                     line = line[1:]  # RFC 5321 4.5.2: remove the doubled leading dot
-                kept.append(line)
-            lines = kept
-            body = b"".join(line + CRLF for line in lines)
+                unstuffed.append(line)
+            body = head + b"".join(line + CRLF for line in unstuffed)
+            lines = lines[:len(lines) - len(tail)] + unstuffed
         else:
             body = region
         self._mid_line = False
@@ -150,10 +154,11 @@ class DataReader:
         self.size += len(body)
         if lines and max(map(len, lines)) + 2 > self.max_line:
             self.problems.line_too_long = True
-        self._check_bare(body)
+        self._check_bare(body, len(lines))  # ``body`` is ``lines``, each ended by its CRLF
 
-    def _check_bare(self, chunk: bytes) -> None:
-        crlf = chunk.count(CRLF)
+    def _check_bare(self, chunk: bytes, crlf: int | None = None) -> None:
+        if crlf is None:
+            crlf = chunk.count(CRLF)
         if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
             if not self.allow_bare_lf:
                 self.problems.bare_line_ending = True

@@ -193,6 +193,18 @@ def test_slow_dns_is_cut_at_the_timeout(start, nsd):
     assert 0.35 <= elapsed < 0.9, elapsed
 
 
+def test_the_reverse_and_forward_look_ups_together_keep_to_the_timeout(start, nsd):
+    # Each answer comes within dns_timeout (0.4 s late, 0.5 s allowed), the two together
+    # would not: the name is not confirmed, and the greeting comes at the timeout.
+    with SlowDnsFront(nsd.port, delay=0.4) as slow:
+        server = start(SHOW_NOTES, dns_port=slow.port, dns_timeout=0.5, dns_cache_size=0)
+        elapsed, client = timed_greeting(server)
+        with client:
+            client.ehlo()
+            assert notes(client) == {"fcrdns": "temperror", "remote_host": "None", "remote_info": "None"}
+    assert 0.45 <= elapsed < 0.75, elapsed
+
+
 def test_sessions_look_up_at_once(start, nsd):
     # 50 clients, each name 0.3 s away (PTR, then A: 0.6 s): 0.6 s in all, not 30 s.
     with SlowDnsFront(nsd.port, delay=0.3) as slow:
