@@ -92,6 +92,7 @@ QUICK_EXIT = 5.0  #: a worker that dies sooner than this after its start died "a
 BACKOFF_FIRST = 0.5  #: seconds before respawning a worker that died at once; doubles
 BACKOFF_MAX = 30.0
 KILL_GRACE = 10.0  #: seconds past shutdown_timeout before a stopping worker is SIGKILLed
+ACCEPTS_PER_WAKE = 32  #: connections a worker accepts per wake-up, when there are several workers
 READY, CLOSED = b"R", b"C"  #: what a worker says over its pipe
 #: Settings a reload cannot change (the sockets are bound, root is gone, the admin server
 #: runs in the master): setting -> its name in the ini.
@@ -551,10 +552,18 @@ class _WorkerProcess:
         # long as it does: out of the collector's sight, a full collection walks only what
         # sessions make, and pages shared with the master are not written to.
         gc.freeze()
+        # A session makes thousands of short-lived containers, nearly all freed by reference
+        # counting: collecting the youngest generation every 700 allocations (the default)
+        # finds almost nothing each time. Every 20,000: ~1 % of the CPU back, cycles still
+        # bounded to a few MiB.
+        gc.set_threshold(20_000, *gc.get_threshold()[1:])
         if self.generation.size > 1:
-            # gunicorn's choice: one accept per wake-up, so a burst spreads over the workers.
+            # Every worker wakes for a new connection; the first takes at most this many
+            # before the loop goes round, so a burst still spreads over the workers. gunicorn
+            # takes 1; at 100-500 connections in flight that costs ~10 % more CPU per
+            # message than 32 (tools/bench, docs/benchmarks.md).
             for stream_server in server.servers:
-                stream_server.max_accept = 1
+                stream_server.max_accept = ACCEPTS_PER_WAKE
         # Logged before the master hears of it, so its "ready" line comes after every one of these.
         log.info("worker %d (pid %d, generation %d) serving", self.slot, os.getpid(), self.generation.number)
         os.write(self.status_fd, READY)

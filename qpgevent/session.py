@@ -100,6 +100,7 @@ class Session:
         if scoreboard.active():
             runner.observe(HOOK_ACTIVITY)
         self._heard = False  #: the client has sent something
+        self._timers: dict[float, gevent.Timeout] | None = None  #: see _within
 
     # -- what plugins use ----------------------------------------------------
     @property
@@ -242,14 +243,41 @@ class Session:
         """
         timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
         after = self.parking.after if self.parking is not None and not in_data else None
-        if after is None or after >= timeout or getattr(self.sock, "pending", _nothing)():
-            self.sock.settimeout(timeout)
-            return self.sock.recv(READ_SIZE)
-        self.sock.settimeout(after)
+        sock = self.sock
+        if after is None or after >= timeout or getattr(sock, "pending", _nothing)():
+            return self._within(timeout, sock.recv, READ_SIZE)
         try:
-            return self.sock.recv(READ_SIZE)
+            return self._within(after, sock.recv, READ_SIZE)
         except TimeoutError:
+            self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _within(self, seconds: float, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on our socket, or TimeoutError after ``seconds``.
+
+        One reusable timer per session and duration, on a socket without a timeout of its
+        own: gevent's socket timeouts make a new timer for every wait, which costs more
+        than the wait itself (docs/benchmarks.md, "Profile").
+        """
+        if self.sock.timeout is not None:  # set by the TLS handshake, or new after STARTTLS
+            self.sock.settimeout(None)
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = {}
+        timer = timers.get(seconds)
+        if timer is None:
+            timer = timers[seconds] = gevent.Timeout(seconds, TimeoutError)
+        timer.start()
+        try:
+            return call(*args)
+        finally:
+            timer.cancel()
+
+    def _drop_timers(self) -> None:
+        if self._timers is not None:
+            for timer in self._timers.values():
+                timer.close()
+            self._timers = None
 
     def _timed_out(self, in_data: bool = False) -> None:
         self.log.info("timeout %s", "in DATA" if in_data else "waiting for a command")
@@ -280,9 +308,8 @@ class Session:
     def _flush(self) -> None:
         if not self._out:
             return
-        self.sock.settimeout(self.settings.command_timeout)
         try:
-            self.sock.sendall(self._out)
+            self._within(self.settings.command_timeout, self.sock.sendall, self._out)
         except OSError as error:
             self.log.info("write failed: %s", error)
             self._out.clear()
@@ -305,6 +332,7 @@ class Session:
             self._flush()
         except SessionClosed:
             pass
+        self._drop_timers()
         self._reset_transaction()
         self.runner.notify("disconnect", self)
         if self.log.isEnabledFor(logging.INFO):  # the line is dear to make, and often not kept
