@@ -85,7 +85,7 @@ class Settings:
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_timeout: float = 5.0
     #: [limits] park_after: seconds idle before a session waits with no greenlet (0: never).
-    park_after: float = 1.0
+    park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
     log_syslog: bool = False
     log_syslog_facility: str = "mail"

@@ -249,6 +249,10 @@ class Session:
         try:
             return self._within(after, sock.recv, READ_SIZE)
         except TimeoutError:
+            if self.parking.after is None:
+                # The server began to stop while we waited: it waits for this greenlet,
+                # not for parked sessions. Wait on here, to end as every session does.
+                return self._within(timeout - after, sock.recv, READ_SIZE)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
 

@@ -127,6 +127,20 @@ def test_stopping_wakes_parked_sessions_to_end_as_usual(parking_server):
     staying.close()
 
 
+def test_a_session_about_to_park_when_the_stop_begins_waits_on_in_its_greenlet(parking_server):
+    server = parking_server(park_after=0.3)
+    client = RawClient(server)
+    assert client.reply()[0] == 220
+    assert client.command("EHLO client.test")[0] == 250
+    stopper = gevent.spawn(server.stop, 1.0)  # before the session has been silent 0.3 s
+    started = time.monotonic()
+    assert client.reply() == (421, "4.3.2 Service shutting down, try again later")
+    assert time.monotonic() - started >= 0.9  # it was waited for, then told: never parked away
+    assert len(server.server.parking) == 0
+    stopper.get(timeout=10)
+    client.close()
+
+
 def test_park_after_zero_never_parks(parking_server):
     server = parking_server(park_after=0)
     assert server.server.parking.after is None
