@@ -343,10 +343,7 @@ class Resolver:
                 return list(cached) if cached.rrset is not None else []  # no data: NoAnswer
             cached = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
             if cached is not None and cached.response.rcode() == dns.rcode.NXDOMAIN:
-                # dnspython keeps NXDOMAIN under ANY (the name has no type at all); the
-                # metrics have always counted these hits as look-ups, and still do.
-                metrics.observe_dns(0.0, "nxdomain")
-                return []
+                return []  # dnspython keeps NXDOMAIN under ANY: the name has no type at all
         lifetime = self.timeout
         current = _budget.get()
         left = None if current is None else current.remaining()
@@ -371,7 +368,8 @@ class Resolver:
             outcome = "error"
             raise TemporaryFailure(f"{_what(qname, rdtype)}: {error}") from None
         finally:
-            # Only what went to the network: cache hits, returned above, would flatter the latency.
+            # Only what went to the network: cache hits (returned above, NXDOMAIN included)
+            # would flatter the latency.
             metrics.observe_dns(time.monotonic() - started, outcome)
         return list(answer)
 
