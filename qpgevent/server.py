@@ -241,7 +241,11 @@ class SmtpServer:
     def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
         # A place under max_connections first (on every worker: the count is the host's),
         # before anything else is spent on the client.
-        lease = self.counters.acquire(self.settings.max_connections)
+        try:
+            lease = self.counters.acquire(self.settings.max_connections)
+        except BaseException:
+            sock.close()  # our listener leaves the closing to us (_Listener)
+            raise
         if lease is None:
             log.warning("refused %s: %d sessions already", address[0], self.settings.max_connections)
             metrics.connection_refused("max_connections")
