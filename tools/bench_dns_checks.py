@@ -216,29 +216,15 @@ def side_by_side(results: list[Result], concurrency: int) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark qpgevent's connection-time DNS checks.")
-    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
-    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100],
-                        help="sessions in parallel, comma separated (default 100)")
+    parser = benchlib.smtp_source_parser("Benchmark qpgevent's connection-time DNS checks.", [100],
+                                         smtp_bench.default_python(), log_level="info")
     parser.add_argument("--delays", type=benchlib.number_list("delays", float, 0), default=[0.0, 50.0],
                         help="DNS answer delays in ms for the runs with checks, comma separated (default 0,50)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default %(default)s)")
-    parser.add_argument("--python", default=smtp_bench.default_python(),
-                        help="the Python with qpgevent (default %(default)s)")
-    parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
-                        help="smtp-source program (default %(default)s)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="the server's log level (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300,
-                        help="seconds per smtp-source run (default %(default)s)")
-    parser.add_argument("--workdir", help="where to create the temporary folder")
-    args = parser.parse_args(argv)
+    args = benchlib.parse_smtp_source_args(parser, argv)
     args.keep_connection = False  # one connection per message: every message is a new client
-    if args.messages < 1 or args.size < 0 or args.workers < 0:
-        parser.error("--messages must be 1 or more, --size and --workers 0 or more")
-    if not os.access(args.smtp_source, os.X_OK):
-        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
     return args
 
 

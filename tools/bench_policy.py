@@ -42,7 +42,6 @@ Exit status 0 when every run succeeded, 1 otherwise, 2 for bad options.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import smtplib
 import sys
@@ -203,28 +202,15 @@ def timed(call, count: int) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark qpgevent's policy plugins per store backend.")
-    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
-    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100],
-                        help="sessions in parallel, comma separated (default 100)")
+    parser = benchlib.smtp_source_parser("Benchmark qpgevent's policy plugins per store backend.", [100],
+                                         sys.executable)
     parser.add_argument("--configs", default="none,embedded,redis", help="which of none,embedded,redis")
     parser.add_argument("--workers", type=int, default=0, help="[server] workers (default 0: one per core)")
-    parser.add_argument("--python", default=sys.executable, help="the Python with qpgevent (default: this one)")
-    parser.add_argument("--smtp-source", default="/usr/sbin/smtp-source", help="smtp-source program")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                        help="the server's log level (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per smtp-source run")
-    parser.add_argument("--workdir", help="where to create the temporary folder")
     parser.add_argument("--ops", type=int, default=2000, help="store calls to time per kind (0: skip)")
-    args = parser.parse_args(argv)
+    args = benchlib.parse_smtp_source_args(parser, argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not args.configs or set(args.configs) - set(CONFIGS):
         parser.error(f"--configs: choose from {','.join(CONFIGS)}")
-    if args.messages < 1 or args.size < 0:
-        parser.error("--messages must be 1 or more and --size 0 or more")
-    if not os.access(args.smtp_source, os.X_OK):
-        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
     return args
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -155,29 +154,20 @@ def bench_target(args: argparse.Namespace, target: str, folder: Path) -> list[Re
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark qpgevent's queue targets with smtp-source.")
-    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
-    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100],
-                        help="sessions in parallel, comma separated (default 100)")
+    parser = benchlib.smtp_source_parser("Benchmark qpgevent's queue targets with smtp-source.", [100],
+                                         sys.executable)
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma separated (default: all three)")
     parser.add_argument("--pool-size", type=int, default=20,
                         help="smtp_forward/lmtp connections per route and worker (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="[server] workers (default: the server's)")
-    parser.add_argument("--python", default=sys.executable, help="the Python with qpgevent (default: this one)")
-    parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per run (default %(default)s)")
-    args = parser.parse_args(argv)
+    args = benchlib.parse_smtp_source_args(parser, argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.targets or set(args.targets) - set(TARGETS):
         parser.error(f"--targets: choose from {', '.join(TARGETS)}")
-    if args.messages < 1 or args.size < 0 or args.pool_size < 1:
-        parser.error("--messages and --pool-size must be 1 or more, --size 0 or more")
+    if args.pool_size < 1:
+        parser.error("--pool-size must be 1 or more")
     if os.geteuid() != 0 and set(args.targets) & {"smtp_forward", "lmtp"}:
         parser.error("the Postfix and Dovecot next hops need root (they drop privileges themselves)")
-    if not os.access(args.smtp_source, os.X_OK):
-        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
     return args
 
 

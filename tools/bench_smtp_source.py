@@ -55,9 +55,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -193,29 +191,14 @@ def config_list(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark qpgevent with Postfix's smtp-source.")
-    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
-    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
-    parser.add_argument("--concurrency", type=benchlib.number_list("concurrency values"), default=[100, 500],
-                        help="sessions in parallel, comma separated (default 100,500)")
+    parser = benchlib.smtp_source_parser("Benchmark qpgevent with Postfix's smtp-source.", [100, 500],
+                                         default_python(), log_level="info")
     parser.add_argument("--workers", type=benchlib.number_list("worker counts"), default=[1, 2],
                         help="worker processes of the server, comma separated (default 1,2)")
-    parser.add_argument("--python", default=default_python(), help="the Python with qpgevent (default %(default)s)")
-    parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
-                        help="smtp-source program (default %(default)s)")
     parser.add_argument("--keep-connection", action="store_true", help="several messages per connection (-d)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="the server's log level (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per smtp-source run (default %(default)s)")
-    parser.add_argument("--workdir", help="where to create the temporary folder")
     parser.add_argument("--configs", type=config_list, default=list(CONFIGS),
                         help="configurations to run (default discard,maildir)")
-    args = parser.parse_args(argv)
-    if args.messages < 1 or args.size < 0:
-        parser.error("--messages must be 1 or more and --size 0 or more")
-    if not os.access(args.smtp_source, os.X_OK):
-        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
-    return args
+    return benchlib.parse_smtp_source_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,6 +232,36 @@ def count_files(folder: Path) -> int:
 
 def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def smtp_source_parser(description: str, concurrency: list[int], python: str,
+                       log_level: str = "warning") -> argparse.ArgumentParser:
+    """A parser with the options every smtp-source benchmark takes: --messages, --size,
+    --concurrency, --python, --smtp-source, --log-level, --timeout, --workdir. Add the
+    tool's own, then parse with ``parse_smtp_source_args``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--messages", type=int, default=2000, help="messages per run (default %(default)s)")
+    parser.add_argument("--size", type=int, default=1000, help="payload bytes per message (default %(default)s)")
+    parser.add_argument("--concurrency", type=number_list("concurrency values"), default=concurrency,
+                        help=f"sessions in parallel, comma separated (default {','.join(map(str, concurrency))})")
+    parser.add_argument("--python", default=python, help="the Python with qpgevent (default %(default)s)")
+    parser.add_argument("--smtp-source", default=shutil.which("smtp-source") or "/usr/sbin/smtp-source",
+                        help="smtp-source program (default %(default)s)")
+    parser.add_argument("--log-level", default=log_level, choices=["debug", "info", "warning", "error"],
+                        help="the server's log level (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per smtp-source run (default %(default)s)")
+    parser.add_argument("--workdir", help="where to create the temporary folder")
+    return parser
+
+
+def parse_smtp_source_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and refuse what no smtp-source run can do (the tool checks its own options)."""
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.size < 0:
+        parser.error("--messages must be 1 or more and --size 0 or more")
+    if not os.access(args.smtp_source, os.X_OK):
+        parser.error(f"smtp-source not found at {args.smtp_source} (Debian: apt-get install postfix)")
+    return args
 
 
 def number_list(what: str, kind: type = int, minimum: float = 1):
