@@ -142,10 +142,18 @@ def test_a_session_about_to_park_when_the_stop_begins_waits_on_in_its_greenlet(p
 
 
 def test_park_after_zero_never_parks(parking_server):
-    server = parking_server(park_after=0)
+    server = parking_server(park_after=0, command_timeout=0.6)
     assert server.server.parking.after is None
-    with server.smtp(timeout=10) as client:
-        assert client.ehlo()[0] == 250
+    client = RawClient(server)
+    assert client.reply()[0] == 220
+    assert client.command("EHLO client.test")[0] == 250
+    seen = []  # how many sessions were parked, looked at every 20 ms while the client is silent
+    watcher = gevent.spawn(lambda: [seen.append(len(server.server.parking)) or gevent.sleep(0.02)
+                                    for _ in range(1000)])
+    assert client.reply() == (421, "4.4.2 mx.example.test Timeout, closing connection")
+    watcher.kill()
+    assert len(seen) > 10 and not any(seen)  # idle 0.6 s in its greenlet, never parked
+    client.close()
 
 
 def test_a_tls_session_parks_and_wakes(parking_server, tmp_path):
