@@ -193,9 +193,8 @@ class Postfix:
         return [shutil.which("sendmail") or "/usr/sbin/sendmail", "-C", str(self.conf)]
 
     def messages(self, address: str) -> list[bytes]:
-        user, domain = address.rsplit("@", 1)
-        new = self.mail / domain / user / "new"
-        return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+        """Delivered messages, oldest first."""
+        return _delivered(self.mail, address)
 
     def wait_for_messages(self, address: str, count: int, timeout: float = 30.0) -> list[bytes]:
         """Postfix delivers after its 250, in the background: wait for ``count`` messages."""
@@ -204,6 +203,20 @@ class Postfix:
 
     def log(self) -> str:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else "(no maillog yet)"
+
+
+def _delivered(mail: Path, address: str) -> list[bytes]:
+    """The messages in ``mail/<domain>/<user>/new``, in the order they were delivered.
+
+    By modification time, not by name: a Maildir name starts with the second, and within
+    a second Postfix and Dovecot order by inode or counter, not by time.
+    """
+    user, domain = address.rsplit("@", 1)
+    new = mail / domain / user / "new"
+    if not new.is_dir():
+        return []
+    files = sorted(new.iterdir(), key=lambda path: (path.stat().st_mtime_ns, path.name))
+    return [path.read_bytes() for path in files]
 
 
 _QUEUE_FOLDERS = [
@@ -302,10 +315,8 @@ class Dovecot:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def messages(self, address: str) -> list[bytes]:
-        """Delivered messages (LMTP has said 250 for each: no waiting needed)."""
-        user, domain = address.rsplit("@", 1)
-        new = self.mail / domain / user / "new"
-        return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+        """Delivered messages, oldest first (LMTP has said 250 for each: no waiting needed)."""
+        return _delivered(self.mail, address)
 
     def log(self) -> str:
         path = self.root / "dovecot.log"
