@@ -20,9 +20,9 @@ from gevent.server import StreamServer
 
 from qpgevent import config as config_module
 from qpgevent import dns
-from qpgevent.errors import ConfigError
+from qpgevent.core.errors import ConfigError
 from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages
-from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
+from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
 
 ZONES = {
     "example.test": {

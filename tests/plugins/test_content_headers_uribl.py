@@ -9,7 +9,7 @@ import pytest
 
 from qpgevent import dns
 from qpgevent.testing import maildir_messages
-from qpgevent.testing_dns import LoopbackDns
+from qpgevent.testing.dns import LoopbackDns
 
 QUEUE = """
 [[rcpt_ok]]
