@@ -58,7 +58,8 @@ _SECTIONS = {
     "ident": ("enabled", "timeout", "port"),
     "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address"),
     "admin": ("listen", "token", "run_dir", "refresh"),  # [admin] listen: write admin_listen=
-    "store": ("backend", "path", "url", "prefix", "timeout", "fail", "retry", "lease_ttl", "pool_size"),
+    "store": ("backend", "path", "url", "sentinels", "sentinel_master", "prefix", "timeout", "fail", "retry",
+              "lease_ttl", "pool_size"),
 }
 
 DEFAULT_PLUGINS = """

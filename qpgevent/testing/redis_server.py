@@ -45,9 +45,12 @@ def _command(port: int, *words: str) -> bytes:
 
 
 class LoopbackRedis:
-    def __init__(self, binary: str = "redis-server", ready_timeout: float = 10.0) -> None:
+    def __init__(self, binary: str = "redis-server", ready_timeout: float = 10.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.binary = shutil.which(binary) or binary
         self.ready_timeout = ready_timeout
+        #: More redis-server arguments (a replica's ``--replicaof``, for one).
+        self.extra_args = extra_args
         self.folder = Path(tempfile.mkdtemp(prefix="qpg-redis-"))
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -65,7 +68,9 @@ class LoopbackRedis:
             with open(self.folder / "redis.log", "ab") as log_file:
                 self.process = subprocess.Popen(
                     [self.binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                     "--dir", str(self.folder), "--daemonize", "no", "--logfile", "", "--databases", "4"],
+                     "--dir", str(self.folder), "--daemonize", "no", "--logfile", "", "--databases", "4",
+                     # Any server may become the primary: never wait 5 s before a first sync.
+                     "--repl-diskless-sync-delay", "0", *self.extra_args],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + self.ready_timeout
             while time.monotonic() < deadline and self.process.poll() is None:
@@ -79,6 +84,13 @@ class LoopbackRedis:
     def stop(self) -> None:
         """SIGTERM and wait: the port is closed when this returns."""
         self._reap()
+
+    def crash(self) -> None:
+        """SIGKILL: a crash, not a shutdown (no goodbye to replicas or clients)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
 
     def _reap(self) -> None:
         if self.process is not None and self.process.poll() is None:
