@@ -68,6 +68,7 @@ class Settings:
     plugin_dirs: tuple[str, ...]
     size_threshold: int
     shutdown_timeout: float
+    drain_delay: float
     max_connections: int
     max_message_size: int
     max_recipients: int
@@ -238,6 +239,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         plugin_dirs=tuple(server["plugin_dirs"]),
         size_threshold=server["size_threshold"],
         shutdown_timeout=server["shutdown_timeout"],
+        drain_delay=server["drain_delay"],
         max_connections=limits["max_connections"],
         max_message_size=limits["max_message_size"],
         max_recipients=limits["max_recipients"],

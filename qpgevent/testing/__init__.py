@@ -44,7 +44,7 @@ from ..backends.services import configure_services, configure_store
 from ..server.session import Session
 
 _SECTIONS = {
-    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
+    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout", "drain_delay",
                "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
                "max_text_line", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
