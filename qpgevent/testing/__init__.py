@@ -22,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,20 +136,21 @@ class InProcessServer:
 class ServerProcess:
     """``python -m qpgevent -c INI`` in a child process; its port read from its log.
 
-    ``python`` is the interpreter to run (another venv's, to test an installed plugin).
+    ``python`` is the interpreter to run (another venv's, to test an installed plugin);
+    ``prefix`` comes before it (``ip netns exec NS``: the server in a lab host).
     """
 
     LISTENING = re.compile(r"listening on (\S+):(\d+)")
     ADMIN = re.compile(r"admin pages on (http://[^/\s]+)/status")
 
     def __init__(self, ini: str | os.PathLike[str], *extra_args: str, ready_timeout: float = 20.0,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, prefix: Sequence[str] = ()) -> None:
         self.ini = str(ini)
         self.log_path = Path(self.ini).with_name("server.log")
         self._log = open(self.log_path, "w+b")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [python, "-m", "qpgevent", "-c", self.ini, *extra_args],
+            [*prefix, python, "-m", "qpgevent", "-c", self.ini, *extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.PIPE, env=env)
         self.ports: list[int] = []
         self.admin_url: str | None = None  #: "http://127.0.0.1:PORT" when [admin] listen is set

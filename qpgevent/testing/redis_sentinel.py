@@ -30,33 +30,40 @@ __all__ = ["LoopbackSentinels"]
 MASTER_NAME = "mymaster"
 
 
-def _sentinel_config(port: int, folder: Path, primary_port: int, down_after: int) -> str:
+def _sentinel_config(host: str, port: int, folder: Path, primary_port: int, down_after: int) -> str:
     return "\n".join([
-        f"port {port}", f"bind {HOST}", "daemonize no", f"dir {folder}",
-        f"sentinel monitor {MASTER_NAME} {HOST} {primary_port} 2",
+        f"port {port}", f"bind {host}", "daemonize no", f"dir {folder}",
+        f"sentinel monitor {MASTER_NAME} {host} {primary_port} 2",
         f"sentinel down-after-milliseconds {MASTER_NAME} {down_after}",
         f"sentinel failover-timeout {MASTER_NAME} 10000",
         f"sentinel parallel-syncs {MASTER_NAME} 1", ""])
 
 
-def _info(port: int) -> dict[str, Any]:
-    with redis.Redis(HOST, port, socket_timeout=1, socket_connect_timeout=1) as client:
+def _info(host: str, port: int) -> dict[str, Any]:
+    with redis.Redis(host, port, socket_timeout=1, socket_connect_timeout=1) as client:
         return dict(client.info("replication"))
 
 
 class LoopbackSentinels:
-    def __init__(self, ready_timeout: float = 30.0, down_after: int = 1000) -> None:
+    def __init__(self, ready_timeout: float = 30.0, down_after: int = 1000, host: str = HOST,
+                 ports: tuple[int, ...] = (), prefix: tuple[str, ...] = ()) -> None:
+        """``host``, ``ports`` (primary, replica, three Sentinels) and ``prefix`` place the group
+        elsewhere than on free loopback ports: ``prefix`` is ``ip netns exec NS`` for a lab host."""
         self.ready_timeout = ready_timeout
+        self.host, self.prefix = host, prefix
+        ports = ports or (0, 0, 0, 0, 0)
         self.folder = Path(tempfile.mkdtemp(prefix="qpg-sentinel-"))
         self.sentinels: list[tuple[int, subprocess.Popen[bytes]]] = []
-        self.primary = LoopbackRedis()
+        self.primary = LoopbackRedis(host=host, port=ports[0], prefix=prefix)
         self.replica: LoopbackRedis | None = None
         try:
-            self.replica = LoopbackRedis(extra_args=("--replicaof", HOST, str(self.primary.port)))
+            self.replica = LoopbackRedis(extra_args=("--replicaof", host, str(self.primary.port)),
+                                         host=host, port=ports[1], prefix=prefix)
             replica = self.replica
-            self._wait(lambda: _info(replica.port).get("master_link_status") == "up", "the replica's first sync")
-            for _ in range(3):
-                self._start_sentinel(down_after)
+            self._wait(lambda: _info(host, replica.port).get("master_link_status") == "up",
+                       "the replica's first sync")
+            for port in ports[2:]:
+                self._start_sentinel(down_after, port)
             self._wait(self._group_ready, "the Sentinels to know each other and the replica")
         except BaseException:
             self.close()
@@ -65,27 +72,28 @@ class LoopbackSentinels:
     @property
     def addresses(self) -> list[str]:
         """``host:port`` of each Sentinel: what ``[store] sentinels`` takes."""
-        return [f"{HOST}:{port}" for port, _ in self.sentinels]
+        return [f"{self.host}:{port}" for port, _ in self.sentinels]
 
     @property
     def master_name(self) -> str:
         return MASTER_NAME
 
-    def _start_sentinel(self, down_after: int) -> None:
-        port = free_tcp_port()
+    def _start_sentinel(self, down_after: int, port: int = 0) -> None:
+        port = port or free_tcp_port()
         folder = self.folder / f"s{port}"
         folder.mkdir()
         config = folder / "sentinel.conf"
-        config.write_text(_sentinel_config(port, folder, self.primary.port, down_after))
+        config.write_text(_sentinel_config(self.host, port, folder, self.primary.port, down_after))
         with open(folder / "log", "ab") as log_file:
-            process = subprocess.Popen([shutil.which("redis-server") or "redis-server", str(config), "--sentinel"],
+            process = subprocess.Popen([*self.prefix, shutil.which("redis-server") or "redis-server", str(config),
+                                        "--sentinel"],
                                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
         self.sentinels.append((port, process))
 
     def master_view(self, port: int) -> dict[str, Any]:
         """``SENTINEL MASTER mymaster`` as one Sentinel sees it ({} if it cannot answer)."""
         try:
-            with redis.Redis(HOST, port, socket_timeout=1, socket_connect_timeout=1) as client:
+            with redis.Redis(self.host, port, socket_timeout=1, socket_connect_timeout=1) as client:
                 return dict(client.sentinel_master(MASTER_NAME))
         except redis.RedisError:
             return {}
@@ -110,7 +118,7 @@ class LoopbackSentinels:
         """The new primary's port, once every Sentinel names the replica and it says it is a master."""
         assert self.replica is not None
         replica = self.replica
-        self._wait(lambda: self.primary_port() == replica.port and _info(replica.port).get("role") == "master",
+        self._wait(lambda: self.primary_port() == replica.port and _info(self.host, replica.port).get("role") == "master",
                    "the failover", timeout)
         return replica.port
 
