@@ -68,8 +68,9 @@ from qpgevent.plugin import DECLINED, DENY, DENYSOFT, DENYSOFT_DISCONNECT, DONE,
 
 NOTE = "milter"  # connection.notes: {milter name: _Peer}
 MILTER_OPTIONS = ["address", "connect_timeout", "command_timeout", "content_timeout", "on_failure"]
-REFUSALS = {mp.Kind.REJECT: (DENY, "5.7.1 Command rejected"),
-            mp.Kind.TEMPFAIL: (DENYSOFT, "4.7.1 Service unavailable - try again later")}
+#: Postfix's words for a milter's bare reject and tempfail (at connect the code is 554/421).
+REFUSALS = {mp.Kind.REJECT: (DENY, 550, "5.7.1 Command rejected"),
+            mp.Kind.TEMPFAIL: (DENYSOFT, 451, "4.7.1 Service unavailable - try again later")}
 PERMISSION = {mp.Kind.ADDHEADER: mp.Action.ADDHDRS, mp.Kind.INSHEADER: mp.Action.ADDHDRS,
               mp.Kind.CHGHEADER: mp.Action.CHGHDRS, mp.Kind.CHGFROM: mp.Action.CHGFROM,
               mp.Kind.ADDRCPT: mp.Action.ADDRCPT, mp.Kind.ADDRCPT_PAR: mp.Action.ADDRCPT_PAR,
@@ -185,7 +186,7 @@ class Milter(Plugin):
                 continue
             milter = self.milters[name]
             if peer.failed_message:
-                return self._failure(name, peer, "failed earlier in this message")
+                return self._failure(stage, name, peer, "failed earlier in this message")
             seconds = milter["content_timeout"] if stage == "data_post" else milter["command_timeout"]
             try:
                 with client.deadline(seconds):
@@ -196,7 +197,7 @@ class Milter(Plugin):
                     peer.connection.close()
                 peer.connection, peer.in_message = None, False
                 peer.failed_message = message
-                verdict = self._failure(name, peer, str(error))
+                verdict = self._failure(stage, name, peer, str(error))
                 if verdict is not None:
                     return verdict
                 continue
@@ -208,15 +209,15 @@ class Milter(Plugin):
                 return verdict
         return None
 
-    def _failure(self, name, peer, reason):
+    def _failure(self, stage, name, peer, reason):
         mode = self.milters[name]["on_failure"]
         if mode == "accept":
             peer.done_session, peer.failed_message = True, False
             self.log.warning("milter %s skipped for this session (on_failure = accept): %s", name, reason)
             return None
         if mode == "reject":
-            return DENY, f"5.7.1 mail filter {name} unavailable"
-        return DENYSOFT, f"4.7.1 mail filter {name} unavailable, try again later"
+            return _refusal(stage, DENY, 550, f"5.7.1 mail filter {name} unavailable")
+        return _refusal(stage, DENYSOFT, 451, f"4.7.1 mail filter {name} unavailable, try again later")
 
     def _verdict(self, session, stage, name, peer, reply):
         kind = reply.kind
@@ -231,7 +232,7 @@ class Milter(Plugin):
             notes.setdefault("milter_discard", name)
             peer.done_message = True
         elif kind in REFUSALS:
-            return REFUSALS[kind]
+            return _refusal(stage, *REFUSALS[kind])
         elif kind is mp.Kind.REPLYCODE:
             return _replycode(reply.text)
         return None
@@ -342,6 +343,11 @@ class Milter(Plugin):
             raise client.MilterUnavailable(f"bad change from the filter: {error}") from None
         if body is not None:
             transaction.replace_body(body)
+
+
+def _refusal(stage, code, number, text):
+    """A refusal with Postfix's reply code; at connect the hook's own (554/421, then close)."""
+    return code, text if stage == "connect" else f"{number} {text}"
 
 
 def _esmtp_args(params):

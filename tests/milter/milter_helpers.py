@@ -33,7 +33,9 @@ def send(server, data: bytes, sender: str = "alice@example.test",
          recipients: tuple[str, ...] = ("bob@example.org",)) -> tuple[int, str]:
     with server.smtp(timeout=60) as client:
         client.ehlo("client.example.test")
-        client.mail(sender)
+        code, text = client.mail(sender)
+        if code >= 400:
+            return code, text.decode()
         for recipient in recipients:
             code, text = client.rcpt(recipient)
             if code >= 400:
