@@ -61,6 +61,9 @@ Example::
         on_failure = accept
 """
 
+import re
+
+from qpgevent import authresults
 from qpgevent import milter_client as client
 from qpgevent import milter_protocol as mp
 from qpgevent.address import Address, AddressError
@@ -147,6 +150,10 @@ class Milter(Plugin):
 
     def hook_data_post(self, session):
         transaction = session.transaction
+        # A field claiming our authserv-id that came with the message is forged (RFC 8601 5):
+        # gone before a milter that trusts our id (OpenDMARC's TrustedAuthservIDs) reads it.
+        ours = lambda value: authresults.authserv_id(value) == session.me.lower()  # noqa: E731
+        transaction.headers.remove_if(authresults.HEADER, ours)
         discarded = session.connection.notes.get("milter_discard") or transaction.notes.get("milter_discard")
         if not discarded:
             verdict = self._each(session, "data_post", lambda name, peer: self._message(session, name, peer),
@@ -154,6 +161,7 @@ class Milter(Plugin):
             if verdict is not None:
                 return verdict
             discarded = transaction.notes.get("milter_discard")
+            _record_results(transaction, ours)
         if discarded:
             self.log.info("message discarded as milter %s asked", discarded)
             session.respond(250, f"Message accepted (discarded by mail filter {discarded})", enhanced="2.0.0")
@@ -343,6 +351,35 @@ class Milter(Plugin):
             raise client.MilterUnavailable(f"bad change from the filter: {error}") from None
         if body is not None:
             transaction.replace_body(body)
+
+
+_RESULT_TOKEN = re.compile(r'\s*(?:(;)|([\w.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]+)|([^\s;]+))')
+
+
+def _record_results(transaction, ours):
+    """Milters' Authentication-Results fields under our authserv-id become results of the one
+    field the session writes (qpgevent.authresults), instead of being dropped there as forged."""
+    for name, value in list(transaction.headers):
+        if name.lower() != authresults.HEADER.lower() or not ours(value):
+            continue
+        entries, current = [], None
+        for semicolon, key, word, _ in _RESULT_TOKEN.findall(re.sub(r"\([^()]*\)", " ", value)):
+            if semicolon:
+                current = {"properties": {}}
+                entries.append(current)
+            elif key and current is not None:
+                word = word.strip('"')
+                if "method" not in current:
+                    current.update(method=key, result=word)
+                elif key.lower() == "reason":
+                    current["reason"] = word
+                else:
+                    current["properties"][key.replace(".", "_", 1)] = word
+        for entry in entries:
+            if "method" in entry:
+                authresults.record(transaction, entry["method"], entry["result"], entry.get("reason"),
+                                   **entry["properties"])
+    transaction.headers.remove_if(authresults.HEADER, ours)
 
 
 def _refusal(stage, code, number, text):

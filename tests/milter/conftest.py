@@ -7,7 +7,7 @@ import pytest
 
 from qpgevent.testing_scanners import LoopbackClamd
 
-from milter_daemons import ClamavMilter, OpenDkim, Rspamd
+from milter_daemons import ClamavMilter, OpenDkim, OpenDmarc, Rspamd
 
 
 @pytest.fixture(scope="module")
@@ -31,4 +31,10 @@ def clamav_milter(clamd):
 @pytest.fixture(scope="module")
 def rspamd():
     with Rspamd() as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def opendmarc():
+    with OpenDmarc() as daemon:
         yield daemon

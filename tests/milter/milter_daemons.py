@@ -135,3 +135,71 @@ class Rspamd(_Milter):
     def _ready(self) -> bool:
         with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/ping", timeout=1) as answer:
             return answer.read().startswith(b"pong") and negotiates(self.port)
+
+
+class _Nsd(_Daemon):
+    """NSD on ``address``:53 serving example.test (SPF passes 192.0.2.0/24, DMARC p=reject):
+    OpenDMARC can only ask port 53."""
+
+    name = "nsd"
+    ZONES = {"example.test": "v=spf1 ip4:192.0.2.0/24 -all"}
+
+    def __init__(self, workdir: str, address: str, timeout: float = 20.0) -> None:
+        super().__init__()
+        self.workdir, self.address = workdir, address
+        conf = (f'server:\n  ip-address: {address}@53\n  do-ip6: no\n  username: ""\n  chroot: ""\n'
+                f'  zonesdir: "{workdir}"\n  database: ""\n  pidfile: "{workdir}/nsd.pid"\n'
+                f'  xfrdfile: "{workdir}/xfrd.state"\n  zonelistfile: "{workdir}/zone.list"\n'
+                f'  logfile: "{workdir}/nsd.log"\n  server-count: 1\nremote-control:\n  control-enable: no\n')
+        for zone, spf in self.ZONES.items():
+            with open(f"{workdir}/{zone}.zone", "w") as handle:
+                handle.write(f"$ORIGIN {zone}.\n$TTL 300\n@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300\n"
+                             f"@ IN NS ns.{zone}.\nns IN A {address}\n@ IN TXT \"{spf}\"\n"
+                             f"_dmarc IN TXT \"v=DMARC1; p=reject; adkim=r; aspf=r\"\n")
+            conf += f"zone:\n  name: {zone}\n  zonefile: {zone}.zone\n"
+        with open(f"{workdir}/nsd.conf", "w") as handle:
+            handle.write(conf)
+        self._start(["nsd", "-d", "-c", f"{workdir}/nsd.conf"], self._answers, timeout)
+
+    def _answers(self) -> bool:
+        query = struct.pack("!HHHHHH", 7, 0, 1, 0, 0, 0) + b"\x07example\x04test\x00\x00\x10\x00\x01"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.5)
+            sock.sendto(query, (self.address, 53))
+            return sock.recv(512)[:2] == b"\x00\x07"
+
+    def close(self) -> None:
+        self.stop()  # the directory is OpenDmarc's
+
+
+class OpenDmarc(_Milter):
+    """opendmarc (RejectFailures) in its own mount namespace whose resolv.conf names a test NSD."""
+
+    name = "opendmarc"
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        super().__init__()
+        d = self.workdir
+        # An unusual loopback address of our own: port 53 there is free of anything else.
+        self.nsd = _Nsd(d, f"127.0.{os.getpid() % 200 + 20}.53")
+        with open(f"{d}/resolv.conf", "w") as handle:
+            handle.write(f"nameserver {self.nsd.address}\n")
+        with open(f"{d}/ignore", "w") as handle:  # the default is 127.0.0.1, our client; an empty
+            handle.write("198.51.100.1\n")  # file does not replace it, another address does
+        with open(f"{d}/opendmarc.conf", "w") as handle:
+            handle.write(f"Socket inet:{self.port}@{HOST}\nPidFile {d}/opendmarc.pid\nBackground false\n"
+                         f"Syslog false\nAuthservID mx.example.test\nTrustedAuthservIDs mx.example.test\n"
+                         f"SPFSelfValidate true\nRejectFailures true\nRequiredHeaders false\n"
+                         f"FailureReports false\nIgnoreHosts {d}/ignore\nDNSTimeout 2\n"
+                         f"PublicSuffixList /usr/share/publicsuffix/public_suffix_list.dat\n")
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1/resolv.conf" /etc/resolv.conf && exec opendmarc -c "$1/opendmarc.conf"', "sh", d]
+        try:
+            self._start(argv, lambda: negotiates(self.port), timeout)
+        except BaseException:
+            self.nsd.stop()
+            raise
+
+    def stop(self) -> None:
+        super().stop()
+        self.nsd.stop()

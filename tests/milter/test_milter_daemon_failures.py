@@ -10,16 +10,17 @@ import signal
 import gevent
 import pytest
 
-from milter_daemons import ClamavMilter, OpenDkim, Rspamd
+from milter_daemons import ClamavMilter, OpenDkim, OpenDmarc, Rspamd
 from milter_helpers import delivered, message, milter_ini
 
 FAST = ("connect_timeout = 3", "command_timeout = 3", "content_timeout = 3")
-KINDS = ["opendkim", "clamav", "rspamd"]
+KINDS = ["opendkim", "clamav", "rspamd", "opendmarc"]
 
 
 @pytest.fixture
 def daemon(request, clamd):
-    starters = {"opendkim": OpenDkim, "clamav": lambda: ClamavMilter(clamd), "rspamd": Rspamd}
+    starters = {"opendkim": OpenDkim, "clamav": lambda: ClamavMilter(clamd), "rspamd": Rspamd,
+                "opendmarc": OpenDmarc}
     started = starters[request.param]()
     yield started
     if started.process is not None and started.process.poll() is None:

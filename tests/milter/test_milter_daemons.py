@@ -9,6 +9,7 @@ import base64
 
 import dkim
 
+from qpgevent.testing import maildir_messages
 from qpgevent.testing_scanners import EICAR, EICAR_NAME, GTUBE
 
 from milter_helpers import delivered, message, milter_ini, send
@@ -64,3 +65,22 @@ def test_two_milters_in_a_chain_both_act_on_the_message(make_server, opendkim, c
     infected = virus_message(EICAR).replace(b"From: a@example.test", b"From: Alice <alice@example.test>")
     assert send(server, infected) == (550, f"5.7.1 Virus found: {EICAR_NAME}")
     assert len(delivered(server)) == 1
+
+
+def test_opendmarc_adds_its_verdict_and_refuses_mail_that_fails_the_policy(plugin_harness, opendmarc, tmp_path):
+    # Through the harness (real loader, session, hook runner; the real opendmarc over its
+    # socket) because the client address matters: opendmarc's own SPF check passes loopback
+    # clients whatever the record says, and the SPF record lists 192.0.2.0/24 only.
+    harness = plugin_harness(None, after=milter_ini(("opendmarc", opendmarc.address)))
+    session = ["EHLO client.example.test", "MAIL FROM:<alice@example.test>", "RCPT TO:<bob@example.org>", "DATA"]
+    assert harness.run_session(session + [message().decode(), "QUIT"], ip="192.0.2.25").codes[-2] == 250
+    [mail] = maildir_messages(harness.directory / "Maildir").values()
+    # its two fields under our authserv-id join the one Authentication-Results the server writes
+    head = mail.split(b"\r\n\r\n", 1)[0].decode().replace("\r\n\t", " ")
+    [results] = [f for f in head.split("\r\n") if f.startswith("Authentication-Results:")]
+    assert results.startswith("Authentication-Results: mx.example.test;")
+    assert {"spf=pass smtp.mailfrom=example.test", "dmarc=pass header.from=example.test"} <= {
+        part.strip() for part in results.split(";")}
+    refused = harness.run_session(session + [message().decode(), "QUIT"], ip="203.0.113.5")
+    assert refused.replies[-2] == (550, "5.7.1 rejected by DMARC policy for example.test")
+    assert len(maildir_messages(harness.directory / "Maildir")) == 1

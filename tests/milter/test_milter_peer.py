@@ -247,3 +247,19 @@ def test_a_hung_milter_does_not_stall_other_sessions(make_server, peers):
     assert hung.get(timeout=60) == (451, "4.7.1 mail filter peer unavailable, try again later")
     [mail] = delivered(server)
     assert b"Subject: fast" in mail
+
+
+def test_authentication_results_under_our_id_forged_ones_hidden_the_milters_kept(make_server, peers):
+    added = b'mx.example.test; dkim=fail reason="signature verification failed" header.d=example.test'
+    peer = peers({"E": [packet(b"i", struct.pack("!I", 0) + b"Authentication-Results\0" + added + b"\0"),
+                        packet(b"h", b"Authentication-Results\0other.example; spf=none\0"), packet(b"a")]})
+    server = make_server(plugins=milter_ini(("peer", peer.address)))
+    forged = "Authentication-Results: mx.example.test; dmarc=pass header.from=example.test\r\n"
+    assert send(server, message(extra=forged))[0] == 250
+    seen = b"".join(peer.commands("L"))
+    assert b"dmarc=pass" not in seen  # the milter never saw the forged result
+    [mail] = delivered(server)
+    head = mail.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ")
+    assert b"Authentication-Results: mx.example.test; dkim=fail " \
+           b"reason=\"signature verification failed\" header.d=example.test\r\n" in head
+    assert head.endswith(b"\r\nAuthentication-Results: other.example; spf=none") and b"dmarc=pass" not in head
