@@ -33,6 +33,12 @@ and the queue plugins see it: add, insert and change (or delete) header fields, 
 sender, add and delete recipients, replace the body (spooled, not held in memory). Header
 values are kept as the milter wrote them.
 
+Authentication-Results: fields the message came with that claim our authserv-id (``me``)
+are removed before any milter reads them (RFC 8601 5: OpenDMARC trusts its
+``TrustedAuthservIDs``); the fields milters add under our authserv-id become results of the
+one Authentication-Results field the server writes (``qpgevent.authresults``). Fields of
+other authserv-ids stay as they are.
+
 A milter that refuses the connection, does not answer within its timeout, closes the
 connection, or answers what the protocol does not allow is "failed"; ``on_failure`` says
 what that costs: ``tempfail`` (default: ``451 4.7.1 mail filter NAME unavailable, try again
@@ -70,7 +76,6 @@ from qpgevent.address import Address, AddressError
 from qpgevent.plugin import DECLINED, DENY, DENYSOFT, DENYSOFT_DISCONNECT, DONE, Plugin
 
 NOTE = "milter"  # connection.notes: {milter name: _Peer}
-MILTER_OPTIONS = ["address", "connect_timeout", "command_timeout", "content_timeout", "on_failure"]
 #: Postfix's words for a milter's bare reject and tempfail (at connect the code is 554/421).
 REFUSALS = {mp.Kind.REJECT: (DENY, 550, "5.7.1 Command rejected"),
             mp.Kind.TEMPFAIL: (DENYSOFT, 451, "4.7.1 Service unavailable - try again later")}

@@ -52,20 +52,20 @@ class _Milter(_Daemon):
 
 
 class OpenDkim(_Milter):
-    """opendkim signing example.test (selector qpg) for 127.0.0.1, verifying the rest."""
+    """opendkim signing ``domain`` (selector qpg) for 127.0.0.1, verifying the rest."""
 
     name = "opendkim"
 
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, domain: str = "example.test") -> None:
         super().__init__()
-        d = self.workdir
-        subprocess.run(["opendkim-genkey", "-D", d, "-d", "example.test", "-s", "qpg"], check=True)
+        d, self.domain = self.workdir, domain
+        subprocess.run(["opendkim-genkey", "-D", d, "-d", domain, "-s", "qpg"], check=True)
         with open(f"{d}/qpg.txt") as handle:
             self.txt = "".join(re.findall(r'"([^"]*)"', handle.read()))
         with open(f"{d}/dns.data", "w") as handle:
-            handle.write(f"qpg._domainkey.example.test {self.txt}\n")
+            handle.write(f"qpg._domainkey.{domain} {self.txt}\n")
         with open(f"{d}/opendkim.conf", "w") as handle:
-            handle.write(f"Background no\nSyslog no\nMode sv\nDomain example.test\nSelector qpg\n"
+            handle.write(f"Background no\nSyslog no\nMode sv\nDomain {domain}\nSelector qpg\n"
                          f"KeyFile {d}/qpg.private\nRequireSafeKeys no\nSocket inet:{self.port}@{HOST}\n"
                          f"PidFile {d}/opendkim.pid\nTemporaryDirectory {d}\n"
                          f"Canonicalization relaxed/simple\nInternalHosts 127.0.0.1\n"
@@ -74,7 +74,7 @@ class OpenDkim(_Milter):
 
     def dnsfunc(self, name: bytes, timeout: float = 5) -> bytes:
         """dkimpy's DNS lookup, answered from the test key."""
-        return self.txt.encode() if name == b"qpg._domainkey.example.test." else b""
+        return self.txt.encode() if name == f"qpg._domainkey.{self.domain}.".encode() else b""
 
 
 class ClamavMilter(_Milter):

@@ -6,6 +6,7 @@ qpgevent.milter_protocol, so a bug there cannot hide in both sides."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Any
 
@@ -31,17 +32,26 @@ class PeerMilter:
     Unlisted steps get "c" (continue), end of message "a" (accept). ``seen`` records every
     (connection number, command letter, data) it received."""
 
-    def __init__(self, answers: dict[str, Any] | None = None, actions: int = 0x1FF, steps: int = 0) -> None:
+    def __init__(self, answers: dict[str, Any] | None = None, actions: int = 0x1FF, steps: int = 0,
+                 unix_path: str | None = None) -> None:
         self.answers = answers or {}
         self.actions, self.steps = actions, steps
         self.seen: list[tuple[int, str, bytes]] = []
         self.connections = 0
         self.closed = 0
         self._release = gevent.event.Event()
-        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        if unix_path:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(unix_path)
+            listener.listen(16)
+            self.server = StreamServer(listener, self._handle)
+            self.address = f"unix:{unix_path}"
+        else:
+            self.server = StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
-        self.port = self.server.server_port
-        self.address = f"inet:127.0.0.1:{self.port}"
+        if not unix_path:
+            self.port = self.server.server_port
+            self.address = f"inet:127.0.0.1:{self.port}"
 
     def commands(self, letter: str) -> list[bytes]:
         return [data for _, code, data in self.seen if code == letter]

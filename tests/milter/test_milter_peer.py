@@ -263,3 +263,32 @@ def test_authentication_results_under_our_id_forged_ones_hidden_the_milters_kept
     assert b"Authentication-Results: mx.example.test; dkim=fail " \
            b"reason=\"signature verification failed\" header.d=example.test\r\n" in head
     assert head.endswith(b"\r\nAuthentication-Results: other.example; spf=none") and b"dmarc=pass" not in head
+
+
+def test_a_milter_on_a_unix_socket(make_server, peers, tmp_path):
+    peer = peers({"E": [packet(b"h", b"X-Unix\0yes\0"), packet(b"a")]}, unix_path=str(tmp_path / "peer.sock"))
+    server = make_server(plugins=milter_ini(("local", peer.address)))
+    assert send(server, message())[0] == 250
+    assert b"\r\nX-Unix: yes\r\n" in delivered(server)[0]
+
+
+def test_replycode_421_closes_the_connection(make_server, peers):
+    peer = peers({"M": [packet(b"y", b"421 4.7.0 going down\0")]})
+    server = make_server(plugins=milter_ini(("peer", peer.address)))
+    client = RawClient(server)
+    client.reply()
+    client.command("EHLO client.example.test")
+    assert client.command("MAIL FROM:<alice@example.test>") == (421, "4.7.0 going down")
+    assert client.is_closed_by_server()
+
+
+def test_the_hook_timeout_covers_every_milters_timeouts_and_bad_config_is_a_load_error(plugin_harness, peers):
+    harness = plugin_harness(None, after=milter_ini(("a", "inet:127.0.0.1:1", "content_timeout = 30"),
+                                                    ("b", "unix:/run/b.sock"), after=""))
+    [milter] = [p for p in harness.plugins if p.name == "milter"]
+    assert milter.timeout == 1 + (10 + 10 + 30) + (10 + 10 + 60)
+    from qpgevent.errors import PluginLoadError
+    with pytest.raises(PluginLoadError, match="address"):
+        plugin_harness(None, after=milter_ini(("a", "127.0.0.1:8891"), after=""))
+    with pytest.raises(PluginLoadError, match="name at least one milter"):
+        plugin_harness(None, after="[[milter]]\n")
