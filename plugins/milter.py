@@ -31,7 +31,8 @@ What a milter answers:
 Changes a milter makes at end of message, applied to the transaction before the next milter
 and the queue plugins see it: add, insert and change (or delete) header fields, change the
 sender, add and delete recipients, replace the body (spooled, not held in memory). Header
-values are kept as the milter wrote them.
+values are kept as the milter wrote them; the ESMTP arguments of a changed sender or an
+added recipient are logged and not used.
 
 Authentication-Results: fields the message came with that claim our authserv-id (``me``)
 are removed before any milter reads them (RFC 8601 5: OpenDMARC trusts its
@@ -43,8 +44,8 @@ A milter that refuses the connection, does not answer within its timeout, closes
 connection, or answers what the protocol does not allow is "failed"; ``on_failure`` says
 what that costs: ``tempfail`` (default: ``451 4.7.1 mail filter NAME unavailable, try again
 later``; at connect 421 and the connection closes), ``reject`` (the same with 5xx), or
-``accept`` (the milter is skipped for the rest of the session). A failed milter is tried
-again at the next MAIL. Results: ``transaction.notes["milter"]`` = {name: last reply}.
+``accept`` (the milter is skipped for the rest of the session). With tempfail or reject,
+a failed milter is connected to again at the next MAIL. Results: ``transaction.notes["milter"]`` = {name: last reply}.
 
 Options (in a sub-section per milter, the sub-section's name labels it in logs and replies):
   address          inet:HOST:PORT, inet:[v6]:PORT, inet:PORT@HOST or unix:/path (required)
@@ -201,6 +202,8 @@ class Milter(Plugin):
             if peer.failed_message:
                 return self._failure(stage, name, peer, "failed earlier in this message")
             seconds = milter["content_timeout"] if stage == "data_post" else milter["command_timeout"]
+            if peer.connection is None:  # connecting (again) first
+                seconds += milter["connect_timeout"]
             try:
                 with client.deadline(seconds):
                     reply = ask(name, peer)
@@ -220,6 +223,8 @@ class Milter(Plugin):
             verdict = self._verdict(session, stage, name, peer, reply)
             if verdict is not None:
                 return verdict
+            if message and session.transaction.notes.get("milter_discard"):
+                return None  # the message goes nowhere: the milters after this one need not see it
         return None
 
     def _failure(self, stage, name, peer, reason):

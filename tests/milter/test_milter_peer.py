@@ -292,3 +292,18 @@ def test_the_hook_timeout_covers_every_milters_timeouts_and_bad_config_is_a_load
         plugin_harness(None, after=milter_ini(("a", "127.0.0.1:8891"), after=""))
     with pytest.raises(PluginLoadError, match="name at least one milter"):
         plugin_harness(None, after="[[milter]]\n")
+
+
+def test_skip_stops_the_body_and_end_of_message_still_comes(make_server, peers):
+    peer = peers({"B": [packet(b"s")], "E": [packet(b"h", b"X-Seen\0first chunk only\0"), packet(b"a")]})
+    server = make_server(plugins=milter_ini(("peer", peer.address)))
+    assert send(server, message(body=("x" * 70 + "\r\n") * 3000))[0] == 250  # 216 KiB: 4 chunks
+    assert len(peer.commands("B")) == 1 and len(peer.commands("E")) == 1
+    assert b"X-Seen: first chunk only" in delivered(server)[0]
+
+
+def test_a_discard_ends_the_chain_for_that_message(make_server, peers):
+    first, second = peers({"E": [packet(b"d")]}), peers({"E": [packet(b"r")]})
+    server = make_server(plugins=milter_ini(("first", first.address), ("second", second.address)))
+    assert send(server, message())[0] == 250
+    assert second.commands("E") == [] and delivered(server) == []
