@@ -158,7 +158,8 @@ class Milter(Plugin):
         transaction = session.transaction
         # A field claiming our authserv-id that came with the message is forged (RFC 8601 5):
         # gone before a milter that trusts our id (OpenDMARC's TrustedAuthservIDs) reads it.
-        ours = lambda value: authresults.authserv_id(value) == session.me.lower()  # noqa: E731
+        def ours(value):
+            return authresults.authserv_id(value) == session.me.lower()
         transaction.headers.remove_if(authresults.HEADER, ours)
         discarded = session.connection.notes.get("milter_discard") or transaction.notes.get("milter_discard")
         if not discarded:

@@ -4,8 +4,10 @@ the queued message, and peers that hang, close, flood progress or answer garbage
 
 from __future__ import annotations
 
-import smtplib
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import gevent
 import pytest
@@ -307,3 +309,18 @@ def test_a_discard_ends_the_chain_for_that_message(make_server, peers):
     server = make_server(plugins=milter_ini(("first", first.address), ("second", second.address)))
     assert send(server, message())[0] == 250
     assert second.commands("E") == [] and delivered(server) == []
+
+
+def test_an_authenticated_client_is_named_in_the_mail_macros(make_server, peers, tmp_path):
+    adduser = [sys.executable, str(Path(__file__).resolve().parents[2] / "tools" / "qpgevent-adduser"),
+               "--stdin", str(tmp_path / "users.auth"), "dave@example.test"]
+    assert subprocess.run(adduser, input="secret\n", text=True, capture_output=True, timeout=30).returncode == 0
+    peer = peers()
+    server = make_server(milter_ini(("peer", peer.address), after="[[auth/flat_file]]\n  users = users.auth\n"
+                                    + RCPT_AND_QUEUE), listen="127.0.0.1:0/plainauth", auth_failure_delay=0)
+    with server.smtp(timeout=60) as client:
+        client.ehlo("client.example.test")
+        client.login("dave@example.test", "secret")
+        client.sendmail("alice@example.test", ["bob@example.org"], message())
+    [mail_macros] = [data for data in peer.commands("D") if data[:1] == b"M"]
+    assert b"{auth_authen}\0dave@example.test\0" in mail_macros and b"{auth_type}\0PLAIN\0" in mail_macros
