@@ -158,6 +158,18 @@ class Transaction:
         yield self.headers.as_bytes() + self._separator
         yield from self._body.chunks(chunk_size)
 
+    def new_body(self) -> Spool:
+        """An empty body to write a replacement into (spooled like the original)."""
+        return Spool(self._body.directory, self._body.threshold)
+
+    def replace_body(self, body: Spool) -> None:
+        """Swap the body for ``body`` (from ``new_body``); the header stays as it is."""
+        self._body.close()
+        self._body = body
+        if body.size:
+            self._separator = CRLF
+        self.data_size = len(self.headers.as_bytes()) + len(self._separator) + body.size
+
     def body_filename(self) -> str:
         """A file holding the body, for scanners that want a path."""
         return self._body.filename()
