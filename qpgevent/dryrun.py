@@ -238,7 +238,7 @@ def add_test_command(commands: Any) -> None:
         description="Dry run: one SMTP session from a synthetic client through a plugin, or the "
                     "whole chain of the config; prints each hook's decision and the replies. "
                     "Exit status 0 when the message was accepted, 1 when not, 2 on a config error.")
-    parser.add_argument("name", nargs="?", help="a plugin label of the config, or a plugin name "
+    parser.add_argument("name", nargs="?", metavar="NAME", help="a plugin label of the config, or a plugin name "
                         "(file, dotted module, entry point); default: every plugin of the config")
     parser.add_argument("-c", "--config", default="qpsmtpd.ini",
                         help="the ini file (default: %(default)s; optional when NAME is given)")
@@ -246,7 +246,7 @@ def add_test_command(commands: Any) -> None:
                         help="an option of NAME (repeatable), replacing the config's")
     parser.add_argument("--ip", default="192.0.2.1", help="the client's address (default: %(default)s)")
     parser.add_argument("--helo", default="client.example.test", help="EHLO argument (default: %(default)s)")
-    parser.add_argument("--from", dest="sender", default="sender@example.org", type=_path,
+    parser.add_argument("--from", dest="sender", default="sender@example.org", type=_path, metavar="ADDRESS",
                         help="MAIL FROM address (default: %(default)s); '<>' or '' is the null "
                              "sender of a bounce")
     parser.add_argument("--to", dest="recipients", action="append", metavar="ADDRESS", type=_path,

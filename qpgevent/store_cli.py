@@ -46,13 +46,14 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     listing.set_defaults(handler=lambda args: _run(args, _list))
     show = commands.add_parser("show", parents=[common], help="one key: what lives under it",
                                description="What lives under one key. Exit status 1 when nothing does.")
-    show.add_argument("key", metavar="KEY")
+    show.add_argument("key", metavar="KEY", help="a key as list prints it: karma:penalty:192.0.2.1")
     show.set_defaults(handler=lambda args: _run(args, _show))
     release = commands.add_parser("release", parents=[common], help="remove one key: value, events and leases",
                                   description="Remove everything under one key: a client leaves the karma "
                                   "penalty box, a greylisting triplet is forgotten, a rate window starts "
                                   "again. Exit status 1 when nothing was there.")
-    release.add_argument("key", metavar="KEY")
+    release.add_argument("key", metavar="KEY", help="a key as list prints it (quote the spaces of a "
+                         "greylisting triplet)")
     release.set_defaults(handler=lambda args: _run(args, _release))
 
 
