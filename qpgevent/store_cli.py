@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, command: Callable[[Store, argparse.Namespace], int]) -> int:
+    # The store logs its outages for a server's log; here our one line says it.
+    logging.getLogger("qpgevent").addHandler(logging.NullHandler())
     try:
         settings = config_module.load(args.config)
         options = {key: value for key, value in settings.store.items() if key != "fail"}
