@@ -20,11 +20,12 @@ def test_readme_opens_with_the_two_commands():
 
 def test_readme_example_plugin_works_as_written(tmp_path, make_server):
     plugin = next(block for block in code_blocks("python") if "class NoBouncesToBob" in block)
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "no_bounces_to_bob.py").write_text(plugin, encoding="utf-8")
+    assert "`site_plugins/no_bounces_to_bob.py`" in README  # where the README puts it
+    (tmp_path / "site_plugins").mkdir()
+    (tmp_path / "site_plugins" / "no_bounces_to_bob.py").write_text(plugin, encoding="utf-8")
     ini = next(block for block in code_blocks("ini") if "[[no_bounces_to_bob]]" in block)
     plugins = ini.split("[plugins]", 1)[1]
-    server = make_server(plugins=plugins)
+    server = make_server(plugins=plugins, plugin_dirs="site_plugins")
     with server.smtp() as client:
         client.ehlo()
         assert client.mail("<>")[0] == 250
