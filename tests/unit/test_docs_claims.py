@@ -107,3 +107,15 @@ def _load(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_reload_page_cites_real_tests_and_the_hook_table_has_no_teardown():
+    page = (ROOT / "docs" / "reloading.md").read_text(encoding="utf-8")
+    cited = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", page)
+    assert len(cited) >= 3
+    for path, name in cited:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert not name or f"def {name}(" in source, f"{path}::{name} does not exist"
+    assert not [hook for hook in HOOKS if re.search(r"teardown|shutdown|close|unload", hook)]
+    assert "reload complete: every worker runs generation" in (ROOT / "qpgevent" / "master.py").read_text()
+    assert "`reload complete: every worker runs generation N`" in page
