@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +65,10 @@ def _run(args: argparse.Namespace, command: Callable[[Store, argparse.Namespace]
     try:
         settings = config_module.load(args.config)
         options = {key: value for key, value in settings.store.items() if key != "fail"}
+        if options.get("backend") == "embedded" and not os.path.exists(options["path"]):
+            # Opening would create an empty one: a wrong -c must not look like an empty store.
+            return _fail(f"no store at {options['path']} (the server has stored nothing yet, or this "
+                         f"is not its config)", 1)
         store = open_store(**options)
     except ConfigError as error:
         return _fail(" ".join(str(error).splitlines()), 2)

@@ -108,3 +108,12 @@ def test_an_unreachable_redis_is_exit_1_in_one_line(tmp_path):
     result = qpgevent_store("list", "-c", str(ini))
     assert result.returncode == 1
     assert result.stderr.startswith("qpgevent: the store cannot be reached: ") and result.stderr.count("\n") == 1
+
+
+def test_a_missing_embedded_store_is_reported_not_created(tmp_path):
+    ini = store_ini(tmp_path, "embedded", None)
+    result = qpgevent_store("list", "-c", str(ini))
+    assert result.returncode == 1
+    assert result.stderr == f"qpgevent: no store at {tmp_path / 'store.sqlite'} (the server has stored nothing " \
+                            "yet, or this is not its config)\n"
+    assert not (tmp_path / "store.sqlite").exists()
