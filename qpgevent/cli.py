@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line: the server's options, then the commands (``plugin``, ``store``)."""
     from . import dryrun, store_cli  # the commands' own options live beside what they do
 
-    epilog = "exit status:\n" + "\n".join(textwrap.fill(text, 78, initial_indent=f"  {code}  ", subsequent_indent="     ")
-                                           for code, text in EXIT_CODES.items())
+    epilog = "exit status:\n" + "\n".join(
+        textwrap.fill(text, 78, initial_indent=f"  {code}  ", subsequent_indent="     ")
+        for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog="qpgevent", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
         description="A plugin-driven SMTP server. Without a command: serve (or check) the config.")

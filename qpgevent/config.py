@@ -18,6 +18,7 @@ from typing import Any
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator, VdtTypeError
 
+from .config_checks import check_of, problem_text
 from .errors import ConfigError
 
 CONFIGSPEC = Path(__file__).with_name("configspec.ini")
@@ -207,8 +208,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
     if result is not True:
         for sections, key, problem in flatten_errors(config, result):
             where = _locate(lines, sections, key)
-            check = _check_of(config.configspec, sections, key)
-            what = "missing" if problem is False else _problem(problem or "invalid section", check)
+            check = check_of(config.configspec, sections, key)
+            what = "missing" if problem is False else problem_text(problem or "invalid section", check)
             raise ConfigError(f"{path}:{where}: [{']['.join(sections)}] {key}: {what}")
     for sections, name in get_extra_values(config):
         if sections[:1] == ("plugins",):
@@ -371,7 +372,7 @@ def validate_options(spec: PluginSpec, configspec: list[str], base_dir: str) -> 
     result = options.validate(make_validator(base_dir), preserve_errors=True)
     if result is not True:
         for _, key, problem in flatten_errors(options, result):
-            what = "missing" if problem is False else _problem(problem, _check_of(options.configspec, [], key))
+            what = "missing" if problem is False else problem_text(problem, check_of(options.configspec, [], key))
             raise ConfigError(f"{_option_where(spec, lines, key)} {key}: {what}")
     for _, name in get_extra_values(options):
         raise ConfigError(f"{_option_where(spec, lines, name)} {name}: unknown option")
@@ -387,36 +388,6 @@ def _option_where(spec: PluginSpec, lines: list[str], key: str) -> str:
         return spec.where
     where = _locate(lines, ["plugins", spec.label], key) or spec.line
     return f"{spec.source}:{where}: [[{spec.label}]]"
-
-
-#: What a configspec check takes, in words, for "expected ..." in an error.
-_EXPECTED = {"integer": "an integer", "float": "a number", "boolean": "yes or no (true/false, on/off, 1/0)",
-             "string": "a string", "path": "a path", "ip_addr": "an IP address", "list": "a list",
-             "force_list": "a list", "string_list": "a list of strings", "int_list": "a list of integers",
-             "float_list": "a list of numbers", "path_list": "a list of paths", "bool_list": "a list of yes/no"}
-
-
-def _check_of(configspec: Any, sections: list[str] | tuple[str, ...], key: str | None) -> str:
-    """The configspec check of ``key`` in ``sections`` ("integer(min=1, default=5)"), or ""."""
-    try:
-        for part in sections:
-            configspec = configspec[part]
-        return str(configspec[key]) if key is not None else ""
-    except (KeyError, TypeError):
-        return ""
-
-
-def _problem(problem: Any, check: str) -> str:
-    """The validator's complaint, and for a wrong type or value what was expected instead."""
-    text = str(problem)
-    name = check.split("(", 1)[0].strip()
-    if name == "option":
-        choices = [c.strip().strip("'\"") for c in check.split("(", 1)[1].rsplit(")", 1)[0].split(",")]
-        choices = [c for c in choices if c and not c.startswith("default=")]
-        return f"{text} (expected one of: {', '.join(choices)})"
-    if isinstance(problem, VdtTypeError) and name in _EXPECTED:
-        return f"{text} (expected {_EXPECTED[name]})"
-    return text
 
 
 def line_of(path: str, sections: list[str], key: str | None) -> int | str:

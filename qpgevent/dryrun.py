@@ -335,4 +335,5 @@ def _dry_run_chain(args: argparse.Namespace, scratch: Path) -> tuple[Settings, H
     return settings, runner
 
 
-__all__ = ["ClientReply", "Decision", "Step", "Transcript", "message_bytes", "run_script", "add_test_command", "run_test"]
+__all__ = ["ClientReply", "Decision", "Step", "Transcript", "message_bytes", "run_script", "add_test_command",
+           "run_test"]

@@ -30,7 +30,7 @@ PLUGINS = ROOT / "plugins"
 #: Layer -> its modules, in the order they may import each other.
 LAYERS: dict[int, list[str]] = {
     0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol"],
-    2: ["connection", "transaction", "config"],
+    2: ["connection", "transaction", "config_checks", "config"],
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
         "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth"],
