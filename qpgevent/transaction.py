@@ -79,8 +79,11 @@ class Spool:
 class Transaction:
     """One message's envelope and content, plus ``notes`` that last as long as it does."""
 
-    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20) -> None:
-        self.id = f"{os.getpid():x}.{next(_ids):x}.{int(time.time()):x}"
+    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20,
+                 connection_id: str | None = None) -> None:
+        #: Under its connection's id ("1f2a.7" -> "1f2a.7.3"): a grep for the connection finds
+        #: its transactions too. The counter is the process's, so ids never repeat within it.
+        self.id = f"{connection_id or format(os.getpid(), 'x')}.{next(_ids):x}"
         self.started = time.time()
         self.sender: Address | None = None
         self.recipients: list[Address] = []

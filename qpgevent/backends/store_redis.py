@@ -27,6 +27,8 @@ from Redis (``TIME``), so hosts with skewed clocks still agree:
 from __future__ import annotations
 
 import os
+import re
+import time
 from typing import Any, Callable
 
 import redis
@@ -35,7 +37,7 @@ from redis.connection import parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .store_base import Lease, Store, StoreUnavailable
+from .store_base import Entry, Lease, Store, StoreUnavailable
 
 # Redis 5 and 6 need this before a script writes after TIME; Redis 7 always does it.
 _EFFECTS = "if redis.replicate_commands then redis.replicate_commands() end\n"
@@ -184,6 +186,52 @@ class RedisStore(Store):
 
     def _do_holders(self, key: str) -> int:
         return self._holders(keys=[key])
+
+    # -- for the operator --------------------------------------------------------
+    def _do_entries(self, prefix: str, limit: int, exact: bool) -> list[Entry]:
+        if exact:
+            keys = [prefix]
+        else:  # SCAN walks the keyspace in bounded steps: no KEYS on a live server
+            keys = []
+            for key in self._redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+                keys.append(key)
+                if len(keys) >= limit:
+                    break
+        found = []
+        now = time.time()
+        for key in keys:
+            entry = self._describe(key, now)
+            if entry is not None:
+                found.append(entry)
+        return found
+
+    def _describe(self, key: str, now: float) -> Entry | None:
+        kind = self._redis.type(key)
+        ttl_ms = self._redis.pttl(key)
+        expires = now + ttl_ms / 1000 if ttl_ms > 0 else None
+        if kind == "string":
+            value = self._redis.get(key)
+            return None if value is None else Entry(key, "value", value, 1, expires)
+        if kind != "zset":
+            return None  # not one of ours: the prefix is shared with something else
+        last = self._redis.zrange(key, -1, -1, withscores=True)
+        if not last:
+            return None
+        # Windows score events by time in microseconds (~1.7e15), leases by expiry in
+        # milliseconds (~1.7e12): the scale tells them apart.
+        if last[0][1] > 1e14:
+            return Entry(key, "events", None, self._redis.zcard(key), expires)
+        seconds, micros = self._redis.time()
+        live = self._redis.zcount(key, f"({seconds * 1000 + micros // 1000}", "+inf")
+        return Entry(key, "leases", None, live, expires) if live else None
+
+    def _do_forget(self, key: str) -> int:
+        return int(self._redis.delete(key))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern (greylisting keys hold ``<`` ``>`` ``[``...)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -186,7 +186,7 @@ def test_the_folders_are_the_layers() -> None:
     assert SUBPACKAGES == {"core", "engine", "backends", "server", "testing"}
     loose = sorted(name for name in package_modules() if "." not in name and name not in SUBPACKAGES
                    and name not in ENTRY and name not in ALIASES)
-    assert loose == ["config", "connection", "plugin", "transaction"], (
+    assert loose == ["config", "config_checks", "connection", "plugin", "transaction"], (
         "a new top-level module must be part of the plugin API; put anything else in a sub-package")
 
 
