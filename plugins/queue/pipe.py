@@ -47,6 +47,7 @@ import signal
 import gevent
 from gevent import subprocess
 
+from qpgevent.external import unix_line_ends
 from qpgevent.plugin import DENY, DENYSOFT, OK, Plugin
 
 EX_TEMPFAIL = 75
@@ -141,7 +142,7 @@ class Pipe(Plugin):
         crlf = self.config["line_ending"] == "crlf"
         chunks = transaction.message_chunks()
         try:
-            for chunk in (chunks if crlf else _unix_line_ends(chunks)):
+            for chunk in (chunks if crlf else unix_line_ends(chunks)):
                 stdin.write(chunk)
             stdin.close()
         except BrokenPipeError:
@@ -151,19 +152,6 @@ class Pipe(Plugin):
 
 def _substitute(arg, values):
     return _MACRO.sub(lambda m: values[m.group(1) or m.group(2)], arg)
-
-
-def _unix_line_ends(chunks):
-    """CRLF to LF, streaming (a CR at the end of a chunk waits for the next one)."""
-    carry = b""
-    for chunk in chunks:
-        data = carry + chunk
-        carry = b"\r" if data.endswith(b"\r") else b""
-        if carry:
-            data = data[:-1]
-        yield data.replace(b"\r\n", b"\n")
-    if carry:
-        yield carry
 
 
 def _drain(stream, output):

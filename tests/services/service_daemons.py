@@ -1,0 +1,198 @@
+"""The real Debian daemons the service plugins talk to, started on loopback for the tests.
+
+``LoopbackRspamd``: rspamd with a private config (recipe ``shared/recipes/rspamd.md``): no
+network, no Redis, DNS pointed at a dead port, a tiny public-suffix list (0.6 s start), one
+test rule (Subject ``QPG-SPAM`` scores 8: action ``add header``), the milter_headers module
+adding ``X-Spam-Status`` (and removing the message's own), and a settings id
+``qpg_relaxed`` that raises every action threshold (a message that would get a header gets
+none). ``SpfPolicy``: Debian's policyd-spf, one per connection behind socat (as Postfix's
+spawn(8) runs it), its resolver pointed at a test NSD (recipe ``postfix-policy.md``).
+``Postgrey``: Debian's greylisting policy server on a loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import urllib.request
+
+from qpgevent.testing_scanners import _Daemon, free_tcp_port
+
+HOST = "127.0.0.1"
+
+RSPAMD_DISABLED = ("rbl surbl whitelist phishing multimap mime_types mid fuzzy_check asn spf dkim dmarc arc "
+                   "hfilter emails rspamd_update url_redirector reputation neural ratelimit greylist replies "
+                   "history_redis").split()
+
+RSPAMD_TEST_RULE = """rspamd_config.QPG_TEST_ADDHEADER = {
+  callback = function(task) return (task:get_subject() or ''):find('QPG-SPAM', 1, true) ~= nil end,
+  score = 8.0, description = 'test: Subject contains QPG-SPAM',
+}
+rspamd_config.QPG_TEST_REWRITE = {
+  callback = function(task) return (task:get_subject() or ''):find('QPG-REWRITE', 1, true) ~= nil end,
+  score = 11.0, description = 'test: Subject contains QPG-REWRITE',
+}
+rspamd_config.QPG_TEST_SOFT = {
+  callback = function(task) return (task:get_subject() or ''):find('QPG-SOFT', 1, true) ~= nil end,
+  score = 100.0, description = 'test: Subject contains QPG-SOFT',
+}
+"""
+
+# actions: add header at 6, rewrite subject at 10, reject at 15 (as shipped), plus a soft
+# reject for QPG-SOFT through force_actions (a score alone never gives one).
+RSPAMD_LOCAL = {
+    "local.d/actions.conf": 'rewrite_subject = 10;\nsubject = "***SPAM*** %s";\n',
+    "local.d/milter_headers.conf": 'use = ["x-spam-status"];\nskip_local = false;\nskip_authenticated = false;\n',
+    "local.d/force_actions.conf": """rules {
+  QPG_SOFT { action = "soft reject"; expression = "QPG_TEST_SOFT"; message = "come back later (test)"; }
+}
+""",
+    "local.d/settings.conf": """qpg_relaxed {
+  id = "qpg_relaxed";
+  apply { actions { reject = 500; "add header" = 400; "rewrite subject" = 450; greylist = 300; } }
+}
+""",
+    "local.d/logging.inc": 'type = "console";\nlevel = "notice";\n',
+    "override.d/worker-controller.inc": "enabled = false;\n",
+}
+
+
+class LoopbackRspamd(_Daemon):
+    name = "rspamd"
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        super().__init__()
+        self.workdir = tempfile.mkdtemp(prefix="qpg-rspamd-")
+        self.port = free_tcp_port()
+        etc = os.path.join(self.workdir, "etc")
+        for sub in ("etc/local.d", "etc/override.d", "db", "run", "log", "tmp"):
+            os.makedirs(os.path.join(self.workdir, sub))
+        tld = os.path.join(self.workdir, "tld.dat")
+        _write(tld, "test\nexample\ncom\norg\nnet\n")
+        files = dict(RSPAMD_LOCAL)
+        files["local.d/options.inc"] = (
+            'dns { nameserver = ["127.0.0.1:%d"]; timeout = 0.5s; retransmits = 1; }\n'
+            'url_tld = "%s";\ntempdir = "%s/tmp";\n' % (free_tcp_port(), tld, self.workdir))
+        files["override.d/worker-normal.inc"] = f'bind_socket = "{HOST}:{self.port}";\ncount = 1;\n'
+        files["override.d/worker-proxy.inc"] = f'bind_socket = "{HOST}:{free_tcp_port()}";\ncount = 1;\n'
+        for module in RSPAMD_DISABLED:
+            files[f"local.d/{module}.conf"] = "enabled = false;\n"
+        files["rspamd.local.lua"] = RSPAMD_TEST_RULE
+        for name, text in files.items():
+            _write(os.path.join(etc, name), text)
+        self._start(["rspamd", "-f", "-i", "-c", "/etc/rspamd/rspamd.conf", f"--var=LOCAL_CONFDIR={etc}",
+                     f"--var=DBDIR={self.workdir}/db", f"--var=RUNDIR={self.workdir}/run",
+                     f"--var=LOGDIR={self.workdir}/log"], self._pong, timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _pong(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.address}/ping", timeout=1) as answer:
+            return answer.read().strip() == b"pong"
+
+
+SPF_CONF = """debugLevel = 1
+TestOnly = 1
+HELO_reject = Fail
+Mail_From_reject = Fail
+PermError_reject = False
+TempError_Defer = False
+skip_addresses = 127.0.0.0/8,::ffff:127.0.0.0/104,::1
+Lookup_Time = 5
+"""
+
+# policyd-spf's resolver (pydns) reads /etc/resolv.conf when spf is imported: point it at
+# the test NSD, then run the packaged main(). Runs under /usr/bin/python3 (Debian's modules).
+SPF_WRAPPER = """import sys
+import spf, DNS
+DNS.defaults['server'] = [sys.argv[1]]
+DNS.defaults['port'] = int(sys.argv[2])
+sys.argv = ['policyd-spf'] + sys.argv[3:]
+from spf_engine.policyd_spf import main
+sys.exit(main())
+"""
+
+#: SPF zones: example.test allows 192.0.2.0/24; client.example.test only its own A (203.0.113.5).
+SPF_ZONES = {
+    "example.test": {"@": [("TXT", '"v=spf1 ip4:192.0.2.0/24 -all"')],
+                     "client": [("A", "203.0.113.5"), ("TXT", '"v=spf1 a -all"')],
+                     "mail": [("A", "192.0.2.25")]},
+}
+
+
+class SpfPolicy(_Daemon):
+    """policyd-spf per connection behind ``socat TCP-LISTEN:...,fork EXEC:...``."""
+
+    name = "policyd-spf"
+
+    def __init__(self, dns_port: int, timeout: float = 30.0) -> None:
+        super().__init__()
+        self.workdir = tempfile.mkdtemp(prefix="qpg-spf-")
+        self.port = free_tcp_port()
+        conf, wrapper = os.path.join(self.workdir, "policyd-spf.conf"), os.path.join(self.workdir, "spf.py")
+        _write(conf, SPF_CONF)
+        _write(wrapper, SPF_WRAPPER)
+        self._start(["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork",
+                     f"EXEC:/usr/bin/python3 {wrapper} 127.0.0.1 {dns_port} {conf}"], self._answers, timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _answers(self) -> bool:
+        return ask_policy(self.port, {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                                      "client_address": "127.0.0.1", "helo_name": "localhost",
+                                      "sender": "probe@example.test", "recipient": "x@example.test",
+                                      "instance": "ready.0"}).startswith("action=")
+
+
+class Postgrey(_Daemon):
+    """postgrey on a loopback port with its own database, greylisting for ``delay`` seconds."""
+
+    name = "postgrey"
+
+    def __init__(self, delay: int = 3600, timeout: float = 30.0) -> None:
+        super().__init__()
+        self.workdir = tempfile.mkdtemp(prefix="qpg-postgrey-")
+        self.port = free_tcp_port()
+        empty = os.path.join(self.workdir, "empty")
+        _write(empty, "")
+        self._start(["postgrey", f"--inet={HOST}:{self.port}", f"--dbdir={self.workdir}", "--user=root",
+                     "--group=root", f"--delay={delay}", f"--whitelist-clients={empty}",
+                     f"--whitelist-recipients={empty}", f"--pidfile={self.workdir}/pid", "--hostname=grey.test"],
+                    self._answers, timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _answers(self) -> bool:
+        return ask_policy(self.port, {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                                      "client_address": "198.51.100.1", "client_name": "probe.test",
+                                      "sender": "probe@probe.test", "recipient": "probe@probe.test",
+                                      "instance": "ready.0"}).startswith("action=")
+
+
+def ask_policy(port: int, attributes: dict[str, str], timeout: float = 5) -> str:
+    """One policy request on a new connection; the reply's first line (readiness probes)."""
+    request = "".join(f"{name}={value}\n" for name, value in attributes.items()) + "\n"
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(request.encode())
+        answer = b""
+        while b"\n\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+    return answer.decode().split("\n", 1)[0]
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
