@@ -36,8 +36,8 @@ def failed(plugin: Any, service: str, error: Exception) -> Any:
     if mode == "accept":
         return DECLINED
     if mode == "reject":
-        return DENY, f"5.3.0 {service} unavailable"
-    return DENYSOFT, f"4.3.0 {service} unavailable, try again later"
+        return DENY, f"554 5.3.0 {service} unavailable"
+    return DENYSOFT, f"451 4.3.0 {service} unavailable, try again later"
 
 
 def unix_line_ends(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -9,7 +9,7 @@ import pytest
 
 from qpgevent.testing_dns import LoopbackDns
 
-from service_daemons import SPF_ZONES, LoopbackRspamd, Postgrey, SpfPolicy
+from service_daemons import SPF_ZONES, LoopbackRspamd, Postfwd, Postgrey, SpfPolicy
 
 
 def _need(tool: str, package: str) -> None:
@@ -43,4 +43,12 @@ def spf_policy(spf_dns):
 def postgrey():
     _need("postgrey", "postgrey")
     with Postgrey() as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def postfwd():
+    _need("socat", "socat")
+    _need("postfwd1", "postfwd")
+    with Postfwd() as daemon:
         yield daemon

@@ -7,6 +7,7 @@ adding ``X-Spam-Status`` (and removing the message's own), and a settings id
 ``qpg_relaxed`` that raises every action threshold (a message that would get a header gets
 none). ``SpfPolicy``: Debian's policyd-spf, one per connection behind socat (as Postfix's
 spawn(8) runs it), its resolver pointed at a test NSD (recipe ``postfix-policy.md``).
+``Postfwd``: Debian's rule-based policy server, rules giving every action a test needs.
 ``Postgrey``: Debian's greylisting policy server on a loopback port.
 """
 
@@ -123,20 +124,14 @@ SPF_ZONES = {
 }
 
 
-class SpfPolicy(_Daemon):
-    """policyd-spf per connection behind ``socat TCP-LISTEN:...,fork EXEC:...``."""
+class SpawnedPolicy(_Daemon):
+    """A policy program run once per connection, its stdin and stdout the socket, behind
+    ``socat TCP-LISTEN:...,fork EXEC:...`` (what Postfix's spawn(8) does)."""
 
-    name = "policyd-spf"
-
-    def __init__(self, dns_port: int, timeout: float = 30.0) -> None:
-        super().__init__()
-        self.workdir = tempfile.mkdtemp(prefix="qpg-spf-")
+    def _spawn(self, command: str, timeout: float) -> None:
         self.port = free_tcp_port()
-        conf, wrapper = os.path.join(self.workdir, "policyd-spf.conf"), os.path.join(self.workdir, "spf.py")
-        _write(conf, SPF_CONF)
-        _write(wrapper, SPF_WRAPPER)
-        self._start(["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork",
-                     f"EXEC:/usr/bin/python3 {wrapper} 127.0.0.1 {dns_port} {conf}"], self._answers, timeout)
+        self._start(["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork", f"EXEC:{command}"],
+                    self._answers, timeout)
 
     @property
     def address(self) -> str:
@@ -145,8 +140,56 @@ class SpfPolicy(_Daemon):
     def _answers(self) -> bool:
         return ask_policy(self.port, {"request": "smtpd_access_policy", "protocol_state": "RCPT",
                                       "client_address": "127.0.0.1", "helo_name": "localhost",
-                                      "sender": "probe@example.test", "recipient": "x@example.test",
+                                      "sender": "probe@example.test", "recipient": "probe@example.test",
                                       "instance": "ready.0"}).startswith("action=")
+
+
+class SpfPolicy(SpawnedPolicy):
+    """Debian's policyd-spf, its resolver pointed at the test NSD on ``dns_port``."""
+
+    name = "policyd-spf"
+
+    def __init__(self, dns_port: int, timeout: float = 30.0) -> None:
+        super().__init__()
+        self.workdir = tempfile.mkdtemp(prefix="qpg-spf-")
+        conf, wrapper = os.path.join(self.workdir, "policyd-spf.conf"), os.path.join(self.workdir, "policyd-spf-testdns.py")
+        _write(conf, SPF_CONF)
+        _write(wrapper, SPF_WRAPPER)
+        self._spawn(f"/usr/bin/python3 {wrapper} 127.0.0.1 {dns_port} {conf}", timeout)
+
+
+#: postfwd rules: the recipient's local part names the action the test wants back.
+POSTFWD_RULES = """id=R1; recipient==reject@example.test; action=REJECT refused by postfwd
+id=R2; recipient==code@example.test; action=521 5.7.0 not here
+id=R3; recipient==defer@example.test; action=DEFER busy now
+id=R4; recipient==prepend@example.test; action=PREPEND X-Postfwd: seen $$client_address
+id=R5; recipient==redirect@example.test; action=REDIRECT other@example.test
+id=R6; recipient==bcc@example.test; action=BCC archive@example.test
+id=R7; recipient==discard@example.test; action=DISCARD dropped by postfwd
+id=R8; recipient==hold@example.test; action=HOLD held by postfwd
+id=R9; recipient==filter@example.test; action=FILTER smtp:[127.0.0.1]:10025
+id=R10; recipient==warn@example.test; action=WARN looked at by postfwd
+id=R11; recipient==ok@example.test; action=OK
+id=R12; recipient==garbage@example.test; action=FROBNICATE now
+id=R13; client_address==192.0.2.66; protocol_state==CONNECT; action=REJECT no connections from you
+id=R14; helo_name==bad.example.test; action=REJECT bad HELO
+id=R15; sender==spammer@example.test; action=REJECT bad sender
+id=R16; protocol_state==END-OF-MESSAGE; size>=100000; action=REJECT too big for postfwd
+id=RD; action=DUNNO
+"""
+
+
+class Postfwd(SpawnedPolicy):
+    """Debian's postfwd (postfwd1, the rule-based policy server) with ``POSTFWD_RULES``."""
+
+    name = "postfwd"
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        super().__init__()
+        self.workdir = tempfile.mkdtemp(prefix="qpg-postfwd-")
+        rules = os.path.join(self.workdir, "postfwd.cf")
+        _write(rules, POSTFWD_RULES)
+        self._spawn(f"/usr/sbin/postfwd1 -f {rules} --nodns --cache=0", timeout)
 
 
 class Postgrey(_Daemon):

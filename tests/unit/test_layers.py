@@ -29,7 +29,7 @@ PLUGINS = ROOT / "plugins"
 
 #: Layer -> its modules, in the order they may import each other.
 LAYERS: dict[int, list[str]] = {
-    0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol"],
+    0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol", "policy_protocol"],
     2: ["connection", "transaction", "config"],
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
@@ -44,7 +44,7 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident",
               "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults",
-              "qpgevent.external"}
+              "qpgevent.external", "qpgevent.policy_protocol"}
 NEVER_FOR_PLUGINS = {"qpgevent.session", "qpgevent.server", "qpgevent.cli", "qpgevent.hooks",
                      "qpgevent.loader", "qpgevent.config", "qpgevent.testing"}
 
