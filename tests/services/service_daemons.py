@@ -130,7 +130,7 @@ class SpawnedPolicy(_Daemon):
 
     def _spawn(self, command: str, timeout: float) -> None:
         self.port = free_tcp_port()
-        self._start(["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork", f"EXEC:{command}"],
+        self._start(["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork,backlog=512", f"EXEC:{command}"],
                     self._answers, timeout)
 
     @property
@@ -193,18 +193,21 @@ class Postfwd(SpawnedPolicy):
 
 
 class Postgrey(_Daemon):
-    """postgrey on a loopback port with its own database, greylisting for ``delay`` seconds."""
+    """postgrey on a loopback port with its own database, greylisting for ``delay`` seconds
+    every client but those of ``whitelist_clients``."""
 
     name = "postgrey"
 
-    def __init__(self, delay: int = 3600, timeout: float = 30.0) -> None:
+    def __init__(self, delay: int = 3600, whitelist_clients: tuple[str, ...] | list[str] = (),
+                 timeout: float = 30.0) -> None:
         super().__init__()
         self.workdir = tempfile.mkdtemp(prefix="qpg-postgrey-")
         self.port = free_tcp_port()
-        empty = os.path.join(self.workdir, "empty")
+        empty, clients = os.path.join(self.workdir, "empty"), os.path.join(self.workdir, "clients")
         _write(empty, "")
+        _write(clients, "".join(f"{client}\n" for client in whitelist_clients))
         self._start(["postgrey", f"--inet={HOST}:{self.port}", f"--dbdir={self.workdir}", "--user=root",
-                     "--group=root", f"--delay={delay}", f"--whitelist-clients={empty}",
+                     "--group=root", f"--delay={delay}", f"--whitelist-clients={clients}",
                      f"--whitelist-recipients={empty}", f"--pidfile={self.workdir}/pid", "--hostname=grey.test"],
                     self._answers, timeout)
 

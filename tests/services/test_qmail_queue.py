@@ -5,7 +5,6 @@ exiting as told, hanging, or killed while it works."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -112,12 +111,10 @@ def test_accept_is_not_a_choice_for_a_queue(plugin_harness):
 
 def test_the_checker_refuses_a_bad_envelope(tmp_path):
     # the protocol's other end really checks: a recipient without T is an envelope format error
-    read_message, write_message = os.pipe()
-    read_envelope, write_envelope = os.pipe()
-    os.write(write_message, b"Subject: x\n\nhi\n")
-    os.close(write_message)
-    os.write(write_envelope, b"Fa@example.test\0b@example.test\0\0")
-    os.close(write_envelope)
-    status = subprocess.run([sys.executable, str(CHECKER), str(tmp_path)], stdin=read_message,
-                            stdout=read_envelope, timeout=30).returncode
-    assert status == 91 and list(tmp_path.iterdir()) == []
+    (tmp_path / "message").write_bytes(b"Subject: x\n\nhi\n")
+    (tmp_path / "envelope").write_bytes(b"Fa@example.test\0b@example.test\0\0")
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "message", "rb") as fd0, open(tmp_path / "envelope", "rb") as fd1:
+        status = subprocess.run([sys.executable, str(CHECKER), str(tmp_path / "out")], stdin=fd0, stdout=fd1,
+                                timeout=30).returncode
+    assert status == 91 and list((tmp_path / "out").iterdir()) == []

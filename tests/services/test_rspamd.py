@@ -11,6 +11,7 @@ import gevent
 import pytest
 from gevent.server import StreamServer
 
+from qpgevent.address import Address
 from qpgevent.testing_scanners import GTUBE, HungScanner, dead_port
 from service_daemons import LoopbackRspamd
 from service_helpers import RCPT_AND_QUEUE, delivered, header_block, message, send, smtp
@@ -163,3 +164,21 @@ def test_rspamd_killed_mid_session_gives_the_fallback_and_loses_nothing(make_ser
     finally:
         own.close()
     assert len(delivered(server)) == 1
+
+
+def test_settings_id_for_authenticated_users(plugin_harness, rspamd):
+    harness = plugin_harness("rspamd", url=f"http://{rspamd.address}", settings_id_authenticated="qpg_relaxed")
+    verdicts = {}
+    for user in ("alice", None):
+        session = harness.session(ip="192.0.2.25", helo="mail.example.test")
+        if user:
+            session.connection.notes["auth_user"] = user
+        transaction = session.transaction
+        transaction.sender = Address.parse("<a@example.test>")
+        transaction.add_recipient(Address.parse("<b@example.test>"))
+        transaction.write(message("QPG-SPAM"))
+        transaction.end_of_data()
+        assert harness.run_hook("data_post", session=session).verdict.code.name == "DECLINED"
+        verdicts[user] = transaction.notes["rspamd"]
+    assert verdicts["alice"]["action"] == "no action" and verdicts["alice"]["required_score"] == 500
+    assert verdicts[None]["action"] == "add header" and "QPG_TEST_ADDHEADER" in verdicts[None]["symbols"]
