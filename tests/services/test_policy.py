@@ -8,6 +8,9 @@ The client address the servers judge comes from a PROXY header (the server trust
 
 from __future__ import annotations
 
+import os
+import signal
+
 import gevent
 import pytest
 from gevent.server import StreamServer
@@ -210,3 +213,41 @@ def test_the_server_killed_mid_session_gives_the_fallback(make_server, spf_dns):
     finally:
         own.close()
     assert len(delivered(server)) == 1
+
+
+def test_postgrey_stopped_mid_session_meets_call_timeout(make_server):
+    # SIGSTOP: the real daemon hangs with the connection open, after answering once
+    with Postgrey(whitelist_clients=[PASSING]) as postgrey:
+        server = start(make_server, postgrey.address, "  call_timeout = 2")
+        with smtp(server, PASSING) as client:
+            client.ehlo("mail.example.test")
+            client.mail("a@example.test")
+            assert client.rcpt("b@example.test")[0] == 250
+            os.killpg(postgrey.process.pid, signal.SIGSTOP)
+            try:
+                assert client.rcpt("c@example.test") == (451, b"4.3.0 policy server unavailable, try again later")
+                with smtp(server, PASSING) as other:  # the worker goes on meanwhile
+                    assert other.noop()[0] == 250
+            finally:
+                os.killpg(postgrey.process.pid, signal.SIGCONT)
+            assert client.data(message())[0] == 250  # b was accepted before
+    assert len(delivered(server)) == 1
+
+
+@pytest.fixture
+def dripping_policy():
+    """Answers one byte of a reply every half second, never reaching its end."""
+    def answer(sock, _address):
+        sock.recv(65536)
+        for _ in range(120):  # bounded: a minute at most
+            sock.sendall(b"x")
+            gevent.sleep(0.5)  # the hostile peer's pace, not a synchronisation
+    server = StreamServer(("127.0.0.1", 0), answer)
+    server.start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.stop(timeout=0)
+
+
+def test_a_server_that_drips_bytes_meets_call_timeout_for_the_whole_answer(make_server, dripping_policy):
+    server = start(make_server, dripping_policy, "  call_timeout = 2")
+    assert send(server, message(), client_ip=PASSING) == (451, "4.3.0 policy server unavailable, try again later")

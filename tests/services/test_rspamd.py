@@ -5,7 +5,9 @@ garbage, a closed port, and rspamd killed in the middle of a session."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 
 import gevent
 import pytest
@@ -182,3 +184,51 @@ def test_settings_id_for_authenticated_users(plugin_harness, rspamd):
         verdicts[user] = transaction.notes["rspamd"]
     assert verdicts["alice"]["action"] == "no action" and verdicts["alice"]["required_score"] == 500
     assert verdicts[None]["action"] == "add header" and "QPG_TEST_ADDHEADER" in verdicts[None]["symbols"]
+
+
+def test_rspamd_stopped_mid_session_meets_call_timeout(make_server):
+    # SIGSTOP: the real daemon hangs with its sockets open (a stuck scanner), after one scan
+    own = LoopbackRspamd()
+    try:
+        server = start(make_server, own.address, "  call_timeout = 2")
+        with smtp(server) as client:
+            client.ehlo("mail.example.test")
+            client.mail("a@example.test")
+            client.rcpt("b@example.test")
+            assert client.data(message("QPG-SPAM"))[0] == 250
+            os.killpg(own.process.pid, signal.SIGSTOP)
+            try:
+                client.mail("a@example.test")
+                client.rcpt("b@example.test")
+                assert client.data(message("second")) == (451, b"4.3.0 rspamd unavailable, try again later")
+                with smtp(server) as other:  # the worker goes on meanwhile
+                    assert other.noop()[0] == 250
+            finally:
+                os.killpg(own.process.pid, signal.SIGCONT)
+    finally:
+        own.close()
+    assert len(delivered(server)) == 1
+
+
+@pytest.fixture
+def huge_http():
+    def answer(sock, _address):
+        sock.recv(65536)
+        size = 5 << 20
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"{" + b" " * (size - 1))
+        sock.close()
+    server = StreamServer(("127.0.0.1", 0), answer)
+    server.start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.stop(timeout=0)
+
+
+def test_an_answer_over_4_mib_is_a_failure(make_server, huge_http):
+    server = start(make_server, huge_http)
+    assert send(server, message()) == (451, "4.3.0 rspamd unavailable, try again later")
+
+
+def test_messages_over_size_limit_are_not_scanned(make_server, rspamd):
+    server = start(make_server, rspamd.address, "  size_limit = 100")
+    assert send(server, message("t", GTUBE))[0] == 250
+    assert "X-Spam" not in header_block(delivered(server)[0])
