@@ -17,10 +17,41 @@ import os
 import socket
 import tempfile
 import urllib.request
+from typing import Callable
 
 from qpgevent.testing_scanners import _Daemon, free_tcp_port
 
 HOST = "127.0.0.1"
+
+class PortTaken(Exception):
+    """Another process took the free port we picked before the daemon bound it."""
+
+
+class _PortDaemon(_Daemon):
+    """A daemon on a free loopback port, started again on another port (up to 3 times) when
+    something else took the port first: on a busy machine the gap between picking a free port
+    and the daemon binding it (5 s of rspamd start-up under load) is long enough."""
+
+    def _start_on_a_free_port(self, argv_for_port: Callable[[int], list[str]], ready: Callable[[], bool],
+                              timeout: float) -> None:
+        for attempt in range(3):
+            self.port = free_tcp_port()
+            argv = argv_for_port(self.port)
+            try:
+                self._start(argv, lambda: self._port_free_for_us() and ready(), timeout)
+                return
+            except (PortTaken, RuntimeError) as error:  # RuntimeError: it exited, its log says why
+                if isinstance(error, RuntimeError) and "Address already in use" not in str(error):
+                    raise
+                self.stop()
+                if attempt == 2:
+                    raise RuntimeError(f"{self.name}: three ports taken under us:\n{self.log()}") from None
+
+    def _port_free_for_us(self) -> bool:
+        if "Address already in use" in self.log():
+            raise PortTaken(self.port)
+        return True
+
 
 RSPAMD_DISABLED = ("rbl surbl whitelist phishing multimap mime_types mid fuzzy_check asn spf dkim dmarc arc "
                    "hfilter emails rspamd_update url_redirector reputation neural ratelimit greylist replies "
@@ -34,6 +65,10 @@ rspamd_config.QPG_TEST_REWRITE = {
   callback = function(task) return (task:get_subject() or ''):find('QPG-REWRITE', 1, true) ~= nil end,
   score = 11.0, description = 'test: Subject contains QPG-REWRITE',
 }
+rspamd_config.QPG_TEST_GREY = {
+  callback = function(task) return (task:get_subject() or ''):find('QPG-GREY', 1, true) ~= nil end,
+  score = 0.1, description = 'test: Subject contains QPG-GREY',
+}
 rspamd_config.QPG_TEST_SOFT = {
   callback = function(task) return (task:get_subject() or ''):find('QPG-SOFT', 1, true) ~= nil end,
   score = 100.0, description = 'test: Subject contains QPG-SOFT',
@@ -41,12 +76,14 @@ rspamd_config.QPG_TEST_SOFT = {
 """
 
 # actions: add header at 6, rewrite subject at 10, reject at 15 (as shipped), plus a soft
-# reject for QPG-SOFT through force_actions (a score alone never gives one).
+# reject for QPG-SOFT and a greylist for QPG-GREY through force_actions (the greylist module,
+# which needs Redis, is off).
 RSPAMD_LOCAL = {
     "local.d/actions.conf": 'rewrite_subject = 10;\nsubject = "***SPAM*** %s";\n',
     "local.d/milter_headers.conf": 'use = ["x-spam-status"];\nskip_local = false;\nskip_authenticated = false;\n',
     "local.d/force_actions.conf": """rules {
   QPG_SOFT { action = "soft reject"; expression = "QPG_TEST_SOFT"; message = "come back later (test)"; }
+  QPG_GREY { action = "greylist"; expression = "QPG_TEST_GREY"; }
 }
 """,
     "local.d/settings.conf": """qpg_relaxed {
@@ -59,13 +96,12 @@ RSPAMD_LOCAL = {
 }
 
 
-class LoopbackRspamd(_Daemon):
+class LoopbackRspamd(_PortDaemon):
     name = "rspamd"
 
     def __init__(self, timeout: float = 60.0) -> None:
         super().__init__()
         self.workdir = tempfile.mkdtemp(prefix="qpg-rspamd-")
-        self.port = free_tcp_port()
         etc = os.path.join(self.workdir, "etc")
         for sub in ("etc/local.d", "etc/override.d", "db", "run", "log", "tmp"):
             os.makedirs(os.path.join(self.workdir, sub))
@@ -75,16 +111,21 @@ class LoopbackRspamd(_Daemon):
         files["local.d/options.inc"] = (
             'dns { nameserver = ["127.0.0.1:%d"]; timeout = 0.5s; retransmits = 1; }\n'
             'url_tld = "%s";\ntempdir = "%s/tmp";\n' % (free_tcp_port(), tld, self.workdir))
-        files["override.d/worker-normal.inc"] = f'bind_socket = "{HOST}:{self.port}";\ncount = 1;\n'
-        files["override.d/worker-proxy.inc"] = f'bind_socket = "{HOST}:{free_tcp_port()}";\ncount = 1;\n'
         for module in RSPAMD_DISABLED:
             files[f"local.d/{module}.conf"] = "enabled = false;\n"
         files["rspamd.local.lua"] = RSPAMD_TEST_RULE
         for name, text in files.items():
             _write(os.path.join(etc, name), text)
-        self._start(["rspamd", "-f", "-i", "-c", "/etc/rspamd/rspamd.conf", f"--var=LOCAL_CONFDIR={etc}",
-                     f"--var=DBDIR={self.workdir}/db", f"--var=RUNDIR={self.workdir}/run",
-                     f"--var=LOGDIR={self.workdir}/log"], self._pong, timeout)
+
+        def argv(port: int) -> list[str]:
+            _write(os.path.join(etc, "override.d/worker-normal.inc"), f'bind_socket = "{HOST}:{port}";\ncount = 1;\n')
+            _write(os.path.join(etc, "override.d/worker-proxy.inc"),
+                   f'bind_socket = "{HOST}:{free_tcp_port()}";\ncount = 1;\n')
+            return ["rspamd", "-f", "-i", "-c", "/etc/rspamd/rspamd.conf", f"--var=LOCAL_CONFDIR={etc}",
+                    f"--var=DBDIR={self.workdir}/db", f"--var=RUNDIR={self.workdir}/run",
+                    f"--var=LOGDIR={self.workdir}/log"]
+
+        self._start_on_a_free_port(argv, self._pong, timeout)
 
     @property
     def address(self) -> str:
@@ -124,14 +165,14 @@ SPF_ZONES = {
 }
 
 
-class SpawnedPolicy(_Daemon):
+class SpawnedPolicy(_PortDaemon):
     """A policy program run once per connection, its stdin and stdout the socket, behind
     ``socat TCP-LISTEN:...,fork EXEC:...`` (what Postfix's spawn(8) does)."""
 
     def _spawn(self, command: str, timeout: float) -> None:
-        self.port = free_tcp_port()
-        self._start(["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork,backlog=512", f"EXEC:{command}"],
-                    self._answers, timeout)
+        self._start_on_a_free_port(
+            lambda port: ["socat", f"TCP-LISTEN:{port},bind={HOST},reuseaddr,fork,backlog=512", f"EXEC:{command}"],
+            self._answers, timeout)
 
     @property
     def address(self) -> str:
@@ -175,6 +216,10 @@ id=R13; client_address==192.0.2.66; protocol_state==CONNECT; action=REJECT no co
 id=R14; helo_name==bad.example.test; action=REJECT bad HELO
 id=R15; sender==spammer@example.test; action=REJECT bad sender
 id=R16; protocol_state==END-OF-MESSAGE; size>=100000; action=REJECT too big for postfwd
+id=R17; recipient==ok@elsewhere.test; action=OK
+id=R18; client_address==192.0.2.77; protocol_state==CONNECT; action=PREPEND X-Connect-Policy: seen at connect
+id=R19; recipient==attrs@example.test; action=PREPEND X-Policy-Attributes: request=$$request state=$$protocol_state name=$$protocol_name helo=$$helo_name sender=$$sender recipient=$$recipient count=$$recipient_count client=$$client_address cname=$$client_name rname=$$reverse_client_name size=$$size context=$$policy_context
+id=R20; protocol_state==END-OF-MESSAGE; sender==attrs@example.test; action=PREPEND X-Policy-End: state=$$protocol_state recipient=$$recipient count=$$recipient_count size=$$size queue=$$queue_id instance=$$instance
 id=RD; action=DUNNO
 """
 
@@ -192,7 +237,7 @@ class Postfwd(SpawnedPolicy):
         self._spawn(f"/usr/sbin/postfwd1 -f {rules} --nodns --cache=0", timeout)
 
 
-class Postgrey(_Daemon):
+class Postgrey(_PortDaemon):
     """postgrey on a loopback port with its own database, greylisting for ``delay`` seconds
     every client but those of ``whitelist_clients``."""
 
@@ -202,14 +247,14 @@ class Postgrey(_Daemon):
                  timeout: float = 30.0) -> None:
         super().__init__()
         self.workdir = tempfile.mkdtemp(prefix="qpg-postgrey-")
-        self.port = free_tcp_port()
         empty, clients = os.path.join(self.workdir, "empty"), os.path.join(self.workdir, "clients")
         _write(empty, "")
         _write(clients, "".join(f"{client}\n" for client in whitelist_clients))
-        self._start(["postgrey", f"--inet={HOST}:{self.port}", f"--dbdir={self.workdir}", "--user=root",
-                     "--group=root", f"--delay={delay}", f"--whitelist-clients={clients}",
-                     f"--whitelist-recipients={empty}", f"--pidfile={self.workdir}/pid", "--hostname=grey.test"],
-                    self._answers, timeout)
+        self._start_on_a_free_port(
+            lambda port: ["postgrey", f"--inet={HOST}:{port}", f"--dbdir={self.workdir}", "--user=root",
+                          "--group=root", f"--delay={delay}", f"--whitelist-clients={clients}",
+                          f"--whitelist-recipients={empty}", f"--pidfile={self.workdir}/pid", "--hostname=grey.test"],
+            self._answers, timeout)
 
     @property
     def address(self) -> str:

@@ -9,6 +9,7 @@ The client address the servers judge comes from a PROXY header (the server trust
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import gevent
@@ -251,3 +252,35 @@ def dripping_policy():
 def test_a_server_that_drips_bytes_meets_call_timeout_for_the_whole_answer(make_server, dripping_policy):
     server = start(make_server, dripping_policy, "  call_timeout = 2")
     assert send(server, message(), client_ip=PASSING) == (451, "4.3.0 policy server unavailable, try again later")
+
+
+def test_the_attributes_postfix_sends(make_server, postfwd):
+    server = start(make_server, postfwd.address, "  hooks = rcpt, data_post\n  context = qpg-test")
+    assert send(server, message(body="x" * 500), "attrs@example.test", ["bob@example.test", "attrs@example.test"],
+                client_ip=PASSING, helo="mail.example.test")[0] == 250
+    head = header_block(delivered(server)[0])
+    rcpt = re.search(r"X-Policy-Attributes: (.*)\r\n", head).group(1)
+    assert rcpt == ("request=smtpd_access_policy state=RCPT name=ESMTP helo=mail.example.test"
+                    " sender=attrs@example.test recipient=attrs@example.test count=1 client=192.0.2.25"
+                    " cname=unknown rname=unknown size=0 context=qpg-test")
+    end = dict(item.split("=", 1) for item in re.search(r"X-Policy-End: (.*)\r\n", head).group(1).split())
+    assert end["state"] == "END-OF-MESSAGE" and end["count"] == "2" and end["recipient"] == ""
+    assert int(end["size"]) > 500 and end["queue"] and end["instance"].endswith(end["queue"])
+
+
+def test_ok_is_dunno_unless_ok_accepts(make_server, postfwd):
+    # rcpt_ok does not accept elsewhere.test: only the policy server's OK can
+    cautious = start(make_server, postfwd.address)
+    assert send(cautious, message(), recipients=["ok@elsewhere.test"], client_ip=PASSING)[0] == 550
+    trusting = start(make_server, postfwd.address, "  ok_accepts = yes")
+    assert send(trusting, message(), recipients=["ok@elsewhere.test"], client_ip=PASSING)[0] == 250
+
+
+def test_an_action_at_connect_applies_to_every_message_of_the_connection(make_server, postfwd):
+    server = start(make_server, postfwd.address, "  hooks = connect, rcpt")
+    with smtp(server, "192.0.2.77") as client:
+        client.ehlo("mail.example.test")
+        for _ in range(2):
+            assert client.sendmail("a@example.test", ["b@example.test"], message()) == {}
+    mails = delivered(server)
+    assert len(mails) == 2 and all("X-Connect-Policy: seen at connect\r\n" in header_block(m) for m in mails)

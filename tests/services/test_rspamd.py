@@ -232,3 +232,14 @@ def test_messages_over_size_limit_are_not_scanned(make_server, rspamd):
     server = start(make_server, rspamd.address, "  size_limit = 100")
     assert send(server, message("t", GTUBE))[0] == 250
     assert "X-Spam" not in header_block(delivered(server)[0])
+
+
+def test_greylist_is_accepted_unless_defer_greylist(make_server, rspamd):
+    server = start(make_server, rspamd.address)
+    assert send(server, message("QPG-GREY"))[0] == 250
+
+
+def test_defer_greylist_defers(make_server, rspamd):
+    server = start(make_server, rspamd.address, "  defer_greylist = yes")
+    assert send(server, message("QPG-GREY")) == (451, "4.7.1 Greylisted, try again later")
+    assert delivered(server) == []
