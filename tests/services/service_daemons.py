@@ -69,6 +69,14 @@ rspamd_config.QPG_TEST_GREY = {
   callback = function(task) return (task:get_subject() or ''):find('QPG-GREY', 1, true) ~= nil end,
   score = 0.1, description = 'test: Subject contains QPG-GREY',
 }
+rspamd_config.QPG_SAW_TLS = {
+  callback = function(task) return task:get_request_header('TLS-Version') ~= nil end,
+  score = 0.01, description = 'test: the MTA said the session was encrypted',
+}
+rspamd_config.QPG_SAW_USER = {
+  callback = function(task) return task:get_user() ~= nil end,
+  score = 0.01, description = 'test: the MTA sent the authenticated user',
+}
 rspamd_config.QPG_TEST_SOFT = {
   callback = function(task) return (task:get_subject() or ''):find('QPG-SOFT', 1, true) ~= nil end,
   score = 100.0, description = 'test: Subject contains QPG-SOFT',
@@ -220,6 +228,7 @@ id=R17; recipient==ok@elsewhere.test; action=OK
 id=R18; client_address==192.0.2.77; protocol_state==CONNECT; action=PREPEND X-Connect-Policy: seen at connect
 id=R19; recipient==attrs@example.test; action=PREPEND X-Policy-Attributes: request=$$request state=$$protocol_state name=$$protocol_name helo=$$helo_name sender=$$sender recipient=$$recipient count=$$recipient_count client=$$client_address cname=$$client_name rname=$$reverse_client_name size=$$size context=$$policy_context
 id=R20; protocol_state==END-OF-MESSAGE; sender==attrs@example.test; action=PREPEND X-Policy-End: state=$$protocol_state recipient=$$recipient count=$$recipient_count size=$$size queue=$$queue_id instance=$$instance
+id=R21; recipient==tls@example.test; action=PREPEND X-Policy-TLS: protocol=$$encryption_protocol cipher=$$encryption_cipher
 id=RD; action=DUNNO
 """
 

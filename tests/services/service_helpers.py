@@ -43,6 +43,7 @@ def smtp(server, client_ip: str | None = None, timeout: float = 60) -> smtplib.S
     """An smtplib client, through a PROXY v1 header naming ``client_ip`` when given (the
     server must trust 127.0.0.1 as a proxy: ``proxy_trusted="127.0.0.1"``)."""
     client = smtplib.SMTP(local_hostname="mail.example.test", timeout=timeout)
+    client._host = server.host  # what SMTP(host) would have set: starttls() names it
     if client_ip is None:
         client.connect(server.host, server.port)
         return client

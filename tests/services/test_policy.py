@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 
 import gevent
 import pytest
 from gevent.server import StreamServer
 
 from qpgevent.testing import maildir_messages, wait_until
+from qpgevent.testing_mta import make_certificates
 from qpgevent.testing_scanners import HungScanner, dead_port
 from service_daemons import Postgrey, SpfPolicy
 from service_helpers import RCPT_AND_QUEUE, CountingProxy, delivered, greeting, header_block, message, send, smtp
@@ -284,3 +286,16 @@ def test_an_action_at_connect_applies_to_every_message_of_the_connection(make_se
             assert client.sendmail("a@example.test", ["b@example.test"], message()) == {}
     mails = delivered(server)
     assert len(mails) == 2 and all("X-Connect-Policy: seen at connect\r\n" in header_block(m) for m in mails)
+
+
+def test_an_encrypted_session_is_told_to_the_policy_server(make_server, postfwd, tmp_path):
+    _, cert, key = make_certificates(tmp_path / "tls")
+    server = make_server(plugins=f"[[policy]]\n  server = {postfwd.address}\n{RCPT_AND_QUEUE}", certificate=cert,
+                         key=key, proxy_trusted="127.0.0.1")
+    with smtp(server, PASSING) as client:
+        client.ehlo("mail.example.test")
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo("mail.example.test")
+        assert client.sendmail("a@example.test", ["tls@example.test"], message()) == {}
+    header = re.search(r"X-Policy-TLS: (.*)\r\n", header_block(delivered(server)[0])).group(1)
+    assert re.fullmatch(r"protocol=TLSv1\.[23] cipher=\S+", header), header

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 
 import gevent
 import pytest
 from gevent.server import StreamServer
 
 from qpgevent.address import Address
+from qpgevent.testing_mta import make_certificates
 from qpgevent.testing_scanners import GTUBE, HungScanner, dead_port
 from service_daemons import LoopbackRspamd
 from service_helpers import RCPT_AND_QUEUE, delivered, header_block, message, send, smtp
@@ -183,6 +185,7 @@ def test_settings_id_for_authenticated_users(plugin_harness, rspamd):
         assert harness.run_hook("data_post", session=session).verdict.code.name == "DECLINED"
         verdicts[user] = transaction.notes["rspamd"]
     assert verdicts["alice"]["action"] == "no action" and verdicts["alice"]["required_score"] == 500
+    assert "QPG_SAW_USER" in verdicts["alice"]["symbols"] and "QPG_SAW_USER" not in verdicts[None]["symbols"]
     assert verdicts[None]["action"] == "add header" and "QPG_TEST_ADDHEADER" in verdicts[None]["symbols"]
 
 
@@ -243,3 +246,19 @@ def test_defer_greylist_defers(make_server, rspamd):
     server = start(make_server, rspamd.address, "  defer_greylist = yes")
     assert send(server, message("QPG-GREY")) == (451, "4.7.1 Greylisted, try again later")
     assert delivered(server) == []
+
+
+def test_an_encrypted_session_is_told_to_rspamd(make_server, rspamd, tmp_path):
+    _, cert, key = make_certificates(tmp_path / "tls")
+    server = make_server(plugins=f"[[rspamd]]\n  url = http://{rspamd.address}\n  add_headers = always\n{RCPT_AND_QUEUE}",
+                         certificate=cert, key=key)
+    for tls in (False, True):
+        with smtp(server) as client:
+            client.ehlo("mail.example.test")
+            if tls:
+                client.starttls(context=ssl._create_unverified_context())
+                client.ehlo("mail.example.test")
+            assert client.sendmail("a@example.test", ["b@example.test"], message(f"tls={tls}")) == {}
+    reports = {re.search(r"Subject: (.*)\r\n", head).group(1): re.search(r"X-Rspamd-Report: (.*)\r\n", head).group(1)
+               for head in map(header_block, delivered(server))}
+    assert "QPG_SAW_TLS" in reports["tls=True"].split() and "QPG_SAW_TLS" not in reports["tls=False"].split()
