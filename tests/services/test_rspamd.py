@@ -5,16 +5,19 @@ garbage, a closed port, and rspamd killed in the middle of a session."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
 import ssl
+from pathlib import Path
 
 import gevent
 import pytest
 from gevent.server import StreamServer
 
 from qpgevent.address import Address
+from qpgevent.headers import Headers
 from qpgevent.testing_mta import make_certificates
 from qpgevent.testing_scanners import GTUBE, HungScanner, dead_port
 from service_daemons import LoopbackRspamd
@@ -262,3 +265,25 @@ def test_an_encrypted_session_is_told_to_rspamd(make_server, rspamd, tmp_path):
     reports = {re.search(r"Subject: (.*)\r\n", head).group(1): re.search(r"X-Rspamd-Report: (.*)\r\n", head).group(1)
                for head in map(header_block, delivered(server))}
     assert "QPG_SAW_TLS" in reports["tls=True"].split() and "QPG_SAW_TLS" not in reports["tls=False"].split()
+
+
+def _plugin_module():
+    spec = importlib.util.spec_from_file_location("rspamd_plugin", Path(__file__).parents[2] / "plugins" / "rspamd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("remove,kept", [(0, []), (1, ["b", "c"]), (2, ["a", "c"]), (-1, ["a", "b"]), (5, ["a", "b", "c"])])
+def test_milter_remove_headers_counts_as_rspamd_does(remove, kept):
+    # rspamd's milter block: 0 removes all, n the n-th, -n the n-th from the end
+    headers = Headers.parse(b"X-Tag: a\r\nSubject: s\r\nX-Tag: b\r\nX-Tag: c\r\n")
+    _plugin_module().apply_milter_block(headers, {"remove_headers": {"X-Tag": remove}})
+    assert headers.get_all("X-Tag") == kept and headers.get("Subject") == "s"
+
+
+def test_milter_add_headers_takes_strings_objects_and_lists():
+    headers = Headers.parse(b"Subject: s\r\n")
+    _plugin_module().apply_milter_block(headers, {"add_headers": {
+        "X-One": "1", "X-Top": {"value": "t", "order": 0}, "X-Many": [{"value": "m1", "order": -1}, "m2"]}})
+    assert list(headers) == [("X-Top", "t"), ("Subject", "s"), ("X-One", "1"), ("X-Many", "m1"), ("X-Many", "m2")]
