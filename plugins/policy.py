@@ -216,7 +216,8 @@ class Policy(Plugin):
     # -- doing what it said ----------------------------------------------------------------
     def _apply(self, session, state, action):
         transaction = session.current_transaction
-        notes = transaction.notes if transaction is not None and state != "CONNECT" else session.connection.notes
+        before_mail = transaction is None or state in ("CONNECT", "HELO", "EHLO")
+        notes = session.connection.notes if before_mail else transaction.notes
         notes.setdefault("policy", []).append((state, f"{action.keyword} {action.text}".strip()))
         kind = action.kind
         if kind is Kind.REJECT:
