@@ -15,7 +15,7 @@ import sys
 
 from qpgevent.testing import wait_until
 
-from lab_cluster import ADMIN_PORT, CONCURRENCY, HOSTS, LB, MX_HOSTS, TOKEN, Load
+from lab_cluster import ADMIN_PORT, CONCURRENCY, HOSTS, LB, MX_HOSTS, RATE, TOKEN, Load
 
 
 def progress(load: Load, at_least: int, timeout: float = 60) -> None:
@@ -118,6 +118,20 @@ def test_the_per_address_limit_holds_across_the_hosts(all_up):
                 return again.connect(LB, 25)[0] == 220
         # The slots come back once the others left (leases released at disconnect).
         wait_until(welcome, 30, "a session from the address once the others closed", 0.1)
+
+
+def test_the_per_address_rate_holds_across_the_hosts(all_up):
+    source = HOSTS["client3"][0]
+    with all_up.lab.inside("client3"):
+        serving = set()
+        for _ in range(RATE):  # one after the other, round robin over the hosts
+            with smtplib.SMTP(timeout=30) as client:
+                code, banner = client.connect(LB, 25)
+                assert code == 220, banner
+                serving.add(banner.split()[0])
+        assert len(serving) == 3, serving  # every host took some: each alone saw fewer than RATE
+        with smtplib.SMTP(timeout=30) as client:
+            assert client.connect(LB, 25) == (421, f"4.7.0 Connection rate limit exceeded for {source}".encode())
 
 
 def cluster_status(*extra: str) -> tuple[int, dict]:
