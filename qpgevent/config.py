@@ -97,6 +97,8 @@ class Settings:
     admin_token: str = ""
     admin_run_dir: str = ""
     admin_refresh: float = 2.0
+    admin_max_connections: int = 16  #: [admin] max_connections: served at once
+    admin_timeout: float = 10.0  #: [admin] timeout: seconds a connection may stay open
     #: [dns]: the resolver (no nameservers: /etc/resolv.conf's), the per-session DNS time
     #: budget (0: none), and whether the client's name is looked up (FCrDNS) at connect.
     dns_nameservers: tuple[str, ...] = ()
@@ -263,6 +265,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         admin_token=config["admin"]["token"],
         admin_run_dir=config["admin"]["run_dir"],
         admin_refresh=config["admin"]["refresh"],
+        admin_max_connections=config["admin"]["max_connections"],
+        admin_timeout=config["admin"]["timeout"],
         dns_nameservers=_nameservers(config["dns"]["nameservers"], path, lines),
         dns_port=config["dns"]["port"],
         dns_timeout=config["dns"]["timeout"],

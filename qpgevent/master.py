@@ -35,7 +35,9 @@ the watcher greenlet then reaps it. A worker dies with the master (PR_SET_PDEATH
 *Respawn.* A worker that dies unasked is reaped, its session leases are cleared (see
 ``shared_counters``), the log says how it died (``exited with status 3``, ``killed by
 signal SIGKILL``), and it is forked again: at once if it had served for a while, else
-after a backoff that doubles from 0.5 s up to 30 s.
+after a backoff that doubles from 0.5 s up to 30 s. A fork that fails (EMFILE on its pipe,
+EAGAIN or ENOMEM) is logged and tried again after the same kind of backoff: the master
+never dies of it.
 
 *Signals.* TERM and INT: the master closes its listeners and sends TERM to every worker,
 which closes its own (the kernel then refuses new clients), lets its sessions finish for
@@ -100,7 +102,8 @@ FIXED_AT_START = {
     "listen": "[server] listen", "user": "[server] user", "group": "[server] group",
     "allow_root": "[server] allow_root", "pidfile": "[server] pidfile", "spool_dir": "[server] spool_dir",
     "admin_listen": "[admin] listen", "admin_token": "[admin] token", "admin_run_dir": "[admin] run_dir",
-    "admin_refresh": "[admin] refresh",
+    "admin_refresh": "[admin] refresh", "admin_max_connections": "[admin] max_connections",
+    "admin_timeout": "[admin] timeout",
     # Logging is set up once, in the master, before the workers inherit it.
     "log_level": "[logging] level", "log_file": "[logging] file", "log_format": "[logging] format",
     "log_syslog": "[logging] syslog", "log_syslog_facility": "[logging] syslog_facility",
@@ -141,6 +144,7 @@ class Generation:
     size: int
     slots: dict[int, Worker | None] = dataclasses.field(default_factory=dict)
     failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: quick deaths in a row
+    spawn_failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: failed forks in a row
     complete: bool = False  #: no worker of an older generation is left
 
     def all_ready(self) -> bool:
@@ -261,39 +265,54 @@ class Master:
                     "respawn": self._on_respawn, "deadline": self._on_deadline}
         while not (self.stopping and not self.workers):
             kind, *args = self.events.get()
-            handlers[kind](*args)
+            try:
+                handlers[kind](*args)
+            except Exception:  # every worker and session depends on the master: log, carry on
+                log.exception("master: handling %s %r failed", kind, args)
         self.helpers.kill(block=True, timeout=5)
         log.info("stopped")
         return 1 if self.killed_any else 0
 
     # -- forking ----------------------------------------------------------------------
     def _spawn(self, generation: Generation, slot: int) -> None:
+        """Fork worker ``slot``; when that fails (no row, EMFILE on the pipe, EAGAIN or
+        ENOMEM on the fork), log it and try again after a backoff: never die of it, the
+        running workers and their sessions depend on the master."""
         assert self.table is not None
         row = self.table.claim_row()
         if row is None:  # cannot happen with the sizing above, short of reload storms
-            log.error("no room in the session table for worker %d; retrying in %ss", slot, BACKOFF_MAX)
-            self.helpers.add(gevent.spawn_later(BACKOFF_MAX, self.events.put, ("respawn", generation, slot)))
+            self._retry_spawn(generation, slot, "no room in the session table")
             return
-        read_fd, write_fd = os.pipe()
+        fds: list[int] = []
         try:
+            fds += os.pipe()
             pid = gevent.os.fork_and_watch()
         except OSError as error:
-            close_now(read_fd)
-            close_now(write_fd)
+            for fd in fds:
+                close_now(fd)
             self.table.clear_row(row)
-            log.error("cannot fork worker %d: %s; retrying in %ss", slot, error.strerror, BACKOFF_MAX)
-            self.helpers.add(gevent.spawn_later(BACKOFF_MAX, self.events.put, ("respawn", generation, slot)))
+            self._retry_spawn(generation, slot, error.strerror or str(error))
             return
+        read_fd, write_fd = fds
         if pid == 0:
             close_now(read_fd)
             self._become_worker(generation, slot, row, write_fd)
         close_now(write_fd)
         os.set_blocking(read_fd, False)
+        generation.spawn_failures.pop(slot, None)
         worker = Worker(generation, slot, pid, row)
         self.workers[pid] = worker
         generation.slots[slot] = worker
         self.status_fds.add(read_fd)
         self.helpers.spawn(self._watch, worker, read_fd)
+
+    def _retry_spawn(self, generation: Generation, slot: int, why: str) -> None:
+        failures = generation.spawn_failures.get(slot, 0) + 1
+        generation.spawn_failures[slot] = failures
+        generation.slots.setdefault(slot, None)
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+        log.error("cannot start worker %d: %s; retrying in %.1fs", slot, why, delay)
+        self.helpers.add(gevent.spawn_later(delay, self.events.put, ("respawn", generation, slot)))
 
     def _watch(self, worker: Worker, read_fd: int) -> None:
         """Relay what the worker says; at EOF (it is gone), reap it with gevent's waitpid.

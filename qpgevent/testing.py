@@ -57,7 +57,7 @@ _SECTIONS = {
     "dns": ("nameservers", "port", "timeout", "session_budget", "cache_size", "reverse_lookup"),
     "ident": ("enabled", "timeout", "port"),
     "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address"),
-    "admin": ("listen", "token", "run_dir", "refresh"),  # [admin] listen: write admin_listen=
+    "admin": ("listen", "token", "run_dir", "refresh", "max_connections", "timeout"),  # [admin] listen: write admin_listen=
     "store": ("backend", "path", "url", "prefix", "timeout", "fail", "retry", "lease_ttl", "pool_size"),
 }
 
