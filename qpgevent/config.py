@@ -87,6 +87,7 @@ class Settings:
     #: [limits] park_after: seconds idle before a session waits with no greenlet (0: never).
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
+    max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -245,6 +246,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         max_recipients=limits["max_recipients"],
         max_command_line=limits["max_command_line"],
         max_text_line=limits["max_text_line"],
+        max_header_size=limits["max_header_size"],
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],

@@ -115,7 +115,8 @@ class Session:
     def transaction(self) -> Transaction:
         """The current transaction, started on first use (as in qpsmtpd, never None)."""
         if self._transaction is None:
-            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold)
+            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold,
+                                            self.settings.max_header_size)
         return self._transaction
 
     @property
@@ -669,6 +670,9 @@ class Session:
             self._headers_done()
 
     def _headers_done(self) -> None:
+        if self.transaction.header_too_large:
+            self._message_refusal = Canned.HEADER_TOO_BIG
+            return
         asked = self._ask_silently("data_headers_end")
         if asked.outcome is Outcome.CLOSE:
             self._send(asked.reply)

@@ -47,7 +47,7 @@ _SECTIONS = {
     "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
                "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
-               "max_text_line", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
+               "max_text_line", "max_header_size", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
                "max_bad_commands"),
     "smtp": ("allow_bare_lf",),
     "tls": ("certificate", "key", "sni", "min_version", "handshake_timeout", "reload_check"),

@@ -4,6 +4,12 @@ Mirrors qpsmtpd's ``Qpsmtpd::Transaction``: sender, recipients, header, body, no
 The body is kept in memory up to ``size_threshold`` octets and spilled to a file in the
 spool directory past it, so a 50 MiB message never sits in memory. Message bytes are
 stored exactly as received after dot-unstuffing, CRLF line endings included.
+
+The header is found as the message streams in, incrementally: each octet is looked at
+once however small the pieces it comes in (a header sent in 1 KiB pieces used to be
+rescanned from its start on every piece: quadratic). A header longer than
+``max_header_size`` ends there; ``header_too_large`` says so, and the session refuses the
+message.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from .address import Address
 from .headers import CRLF, Headers, is_continuation, is_field_start
 
 _ids = itertools.count(1)
-#: A header block larger than this is not parsed as one: the rest counts as body.
-MAX_HEADER_BYTES = 1 << 20
+#: The default ``[limits] max_header_size`` (Postfix's header_size_limit).
+MAX_HEADER_BYTES = 102400
 
 
 class Spool:
@@ -79,7 +85,8 @@ class Spool:
 class Transaction:
     """One message's envelope and content, plus ``notes`` that last as long as it does."""
 
-    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20) -> None:
+    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20,
+                 max_header_size: int = MAX_HEADER_BYTES) -> None:
         self.id = f"{os.getpid():x}.{next(_ids):x}.{int(time.time()):x}"
         self.started = time.time()
         self.sender: Address | None = None
@@ -87,9 +94,13 @@ class Transaction:
         self.notes: dict[str, Any] = {}
         self.headers = Headers()
         self.headers_complete = False
+        self.max_header_size = max_header_size
+        self.header_too_large = False  #: the header went past max_header_size
         self.data_size = 0  #: octets of message received (after dot-unstuffing)
         self._separator = b""  # the empty line between header and body, when there was one
         self._header_buffer = bytearray()
+        self._line_start = 0  # in _header_buffer: the first line not yet judged
+        self._searched = 0  # in _header_buffer: no CRLF starts before here
         self._body = Spool(spool_dir, size_threshold)
 
     # -- envelope ----------------------------------------------------------
@@ -117,13 +128,16 @@ class Transaction:
         return True
 
     def _scan_header(self) -> bool:
-        buf, start = self._header_buffer, 0
+        """Judge the lines completed since the last call (only those: linear overall)."""
+        buf, start = self._header_buffer, self._line_start
         while True:
-            end = buf.find(CRLF, start)
-            if end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
+            end = buf.find(CRLF, max(start, self._searched))
+            if end < 0 or end + 2 > self.max_header_size:
+                if len(buf) > self.max_header_size:
+                    self.header_too_large = True
                     self._finish_header(start)
                     return True
+                self._line_start, self._searched = start, max(start, len(buf) - 1)
                 return False
             line = bytes(buf[start:end])
             if line == b"":
@@ -139,6 +153,7 @@ class Transaction:
         block = bytes(self._header_buffer[:header_end])
         body = bytes(self._header_buffer[header_end if body_start is None else body_start:])
         self._header_buffer = bytearray()
+        self._line_start = self._searched = 0
         self.headers = Headers.parse(block) if block else Headers()
         self.headers_complete = True
         if body:
