@@ -17,6 +17,7 @@ import contextvars
 import email.utils
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -735,8 +736,10 @@ class Session:
         if user and esmtp:
             protocol += "A"
             protocol += f" (authenticated as {_printable(user)})"
-        helo = _printable(connection.hello_host or "unknown")
-        remote = connection.remote_host or "unknown"
+        helo = connection.hello_host or "unknown"
+        if not _ADDRESS_LITERAL.fullmatch(helo):  # "[192.0.2.1]" stays; brackets elsewhere could forge ours
+            helo = _printable(helo)
+        remote = _printable(connection.remote_host or "unknown")
         if connection.remote_info:  # the ident answer, as sendmail writes it: user@host
             remote = f"{_printable(connection.remote_info)}@{remote}"
         recipients = transaction.recipients
@@ -851,7 +854,12 @@ def _rewritten(verdict: Verdict, path: str) -> str:
 
 
 def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]
+    """Client text fit for our Received comment: no control characters, nothing that
+    could open or close a comment or an address literal of its own."""
+    return "".join(c if c.isprintable() and c not in "()[]" else "?" for c in text)[:255]
+
+
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\]")
 
 
 _date_second, _date_text = -1, ""  #: the wall-clock second _received_date last made, and its text
