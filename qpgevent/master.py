@@ -78,6 +78,7 @@ from .loader import forget_plugin_modules, load_plugins
 from .plugin import Plugin
 from .server import SmtpServer, bind_listeners, describe_listener
 from .tls import TlsContexts
+from .transaction import remove_spill_files
 from .services import configure_services
 from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
 
@@ -229,6 +230,9 @@ class Master:
             raise
         # Only now, so that a bad plugin prints its one line and nothing else.
         privileges.announce(settings, self.identity)
+        removed = remove_spill_files(settings.spool_dir)  # no session is alive yet: all are stale
+        if removed:
+            log.info("removed %d message body file(s) left in %s by an earlier run", removed, settings.spool_dir)
         for listen, reason in skipped:
             log.warning("not listening on %s: %s", listen, reason)
         for sock in self.listeners:
@@ -364,12 +368,14 @@ class Master:
         assert self.table is not None
         leases = self.table.clear_row(worker.row)
         admin.process_ended(worker.generation.settings, worker.pid)
+        spilled = remove_spill_files(worker.generation.settings.spool_dir, worker.pid)
         generation = worker.generation
         if generation.slots.get(worker.slot) is worker:
             generation.slots[worker.slot] = None
         uptime = time.monotonic() - worker.started
         how = describe_status(status)
         cleared = f"; {leases} session lease(s) cleared" if leases else ""
+        cleared += f"; {spilled} message body file(s) removed" if spilled else ""
         expected = worker.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         log.log(logging.INFO if expected else logging.ERROR, "%s of generation %d %s after %.1fs%s",
                 worker, generation.number, how, uptime, cleared)

@@ -5,6 +5,10 @@ The body is kept in memory up to ``size_threshold`` octets and spilled to a file
 spool directory past it, so a 50 MiB message never sits in memory. Message bytes are
 stored exactly as received after dot-unstuffing, CRLF line endings included.
 
+A spilled body is a file ``body-<pid>-<random>`` in the spool directory, deleted when the
+transaction ends; a worker killed mid-DATA cannot delete its own, so the master removes
+them (``remove_spill_files``): every one at start, a dead worker's when it reaps it.
+
 The header is found as the message streams in, incrementally: each octet is looked at
 once however small the pieces it comes in (a header sent in 1 KiB pieces used to be
 rescanned from its start on every piece: quadratic). A header longer than
@@ -14,7 +18,9 @@ message.
 
 from __future__ import annotations
 
+import glob
 import itertools
+import logging
 import os
 import tempfile
 import time
@@ -24,7 +30,9 @@ from typing import Any
 from .address import Address
 from .headers import CRLF, Headers, is_continuation, is_field_start
 
+log = logging.getLogger("qpgevent.transaction")
 _ids = itertools.count(1)
+SPILL_PREFIX = "body-"
 #: The default ``[limits] max_header_size`` (Postfix's header_size_limit).
 MAX_HEADER_BYTES = 102400
 
@@ -49,7 +57,7 @@ class Spool:
             self._spill()
 
     def _spill(self) -> None:
-        self._file = tempfile.NamedTemporaryFile(prefix="body-", dir=self.directory)
+        self._file = tempfile.NamedTemporaryFile(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=self.directory)
         self._file.write(self._memory)
         self._memory = bytearray()
 
@@ -80,6 +88,27 @@ class Spool:
             self._file.close()  # NamedTemporaryFile: closing deletes it
             self._file = None
         self._memory = bytearray()
+
+
+def remove_spill_files(directory: str, pid: int | None = None) -> int:
+    """Delete the spilled bodies process ``pid`` left in ``directory`` (every one when
+    None: at start, when no session is alive); how many. Never raises."""
+    pattern = f"{SPILL_PREFIX}{pid}-*" if pid is not None else f"{SPILL_PREFIX}*"
+    removed = 0
+    try:
+        paths = glob.glob(os.path.join(glob.escape(directory), pattern))
+    except OSError as error:  # out of file descriptors, say: next time
+        log.warning("cannot list %s for spilled message bodies: %s", directory, error)
+        return 0
+    for path in paths:
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("cannot remove the spilled message body %s: %s", path, error)
+    return removed
 
 
 class Transaction:
