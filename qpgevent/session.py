@@ -671,8 +671,8 @@ class Session:
             self._headers_done()
 
     def _headers_done(self) -> None:
-        if self.transaction.header_too_large:
-            self._message_refusal = Canned.HEADER_TOO_BIG
+        if self.transaction.problem is not None:  # header too large, spool_dir full
+            self._message_refusal = self.transaction.problem
             return
         asked = self._ask_silently("data_headers_end")
         if asked.outcome is Outcome.CLOSE:
@@ -703,6 +703,8 @@ class Session:
         transaction = self.transaction
         if transaction.end_of_data() and self._message_refusal is None:
             self._headers_done()
+        if self._message_refusal is None:
+            self._message_refusal = transaction.problem
         if self._message_refusal is not None:
             self._send(self._message_refusal)
             return

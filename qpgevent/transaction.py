@@ -5,6 +5,11 @@ The body is kept in memory up to ``size_threshold`` octets and spilled to a file
 spool directory past it, so a 50 MiB message never sits in memory. Message bytes are
 stored exactly as received after dot-unstuffing, CRLF line endings included.
 
+When the spill file cannot be written (``spool_dir`` full: ENOSPC, EDQUOT, EFBIG; or
+any other OSError), the rest of the message is counted and dropped, ``problem`` says
+``452 4.3.1`` (451 for other errors) and the session refuses the message at its end: a
+clean temporary refusal, no traceback, and the session goes on.
+
 A spilled body is a file ``body-<pid>-<random>`` in the spool directory, deleted when the
 transaction ends; a worker killed mid-DATA cannot delete its own, so the master removes
 them (``remove_spill_files``): every one at start, a dead worker's when it reaps it.
@@ -18,6 +23,7 @@ message.
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import logging
@@ -29,10 +35,15 @@ from typing import Any
 
 from .address import Address
 from .headers import CRLF, Headers, is_continuation, is_field_start
+from .reply import Canned, Reply, reply
 
 log = logging.getLogger("qpgevent.transaction")
 _ids = itertools.count(1)
 SPILL_PREFIX = "body-"
+#: Errors that mean "no room": the client may try later, or elsewhere (RFC 3463 X.3.1).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+STORAGE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
+CANNOT_STORE = reply(451, "4.3.0", "Cannot store the message right now, try again later")
 #: The default ``[limits] max_header_size`` (Postfix's header_size_limit).
 MAX_HEADER_BYTES = 102400
 
@@ -46,15 +57,34 @@ class Spool:
         self.size = 0
         self._memory = bytearray()
         self._file: Any = None
+        self.error: OSError | None = None  #: why the bytes could not be kept: the rest is dropped
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)
+        if self.error is not None:
             return
-        self._memory += data
-        if len(self._memory) > self.threshold:
-            self._spill()
+        try:
+            if self._file is not None:
+                self._file.write(data)
+                return
+            self._memory += data
+            if len(self._memory) > self.threshold:
+                self._spill()
+        except OSError as error:
+            self._failed(error)
+
+    def finish(self) -> None:
+        """All is written: flush, so that a full disk shows now (``error``), not to a reader."""
+        if self._file is not None and self.error is None:
+            try:
+                self._file.flush()
+            except OSError as error:
+                self._failed(error)
+
+    def _failed(self, error: OSError) -> None:
+        log.warning("cannot spill the message body to %s: %s", self.directory, error)
+        self.error = error
+        self.close()
 
     def _spill(self) -> None:
         self._file = tempfile.NamedTemporaryFile(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=self.directory)
@@ -85,8 +115,11 @@ class Spool:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()  # NamedTemporaryFile: closing deletes it
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()  # NamedTemporaryFile: closing deletes it
+            except OSError:  # its buffer could not be flushed (disk full): deleted all the same
+                pass
         self._memory = bytearray()
 
 
@@ -152,8 +185,10 @@ class Transaction:
     def end_of_data(self) -> bool:
         """The message is complete; True if that also completed the header."""
         if self.headers_complete:
+            self._body.finish()
             return False
         self._finish_header(len(self._header_buffer))
+        self._body.finish()
         return True
 
     def _scan_header(self) -> bool:
@@ -187,6 +222,16 @@ class Transaction:
         self.headers_complete = True
         if body:
             self._body.write(body)
+
+    @property
+    def problem(self) -> Reply | None:
+        """Why this message cannot be accepted whatever the plugins say, or None."""
+        if self.header_too_large:
+            return Canned.HEADER_TOO_BIG
+        error = self._body.error
+        if error is not None:
+            return STORAGE_FULL if error.errno in NO_ROOM else CANNOT_STORE
+        return None
 
     # -- reading it back ---------------------------------------------------
     @property
