@@ -88,6 +88,7 @@ class Settings:
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
     max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
+    nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -253,6 +254,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],
+        nul_bytes=config["smtp"]["nul_bytes"],
         log_level=config["logging"]["level"],
         log_file=config["logging"]["file"],
         plugins=tuple(plugins),

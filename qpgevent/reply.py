@@ -75,6 +75,7 @@ class Canned:
         550, "5.6.0",
         "Message refused: bare LF or CR line ending; SMTP uses CRLF (RFC 5321 2.3.8)",
     )
+    NUL_IN_TEXT = reply(550, "5.6.0", "Message refused: NUL character in message text (RFC 5322 4.1)")
     BARE_LF_IN_COMMAND = reply(500, "5.5.2", "Command lines must end with CRLF")
     NOT_UTF8 = reply(500, "5.5.2", "Syntax error: command is not valid UTF-8")
     UNRECOGNIZED = reply(500, "5.5.1", "Unrecognized command")

@@ -84,6 +84,7 @@ class Session:
             max_recipients=settings.max_recipients,
             max_bad_commands=settings.max_bad_commands,
             allow_bare_lf=settings.allow_bare_lf,
+            nul_bytes=settings.nul_bytes,
         ))
         self._peers = peers
         self._transaction: Transaction | None = None
