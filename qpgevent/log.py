@@ -1,7 +1,9 @@
 """Logging set-up, and the per-session logger that puts the connection id on every line.
 
 Owns the output side of stdlib logging for the ``qpgevent`` logger tree:
-- where lines go: standard error, a file, and/or syslog (``configure``);
+- where lines go: standard error, a file, and/or syslog (``configure``); ``reopen``
+  opens the file again by its name, for log rotation: the master does it on SIGUSR1 and
+  passes the signal on to every worker, which does the same (HUP is taken: it reloads);
 - how they look: plain text (``TEXT_FORMAT``) or one JSON object per line;
 - which session a line belongs to: ``SessionLogger`` attaches ``conn`` (and ``txn``
   inside a transaction) to each record it makes, and ``bind_session`` marks the running
@@ -159,6 +161,32 @@ def configure(level: str = "info", path: str = "", format: str = "text", syslog:
     root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def reopen() -> int:
+    """Open every log file of the ``qpgevent`` loggers again by its name (after logrotate
+    moved it); how many. A file that cannot be opened keeps the old one, and says so."""
+    reopened = 0
+    for handler in logging.getLogger("qpgevent").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        handler.acquire()
+        try:
+            try:
+                stream = handler._open()
+            except OSError as error:
+                failed: OSError | None = error
+            else:
+                failed = None
+                old, handler.stream = handler.stream, stream
+                if old is not None:
+                    old.close()
+                reopened += 1
+        finally:
+            handler.release()
+        if failed is not None:
+            logging.getLogger("qpgevent.log").error("cannot reopen %s: %s", handler.baseFilename, failed)
+    return reopened
 
 
 class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

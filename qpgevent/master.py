@@ -39,7 +39,8 @@ after a backoff that doubles from 0.5 s up to 30 s. A fork that fails (EMFILE on
 EAGAIN or ENOMEM) is logged and tried again after the same kind of backoff: the master
 never dies of it.
 
-*Signals.* TERM and INT: the master closes its listeners and sends TERM to every worker,
+*Signals.* USR1: reopen the log file (after logrotate moved it), here and, passed on, in
+every worker. TERM and INT: the master closes its listeners and sends TERM to every worker,
 which closes its own (the kernel then refuses new clients), lets its sessions finish for
 up to ``shutdown_timeout``, says 421 to the rest, and exits; the master exits 0 when the
 last one has (or SIGKILLs stragglers ``KILL_GRACE`` seconds later and exits 1). HUP:
@@ -71,6 +72,7 @@ from gevent.queue import Queue
 from gevent.socket import wait_read
 
 from . import __version__, admin, metrics, privileges
+from . import log as log_module
 from . import config as config_module
 from .config import Settings
 from .errors import ConfigError, StartError
@@ -241,7 +243,7 @@ class Master:
         pool = settings.max_connections + max(16, settings.max_connections // 8)
         # Room for the workers of two generations (a reload) and respawns meanwhile.
         self.table = SharedTable(rows=4 * size + 4, capacity=max(DEFAULT_CAPACITY, pool))
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.signal_handlers.append(gevent.signal_handler(signum, self.events.put, ("signal", signum)))
         self.current = Generation(1, settings, plugins, size)
         for slot in range(size):
@@ -346,6 +348,11 @@ class Master:
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
             self._reload()
+        elif signum == signal.SIGUSR1:  # logrotate's postrotate: reopen the log file everywhere
+            log_module.reopen()
+            for worker in list(self.workers.values()):
+                self._signal(worker, signal.SIGUSR1)
+            log.info("SIGUSR1: log file reopened; passed on to %d worker(s)", len(self.workers))
         else:
             self._stop(signal.Signals(signum).name)
 
@@ -535,6 +542,7 @@ class Master:
             # action (die, for HUP) when a signal's last watcher goes.
             handlers = [gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT)]
             handlers.append(gevent.signal_handler(signal.SIGHUP, lambda: None))  # HUP is the master's
+            handlers.append(gevent.signal_handler(signal.SIGUSR1, log_module.reopen))  # passed on by the master
             for handler in self.signal_handlers:
                 handler.cancel()  # type: ignore[attr-defined]
             if self.admin_server is not None:
