@@ -176,6 +176,8 @@ class DataReader:
         if self.max_size and self.size > self.max_size:
             self.problems.too_big = True
             return b""
+        if self.problems.nul_byte:
+            return b""  # refused: keep nothing more
         if b"\0" in chunk and self.nul_bytes != "accept":
             if self.nul_bytes == "strip":
                 return chunk.replace(b"\0", b"")
