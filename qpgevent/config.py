@@ -88,6 +88,7 @@ class Settings:
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
     max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
+    hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
     nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
@@ -242,6 +243,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         plugin_dirs=tuple(server["plugin_dirs"]),
         size_threshold=server["size_threshold"],
         shutdown_timeout=server["shutdown_timeout"],
+        hung_worker_timeout=server["hung_worker_timeout"],
         max_connections=limits["max_connections"],
         max_message_size=limits["max_message_size"],
         max_recipients=limits["max_recipients"],

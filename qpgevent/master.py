@@ -71,7 +71,7 @@ from gevent.pool import Group
 from gevent.queue import Queue
 from gevent.socket import wait_read
 
-from . import __version__, admin, metrics, privileges
+from . import __version__, admin, metrics, privileges, watchdog
 from . import log as log_module
 from . import config as config_module
 from .config import Settings
@@ -166,6 +166,7 @@ class Worker:
     ready: bool = False
     closed: bool = False  #: has closed its listeners (stopping)
     stopping: bool = False  #: asked to stop: its exit is expected
+    hung: bool = False  #: its event loop stopped beating: being replaced
 
     def __str__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
@@ -248,6 +249,7 @@ class Master:
         self.current = Generation(1, settings, plugins, size)
         for slot in range(size):
             self._spawn(self.current, slot)
+        self.helpers.spawn(self._watch_heartbeats)
         try:
             return self._loop()
         finally:
@@ -343,6 +345,27 @@ class Master:
         close_now(read_fd)
         _, status = gevent.os.waitpid(worker.pid, 0)
         self.events.put(("exited", worker, status))
+
+    def _watch_heartbeats(self) -> None:
+        """Every second: a ready worker whose loop has not beaten for ``hung_worker_timeout``
+        is asked what it is doing (it logs the hook and plugin), then killed; it is reaped
+        and respawned as any dead worker is."""
+        while os.getpid() == self.pid:
+            gevent.sleep(watchdog.BEAT)
+            assert self.table is not None
+            for worker in list(self.workers.values()):
+                timeout = worker.generation.settings.hung_worker_timeout
+                late = watchdog.is_hung(self.table, worker.row, timeout) if worker.ready else 0.0
+                if late and not worker.hung:
+                    worker.hung = True
+                    log.error("%s has not run its event loop for %.0fs ([server] hung_worker_timeout = %gs): "
+                              "replacing it", worker, late, timeout)
+                    self._signal(worker, watchdog.REPORT_SIGNAL)
+                    self.helpers.add(gevent.spawn_later(watchdog.REPORT_GRACE, self._kill_hung, worker))
+
+    def _kill_hung(self, worker: Worker) -> None:
+        if self.workers.get(worker.pid) is worker:  # not reaped meanwhile (its pid could be reused)
+            self._signal(worker, signal.SIGKILL)
 
     # -- events -------------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -590,6 +613,7 @@ class _WorkerProcess:
         # finds almost nothing each time. Every 20,000: ~1 % of the CPU back, cycles still
         # bounded to a few MiB.
         gc.set_threshold(20_000, *gc.get_threshold()[1:])
+        watchdog.start(self.counters.table, self.counters.row, settings.hung_worker_timeout)
         if self.generation.size > 1:
             # Every worker wakes for a new connection; the first takes at most this many
             # before the loop goes round, so a burst still spreads over the workers. gunicorn

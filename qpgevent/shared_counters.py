@@ -8,6 +8,11 @@ packed (slots ``0 .. used-1``), so reading the table costs the sessions open, no
 capacity. "How many sessions from 192.0.2.7, on every worker?" is a scan of the used
 slots of every row; "how many in all?" is the sum of the row headers.
 
+The third field of a row's header is its worker's *heartbeat*: the ``time.monotonic()``
+(one clock for every process of the host) at which the worker's event loop last ran a
+small greenlet (``qpgevent.watchdog``). The master reads it to notice a worker whose
+loop is blocked. Only the worker writes it, one aligned 8-octet store, without the lock.
+
 Leases free themselves when their holder dies: the master clears a worker's row when it
 reaps that worker, whatever killed it, so a ``kill -9`` cannot leak counts.
 
@@ -40,7 +45,8 @@ import tempfile
 from typing import Protocol
 
 SLOT = 16  #: one client address: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d)
-_HEADER = struct.Struct("=IIQ")  # owner pid, used slots, padding (keeps slots 16-aligned)
+_HEADER = struct.Struct("=IId")  # owner pid, used slots, heartbeat (8 octets: slots stay 16-aligned)
+_OWNER = struct.Struct("=II")  # the part of the header the leases change
 FREE = bytes(SLOT)  # "::": never a TCP peer
 PENDING = b"\xff" * SLOT  # a session whose address is not known yet (PROXY header coming)
 #: Sessions one worker can hold; the table is a sparse file, so unused room costs nothing.
@@ -164,7 +170,15 @@ class SharedTable:
         return pid, used
 
     def set_header(self, row: int, pid: int, used: int) -> None:
-        _HEADER.pack_into(self.map, row * self.row_size, pid, used, 0)
+        _OWNER.pack_into(self.map, row * self.row_size, pid, used)
+
+    def beat(self, row: int, now: float) -> None:
+        """The worker of ``row``: my event loop ran at ``now`` (``time.monotonic()``)."""
+        struct.pack_into("=d", self.map, row * self.row_size + _OWNER.size, now)
+
+    def heartbeat(self, row: int) -> float:
+        """When the worker of ``row`` last beat (0.0: never)."""
+        return _HEADER.unpack_from(self.map, row * self.row_size)[2]
 
     def slot_offset(self, row: int, index: int) -> int:
         return row * self.row_size + _HEADER.size + index * SLOT
@@ -218,6 +232,7 @@ class SharedTable:
         with self.locked():
             _, used = self.header(row)
             self.set_header(row, 0, 0)
+            self.beat(row, 0.0)  # the next worker of this row has not beaten yet
         return used
 
     def sessions(self) -> int:

@@ -44,7 +44,7 @@ from .services import configure_services, configure_store
 from .session import Session
 
 _SECTIONS = {
-    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
+    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout", "hung_worker_timeout",
                "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
                "max_text_line", "max_header_size", "command_timeout", "data_timeout", "park_after", "plugin_timeout",

@@ -34,7 +34,7 @@ LAYERS: dict[int, list[str]] = {
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
         "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth"],
-    5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "master", "cli", "__main__", "testing", "testing_dns",
+    5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "watchdog", "master", "cli", "__main__", "testing", "testing_dns",
         "testing_redis", "testing_mta", "testing_pytest", "testing_scanners", "testing_fuzz"],
 }
 RANK = {name: (layer, i) for layer, names in LAYERS.items() for i, name in enumerate(names)}
