@@ -71,7 +71,10 @@ def run_session(port: int, script: bytes, rng: random.Random, deadline: float, s
                 except OSError:
                     break  # the server closed on us: allowed (421, QUIT, too many errors)
                 stats["bytes"] += b - a
-            sock.shutdown(socket.SHUT_WR)  # then every session must end: our QUIT or its timeouts
+            try:
+                sock.shutdown(socket.SHUT_WR)  # then every session must end: our QUIT or its timeouts
+            except OSError:
+                pass  # the server has reset it already (it closed with our input unread)
             started = time.monotonic()
             while True:
                 try:
@@ -119,7 +122,10 @@ def run(sessions: int, seed: int, concurrency: int, workers: int, deadline: floa
             session_rng = random.Random(rng.random())
 
             def one(script: bytes = script, session_rng: random.Random = session_rng, n: int = n) -> None:
-                problem = run_session(server.port, script, session_rng, deadline, stats)
+                try:
+                    problem = run_session(server.port, script, session_rng, deadline, stats)
+                except OSError as error:  # connect refused, reset mid-write...: the server's doing
+                    problem = f"socket error {error}"
                 stats["sessions"] += 1
                 if problem:
                     problems.append(f"session {n}: {problem}; script {script[:300]!r}")
