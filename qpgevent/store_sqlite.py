@@ -77,19 +77,24 @@ class EmbeddedStore(Store):
     def _execute(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._pool is None:
             self._pool = ThreadPool(1)
-        try:
-            return self._pool.apply(self._in_thread, (function, args))
-        except (sqlite3.Error, OSError) as error:
-            raise StoreUnavailable(f"{self.path}: {error}") from None
+        failed, value = self._pool.apply(self._in_thread, (function, args))
+        if failed:  # raised here, not in the pool's thread: gevent would print a traceback there
+            if isinstance(value, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(f"{self.path}: {value}") from None
+            raise value
+        return value
 
-    def _in_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        if self._db is None:
-            self._db = self._open()
-        now = time.time()
-        if now - self._purged > PURGE_EVERY:
-            self._purged = now
-            self._purge(now)
-        return function(*args)
+    def _in_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        try:
+            if self._db is None:
+                self._db = self._open()
+            now = time.time()
+            if now - self._purged > PURGE_EVERY:
+                self._purged = now
+                self._purge(now)
+            return False, function(*args)
+        except Exception as error:
+            return True, error
 
     def _open(self) -> sqlite3.Connection:
         folder = os.path.dirname(self.path)

@@ -61,3 +61,32 @@ def test_a_full_spool_dir_gets_452_and_no_traceback(server_process, small_spool)
     log = wait_until(lambda: "disconnect" in process.log() and process.log(), 20, "the session's summary")
     assert "cannot spill the message body" in log
     assert "Traceback" not in log
+
+
+def test_a_full_maildir_gets_452_and_leaves_nothing(server_process, tmp_path):
+    maildir = tmp_path / "Maildir"
+    maildir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(maildir)],
+                             capture_output=True).returncode == 0
+    try:
+        process = server_process(workers=1, size_threshold=1 << 20)
+        if not mounted:
+            [worker] = process.worker_pids()
+            resource.prlimit(worker, resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+        client = RawClient(process)
+        try:
+            assert client.reply()[0] == 220
+            for command in ("HELO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<bob@example.test>"):
+                assert client.command(command)[0] == 250
+            assert client.command("DATA")[0] == 354
+            client.sock.sendall(b"Subject: big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 2000)  # 200 KB
+            code, text = client.command(".")
+            assert (code, text.split()[0]) == (452, "4.3.1"), text
+        finally:
+            client.close()
+        assert maildir_messages(maildir) == {} and list((maildir / "tmp").iterdir()) == []
+        log = wait_until(lambda: "cannot write" in process.log() and process.log(), 20, "the error logged")
+        assert "Traceback" not in log
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(maildir)], check=True)
