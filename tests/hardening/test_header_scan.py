@@ -8,9 +8,9 @@ max_header_size`` gets ``552 5.3.4`` after the end of DATA, and nothing is deliv
 
 from __future__ import annotations
 
-import smtplib
+from hardening_helpers import send_message
 
-from qpgevent.testing import RawClient, maildir_messages
+from qpgevent.testing import maildir_messages
 from qpgevent.transaction import Transaction
 
 
@@ -83,28 +83,13 @@ def test_a_header_over_the_cap_is_marked_and_ends():
     assert not under.header_too_large
 
 
-def send_message(server, message: bytes) -> tuple[int, str]:
-    client = RawClient(server)
-    try:
-        assert client.reply()[0] == 220
-        assert client.command("EHLO client.example.test")[0] == 250
-        assert client.command("MAIL FROM:<a@client.test>")[0] == 250
-        assert client.command("RCPT TO:<bob@example.test>")[0] == 250
-        assert client.command("DATA")[0] == 354
-        for i in range(0, len(message), 1024):  # in 1 KiB writes, as the hostile client did
-            client.sock.sendall(message[i:i + 1024])
-        return client.command(".")
-    finally:
-        client.close()
-
-
 def test_a_header_over_max_header_size_gets_552_and_nothing_is_delivered(make_server):
     server = make_server(max_header_size=4000)
-    code, text = send_message(server, header_of(6000) + b"\r\nbody\r\n")
+    code, text = send_message(server, header_of(6000) + b"\r\nbody\r\n", 1024)
     assert (code, text.split()[0]) == (552, "5.3.4"), text
     assert maildir_messages(server.maildir) == {}
     # Under the cap, the same kind of message is delivered whole.
-    code, _ = send_message(server, header_of(3000) + b"\r\nbody\r\n")
+    code, _ = send_message(server, header_of(3000) + b"\r\nbody\r\n", 1024)
     assert code == 250
     [delivered] = maildir_messages(server.maildir).values()
     assert delivered.endswith(header_of(3000) + b"\r\nbody\r\n")
@@ -112,9 +97,8 @@ def test_a_header_over_max_header_size_gets_552_and_nothing_is_delivered(make_se
 
 def test_the_default_cap_is_100_kib(make_server):
     server = make_server()
-    code, text = send_message(server, header_of(110_000) + b"\r\nbody\r\n")
+    code, text = send_message(server, header_of(110_000) + b"\r\nbody\r\n", 1024)
     assert code == 552, text
     with server.smtp() as client:  # and the session goes on: the next message is served
         client.sendmail("a@client.test", ["bob@example.test"], header_of(90_000) + b"\r\nbody\r\n")
     assert len(maildir_messages(server.maildir)) == 1
-    assert smtplib  # smtplib's sendmail raised nothing: 250

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from qpgevent.testing import RawClient, maildir_messages
+from hardening_helpers import send_message
+
+from qpgevent.testing import maildir_messages
 from qpgevent.wire import DataReader
 
 MESSAGE = b"Subject: nul\r\n\r\nbefore\0after\r\n\0\r\n.. dotted\0\r\n"
@@ -48,22 +50,9 @@ def test_a_message_without_nuls_is_untouched_in_every_mode():
         assert not reader.problems.nul_byte
 
 
-def send(server, message: bytes) -> tuple[int, str]:
-    client = RawClient(server)
-    try:
-        assert client.reply()[0] == 220
-        for line in ("HELO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<bob@example.test>"):
-            assert client.command(line)[0] == 250
-        assert client.command("DATA")[0] == 354
-        client.sock.sendall(message)
-        return client.command(".")
-    finally:
-        client.close()
-
-
 def test_nuls_are_refused_by_default(make_server):
     server = make_server()
-    code, text = send(server, MESSAGE)
+    code, text = send_message(server, MESSAGE)
     assert (code, text.split()[0]) == (550, "5.6.0"), text
     assert maildir_messages(server.maildir) == {}
 
@@ -72,6 +61,6 @@ def test_nuls_are_refused_by_default(make_server):
                                         ("accept", b"before\0after\r\n\0\r\n. dotted\0\r\n")])
 def test_nuls_stripped_or_accepted_when_configured(make_server, mode, body):
     server = make_server(nul_bytes=mode)
-    assert send(server, MESSAGE)[0] == 250
+    assert send_message(server, MESSAGE)[0] == 250
     [message] = maildir_messages(server.maildir).values()
     assert message.endswith(b"Subject: nul\r\n\r\n" + body)

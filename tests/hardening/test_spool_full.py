@@ -14,7 +14,9 @@ import subprocess
 
 import pytest
 
-from qpgevent.testing import RawClient, maildir_messages, wait_until
+from hardening_helpers import client_in_data, send_in_pieces, send_message
+
+from qpgevent.testing import maildir_messages, wait_until
 
 
 @pytest.fixture
@@ -35,16 +37,10 @@ def test_a_full_spool_dir_gets_452_and_no_traceback(server_process, small_spool)
     if how == "rlimit":
         [worker] = process.worker_pids()
         resource.prlimit(worker, resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
-    client = RawClient(process)
+    client = client_in_data(process)
     try:
-        assert client.reply()[0] == 220
-        assert client.command("HELO c.test")[0] == 250
-        assert client.command("MAIL FROM:<a@c.test>")[0] == 250
-        assert client.command("RCPT TO:<bob@example.test>")[0] == 250
-        assert client.command("DATA")[0] == 354
-        line = b"z" * 98 + b"\r\n"
-        for _ in range(40):  # 400 KiB in 10 KiB writes: far past the 64 KiB of room
-            client.sock.sendall(b"Subject: big\r\n\r\n" if _ == 0 else line * 100)
+        # 400 KiB in 10 KiB writes: far past the 64 KiB of room
+        send_in_pieces(client, b"Subject: big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 4000, 10_000)
         code, text = client.command(".")
         assert (code, text.split()[0]) == (452, "4.3.1"), text
         # The session goes on: a small message, kept in memory, is delivered.
@@ -73,17 +69,8 @@ def test_a_full_maildir_gets_452_and_leaves_nothing(server_process, tmp_path):
         if not mounted:
             [worker] = process.worker_pids()
             resource.prlimit(worker, resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
-        client = RawClient(process)
-        try:
-            assert client.reply()[0] == 220
-            for command in ("HELO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<bob@example.test>"):
-                assert client.command(command)[0] == 250
-            assert client.command("DATA")[0] == 354
-            client.sock.sendall(b"Subject: big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 2000)  # 200 KB
-            code, text = client.command(".")
-            assert (code, text.split()[0]) == (452, "4.3.1"), text
-        finally:
-            client.close()
+        code, text = send_message(process, b"Subject: big\r\n\r\n" + (b"z" * 98 + b"\r\n") * 2000)  # 200 KB
+        assert (code, text.split()[0]) == (452, "4.3.1"), text
         assert maildir_messages(maildir) == {} and list((maildir / "tmp").iterdir()) == []
         log = wait_until(lambda: "cannot write" in process.log() and process.log(), 20, "the error logged")
         assert "Traceback" not in log

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from hardening_helpers import client_in_data, send_in_pieces
+
 from qpgevent.testing import RawClient, maildir_messages, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,15 +80,9 @@ def test_size_is_enforced_on_the_running_total(make_server):
     header = b"Subject: big\r\n\r\n"
     body = line * ((limit - len(header)) // len(line) + 1)  # just over: one line more than fits
     assert limit < len(header + body) <= limit + len(line)
-    client = RawClient(server)
+    client = client_in_data(server)
     try:
-        assert client.reply()[0] == 220
-        for command in ("EHLO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<bob@example.test>"):
-            assert client.command(command)[0] == 250
-        assert client.command("DATA")[0] == 354
-        message = header + body
-        for i in range(0, len(message), 500):  # many small writes
-            client.sock.sendall(message[i:i + 500])
+        send_in_pieces(client, header + body, 500)  # many small writes
         code, text = client.command(".")
         assert (code, text.split()[0]) == (552, "5.3.4"), text
         # The same message one line shorter fits and is delivered.
