@@ -70,3 +70,27 @@ def test_master_survives_a_full_fd_table_and_respawns_later(server_process):
     with process.smtp() as client:
         client.sendmail("a@client.test", [RECIPIENT], b"Subject: after\r\n\r\nbody\r\n")
     assert process.process.poll() is None
+
+
+def test_an_admin_flood_cannot_starve_a_respawn(server_process):
+    """The issue's story: idle admin connections fill the master's fd table, a worker dies."""
+    process = server_process(workers=1, admin_listen="127.0.0.1:0", admin_max_connections=3, admin_timeout=30)
+    master = process.process.pid
+    [worker] = process.worker_pids()
+    soft, hard = resource.prlimit(master, resource.RLIMIT_NOFILE)
+    # Room for the three admin connections served at once and a worker's pipe, no more.
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (fd_count(master) + 3 + 2, hard))
+    held = []
+    try:
+        held = [socket.create_connection(admin_address(process), timeout=30) for _ in range(40)]
+        wait_until(lambda: fd_count(master) >= 3, 10, "the admin server accepts")
+        os.kill(worker, signal.SIGKILL)
+        new = wait_until(lambda: [pid for pid in process.worker_pids() if pid != worker], 30, "a new worker")
+        wait_until(lambda: f"(pid {new[0]}, generation 1) serving" in process.log(), 30, "the new worker serving")
+        with process.smtp() as client:
+            client.sendmail("a@client.test", [RECIPIENT], b"Subject: flood\r\n\r\nbody\r\n")
+        assert process.process.poll() is None
+    finally:
+        for sock in held:
+            sock.close()
+        resource.prlimit(master, resource.RLIMIT_NOFILE, (soft, hard))
