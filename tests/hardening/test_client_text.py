@@ -10,6 +10,7 @@ proxy gets 421. Whatever else a client writes (HELO, commands) is escaped in the
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import socket
@@ -129,3 +130,14 @@ def test_an_auth_user_name_cannot_forge_a_log_line(server_process):
     assert "AUTH PLAIN failed for user=x\\x0d\\x0a2026-12-07" in log, log
     assert not re.search(r"^2026-12-07 00:00:00", log, re.M)
     assert "\x1b" not in log and "\r" not in log
+
+
+def test_the_json_log_escapes_control_characters_too(tmp_path):
+    path = tmp_path / "log"
+    qlog.configure(path=str(path), format="json")
+    try:
+        logging.getLogger("qpgevent.test").warning("helo %s", "x\r\ny\x1b\x85\u2028")
+    finally:
+        qlog.configure()
+    [line] = path.read_text().splitlines()
+    assert json.loads(line)["msg"] == "helo x\\x0d\\x0ay\\x1b\\x85\\u2028"
