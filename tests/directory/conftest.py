@@ -1,0 +1,45 @@
+"""Fixtures of the directory tests: a real Dovecot auth service and a real slapd, each test its own.
+
+The daemons are stopped (and their directories removed) when the test ends, whatever
+state the test left them in (stopped, paused). TLS material comes from the STARTTLS
+tests' helpers (a throwaway trustme CA).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # tls_helpers, shared with the e2e tests
+
+from daemons import LoopbackDovecot, LoopbackSlapd  # noqa: E402
+from tls_helpers import Certs  # noqa: E402
+
+DOVECOT_USERS = {"dana@example.test": "dana-pw", "eve@example.test": "eve-pw"}
+PEOPLE = {
+    "alice": {"mail": "alice@example.test", "userPassword": "alice-pw",
+              "mailLocalAddress": ["a.example@example.test"]},
+    "bob": {"mail": "bob@example.test", "userPassword": "bob-pw",
+            "mailRoutingAddress": "bob@elsewhere.test"},
+}
+
+
+@pytest.fixture
+def dovecot():
+    with LoopbackDovecot(DOVECOT_USERS) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def slapd():
+    with LoopbackSlapd(PEOPLE) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def certs(tmp_path):
+    certs = Certs(tmp_path)
+    certs.issue()
+    return certs
