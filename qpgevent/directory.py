@@ -23,7 +23,7 @@ from typing import Any
 from .plugin import DENY, DENYSOFT, OK
 from .scanner import ScannerError
 
-__all__ = ["CONFIGSPEC", "CACHE_CONFIGSPEC", "Unavailable", "fallback", "TtlCache"]
+__all__ = ["NO_SUCH_USER", "CONFIGSPEC", "CACHE_CONFIGSPEC", "Unavailable", "fallback", "TtlCache"]
 
 CONFIGSPEC = [
     'on_failure = option("tempfail", "accept", "reject", default="tempfail")',
@@ -34,6 +34,9 @@ CACHE_CONFIGSPEC = [
     "negative_ttl = float(min=0, default=60)",
     "cache_size = integer(min=0, default=10000)",
 ]
+
+#: The refusal of a recipient the directory does not know (RFC 3463 X.1.1: bad mailbox).
+NO_SUCH_USER = "5.1.1 {address}: no such user here"
 
 #: The directory cannot answer now. The same failure as a scanner's (refused, timed
 #: out, broken reply), so the one connect/deadline helper serves both.
@@ -81,6 +84,14 @@ class TtlCache:
             del self._entries[key]
             return False, None
         return True, entry[1]
+
+    def fetch(self, key: str, lookup: Any) -> Any:
+        """The kept answer for ``key``, or ``lookup(key)`` kept (``Unavailable`` is not kept)."""
+        hit, value = self.get(key)
+        if not hit:
+            value = lookup(key)
+            self.put(key, value)
+        return value
 
     def put(self, key: str, value: Any) -> None:
         ttl = self.ttl if value is not None else self.negative_ttl
