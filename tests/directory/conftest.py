@@ -43,3 +43,13 @@ def certs(tmp_path):
     certs = Certs(tmp_path)
     certs.issue()
     return certs
+
+
+@pytest.fixture
+def tls_server(make_server, certs):
+    """``tls_server(plugins_text, **settings)``: the real server with a certificate (STARTTLS)."""
+    def make(plugin_text: str, **settings):
+        server = make_server(plugin_text, tls_certificate="server.pem", auth_failure_delay=0, **settings)
+        server.certs = certs
+        return server
+    return make

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import smtplib
-
 import gevent
 import pytest
 from gevent.server import StreamServer
@@ -13,6 +11,7 @@ from qpgevent.testing_scanners import dead_port
 
 from conftest import DOVECOT_USERS
 from daemons import LoopbackDovecot
+from smtp_helpers import auth_reply as login
 from tls_helpers import USERS, write_users
 
 DANA, DANA_PW = "dana@example.test", DOVECOT_USERS["dana@example.test"]
@@ -26,27 +25,6 @@ def plugins(socket: str, *extra: str, first: str = "", after: str = "") -> str:
 
 
 FLAT_FILE = "[[auth/flat_file]]\n  users = users.auth\n"
-
-
-@pytest.fixture
-def tls_server(make_server, certs):
-    def make(plugin_text: str, **settings):
-        server = make_server(plugin_text, tls_certificate="server.pem", auth_failure_delay=0, **settings)
-        server.certs = certs
-        return server
-    return make
-
-
-def login(server, user: str, password: str, mechanism: str = "PLAIN") -> tuple[int, bytes]:
-    with server.smtp(timeout=30) as client:
-        client.starttls(context=server.certs.client_context())
-        client.ehlo()
-        client.user, client.password = user, password
-        method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
-        try:
-            return client.auth(mechanism, method, initial_response_ok=mechanism == "PLAIN")
-        except smtplib.SMTPAuthenticationError as error:
-            return error.smtp_code, error.smtp_error
 
 
 @pytest.mark.parametrize("where", ["inet", "unix"])

@@ -8,19 +8,13 @@ import pytest
 from qpgevent.testing import maildir_messages
 
 from daemons import LoopbackDovecot
+from smtp_helpers import rcpt_replies as rcpt
 
 
 def plugins(socket: str, *extra: str) -> str:
     options = "".join(f"  {line}\n" for line in extra)
     return (f"[[rcpt_dovecot]]\n  socket = {socket}\n  domains = example.test\n{options}"
             "[[rcpt_ok]]\n  domains = example.test, other.test\n[[queue/maildir]]\n  path = Maildir\n")
-
-
-def rcpt(server, *recipients: str) -> list[tuple[int, bytes]]:
-    with server.smtp(timeout=30) as client:
-        client.ehlo()
-        client.mail("sender@example.net")
-        return [client.rcpt(recipient) for recipient in recipients]
 
 
 def test_known_recipient_accepted_unknown_refused_other_domains_left_alone(make_server, dovecot):

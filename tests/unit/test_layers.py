@@ -33,7 +33,7 @@ LAYERS: dict[int, list[str]] = {
     2: ["connection", "transaction", "config"],
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
-        "store", "services", "shared_counters", "smtp_client", "scanner", "directory", "dovecot", "authresults", "auth"],
+        "store", "services", "shared_counters", "smtp_client", "scanner", "directory", "dovecot", "ldap_client", "authresults", "auth"],
     5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "master", "cli", "__main__", "testing", "testing_dns",
         "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
 }
@@ -44,7 +44,7 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident",
               "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults",
-              "qpgevent.directory", "qpgevent.dovecot"}
+              "qpgevent.directory", "qpgevent.dovecot", "qpgevent.ldap_client"}
 NEVER_FOR_PLUGINS = {"qpgevent.session", "qpgevent.server", "qpgevent.cli", "qpgevent.hooks",
                      "qpgevent.loader", "qpgevent.config", "qpgevent.testing"}
 

@@ -1,0 +1,124 @@
+"""LDAP for plugins: search a directory, check a password by binding; every call bounded, failures one kind.
+
+Built on ``ldap3`` (pure Python: its sockets are the standard library's, which gevent
+makes cooperative, so a slow directory stalls only the session waiting on it).
+``python-ldap`` is not usable here: its calls run inside libldap's C code, which would
+block the whole worker (every session) for as long as the server takes.
+
+``Directory(uri, timeout, bind_dn, bind_password)`` opens a new connection per call
+(``ldap://host:port`` or ``ldaps://``), binds (anonymously when ``bind_dn`` is empty),
+does one operation and unbinds; the whole call runs under ``timeout`` seconds. A refused
+connection, a timeout, or any result other than success (and, for ``check_password``,
+invalidCredentials) raises ``directory.Unavailable``. Values put into filters or DNs
+must go through ``filter_value`` / ``dn_value``: they escape ``*``, ``(``, ``)``, ``\\``
+(RFC 4515 3) and DN specials (RFC 4514 2.4), so a user name cannot widen a search, and
+refuse control characters (NUL), which escaping does not make harmless.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ldap3
+from ldap3.core import exceptions as ldap_errors
+from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import escape_rdn
+
+from .directory import Unavailable
+from .scanner import scan_deadline
+
+__all__ = ["Directory", "filter_value", "dn_value", "Entry"]
+
+#: RFC 4511 4.1.9 resultCode 49: the password (or the DN) is wrong; the directory is fine.
+INVALID_CREDENTIALS = 49
+
+Entry = tuple[str, dict[str, list[str]]]  #: (dn, attribute -> values)
+
+
+def filter_value(text: str) -> str:
+    """``text`` as a literal value inside a search filter (RFC 4515 3); ValueError for controls.
+
+    Escaping is not enough for NUL: slapd 2.5 compares an IA5 value only up to an
+    escaped ``\\00``, so ``alice@example.test<NUL>`` found alice's entry. No user
+    name or address holds a control character: they are refused here.
+    """
+    _no_controls(text)
+    return escape_filter_chars(text)
+
+
+def dn_value(text: str) -> str:
+    """``text`` as a literal attribute value inside a DN (RFC 4514 2.4); ValueError for controls."""
+    _no_controls(text)
+    return escape_rdn(text)
+
+
+def _no_controls(text: str) -> None:
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise ValueError("control character in a directory value")
+
+
+class Directory:
+    def __init__(self, uri: str, timeout: float, bind_dn: str = "", bind_password: str = "") -> None:
+        self.uri, self.timeout = uri, timeout
+        self.bind_dn, self.bind_password = bind_dn, bind_password
+
+    def search(self, base: str, search_filter: str, attributes: list[str]) -> list[Entry]:
+        """Entries under ``base`` (whole subtree) matching ``search_filter``, with ``attributes``."""
+        with self._connection(self.bind_dn, self.bind_password) as connection:
+            if not connection.bind():
+                raise Unavailable(f"LDAP bind as {self.bind_dn or 'anonymous'} refused: {connection.result}")
+            connection.search(base, search_filter, ldap3.SUBTREE, attributes=attributes or ldap3.NO_ATTRIBUTES)
+            if connection.result["result"] not in (0, 32):  # success, noSuchObject (the base is empty)
+                raise Unavailable(f"LDAP search failed: {connection.result['description']}")
+            return [(entry["dn"], {name: _values(value) for name, value in entry["attributes"].items()})
+                    for entry in connection.response or () if entry.get("type") == "searchResEntry"]
+
+    def check_password(self, dn: str, password: str) -> bool:
+        """Whether binding as ``dn`` with ``password`` succeeds."""
+        if not password:
+            return False  # RFC 4513 5.1.2: an empty password is an unauthenticated bind, which "succeeds"
+        with self._connection(dn, password) as connection:
+            if connection.bind():
+                return True
+            if connection.result["result"] == INVALID_CREDENTIALS:
+                return False
+            raise Unavailable(f"LDAP bind failed: {connection.result['description']}")
+
+    def _connection(self, user: str, password: str) -> _Call:
+        # A new Server each time: ldap3 marks a Server whose connect failed "unavailable"
+        # for 5 s, which would outlast the directory's own restart.
+        server = ldap3.Server(self.uri, get_info=ldap3.NONE, connect_timeout=self.timeout)
+        # ldap3 packs receive_timeout into SO_RCVTIMEO as whole seconds (a float is an
+        # error); the deadline around the call is the precise limit.
+        connection = ldap3.Connection(server, user or None, password or None, receive_timeout=math.ceil(self.timeout),
+                                      raise_exceptions=False, read_only=True)
+        return _Call(connection, self.uri, self.timeout)
+
+
+class _Call:
+    """One connection's life under the deadline; ldap3's and socket errors become Unavailable."""
+
+    def __init__(self, connection: ldap3.Connection, uri: str, timeout: float) -> None:
+        self.connection, self.uri = connection, uri
+        self.deadline = scan_deadline(timeout, f"LDAP server {uri}")
+
+    def __enter__(self) -> ldap3.Connection:
+        self.deadline.__enter__()
+        return self.connection
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        try:
+            if self.connection.bound or not self.connection.closed:
+                self.connection.unbind()
+        except (ldap_errors.LDAPException, OSError):
+            pass  # closing a connection that already failed: the failure is reported below
+        if isinstance(error, ldap_errors.LDAPException):
+            self.deadline.__exit__(None, None, None)
+            raise Unavailable(f"LDAP server {self.uri}: {error}") from None
+        return self.deadline.__exit__(kind, error, traceback)
+
+
+def _values(value: Any) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in values]
