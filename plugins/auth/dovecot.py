@@ -24,7 +24,9 @@ otherwise); ``secured`` is sent to Dovecot when the session is in TLS.
 When Dovecot cannot answer (socket refused, no answer within ``lookup_timeout`` seconds,
 a reply the protocol does not allow, or Dovecot's own ``temp_fail``), ``on_failure``
 decides: ``tempfail`` (default, 454 4.7.0), ``accept`` (authenticated!) or ``reject``
-(535). One connection per attempt, never shared between sessions.
+(535). That answer ends the chain, for every user: put back ends that do not
+depend on Dovecot before this one. One connection per attempt, never shared between
+sessions.
 
 Options:
   socket          Dovecot's auth-client socket: /path or host:port (required)

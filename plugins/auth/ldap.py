@@ -25,7 +25,8 @@ the whole worker while the directory thinks. Each check opens its own connection
 
 When the directory cannot answer (refused, no answer within ``lookup_timeout`` seconds,
 an error result), ``on_failure`` decides: ``tempfail`` (default, 454 4.7.0), ``accept``
-(authenticated!) or ``reject`` (535).
+(authenticated!) or ``reject`` (535). That answer ends the chain, for every user: put back
+ends that do not depend on the directory before this one.
 
 Options:
   uri             ldap://host:port or ldaps://host:port (required)

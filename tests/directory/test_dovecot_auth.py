@@ -89,6 +89,16 @@ def test_dovecot_down_gets_the_configured_fallback(tls_server, dovecot, on_failu
     assert login(server, DANA, DANA_PW)[0] == 235
 
 
+def test_a_fallback_ends_the_chain_so_back_ends_that_need_no_dovecot_go_first(tls_server, dovecot, tmp_path):
+    write_users(tmp_path)
+    dovecot_first = tls_server(plugins(dovecot.inet, after=FLAT_FILE))
+    flat_file_first = tls_server(plugins(dovecot.inet, first=FLAT_FILE))
+    dovecot.stop()
+    assert login(dovecot_first, ALICE, ALICE_PW)[0] == 454  # flat_file is never asked
+    assert login(flat_file_first, ALICE, ALICE_PW)[0] == 235
+    assert login(flat_file_first, DANA, DANA_PW)[0] == 454
+
+
 def test_dovecot_passdb_failure_is_temporary(tls_server):
     with LoopbackDovecot(DOVECOT_USERS, broken_passdb=True) as broken:
         server = tls_server(plugins(broken.client_socket, "on_failure = reject"))

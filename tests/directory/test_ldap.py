@@ -68,6 +68,16 @@ def test_back_ends_chain_with_flat_file(tls_server, slapd, tmp_path):
     assert login(server, "carol@example.test", "wrong") == 535
 
 
+def test_a_fallback_ends_the_chain(tls_server, slapd, tmp_path):
+    write_users(tmp_path, {"carol@example.test": "carol-pw"})
+    flat_file = section("auth/flat_file", users="users.auth")
+    ldap_first = tls_server(auth_ldap(slapd, filter="(mail=%s)") + flat_file + QUEUE)
+    flat_file_first = tls_server(flat_file + auth_ldap(slapd, filter="(mail=%s)") + QUEUE)
+    slapd.stop()
+    assert login(ldap_first, "carol@example.test", "carol-pw") == 454
+    assert login(flat_file_first, "carol@example.test", "carol-pw") == 235
+
+
 @pytest.mark.parametrize("on_failure, expected", [("tempfail", 454), ("reject", 535), ("accept", 235)])
 def test_auth_with_slapd_down_gets_the_configured_fallback(tls_server, slapd, on_failure, expected):
     server = tls_server(auth_ldap(slapd, filter="(mail=%s)", on_failure=on_failure) + QUEUE)
