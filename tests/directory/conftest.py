@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from gevent.server import StreamServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # tls_helpers, shared with the e2e tests
 
@@ -53,3 +54,17 @@ def tls_server(make_server, certs):
         server.certs = certs
         return server
     return make
+
+
+@pytest.fixture
+def nonsense():
+    """A loopback port whose service answers garbage and hangs up (not Dovecot or slapd:
+    neither can be made to say this): ``host:port``."""
+    def junk(sock, address):
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), junk)
+    server.start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.stop(timeout=0)

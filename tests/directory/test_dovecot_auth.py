@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gevent
 import pytest
-from gevent.server import StreamServer
 
 from qpgevent.testing import maildir_messages
 from qpgevent.testing_scanners import dead_port
@@ -121,19 +120,9 @@ def test_hung_dovecot_gets_454_after_the_timeout_and_other_sessions_go_on(tls_se
     assert login(server, DANA, DANA_PW)[0] == 235
 
 
-def test_garbage_from_the_socket_is_a_failure_not_a_pass(tls_server):
-    # Not Dovecot (a real one cannot be made to say this): a service answering nonsense.
-    def junk(sock, address):
-        sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-        sock.close()
-
-    nonsense = StreamServer(("127.0.0.1", 0), junk)
-    nonsense.start()
-    try:
-        server = tls_server(plugins(f"127.0.0.1:{nonsense.server_port}"))
-        assert login(server, DANA, DANA_PW)[0] == 454
-    finally:
-        nonsense.stop(timeout=0)
+def test_garbage_from_the_socket_is_a_failure_not_a_pass(tls_server, nonsense):
+    server = tls_server(plugins(nonsense))
+    assert login(server, DANA, DANA_PW)[0] == 454
 
 
 def test_bad_socket_is_a_config_error(tls_server):

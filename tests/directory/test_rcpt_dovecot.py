@@ -67,6 +67,11 @@ def test_hung_dovecot_gets_451_after_the_timeout_and_other_sessions_go_on(make_s
     waiting = gevent.spawn(rcpt, server, "dana@example.test")
     assert rcpt(server, "anyone@other.test")[0][0] == 250  # another session, meanwhile
     assert not waiting.ready()
-    assert waiting.get(timeout=30)[0][0] == 451
+    assert waiting.get(timeout=30) == [(451, b"4.4.3 Recipient cannot be verified now, try again later")]
     dovecot.resume()
     assert rcpt(server, "dana@example.test")[0][0] == 250
+
+
+def test_garbage_from_the_socket_is_a_failure(make_server, nonsense):
+    server = make_server(plugins(nonsense))
+    assert rcpt(server, "dana@example.test") == [(451, b"4.4.3 Recipient cannot be verified now, try again later")]
