@@ -13,7 +13,8 @@ Addresses are looked up in lower case. Quote DNs in the config (``base =
 
 Aliases: with ``alias_attribute`` (``mailRoutingAddress``, ``mailForwardingAddress``...),
 an entry holding it is an alias: the client is told the recipient is OK, and at DATA
-the recipient is replaced in the envelope by the attribute's addresses (every entry
+(or before queueing, if another plugin answered DATA first) the recipient is replaced
+in the envelope by the attribute's addresses (every entry
 found counts; one without the attribute stands for the address itself). One level:
 the targets are not looked up again. Until DATA, the transaction note
 ``rcpt_ldap.aliases`` maps each alias (an Address) to its targets.
@@ -99,7 +100,11 @@ class RcptLdap(Plugin):
         return OK
 
     def hook_data(self, session: Any) -> Any:
-        """The envelope is final at DATA: put the aliases' targets in place of the aliases."""
+        """The envelope is final at DATA: put the aliases' targets in place of the aliases.
+
+        Again just before queueing, in case a plugin before this one answered DATA itself
+        (its OK ends the hook's chain); the note is gone once done, so it is done once.
+        """
         transaction = session.transaction
         aliases = transaction.notes.pop(ALIASES, {})
         if not aliases:
@@ -111,6 +116,8 @@ class RcptLdap(Plugin):
                     recipients.append(target)
         transaction.recipients[:] = recipients
         return DECLINED
+
+    hook_queue_pre = hook_data
 
     def _addresses(self, targets: tuple[str, ...] | None, recipient: Any) -> list[Any]:
         if targets is None:

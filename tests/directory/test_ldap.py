@@ -146,6 +146,28 @@ def test_alias_replaces_the_recipient_in_the_envelope(make_server, slapd):
     assert not (server.maildir / "example.test" / "bob").exists()
 
 
+DATA_OK = """\"\"\"data_ok: answers OK at DATA, which ends that hook's chain.\"\"\"
+from qpgevent.plugin import OK, Plugin
+
+
+class DataOk(Plugin):
+    def hook_data(self, session):
+        return OK
+"""
+
+
+def test_alias_replaced_even_when_another_plugin_answers_data_first(make_server, slapd, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "data_ok.py").write_text(DATA_OK)
+    server = make_server("[[data_ok]]\n" + rcpt_ldap(slapd, alias_attribute="mailRoutingAddress") + QUEUE,
+                         plugin_dirs=str(plugins))
+    with server.smtp(timeout=30) as client:
+        client.sendmail("sender@example.net", ["bob@example.test"], b"Subject: hi\r\n\r\nfor bob\r\n")
+    assert len(maildir_messages(server.maildir / "elsewhere.test" / "bob")) == 1
+    assert not (server.maildir / "example.test" / "bob").exists()
+
+
 @pytest.mark.parametrize("on_failure, expected", [
     ("tempfail", (451, b"4.4.3 Recipient cannot be verified now, try again later")),
     ("reject", (550, b"5.4.3 Recipient cannot be verified (directory failure)")),
