@@ -50,7 +50,13 @@ class _Lines:
 
 def authenticate(address: str, timeout: float, user: str, password: str, *, remote_ip: str = "",
                  local_ip: str = "", secured: bool = False, service: str = "smtp") -> AuthResult:
-    """Ask Dovecot whether ``password`` is ``user``'s, by PLAIN if it offers it, else LOGIN."""
+    """Ask Dovecot whether ``password`` is ``user``'s, by PLAIN if it offers it, else LOGIN.
+
+    A NUL in either is refused without asking: PLAIN separates its fields with NUL, so
+    it would move the boundaries (AUTH LOGIN from the client can carry one).
+    """
+    if "\0" in user or "\0" in password:
+        return AuthResult(False, "", {})
     with scan_deadline(timeout, f"Dovecot auth at {address}"), connect(address, timeout) as sock:
         try:
             return _authenticate(sock, user, password, remote_ip, local_ip, secured, service)
@@ -91,7 +97,12 @@ def _authenticate(sock: socket.socket, user: str, password: str, remote_ip: str,
 
 def lookup(address: str, timeout: float, user: str, kind: str = "USER",
            service: str = "smtp") -> protocol.LookupReply | None:
-    """``USER`` (userdb) or ``PASS`` (passdb) lookup on the master socket: the reply, None if unknown."""
+    """``USER`` (userdb) or ``PASS`` (passdb) lookup on the master socket: the reply, None if unknown.
+
+    A name with a NUL is unknown without asking (the protocol cannot carry it).
+    """
+    if "\0" in user:
+        return None
     with scan_deadline(timeout, f"Dovecot userdb at {address}"), connect(address, timeout) as sock:
         try:
             lines = _Lines(sock)

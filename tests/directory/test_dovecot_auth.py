@@ -52,6 +52,9 @@ def test_wrong_password_and_unknown_user_get_535(tls_server, dovecot):
     assert login(server, DANA, "wrong") == (535, b"5.7.8 Authentication credentials invalid")
     assert login(server, "nobody@example.test", "whatever") == (535, b"5.7.8 Authentication credentials invalid")
     assert login(server, "dana@example.test\tx", DANA_PW)[0] == 535  # a TAB cannot smuggle a field
+    # LOGIN can carry a NUL, which would shift PLAIN's fields towards Dovecot: refused.
+    for user, password in ((DANA + "\0", DANA_PW), (DANA, DANA_PW + "\0"), ("\0" + DANA, DANA_PW)):
+        assert login(server, user, password, "LOGIN")[0] == 535
 
 
 @pytest.mark.parametrize("dovecot_first", [True, False])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gevent
 import pytest
 
+from qpgevent.address import Address
 from qpgevent.testing import maildir_messages
 
 from daemons import LoopbackDovecot
@@ -75,3 +76,10 @@ def test_hung_dovecot_gets_451_after_the_timeout_and_other_sessions_go_on(make_s
 def test_garbage_from_the_socket_is_a_failure(make_server, nonsense):
     server = make_server(plugins(nonsense))
     assert rcpt(server, "dana@example.test") == [(451, b"4.4.3 Recipient cannot be verified now, try again later")]
+
+
+def test_nul_in_a_recipient_is_unknown(plugin_harness, dovecot):
+    # SMTP cannot carry a NUL (the server refuses control characters): the plugin is asked directly.
+    harness = plugin_harness("rcpt_dovecot", socket=dovecot.userdb_socket)
+    assert harness.run_hook("rcpt", Address("dana\0", "example.test"), {}).reply.code == 550
+    assert harness.run_hook("rcpt", "<dana@example.test>").reply.code == 250
