@@ -58,13 +58,24 @@ def tls_server(make_server, certs):
 
 @pytest.fixture
 def nonsense():
-    """A loopback port whose service answers garbage and hangs up (not Dovecot or slapd:
-    neither can be made to say this): ``host:port``."""
-    def junk(sock, address):
-        sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-        sock.close()
+    """``nonsense(payload=HTTP 400, hang=False)``: a loopback ``host:port`` whose service sends
+    ``payload`` and hangs up (or, with ``hang``, keeps the connection open and says nothing
+    more). Not Dovecot or slapd: neither can be made to say this."""
+    servers = []
 
-    server = StreamServer(("127.0.0.1", 0), junk)
-    server.start()
-    yield f"127.0.0.1:{server.server_port}"
-    server.stop(timeout=0)
+    def start(payload: bytes = b"HTTP/1.1 400 Bad Request\r\n\r\n", hang: bool = False) -> str:
+        def handle(sock, address):
+            sock.sendall(payload)
+            if hang:
+                while sock.recv(65536):  # bounded by the client, which hangs up
+                    pass
+            sock.close()
+
+        server = StreamServer(("127.0.0.1", 0), handle)
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.stop(timeout=0)

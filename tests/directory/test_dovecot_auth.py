@@ -5,6 +5,7 @@ from __future__ import annotations
 import gevent
 import pytest
 
+from qpgevent import dovecot_protocol
 from qpgevent.testing import maildir_messages
 from qpgevent.testing_scanners import dead_port
 
@@ -124,8 +125,15 @@ def test_hung_dovecot_gets_454_after_the_timeout_and_other_sessions_go_on(tls_se
 
 
 def test_garbage_from_the_socket_is_a_failure_not_a_pass(tls_server, nonsense):
-    server = tls_server(plugins(nonsense))
+    server = tls_server(plugins(nonsense()))
     assert login(server, DANA, DANA_PW)[0] == 454
+
+
+def test_endless_line_meets_the_line_limit_not_the_timeout(tls_server, nonsense, caplog):
+    endless = nonsense(b"VERSION\t1\t2\nMECH\t" + b"A" * (dovecot_protocol.MAX_LINE + 100), hang=True)
+    server = tls_server(plugins(endless, "lookup_timeout = 60"))
+    assert login(server, DANA, DANA_PW)[0] == 454
+    assert f"line longer than {dovecot_protocol.MAX_LINE} octets" in caplog.text
 
 
 def test_bad_socket_is_a_config_error(tls_server):

@@ -204,7 +204,7 @@ def test_rcpt_with_slapd_hung_gets_451_and_other_sessions_go_on(make_server, sla
 
 
 def test_garbage_instead_of_ldap_is_a_failure(make_server, tls_server, nonsense):
-    uri = f"ldap://{nonsense}"
+    uri = f"ldap://{nonsense()}"
     server = make_server(section("rcpt_ldap", uri=uri, base=SUFFIX) + QUEUE)
     assert rcpt(server, "alice@example.test") == [(451, b"4.4.3 Recipient cannot be verified now, try again later")]
     server = tls_server(section("auth/ldap", uri=uri, base=SUFFIX) + QUEUE)

@@ -74,7 +74,7 @@ def test_hung_dovecot_gets_451_after_the_timeout_and_other_sessions_go_on(make_s
 
 
 def test_garbage_from_the_socket_is_a_failure(make_server, nonsense):
-    server = make_server(plugins(nonsense))
+    server = make_server(plugins(nonsense()))
     assert rcpt(server, "dana@example.test") == [(451, b"4.4.3 Recipient cannot be verified now, try again later")]
 
 
