@@ -8,7 +8,7 @@ Usage:
 What it runs, all on this machine:
 
   daemons  a real Dovecot auth service and a real slapd, as the tests start them
-           (``tests/directory/daemons.py``), each knowing someone@example.test
+           (``tests/directory/directory_daemons.py``), each knowing someone@example.test
   server   ``PYTHON -m qpgevent -c qpsmtpd.ini --workers 1`` (one core's numbers), queue/discard
 
 Runs, each one message per connection, CONCURRENCY sessions at once:
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests" / "directory"))
 import benchlib  # noqa: E402
-from daemons import SUFFIX, LoopbackDovecot, LoopbackSlapd  # noqa: E402
+from directory_daemons import SUFFIX, LoopbackDovecot, LoopbackSlapd  # noqa: E402
 
 from qpgevent.testing import plugin_section  # noqa: E402
 

@@ -15,17 +15,8 @@ from gevent.server import StreamServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # tls_helpers, shared with the e2e tests
 
-from daemons import LoopbackDovecot, LoopbackSlapd  # noqa: E402
+from directory_daemons import DOVECOT_USERS, PEOPLE, LoopbackDovecot, LoopbackSlapd  # noqa: E402
 from tls_helpers import Certs  # noqa: E402
-
-DOVECOT_USERS = {"dana@example.test": "dana-pw", "eve@example.test": "eve-pw"}
-PEOPLE = {
-    "alice": {"mail": "alice@example.test", "userPassword": "alice-pw",
-              "mailLocalAddress": ["a.example@example.test"]},
-    "bob": {"mail": "bob@example.test", "userPassword": "bob-pw",
-            "mailRoutingAddress": "bob@elsewhere.test"},
-}
-
 
 @pytest.fixture
 def dovecot():

@@ -9,9 +9,8 @@ from qpgevent import dovecot_protocol
 from qpgevent.testing import maildir_messages
 from qpgevent.testing_scanners import dead_port
 
-from conftest import DOVECOT_USERS
-from daemons import LoopbackDovecot
-from smtp_helpers import auth_reply as login
+from directory_daemons import DOVECOT_USERS, LoopbackDovecot
+from directory_smtp import auth_reply as login
 from tls_helpers import USERS, write_users
 
 DANA, DANA_PW = "dana@example.test", DOVECOT_USERS["dana@example.test"]

@@ -1,6 +1,6 @@
 """auth/ldap and rcpt_ldap against a real slapd with a test directory loaded by slapadd.
 
-The directory (conftest.PEOPLE): alice (mail alice@example.test, mailLocalAddress
+The directory (directory_daemons.PEOPLE): alice (mail alice@example.test, mailLocalAddress
 a.example@example.test) and bob (mail bob@example.test, mailRoutingAddress
 bob@elsewhere.test: an alias), each with a password.
 """
@@ -13,9 +13,8 @@ import pytest
 from qpgevent.address import Address
 from qpgevent.testing import maildir_messages, plugin_section as section
 
-from conftest import PEOPLE
-from daemons import SUFFIX
-from smtp_helpers import auth_code as login, rcpt_replies as rcpt
+from directory_daemons import PEOPLE, SUFFIX
+from directory_smtp import auth_code as login, rcpt_replies as rcpt
 from tls_helpers import write_users
 
 ALICE_PW = PEOPLE["alice"]["userPassword"]

@@ -8,8 +8,8 @@ import pytest
 from qpgevent.address import Address
 from qpgevent.testing import maildir_messages
 
-from daemons import LoopbackDovecot
-from smtp_helpers import rcpt_replies as rcpt
+from directory_daemons import LoopbackDovecot
+from directory_smtp import rcpt_replies as rcpt
 
 
 def plugins(socket: str, *extra: str) -> str:

@@ -30,6 +30,15 @@ HOST = "127.0.0.1"
 SUFFIX = "dc=example,dc=test"
 ADMIN_DN, ADMIN_PW = f"cn=admin,{SUFFIX}", "admin-pw"
 
+#: The tests' users: Dovecot's (user -> password), and the LDAP directory's (uid -> attributes).
+DOVECOT_USERS = {"dana@example.test": "dana-pw", "eve@example.test": "eve-pw"}
+PEOPLE = {
+    "alice": {"mail": "alice@example.test", "userPassword": "alice-pw",
+              "mailLocalAddress": ["a.example@example.test"]},
+    "bob": {"mail": "bob@example.test", "userPassword": "bob-pw",
+            "mailRoutingAddress": "bob@elsewhere.test"},
+}
+
 DOVECOT_CONF = """protocols =
 base_dir = {d}/run
 state_dir = {d}/state
