@@ -2,7 +2,7 @@
 """Benchmark the directory plugins: messages/s through Dovecot and LDAP lookups, beside a run without.
 
 Usage:
-    tools/bench_directory.py [--messages 2000] [--concurrency 100] [--python PYTHON]
+    tools/bench_directory.py [--messages 2000] [--concurrency 100] [--rounds 3] [--python PYTHON]
                              [--smtp-source /usr/sbin/smtp-source] [--log-level warning]
 
 What it runs, all on this machine:
@@ -23,8 +23,9 @@ Runs, each one message per connection, CONCURRENCY sessions at once:
   auth/ldap          the same with AUTH PLAIN by search-then-bind (two LDAP connections)
 
 The smtp-source runs check that every message was accepted (it aborts at the first
-refusal); the smtplib runs count the failures and fail if any. Results go to standard
-output as one line per run: messages/s and the server's CPU ms per message.
+refusal); the smtplib runs count the failures and fail if any. Each run gets a fresh
+server; the runs are interleaved over ``--rounds`` rounds, and one line per run is
+printed: the median messages/s (min-max) and the server's CPU ms per message.
 """
 
 from gevent import monkey
@@ -32,6 +33,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import smtplib  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -86,33 +88,47 @@ def runs(dovecot: LoopbackDovecot, slapd: LoopbackSlapd) -> list[tuple[str, str,
     ]
 
 
+def measure(args, folder: Path, name: str, plugins: str, login: bool | None, concurrency: int) -> tuple[float, float]:
+    """One run on a fresh server: (messages/s, server CPU ms/message)."""
+    run_folder = Path(tempfile.mkdtemp(prefix=f"{name.replace('/', '-')}-{concurrency}-", dir=folder))
+    server = benchlib.QpgeventServer(args.python, run_folder, plugins + DISCARD, args.log_level,
+                                     workers=1, sections="[auth]\n  tls_before_auth = no\n")
+    try:
+        server.wait_ready()
+        cpu = server.cpu_seconds()
+        if login is None:
+            seconds = benchlib.run_smtp_source(args.smtp_source, server.port, concurrency, args.messages,
+                                               args.size, args.timeout)
+        else:
+            seconds = run_smtplib(server.port, args.messages, concurrency, login)
+        cpu = server.cpu_seconds() - cpu
+    finally:
+        server.stop()
+    return args.messages / seconds, 1000 * cpu / args.messages
+
+
 def main(argv=None) -> int:
     parser = benchlib.smtp_source_parser(__doc__.splitlines()[0], [100], sys.executable)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each, interleaved; medians (default %(default)s)")
     args = benchlib.parse_smtp_source_args(parser, argv)
     benchlib.unwind_on_signals()
     folder = Path(tempfile.mkdtemp(prefix="qpg-bench-directory-", dir=args.workdir))
     with LoopbackDovecot({USER: PASSWORD}) as dovecot, \
             LoopbackSlapd({"someone": {"mail": USER, "userPassword": PASSWORD}}) as slapd:
-        print(f"messages/s, one message per connection, {args.messages} messages; server CPU ms/message")
-        for name, plugins, login in runs(dovecot, slapd):
-            for concurrency in args.concurrency:
-                run_folder = folder / f"{name.replace('/', '-')}-{concurrency}"
-                run_folder.mkdir()
-                server = benchlib.QpgeventServer(args.python, run_folder, plugins + DISCARD, args.log_level,
-                                                 workers=1, sections="[auth]\n  tls_before_auth = no\n")
-                try:
-                    server.wait_ready()
-                    cpu = server.cpu_seconds()
-                    if login is None:
-                        seconds = benchlib.run_smtp_source(args.smtp_source, server.port, concurrency, args.messages,
-                                                           args.size, args.timeout)
-                    else:
-                        seconds = run_smtplib(server.port, args.messages, concurrency, login)
-                    cpu = server.cpu_seconds() - cpu
-                finally:
-                    server.stop()
-                print(f"{name:18} conc {concurrency:4}: {args.messages / seconds:8.0f} msg/s"
-                      f"  {1000 * cpu / args.messages:6.2f} ms CPU/msg", flush=True)
+        cells = [(name, plugins, login, concurrency) for name, plugins, login in runs(dovecot, slapd)
+                 for concurrency in args.concurrency]
+        results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for _ in range(args.rounds):  # A B C, A B C: drift of the machine hits every run alike
+            for name, plugins, login, concurrency in cells:
+                results.setdefault((name, concurrency), []).append(
+                    measure(args, folder, name, plugins, login, concurrency))
+    print(f"one message per connection, {args.messages} messages a run, median of {args.rounds} "
+          "(min-max); server CPU ms/message")
+    for (name, concurrency), values in results.items():
+        rates = sorted(rate for rate, _ in values)
+        cpu = statistics.median(ms for _, ms in values)
+        print(f"{name:18} conc {concurrency:4}: {statistics.median(rates):6.0f} msg/s ({rates[0]:.0f}-{rates[-1]:.0f})"
+              f"  {cpu:5.2f} ms CPU/msg", flush=True)
     return 0
 
 
