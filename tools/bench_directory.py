@@ -32,6 +32,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import shutil  # noqa: E402
 import smtplib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -113,15 +114,18 @@ def main(argv=None) -> int:
     args = benchlib.parse_smtp_source_args(parser, argv)
     benchlib.unwind_on_signals()
     folder = Path(tempfile.mkdtemp(prefix="qpg-bench-directory-", dir=args.workdir))
-    with LoopbackDovecot({USER: PASSWORD}) as dovecot, \
-            LoopbackSlapd({"someone": {"mail": USER, "userPassword": PASSWORD}}) as slapd:
-        cells = [(name, plugins, login, concurrency) for name, plugins, login in runs(dovecot, slapd)
-                 for concurrency in args.concurrency]
-        results: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for _ in range(args.rounds):  # A B C, A B C: drift of the machine hits every run alike
-            for name, plugins, login, concurrency in cells:
-                results.setdefault((name, concurrency), []).append(
-                    measure(args, folder, name, plugins, login, concurrency))
+    try:
+        with LoopbackDovecot({USER: PASSWORD}) as dovecot, \
+                LoopbackSlapd({"someone": {"mail": USER, "userPassword": PASSWORD}}) as slapd:
+            cells = [(name, plugins, login, concurrency) for name, plugins, login in runs(dovecot, slapd)
+                     for concurrency in args.concurrency]
+            results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for _ in range(args.rounds):  # A B C, A B C: drift of the machine hits every run alike
+                for name, plugins, login, concurrency in cells:
+                    results.setdefault((name, concurrency), []).append(
+                        measure(args, folder, name, plugins, login, concurrency))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"one message per connection, {args.messages} messages a run, median of {args.rounds} "
           "(min-max); server CPU ms/message")
     for (name, concurrency), values in results.items():
