@@ -105,6 +105,14 @@ class _Restartable(_Daemon):
     def start(self) -> None:
         self._start(self.argv, self._ready, 30.0)
 
+    def _first_start(self) -> None:
+        """Start from the constructor: if it fails, nothing is left behind (no ``with`` yet)."""
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
     def _ready(self) -> bool:
         raise NotImplementedError
 
@@ -152,7 +160,7 @@ class LoopbackDovecot(_Restartable):
         self.client_socket = os.path.join(self.workdir, "run", "auth-client")
         self.userdb_socket = os.path.join(self.workdir, "run", "auth-userdb")
         self.inet = f"{HOST}:{self.port}"
-        self.start()
+        self._first_start()
 
     def _ready(self) -> bool:
         import socket
@@ -188,11 +196,15 @@ class LoopbackSlapd(_Restartable):
         Path(conf).write_text(SLAPD_CONF.format(d=self.workdir, rootpw=_ssha(ADMIN_PW)))
         ldif = os.path.join(self.workdir, "data.ldif")
         Path(ldif).write_text(_ldif(people))
-        subprocess.run(["slapadd", "-f", conf, "-l", ldif], check=True, capture_output=True, timeout=60)
+        try:
+            subprocess.run(["slapadd", "-f", conf, "-l", ldif], check=True, capture_output=True, timeout=60)
+        except BaseException:
+            self.close()
+            raise
         self.port = free_tcp_port()
         self.uri = f"ldap://{HOST}:{self.port}"
         self.argv = ["slapd", "-d", "0", "-h", self.uri + "/", "-f", conf]
-        self.start()
+        self._first_start()
 
     def _ready(self) -> bool:
         # A new Server per try: ldap3 marks a refused address unavailable for 5 s.
