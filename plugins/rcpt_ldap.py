@@ -36,6 +36,9 @@ Options:
   alias_attribute     attribute whose addresses replace the recipient (default none)
   domains             the domains to check (default: every domain)
   bind_dn, bind_password   who searches (default anonymous)
+  starttls            StartTLS (RFC 4513 3) before binding on an ldap:// URI (default no)
+  ca_file             the CAs to verify the directory's certificate with, for ldaps:// or
+                      starttls (default: the system's); its name must match the URI's host
   lookup_timeout      seconds for one search (default 5)
   on_failure          tempfail, accept or reject (default tempfail)
   cache_ttl, negative_ttl, cache_size   (defaults 300, 60, 10000)
@@ -63,14 +66,12 @@ ALIASES = "rcpt_ldap.aliases"  #: transaction note: recipient -> the addresses t
 
 class RcptLdap(Plugin):
     configspec = [
-        "uri = string",
+        *ldap_client.CONFIGSPEC,
         "base = string",
         "address_attributes = force_list(default=list('mail'))",
         'filter = string(default="")',
         'alias_attribute = string(default="")',
         "domains = force_list(default=list())",
-        'bind_dn = string(default="")',
-        'bind_password = string(default="")',
         *directory.CONFIGSPEC,
         *directory.CACHE_CONFIGSPEC,
     ]
@@ -80,8 +81,7 @@ class RcptLdap(Plugin):
             raise ValueError("address_attributes is empty")
         self.domains = {domain.lower() for domain in self.config["domains"]}
         self.cache = directory.TtlCache.from_config(self.config)
-        self.directory = ldap_client.Directory(self.config["uri"], self.config["lookup_timeout"],
-                                               self.config["bind_dn"], self.config["bind_password"])
+        self.directory = ldap_client.Directory.from_config(self.config)
 
     def hook_rcpt(self, session: Any, recipient: Any, params: Any) -> Any:
         domain = recipient.host.lower()

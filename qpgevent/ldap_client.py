@@ -18,6 +18,7 @@ refuse control characters (NUL), which escaping does not make harmless.
 from __future__ import annotations
 
 import math
+import ssl
 from typing import Any
 
 import ldap3
@@ -28,7 +29,7 @@ from ldap3.utils.dn import escape_rdn
 from .directory import Unavailable
 from .scanner import scan_deadline
 
-__all__ = ["Directory", "filter_value", "dn_value", "Entry"]
+__all__ = ["CONFIGSPEC", "Directory", "filter_value", "dn_value", "Entry"]
 
 #: RFC 4511 4.1.9 resultCode 49: the password (or the DN) is wrong; the directory is fine.
 INVALID_CREDENTIALS = 49
@@ -58,15 +59,38 @@ def _no_controls(text: str) -> None:
         raise ValueError("control character in a directory value")
 
 
+#: The options both LDAP plugins take to reach the directory (``Directory.from_config``).
+CONFIGSPEC = [
+    "uri = string",
+    'bind_dn = string(default="")',
+    'bind_password = string(default="")',
+    "starttls = boolean(default=False)",
+    'ca_file = path(default="")',
+]
+
+
 class Directory:
-    def __init__(self, uri: str, timeout: float, bind_dn: str = "", bind_password: str = "") -> None:
+    """``ldaps://`` URIs and ``starttls`` (RFC 4513 3) verify the server's certificate
+    against ``ca_file`` (or the system's CAs) and its name against the URI's host."""
+
+    def __init__(self, uri: str, timeout: float, bind_dn: str = "", bind_password: str = "",
+                 starttls: bool = False, ca_file: str = "") -> None:
         self.uri, self.timeout = uri, timeout
         self.bind_dn, self.bind_password = bind_dn, bind_password
+        self.starttls = starttls
+        self.tls = None
+        if starttls or uri.lower().startswith("ldaps://"):
+            self.tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file or None)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Directory:
+        return cls(config["uri"], config["lookup_timeout"], config["bind_dn"], config["bind_password"],
+                   config["starttls"], config["ca_file"])
 
     def search(self, base: str, search_filter: str, attributes: list[str]) -> list[Entry]:
         """Entries under ``base`` (whole subtree) matching ``search_filter``, with ``attributes``."""
         with self._connection(self.bind_dn, self.bind_password) as connection:
-            if not connection.bind():
+            if not self._bind(connection):
                 raise Unavailable(f"LDAP bind as {self.bind_dn or 'anonymous'} refused: {connection.result}")
             connection.search(base, search_filter, ldap3.SUBTREE, attributes=attributes or ldap3.NO_ATTRIBUTES)
             if connection.result["result"] not in (0, 32):  # success, noSuchObject (the base is empty)
@@ -79,16 +103,24 @@ class Directory:
         if not password:
             return False  # RFC 4513 5.1.2: an empty password is an unauthenticated bind, which "succeeds"
         with self._connection(dn, password) as connection:
-            if connection.bind():
+            if self._bind(connection):
                 return True
             if connection.result["result"] == INVALID_CREDENTIALS:
                 return False
             raise Unavailable(f"LDAP bind failed: {connection.result['description']}")
 
+    def _bind(self, connection: ldap3.Connection) -> bool:
+        """Open, StartTLS if asked (before any password is sent), bind."""
+        if self.starttls:
+            connection.open()
+            if not connection.start_tls():
+                raise Unavailable(f"StartTLS refused by {self.uri}: {connection.result}")
+        return bool(connection.bind())
+
     def _connection(self, user: str, password: str) -> _Call:
         # A new Server each time: ldap3 marks a Server whose connect failed "unavailable"
         # for 5 s, which would outlast the directory's own restart.
-        server = ldap3.Server(self.uri, get_info=ldap3.NONE, connect_timeout=self.timeout)
+        server = ldap3.Server(self.uri, get_info=ldap3.NONE, connect_timeout=self.timeout, tls=self.tls)
         # ldap3 packs receive_timeout into SO_RCVTIMEO as whole seconds (a float is an
         # error); the deadline around the call is the precise limit.
         connection = ldap3.Connection(server, user or None, password or None, receive_timeout=math.ceil(self.timeout),

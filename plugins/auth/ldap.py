@@ -34,6 +34,9 @@ Options:
   filter          the search filter (default ``(uid=%s)``)
   dn_template     bind to this DN instead of searching
   bind_dn, bind_password   who searches (default anonymous)
+  starttls        StartTLS (RFC 4513 3) before binding on an ldap:// URI (default no)
+  ca_file         the CAs to verify the directory's certificate with, for ldaps:// or
+                  starttls (default: the system's); its name must match the URI's host
   lookup_timeout  seconds for one search or bind (default 5)
   on_failure      tempfail, accept or reject (default tempfail)
 
@@ -55,12 +58,10 @@ from qpgevent.plugin import DECLINED, DENY, OK, Plugin
 
 class Ldap(Plugin):
     configspec = [
-        "uri = string",
+        *ldap_client.CONFIGSPEC,
         'base = string(default="")',
         'filter = string(default="(uid=%s)")',
         'dn_template = string(default="")',
-        'bind_dn = string(default="")',
-        'bind_password = string(default="")',
         *directory.CONFIGSPEC,
     ]
 
@@ -70,8 +71,7 @@ class Ldap(Plugin):
             raise ValueError(f"{template!r} has no %s for the user name")
         if not self.config["dn_template"] and not self.config["base"]:
             raise ValueError("give base (to search) or dn_template")
-        self.directory = ldap_client.Directory(self.config["uri"], self.config["lookup_timeout"],
-                                               self.config["bind_dn"], self.config["bind_password"])
+        self.directory = ldap_client.Directory.from_config(self.config)
 
     def hook_auth(self, session: Any, mechanism: str, user: str, password: str, ticket: Any) -> Any:
         if ticket is not None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import ldap3
 
@@ -82,7 +83,7 @@ include /etc/ldap/schema/cosine.schema
 include /etc/ldap/schema/inetorgperson.schema
 include /etc/ldap/schema/nis.schema
 include /etc/ldap/schema/misc.schema
-pidfile {{d}}/slapd.pid
+{{tls}}pidfile {{d}}/slapd.pid
 argsfile {{d}}/slapd.args
 modulepath /usr/lib/ldap
 moduleload back_mdb
@@ -184,16 +185,27 @@ class LoopbackDovecot(_Restartable):
 
 
 class LoopbackSlapd(_Restartable):
-    """slapd with ``people``: uid -> attributes (``userPassword`` in clear, hashed here)."""
+    """slapd with ``people``: uid -> attributes (``userPassword`` in clear, hashed here).
+
+    With ``tls_ca`` (a ``trustme.CA``), slapd gets a certificate from it for the name
+    localhost only, takes StartTLS on ``uri``, and listens for LDAPS on 127.0.0.1 too
+    (``ldaps_uri`` names it localhost; by its address, the name does not match).
+    """
 
     name = "slapd"
 
-    def __init__(self, people: dict[str, dict[str, list[str] | str]]) -> None:
+    def __init__(self, people: dict[str, dict[str, list[str] | str]], tls_ca: Any = None) -> None:
         super().__init__()
         self.workdir = tempfile.mkdtemp(prefix="qpg-slapd-")
         os.mkdir(os.path.join(self.workdir, "db"))
         conf = os.path.join(self.workdir, "slapd.conf")
-        Path(conf).write_text(SLAPD_CONF.format(d=self.workdir, rootpw=_ssha(ADMIN_PW)))
+        tls = ""
+        if tls_ca is not None:
+            issued = tls_ca.issue_cert("localhost")
+            issued.cert_chain_pems[0].write_to_path(os.path.join(self.workdir, "cert.pem"))
+            issued.private_key_pem.write_to_path(os.path.join(self.workdir, "key.pem"))
+            tls = f"TLSCertificateFile {self.workdir}/cert.pem\nTLSCertificateKeyFile {self.workdir}/key.pem\n"
+        Path(conf).write_text(SLAPD_CONF.format(d=self.workdir, rootpw=_ssha(ADMIN_PW), tls=tls))
         ldif = os.path.join(self.workdir, "data.ldif")
         Path(ldif).write_text(_ldif(people))
         try:
@@ -203,7 +215,12 @@ class LoopbackSlapd(_Restartable):
             raise
         self.port = free_tcp_port()
         self.uri = f"ldap://{HOST}:{self.port}"
-        self.argv = ["slapd", "-d", "0", "-h", self.uri + "/", "-f", conf]
+        listeners = self.uri + "/"
+        if tls_ca is not None:
+            ldaps_port = free_tcp_port()
+            self.ldaps_uri = f"ldaps://localhost:{ldaps_port}"
+            listeners += f" ldaps://{HOST}:{ldaps_port}/"
+        self.argv = ["slapd", "-d", "0", "-h", listeners, "-f", conf]
         self._first_start()
 
     def _ready(self) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gevent
 import pytest
+import trustme
 
 from qpgevent.address import Address
 from qpgevent.testing import maildir_messages, plugin_section as section
 
-from directory_daemons import PEOPLE, SUFFIX
+from directory_daemons import PEOPLE, SUFFIX, LoopbackSlapd
 from directory_smtp import auth_code as login, rcpt_replies as rcpt
 from tls_helpers import write_users
 
@@ -208,3 +209,31 @@ def test_garbage_instead_of_ldap_is_a_failure(make_server, tls_server, nonsense)
     assert rcpt(server, "alice@example.test") == [(451, b"4.4.3 Recipient cannot be verified now, try again later")]
     server = tls_server(section("auth/ldap", uri=uri, base=SUFFIX) + QUEUE)
     assert login(server, "alice", ALICE_PW) == 454
+
+
+# -- TLS to the directory ---------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_slapd(tmp_path):
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ldap-ca.pem"))
+    with LoopbackSlapd(PEOPLE, tls_ca=ca) as daemon:
+        yield daemon
+
+
+def test_ldaps_and_starttls_verify_the_directory_certificate(make_server, tls_server, tls_slapd, caplog):
+    starttls_uri = tls_slapd.uri.replace("127.0.0.1", "localhost")
+    for options in ({"uri": tls_slapd.ldaps_uri}, {"uri": starttls_uri, "starttls": True}):
+        trusted = make_server(section("rcpt_ldap", base=SUFFIX, ca_file="ldap-ca.pem", **options) + QUEUE)
+        assert rcpt(trusted, "alice@example.test", "nobody@example.test") == [
+            (250, b"2.1.5 <alice@example.test>, recipient ok"), (550, b"5.1.1 nobody@example.test: no such user here")]
+        untrusted = make_server(section("rcpt_ldap", base=SUFFIX, **options) + QUEUE)  # the system's CAs
+        assert rcpt(untrusted, "alice@example.test")[0][0] == 451
+        server = tls_server(section("auth/ldap", base=f"ou=people,{SUFFIX}", ca_file="ldap-ca.pem", **options) + QUEUE)
+        assert login(server, "alice", ALICE_PW) == 235
+    by_address = tls_slapd.ldaps_uri.replace("localhost", "127.0.0.1")  # the certificate names localhost only
+    server = make_server(section("rcpt_ldap", uri=by_address, base=SUFFIX, ca_file="ldap-ca.pem") + QUEUE)
+    caplog.clear()
+    assert rcpt(server, "alice@example.test")[0][0] == 451
+    assert "doesn't match any name in ['127.0.0.1']" in caplog.text  # ldap3's name check
