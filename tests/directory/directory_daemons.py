@@ -48,6 +48,7 @@ ssl = no
 auth_mechanisms = {mechanisms}
 disable_plaintext_auth = no
 auth_failure_delay = 0
+auth_debug = yes
 passdb {{
   driver = {passdb}
   args = {passdb_args}

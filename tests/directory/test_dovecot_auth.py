@@ -39,6 +39,14 @@ def test_dovecot_user_authenticates_and_sends(tls_server, dovecot, where):
     assert b"(authenticated as dana@example.test)" in message
 
 
+def test_dovecot_is_told_the_client_address_and_that_the_session_is_encrypted(tls_server, dovecot):
+    server = tls_server(plugins(dovecot.client_socket))  # a unix socket: Dovecot sees no address itself
+    assert login(server, DANA, DANA_PW)[0] == 235
+    requests = [line for line in dovecot.log().splitlines() if "client in: AUTH" in line]
+    assert len(requests) == 1
+    assert "\tservice=smtp\tsecured\trip=127.0.0.1\tlip=127.0.0.1\tresp=<hidden>" in requests[0]
+
+
 def test_login_mechanism_and_dovecot_that_offers_only_login(tls_server):
     with LoopbackDovecot(DOVECOT_USERS, mechanisms="login") as only_login:
         server = tls_server(plugins(only_login.inet))
