@@ -26,7 +26,8 @@ alias targets), ``negative_ttl`` for one not found (0 turns caching off), at mos
 (default, 451 4.4.3), ``accept`` (the recipient is accepted unchecked) or ``reject``
 (550 5.4.3). Such failures are not cached. Searches are made with ``ldap3`` (pure
 Python, cooperative under gevent; python-ldap's C calls would block every session of
-the worker), a connection per lookup, as ``bind_dn`` (anonymously if empty).
+the worker), as ``bind_dn`` (anonymously if empty), on connections kept open for the
+next search (one the directory closed is replaced).
 
 Options:
   uri                 ldap://host:port or ldaps://host:port (required)

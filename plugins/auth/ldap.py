@@ -21,7 +21,8 @@ which succeeds). CRAM-MD5 cannot be checked by a bind; PLAIN and LOGIN are offer
 
 ``ldap3`` (pure Python, ``pip install 'qpgevent[ldap]'``) is used on purpose: under gevent
 its sockets are cooperative. python-ldap's calls run in libldap's C code and would block
-the whole worker while the directory thinks. Each check opens its own connection.
+the whole worker while the directory thinks. Searches reuse open connections (a few kept
+per worker; one the directory closed is replaced); each bind as a user has its own.
 
 When the directory cannot answer (refused, no answer within ``lookup_timeout`` seconds,
 an error result), ``on_failure`` decides: ``tempfail`` (default, 454 4.7.0), ``accept``

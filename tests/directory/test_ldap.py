@@ -8,6 +8,7 @@ bob@elsewhere.test: an alias), each with a password.
 from __future__ import annotations
 
 import gevent
+import psutil
 import pytest
 import trustme
 
@@ -179,6 +180,23 @@ def test_rcpt_with_slapd_down_gets_the_configured_fallback(make_server, slapd, o
     assert rcpt(server, "alice@example.test") == [expected]
     slapd.start()
     assert rcpt(server, "alice@example.test", "nobody@example.test")[1][0] == 550
+
+
+def connections_to(port: int) -> int:
+    return sum(1 for c in psutil.Process().net_connections(kind="tcp")
+               if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_searches_reuse_a_connection_and_survive_a_directory_restart(make_server, slapd):
+    server = make_server(rcpt_ldap(slapd, cache_ttl="0", negative_ttl="0") + QUEUE)
+    for _ in range(5):
+        assert [code for code, _ in rcpt(server, "alice@example.test", "nobody@example.test")] == [250, 550]
+    assert connections_to(slapd.port) == 1  # ten searches, one connection kept
+    slapd.stop()
+    slapd.start()
+    # The kept connection is dead now: the search is made again on a new one, not refused.
+    assert rcpt(server, "alice@example.test") == [(250, b"2.1.5 <alice@example.test>, recipient ok")]
+    assert connections_to(slapd.port) == 1
 
 
 def test_answers_are_cached_within_the_ttl(make_server, slapd):
