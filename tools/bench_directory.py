@@ -2,7 +2,8 @@
 """Benchmark the directory plugins: messages/s through Dovecot and LDAP lookups, beside a run without.
 
 Usage:
-    tools/bench_directory.py [--messages 2000] [--concurrency 100] [--rounds 3] [--python PYTHON]
+    tools/bench_directory.py [--messages 2000] [--concurrency 100] [--rounds 3] [--only RUN,...]
+                             [--python PYTHON]
                              [--smtp-source /usr/sbin/smtp-source] [--log-level warning]
 
 What it runs, all on this machine:
@@ -111,6 +112,7 @@ def measure(args, folder: Path, name: str, plugins: str, login: bool | None, con
 def main(argv=None) -> int:
     parser = benchlib.smtp_source_parser(__doc__.splitlines()[0], [100], sys.executable)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, interleaved; medians (default %(default)s)")
+    parser.add_argument("--only", type=lambda text: set(text.split(",")), help="these runs only (names, comma separated)")
     args = benchlib.parse_smtp_source_args(parser, argv)
     benchlib.unwind_on_signals()
     folder = Path(tempfile.mkdtemp(prefix="qpg-bench-directory-", dir=args.workdir))
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         with LoopbackDovecot({USER: PASSWORD}) as dovecot, \
                 LoopbackSlapd({"someone": {"mail": USER, "userPassword": PASSWORD}}) as slapd:
             cells = [(name, plugins, login, concurrency) for name, plugins, login in runs(dovecot, slapd)
-                     for concurrency in args.concurrency]
+                     for concurrency in args.concurrency if not args.only or name in args.only]
             results: dict[tuple[str, int], list[tuple[float, float]]] = {}
             for _ in range(args.rounds):  # A B C, A B C: drift of the machine hits every run alike
                 for name, plugins, login, concurrency in cells:
