@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from .dryrun import plugin_main
 
         return plugin_main(words[1:])
+    if words[:1] == ["queue-runner"]:  # started by the master (queue/outbound), not by hand
+        from .queue_runner import main as queue_runner_main
+
+        return queue_runner_main(words[1:])
     args = parse_args(argv)
     try:
         settings = config_module.load(args.config, listen_override=args.listen)

@@ -68,7 +68,7 @@ from gevent.pool import Group
 from gevent.queue import Queue
 from gevent.socket import wait_read
 
-from . import __version__, admin, metrics, privileges
+from . import __version__, admin, metrics, privileges, queue_runner
 from . import config as config_module
 from .config import Settings
 from .errors import ConfigError, StartError
@@ -187,6 +187,7 @@ class Master:
         self.table: SharedTable | None = None
         self.admin_server: admin.AdminServer | None = None
         self.identity: privileges.Identity | None = None
+        self.queue_runner: queue_runner.Supervisor | None = None  #: with queue/outbound
 
     # -- start ----------------------------------------------------------------------
     def run(self) -> int:
@@ -238,9 +239,13 @@ class Master:
         self.current = Generation(1, settings, plugins, size)
         for slot in range(size):
             self._spawn(self.current, slot)
+        self.queue_runner = queue_runner.supervise(settings, plugins)  # after the forks: workers need no copy
         try:
             return self._loop()
         finally:
+            if self.queue_runner is not None:
+                self.queue_runner.stop()
+                self.queue_runner.wait()
             self._close_listeners()
             if self.admin_server is not None:
                 self.admin_server.stop()
@@ -398,6 +403,8 @@ class Master:
         log.info("%s: stopping; sessions get up to %ss to finish", why, max(timeouts))
         # Ours first: once the workers have closed theirs, nothing listens any more.
         self._close_listeners()
+        if self.queue_runner is not None:
+            self.queue_runner.stop()  # it finishes its deliveries in flight meanwhile
         for worker in list(self.workers.values()):
             self._ask_to_stop(worker)
         deadline = max(timeouts) + KILL_GRACE

@@ -29,12 +29,13 @@ PLUGINS = ROOT / "plugins"
 
 #: Layer -> its modules, in the order they may import each other.
 LAYERS: dict[int, list[str]] = {
-    0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol"],
+    0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol", "dsn"],
     2: ["connection", "transaction", "config"],
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
-        "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth"],
-    5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "master", "cli", "__main__", "testing", "testing_dns",
+        "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth",
+        "outqueue", "mxroute", "delivery"],
+    5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "queue_runner", "master", "cli", "__main__", "testing", "testing_dns",
         "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
 }
 RANK = {name: (layer, i) for layer, names in LAYERS.items() for i, name in enumerate(names)}
@@ -43,7 +44,7 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
              "multiprocessing", "concurrent", "socketserver", "smtplib", "http", "urllib"}
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident",
-              "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults"}
+              "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults", "qpgevent.outqueue"}
 NEVER_FOR_PLUGINS = {"qpgevent.session", "qpgevent.server", "qpgevent.cli", "qpgevent.hooks",
                      "qpgevent.loader", "qpgevent.config", "qpgevent.testing"}
 
