@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from .queue_runner import main as queue_runner_main
 
         return queue_runner_main(words[1:])
+    if words[:1] == ["queue"]:
+        from .queue_tools import main as queue_main
+
+        return queue_main(words[1:])
     args = parse_args(argv)
     try:
         settings = config_module.load(args.config, listen_override=args.listen)

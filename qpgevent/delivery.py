@@ -62,6 +62,7 @@ log = logging.getLogger("qpgevent.delivery")
 __all__ = ["Options", "Runner", "backoff"]
 
 BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
+COMMANDS = ("flush", "hold", "release", "delete", "bounce")
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Runner:
         self.deliveries = GreenletPool(options.max_deliveries)
         self.schedule: dict[str, float | None] = {}  #: id -> next attempt (None: held)
         self.active: set[str] = set()
+        self.after_attempt: dict[str, list[str]] = {}  #: commands for messages being tried
         self.wake = Event()
         self.blocking = blocking or _in_thread
         self.counts = {"delivered": 0, "deferred": 0, "failed": 0, "bounced": 0}
@@ -122,11 +124,53 @@ class Runner:
         self.deliveries.join()
         self.pool.close()
 
-    def kick(self, message_id: str = "") -> None:
-        """Look at the queue now; with an id, read that envelope again (a tool changed it)."""
-        if message_id:
-            self.schedule.pop(message_id, None)
+    def kick(self, message: str = "") -> None:
+        """What the kick socket said: "" (look at the folder now) or a command of ``COMMANDS``."""
+        verb, _, message_id = message.strip().partition(" ")
+        message_id = message_id.strip()
+        if verb in COMMANDS and message_id.isalnum():  # an id, never a path
+            self.command(verb, message_id)
+        elif verb == "flush":  # every message that is not held: now
+            for waiting, when in list(self.schedule.items()):
+                if when is not None:
+                    self.schedule[waiting] = 0.0
         self.wake.set()
+
+    def command(self, verb: str, message_id: str) -> bool:
+        """An operator's command (``qpgevent queue``); after the attempt if one is running.
+
+        flush: try now; hold: no attempts until released; release: try now again;
+        delete: forget it, no notice; bounce: fail its pending recipients now (a notice
+        goes to the sender). False if there is no such message.
+        """
+        if message_id in self.active:
+            self.after_attempt.setdefault(message_id, []).append(verb)
+            return True
+        try:
+            envelope = self.queue.load(message_id)
+        except FileNotFoundError:
+            self.schedule.pop(message_id, None)
+            return False
+        if verb == "delete":
+            self.blocking(self.queue.remove, message_id)
+            self.schedule.pop(message_id, None)
+            log.info("%s: deleted by the operator", message_id)
+            return True
+        if verb == "bounce":
+            for recipient in envelope.pending():
+                self._decide(recipient, State.FAILED, "5.0.0 returned to the sender by the postmaster", "")
+            self._finish(envelope)
+            return True
+        if verb == "flush" and envelope.held:
+            return True  # flushing does not release
+        envelope.held = verb == "hold"
+        if verb != "hold":
+            envelope.next_attempt = 0.0
+        self.blocking(self.queue.save, envelope)
+        self.schedule[message_id] = None if envelope.held else envelope.next_attempt
+        log.info("%s: %s by the operator", message_id, {"hold": "held", "release": "released",
+                                                       "flush": "flushed"}[verb])
+        return True
 
     def scan(self) -> None:
         """Learn of new messages (and of ones removed by hand) from the folder."""
@@ -170,6 +214,8 @@ class Runner:
             self.schedule[message_id] = time.time() + self.options.minimal_backoff
         finally:
             self.active.discard(message_id)
+            for verb in self.after_attempt.pop(message_id, []):
+                self.command(verb, message_id)
             self.wake.set()
 
     # -- one attempt at one message -----------------------------------------------------------
@@ -194,11 +240,20 @@ class Runner:
             for recipient in pending:
                 last = recipient.reply or "no attempt succeeded"
                 self._decide(recipient, State.FAILED, f"4.4.7 message expired in the queue; last: {last}", "")
+        self._finish(envelope)
+
+    def _finish(self, envelope: Envelope) -> None:
+        """After an attempt: notices for new failures; then forget the message, or reschedule it."""
+        message_id = envelope.id
         self._notify(envelope)
         if envelope.done:
             self.blocking(self.queue.remove, message_id)
             self.schedule.pop(message_id, None)
             log.info("%s: done after %d attempt(s)", message_id, envelope.attempts)
+            return
+        if envelope.held:
+            self.blocking(self.queue.save, envelope)
+            self.schedule[message_id] = None
             return
         delay = backoff(envelope.attempts, self.options.minimal_backoff, self.options.maximal_backoff)
         envelope.next_attempt = time.time() + delay

@@ -45,7 +45,7 @@ from .outqueue import Queue
 from .services import configure_services
 from .smtp_client import ClientOptions, ConfigurationError, parse_routes
 
-__all__ = ["PLUGIN", "Supervisor", "main", "options_from_config", "supervise"]
+__all__ = ["PLUGIN", "Supervisor", "main", "options_from_config", "plugin_config", "supervise"]
 
 log = logging.getLogger("qpgevent.queue_runner")
 
@@ -71,7 +71,7 @@ def options_from_config(config: dict[str, Any], me: str) -> Options:
         postmaster=config["postmaster"], client=client)
 
 
-def _plugin_config(settings: config_module.Settings) -> dict[str, Any] | None:
+def plugin_config(settings: config_module.Settings) -> dict[str, Any] | None:
     for spec in settings.plugins:
         if spec.name == PLUGIN:
             return load_plugin(spec, plugin_dirs(settings), settings.base_dir).config
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         log_module.configure(args.log_level or settings.log_level, settings.log_file, settings.log_format,
                              settings.log_syslog, settings.log_syslog_facility, settings.log_syslog_address)
         configure_services(settings)
-        config = _plugin_config(settings)
+        config = plugin_config(settings)
         if config is None:
             raise ConfigError(f"{settings.path}: no [[{PLUGIN}]] in [plugins]: nothing to run")
         options = options_from_config(config, settings.me)

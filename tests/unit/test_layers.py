@@ -35,7 +35,7 @@ LAYERS: dict[int, list[str]] = {
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
         "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth",
         "outqueue", "mxroute", "delivery"],
-    5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "queue_runner", "master", "cli", "__main__", "testing", "testing_dns",
+    5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "queue_runner", "queue_tools", "master", "cli", "__main__", "testing", "testing_dns",
         "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
 }
 RANK = {name: (layer, i) for layer, names in LAYERS.items() for i, name in enumerate(names)}
