@@ -52,7 +52,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Pool as GreenletPool
 
-from . import dsn, mxroute
+from . import dsn, mxroute, queue_metrics
 from .address import Address, AddressError
 from .outqueue import Envelope, Queue, QueueError, Recipient, State
 from .smtp_client import ClientOptions, DownstreamError, Pool, Response, Route
@@ -109,7 +109,6 @@ class Runner:
         self.after_attempt: dict[str, list[str]] = {}  #: commands for messages being tried
         self.wake = Event()
         self.blocking = blocking or _in_thread
-        self.counts = {"delivered": 0, "deferred": 0, "failed": 0, "bounced": 0}
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop: Event) -> None:
@@ -119,6 +118,7 @@ class Runner:
         while not stop.is_set():
             self.scan()
             self.start_due()
+            self._publish_state()
             self.wake.clear()
             gevent.wait([stop, self.wake], timeout=self.sleep_time(), count=1)
         self.deliveries.join()
@@ -186,6 +186,12 @@ class Runner:
                 log.error("%s", error)
                 continue
             self.schedule[message_id] = None if envelope.held else envelope.next_attempt
+
+    def _publish_state(self) -> None:
+        queued = set(self.schedule) | self.active
+        # Ids begin with their arrival time in milliseconds (outqueue.new_id).
+        oldest = min((int(i[:13], 16) / 1000 for i in queued if i[:13].isalnum()), default=time.time())
+        queue_metrics.queue_state(len(queued), time.time() - oldest)
 
     def start_due(self) -> None:
         now = time.time()
@@ -259,7 +265,7 @@ class Runner:
         envelope.next_attempt = time.time() + delay
         self.blocking(self.queue.save, envelope)
         self.schedule[message_id] = envelope.next_attempt
-        self.counts["deferred"] += 1
+        queue_metrics.delivery("deferred", len(envelope.pending()))
         log.info("%s: %d recipient(s) deferred, next attempt in %.0fs", message_id,
                  len(envelope.pending()), delay)
 
@@ -275,6 +281,8 @@ class Runner:
                 self._decide(recipient, state, str(error), "")
         else:
             self._transaction(envelope, route, recipients)
+        if any(r.state is not State.DELIVERED for r in recipients):
+            queue_metrics.destination_failure(domain)
         with lock:  # one writer of the envelope at a time; the others' changes ride along
             self.blocking(self.queue.save, envelope)
 
@@ -323,10 +331,8 @@ class Runner:
     def _decide(self, recipient: Recipient, state: State, reply: str, where: str) -> None:
         recipient.state, recipient.reply, recipient.remote_mta = state, reply, where
         recipient.updated = time.time()
-        if state is State.DELIVERED:
-            self.counts["delivered"] += 1
-        elif state is State.FAILED:
-            self.counts["failed"] += 1
+        if state is not State.PENDING:
+            queue_metrics.delivery(state.value)
         log.info("<%s>: %s%s: %s", recipient.address, state.value, f" by {where}" if where else "", reply)
 
     # -- failure notices -----------------------------------------------------------------------------
@@ -355,6 +361,6 @@ class Runner:
             original, arrival=envelope.arrived, envid=envelope.envid, ret=envelope.ret,
             received_from=envelope.received_from)
         notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind)
-        self.counts["bounced"] += 1
+        queue_metrics.delivery("bounced")
         self.schedule[notice.id] = 0.0
         log.info("%s: %s %s to <%s> for %d recipient(s)", envelope.id, kind, notice.id, to, len(failures))

@@ -37,7 +37,7 @@ from gevent.server import DatagramServer
 
 from . import config as config_module
 from . import log as log_module
-from . import privileges
+from . import admin, metrics, privileges
 from .delivery import Options, Runner
 from .errors import ConfigError
 from .loader import load_plugin, plugin_dirs
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         log_module.configure(args.log_level or settings.log_level, settings.log_file, settings.log_format,
                              settings.log_syslog, settings.log_syslog_facility, settings.log_syslog_address)
         configure_services(settings)
+        if settings.admin_listen is not None:
+            metrics.init(admin.metrics_dir(settings))  # the master's folder, not cleared: it is in use
         config = plugin_config(settings)
         if config is None:
             raise ConfigError(f"{settings.path}: no [[{PLUGIN}]] in [plugins]: nothing to run")

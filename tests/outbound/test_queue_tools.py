@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import json
+import re
+import urllib.request
 import subprocess
 import sys
 
@@ -28,7 +30,8 @@ def mta(tmp_path, postfix):
     options = {"queue_dir": str(tmp_path / "queue"), "minimal_backoff": 3600, "maximal_backoff": 3600,
                "scan_interval": 0.5, "routes": [f"late.test:127.0.0.1:{late_port}", f"*:127.0.0.1:{postfix.port}"]}
     plugins = "[[relay]]\n  clients = 127.0.0.1\n[[rcpt_ok]]\n" + plugin_section("queue/outbound", **options)
-    ini = write_ini(tmp_path, plugins=plugins, me="mta.test", workers=1)
+    ini = write_ini(tmp_path, plugins=plugins, me="mta.test", workers=1, admin_listen="127.0.0.1:0",
+                    run_dir=str(tmp_path / "run"))
     server = ServerProcess(ini)
     server.late_port = late_port
     yield server
@@ -95,3 +98,23 @@ def test_bounce_returns_the_message_to_its_sender_and_delete_forgets_one(mta, po
     wait_until(lambda: listing(mta) == [], 30, "the queue empty")
     assert len(postfix.messages("sender@sender.test")) == 1  # no notice for a deleted message
     assert queue(mta, "delete", "NOSUCHID")[0] == 1
+
+
+def test_prometheus_metrics_show_the_queue(mta, postfix):
+    deferred_message(mta, "counted")
+    with mta.smtp() as client:
+        client.sendmail("sender@sender.test", ["sender@sender.test"], message("delivered"))
+    postfix.wait_for_messages("sender@sender.test", 1)
+
+    def scraped():
+        with urllib.request.urlopen(f"{mta.admin_url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        values = dict(re.findall(r"^(qpgevent_outbound_\S+) (\S+)$", text, re.M))
+        wanted = {'qpgevent_outbound_deliveries_total{outcome="delivered"}': 1.0,
+                  'qpgevent_outbound_queue_messages': 1.0,
+                  'qpgevent_outbound_destination_failures_total{domain="late.test"}': 1.0}
+        return all(float(values.get(k, -1)) >= v for k, v in wanted.items()) and values
+
+    values = wait_until(scraped, 30, "the queue's series in /metrics")
+    assert float(values['qpgevent_outbound_deliveries_total{outcome="deferred"}']) >= 1
+    assert float(values["qpgevent_outbound_queue_oldest_seconds"]) > 0

@@ -34,7 +34,7 @@ LAYERS: dict[int, list[str]] = {
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
         "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth",
-        "outqueue", "mxroute", "delivery"],
+        "outqueue", "mxroute", "queue_metrics", "delivery"],
     5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "queue_runner", "queue_tools", "master", "cli", "__main__", "testing", "testing_dns",
         "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
 }
