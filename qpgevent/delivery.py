@@ -55,7 +55,8 @@ from gevent.pool import Pool as GreenletPool
 from . import dsn, mxroute, queue_metrics
 from .address import Address, AddressError
 from .outqueue import Envelope, Queue, QueueError, Recipient, State
-from .smtp_client import ClientOptions, DownstreamError, Pool, Response, Route
+from .smtp_client import ClientOptions, DownstreamError, Pool, Response, Route, route_for
+from .tls_policy import TlsPolicies, TlsPolicyError
 
 log = logging.getLogger("qpgevent.delivery")
 
@@ -82,6 +83,7 @@ class Options:
     postmaster: str = ""
     idle_timeout: float = 60.0
     client: ClientOptions | None = None
+    tls: TlsPolicies | None = None  #: None: opportunistic STARTTLS everywhere
 
 
 def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -100,9 +102,12 @@ class Runner:
         self.queue, self.options = queue, options
         client = options.client or ClientOptions(helo=options.me, tls_context=None)
         client.helo = client.helo or options.me
+        self.tls = options.tls or TlsPolicies(client, {}, "may", mta_sts=False, dane=False)
         # Connections wait for a free slot of their destination as long as a delivery may take.
         wait = client.connect_timeout + 8 * client.command_timeout + client.data_timeout
-        self.pool = Pool(client, options.destination_concurrency, wait, options.idle_timeout)
+        #: One pool per TLS level: a connection made under one policy never serves another.
+        self.pools = {level: Pool(variant, options.destination_concurrency, wait, options.idle_timeout)
+                      for level, variant in self.tls.variants.items()}
         self.deliveries = GreenletPool(options.max_deliveries)
         self.schedule: dict[str, float | None] = {}  #: id -> next attempt (None: held)
         self.active: set[str] = set()
@@ -122,7 +127,8 @@ class Runner:
             self.wake.clear()
             gevent.wait([stop, self.wake], timeout=self.sleep_time(), count=1)
         self.deliveries.join()
-        self.pool.close()
+        for pool in self.pools.values():
+            pool.close()
 
     def kick(self, message: str = "") -> None:
         """What the kick socket said: "" (look at the folder now) or a command of ``COMMANDS``."""
@@ -272,21 +278,25 @@ class Runner:
     def _deliver_domain(self, envelope: Envelope, domain: str, recipients: list[Recipient],
                         lock: Semaphore) -> None:
         """One transaction for ``recipients`` (all of ``domain``); their states saved at once."""
+        routes = self.options.routes or []
         try:
-            route = mxroute.destination(domain, self.options.routes or [], self.options.port,
-                                        self.options.families)
+            route = mxroute.destination(domain, routes, self.options.port, self.options.families)
+            route, level = self.tls.prepare(domain, route, static=route_for(routes, domain) is not None)
         except mxroute.RoutingError as error:
             state = State.FAILED if error.permanent else State.PENDING
             for recipient in recipients:
                 self._decide(recipient, state, str(error), "")
+        except TlsPolicyError as error:
+            for recipient in recipients:
+                self._decide(recipient, State.PENDING, str(error), "")
         else:
-            self._transaction(envelope, route, recipients)
+            self._transaction(envelope, route, recipients, self.pools[level])
         if any(r.state is not State.DELIVERED for r in recipients):
             queue_metrics.destination_failure(domain)
         with lock:  # one writer of the envelope at a time; the others' changes ride along
             self.blocking(self.queue.save, envelope)
 
-    def _transaction(self, envelope: Envelope, route: Route, recipients: list[Recipient]) -> None:
+    def _transaction(self, envelope: Envelope, route: Route, recipients: list[Recipient], pool: Pool) -> None:
         where = route.where
         try:
             sender = Address.parse(f"<{envelope.sender}>", smtputf8=True)
@@ -297,7 +307,7 @@ class Runner:
             return
         accepted: list[Recipient] = []
         try:
-            with self.pool.connection(route) as downstream:
+            with pool.connection(route) as downstream:
                 downstream.prepare(None)
                 where = downstream.hop.host
                 response = downstream.mail(sender, envelope.size, rcpts)

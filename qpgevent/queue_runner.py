@@ -44,6 +44,7 @@ from .loader import load_plugin, plugin_dirs
 from .outqueue import Queue
 from .services import configure_services
 from .smtp_client import ClientOptions, ConfigurationError, parse_routes
+from .tls_policy import TlsPolicies, parse_levels
 
 __all__ = ["PLUGIN", "Supervisor", "main", "options_from_config", "plugin_config", "supervise"]
 
@@ -63,12 +64,18 @@ def options_from_config(config: dict[str, Any], me: str) -> Options:
     # Opportunistic TLS (RFC 7435) unless tls_verify: encrypt when offered, whatever the certificate.
     client = ClientOptions.from_config(dict(config, forward_client=["none"]), lmtp=False)
     client.helo = config["helo"] or me
+    default = {"off": "none", "auto": "may", "required": "encrypt"}[config["starttls"]]
+    if config["tls_verify"] and default != "none":
+        default = "verify"
+    tls = TlsPolicies(client, parse_levels(config["tls_policy"]), default, mta_sts=config["mta_sts"],
+                      dane=config["dane"], ca_file=config["tls_ca_file"],
+                      cache_dir=os.path.join(config["queue_dir"], "mta-sts"))
     return Options(
         me=me, routes=routes, port=config["port"], families=config["inet_protocols"],
         destination_concurrency=config["destination_concurrency"], max_deliveries=config["max_deliveries"],
         minimal_backoff=config["minimal_backoff"], maximal_backoff=config["maximal_backoff"],
         lifetime=config["lifetime"], scan_interval=config["scan_interval"],
-        postmaster=config["postmaster"], client=client)
+        postmaster=config["postmaster"], client=client, tls=tls)
 
 
 def plugin_config(settings: config_module.Settings) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +95,9 @@ class Hop:
 
     host: str
     port: int = 25
+    #: The server's name when ``host`` is an address found for it (an MX host): the name
+    #: its certificate is checked against. Not part of the identity: same address, same hop.
+    name: str = field(default="", compare=False)
 
     @property
     def is_unix(self) -> bool:
@@ -294,6 +297,9 @@ class ClientOptions:
     connect_timeout: float = 10.0
     command_timeout: float = 60.0
     data_timeout: float = 600.0
+    #: Called after STARTTLS with the hop and the TLS socket: a reason to refuse the
+    #: connection (a DANE or MTA-STS check that failed), or None.
+    tls_check: Callable[[Hop, ssl.SSLSocket], str | None] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], lmtp: bool) -> ClientOptions:
@@ -343,10 +349,15 @@ class Downstream:
                               timeout=options.connect_timeout)
             self.smtp = smtp
             smtp.sock.settimeout(options.command_timeout)
+            if hop.name:
+                smtp._host = hop.name  # the TLS server name (SNI, certificate check), not the address
             self._hello()
             if options.starttls != "off" and not hop.is_unix and smtp.has_extn("starttls"):
                 smtp.starttls(context=options.tls_context)
                 self.tls = True
+                problem = options.tls_check(hop, smtp.sock) if options.tls_check else None
+                if problem:
+                    raise DownstreamError(f"{hop.where}: {problem}")
                 self._hello()
             elif options.starttls == "required":
                 raise DownstreamError(f"{hop.where} does not offer STARTTLS (starttls = required)")

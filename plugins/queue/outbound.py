@@ -19,7 +19,7 @@ preference order (RFC 5321 5.1: equal preferences shuffled, every address of a h
 and AAAA, before the next host; no MX: the domain's own address; a null MX, RFC 7505:
 fails at once). A host that refuses the connection is skipped for the next. STARTTLS is
 used whenever the next hop offers it (opportunistic, the certificate not checked unless
-``tls_verify``). A 2xx delivers; a 5xx fails only the recipients it was said to; a 4xx or
+``tls_verify``), unless ``tls_policy``, an MTA-STS policy or DANE records ask for more. A 2xx delivers; a 5xx fails only the recipients it was said to; a 4xx or
 a broken connection defers them.
 
 Retries. The next attempt of a deferred message waits ``minimal_backoff``, doubling at
@@ -53,7 +53,16 @@ Options:
   helo              our EHLO name (default: [server] me)
   starttls          auto (when offered, default), required, off
   tls_verify        check the next hop's certificate (default no: opportunistic TLS)
-  tls_ca_file       CA certificates for tls_verify
+  tls_ca_file       CA certificates for tls_verify, MTA-STS and ``verify`` (default: the system's)
+  tls_policy        TLS per destination domain, ``DOMAIN:LEVEL``: none (never STARTTLS),
+                    may (when offered, unchecked), encrypt (TLS or defer), verify (TLS with
+                    a certificate valid for the MX name, or defer); wins over MTA-STS and DANE
+  mta_sts           honour MTA-STS policies (RFC 8461; default yes): an ``enforce``
+                    domain gets only its listed MX hosts, over verified TLS; policies are
+                    fetched over HTTPS and cached in ``queue_dir/mta-sts``
+  dane              honour DANE TLSA records (RFC 7672; default yes) when the resolver
+                    validates DNSSEC (the AD bit: point [dns] at a validating resolver):
+                    TLS required, the certificate must match a DANE-EE (3 x x) record
   auth_user, auth_password, auth_without_tls   AUTH to the routes (a smarthost), as in
                     ``queue/smtp_forward``
   destination_concurrency   connections at once per destination (default 10); idle ones
@@ -77,6 +86,7 @@ Example::
 from qpgevent.outqueue import Queue, QueueError, Recipient
 from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin, run_blocking
 from qpgevent.smtp_client import ClientOptions, ConfigurationError, parse_routes
+from qpgevent.tls_policy import parse_levels
 
 
 class Outbound(Plugin):
@@ -90,6 +100,9 @@ helo = string(default="")
 starttls = option("auto", "required", "off", default="auto")
 tls_verify = boolean(default=False)
 tls_ca_file = path(default="")
+tls_policy = force_list(default=list())
+mta_sts = boolean(default=True)
+dane = boolean(default=True)
 auth_user = string(default="")
 auth_password = string(default="")
 auth_without_tls = boolean(default=False)
@@ -109,6 +122,7 @@ data_timeout = float(min=0.01, default=600)
         try:
             parse_routes(self.config["routes"], 25) if self.config["routes"] else None
             ClientOptions.from_config(dict(self.config, forward_client=["none"]), lmtp=False)
+            parse_levels(self.config["tls_policy"])
         except ConfigurationError as error:
             raise ValueError(str(error)) from None
         self.queue = Queue(self.config["queue_dir"], fsync=self.config["fsync"])

@@ -34,7 +34,7 @@ LAYERS: dict[int, list[str]] = {
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
         "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth",
-        "outqueue", "mxroute", "queue_metrics", "delivery"],
+        "outqueue", "mxroute", "tls_policy", "queue_metrics", "delivery"],
     5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "queue_runner", "queue_tools", "master", "cli", "__main__", "testing", "testing_dns",
         "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
 }
@@ -44,7 +44,8 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
              "multiprocessing", "concurrent", "socketserver", "smtplib", "http", "urllib"}
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.dns", "qpgevent.store", "qpgevent.ident",
-              "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults", "qpgevent.outqueue"}
+              "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner", "qpgevent.authresults", "qpgevent.outqueue",
+              "qpgevent.tls_policy"}
 NEVER_FOR_PLUGINS = {"qpgevent.session", "qpgevent.server", "qpgevent.cli", "qpgevent.hooks",
                      "qpgevent.loader", "qpgevent.config", "qpgevent.testing"}
 
