@@ -56,7 +56,8 @@ def destination(domain: str, routes: list[Route], port: int = 25, families: str 
             except dns.TemporaryFailure as error:
                 temporary.append(str(error))
                 continue
-            hops += [Hop(address, port, host) for address in addresses if Hop(address, port) not in hops]
+            hops += [Hop(address, port, host) for address in addresses
+                     if not any((hop.host, hop.port) == (address, port) for hop in hops)]
     except dns.TemporaryFailure as error:
         raise RoutingError(f"4.4.3 DNS: {error}", permanent=False) from None
     if hops:

@@ -96,8 +96,9 @@ class Hop:
     host: str
     port: int = 25
     #: The server's name when ``host`` is an address found for it (an MX host): the name
-    #: its certificate is checked against. Not part of the identity: same address, same hop.
-    name: str = field(default="", compare=False)
+    #: its certificate is checked against. Part of the identity: a connection checked for
+    #: one name (DANE, MTA-STS) is never reused for another name at the same address.
+    name: str = ""
 
     @property
     def is_unix(self) -> bool:

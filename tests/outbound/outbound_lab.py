@@ -14,17 +14,21 @@ host. ``lab_smtp`` is smtplib with its socket made in a host.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import dns.message
 import dns.query
+import dns.exception
+import dns.flags
 import dns.rcode
 import gevent
 
@@ -145,58 +149,129 @@ def lab_smtp(lab: NetLab, host: str, address: str, port: int = 25) -> smtplib.SM
 
 
 class LabDns:
-    """NSD on ``address``:53 in ``host``; zones as for qpgevent.testing_dns.LoopbackDns."""
+    """The test zones as a validating resolver sees them, on ``address``:53 in ``host``.
 
-    def __init__(self, lab: NetLab, host: str, address: str, zones: dict[str, dict[str, list[tuple[str, str]]]]) -> None:
-        self.lab, self.host, self.address, self.zones = lab, host, address, zones
+    NSD serves the zones on the host's own loopback (127.0.0.1:5300); unbound answers on
+    ``address``:53, stubbed to NSD, refusing every other name (it never asks the real
+    root). The zones in ``signed`` are signed at start (ldns-signzone, ECDSA P-256), and
+    unbound trusts their keys: answers from them carry AD; the rest are insecure.
+    """
+
+    NSD_PORT = 5300
+
+    def __init__(self, lab: NetLab, host: str, address: str, zones: dict[str, dict[str, list[tuple[str, str]]]],
+                 signed: tuple[str, ...] = ()) -> None:
+        self.lab, self.host, self.address, self.zones, self.signed = lab, host, address, zones, signed
         self.dir = Path(private_folder("qpg-labdns-"))
-        conf = ["server:", f"    ip-address: {address}@53", "    do-ip6: no", '    username: ""', '    chroot: ""',
-                f'    zonesdir: "{self.dir}"', '    database: ""', f'    pidfile: "{self.dir}/nsd.pid"',
-                f'    xfrdfile: "{self.dir}/xfrd.state"', f'    zonelistfile: "{self.dir}/zone.list"',
-                f'    logfile: "{self.dir}/nsd.log"', "    server-count: 1", "    rrl-ratelimit: 0",
-                "remote-control:", "    control-enable: no"]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        nsd = ["server:", f"    ip-address: 127.0.0.1@{self.NSD_PORT}", "    do-ip6: no", '    username: ""',
+               '    chroot: ""', f'    zonesdir: "{self.dir}"', '    database: ""', f'    pidfile: "{self.dir}/nsd.pid"',
+               f'    xfrdfile: "{self.dir}/xfrd.state"', f'    zonelistfile: "{self.dir}/zone.list"',
+               f'    logfile: "{self.dir}/nsd.log"', "    server-count: 1", "    rrl-ratelimit: 0",
+               "remote-control:", "    control-enable: no"]
+        unbound = ["server:", f"    interface: {address}", "    port: 53", "    access-control: 198.18.0.0/15 allow",
+                   '    username: ""', '    chroot: ""', f'    directory: "{self.dir}"', f'    pidfile: "{self.dir}/unbound.pid"',
+                   "    use-syslog: no", '    logfile: ""', "    num-threads: 1", "    do-not-query-localhost: no",
+                   '    module-config: "validator iterator"', '    local-zone: "test." nodefault',
+                   '    local-zone: "." refuse', "    cache-max-ttl: 5", "    cache-max-negative-ttl: 1"]
+        stubs = []
         for zone, owners in zones.items():
             lines = [f"$ORIGIN {zone}.", "$TTL 5", f"@ IN SOA ns.{zone}. h.{zone}. 1 3600 600 86400 5",
                      f"@ IN NS ns.{zone}."]
             lines += [f"{owner} IN {rtype} {rdata}" for owner, records in owners.items() for rtype, rdata in records]
             (self.dir / f"{zone}.zone").write_text("\n".join(lines) + "\n")
-            conf += ["zone:", f"    name: {zone}", f"    zonefile: {zone}.zone"]
-        (self.dir / "nsd.conf").write_text("\n".join(conf) + "\n")
-        self._out = open(self.dir / "nsd.out", "wb")
-        self.process = subprocess.Popen(lab.command(host, "nsd", "-d", "-c", str(self.dir / "nsd.conf")),
-                                        stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+            zonefile = f"{zone}.zone"
+            if zone in signed:
+                zonefile = self._sign(zone)
+                unbound.append(f'    trust-anchor-file: "{self.dir}/{self.anchors[zone]}.ds"')
+            nsd += ["zone:", f"    name: {zone}", f"    zonefile: {zonefile}"]
+            unbound.append(f'    local-zone: "{zone}." transparent')
+            stubs += ["stub-zone:", f'    name: "{zone}"', f"    stub-addr: 127.0.0.1@{self.NSD_PORT}"]
+        (self.dir / "nsd.conf").write_text("\n".join(nsd) + "\n")
+        (self.dir / "unbound.conf").write_text("\n".join(unbound + stubs) + "\n")
+        self._out = open(self.dir / "daemons.out", "wb")
         try:
-            wait_until(self._ready, 20, f"nsd in {host}")
+            for argv in (["nsd", "-d", "-c", str(self.dir / "nsd.conf")],
+                         ["unbound", "-d", "-c", str(self.dir / "unbound.conf")]):
+                self.processes.append(subprocess.Popen(lab.command(host, *argv), stdin=subprocess.DEVNULL,
+                                                       stdout=self._out, stderr=subprocess.STDOUT,
+                                                       start_new_session=True))
+            wait_until(self._ready, 20, f"nsd and unbound in {host}")
         except BaseException:
             self.stop()
             raise
 
+    anchors: dict[str, str] = {}
+
+    def _sign(self, zone: str) -> str:
+        run = lambda *argv: subprocess.run(argv, cwd=self.dir, check=True, capture_output=True,  # noqa: E731
+                                           text=True).stdout.strip()
+        zsk = run("ldns-keygen", "-a", "ECDSAP256SHA256", zone)
+        ksk = run("ldns-keygen", "-a", "ECDSAP256SHA256", "-k", zone)
+        run("ldns-signzone", "-n", "-f", f"{zone}.zone.signed", f"{zone}.zone", zsk, ksk)
+        self.anchors = {**self.anchors, zone: ksk}
+        return f"{zone}.zone.signed"
+
+    def query(self, name: str, rtype: str) -> dns.message.Message:
+        """Ask unbound from inside the lab (AD asked for)."""
+        with self.lab.connect(self.host, self.address, 53, timeout=2) as sock:
+            sock.setblocking(False)
+            query = dns.message.make_query(name, rtype)
+            query.flags |= dns.flags.AD
+            return dns.query.tcp(query, self.address, timeout=2, sock=sock)
+
     def _ready(self) -> bool:
-        assert self.process.poll() is None, (self.dir / "nsd.out").read_text()
+        for process in self.processes:
+            assert process.poll() is None, (self.dir / "daemons.out").read_text()
         for zone in self.zones:
             try:
-                sock = self.lab.connect(self.host, self.address, 53, timeout=1)
-            except OSError:
+                response = self.query(zone + ".", "SOA")
+            except (OSError, dns.exception.DNSException):
                 return False
-            with sock:
-                sock.setblocking(False)
-                response = dns.query.tcp(dns.message.make_query(zone + ".", "SOA"), self.address, timeout=1,
-                                         sock=sock)
             if response.rcode() != dns.rcode.NOERROR or not response.answer:
+                return False
+            if zone in self.signed and not response.flags & dns.flags.AD:
                 return False
         return True
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
         self._out.close()
         gevent.get_hub().threadpool.apply(shutil.rmtree, (self.dir, True))
+
+
+class PolicyServer:
+    """An HTTPS server in ``host`` serving MTA-STS policies: {domain: policy text}."""
+
+    def __init__(self, lab: NetLab, host: str, address: str, chain: Path, key: Path, policies: dict[str, str]) -> None:
+        self.lab, self.host, self.address = lab, host, address
+        self.dir = Path(private_folder("qpg-sts-"))
+        (self.dir / "policies.json").write_text(json.dumps(policies))
+        self._out = open(self.dir / "server.out", "wb")
+        self.process = subprocess.Popen(
+            lab.command(host, sys.executable, str(Path(__file__).with_name("policy_server.py")), address,
+                        str(chain), str(key), str(self.dir / "policies.json")),
+            stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
+        wait_until(lambda: b"ready" in (self.dir / "server.out").read_bytes() or self.process.poll() is not None,
+                   20, "the MTA-STS policy server")
+        assert self.process.poll() is None, (self.dir / "server.out").read_text()
+
+    def log(self) -> str:
+        return (self.dir / "server.out").read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self._out.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class LabPostfix(Postfix):

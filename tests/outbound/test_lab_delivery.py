@@ -6,27 +6,9 @@ import email
 import os
 import signal
 
-from conftest import message, queued, runner_pids
-from outbound_lab import LabPostfix, lab_smtp
+from outbound_helpers import bounces_about, message, queued, runner_pids, send, with_subject
+from outbound_lab import LabPostfix
 from qpgevent.testing import wait_until
-
-
-def with_subject(postfix, address, subject, count=1, timeout=30.0):
-    """The messages with ``subject`` delivered to ``address`` once there are ``count``."""
-    def found():
-        hits = [m for m in postfix.messages(address) if f"Subject: {subject}\n".encode() in m.replace(b"\r\n", b"\n")]
-        return len(hits) >= count and hits
-    return wait_until(found, timeout, f"{count} message(s) {subject!r} for {address}")
-
-
-def bounces_about(postfix, subject):
-    return [m for m in postfix.messages("sender@sender.test") if f"Subject: {subject}".encode() in m]
-
-
-def send(internet, sender, recipients, body):
-    with lab_smtp(internet.lab, "client", "198.18.0.10") as client:
-        refused = client.sendmail(sender, recipients, body)
-        assert refused == {}
 
 
 def test_delivery_by_mx_preference_and_fallback_when_the_first_refuses(internet, start_mta, tmp_path):

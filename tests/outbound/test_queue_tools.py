@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import message
+from outbound_helpers import message
 from qpgevent.testing import ServerProcess, plugin_section, wait_until, write_ini
 from qpgevent.testing_mta import Postfix, free_port
 
