@@ -55,6 +55,7 @@ from gevent.pool import Pool as GreenletPool
 from . import dsn, mxroute, queue_metrics
 from .address import Address, AddressError
 from .outqueue import Envelope, Queue, QueueError, Recipient, State
+from .schedule import Schedule
 from .smtp_client import ClientOptions, DownstreamError, Pool, Response, Route, route_for
 from .tls_policy import TlsPolicies, TlsPolicyError
 
@@ -64,6 +65,7 @@ __all__ = ["Options", "Runner", "backoff"]
 
 BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
 COMMANDS = ("flush", "hold", "release", "delete", "bounce")
+SCANS_PER_SECOND = 10  #: how often at most a burst of kicks makes the runner list the folder
 
 
 @dataclass
@@ -109,10 +111,12 @@ class Runner:
         self.pools = {level: Pool(variant, options.destination_concurrency, wait, options.idle_timeout)
                       for level, variant in self.tls.variants.items()}
         self.deliveries = GreenletPool(options.max_deliveries)
-        self.schedule: dict[str, float | None] = {}  #: id -> next attempt (None: held)
+        self.schedule = Schedule()  #: id -> next attempt (None: held)
         self.active: set[str] = set()
         self.after_attempt: dict[str, list[str]] = {}  #: commands for messages being tried
         self.wake = Event()
+        self.rescan = True  #: look at the folder on the next turn (a new message was kicked in)
+        self.last_scan = self.last_published = 0.0
         self.blocking = blocking or _in_thread
 
     # -- the loop ------------------------------------------------------------------------
@@ -121,9 +125,17 @@ class Runner:
         for path in self.queue.clean():
             log.info("removed crash left-over %s", path)
         while not stop.is_set():
-            self.scan()
+            now = time.monotonic()
+            # Kicks come once per queued message: a burst is read in one listing, at most
+            # SCANS_PER_SECOND times a second, and at least every scan_interval.
+            if (self.rescan and now - self.last_scan >= 1 / SCANS_PER_SECOND) or \
+                    now - self.last_scan >= self.options.scan_interval:
+                self.rescan, self.last_scan = False, now
+                self.scan()
             self.start_due()
-            self._publish_state()
+            if now - self.last_published >= 1.0:
+                self.last_published = now
+                self._publish_state()
             self.wake.clear()
             gevent.wait([stop, self.wake], timeout=self.sleep_time(), count=1)
         self.deliveries.join()
@@ -137,9 +149,11 @@ class Runner:
         if verb in COMMANDS and message_id.isalnum():  # an id, never a path
             self.command(verb, message_id)
         elif verb == "flush":  # every message that is not held: now
-            for waiting, when in list(self.schedule.items()):
+            for waiting, when in list(self.schedule.when.items()):
                 if when is not None:
-                    self.schedule[waiting] = 0.0
+                    self.schedule.set(waiting, 0.0)
+        elif not verb:
+            self.rescan = True
         self.wake.set()
 
     def command(self, verb: str, message_id: str) -> bool:
@@ -155,11 +169,11 @@ class Runner:
         try:
             envelope = self.queue.load(message_id)
         except FileNotFoundError:
-            self.schedule.pop(message_id, None)
+            self.schedule.pop(message_id)
             return False
         if verb == "delete":
             self.blocking(self.queue.remove, message_id)
-            self.schedule.pop(message_id, None)
+            self.schedule.pop(message_id)
             log.info("%s: deleted by the operator", message_id)
             return True
         if verb == "bounce":
@@ -173,7 +187,7 @@ class Runner:
         if verb != "hold":
             envelope.next_attempt = 0.0
         self.blocking(self.queue.save, envelope)
-        self.schedule[message_id] = None if envelope.held else envelope.next_attempt
+        self.schedule.set(message_id, None if envelope.held else envelope.next_attempt)
         log.info("%s: %s by the operator", message_id, {"hold": "held", "release": "released",
                                                        "flush": "flushed"}[verb])
         return True
@@ -181,9 +195,9 @@ class Runner:
     def scan(self) -> None:
         """Learn of new messages (and of ones removed by hand) from the folder."""
         ids = set(self.queue.ids())
-        for gone in set(self.schedule) - ids:
-            del self.schedule[gone]
-        for message_id in sorted(ids - set(self.schedule) - self.active):
+        for gone in self.schedule.ids() - ids - self.active:
+            self.schedule.pop(gone)
+        for message_id in sorted(ids - self.schedule.ids() - self.active):
             try:
                 envelope = self.queue.load(message_id)
             except FileNotFoundError:
@@ -191,39 +205,38 @@ class Runner:
             except QueueError as error:
                 log.error("%s", error)
                 continue
-            self.schedule[message_id] = None if envelope.held else envelope.next_attempt
+            self.schedule.set(message_id, None if envelope.held else envelope.next_attempt)
 
     def _publish_state(self) -> None:
-        queued = set(self.schedule) | self.active
+        queued = self.schedule.ids() | self.active
         # Ids begin with their arrival time in milliseconds (outqueue.new_id).
         oldest = min((int(i[:13], 16) / 1000 for i in queued if i[:13].isalnum()), default=time.time())
         queue_metrics.queue_state(len(queued), time.time() - oldest)
 
     def start_due(self) -> None:
-        now = time.time()
-        due = sorted((when, message_id) for message_id, when in self.schedule.items()
-                     if when is not None and when <= now and message_id not in self.active)
-        for _, message_id in due:
-            if self.deliveries.full():
-                break
+        free = self.options.max_deliveries - len(self.active)
+        for message_id in self.schedule.take_due(time.time(), max(0, free)):
+            if message_id in self.active:
+                continue  # rescheduled (a flush) while being tried: its attempt sets the next time
             self.active.add(message_id)
             self.deliveries.spawn(self._attempt_safely, message_id)
 
     def sleep_time(self) -> float:
-        upcoming = [when for message_id, when in self.schedule.items()
-                    if when is not None and message_id not in self.active]
-        soonest = min(upcoming, default=time.time() + self.options.scan_interval) - time.time()
-        return max(0.0, min(self.options.scan_interval, soonest))
+        soonest = self.schedule.next_time()
+        wait = self.options.scan_interval if soonest is None else soonest - time.time()
+        if self.rescan:
+            wait = min(wait, 1 / SCANS_PER_SECOND)
+        return max(0.0, min(self.options.scan_interval, wait))
 
     def _attempt_safely(self, message_id: str) -> None:
         try:
             self.attempt(message_id)
         except QueueError as error:
             log.error("%s: %s; retrying in %ss", message_id, error, self.options.minimal_backoff)
-            self.schedule[message_id] = time.time() + self.options.minimal_backoff
+            self.schedule.set(message_id, time.time() + self.options.minimal_backoff)
         except Exception:
             log.exception("%s: delivery attempt failed", message_id)
-            self.schedule[message_id] = time.time() + self.options.minimal_backoff
+            self.schedule.set(message_id, time.time() + self.options.minimal_backoff)
         finally:
             self.active.discard(message_id)
             for verb in self.after_attempt.pop(message_id, []):
@@ -235,10 +248,10 @@ class Runner:
         try:
             envelope = self.queue.load(message_id)
         except FileNotFoundError:
-            self.schedule.pop(message_id, None)
+            self.schedule.pop(message_id)
             return
         if envelope.held:
-            self.schedule[message_id] = None
+            self.schedule.set(message_id, None)
             return
         envelope.attempts += 1
         groups: dict[str, list[Recipient]] = {}
@@ -260,17 +273,17 @@ class Runner:
         self._notify(envelope)
         if envelope.done:
             self.blocking(self.queue.remove, message_id)
-            self.schedule.pop(message_id, None)
+            self.schedule.pop(message_id)
             log.info("%s: done after %d attempt(s)", message_id, envelope.attempts)
             return
         if envelope.held:
             self.blocking(self.queue.save, envelope)
-            self.schedule[message_id] = None
+            self.schedule.set(message_id, None)
             return
         delay = backoff(envelope.attempts, self.options.minimal_backoff, self.options.maximal_backoff)
         envelope.next_attempt = time.time() + delay
         self.blocking(self.queue.save, envelope)
-        self.schedule[message_id] = envelope.next_attempt
+        self.schedule.set(message_id, envelope.next_attempt)
         queue_metrics.delivery("deferred", len(envelope.pending()))
         log.info("%s: %d recipient(s) deferred, next attempt in %.0fs", message_id,
                  len(envelope.pending()), delay)
@@ -372,5 +385,5 @@ class Runner:
             received_from=envelope.received_from)
         notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind)
         queue_metrics.delivery("bounced")
-        self.schedule[notice.id] = 0.0
+        self.schedule.set(notice.id, 0.0)
         log.info("%s: %s %s to <%s> for %d recipient(s)", envelope.id, kind, notice.id, to, len(failures))

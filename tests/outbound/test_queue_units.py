@@ -216,3 +216,20 @@ def test_notify_never_gets_no_bounce(tmp_path):
 def test_envelope_json_round_trip():
     envelope = Envelope("ID", "s@a.test", [Recipient("r@b.test", state=State.DELIVERED)], arrived=1.0)
     assert Envelope.from_json(envelope.to_json()) == envelope
+
+
+# -- the schedule ----------------------------------------------------------------------------------
+def test_the_schedule_gives_due_ids_soonest_first_and_forgets_stale_times():
+    from qpgevent.schedule import Schedule
+
+    schedule = Schedule()
+    for message_id, when in (("c", 30.0), ("a", 10.0), ("b", 20.0), ("held", None)):
+        schedule.set(message_id, when)
+    schedule.set("c", 5.0)  # rescheduled: its old time is stale
+    schedule.pop("b")
+    assert schedule.next_time() == 5.0
+    assert schedule.take_due(now=15.0, limit=10) == ["c", "a"]
+    assert schedule.take_due(now=100.0, limit=10) == []  # taken, b removed, held never due
+    assert len(schedule) == 3 and "held" in schedule and schedule.get("held") is None
+    schedule.set("a", 50.0)
+    assert schedule.take_due(now=100.0, limit=0) == [] and schedule.take_due(now=100.0, limit=1) == ["a"]

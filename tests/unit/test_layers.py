@@ -29,7 +29,7 @@ PLUGINS = ROOT / "plugins"
 
 #: Layer -> its modules, in the order they may import each other.
 LAYERS: dict[int, list[str]] = {
-    0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol", "dsn"],
+    0: ["__init__", "errors", "codes", "address", "wire", "headers", "proxy", "reply", "protocol", "dsn", "schedule"],
     2: ["connection", "transaction", "config"],
     3: ["plugin", "hooks", "loader"],
     4: ["log", "metrics", "scoreboard", "dns", "ident", "policy", "store_base", "store_sqlite", "store_redis",
