@@ -21,7 +21,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from outbound_lab import LabDns, LabPostfix, NetLab, PolicyServer, sweep
+from qpgevent.testing_netlab import LabDns, LabPostfix, NetLab, PolicyServer, sweep
 from qpgevent.tls_policy import spki
 from qpgevent.testing import ServerProcess, plugin_section, write_ini
 

@@ -7,7 +7,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from outbound_lab import lab_smtp
+from qpgevent.testing_netlab import lab_smtp
 from qpgevent.testing import ServerProcess, wait_until
 
 

@@ -7,7 +7,7 @@ import os
 import signal
 
 from outbound_helpers import bounces_about, message, queued, runner_pids, send, with_subject
-from outbound_lab import LabPostfix
+from qpgevent.testing_netlab import LabPostfix
 from qpgevent.testing import wait_until
 
 

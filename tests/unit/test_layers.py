@@ -36,7 +36,7 @@ LAYERS: dict[int, list[str]] = {
         "store", "services", "shared_counters", "smtp_client", "scanner", "authresults", "auth",
         "outqueue", "mxroute", "tls_policy", "queue_metrics", "delivery"],
     5: ["tls", "parking", "session", "dryrun", "server", "admin", "privileges", "queue_runner", "queue_tools", "master", "cli", "__main__", "testing", "testing_dns",
-        "testing_redis", "testing_mta", "testing_pytest", "testing_scanners"],
+        "testing_redis", "testing_mta", "testing_pytest", "testing_scanners", "testing_netlab", "testing_policy_server"],
 }
 RANK = {name: (layer, i) for layer, names in LAYERS.items() for i, name in enumerate(names)}
 #: Standard modules that do I/O or concurrency: not in the pure layer either.

@@ -1,4 +1,4 @@
-"""A small "internet" for the outbound tests: network namespaces on one bridge, NSD, Postfix MXs.
+"""A small "internet" for tests and benchmarks: network namespaces on one bridge, DNS, Postfix MXs.
 
 ``NetLab`` makes one namespace per host (``qn-<pid>-<name>``, as
 /work/shared/recipes/netns-hosts.md describes), each with an address in 198.18.0.0/24 and
@@ -6,9 +6,11 @@
 namespace, and nothing in the test process dials a lab address from it: sockets are made
 inside a host (``NetLab.socket``), daemons run there (``NetLab.command``).
 
-``LabDns`` is NSD serving the test zones on port 53 of one host; ``LabPostfix`` is the
-project's private Postfix (``qpgevent.testing_mta.Postfix``) listening on port 25 of one
-host. ``lab_smtp`` is smtplib with its socket made in a host.
+``LabDns`` is a validating unbound in front of NSD serving the test zones on port 53 of
+one host (some zones signed); ``LabPostfix`` is the project's private Postfix
+(``qpgevent.testing_mta.Postfix``) listening on port 25 of one host; ``PolicyServer``
+serves MTA-STS policies over HTTPS. ``lab_smtp`` is smtplib with its socket made in a host.
+Needs root (namespaces). Runtime code never imports this module.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class PolicyServer:
         (self.dir / "policies.json").write_text(json.dumps(policies))
         self._out = open(self.dir / "server.out", "wb")
         self.process = subprocess.Popen(
-            lab.command(host, sys.executable, str(Path(__file__).with_name("policy_server.py")), address,
+            lab.command(host, sys.executable, "-m", "qpgevent.testing_policy_server", address,
                         str(chain), str(key), str(self.dir / "policies.json")),
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
         wait_until(lambda: b"ready" in (self.dir / "server.out").read_bytes() or self.process.poll() is not None,
