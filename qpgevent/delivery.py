@@ -9,8 +9,8 @@ Theory of operation.
 *One attempt* at a message groups its pending recipients by domain and delivers the
 groups at once, each in one SMTP transaction carrying all of its recipients, over a
 connection from a pool with ``destination_concurrency`` connections per destination
-(``smtp_client.Pool``: connections are reused, RSET between messages). The destination
-comes from ``mxroute``: static routes, else the MX records; a server that refuses the
+(``smtp_client.Pool``: connections are reused, RSET between messages; a destination is
+a recipient domain and its servers, as in Postfix). The servers come from ``mxroute``: static routes, else the MX records; a server that refuses the
 connection (or whose greeting, EHLO or STARTTLS fails) is skipped for the next one.
 
 *Answers.* A 2xx to the end of DATA delivers the recipients accepted at RCPT; a 5xx to
@@ -18,7 +18,8 @@ RCPT (or to MAIL or DATA) fails those recipients for good; a 4xx, or a connectio
 breaks, leaves them pending. A 5xx for some recipients fails only those.
 
 *Durability.* As soon as one domain's transaction has its answer, the envelope is
-rewritten on disk (``Queue.save``: fsynced) before anything else happens to the message.
+rewritten on disk (``Queue.save``: fsynced) before anything else happens to the message
+(or, when that answer delivered the last recipients, removed: also fsynced).
 So a recipient marked delivered is never sent again. What can happen twice: if the
 runner dies (kill -9, power loss) after the next hop said 250 and before that write, the
 recipients of that one transaction are still pending when it restarts, and get the
@@ -223,7 +224,10 @@ class Runner:
 
     def sleep_time(self) -> float:
         soonest = self.schedule.next_time()
-        wait = self.options.scan_interval if soonest is None else soonest - time.time()
+        if soonest is None or len(self.active) >= self.options.max_deliveries:
+            wait = self.options.scan_interval  # a finishing attempt wakes us (no busy loop while full)
+        else:
+            wait = soonest - time.time()
         if self.rescan:
             wait = min(wait, 1 / SCANS_PER_SECOND)
         return max(0.0, min(self.options.scan_interval, wait))
@@ -306,6 +310,8 @@ class Runner:
             self._transaction(envelope, route, recipients, self.pools[level])
         if any(r.state is not State.DELIVERED for r in recipients):
             queue_metrics.destination_failure(domain)
+        if all(r.state is State.DELIVERED for r in envelope.recipients):
+            return  # nothing left: the removal of the envelope, next, is the durable mark
         with lock:  # one writer of the envelope at a time; the others' changes ride along
             self.blocking(self.queue.save, envelope)
 
@@ -320,7 +326,7 @@ class Runner:
             return
         accepted: list[Recipient] = []
         try:
-            with pool.connection(route) as downstream:
+            with pool.connection(route, key=route.domain) as downstream:
                 downstream.prepare(None)
                 where = downstream.hop.host
                 response = downstream.mail(sender, envelope.size, rcpts)
