@@ -17,7 +17,8 @@ from qpgevent.delivery import Options, Runner
 from qpgevent.outqueue import Queue, Recipient, State
 from qpgevent.smtp_client import ClientOptions, parse_routes
 from qpgevent.testing import wait_until
-from qpgevent.testing_mta import Postfix, free_port
+from qpgevent.testing_mta import Dovecot, Postfix, free_port, make_certificates
+from qpgevent.tls_policy import TlsPolicies
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,37 @@ def test_a_next_hop_that_stops_talking_defers_the_message_within_the_timeouts(tm
         assert again.next_attempt > time.time() + 30  # rescheduled, not spinning
     finally:
         silent.stop()
+
+
+def test_a_smarthost_route_with_auth_over_verified_tls(tmp_path):
+    dovecot = Dovecot({"relay@example.test": "s3cret"}).start()
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    submission = free_port()
+    smarthost = Postfix(["bob@example.test"], tls=(cert, key), submission_port=submission,
+                        sasl=("127.0.0.1", dovecot.auth_port), main={"smtpd_sasl_authenticated_header": "yes"})
+    try:
+        smarthost.start()
+
+        def runner(password):
+            client = ClientOptions(helo="mta.test", auth_user="relay@example.test", auth_password=password,
+                                   forward_client=())
+            queue = Queue(str(tmp_path / password), fsync=False)
+            tls = TlsPolicies(client, {}, "verify", mta_sts=False, dane=False, ca_file=str(ca))
+            return queue, Runner(queue, Options(me="mta.test", routes=parse_routes([f"*:localhost:{submission}"], 25),
+                                                client=client, tls=tls, minimal_backoff=60))
+
+        queue, good = runner("s3cret")
+        envelope = queue.enqueue("sender@sender.test", [Recipient("bob@example.test")], [message("smarthost")])
+        good.attempt(envelope.id)
+        assert queue.ids() == []
+        [delivered] = smarthost.wait_for_messages("bob@example.test", 1)
+        assert b"(Authenticated sender: relay@example.test)" in delivered
+        assert b"ESMTPSA" in delivered  # over TLS, authenticated
+        queue, bad = runner("wrong")
+        envelope = queue.enqueue("sender@sender.test", [Recipient("bob@example.test")], [message("refused")])
+        bad.attempt(envelope.id)
+        [recipient] = queue.load(envelope.id).recipients
+        assert recipient.state is State.PENDING and "refused our AUTH" in recipient.reply
+    finally:
+        smarthost.cleanup()
+        dovecot.cleanup()
