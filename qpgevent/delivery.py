@@ -32,7 +32,8 @@ after our final dot and before the reply (RFC 1047).
 (Postfix's rule and defaults: 300 s, 4000 s). A message older than ``lifetime`` (5 days)
 whose attempt still leaves recipients pending fails them ("4.4.7 expired").
 
-*Notices.* Failed recipients are reported to the sender in one RFC 3464 report per
+*Notices.* With ``delay_warning`` set, a message still pending that long gets one
+"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients are reported to the sender in one RFC 3464 report per
 attempt, queued in this same queue (with the null sender) before the recipients are
 marked notified. NOTIFY=NEVER gets none; a message with the null sender (someone's
 bounce) gets a notice sent to ``postmaster`` instead (a double bounce), and a failing
@@ -82,6 +83,7 @@ class Options:
     minimal_backoff: float = 300.0
     maximal_backoff: float = 4000.0
     lifetime: float = 5 * 86400.0
+    delay_warning: float = 0.0  #: seconds queued before a "still trying" notice; 0: never
     scan_interval: float = 10.0
     postmaster: str = ""
     idle_timeout: float = 60.0
@@ -284,6 +286,7 @@ class Runner:
             self.blocking(self.queue.save, envelope)
             self.schedule.set(message_id, None)
             return
+        self._warn_of_delay(envelope)
         delay = backoff(envelope.attempts, self.options.minimal_backoff, self.options.maximal_backoff)
         envelope.next_attempt = time.time() + delay
         self.blocking(self.queue.save, envelope)
@@ -375,7 +378,20 @@ class Runner:
         for recipient in failures:
             recipient.notified = True
 
-    def _queue_notice(self, envelope: Envelope, failures: list[Recipient]) -> None:
+    def _warn_of_delay(self, envelope: Envelope) -> None:
+        """Once, after ``delay_warning`` seconds queued: "still trying" for the pending
+        recipients (RFC 3464 Action: delayed) that asked for it (NOTIFY=DELAY) or gave no
+        NOTIFY. Never for a bounce (the null sender)."""
+        warning = self.options.delay_warning
+        if not warning or envelope.delay_warned or not envelope.sender or \
+                time.time() - envelope.arrived < warning:
+            return
+        envelope.delay_warned = True
+        wanted = [r for r in envelope.pending() if r.notify is None or "DELAY" in r.notify.upper()]
+        if wanted:
+            self._queue_notice(envelope, wanted, action="delayed")
+
+    def _queue_notice(self, envelope: Envelope, failures: list[Recipient], action: str = "failed") -> None:
         if envelope.kind == DOUBLE_BOUNCE:
             log.error("%s: a double bounce could not be delivered; dropped: %s", envelope.id,
                       "; ".join(f"<{r.address}> {r.reply}" for r in failures))
@@ -386,10 +402,11 @@ class Runner:
             to, kind = self.options.postmaster or f"postmaster@{self.options.me}", DOUBLE_BOUNCE
         original = b"".join(self.queue.message_chunks(envelope.id))
         report = dsn.bounce(self.options.me, to, [
-            dsn.Failure(r.address, r.reply, r.remote_mta, r.orcpt, last_attempt=r.updated) for r in failures],
+            dsn.Failure(r.address, r.reply, r.remote_mta, r.orcpt, action, r.updated) for r in failures],
             original, arrival=envelope.arrived, envid=envelope.envid, ret=envelope.ret,
             received_from=envelope.received_from)
         notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind)
-        queue_metrics.delivery("bounced")
+        if action == "failed":
+            queue_metrics.delivery("bounced")
         self.schedule.set(notice.id, 0.0)
         log.info("%s: %s %s to <%s> for %d recipient(s)", envelope.id, kind, notice.id, to, len(failures))

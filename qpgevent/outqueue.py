@@ -84,6 +84,7 @@ class Envelope:
     held: bool = False
     size: int = 0
     received_from: str = ""  #: the client, for the bounce's Received-From-MTA
+    delay_warned: bool = False  #: a "still trying" notice went out
     kind: str = "message"  #: message, bounce (a notice we made), double-bounce (one to postmaster)
 
     def pending(self) -> list[Recipient]:

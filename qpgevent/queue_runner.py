@@ -74,7 +74,7 @@ def options_from_config(config: dict[str, Any], me: str) -> Options:
         me=me, routes=routes, port=config["port"], families=config["inet_protocols"],
         destination_concurrency=config["destination_concurrency"], max_deliveries=config["max_deliveries"],
         minimal_backoff=config["minimal_backoff"], maximal_backoff=config["maximal_backoff"],
-        lifetime=config["lifetime"], scan_interval=config["scan_interval"],
+        lifetime=config["lifetime"], delay_warning=config["delay_warning"], scan_interval=config["scan_interval"],
         postmaster=config["postmaster"], client=client, tls=tls)
 
 

@@ -70,6 +70,8 @@ Options:
   max_deliveries    messages being delivered at once (default 100)
   minimal_backoff, maximal_backoff   seconds (300, 4000: Postfix's)
   lifetime          seconds a message may stay queued (default 432000: 5 days)
+  delay_warning     seconds after which the sender is told, once, that a message is still
+                    being retried (an RFC 3464 "delayed" report; default 0: never, as Postfix)
   scan_interval     the runner looks at the folder at least this often (default 10 s;
                     new messages wake it at once)
   postmaster        where double bounces go (default postmaster@[server] me)
@@ -111,6 +113,7 @@ max_deliveries = integer(min=1, default=100)
 minimal_backoff = float(min=0, default=300)
 maximal_backoff = float(min=0, default=4000)
 lifetime = float(min=0, default=432000)
+delay_warning = float(min=0, default=0)
 scan_interval = float(min=0.05, default=10)
 postmaster = string(default="")
 connect_timeout = float(min=0.01, default=30)

@@ -147,3 +147,26 @@ def test_a_smarthost_route_with_auth_over_verified_tls(tmp_path):
     finally:
         smarthost.cleanup()
         dovecot.cleanup()
+
+
+def test_a_message_delayed_past_delay_warning_gets_one_still_trying_notice(tmp_path):
+    dead = free_port()  # nothing listens there: every attempt is deferred
+    queue, runner = runner_for(tmp_path, [f"*:127.0.0.1:{dead}"], delay_warning=3600)
+    envelope = queue.enqueue("sender@sender.test", [Recipient("x@late.test"), Recipient("y@late.test", notify="FAILURE")],
+                             [message("slow")])
+    runner.attempt(envelope.id)
+    assert queue.ids() == [envelope.id]  # not an hour old yet: no notice
+    envelope = queue.load(envelope.id)
+    envelope.arrived -= 3600  # as if queued an hour ago
+    queue.save(envelope)
+    runner.attempt(envelope.id)
+    [notice_id] = [i for i in queue.ids() if i != envelope.id]
+    report = email.message_from_bytes(b"".join(queue.message_chunks(notice_id)))
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    _, status, _ = report.get_payload()
+    [block] = status.get_payload()[1:]  # y asked for failure notices only
+    assert (block["Final-Recipient"], block["Action"], block["Status"]) == ("rfc822; x@late.test", "delayed", "4.4.1")
+    assert queue.load(notice_id).sender == "" and queue.load(envelope.id).delay_warned
+    runner.attempt(envelope.id)
+    assert len(queue.ids()) == 2  # once only
+    assert [r.state for r in queue.load(envelope.id).recipients] == [State.PENDING, State.PENDING]
