@@ -145,9 +145,9 @@ class Queue:
             os.rename(temporary, self.message_path(envelope.id))
             envelope.size = size
             self.save(envelope, sync_msg=True)
-        except OSError as error:
+        except (OSError, QueueError) as error:
             for path in (temporary, self.message_path(envelope.id)):
-                _unlink(path)
+                _unlink(path)  # no 250 follows: take back what was written
             raise QueueError(f"cannot queue {envelope.id}: {error}") from None
         return envelope
 
