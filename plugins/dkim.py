@@ -143,6 +143,7 @@ def signature_tags(value):
 
 
 class Dkim(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "max_size = integer(min=0, default=67108864)",
         "max_sign_size = integer(min=0, default=10485760)",

@@ -103,6 +103,7 @@ def parse_record(text):
 
 
 class Dmarc(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "on_reject = " + ACTIONS % "reject",
         "on_quarantine = " + ACTIONS % "quarantine",

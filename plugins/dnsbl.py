@@ -91,6 +91,7 @@ def parse_zone(entry, option="zones"):
 
 
 class Dnsbl(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     zones = force_list(default=list())
     whitelist_zones = force_list(default=list())
@@ -208,9 +209,7 @@ class Dnsbl(Plugin):
         """The listing as the reject options say; a DNS failure as a temporary refusal."""
         notes = session.connection.notes
         if notes.get("dnsbl"):
-            # RFC 3463: the status class goes with the reply's (4.7.1 when temporary).
-            temporary = self.config["reject_type"] in ("temp", "soft", "temp_disconnect")
-            return self.reject(f"{'4' if temporary else '5'}.7.1 {notes['dnsbl']}", session)
+            return self.reject(f"{self.enhanced_status('7.1')} {notes['dnsbl']}", session)
         return self.reject(f"4.4.3 {notes['dnsbl_error']}, try again later", session, reject_type="temp")
 
 

@@ -23,6 +23,7 @@ from qpgevent.plugin import DECLINED, Plugin
 
 
 class Earlytalker(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = "wait = float(min=0, default=1.0)"
 
     def hook_connect(self, session):

@@ -39,10 +39,9 @@ Example::
 from qpgevent import dns
 from qpgevent.plugin import DECLINED, Plugin, same_network
 
-TEMPORARY = ("temp", "soft", "temp_disconnect")
-
 
 class Fcrdns(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     ipv4_prefix = integer(min=0, max=32, default=24)
     ipv6_prefix = integer(min=0, max=128, default=64)
@@ -69,7 +68,7 @@ class Fcrdns(Plugin):
             self.log.debug("pass, %s is %s", ip, name)
             return DECLINED
         self.log.info("%s, %s", result, problem)
-        return self.reject(self._status() + problem, session)
+        return self.reject(f"{self.enhanced_status('7.25')} {problem}", session)
 
     def check(self, ip):
         """("pass", name, "") or (iprev result, None, why not); raises dns.TemporaryFailure."""
@@ -99,6 +98,3 @@ class Fcrdns(Plugin):
         self.log.info("temperror: %s", why)
         return self.reject("4.7.25 cannot check your reverse DNS now, try again later", session,
                            reject_type="temp")
-
-    def _status(self):
-        return "4.7.25 " if self.config["reject_type"] in TEMPORARY else "5.7.25 "

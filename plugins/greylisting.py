@@ -49,13 +49,15 @@ import time
 
 from qpgevent import store
 from qpgevent.plugin import DECLINED, Plugin
-from qpgevent.policy import duration, reject_type_default
+from qpgevent.policy import duration
 
 MESSAGE = "This mail is temporarily denied"
 WHITE = "white"
 
 
 class Greylisting(Plugin):
+    reject_options = ("reject", "reject_type")
+    default_reject_type = "temp"
     configspec = """
     remote_ip = boolean(default=True)
     subnet = boolean(default=False)
@@ -66,10 +68,6 @@ class Greylisting(Plugin):
     white_timeout = string(default="36d")
     deny_late = boolean(default=False)
     """
-
-    @classmethod
-    def configspec_lines(cls):
-        return reject_type_default(super().configspec_lines(), "temp")
 
     def setup(self):
         self.black = duration(self.config["black_timeout"])

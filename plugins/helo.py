@@ -77,6 +77,7 @@ LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 class Helo(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = ['policy = option("lenient", "rfc", "strict", default="lenient")',
                   "badhelo = force_list(default=list())",
                   'badhelo_file = path(default="")',

@@ -41,6 +41,7 @@ STAGES = ("mail", "rcpt", "data")
 
 
 class Naughty(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = 'reject_at = option("mail", "rcpt", "data", default="rcpt")'
 
     def setup(self):

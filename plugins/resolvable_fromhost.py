@@ -65,6 +65,7 @@ NULL_MX = [(0, ".")]
 
 
 class ResolvableFromhost(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = f"""
     invalid_networks = force_list(default=list({", ".join(f'"{n}"' for n in INVALID_NETWORKS)}))
     max_mx_targets = integer(min=1, default=10)
@@ -93,7 +94,7 @@ class ResolvableFromhost(Plugin):
         status, text = problem
         notes["resolvable_fromhost"] = text
         self.log.info("%s", text)
-        return self.reject(f"{self._class()}.{status} {text}", session)
+        return self.reject(f"{self.enhanced_status(status)} {text}", session)
 
     def resolve(self, domain):
         """((how, host), None) when ``domain`` can receive mail, else (None, (status, why)).
@@ -145,11 +146,7 @@ class ResolvableFromhost(Plugin):
         text = (f"sender address literal {host} is not a usable address" if mode == "check"
                 else f"sender address literal {host} not accepted: use a domain")
         notes["resolvable_fromhost"] = text
-        return self.reject(f"{self._class()}.1.8 {text}", session)
-
-    def _class(self):
-        """RFC 3463: the status class follows the reply's (5, or 4 when the refusal is temporary)."""
-        return "4" if self.config["reject_type"] in ("temp", "soft", "temp_disconnect") else "5"
+        return self.reject(f"{self.enhanced_status('1.8')} {text}", session)
 
 
 def a_label(domain):

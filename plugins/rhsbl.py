@@ -45,6 +45,7 @@ _WHAT = {"sender": "sender domain", "helo": "HELO name"}
 
 
 class Rhsbl(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     zones = force_list(default=list())
     check = force_list(default=list("sender", "helo"))
@@ -85,7 +86,7 @@ class Rhsbl(Plugin):
                 text += f": {reason}" if reason else ""
                 self.log.info("%s", text)
                 session.transaction.notes["rhsbl"] = text
-                return self.reject(f"{_status(self.config['reject_type'])} {text}", session)
+                return self.reject(f"{self.enhanced_status('7.1')} {text}", session)
         if failed is not None:
             domain, zone, error = failed
             self.log.warning("%s: %s", zone, error)
@@ -125,8 +126,3 @@ def _is_domain(host):
     except ValueError:
         return True
     return False
-
-
-def _status(reject_type):
-    """RFC 3463: the status class follows the reply's (5.7.1, or 4.7.1 when temporary)."""
-    return "4.7.1" if reject_type in ("temp", "soft", "temp_disconnect") else "5.7.1"

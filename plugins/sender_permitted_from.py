@@ -71,6 +71,7 @@ spf.DNSLookup = lookup
 
 
 class SenderPermittedFrom(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'reject_on = force_list(default=list("fail"))',
         'defer_on = force_list(default=list("temperror"))',

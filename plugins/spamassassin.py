@@ -53,6 +53,7 @@ MAX_ANSWER = 1 << 20
 
 
 class SpamAssassin(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'spamd_socket = string(default="127.0.0.1:783")',
         'spamd_user = string(default="nobody")',

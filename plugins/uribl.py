@@ -68,6 +68,7 @@ def hosts_in(chunks, limit):
 
 
 class Uribl(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "zones = force_list(default=list())",
         'action = option("add-header", "deny", "denysoft", default="add-header")',

@@ -41,6 +41,7 @@ CHUNK = 1 << 16
 
 
 class ClamdScan(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'clamd_socket = string(default="/run/clamav/clamd.ctl")',
         "max_size = integer(min=0, default=26214400)",
