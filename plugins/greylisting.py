@@ -89,13 +89,15 @@ class Greylisting(Plugin):
         if passed:
             return DECLINED
         if self.config["deny_late"] or transaction.sender is None or transaction.sender.is_null:
-            transaction.notes["greylist"] = MESSAGE
+            transaction.results.add(self, fail="greylisted", late=True)  # refused at DATA
             return DECLINED
+        transaction.results.add(self, fail="greylisted")
         return self.reject(MESSAGE, session)
 
     def hook_data(self, session):
-        if session.transaction.notes.get("greylist") and not self.is_immune(session):
-            return self.reject(session.transaction.notes["greylist"], session)
+        found = session.transaction.results.get(self)
+        if found is not None and found.get("late") and not self.is_immune(session):
+            return self.reject(MESSAGE, session)
         return DECLINED
 
     def triplet(self, session, recipient):

@@ -24,8 +24,9 @@ Options:
   fail_open  a DNS failure accepts the sender instead of 4xx (default no)
   plus the standard reject (1, 0, naughty), reject_type, loglevel, timeout
 
-Notes set on the transaction:
-  rhsbl      the refusal text, when a domain is listed (also with reject = 0 or naughty)
+Results (``transaction.results.get("rhsbl")``): fail the zones listing a domain, err
+those that did not answer; evidence ``refusal``, the refusal text when a domain is listed
+(also with reject = 0 or naughty).
 
 Example::
 
@@ -78,6 +79,7 @@ class Rhsbl(Plugin):
         failed = None
         for (domain, zone), reason in zip(pairs, results):
             if isinstance(reason, dns.TemporaryFailure):
+                session.transaction.results.add(self, err=zone)
                 failed = failed or (domain, zone, reason)
             elif isinstance(reason, BaseException):
                 raise reason  # a bug, not the DNS: the hook runner answers 451 and logs it
@@ -85,7 +87,7 @@ class Rhsbl(Plugin):
                 text = f"{_WHAT[domains[domain]]} {domain} is listed in {zone}"
                 text += f": {reason}" if reason else ""
                 self.log.info("%s", text)
-                session.transaction.notes["rhsbl"] = text
+                session.transaction.results.add(self, fail=zone, refusal=text)
                 return self.reject(f"{self.enhanced_status('7.1')} {text}", session)
         if failed is not None:
             domain, zone, error = failed
