@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "qpgevent" / "__init__.py").read_text()).group(1)
@@ -16,8 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The bundled plugins ship inside the package as qpgevent/plugins/.
-    packages=["qpgevent", "qpgevent.plugins", "qpgevent.plugins.queue", "qpgevent.plugins.auth",
-              "qpgevent.plugins.virus"],
+    packages=[*find_packages(include=["qpgevent", "qpgevent.*"]),
+              *(f"qpgevent.plugins{name}" for name in ("", ".queue", ".auth", ".virus"))],
     package_dir={"qpgevent.plugins": "plugins"},
     package_data={"qpgevent": ["configspec.ini", "py.typed"]},
     install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6", "prometheus-client>=0.20"],
@@ -31,7 +31,7 @@ setup(
                     "redis": ["redis>=5"]},
     entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"],
                   # The fixtures of qpgevent.testing for plugin packages' own tests.
-                  "pytest11": ["qpgevent = qpgevent.testing_pytest"]},
+                  "pytest11": ["qpgevent = qpgevent.testing.pytest_plugin"]},
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Communications :: Email :: Mail Transport Agents"],
 )

@@ -6,7 +6,7 @@ monkey.patch_all()
 
 import sys  # noqa: E402
 
-from .cli import main  # noqa: E402
+from .server.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

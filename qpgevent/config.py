@@ -18,7 +18,7 @@ from typing import Any
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator, VdtTypeError
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 CONFIGSPEC = Path(__file__).with_name("configspec.ini")
 

@@ -22,8 +22,7 @@ from typing import Any, ClassVar
 
 import gevent
 
-from .codes import (DECLINED, DENY, DENY_DISCONNECT, DENYSOFT, DENYSOFT_DISCONNECT, DONE, OK,
-                    ReturnCode, Verdict)
+from .core.codes import (DECLINED, DENY, DENY_DISCONNECT, DENYSOFT, DENYSOFT_DISCONNECT, DONE, OK, ReturnCode, Verdict)
 
 __all__ = ["Plugin", "OK", "DENY", "DENYSOFT", "DENY_DISCONNECT", "DENYSOFT_DISCONNECT",
            "DECLINED", "DONE", "ReturnCode", "Verdict", "run_blocking", "ip_in", "reject_code",

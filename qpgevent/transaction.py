@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .address import Address
-from .headers import CRLF, Headers, is_continuation, is_field_start
+from .core.address import Address
+from .core.headers import CRLF, Headers, is_continuation, is_field_start
 
 _ids = itertools.count(1)
 #: A header block larger than this is not parsed as one: the rest counts as body.

@@ -36,7 +36,7 @@ def hub_never_blocks():
 @pytest.fixture
 def make_server(qpgevent_server):
     """Start the real server in this process: ``make_server(plugins=..., **settings)``
-    (the ``qpgevent_server`` fixture of qpgevent.testing_pytest, under this suite's name)."""
+    (the ``qpgevent_server`` fixture of qpgevent.testing.pytest_plugin, under this suite's name)."""
     return qpgevent_server
 
 

@@ -22,12 +22,12 @@ from qpgevent import __version__, config
 from qpgevent.address import Address
 from qpgevent.codes import ReturnCode, Verdict
 from qpgevent.connection import Connection
-from qpgevent.hooks import HookRunner
-from qpgevent.protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Mail,
+from qpgevent.engine.hooks import HookRunner
+from qpgevent.core.protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Mail,
                                MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset,
                                SmtpProtocol, State, Unknown, Vrfy)
-from qpgevent.reply import REPLY_TABLE, Canned, Outcome, Reply, answer, reply
-from qpgevent.session import Session
+from qpgevent.core.reply import REPLY_TABLE, Canned, Outcome, Reply, answer, reply
+from qpgevent.server.session import Session
 from qpgevent.testing import write_ini
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"

@@ -11,7 +11,7 @@ What it runs, all on this machine:
 
   DNS      a real NSD on 127.0.0.1 (``LoopbackDns``): client.test with an SPF record that
            passes 127.0.0.1 and the DKIM key the messages are signed with
-  scanners a real spamd and a real clamd (``qpgevent.testing_scanners``: spamd without
+  scanners a real spamd and a real clamd (``qpgevent.testing.scanners``: spamd without
            network tests, clamd with one test signature)
   server   ``PYTHON -m qpgevent -c qpsmtpd.ini --workers 1`` (one core's numbers)
   client   greenlets in this process, each sending one message per connection with
@@ -57,8 +57,8 @@ import gevent.pool  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from qpgevent.testing_dns import LoopbackDns  # noqa: E402
-from qpgevent.testing_scanners import LoopbackClamd, LoopbackSpamd  # noqa: E402
+from qpgevent.testing.dns import LoopbackDns  # noqa: E402
+from qpgevent.testing.scanners import LoopbackClamd, LoopbackSpamd  # noqa: E402
 
 BASE = """
   [[rcpt_ok]]

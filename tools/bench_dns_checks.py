@@ -9,7 +9,7 @@ Usage:
 
 What it runs, all on this machine:
 
-  DNS     a real NSD on 127.0.0.1 (``qpgevent.testing_dns.LoopbackDns``) serving the zones
+  DNS     a real NSD on 127.0.0.1 (``qpgevent.testing.dns.LoopbackDns``) serving the zones
           the checks need, behind a front (``SlowDnsFront``, greenlets in this process)
           that answers every query DELAY ms late and counts the queries
   server  ``PYTHON -m qpgevent -c qpsmtpd.ini --workers N`` as a child process, its
@@ -79,7 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_smtp_source as smtp_bench  # noqa: E402  (its smtp-source runner)
 import benchlib  # noqa: E402
 
-from qpgevent.testing_dns import (LoopbackDns, SlowDnsFront, blocklist_zone,  # noqa: E402
+from qpgevent.testing.dns import (LoopbackDns, SlowDnsFront, blocklist_zone,  # noqa: E402
                                   ptr_zone_for)
 
 BLOCKLISTS = ("bl1.test", "bl2.test", "bl3.test")

@@ -163,8 +163,8 @@ def row(result: Result) -> str:
 
 def store_ops(count: int, folder: Path, redis) -> None:
     """Microseconds per store call, by backend and operation, in this process."""
-    from qpgevent.store_redis import RedisStore
-    from qpgevent.store_sqlite import EmbeddedStore
+    from qpgevent.backends.store_redis import RedisStore
+    from qpgevent.backends.store_sqlite import EmbeddedStore
 
     embedded = EmbeddedStore(str(folder / "ops.sqlite"))
     stores = [("embedded (thread)", embedded), ("redis", RedisStore(redis.url) if redis else None)]
@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from qpgevent.testing_redis import LoopbackRedis
+    from qpgevent.testing.redis_server import LoopbackRedis
 
     redis = LoopbackRedis() if "redis" in args.configs else None
     rows = []

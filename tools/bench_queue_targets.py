@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import benchlib  # noqa: E402
 from benchlib import BenchError  # noqa: E402
-from qpgevent.testing_mta import Dovecot, Postfix, wait_until  # noqa: E402
+from qpgevent.testing.mta import Dovecot, Postfix, wait_until  # noqa: E402
 
 TARGETS = ("maildir", "smtp_forward", "lmtp")
 SENDER, RECIPIENT = "sender@client.test", "someone@example.test"

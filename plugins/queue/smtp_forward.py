@@ -15,7 +15,7 @@ each RCPT is checked with the next hop at once (MAIL, RCPT, then RSET on a poole
 connection), and its refusal becomes ours, word for word, to that recipient only. At
 queue time every recipient is asked again; if one is refused then (it changed in
 between, or callahead is off), nothing is sent and the whole message gets 4xx (5xx when
-every recipient was refused for good): see ``qpgevent/smtp_client.py``.
+every recipient was refused for good): see ``qpgevent/backends/smtp_client.py``.
 
 One next hop per transaction: a recipient whose route differs from the route of the
 recipients already accepted gets ``450 4.5.3`` and the client sends it separately.

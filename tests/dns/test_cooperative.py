@@ -16,7 +16,7 @@ import gevent
 import pytest
 
 from qpgevent import dns
-from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront
+from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "data" / "dns_plugins"
 ZONES = {"example.test": {"mail": [("A", "192.0.2.25")]}}

@@ -8,8 +8,8 @@ import gevent
 import pytest
 
 from qpgevent import dns
-from qpgevent.errors import ConfigError
-from qpgevent.testing_dns import (DeadDns, LoopbackDns, SlowDnsFront, blocklist_zone,
+from qpgevent.core.errors import ConfigError
+from qpgevent.testing.dns import (DeadDns, LoopbackDns, SlowDnsFront, blocklist_zone,
                                   ptr_zone_for)
 
 ZONES = {

@@ -23,7 +23,9 @@ import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qpgevent import admin, metrics
+from qpgevent.server import admin
+
+from qpgevent.backends import metrics
 from qpgevent.testing import DEFAULT_PLUGINS, wait_until, write_ini
 
 REPO = Path(__file__).resolve().parents[2]
@@ -366,7 +368,7 @@ def test_a_syslog_socket_that_is_not_there_stops_the_start_with_one_line(tmp_pat
 
 def test_dns_lookups_are_measured(admin_server):
     """Reverse look-ups at connect that go to the network are measured, cache hits are not."""
-    from qpgevent.testing_dns import LoopbackDns, ptr_zone_for
+    from qpgevent.testing.dns import LoopbackDns, ptr_zone_for
 
     zones = {"example.test": {"mail": [("A", "127.0.0.1")]},
              **ptr_zone_for("127.0.0.0/8", {"127.0.0.1": "mail.example.test."})}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent.hooks import HOOKS
+from qpgevent.engine.hooks import HOOKS
 from qpgevent.testing import ServerProcess, maildir_messages
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from qpgevent.codes import ReturnCode, Verdict
-from qpgevent.reply import REPLY_TABLE, answer
+from qpgevent.core.reply import REPLY_TABLE, answer
 
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent / "data" / "plugins")
 ME = "mx.example.test"

@@ -19,9 +19,9 @@ import pytest
 from gevent.server import StreamServer
 
 from qpgevent import config as config_module
-from qpgevent.errors import ConfigError
+from qpgevent.core.errors import ConfigError
 from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages
-from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
+from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
 
 ZONES = {
     "example.test": {

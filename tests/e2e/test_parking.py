@@ -1,4 +1,4 @@
-"""Idle sessions park without a greenlet, and wake where they stopped (qpgevent.parking).
+"""Idle sessions park without a greenlet, and wake where they stopped (qpgevent.server.parking).
 
 Each test runs the real server with a short ``park_after`` and waits, by the server's
 own account, until the session is parked (no greenlet holds it) before the client
@@ -15,7 +15,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from qpgevent.session import Session
+from qpgevent.server.session import Session
 from qpgevent.testing import DEFAULT_PLUGINS, RawClient, maildir_messages, wait_until
 from tls_helpers import Certs
 

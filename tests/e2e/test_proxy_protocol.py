@@ -28,8 +28,8 @@ import gevent
 import pytest
 
 from qpgevent.config import load
-from qpgevent.errors import ConfigError
-from qpgevent.proxy import V2_SIGNATURE
+from qpgevent.core.errors import ConfigError
+from qpgevent.core.proxy import V2_SIGNATURE
 from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, wait_until, write_ini
 
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent / "data" / "plugins")

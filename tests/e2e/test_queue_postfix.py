@@ -16,7 +16,7 @@ import smtplib
 import gevent
 import pytest
 
-from qpgevent.testing_mta import Dovecot, Postfix, free_port, make_certificates, wait_until
+from qpgevent.testing.mta import Dovecot, Postfix, free_port, make_certificates, wait_until
 
 MAILBOXES = ["bob@example.test", "alice@example.test"]
 ACCESS = {"busy@example.test": "450 4.2.1 busy@example.test: mailbox busy, try later"}

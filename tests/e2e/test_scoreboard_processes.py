@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qpgevent import metrics, scoreboard
+from qpgevent.backends import metrics, scoreboard
 from qpgevent.testing import wait_until
 
 CHILD = """
 import sys, time
 import gevent
-from qpgevent import metrics, scoreboard
+from qpgevent.backends import metrics, scoreboard
 directory, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 metrics.init(directory + "/metrics")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qpgevent.testing_redis import LoopbackRedis
+from qpgevent.testing.redis_server import LoopbackRedis
 
 
 @pytest.fixture(scope="session")

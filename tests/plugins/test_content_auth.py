@@ -16,9 +16,9 @@ import dkim as dkimpy
 import pytest
 
 from qpgevent import dns
-from qpgevent.headers import Headers
+from qpgevent.core.headers import Headers
 from qpgevent.testing import maildir_messages
-from qpgevent.testing_dns import LoopbackDns
+from qpgevent.testing.dns import LoopbackDns
 
 
 def make_key(tmp_path_factory):
@@ -339,7 +339,7 @@ def test_mail_from_an_authenticated_user_is_signed(make_server, nsd, key, tmp_pa
 
 
 def test_unreadable_signing_key_stops_the_server_at_start(make_server, tmp_path):
-    from qpgevent.errors import PluginLoadError
+    from qpgevent.core.errors import PluginLoadError
     with pytest.raises(PluginLoadError, match="setup failed"):
         make_server(plugins=f"[[dkim]]\n  sign_keys = sender.test:sel:{tmp_path}/missing.pem\n[[queue/discard]]")
 

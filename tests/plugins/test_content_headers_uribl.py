@@ -8,7 +8,7 @@ import time
 import pytest
 
 from qpgevent.testing import maildir_messages
-from qpgevent.testing_dns import LoopbackDns
+from qpgevent.testing.dns import LoopbackDns
 
 QUEUE = """
 [[rcpt_ok]]

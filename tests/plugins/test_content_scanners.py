@@ -13,7 +13,7 @@ import gevent
 import pytest
 
 from qpgevent.testing import maildir_messages
-from qpgevent.testing_scanners import (EICAR, EICAR_NAME, GTUBE, HungScanner, LoopbackClamd,
+from qpgevent.testing.scanners import (EICAR, EICAR_NAME, GTUBE, HungScanner, LoopbackClamd,
                                        LoopbackSpamd, dead_port)
 
 RCPT_AND_QUEUE = """
@@ -203,7 +203,7 @@ def test_clamd_down_with_on_error_accept(make_server):
 
 @pytest.mark.parametrize("plugin, option", [("spamassassin", "spamd_socket"), ("virus/clamdscan", "clamd_socket")])
 def test_a_scanner_address_that_is_no_address_stops_the_server_at_start(make_server, plugin, option):
-    from qpgevent.errors import PluginLoadError
+    from qpgevent.core.errors import PluginLoadError
     with pytest.raises(PluginLoadError, match="is not host:port"):
         make_server(plugins=f"[[{plugin}]]\n  {option} = localhost\n{RCPT_AND_QUEUE}")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent.errors import PluginLoadError
-from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
+from qpgevent.core.errors import PluginLoadError
+from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
 
 ZONES = {
     "example.test": {

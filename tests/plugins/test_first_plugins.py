@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, maildir_messages
 
 MESSAGE = b"Subject: test\r\nFrom: a@client.test\r\n\r\nhello\r\n"

@@ -2,7 +2,7 @@
 
 The harness (``qpgevent.testing.PluginHarness``) loads plugins through the real config
 reader and loader and plays sessions through the real Session over a socketpair; the
-fixtures come from ``qpgevent.testing_pytest`` (the ``pytest11`` entry point). A package
+fixtures come from ``qpgevent.testing.pytest_plugin`` (the ``pytest11`` entry point). A package
 made by ``tools/new_plugin.py`` is installed with pip into a new venv and loaded by its
 entry point name by a running server.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import PluginHarness, ServerProcess, maildir_messages, strip_trace, write_ini
-from qpgevent.testing_dns import blocklist_zone
+from qpgevent.testing.dns import blocklist_zone
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCEPT = "[[rcpt_ok]]\n  domains = example.test\n[[queue/discard]]\n"

@@ -15,7 +15,7 @@ import time
 import gevent
 import pytest
 
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import ServerProcess, maildir_messages, wait_until, write_ini
 
 from policy_helpers import ACCEPT, mail_rcpt, rcpt, section, send, smtp_from

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qpgevent import store
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, wait_until
 
 from policy_helpers import ACCEPT, greeting, section, send, smtp_from

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from qpgevent import store
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, ServerProcess, wait_until, write_ini
 
 from policy_helpers import ACCEPT, greeting, mail_rcpt, section, smtp_from

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, maildir_messages
 
 from policy_helpers import ACCEPT, MESSAGE, greeting, mail_rcpt, rcpt, section, send, smtp_from

@@ -14,7 +14,7 @@ import smtplib
 
 import pytest
 
-from qpgevent.testing_mta import Dovecot
+from qpgevent.testing.mta import Dovecot
 
 USERS = {"bob@example.test": "x", "alice@example.test": "x", "full@example.test": "x", "one@example.test": "x"}
 QUOTA = {"full@example.test": "storage=1K", "one@example.test": "messages=1"}
@@ -163,7 +163,7 @@ def test_dovecot_stopped_is_a_4xx_and_the_retry_works(make_server, dovecot):
 
 
 def test_bad_routes_are_load_errors(make_server):
-    from qpgevent.errors import PluginLoadError
+    from qpgevent.core.errors import PluginLoadError
     with pytest.raises(PluginLoadError, match=r"queue/lmtp.*routes is empty"):
         make_server("[[queue/lmtp]]\n")
     with pytest.raises(PluginLoadError, match=r"route 'example\.test' is not DOMAIN:HOST"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 
 MESSAGE = b"Subject: virtual\r\nFrom: a@client.test\r\n\r\nhello\r\n"
 

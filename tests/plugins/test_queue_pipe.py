@@ -1,6 +1,6 @@
 """queue/pipe: the message on a command's standard input; its exit status is the answer.
 
-With Postfix's own ``sendmail`` (a private Postfix from ``qpgevent.testing_mta``, named
+With Postfix's own ``sendmail`` (a private Postfix from ``qpgevent.testing.mta``, named
 with ``-C``), and with small shell scripts that record what they got, exit 75, fail,
 die, or hang.
 """
@@ -16,8 +16,8 @@ import time
 import gevent
 import pytest
 
-from qpgevent.errors import PluginLoadError
-from qpgevent.testing_mta import Postfix
+from qpgevent.core.errors import PluginLoadError
+from qpgevent.testing.mta import Postfix
 
 
 def send(server, recipients, message, sender="sender@client.test"):

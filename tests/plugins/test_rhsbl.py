@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from qpgevent.errors import PluginLoadError
+from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import maildir_messages
-from qpgevent.testing_dns import DeadDns, LoopbackDns, SlowDnsFront
+from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront
 
 ZONES = {
     "dbl.test": {

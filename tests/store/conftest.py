@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qpgevent.testing_redis import LoopbackRedis
+from qpgevent.testing.redis_server import LoopbackRedis
 from store_helpers import make_store
 
 

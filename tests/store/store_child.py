@@ -13,8 +13,8 @@ import sys
 
 import gevent
 
-from qpgevent.store_redis import RedisStore
-from qpgevent.store_sqlite import EmbeddedStore
+from qpgevent.backends.store_redis import RedisStore
+from qpgevent.backends.store_sqlite import EmbeddedStore
 
 mode, backend, where, key = sys.argv[1:5]
 store = RedisStore(where, timeout=5) if backend == "redis" else EmbeddedStore(where, timeout=5)

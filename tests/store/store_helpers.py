@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from qpgevent.store_redis import RedisStore
-from qpgevent.store_sqlite import EmbeddedStore
+from qpgevent.backends.store_redis import RedisStore
+from qpgevent.backends.store_sqlite import EmbeddedStore
 
 
 def make_store(backend: str, request, tmp_path, **options):

@@ -17,8 +17,8 @@ from pathlib import Path
 import gevent
 import pytest
 
-from qpgevent.store_base import StoreUnavailable
-from qpgevent.store_sqlite import EmbeddedStore
+from qpgevent.backends.store_base import StoreUnavailable
+from qpgevent.backends.store_sqlite import EmbeddedStore
 from qpgevent.testing import wait_until
 
 from store_helpers import make_store
@@ -77,7 +77,7 @@ def test_prefixes_keep_two_users_of_one_backend_apart(backend, request, tmp_path
     first = make_store(backend, request, tmp_path, prefix="one:")
     second = make_store(backend, request, tmp_path, prefix="two:") if backend == "embedded" else None
     if second is None:  # the same Redis, not flushed again
-        from qpgevent.store_redis import RedisStore
+        from qpgevent.backends.store_redis import RedisStore
         second = RedisStore(first.url, prefix="two:")
     try:
         first.set("k", "1")

@@ -12,7 +12,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 
-from qpgevent.admin import AdminApp
+from qpgevent.server.admin import AdminApp
 
 
 def call(app: AdminApp, path: str = "/status.json", remote: str = "127.0.0.1", query: str = "",

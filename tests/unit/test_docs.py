@@ -30,7 +30,7 @@ def test_generated_reference_pages_are_current():
 
 def test_the_hook_reference_has_every_hook_and_its_exact_replies():
     page = (ROOT / "docs" / "hooks.md").read_text(encoding="utf-8")
-    from qpgevent.hooks import HOOKS
+    from qpgevent.engine.hooks import HOOKS
 
     assert all(f"\n## {name}\n" in page for name in HOOKS)
     assert "| `DENYSOFT_DISCONNECT` | connection closed after the reply | `421 4.7.1 Your HELO was refused, " \

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from qpgevent import config
-from qpgevent.errors import ConfigError, PluginLoadError
-from qpgevent.loader import load_plugins
+from qpgevent.core.errors import ConfigError, PluginLoadError
+from qpgevent.engine.loader import load_plugins
 from qpgevent.plugin import Plugin
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "data" / "plugins"

@@ -11,7 +11,7 @@ import types
 import gevent
 import pytest
 
-from qpgevent import log as log_module
+from qpgevent.backends import log as log_module
 from qpgevent.connection import Connection
 from qpgevent.transaction import Transaction
 

@@ -1,4 +1,4 @@
-"""Tests for qpgevent.protocol: the SMTP state machine, bytes in and events out.
+"""Tests for qpgevent.core.protocol: the SMTP state machine, bytes in and events out.
 
 The session decides whether a command succeeds (its reply); the protocol decides what
 that means: a positive reply moves the state, a negative one keeps it, 421 or a
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from qpgevent.protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Limits,
+from qpgevent.core.protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Limits,
                                Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset,
                                SmtpProtocol, State, Unknown, Vrfy)
-from qpgevent.reply import Canned, Reply, reply
+from qpgevent.core.reply import Canned, Reply, reply
 
 OK = reply(250, "2.0.0", "OK")
 HELLO = reply(250, None, "mx.example.test Hi there")

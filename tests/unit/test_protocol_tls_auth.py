@@ -7,8 +7,8 @@ import base64
 import pytest
 
 from qpgevent.config import Listen, parse_listen
-from qpgevent.protocol import NEED_DATA, Auth, AuthResponse, Mail, Noop, Rejected, SmtpProtocol, Starttls, State
-from qpgevent.reply import Canned, reply
+from qpgevent.core.protocol import NEED_DATA, Auth, AuthResponse, Mail, Noop, Rejected, SmtpProtocol, Starttls, State
+from qpgevent.core.reply import Canned, reply
 
 OK = reply(250, "2.0.0", "OK")
 

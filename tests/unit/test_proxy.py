@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from qpgevent.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, looks_like_header, parse
+from qpgevent.core.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, looks_like_header, parse
 
 
 def v2(command=0x1, family=0x11, addresses=b"", tlvs=b""):

@@ -14,9 +14,9 @@ import re
 import pytest
 
 from qpgevent.codes import DECLINED_VERDICT, DENY_DISCONNECT, ReturnCode, Verdict
-from qpgevent.hooks import HOOKS, HookRunner
+from qpgevent.engine.hooks import HOOKS, HookRunner
 from qpgevent.plugin import Plugin
-from qpgevent.reply import INTERNAL_ERROR, REPLY_TABLE, Answer, Canned, Outcome, Reply, answer, reply
+from qpgevent.core.reply import INTERNAL_ERROR, REPLY_TABLE, Answer, Canned, Outcome, Reply, answer, reply
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 CELLS = [(hook, code) for hook in REPLY_TABLE for code in ReturnCode]

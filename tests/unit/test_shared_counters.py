@@ -1,4 +1,4 @@
-"""Session counts shared by the workers (``qpgevent.shared_counters``), one module alone.
+"""Session counts shared by the workers (``qpgevent.server.shared_counters``), one module alone.
 
 Two ``WorkerCounters`` on two rows of one ``SharedTable`` stand for two workers (the
 table is the same memory either way: one mapping, or the same file mapped again in a
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from qpgevent.shared_counters import PENDING, LocalCounters, SharedTable, WorkerCounters, address_key
+from qpgevent.server.shared_counters import PENDING, LocalCounters, SharedTable, WorkerCounters, address_key
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for qpgevent.wire: command-line framing and the DATA stream, byte by byte.
+"""Tests for qpgevent.core.wire: command-line framing and the DATA stream, byte by byte.
 
 What is at stake: only CRLF ends a line (RFC 5321 2.3.8, the SMTP-smuggling defence),
 line length limits that hold without unbounded buffering (4.5.3.1.4 and .6),
@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from qpgevent.wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
+from qpgevent.core.wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
 
 CRLF = b"\r\n"
 MB = 1 << 20

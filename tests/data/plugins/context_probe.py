@@ -8,7 +8,7 @@ must still have its log ids bound and its DNS budget in force. Each MAIL appends
 import logging
 
 from qpgevent import dns
-from qpgevent.log import SessionContext
+from qpgevent.backends.log import SessionContext
 from qpgevent.plugin import Plugin
 
 CALLS = []

@@ -4,10 +4,10 @@ Used by this project's tests and meant for plugin authors too. Nothing here is a
 ``InProcessServer`` is the real ``SmtpServer`` with the real loader and hook runner on a
 loopback port; ``ServerProcess`` is the real ``qpgevent`` command in a child process;
 ``PluginHarness`` loads plugins through the real config reader and loader and runs one
-hook, or a scripted session through the real ``Session`` (``qpgevent.dryrun``), with the
+hook, or a scripted session through the real ``Session`` (``qpgevent.server.dryrun``), with the
 embedded state store and, if given, a ``LoopbackDns`` as the resolver. ``RawClient`` and
 ``wait_until`` are the socket client and the deadline poll the tests share.
-The pytest fixtures over all this are in ``qpgevent.testing_pytest``.
+The pytest fixtures over all this are in ``qpgevent.testing.pytest_plugin``.
 Runtime code never imports this module.
 """
 
@@ -30,18 +30,18 @@ from typing import Any, TypeVar
 import gevent
 import gevent.event
 
-from . import config as config_module
-from .address import Address
-from .codes import Verdict
-from .connection import Connection
-from .dryrun import ClientReply, Transcript, run_script
-from .hooks import HOOKS, HookRunner
-from .loader import load_plugins
-from .plugin import Plugin
-from .reply import Reply, answer
-from .server import SmtpServer
-from .services import configure_services, configure_store
-from .session import Session
+from .. import config as config_module
+from ..core.address import Address
+from ..core.codes import Verdict
+from ..connection import Connection
+from ..server.dryrun import ClientReply, Transcript, run_script
+from ..engine.hooks import HOOKS, HookRunner
+from ..engine.loader import load_plugins
+from ..plugin import Plugin
+from ..core.reply import Reply, answer
+from ..server.server import SmtpServer
+from ..backends.services import configure_services, configure_store
+from ..server.session import Session
 
 _SECTIONS = {
     "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
@@ -377,7 +377,7 @@ class PluginHarness:
 
     def run_session(self, script: Iterable[str | bytes], ip: str = "192.0.2.1",
                     timeout: float = 30.0) -> Transcript:
-        """Play SMTP lines through a real Session; see ``qpgevent.dryrun.run_script``."""
+        """Play SMTP lines through a real Session; see ``qpgevent.server.dryrun.run_script``."""
         return run_script(self.runner, self.settings, script, remote_ip=ip, timeout=timeout)
 
     def session(self, ip: str = "192.0.2.1", helo: str | None = None) -> Session:

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 
-from .codes import DECLINED_VERDICT, ReturnCode, Verdict
+from ..core.codes import DECLINED_VERDICT, ReturnCode, Verdict
 
 if TYPE_CHECKING:
-    from .plugin import Plugin
+    from ..plugin import Plugin
 
 log = logging.getLogger("qpgevent.hooks")
 

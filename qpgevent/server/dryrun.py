@@ -28,15 +28,15 @@ from typing import Any, NamedTuple
 
 import gevent
 
-from . import config as config_module
-from .codes import OK, Verdict
-from .config import PluginSpec, Settings
-from .connection import Connection
-from .errors import ConfigError
-from .hooks import HookRunner
-from .loader import load_plugin, plugin_dirs
-from .plugin import Plugin
-from .services import configure_services
+from .. import config as config_module
+from ..core.codes import OK, Verdict
+from ..config import PluginSpec, Settings
+from ..connection import Connection
+from ..core.errors import ConfigError
+from ..engine.hooks import HookRunner
+from ..engine.loader import load_plugin, plugin_dirs
+from ..plugin import Plugin
+from ..backends.services import configure_services
 from .session import Session
 
 

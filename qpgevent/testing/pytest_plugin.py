@@ -22,8 +22,8 @@ import pytest
 
 @pytest.fixture
 def loopback_dns():
-    """``loopback_dns(zones, **options)``: a started ``qpgevent.testing_dns.LoopbackDns``."""
-    from .testing_dns import LoopbackDns
+    """``loopback_dns(zones, **options)``: a started ``qpgevent.testing.dns.LoopbackDns``."""
+    from .dns import LoopbackDns
 
     started: list[Any] = []
 
@@ -41,7 +41,7 @@ def loopback_dns():
 def use_dns():
     """``use_dns(port, timeout=2.0, cache=True)``: the process's resolver asks 127.0.0.1:port;
     the previous resolver is put back when the test ends."""
-    from . import dns
+    from ..backends import dns
 
     previous = dns.set_default(None)
 
@@ -59,8 +59,8 @@ def plugin_harness(tmp_path):
     A harness given ``dns`` makes the process's resolver ask it; the previous resolver is
     put back when the test ends.
     """
-    from . import dns as dns_module
-    from .testing import PluginHarness
+    from ..backends import dns as dns_module
+    from . import PluginHarness
 
     count = iter(range(1, 1000))
     previous = dns_module.set_default(None)
@@ -78,7 +78,7 @@ def plugin_harness(tmp_path):
 @pytest.fixture
 def qpgevent_server(tmp_path):
     """``qpgevent_server(plugins_ini_text, **settings)``: the real server in this process."""
-    from .testing import DEFAULT_PLUGINS, InProcessServer, write_ini
+    from . import DEFAULT_PLUGINS, InProcessServer, write_ini
 
     started: list[Any] = []
 

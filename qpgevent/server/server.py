@@ -2,7 +2,7 @@
 
 Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
 ``Connection`` and a ``Session`` in its own greenlet; a session idle past ``[limits]
-park_after`` gives its greenlet up and waits parked (``qpgevent.parking``), and gets a
+park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``), and gets a
 new one when its client speaks. Beyond ``max_connections`` a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
 ``stop`` stops accepting, gives sessions in flight up to ``shutdown_timeout`` to end,
@@ -32,13 +32,14 @@ import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from . import metrics, proxy
-from .config import Listen, Settings
-from .connection import Connection
-from .hooks import HookRunner
+from ..backends import metrics
+from ..core import proxy
+from ..config import Listen, Settings
+from ..connection import Connection
+from ..engine.hooks import HookRunner
 from .parking import Parking, Pause
-from .plugin import Plugin, ip_in
-from .reply import Canned, Reply, reply
+from ..plugin import Plugin, ip_in
+from ..core.reply import Canned, Reply, reply
 from .session import Session
 from .shared_counters import Counters, Lease, LocalCounters
 from .tls import TlsContexts

@@ -68,15 +68,17 @@ from gevent.pool import Group
 from gevent.queue import Queue
 from gevent.socket import wait_read
 
-from . import __version__, admin, metrics, privileges
-from . import config as config_module
-from .config import Settings
-from .errors import ConfigError, StartError
-from .loader import forget_plugin_modules, load_plugins
-from .plugin import Plugin
+from .. import __version__
+from . import admin, privileges
+from ..backends import metrics
+from .. import config as config_module
+from ..config import Settings
+from ..core.errors import ConfigError, StartError
+from ..engine.loader import forget_plugin_modules, load_plugins
+from ..plugin import Plugin
 from .server import SmtpServer, bind_listeners, describe_listener
 from .tls import TlsContexts
-from .services import configure_services
+from ..backends.services import configure_services
 from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
 
 log = logging.getLogger("qpgevent.master")

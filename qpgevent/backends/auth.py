@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from . import store
-from .address import Address
+from ..core.address import Address
 
 log = logging.getLogger("qpgevent.auth")
 

@@ -24,22 +24,22 @@ from typing import Any, Callable
 import gevent
 from gevent import select
 
-from . import __version__, auth, authresults, dns, metrics, scoreboard
-from .address import Address, AddressError
-from .codes import OK, ReturnCode, Verdict
-from .config import Listen, Settings
-from .connection import Connection
-from .hooks import HookRunner
-from .log import SessionLogger, bind_session, redact
+from .. import __version__
+from ..backends import auth, dns, metrics, scoreboard
+from ..core import authresults
+from ..core.address import Address, AddressError
+from ..core.codes import OK, ReturnCode, Verdict
+from ..config import Listen, Settings
+from ..connection import Connection
+from ..engine.hooks import HookRunner
+from ..backends.log import SessionLogger, bind_session, redact
 from .parking import Parking, Pause
-from .protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Data, Ehlo, Helo, Help,
-                       Limits, Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset,
-                       SmtpProtocol, Starttls, State, Unknown, Vrfy)
-from .proxy import looks_like_header
-from .reply import INTERNAL_ERROR, Canned, Outcome, Reply, answer, reply
-from .services import identify
+from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Data, Ehlo, Helo, Help, Limits, Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol, Starttls, State, Unknown, Vrfy)
+from ..core.proxy import looks_like_header
+from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply, answer, reply
+from ..backends.services import identify
 from .tls import HandshakeFailed, TlsContexts, describe
-from .transaction import Transaction
+from ..transaction import Transaction
 
 log = logging.getLogger("qpgevent.session")
 READ_SIZE = 1 << 16
@@ -66,7 +66,7 @@ class Session:
                  listen: Listen | None = None, tls: TlsContexts | None = None,
                  parking: Parking | None = None) -> None:
         self.sock = sock
-        #: When to park while waiting for a command (None: never); see qpgevent.parking.
+        #: When to park while waiting for a command (None: never); see qpgevent.server.parking.
         self.parking = parking
         #: This listener's policy (implicit TLS, submission...), and the TLS contexts (None: no TLS).
         self.listen = listen or Listen("", 0)
@@ -140,7 +140,7 @@ class Session:
     def run(self) -> Pause | None:
         """Hold the conversation from the connect: None once it has ended, or a Pause.
 
-        A Pause means the session parked (``qpgevent.parking``): it waits for its client
+        A Pause means the session parked (``qpgevent.server.parking``): it waits for its client
         without a greenlet, and ``resume`` goes on with it, in the Pause's context.
         """
         bind_session(self)  # lines that plugins and services log get our ids
@@ -355,7 +355,7 @@ class Session:
                 "seconds": round(time.monotonic() - self._started, 3), "last_reply": self._last_reply}
 
     def status(self) -> dict[str, Any]:
-        """This session's row on the live scoreboard (``qpgevent.scoreboard``)."""
+        """This session's row on the live scoreboard (``qpgevent.backends.scoreboard``)."""
         connection, transaction = self.connection, self._transaction
         sender = transaction.sender if transaction is not None else None
         return {"id": connection.id, "pid": os.getpid(), "remote_ip": connection.remote_ip,

@@ -17,9 +17,9 @@ from typing import Any
 import gevent
 
 from . import dns, ident, store
-from .config import Settings
-from .connection import Connection
-from .errors import ConfigError
+from ..config import Settings
+from ..connection import Connection
+from ..core.errors import ConfigError
 
 __all__ = ["configure_services", "configure_store", "identify"]
 

@@ -26,8 +26,8 @@ import glob
 import os
 from typing import Any
 
-from .codes import Verdict
-from .hooks import HOOKS
+from ..core.codes import Verdict
+from ..engine.hooks import HOOKS
 
 #: Plugin calls take from microseconds (a table look-up) up to the plugin timeout (30 s).
 HOOK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

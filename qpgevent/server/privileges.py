@@ -22,9 +22,9 @@ import pwd
 import signal
 from dataclasses import dataclass
 
-from . import config as config_module
-from .config import Settings
-from .errors import ConfigError
+from .. import config as config_module
+from ..config import Settings
+from ..core.errors import ConfigError
 
 log = logging.getLogger("qpgevent.master")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

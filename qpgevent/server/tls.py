@@ -23,8 +23,8 @@ import ssl
 import time
 from typing import Any
 
-from .config import Settings
-from .errors import ConfigError
+from ..config import Settings
+from ..core.errors import ConfigError
 
 log = logging.getLogger("qpgevent.tls")
 

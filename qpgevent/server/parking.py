@@ -41,7 +41,7 @@ class Pause:
 
 
 class Session(Protocol):
-    """What parking needs of a session (qpgevent.session.Session): its socket."""
+    """What parking needs of a session (qpgevent.server.session.Session): its socket."""
 
     @property
     def sock(self) -> Any: ...

@@ -34,8 +34,9 @@ from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIServer
 
-from . import __version__, metrics, scoreboard
-from .config import Listen, Settings, is_loopback
+from .. import __version__
+from ..backends import metrics, scoreboard
+from ..config import Listen, Settings, is_loopback
 
 log = logging.getLogger("qpgevent.admin")
 

@@ -23,10 +23,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .config import PluginSpec, Settings, validate_options
-from .errors import ConfigError, PluginLoadError
+from ..config import PluginSpec, Settings, validate_options
+from ..core.errors import ConfigError, PluginLoadError
 from .hooks import HOOKS
-from .plugin import Plugin
+from ..plugin import Plugin
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 _MODULE_PREFIX = "qpgevent_plugins."
@@ -36,7 +36,7 @@ ENTRY_POINT_GROUP = "qpgevent.plugins"
 
 def bundled_plugin_dir() -> Path:
     """The plugins shipped with qpgevent: installed inside the package, or in the checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # qpgevent/ (this file is qpgevent/engine/loader.py)
     installed = package / "plugins"
     return installed if installed.is_dir() else package.parent / "plugins"
 

@@ -13,12 +13,13 @@ import dataclasses
 import logging
 import sys
 
-from . import __version__, privileges
-from . import config as config_module
-from . import log as log_module
-from .errors import ConfigError, StartError
-from .hooks import HOOKS, HookRunner
-from .loader import load_plugins
+from .. import __version__
+from . import privileges
+from .. import config as config_module
+from ..backends import log as log_module
+from ..core.errors import ConfigError, StartError
+from ..engine.hooks import HOOKS, HookRunner
+from ..engine.loader import load_plugins
 from .master import Master
 
 log = logging.getLogger("qpgevent")
