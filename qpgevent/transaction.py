@@ -1,6 +1,7 @@
 """The Transaction plugins see: one message from MAIL to the end of DATA (or RSET).
 
-Mirrors qpsmtpd's ``Qpsmtpd::Transaction``: sender, recipients, header, body, notes.
+Mirrors qpsmtpd's ``Qpsmtpd::Transaction``: sender, recipients, header, body, notes; and
+``results``, what each check concluded about this message (``qpgevent.results``).
 The body is kept in memory up to ``size_threshold`` octets and spilled to a file in the
 spool directory past it, so a 50 MiB message never sits in memory. Message bytes are
 stored exactly as received after dot-unstuffing, CRLF line endings included.
@@ -17,6 +18,7 @@ from typing import Any
 
 from .core.address import Address
 from .core.headers import CRLF, Headers, is_continuation, is_field_start
+from .results import Results
 
 _ids = itertools.count(1)
 #: A header block larger than this is not parsed as one: the rest counts as body.
@@ -85,6 +87,8 @@ class Transaction:
         self.sender: Address | None = None
         self.recipients: list[Address] = []
         self.notes: dict[str, Any] = {}
+        #: Each check's verdict about this message (pass/fail/skip/err and evidence), by plugin.
+        self.results = Results()
         self.headers = Headers()
         self.headers_complete = False
         self.data_size = 0  #: octets of message received (after dot-unstuffing)

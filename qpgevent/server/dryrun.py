@@ -16,6 +16,7 @@ ends the script there.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import os
 import socket
@@ -173,7 +174,8 @@ def run_script(runner: HookRunner, settings: Settings, script: Iterable[str | by
     transcript = Transcript()
     recorder = _Recorder(session, transcript.decisions)
     runner.observe(recorder)
-    greenlet = gevent.spawn(_serve, session, ours)
+    # A new greenlet starts with an empty context: give it ours, with the services current here.
+    greenlet = gevent.spawn(contextvars.copy_context().run, _serve, session, ours)
     client = _Client(theirs, timeout)
     try:
         greeting = client.reply()

@@ -157,12 +157,13 @@ def test_plugins_load_in_config_order_with_their_labels(tmp_path: Path) -> None:
 
 def test_options_are_typed_and_defaults_filled(tmp_path: Path) -> None:
     lines = HEAD + ["[plugins]", "  [[returns]]", "    hook = mail", "    code = DENY",
-                    "    times = 3", "    reject = 0", "    timeout = 1.5"]
-    _, (plugin,) = load_all(write(tmp_path, lines))
+                    "    times = 3", "    timeout = 1.5", "  [[badmailfrom]]", "    reject = 0"]
+    _, (plugin, refusing) = load_all(write(tmp_path, lines))
     assert plugin.config["times"] == 3 and plugin.config["sleep"] == 10.0
     assert plugin.config["message"] == [] and plugin.config["close"] is False
-    assert plugin.config["reject"] == "0" and plugin.config["reject_type"] == "perm"
-    assert plugin.timeout == 1.5
+    assert plugin.timeout == 1.5 and plugin.config["loglevel"] is None
+    assert "reject" not in plugin.config  # returns refuses nothing on its own: no reject options
+    assert refusing.config["reject"] == "0" and refusing.config["reject_type"] == "perm"
 
 
 def test_relative_paths_resolve_against_the_ini_folder(tmp_path: Path, monkeypatch) -> None:
