@@ -2,7 +2,7 @@
 
 Clients come from different loopback addresses (127.0.0.x: every one of them reaches
 the server on Linux) so that one zone set serves every case; the IPv6 client is ::1.
-Results and notes are read back with a probe plugin that answers ``VRFY result dnsbl <key>``.
+Results and notes are read back with a probe plugin that answers ``VRFY result.dnsbl.<key>``.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ ZONES = {
 for _i in (1, 2, 3):  # three zones for the parallel test, each listing 127.0.0.2
     ZONES.update(blocklist_zone(f"slow{_i}.test", {"127.0.0.2": ("127.0.0.2", f"slow {_i}")}))
 
-PROBE = '''"""probe: VRFY <note> answers repr(connection.notes.get(note)); VRFY result <plugin>
-[key] the plugin's result in connection.results (its summary, or one piece of evidence). Tests only."""
+PROBE = '''"""probe: VRFY <note> answers repr(connection.notes.get(note)); VRFY result.<plugin>
+[.key] the plugin's result in connection.results (its summary, or one piece of evidence). Tests only."""
 from qpgevent.plugin import OK, Plugin
 
 
 class Probe(Plugin):
     def hook_vrfy(self, session, argument):
-        words = argument.split()
+        words = argument.split(".")
         if words[0] != "result":
             return OK, repr(session.connection.notes.get(argument))
         found = session.connection.results.get(words[1])
@@ -117,9 +117,9 @@ def test_clean_client_is_greeted_and_its_mail_delivered(start):
     server = start("zones = zen.test, clean.test")
     with client_from(server, "127.0.0.1") as client:
         client.sendmail("a@sender.test", ["b@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
-        assert note(client, "result dnsbl refusal") == "None"
-        assert note(client, "result dnsbl listings") == "None"
-        assert note(client, "result dnsbl") == "pass:zen.test,clean.test"
+        assert note(client, "result.dnsbl.refusal") == "None"
+        assert note(client, "result.dnsbl.listings") == "None"
+        assert note(client, "result.dnsbl") == "pass:zen.test,clean.test"
     assert len(maildir_messages(server.maildir)) == 1
 
 
@@ -182,7 +182,7 @@ def test_reject_at_rcpt_refuses_recipients_but_lets_postmaster_and_abuse_through
         assert client.rcpt("<postmaster>")[0] == 250  # RFC 5321 4.5.1: no domain needed
         assert client.rcpt("Abuse@example.test")[0] == 250
         assert client.data(b"Subject: complaint\r\n\r\nplease delist me\r\n")[0] == 250
-        assert note(client, "result dnsbl refusal").startswith("'127.0.0.2 is listed in zen.test")
+        assert note(client, "result.dnsbl.refusal").startswith("'127.0.0.2 is listed in zen.test")
     [message] = maildir_messages(server.maildir).values()
     assert b"please delist me" in message
 
@@ -201,17 +201,17 @@ def test_reject_0_only_notes_the_listing(start):
     server = start("zones = zen.test\nreject = 0")
     with client_from(server, "127.0.0.2") as client:
         client.sendmail("a@sender.test", ["b@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
-        assert note(client, "result dnsbl refusal") == repr(
+        assert note(client, "result.dnsbl.refusal") == repr(
             "127.0.0.2 is listed in zen.test: Listed: see http://zen.test/q?127.0.0.2")
-        assert note(client, "result dnsbl listings") == repr({"zen.test": "Listed: see http://zen.test/q?127.0.0.2"})
+        assert note(client, "result.dnsbl.listings") == repr({"zen.test": "Listed: see http://zen.test/q?127.0.0.2"})
 
 
 def test_reject_naughty_defers_to_the_naughty_plugin(start):
     server = start("zones = zen.test\nreject = naughty")
     with client_from(server, "127.0.0.2") as client:
-        assert note(client, "result dnsbl naughty") == repr(
+        assert note(client, "result.dnsbl.naughty") == repr(
             "5.7.1 127.0.0.2 is listed in zen.test: Listed: see http://zen.test/q?127.0.0.2")
-        assert note(client, "result dnsbl naughty_reject_type") == "'perm'"
+        assert note(client, "result.dnsbl.naughty_reject_type") == "'perm'"
 
 
 def test_reject_naughty_with_the_naughty_plugin_refuses_at_rcpt(start):
@@ -226,9 +226,9 @@ def test_reject_naughty_with_the_naughty_plugin_refuses_at_rcpt(start):
 def test_reject_naughty_defers_a_dns_failure_as_temporary(start):
     server = start("zones = broken.test\nreject = naughty")
     with client_from(server, "127.0.0.1") as client:
-        assert note(client, "result dnsbl naughty") == repr("4.4.3 cannot check 127.0.0.1 against broken.test now, "
+        assert note(client, "result.dnsbl.naughty") == repr("4.4.3 cannot check 127.0.0.1 against broken.test now, "
                                                "try again later")
-        assert note(client, "result dnsbl naughty_reject_type") == "'temp'"
+        assert note(client, "result.dnsbl.naughty_reject_type") == "'temp'"
 
 
 # -- who is not looked up, who is whitelisted ------------------------------------------
@@ -286,29 +286,29 @@ def test_whitelist_zone_alone_only_sets_the_note(start):
 def test_scores_add_up_and_refuse_at_the_threshold(start):
     server = start("zones = zen.test, score1.test:score=1, score2.test:score=2\nscore_threshold = 3")
     with client_from(server, "127.0.0.5") as client:
-        assert note(client, "result dnsbl score") == "1.0"
-        assert note(client, "result dnsbl listings") == repr({"score1.test": "score one"})
+        assert note(client, "result.dnsbl.score") == "1.0"
+        assert note(client, "result.dnsbl.listings") == repr({"score1.test": "score one"})
     with client_from(server, "127.0.0.7") as client:
-        assert note(client, "result dnsbl score") == "2.0"
+        assert note(client, "result.dnsbl.score") == "2.0"
     code, text, _ = greet(server, "127.0.0.6")
     assert (code, text) == (554, "5.7.1 127.0.0.6 is listed in score1.test, score2.test (score 3, "
                                  "threshold 3): score one again; score two")
     with client_from(server, "127.0.0.1") as client:
-        assert note(client, "result dnsbl score") == "0.0"
+        assert note(client, "result.dnsbl.score") == "0.0"
 
 
 def test_scores_without_threshold_only_set_the_note(start):
     server = start("zones = score1.test:score=1.5, score2.test:score=2")
     with client_from(server, "127.0.0.6") as client:
-        assert note(client, "result dnsbl score") == "3.5"
-        assert note(client, "result dnsbl refusal") == "None"
+        assert note(client, "result.dnsbl.score") == "3.5"
+        assert note(client, "result.dnsbl.refusal") == "None"
 
 
 def test_a_whitelisted_client_gets_no_score(start):
     server = start("zones = score1.test:score=5\nscore_threshold = 1\nwhitelist_zones = wl.test")
     with client_from(server, "127.0.0.10") as client:
         assert note(client, "whitelisthost") == "'wl.test'"
-        assert note(client, "result dnsbl score") == "None"
+        assert note(client, "result.dnsbl.score") == "None"
 
 
 # -- DNS failures ---------------------------------------------------------------------
@@ -339,8 +339,8 @@ def test_a_failing_whitelist_leaves_a_listed_client_undecided(start):
 def test_fail_open_lets_the_client_in(start):
     server = start("zones = broken.test\nfail_open = yes")
     with client_from(server, "127.0.0.1") as client:
-        assert note(client, "result dnsbl error") == "'cannot check 127.0.0.1 against broken.test now'"
-        assert note(client, "result dnsbl") == "err:broken.test"
+        assert note(client, "result.dnsbl.error") == "'cannot check 127.0.0.1 against broken.test now'"
+        assert note(client, "result.dnsbl") == "err:broken.test"
         client.sendmail("a@sender.test", ["b@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
 
 

@@ -50,14 +50,14 @@ ZONES = {
     "xn--fa-hia.test": {"@": [("A", "192.0.2.81")]},
 }
 
-PROBE = '''"""probe: VRFY result <plugin> <key> answers repr() of that evidence in the transaction's
+PROBE = '''"""probe: VRFY result.<plugin>.<key> answers repr() of that evidence in the transaction's
 results, else the connection's. Tests only."""
 from qpgevent.plugin import OK, Plugin
 
 
 class Probe(Plugin):
     def hook_vrfy(self, session, argument):
-        _, plugin, key = argument.split()
+        _, plugin, key = argument.split(".")
         transaction = session.current_transaction
         for results in ([transaction.results] if transaction is not None else []) + [session.connection.results]:
             found = results.get(plugin)
@@ -107,7 +107,7 @@ def results_after_mail(server, sender, *keys, options=(), plugin="resolvable_fro
     with smtplib.SMTP(server.host, server.port, local_hostname="client.example.test", timeout=20) as client:
         client.ehlo()
         assert client.mail(sender, list(options))[0] == 250
-        return [client.verify(f"result {plugin} {key}")[1].decode().removeprefix("2.1.5 ") for key in keys]
+        return [client.verify(f"result.{plugin}.{key}")[1].decode().removeprefix("2.1.5 ") for key in keys]
 
 
 # -- domains that can receive mail ---------------------------------------------------------

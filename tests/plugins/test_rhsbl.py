@@ -29,14 +29,14 @@ ZONES = {
     "dbl3.test": {"other.test": [("A", "127.0.1.2")]},
 }
 
-PROBE = '''"""probe: VRFY result <plugin> <key> answers repr() of that evidence in the transaction's
+PROBE = '''"""probe: VRFY result.<plugin>.<key> answers repr() of that evidence in the transaction's
 results, else the connection's. Tests only."""
 from qpgevent.plugin import OK, Plugin
 
 
 class Probe(Plugin):
     def hook_vrfy(self, session, argument):
-        _, plugin, key = argument.split()
+        _, plugin, key = argument.split(".")
         transaction = session.current_transaction
         for results in ([transaction.results] if transaction is not None else []) + [session.connection.results]:
             found = results.get(plugin)
@@ -158,12 +158,12 @@ def test_reject_0_and_naughty_only_record(start):
     server = start("zones = dbl.test\nreject = 0")
     with session(server) as client:
         assert client.mail("a@spam.test")[0] == 250
-        assert client.verify("result rhsbl refusal")[1].decode().startswith(
+        assert client.verify("result.rhsbl.refusal")[1].decode().startswith(
             "2.1.5 'sender domain spam.test is listed in dbl.test")
     server = start("zones = dbl.test\nreject = naughty")
     with session(server) as client:
         assert client.mail("a@spam.test")[0] == 250
-        assert client.verify("result rhsbl naughty")[1].decode().startswith(
+        assert client.verify("result.rhsbl.naughty")[1].decode().startswith(
             "2.1.5 '5.7.1 sender domain spam.test is listed in dbl.test")
 
 
