@@ -11,9 +11,9 @@ is played with each value of the options:
   refusals are temporary by nature);
 - ``reject = 0``: the plugin refuses nothing (it only logs);
 - ``reject_type = temp`` (``perm`` for the temporary ones): the other class of reply;
-- ``reject = naughty``: nothing at the plugin's own hook; the ``naughty`` plugin refuses
-  at DATA, with the plugin's text (for the checks before DATA; a check at data_post has
-  no later hook to defer to).
+- ``reject = naughty``: nothing at the plugin's own hook, the refusal recorded in the
+  plugin's connection result; the ``naughty`` plugin refuses at DATA, with the plugin's
+  text (for the checks before DATA; a check at data_post has no later hook to defer to).
 """
 
 from __future__ import annotations
@@ -209,11 +209,20 @@ def test_reject_and_reject_type_are_honoured(tmp_path, nsd, case):
 
     deferred = play(tmp_path, case, nsd, reject="naughty")
     assert not refusals_by(deferred, case.plugin), deferred.format()
+    recorded = deferred.results.get(case.plugin)  # the deferred refusal, in the connection's results
+    assert recorded.get("naughty") == decision_text(refused, case) and recorded.get("naughty_reject_type"), \
+        deferred.format()
     by_naughty = refusals_by(deferred, "naughty")
     if case.deferrable and "DATA" in case.script and case.refused <= case.script.index("DATA"):
         [decision] = by_naughty
         assert decision.hook == "data" and decision.message[0].endswith(refused_text(refused, case)), \
             deferred.format()
+
+
+def decision_text(transcript, case):
+    """The text the plugin refused with (its decision's message, as it gave it)."""
+    [decision] = refusals_by(transcript, case.plugin)
+    return decision.message[0]
 
 
 def refused_text(transcript, case):
