@@ -35,6 +35,7 @@ import gevent
 from configobj import ConfigObj
 
 from .core.codes import (DECLINED, DENY, DENY_DISCONNECT, DENYSOFT, DENYSOFT_DISCONNECT, DONE, OK, ReturnCode, Verdict)
+from .core.errors import ConfigError
 
 __all__ = ["Plugin", "OK", "DENY", "DENYSOFT", "DENY_DISCONNECT", "DENYSOFT_DISCONNECT",
            "DECLINED", "DONE", "ReturnCode", "Verdict", "run_blocking", "ip_in", "reject_code",
@@ -97,9 +98,13 @@ class Plugin:
     def configspec_lines(cls) -> list[str]:
         """The whole configspec: standard options, declared reject options, then the plugin's own."""
         own = cls.configspec.splitlines() if isinstance(cls.configspec, str) else list(cls.configspec)
+        # A mistake in the declarations is the plugin author's: a load error naming the class.
         if cls.default_reject_type not in REJECT_TYPES:
-            raise ValueError(f"{cls.__name__}.default_reject_type {cls.default_reject_type!r} is not "
-                             f"one of {', '.join(REJECT_TYPES)}")
+            raise ConfigError(f"{cls.__module__}.{cls.__name__}: default_reject_type "
+                              f"{cls.default_reject_type!r} is not one of {', '.join(REJECT_TYPES)}")
+        if not set(cls.reject_options) <= set(REJECT_OPTIONS):
+            raise ConfigError(f"{cls.__module__}.{cls.__name__}: reject_options {cls.reject_options!r} "
+                              f"may name only {', '.join(REJECT_OPTIONS)}")
         composed = _spec(STANDARD_CONFIGSPEC + [_reject_spec(option, cls.default_reject_type)
                                                 for option in REJECT_OPTIONS if option in cls.reject_options])
         composed.merge(_spec([line.strip() for line in own if line.strip()]))

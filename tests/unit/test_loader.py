@@ -206,3 +206,32 @@ def test_the_shipped_config_loads() -> None:
     assert [spec.label for spec in settings.plugins] == [
         line.strip()[2:-2] for line in shipped.read_text().splitlines() if line.strip().startswith("[[")]
     assert settings.spool_dir == str(shipped.parent / "spool" / "tmp")
+
+
+def test_reject_declarations_are_checked_and_the_configspec_composed_not_edited(tmp_path: Path) -> None:
+    class Temporary(Plugin):
+        reject_options = ("reject", "reject_type")
+        default_reject_type = "temp"
+        configspec = "words = force_list(default=list())"
+
+    class Redeclares(Plugin):
+        reject_options = ("reject",)
+        configspec = 'reject = option("0", "1", default="0")'  # a standard key declared again
+
+    lines = Temporary.configspec_lines()
+    assert [line.split(" = ")[0] for line in lines] == ["loglevel", "timeout", "reject", "reject_type", "words"]
+    assert lines[3].endswith('default="temp")')
+    assert Redeclares.configspec_lines()[2] == 'reject = option("0", "1", default="0")'
+    assert Redeclares.unused_options({"reject": "1", "reject_type": "temp"}) == ["reject_type"]
+
+    class Misspelt(Plugin):
+        reject_options = ("rejekt",)
+
+    class WrongType(Plugin):
+        reject_options = ("reject_type",)
+        default_reject_type = "later"
+
+    with pytest.raises(ConfigError, match="reject_options"):
+        Misspelt.configspec_lines()
+    with pytest.raises(ConfigError, match="default_reject_type 'later'"):
+        WrongType.configspec_lines()
