@@ -17,6 +17,11 @@ from .results import Results
 _ids = itertools.count(1)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as logs and humans write it: ``192.0.2.1:25``, ``[::1]:41258`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _new_id() -> str:
     # pid + counter: unique across the workers of one host, short enough for every log line.
     return f"{os.getpid():x}.{next(_ids):x}"
@@ -42,6 +47,11 @@ class Connection:
     #: Each check's verdict about this client (pass/fail/skip/err and evidence), by plugin.
     results: Results = field(default_factory=Results)
     id: str = field(default_factory=_new_id)
+
+    @property
+    def peer(self) -> str:
+        """The client's address and port, for logs: ``192.0.2.1:41258``, ``[::1]:41258``."""
+        return host_port(self.remote_ip, self.remote_port)
 
     def clone(self, no_reset: bool = False) -> Connection:
         """A new Connection for the same peer, sharing ``notes`` and ``results``; HELO must be said again.

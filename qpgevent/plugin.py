@@ -127,7 +127,12 @@ class Plugin:
         return [attr[5:] for attr in dir(cls) if attr.startswith("hook_") and callable(getattr(cls, attr))]
 
     def setup(self) -> None:
-        """Called once per worker after loading: open pools, read files. Override at will."""
+        """Called once in the master after loading, before the workers are forked (and again at
+        each SIGHUP reload): read files, check options; the workers inherit what it made.
+
+        Sockets and connection pools belong in ``hook_post_fork``, once in each worker. An
+        ``OSError`` or ``ValueError`` here is a load error naming the plugin. Override at will.
+        """
 
     # -- helpers for hooks ---------------------------------------------------
     def reject(self, message: str, session: Any = None,

@@ -81,8 +81,11 @@ class Spool:
 class Transaction:
     """One message's envelope and content, plus ``notes`` that last as long as it does."""
 
-    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20) -> None:
-        self.id = f"{os.getpid():x}.{next(_ids):x}.{int(time.time()):x}"
+    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20,
+                 connection_id: str | None = None) -> None:
+        #: Under its connection's id ("1f2a.7" -> "1f2a.7.3"): a grep for the connection finds
+        #: its transactions too. The counter is the process's, so ids never repeat within it.
+        self.id = f"{connection_id or format(os.getpid(), 'x')}.{next(_ids):x}"
         self.started = time.time()
         self.sender: Address | None = None
         self.recipients: list[Address] = []
@@ -161,6 +164,18 @@ class Transaction:
         """The whole message as it is now: edited header, separator, body."""
         yield self.headers.as_bytes() + self._separator
         yield from self._body.chunks(chunk_size)
+
+    def new_body(self) -> Spool:
+        """An empty body to write a replacement into (spooled like the original)."""
+        return Spool(self._body.directory, self._body.threshold)
+
+    def replace_body(self, body: Spool) -> None:
+        """Swap the body for ``body`` (from ``new_body``); the header stays as it is."""
+        self._body.close()
+        self._body = body
+        if body.size:
+            self._separator = CRLF
+        self.data_size = len(self.headers.as_bytes()) + len(self._separator) + body.size
 
     def body_filename(self) -> str:
         """A file holding the body, for scanners that want a path."""

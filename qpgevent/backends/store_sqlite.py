@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from gevent.threadpool import ThreadPool
 
-from .store_base import Lease, Store, StoreUnavailable
+from .store_base import Entry, Lease, Store, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL) WITHOUT ROWID;
@@ -169,6 +169,33 @@ class EmbeddedStore(Store):
     def _do_holders(self, key: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM leases WHERE key = ? AND expires > ?",
                                 (key, time.time())).fetchone()[0]
+
+    # -- for the operator --------------------------------------------------------
+    def _do_entries(self, prefix: str, limit: int, exact: bool) -> list[Entry]:
+        now = time.time()
+        # substr, not LIKE: keys hold '%' and '_' freely (greylisting's triplets).
+        match = "key = ?" if exact else "substr(key, 1, ?) = ?"
+        args: tuple[Any, ...] = (prefix,) if exact else (len(prefix), prefix)
+        found = [Entry(key, "value", value, 1, expires) for key, value, expires in self._db.execute(
+            f"SELECT key, value, expires FROM kv WHERE {match} AND (expires IS NULL OR expires > ?) "
+            "ORDER BY key LIMIT ?", (*args, now, limit))]
+        for table, kind in (("events", "events"), ("leases", "leases")):
+            found += [Entry(key, kind, None, count, expires) for key, count, expires in self._db.execute(
+                f"SELECT key, COUNT(*), MAX(expires) FROM {table} WHERE {match} AND expires > ? "
+                "GROUP BY key ORDER BY key LIMIT ?", (*args, now, limit))]
+        return found
+
+    def _do_forget(self, key: str) -> int:
+        now = time.time()
+        gone = 0
+        with _immediate(self._db) as db:
+            for table in ("kv", "events", "leases"):
+                live = db.execute(f"SELECT COUNT(*) FROM {table} WHERE key = ? AND "
+                                  f"{'(expires IS NULL OR expires > ?)' if table == 'kv' else 'expires > ?'}",
+                                  (key, now)).fetchone()[0]
+                gone += 1 if live else 0
+                db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
+        return gone
 
 
 class _immediate:

@@ -68,7 +68,7 @@ def forget_plugin_modules() -> None:
 
 
 def load_plugin(spec: PluginSpec, dirs: list[Path], base_dir: str) -> Plugin:
-    where = f"{spec.source}:{spec.line or '?'}: [[{spec.label}]]"
+    where = spec.where
     # qpsmtpd's old names (check_earlytalker) load the current plugin, with a deprecation note
     name, label = aliases.resolve(spec.name, spec.label, dirs, f"{spec.source}:{spec.line or '?'}:")
     module, path = _import(name, dirs, where)

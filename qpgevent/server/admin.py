@@ -125,7 +125,7 @@ class AdminServer:
     def start(self) -> None:
         self.server.start()
         # Not "listening on": the test helper reads the SMTP port from that phrase.
-        log.info("admin pages on %s/status (also /status.json, /metrics)", self.url)
+        log.info("admin pages on %s/status (also /status.json, /metrics, /health)", self.url)
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
@@ -148,8 +148,16 @@ class AdminApp:
         self.token = token
         self.refresh = refresh
         self.me = me
+        #: What ``/health`` says: "up" (200); "draining" or "stopping" (503) once a stop began.
+        self.health = "up"
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/health":
+            # For the balancer's health check, from any address and without the token: it
+            # tells only whether to send new sessions here.
+            status = "200 OK" if self.health == "up" else "503 Service Unavailable"
+            return _respond(start_response, status, f"{self.health}\n".encode(), "text/plain",
+                            [("Cache-Control", "no-store")])
         refusal = self.refusal(environ)
         if refusal is not None:
             status, text, extra = refusal

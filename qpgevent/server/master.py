@@ -183,6 +183,7 @@ class Master:
         self.pending: Generation | None = None  #: a reload whose workers are starting
         self.reload_again = False
         self.stopping = False
+        self.draining = False  #: /health says "draining"; the stop follows after drain_delay
         self.closed_everywhere = False
         self.killed_any = False
         self.announced = False
@@ -260,7 +261,7 @@ class Master:
 
     def _loop(self) -> int:
         handlers = {"signal": self._on_signal, "status": self._on_status, "exited": self._on_exit,
-                    "respawn": self._on_respawn, "deadline": self._on_deadline}
+                    "respawn": self._on_respawn, "deadline": self._on_deadline, "drained": self._stop}
         while not (self.stopping and not self.workers):
             kind, *args = self.events.get()
             handlers[kind](*args)
@@ -326,7 +327,7 @@ class Master:
         if signum == signal.SIGHUP:
             self._reload()
         else:
-            self._stop(signal.Signals(signum).name)
+            self._drain_then_stop(signal.Signals(signum).name)
 
     def _on_status(self, worker: Worker, what: bytes) -> None:
         if what == READY:
@@ -391,11 +392,25 @@ class Master:
             self._signal(worker, signal.SIGKILL)
 
     # -- stop -------------------------------------------------------------------------------
+    def _drain_then_stop(self, why: str) -> None:
+        """Tell the balancer first (``/health``: 503), stop ``drain_delay`` seconds later."""
+        delay = self.settings.drain_delay
+        if self.draining or self.stopping or delay <= 0:
+            self._stop(why)  # a second signal while draining: stop now
+            return
+        self.draining = True
+        if self.admin_server is not None:
+            self.admin_server.app.health = "draining"
+        log.info("%s: draining: /health answers 503, the listeners close in %ss", why, delay)
+        self.helpers.add(gevent.spawn_later(delay, self.events.put, ("drained", why)))
+
     def _stop(self, why: str) -> None:
         if self.stopping:
             log.info("%s: already stopping", why)
             return
         self.stopping = True
+        if self.admin_server is not None:
+            self.admin_server.app.health = "stopping"
         timeouts = [g.settings.shutdown_timeout for g in (self.current, self.pending) if g is not None]
         log.info("%s: stopping; sessions get up to %ss to finish", why, max(timeouts))
         # Ours first: once the workers have closed theirs, nothing listens any more.

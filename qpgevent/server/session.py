@@ -115,7 +115,8 @@ class Session:
     def transaction(self) -> Transaction:
         """The current transaction, started on first use (as in qpsmtpd, never None)."""
         if self._transaction is None:
-            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold)
+            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold,
+                                            connection_id=self.connection.id)
         return self._transaction
 
     @property
