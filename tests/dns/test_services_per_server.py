@@ -18,7 +18,7 @@ import pytest
 
 from qpgevent import dns, store
 from qpgevent.backends.services import Services
-from qpgevent.testing import InProcessServer, write_ini
+from qpgevent.testing import InProcessServer, wait_until, write_ini
 from qpgevent.testing.dns import LoopbackDns
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "data" / "dns_plugins"
@@ -77,6 +77,44 @@ def test_two_servers_with_different_dns_each_see_their_own_answers_at_once(serve
         assert [job.value[0] for job in group] == [220] * CLIENTS, (label, group[0].value)
     first, second = (servers[label].services.resolver for label in ANSWERS)
     assert first is not second and first.port != second.port
+
+
+LOOKUP_AT_MAIL = '''"""lookup_at_mail: looks ``name`` up at MAIL and says what it found (550). Tests only."""
+from qpgevent import dns
+from qpgevent.plugin import DENY, Plugin
+
+
+class LookupAtMail(Plugin):
+    def hook_mail(self, session, sender, params):
+        return DENY, "found " + ",".join(dns.a("mail.example.test"))
+'''
+
+
+def test_a_parked_session_wakes_with_its_own_server_s_resolver(tmp_path, nameservers):
+    """Parked between commands (no greenlet holds it), a session wakes in a new greenlet:
+    the resolver it then asks is still its server's."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "lookup_at_mail.py").write_text(LOOKUP_AT_MAIL, encoding="utf-8")
+    running = {}
+    try:
+        for label in ANSWERS:
+            folder = tmp_path / label
+            folder.mkdir()
+            ini = write_ini(folder, "[[lookup_at_mail]]\n", plugin_dirs=str(plugins), park_after=0.05,
+                            dns_nameservers="127.0.0.1", dns_port=nameservers[label].port, dns_timeout=5)
+            running[label] = InProcessServer(ini)
+        clients = {label: server.smtp(timeout=30) for label, server in running.items()}
+        for client in clients.values():
+            assert client.ehlo()[0] == 250
+        wait_until(lambda: all(len(server.server.parking) == 1 for server in running.values()), 10,
+                   "both sessions parked")
+        for label, client in clients.items():
+            assert client.mail("a@client.test") == (550, f"5.7.1 found {ANSWERS[label]}".encode()), label
+            client.close()
+    finally:
+        for server in running.values():
+            server.stop(0.5)
 
 
 def test_each_server_has_its_own_store(servers):
