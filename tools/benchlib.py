@@ -226,6 +226,19 @@ def run_smtp_source(smtp_source: str, port: int, concurrency: int, messages: int
 
 # -- files, text, options, signals ---------------------------------------------------------------
 
+def run_concurrently(send_one, port: int, data: bytes, messages: int, concurrency: int) -> float:
+    """Seconds to send ``messages`` times ``data`` with ``send_one(port, data)``, ``concurrency``
+    greenlets at once (the caller has monkey-patched); the first failure is raised."""
+    import gevent
+    import gevent.pool
+
+    pool = gevent.pool.Pool(concurrency)
+    started = time.perf_counter()
+    jobs = [pool.spawn(send_one, port, data) for _ in range(messages)]
+    gevent.joinall(jobs, raise_error=True)
+    return time.perf_counter() - started
+
+
 def count_files(folder: Path) -> int:
     return sum(1 for entry in os.scandir(folder) if entry.is_file()) if folder.is_dir() else 0
 

@@ -9,8 +9,8 @@ which name to write instead. The plugin's label becomes the current name
 results all see one name, whichever was written.
 
 Only plugins that do here what they did there are listed: a name whose plugin is not
-bundled (``queue/qmail-queue``, ``check_loop``) stays an unknown plugin, not a silent
-stand-in.
+bundled (``check_loop``, ``dns_whitelist_soft``: a dnsbl option here) stays an unknown
+plugin, not a silent stand-in.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ ALIASES: dict[str, str] = {
     "require_resolvable_fromhost": "resolvable_fromhost",
     # a dash where Python module names have an underscore
     "queue/smtp-forward": "queue/smtp_forward",
+    "queue/qmail-queue": "queue/qmail_queue",
     # the auth back ends, without their auth_ prefix
     "auth/auth_flat_file": "auth/flat_file",
     "auth/auth_checkpassword": "auth/checkpassword",

@@ -47,7 +47,7 @@ EXIT_CODES = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: the server's options, then the commands (``plugin``, ``store``)."""
-    from . import dryrun, store_cli  # the commands' own options live beside what they do
+    from . import dryrun, status_cli, store_cli  # the commands' own options live beside what they do
 
     epilog = "exit status:\n" + "\n".join(
         textwrap.fill(text, 78, initial_indent=f"  {code}  ", subsequent_indent="     ")
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="The [store] of the config, embedded or Redis, as the "
                                 "policy plugins see it.")
     store_cli.add_commands(store)
+    status_cli.add_command(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ from qpgevent.testing.netlab import NetLab
 from qpgevent.testing.redis_sentinel import LoopbackSentinels
 
 HOSTS = {"client": ("198.18.0.2", "2001:db8::2"), "client2": ("198.18.0.3", "2001:db8::3"),
+         "client3": ("198.18.0.4", "2001:db8::4"),
          "lb": ("198.18.0.10", "2001:db8::10"), "redis": ("198.18.0.30", "2001:db8::30"),
          "h1": ("198.18.0.21", "2001:db8::21"), "h2": ("198.18.0.22", "2001:db8::22"),
          "h3": ("198.18.0.23", "2001:db8::23")}
@@ -35,8 +36,10 @@ LB = "198.18.0.10"
 REDIS_PORTS = (6379, 6380, 26379, 26380, 26381)
 ADMIN_PORT = 8025
 TOKEN = "cluster-test-token"
-#: The cluster-wide per-address concurrency limit of the ``limit`` plugin (through Redis).
+#: The cluster-wide per-address limits of the ``limit`` plugin (through Redis): sessions at
+#: once, and new sessions per minute.
 CONCURRENCY = 4
+RATE = 12
 #: The load clients' address is exempt from the limit (it opens many sessions at once).
 LOAD_CLIENT = HOSTS["client"][0]
 
@@ -45,6 +48,7 @@ def host_plugins(maildir: Path) -> str:
     return textwrap.dedent(f"""\
         [[limit]]
           concurrency = {CONCURRENCY}
+          rate_conn = {RATE}/60
           exempt = {LOAD_CLIENT}
         [[greylisting]]
           black_timeout = 0

@@ -7,12 +7,15 @@ which the client knows about), and the client gave up on none. The lab: ``lab_cl
 
 from __future__ import annotations
 
+import json
 import signal
 import smtplib
+import subprocess
+import sys
 
 from qpgevent.testing import wait_until
 
-from lab_cluster import CONCURRENCY, HOSTS, LB, MX_HOSTS, Load
+from lab_cluster import ADMIN_PORT, CONCURRENCY, HOSTS, LB, MX_HOSTS, RATE, TOKEN, Load
 
 
 def progress(load: Load, at_least: int, timeout: float = 60) -> None:
@@ -115,3 +118,43 @@ def test_the_per_address_limit_holds_across_the_hosts(all_up):
                 return again.connect(LB, 25)[0] == 220
         # The slots come back once the others left (leases released at disconnect).
         wait_until(welcome, 30, "a session from the address once the others closed", 0.1)
+
+
+def test_the_per_address_rate_holds_across_the_hosts(all_up):
+    source = HOSTS["client3"][0]
+    with all_up.lab.inside("client3"):
+        serving = set()
+        for _ in range(RATE):  # one after the other, round robin over the hosts
+            with smtplib.SMTP(timeout=30) as client:
+                code, banner = client.connect(LB, 25)
+                assert code == 220, banner
+                serving.add(banner.split()[0])
+        assert len(serving) == 3, serving  # every host took some: each alone saw fewer than RATE
+        with smtplib.SMTP(timeout=30) as client:
+            assert client.connect(LB, 25) == (421, f"4.7.0 Connection rate limit exceeded for {source}".encode())
+
+
+def cluster_status(*extra: str) -> tuple[int, dict]:
+    """``qpgevent status --json`` over the three hosts' admin pages, run from the client host."""
+    urls = [arg for name in MX_HOSTS for arg in ("--url", f"http://{HOSTS[name][0]}:{ADMIN_PORT}")]
+    done = subprocess.run([sys.executable, "-m", "qpgevent", "status", "--json", "--token", TOKEN, *urls, *extra],
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_status_shows_every_host_and_a_draining_one(all_up):
+    cluster = all_up
+    with smtplib.SMTP(LB, 25, local_hostname="held.client.test", timeout=30) as held:
+        held.ehlo()
+        code, view = cluster_status()
+        assert code == 0, view
+        assert [h["health"] for h in view["hosts"]] == ["up", "up", "up"]
+        assert view["total"]["up"] == 3 and view["total"]["processes"] == 3  # one worker each
+        assert view["total"]["sessions"] >= 1  # the one held open here
+        assert any(s["helo"] == "held.client.test" for h in view["hosts"] for s in h["status"]["sessions"])
+    victim = cluster.hosts["h3"]
+    victim.process.process.send_signal(signal.SIGTERM)  # drain_delay = 2: draining first
+    wait_until(lambda: cluster_status()[1]["hosts"][2]["health"] in ("draining", "stopping"), 10, "h3 draining")
+    assert victim.process.wait(60) == 0
+    code, view = cluster_status()
+    assert code == 1 and view["hosts"][2]["health"] == "unreachable" and view["total"]["up"] == 2

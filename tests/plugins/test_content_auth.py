@@ -208,6 +208,13 @@ def test_dkim_reject_on_fail_refuses(start, key):
     assert code == 554 and "DKIM fail for sender.test" in text, text
 
 
+def test_the_dkim_refusal_follows_reject_and_reject_type(start, key):
+    data = signed(key, message()).replace(b"lunch at noon?", b"tampered")
+    assert send(start(dkim="reject_on = fail\n  reject = 0", only=("dkim",)), "alice@sender.test", data)[0] == 250
+    code, text = send(start(dkim="reject_on = fail\n  reject_type = temp", only=("dkim",)), "alice@sender.test", data)
+    assert code == 451 and "DKIM fail for sender.test" in text, text
+
+
 # -- DMARC and the one header ------------------------------------------------------------
 
 def test_dmarc_pass_through_spf_alignment_and_one_header_for_all(start, key):
@@ -228,6 +235,12 @@ def test_dmarc_fail_with_p_reject_is_refused(start):
     server = start(spf="reject_on =")
     code, text = send(server, "bounce@other.test", message())
     assert (code, text) == (554, "5.7.1 DMARC policy of sender.test rejects this message")
+
+
+def test_the_dmarc_refusal_follows_reject_and_reject_type(start):
+    assert send(start(spf="reject_on =", dmarc="reject = 0"), "bounce@other.test", message())[0] == 250
+    code, text = send(start(spf="reject_on =", dmarc="reject_type = temp"), "bounce@other.test", message())
+    assert code == 451 and text.endswith("DMARC policy of sender.test rejects this message"), text
 
 
 def test_dmarc_pass_through_dkim_alignment_rescues_an_spf_fail(start, key):

@@ -102,6 +102,7 @@ ELSEWHERE = {
     "dkim": "tests/plugins/test_content_auth.py (signed mail, reject_on)",
     "dmarc": "tests/plugins/test_content_auth.py (a p=reject policy)",
     "spamassassin": "tests/plugins/test_content_scanners.py (a real spamd)",
+    "rspamd": "tests/services/test_rspamd.py (a real rspamd: GTUBE with reject = 0, reject_type = temp)",
     "virus/clamdscan": "tests/plugins/test_content_scanners.py (a real clamd)",
 }
 

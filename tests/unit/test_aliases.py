@@ -33,6 +33,7 @@ def load(tmp_path: Path, plugins: list[str], head: list[str] = HEAD):
     ("check_spamhelo", "helo", ["    policy = rfc"]),
     ("require_resolvable_fromhost", "resolvable_fromhost", []),  # the older long name
     ("queue/smtp-forward", "queue/smtp_forward", ["    routes = *:127.0.0.1:2526"]),  # a dash
+    ("queue/qmail-queue", "queue/qmail_queue", []),
     ("auth/auth_flat_file", "auth/flat_file", ["    users = users.auth"]),  # the auth_ prefix
 ])
 def test_an_old_name_loads_the_current_plugin_with_a_deprecation_note(tmp_path, caplog, old, new, options):
