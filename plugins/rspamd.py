@@ -31,7 +31,7 @@ symbols in ``X-Rspamd-Report``; the message's own X-Rspamd-* and X-Spam-Flag are
 removed first, so a sender cannot forge a verdict. The verdict is recorded in
 ``transaction.results.get("rspamd")`` (fail ``reject``, ``soft reject``..., or pass ``no
 action``; the evidence ``action``, ``score``, ``required_score``, ``symbols``...) and
-logged.
+logged. It reads the connection notes ``auth_user``, ``tls_version`` and ``tls_cipher``.
 
 Settings: ``Settings-ID`` is ``settings_id_authenticated`` for clients that logged in,
 ``settings_id_relay`` for other relay clients, ``settings_id`` for everyone else (empty:
