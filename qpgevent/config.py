@@ -102,6 +102,9 @@ class Settings:
     #: [limits] park_after: seconds idle before a session waits with no greenlet (0: never).
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
+    max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
+    hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
+    nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -112,6 +115,8 @@ class Settings:
     admin_token: str = ""
     admin_run_dir: str = ""
     admin_refresh: float = 2.0
+    admin_max_connections: int = 16  #: [admin] max_connections: served at once
+    admin_timeout: float = 10.0  #: [admin] timeout: seconds a connection may stay open
     #: [dns]: the resolver (no nameservers: /etc/resolv.conf's), the per-session DNS time
     #: budget (0: none), and whether the client's name is looked up (FCrDNS) at connect.
     dns_nameservers: tuple[str, ...] = ()
@@ -255,17 +260,20 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         size_threshold=server["size_threshold"],
         shutdown_timeout=server["shutdown_timeout"],
         drain_delay=server["drain_delay"],
+        hung_worker_timeout=server["hung_worker_timeout"],
         max_connections=limits["max_connections"],
         max_message_size=limits["max_message_size"],
         max_recipients=limits["max_recipients"],
         max_command_line=limits["max_command_line"],
         max_text_line=limits["max_text_line"],
+        max_header_size=limits["max_header_size"],
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],
+        nul_bytes=config["smtp"]["nul_bytes"],
         log_level=config["logging"]["level"],
         log_file=config["logging"]["file"],
         plugins=tuple(plugins),
@@ -280,6 +288,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         admin_token=config["admin"]["token"],
         admin_run_dir=config["admin"]["run_dir"],
         admin_refresh=config["admin"]["refresh"],
+        admin_max_connections=config["admin"]["max_connections"],
+        admin_timeout=config["admin"]["timeout"],
         dns_nameservers=_nameservers(config["dns"]["nameservers"], path, lines),
         dns_port=config["dns"]["port"],
         dns_timeout=config["dns"]["timeout"],

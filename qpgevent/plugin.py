@@ -187,9 +187,21 @@ def run_blocking(function: Any, *args: Any) -> Any:
     """Run a call that would block the whole process (disk fsync, CPU work) in a thread.
 
     Sockets are cooperative under gevent; disk I/O is not. A plugin that fsyncs or
-    crunches calls it through here so other sessions keep running meanwhile.
+    crunches calls it through here so other sessions keep running meanwhile. What the
+    call raises is raised here, in the caller, and only here: gevent's pool would also
+    print it with a traceback to standard error (a full disk is an answer, not a crash).
     """
-    return gevent.get_hub().threadpool.apply(function, args)
+    failed, value = gevent.get_hub().threadpool.apply(_outcome, (function, args))
+    if failed:
+        raise value
+    return value
+
+
+def _outcome(function: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    try:
+        return False, function(*args)
+    except Exception as error:
+        return True, error
 
 
 def same_network(ip: str, other: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> bool:

@@ -11,6 +11,12 @@ the whole hub. So every call runs on a thread of its own (one per process, ownin
 connection): the hub keeps serving while it waits. The hand-off costs tens of
 microseconds (``tools/bench_policy.py`` measures it end to end).
 
+Opening is retried for up to ``timeout`` seconds: ``PRAGMA journal_mode = WAL`` on a new
+file that another process has locked (it is creating the file too) fails at once with
+"database is locked", whatever the busy timeout. The file is created 0600 (SQLite gives
+its ``-wal`` and ``-shm`` files the same mode): it holds the user names AUTH was tried
+with. An existing file readable by others loses that permission.
+
 Leases are rows with the holder's pid and an expiry the heartbeat renews. A holder
 that died is seen at once when the key is full (its pid is gone); otherwise its rows
 lapse at their expiry like every other backend's.
@@ -20,9 +26,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from typing import Any, Callable
 
+import gevent.monkey
 from gevent.threadpool import ThreadPool
 
 from .store_base import Entry, Lease, Store, StoreUnavailable
@@ -36,8 +44,21 @@ CREATE TABLE IF NOT EXISTS leases (token TEXT PRIMARY KEY, key TEXT NOT NULL, pi
                                    expires REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS leases_key ON leases (key, expires);
 """
+#: The store's own thread waits with the real sleep (it is not a greenlet of the hub).
+_sleep = gevent.monkey.get_original("time", "sleep")
 #: Seconds between sweeps of lapsed rows (each process sweeps on its own calls).
 PURGE_EVERY = 60.0
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` 0600 if it is not there; take others' access away if it is."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o007:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~0o007)
+    finally:
+        os.close(fd)
 
 
 class EmbeddedStore(Store):
@@ -56,33 +77,48 @@ class EmbeddedStore(Store):
     def _execute(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._pool is None:
             self._pool = ThreadPool(1)
-        try:
-            return self._pool.apply(self._in_thread, (function, args))
-        except (sqlite3.Error, OSError) as error:
-            raise StoreUnavailable(f"{self.path}: {error}") from None
+        failed, value = self._pool.apply(self._in_thread, (function, args))
+        if failed:  # raised here, not in the pool's thread: gevent would print a traceback there
+            if isinstance(value, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(f"{self.path}: {value}") from None
+            raise value
+        return value
 
-    def _in_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        if self._db is None:
-            self._db = self._open()
-        now = time.time()
-        if now - self._purged > PURGE_EVERY:
-            self._purged = now
-            self._purge(now)
-        return function(*args)
+    def _in_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        try:
+            if self._db is None:
+                self._db = self._open()
+            now = time.time()
+            if now - self._purged > PURGE_EVERY:
+                self._purged = now
+                self._purge(now)
+            return False, function(*args)
+        except Exception as error:
+            return True, error
 
     def _open(self) -> sqlite3.Connection:
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.executescript(SCHEMA)
-        except sqlite3.Error:
-            db.close()
-            raise
-        return db
+        _create_private(self.path)
+        deadline, pause = time.monotonic() + self.timeout, 0.005
+        while True:
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.executescript(SCHEMA)
+                return db
+            except sqlite3.OperationalError as error:
+                db.close()
+                locked = "locked" in str(error) or "busy" in str(error)
+                if not locked or time.monotonic() + pause > deadline:
+                    raise
+            except sqlite3.Error:
+                db.close()
+                raise
+            _sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _purge(self, now: float) -> None:
         with _immediate(self._db) as db:

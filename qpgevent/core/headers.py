@@ -143,7 +143,8 @@ def _encode_bytes(name: str, value: bytes) -> bytes:
 def _encode(name: str, value: str) -> bytes:
     # A value with line breaks must keep them as folding, never start a new field:
     # a plugin must not be able to inject a header by accident.
-    lines = [line.strip("\r") for line in value.split("\n")]
+    # A bare CR is a line break too (to some readers): it becomes folding as well.
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     folded = "\r\n".join(lines[:1] + [line if line[:1] in (" ", "\t") else "\t" + line
                                       for line in lines[1:]])
     return f"{name}: {folded}\r\n".encode("utf-8")

@@ -17,6 +17,7 @@ import contextvars
 import email.utils
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -83,6 +84,7 @@ class Session:
             max_recipients=settings.max_recipients,
             max_bad_commands=settings.max_bad_commands,
             allow_bare_lf=settings.allow_bare_lf,
+            nul_bytes=settings.nul_bytes,
         ))
         self._peers = peers
         self._transaction: Transaction | None = None
@@ -116,7 +118,8 @@ class Session:
         """The current transaction, started on first use (as in qpsmtpd, never None)."""
         if self._transaction is None:
             self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold,
-                                            connection_id=self.connection.id)
+                                            connection_id=self.connection.id,
+                                            max_header_size=self.settings.max_header_size)
         return self._transaction
 
     @property
@@ -670,6 +673,9 @@ class Session:
             self._headers_done()
 
     def _headers_done(self) -> None:
+        if self.transaction.problem is not None:  # header too large, spool_dir full
+            self._message_refusal = self.transaction.problem
+            return
         asked = self._ask_silently("data_headers_end")
         if asked.outcome is Outcome.CLOSE:
             self._send(asked.reply)
@@ -699,6 +705,8 @@ class Session:
         transaction = self.transaction
         if transaction.end_of_data() and self._message_refusal is None:
             self._headers_done()
+        if self._message_refusal is None:
+            self._message_refusal = transaction.problem
         if self._message_refusal is not None:
             self._send(self._message_refusal)
             return
@@ -732,8 +740,10 @@ class Session:
         if user and esmtp:
             protocol += "A"
             protocol += f" (authenticated as {_printable(user)})"
-        helo = _printable(connection.hello_host or "unknown")
-        remote = connection.remote_host or "unknown"
+        helo = connection.hello_host or "unknown"
+        if not _ADDRESS_LITERAL.fullmatch(helo):  # "[192.0.2.1]" stays; brackets elsewhere could forge ours
+            helo = _printable(helo)
+        remote = _printable(connection.remote_host or "unknown")
         if connection.remote_info:  # the ident answer, as sendmail writes it: user@host
             remote = f"{_printable(connection.remote_info)}@{remote}"
         recipients = transaction.recipients
@@ -848,7 +858,12 @@ def _rewritten(verdict: Verdict, path: str) -> str:
 
 
 def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]
+    """Client text fit for our Received comment: no control characters, nothing that
+    could open or close a comment or an address literal of its own."""
+    return "".join(c if c.isprintable() and c not in "()[]" else "?" for c in text)[:255]
+
+
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\]")
 
 
 _date_second, _date_text = -1, ""  #: the wall-clock second _received_date last made, and its text

@@ -44,12 +44,12 @@ from ..backends.services import Services
 from ..server.session import Session
 
 _SECTIONS = {
-    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout", "drain_delay",
+    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout", "drain_delay", "hung_worker_timeout",
                "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
-               "max_text_line", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
+               "max_text_line", "max_header_size", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
                "max_bad_commands"),
-    "smtp": ("allow_bare_lf",),
+    "smtp": ("allow_bare_lf", "nul_bytes"),
     "tls": ("certificate", "key", "sni", "min_version", "handshake_timeout", "reload_check"),
     "auth": ("tls_before_auth", "max_failures_ip", "max_failures_user", "failure_window", "failure_delay",
              "max_delay", "senders"),
@@ -57,7 +57,7 @@ _SECTIONS = {
     "dns": ("nameservers", "port", "timeout", "session_budget", "cache_size", "reverse_lookup"),
     "ident": ("enabled", "timeout", "port"),
     "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address"),
-    "admin": ("listen", "token", "run_dir", "refresh"),  # [admin] listen: write admin_listen=
+    "admin": ("listen", "token", "run_dir", "refresh", "max_connections", "timeout"),  # [admin] listen: write admin_listen=
     "store": ("backend", "path", "url", "sentinels", "sentinel_master", "prefix", "timeout", "fail", "retry",
               "lease_ttl", "pool_size"),
 }

@@ -152,9 +152,21 @@ def test_status_shows_every_host_and_a_draining_one(all_up):
         assert view["total"]["up"] == 3 and view["total"]["processes"] == 3  # one worker each
         assert view["total"]["sessions"] >= 1  # the one held open here
         assert any(s["helo"] == "held.client.test" for h in view["hosts"] for s in h["status"]["sessions"])
+    # A long drain for h3, so that a slow "qpgevent status" still sees it; a second TERM ends it.
     victim = cluster.hosts["h3"]
-    victim.process.process.send_signal(signal.SIGTERM)  # drain_delay = 2: draining first
-    wait_until(lambda: cluster_status()[1]["hosts"][2]["health"] in ("draining", "stopping"), 10, "h3 draining")
-    assert victim.process.wait(60) == 0
+    ini = victim.ini.read_text()
+    victim.ini.write_text(ini.replace("drain_delay = 2", "drain_delay = 60"))
+    try:
+        victim.process.terminate(60)
+        victim.start()
+        cluster.wait_states({"h3": "UP"})
+        victim.process.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: cluster_status()[1]["hosts"][2]["health"] == "draining", 30, "h3 draining")
+        code, view = cluster_status()
+        assert code == 1 and view["total"]["up"] == 2
+        victim.process.process.send_signal(signal.SIGTERM)  # the second: stop now
+        assert victim.process.wait(60) == 0
+    finally:
+        victim.ini.write_text(ini)
     code, view = cluster_status()
     assert code == 1 and view["hosts"][2]["health"] == "unreachable" and view["total"]["up"] == 2

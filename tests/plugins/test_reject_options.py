@@ -102,6 +102,8 @@ ELSEWHERE = {
     "dkim": "tests/plugins/test_content_auth.py (signed mail, reject_on)",
     "dmarc": "tests/plugins/test_content_auth.py (a p=reject policy)",
     "spamassassin": "tests/plugins/test_content_scanners.py (a real spamd)",
+    "rcpt_dovecot": "tests/directory/test_rcpt_dovecot.py (a real Dovecot userdb)",
+    "rcpt_ldap": "tests/directory/test_ldap.py (a real slapd)",
     "rspamd": "tests/services/test_rspamd.py (a real rspamd: GTUBE with reject = 0, reject_type = temp)",
     "virus/clamdscan": "tests/plugins/test_content_scanners.py (a real clamd)",
 }

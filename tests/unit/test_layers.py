@@ -39,7 +39,8 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent.dns", "qpgevent.store",
               "qpgevent.ident", "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner",
               "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol",
-              "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.results"}
+              "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.directory", "qpgevent.dovecot",
+              "qpgevent.ldap_client", "qpgevent.results"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 
