@@ -32,6 +32,7 @@ DEFAULT_REASON = "Your envelope sender is in my badmailfrom list"
 
 
 class Badmailfrom(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     list = force_list(default=list())
     file = path(default="")

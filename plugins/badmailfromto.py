@@ -33,6 +33,7 @@ def parse_pairs(entries):
 
 
 class Badmailfromto(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     list = force_list(default=list())
     file = path(default="")

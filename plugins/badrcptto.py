@@ -22,6 +22,7 @@ from qpgevent.policy import Entries, match_address, parse_patterns
 
 
 class Badrcptto(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     list = force_list(default=list())
     file = path(default="")

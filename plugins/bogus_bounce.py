@@ -21,6 +21,7 @@ from qpgevent.plugin import DECLINED, DENY, DENYSOFT, Plugin
 
 
 class BogusBounce(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = 'action = option("log", "deny", "denysoft", default=None)'
 
     def hook_data_post(self, session):

@@ -13,8 +13,9 @@ is CPU work that must not stall other sessions). Each signature gets a result (R
   temperror  the key could not be fetched now (DNS failure)
   policy     not checked: the message is over ``max_size``
 
-recorded as ``transaction.notes["dkim"] = [{"domain", "selector", "result", "reason"}]``
-(for dmarc) and in the message's one Authentication-Results header
+recorded in ``transaction.results.get("dkim")`` (each signature's domain under its
+outcome: pass, fail, err for the errors, skip for policy; the evidence ``signatures``,
+``[{"domain", "selector", "result", "reason"}]``, for dmarc) and in the message's one Authentication-Results header
 (``dkim=pass header.d=sender.test header.s=sel header.b=Ab12Cd34``; ``dkim=none``
 when the message has no signature). A message is refused only for the results listed in
 ``reject_on`` (default none: RFC 6376 6.3 asks that a failed signature count like no
@@ -65,6 +66,7 @@ import dkim as dkimpy
 
 from qpgevent import authresults, dns
 from qpgevent.plugin import DECLINED, Plugin, run_blocking
+from qpgevent.results import AUTH_OUTCOMES
 
 _TAG = re.compile(r"\b([a-z]+)\s*=\s*([^;]*)")
 _WSP = re.compile(rb"[ \t]+")
@@ -143,6 +145,7 @@ def signature_tags(value):
 
 
 class Dkim(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "max_size = integer(min=0, default=67108864)",
         "max_sign_size = integer(min=0, default=10485760)",
@@ -198,6 +201,7 @@ class Dkim(Plugin):
         signatures = [signature_tags(value) for value in transaction.headers.get_all("DKIM-Signature")]
         results = []
         if not signatures:
+            transaction.results.add(self, skip="no signature")
             authresults.record(transaction, "dkim", "none")
         elif transaction.data_size > self.config["max_size"]:
             results = [self._result(tags, "policy", "message too large to verify") for tags in signatures]
@@ -208,8 +212,9 @@ class Dkim(Plugin):
             verdicts = run_blocking(self._verify_all, header, transaction, signatures, keys, names)
             results = [self._result(tags, result, reason)
                        for tags, (result, reason) in zip(signatures, verdicts)]
-        transaction.notes["dkim"] = results
+        transaction.results.add(self, signatures=results)
         for entry, tags in zip(results, signatures):
+            transaction.results.record(self, AUTH_OUTCOMES[entry["result"]], entry["domain"])
             authresults.record(transaction, "dkim", entry["result"], entry["reason"],
                                header_d=tags.get("d"), header_s=tags.get("s"),
                                header_b=tags.get("b", "")[:8] or None)

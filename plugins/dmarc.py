@@ -1,7 +1,7 @@
 """dmarc: apply the From domain's DMARC policy (RFC 7489) from the SPF and DKIM results.
 
 After the message is received (data_post; put it after sender_permitted_from and dkim,
-which record their results in ``transaction.notes``), for the domain of the From
+which record their results in ``transaction.results``), for the domain of the From
 header:
 
 1. the policy record: TXT ``_dmarc.<from domain>``, else ``_dmarc.<organizational
@@ -25,7 +25,8 @@ A DNS failure looking up the record is ``dmarc=temperror``: deferred with 451 wh
 domain, or several From addresses, is ``dmarc=permerror`` and accepted (RFC 7489 6.6.1
 leaves it to us; other plugins, ``headers``, can refuse it).
 
-Recorded: ``transaction.notes["dmarc"] = {"result", "domain", "policy", "applied"}``
+Recorded: ``transaction.results.get("dmarc")`` (outcome pass, fail, err for the errors,
+skip for none; evidence ``result``, ``domain``, ``policy``, ``applied``)
 and ``dmarc=<result> header.from=<domain> policy.dmarc=<p>`` in the message's one
 Authentication-Results header. Relay clients are not checked.
 
@@ -50,6 +51,7 @@ import random
 
 from qpgevent import authresults, dns
 from qpgevent.plugin import DECLINED, DENYSOFT, Plugin
+from qpgevent.results import AUTH_OUTCOMES
 
 ACTIONS = 'option("reject", "quarantine", "none", default="%s")'
 
@@ -103,6 +105,7 @@ def parse_record(text):
 
 
 class Dmarc(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "on_reject = " + ACTIONS % "reject",
         "on_quarantine = " + ACTIONS % "quarantine",
@@ -168,14 +171,22 @@ class Dmarc(Plugin):
                 return other == domain
             return other == domain or self.suffixes.organizational_domain(other) == organizational
 
-        spf = transaction.notes.get("spf") or {}
+        spf = transaction.results.get("sender_permitted_from")
+        spf = spf.evidence if spf is not None else {}
         # The SPF-authenticated domain: MAIL FROM's, or HELO's for the null sender (RFC 7208 2.4).
         if spf.get("result") == "pass" and aligned(spf.get("domain"), record.get("aspf", "r")):
             return True
         return any(signature["result"] == "pass" and aligned(signature["domain"], record.get("adkim", "r"))
-                   for signature in transaction.notes.get("dkim") or [])
+                   for signature in _evidence(transaction, "dkim", "signatures"))
 
     def _done(self, transaction, result, domain, policy, applied, reason):
-        transaction.notes["dmarc"] = {"result": result, "domain": domain, "policy": policy, "applied": applied}
+        transaction.results.record(self, AUTH_OUTCOMES[result], "dmarc", result=result, domain=domain,
+                                   policy=policy, applied=applied)
         authresults.record(transaction, "dmarc", result, reason, header_from=domain, policy_dmarc=policy)
         return DECLINED
+
+
+def _evidence(transaction, plugin, key):
+    """What ``plugin`` recorded under ``key`` for this message (nothing: an empty list)."""
+    found = transaction.results.get(plugin)
+    return found.get(key, []) if found is not None else []

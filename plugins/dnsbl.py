@@ -13,7 +13,7 @@ another, 30 s each). Then:
 - a client listed in a *reject* zone is refused, with the list's TXT record as reason:
   ``554 5.7.1 192.0.2.1 is listed in zen.example: <TXT>`` at connect, or
   ``550 5.7.1 ...`` at RCPT (see ``reject_at``);
-- each *score* zone listing the client adds its score to ``notes["dnsbl_score"]``; the
+- each *score* zone listing the client adds its score to the result's ``score``; the
   client is refused once the sum reaches ``score_threshold`` (0: scores never refuse,
   they are only noted for other plugins);
 - a zone that cannot answer now (SERVFAIL, timeout) gives
@@ -30,7 +30,7 @@ Where the refusal happens (``reject_at``):
            RFC 2142 ask that a blocked sender can still reach them), so the log shows
            the envelope of what was refused. qpsmtpd's dnsbl always did this. Put
            dnsbl before rcpt_ok. A DNS failure is deferred the same way (450 at RCPT).
-``reject = naughty`` stores the refusal in ``notes["naughty"]`` at connect for the
+``reject = naughty`` records the refusal as deferred at connect for the
 naughty plugin to act on (a DNS failure too, as a temporary one); ``reject = 0`` only
 logs, DNS failures included. ``reject_type`` chooses 5xx/4xx/disconnect as usual
 (perm: 554 at connect, 550 at RCPT); a DNS failure is always temporary.
@@ -48,12 +48,15 @@ Options:
   allow               addresses/networks never looked up (default none)
   plus the standard reject, reject_type, loglevel, timeout
 
-Notes set on the connection:
-  dnsbl            the refusal text, when the client is refused (also with reject = 0)
-  dnsbl_listings   {zone: reason} of every blocklist zone listing the client
-  dnsbl_score      the sum of the scores of the score zones listing the client
-  whitelisthost    the whitelist zone listing the client
-  dnsbl_error      the DNS failure text, when the check could not be made
+Results (``connection.results.get("dnsbl")``): ``fail`` the blocklist zones listing the
+client, ``pass`` the zones that do not (and the whitelist zone that lists it), ``err``
+the zones that did not answer; evidence:
+  refusal      the refusal text, when the client is refused (also with reject = 0)
+  listings     {zone: reason} of every blocklist zone listing the client
+  score        the sum of the scores of the score zones listing the client
+  whitelisted  the whitelist zone listing the client (also the note ``whitelisthost``,
+               which ``is_immune`` reads)
+  error        the DNS failure text, when the check could not be made
 
 Example::
 
@@ -91,6 +94,7 @@ def parse_zone(entry, option="zones"):
 
 
 class Dnsbl(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     zones = force_list(default=list())
     whitelist_zones = force_list(default=list())
@@ -109,20 +113,20 @@ class Dnsbl(Plugin):
         self.exempt = {user.lower() for user in self.config["exempt_recipients"]}
         scored = [zone for zone, score in self.zones if score is not None]
         if scored and not self.config["score_threshold"]:
-            self.log.info("score zones %s only set notes['dnsbl_score']: score_threshold is 0",
+            self.log.info("score zones %s only add to the result's score: score_threshold is 0",
                           ", ".join(scored))
 
     # -- connect: look up, decide, refuse now or note for RCPT ------------------
     def hook_connect(self, session):
-        notes = session.connection.notes
-        ip = session.connection.remote_ip
+        connection = session.connection
+        ip = connection.remote_ip
         if self.is_immune(session) or ip_in(ip, self.allow) or not (self.zones or self.whitelist_zones):
             return DECLINED
-        refusal, failure = self.check(ip, notes)
+        refusal, failure = self.check(ip, connection)
         if refusal:
-            notes["dnsbl"] = refusal
+            connection.results.add(self, refusal=refusal)
         elif failure:
-            notes["dnsbl_error"] = failure
+            connection.results.add(self, error=failure)
             if self.config["fail_open"]:
                 self.log.warning("%s; letting the client in (fail_open)", failure)
                 return DECLINED
@@ -132,20 +136,22 @@ class Dnsbl(Plugin):
             return DECLINED  # hook_rcpt refuses
         return self._refuse(session)
 
-    def check(self, ip, notes):
-        """Ask every zone at once; return (refusal text or None, DNS failure text or None)."""
+    def check(self, ip, connection):
+        """Ask every zone at once, record what each said; (refusal text or None, DNS failure or None)."""
+        results = connection.results
         calls = [(dns.blocklist_reason, ip, zone) for zone, _ in self.zones]
         calls += [(dns.blocklist, ip, zone) for zone in self.whitelist_zones]
-        results = dns.parallel(calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, dns.TemporaryFailure):
-                raise result  # a bug, not the DNS: the hook runner answers 451 and logs it
-        blocked, allowed = results[:len(self.zones)], results[len(self.zones):]
+        answers = dns.parallel(calls, return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, dns.TemporaryFailure):
+                raise answer  # a bug, not the DNS: the hook runner answers 451 and logs it
+        blocked, allowed = answers[:len(self.zones)], answers[len(self.zones):]
 
         whitelist_failed = []
         for zone, listed in zip(self.whitelist_zones, allowed):
             if isinstance(listed, dns.TemporaryFailure):
                 whitelist_failed.append((zone, listed))
+                results.add(self, err=zone)
                 continue
             if listed and any(value.endswith(".255") for value in listed):
                 # list.dnswl.org answers 127.0.0.255 when it refuses the query (over quota,
@@ -154,7 +160,8 @@ class Dnsbl(Plugin):
                                  zone, ", ".join(listed), ip)
                 listed = [value for value in listed if not value.endswith(".255")]
             if listed:
-                notes["whitelisthost"] = zone
+                connection.notes["whitelisthost"] = zone  # what is_immune reads
+                results.add(self, pass_=zone, whitelisted=zone)
                 self.log.info("%s is whitelisted by %s (%s)", ip, zone, ", ".join(listed))
                 return None, None
 
@@ -162,19 +169,23 @@ class Dnsbl(Plugin):
         listings, score, scorers, failed = {}, 0.0, [], []
         for (zone, zone_score), reason in zip(self.zones, blocked):
             if isinstance(reason, dns.TemporaryFailure):
+                results.add(self, err=zone)
                 if zone_score is None or threshold:  # an unscored failure cannot matter
                     failed.append((zone, reason))
-            elif reason is not None:
+            elif reason is None:
+                results.add(self, pass_=zone)
+            else:
+                results.add(self, fail=zone)
                 listings[zone] = "" if reason == _NO_TXT.format(zone=zone) else reason
                 if zone_score is not None:
                     score += zone_score
                     scorers.append(zone)
         if listings:
-            notes["dnsbl_listings"] = listings
+            results.add(self, listings=listings)
             self.log.info("%s is listed in %s", ip,
                           "; ".join(f"{zone} ({reason or 'no TXT'})" for zone, reason in listings.items()))
         if any(zone_score is not None for _, zone_score in self.zones):
-            notes["dnsbl_score"] = score
+            results.add(self, score=score)
 
         refusal = next((_listed(ip, [zone], listings) for zone, zone_score in self.zones
                         if zone_score is None and zone in listings), None)
@@ -193,25 +204,23 @@ class Dnsbl(Plugin):
     def hook_rcpt(self, session, recipient, params):
         if self.config["reject_at"] != "rcpt" or self.config["reject"] != "1":
             return DECLINED  # refused (or noted) at connect already
-        notes = session.connection.notes
-        if not (notes.get("dnsbl") or (notes.get("dnsbl_error") and not self.config["fail_open"])):
+        found = session.connection.results.get(self)
+        if found is None or not (found.get("refusal") or (found.get("error") and not self.config["fail_open"])):
             return DECLINED
         if self.is_immune(session):  # AUTH, or a whitelisted sender, since connect
             return DECLINED
         if recipient.user.lower() in self.exempt:
             self.log.info("%s may reach %s despite: %s", session.connection.remote_ip,
-                          recipient.format(), notes.get("dnsbl") or notes["dnsbl_error"])
+                          recipient.format(), found.get("refusal") or found["error"])
             return DECLINED
         return self._refuse(session)
 
     def _refuse(self, session):
         """The listing as the reject options say; a DNS failure as a temporary refusal."""
-        notes = session.connection.notes
-        if notes.get("dnsbl"):
-            # RFC 3463: the status class goes with the reply's (4.7.1 when temporary).
-            temporary = self.config["reject_type"] in ("temp", "soft", "temp_disconnect")
-            return self.reject(f"{'4' if temporary else '5'}.7.1 {notes['dnsbl']}", session)
-        return self.reject(f"4.4.3 {notes['dnsbl_error']}, try again later", session, reject_type="temp")
+        found = session.connection.results.get(self)
+        if found.get("refusal"):
+            return self.reject(f"{self.enhanced_status('7.1')} {found['refusal']}", session)
+        return self.reject(f"4.4.3 {found['error']}, try again later", session, reject_type="temp")
 
 
 def _listed(ip, zones, listings, extra=""):

@@ -26,9 +26,11 @@ Options:
   ipv6_prefix  the same for IPv6 (default 64; 128: exact)
   reject, reject_type  as every plugin (default: refuse, perm)
 
-Notes: reads the connection note ``fcrdns`` the core writes (pass, fail, temperror);
-writes ``iprev`` (RFC 8601 2.7.3: pass, fail, permerror, temperror) and, on pass,
-``fcrdns_name`` (the confirmed name).
+Results: reads the core's ``connection.results.get("reverse_lookup")`` (pass, fail, or
+err when it timed out); records ``connection.results.get("fcrdns")``: pass, fail or err
+``iprev``, with the evidence ``iprev`` (RFC 8601 2.7.3: pass, fail, permerror,
+temperror; the Authentication-Results header reads it) and, on pass, ``name`` (the
+confirmed name).
 
 Example::
 
@@ -39,10 +41,9 @@ Example::
 from qpgevent import dns
 from qpgevent.plugin import DECLINED, Plugin, same_network
 
-TEMPORARY = ("temp", "soft", "temp_disconnect")
-
 
 class Fcrdns(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     ipv4_prefix = integer(min=0, max=32, default=24)
     ipv6_prefix = integer(min=0, max=128, default=64)
@@ -52,24 +53,23 @@ class Fcrdns(Plugin):
         if self.is_immune(session):
             return DECLINED
         connection = session.connection
-        notes = connection.notes
         if connection.remote_host:  # the core confirmed it, exactly
-            notes["iprev"], notes["fcrdns_name"] = "pass", connection.remote_host
+            connection.results.add(self, pass_="iprev", iprev="pass", name=connection.remote_host)
             return DECLINED
         ip = connection.remote_ip
-        if notes.get("fcrdns") == "temperror":
+        if connection.results.has("reverse_lookup", "err"):
             return self._temporary(session, "the reverse look-up at connect did not answer in time")
         try:
             result, name, problem = self.check(ip)
         except dns.TemporaryFailure as error:
             return self._temporary(session, str(error))
-        notes["iprev"] = result
         if result == "pass":
-            notes["fcrdns_name"] = name
+            connection.results.add(self, pass_="iprev", iprev="pass", name=name)
             self.log.debug("pass, %s is %s", ip, name)
             return DECLINED
+        connection.results.add(self, fail="iprev", iprev=result, problem=problem)
         self.log.info("%s, %s", result, problem)
-        return self.reject(self._status() + problem, session)
+        return self.reject(f"{self.enhanced_status('7.25')} {problem}", session)
 
     def check(self, ip):
         """("pass", name, "") or (iprev result, None, why not); raises dns.TemporaryFailure."""
@@ -95,10 +95,7 @@ class Fcrdns(Plugin):
         return same_network(ip, address, self.config["ipv4_prefix"], self.config["ipv6_prefix"])
 
     def _temporary(self, session, why):
-        session.connection.notes["iprev"] = "temperror"
+        session.connection.results.add(self, err="iprev", iprev="temperror", problem=why)
         self.log.info("temperror: %s", why)
         return self.reject("4.7.25 cannot check your reverse DNS now, try again later", session,
                            reject_type="temp")
-
-    def _status(self):
-        return "4.7.25 " if self.config["reject_type"] in TEMPORARY else "5.7.25 "

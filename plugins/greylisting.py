@@ -49,13 +49,15 @@ import time
 
 from qpgevent import store
 from qpgevent.plugin import DECLINED, Plugin
-from qpgevent.policy import duration, reject_type_default
+from qpgevent.policy import duration
 
 MESSAGE = "This mail is temporarily denied"
 WHITE = "white"
 
 
 class Greylisting(Plugin):
+    reject_options = ("reject", "reject_type")
+    default_reject_type = "temp"
     configspec = """
     remote_ip = boolean(default=True)
     subnet = boolean(default=False)
@@ -66,10 +68,6 @@ class Greylisting(Plugin):
     white_timeout = string(default="36d")
     deny_late = boolean(default=False)
     """
-
-    @classmethod
-    def configspec_lines(cls):
-        return reject_type_default(super().configspec_lines(), "temp")
 
     def setup(self):
         self.black = duration(self.config["black_timeout"])
@@ -91,13 +89,15 @@ class Greylisting(Plugin):
         if passed:
             return DECLINED
         if self.config["deny_late"] or transaction.sender is None or transaction.sender.is_null:
-            transaction.notes["greylist"] = MESSAGE
+            transaction.results.add(self, fail="greylisted", late=True)  # refused at DATA
             return DECLINED
+        transaction.results.add(self, fail="greylisted")
         return self.reject(MESSAGE, session)
 
     def hook_data(self, session):
-        if session.transaction.notes.get("greylist") and not self.is_immune(session):
-            return self.reject(session.transaction.notes["greylist"], session)
+        found = session.transaction.results.get(self)
+        if found is not None and found.get("late") and not self.is_immune(session):
+            return self.reject(MESSAGE, session)
         return DECLINED
 
     def triplet(self, session, recipient):

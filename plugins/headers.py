@@ -48,6 +48,7 @@ DAY = 86400
 
 
 class HeaderChecks(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'require = force_list(default=list("From", "Date"))',
         "singletons = force_list(default=list(%s))" % ", ".join(f'"{name}"' for name in SINGLETONS),

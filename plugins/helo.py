@@ -42,8 +42,9 @@ Options:
                    (default 24); ipv6_prefix the same for IPv6 (default 64)
   reject, reject_type  as every plugin (default: refuse, perm)
 
-Notes: writes the connection notes ``helo_forward_match`` and ``helo_reverse_match``
-(booleans) when the DNS rules ran. Unlike qpsmtpd: ``reject_type`` is honoured (qpsmtpd
+Results: ``connection.results.get("helo")`` fails the rule that refused, passes
+``helo`` otherwise, errs ``dns`` when the DNS did not answer; evidence ``forward_match``
+and ``reverse_match`` (booleans) when the DNS rules ran. Unlike qpsmtpd: ``reject_type`` is honoured (qpsmtpd
 forced disconnect), a failing DNS is a 4xx rather than a pass, IPv6 literals are
 literals, and there is no X-HELO header (the Received header carries the HELO name).
 
@@ -77,6 +78,7 @@ LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 class Helo(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = ['policy = option("lenient", "rfc", "strict", default="lenient")',
                   "badhelo = force_list(default=list())",
                   'badhelo_file = path(default="")',
@@ -118,6 +120,7 @@ class Helo(Plugin):
             found = self._look_up(session, helo, dns_rules)
         except dns.TemporaryFailure as error:
             self.log.info("temperror: %s", error)
+            session.connection.results.add(self, err="dns")
             return self.reject("cannot check your HELO name now, try again later", session,
                                reject_type="temp")
         for rule in dns_rules:
@@ -125,10 +128,12 @@ class Helo(Plugin):
             if problem:
                 return self._refuse(session, rule, problem)
         self.log.debug("pass: %s", host)
+        session.connection.results.add(self, pass_="helo")
         return DECLINED
 
     def _refuse(self, session, rule, problem):
         self.log.info("fail, %s: %r from %s", rule, problem[1], session.connection.remote_ip)
+        session.connection.results.add(self, fail=rule)
         return self.reject(problem[0], session)
 
     # -- rules without DNS: each gives (reply text, the name) or None ---------------
@@ -200,14 +205,14 @@ class Helo(Plugin):
         results = dns.parallel(calls)
         addresses = results.pop(0) if wants_forward else None
         names = results.pop(0) if wants_reverse else None
-        notes, ip = session.connection.notes, session.connection.remote_ip
+        results, ip = session.connection.results, session.connection.remote_ip
         if "no_matching_dns" in rules or "no_forward_dns" in rules:
-            notes["helo_forward_match"] = (
+            results.add(self, forward_match=(
                 (helo.literal is not None and same_network(str(helo.literal), ip))
                 or any(same_network(ip, a, self.config["ipv4_prefix"], self.config["ipv6_prefix"])
-                       for a in addresses or ()))
+                       for a in addresses or ())))
         if names is not None and helo.ascii:
-            notes["helo_reverse_match"] = any(_same_domain(name, helo.ascii) for name in names)
+            results.add(self, reverse_match=any(_same_domain(name, helo.ascii) for name in names))
         return addresses, names
 
     def no_forward_dns(self, session, helo, addresses, names):
@@ -223,8 +228,8 @@ class Helo(Plugin):
         return None
 
     def no_matching_dns(self, session, helo, addresses, names):
-        notes = session.connection.notes
-        if notes.get("helo_forward_match") or notes.get("helo_reverse_match"):
+        found = session.connection.results.get(self)
+        if found is not None and (found.get("forward_match") or found.get("reverse_match")):
             return None
         return "That HELO hostname fails FCrDNS", helo.text
 

@@ -83,6 +83,7 @@ def parse_scores(entries):
 
 
 class Karma(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     negative = integer(min=1, default=1)
     penalty_days = float(min=0, default=1)

@@ -47,13 +47,15 @@ Example::
 
 from qpgevent import store
 from qpgevent.plugin import DECLINED, Plugin, ip_in
-from qpgevent.policy import networks, rate, reject_type_default
+from qpgevent.policy import networks, rate
 
 LEASE = "limit_lease"  #: connection note: the concurrency lease this session holds
 DONE_RECIPIENTS = "limit_recipients"  #: connection note: recipients of finished transactions
 
 
 class Limit(Plugin):
+    reject_options = ("reject", "reject_type")
+    default_reject_type = "temp"
     configspec = """
     concurrency = integer(min=0, default=0)
     rate_conn = string(default="")
@@ -62,10 +64,6 @@ class Limit(Plugin):
     rate_rcpt_sender = string(default="")
     exempt = force_list(default=list())
     """
-
-    @classmethod
-    def configspec_lines(cls):
-        return reject_type_default(super().configspec_lines(), "temp")
 
     def setup(self):
         self.rate_conn = rate(self.config["rate_conn"])

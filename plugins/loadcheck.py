@@ -24,19 +24,16 @@ import os
 import time
 
 from qpgevent.plugin import DECLINED, Plugin
-from qpgevent.policy import reject_type_default
 
 
 class Loadcheck(Plugin):
+    reject_options = ("reject", "reject_type")
+    default_reject_type = "temp"
     configspec = """
     max_load = float(min=0, default=7)
     cache_time = float(min=0, default=10)
     loadavg_file = path(default="")
     """
-
-    @classmethod
-    def configspec_lines(cls):
-        return reject_type_default(super().configspec_lines(), "temp")
 
     def setup(self):
         self._reading = (float("-inf"), 0.0)  # (when, load): a per-process cache, not per session

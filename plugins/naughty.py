@@ -1,9 +1,9 @@
 """naughty: refuse later the clients that an earlier check marked as naughty.
 
 A check configured with ``reject = naughty`` (fcrdns, helo, dnsbl, earlytalker...) does
-not refuse on the spot: it stores its refusal in the connection note ``naughty`` (the
-first refusal wins) and its reject type in ``naughty_reject_type``, and lets the client
-go on. This plugin turns the note into the refusal at ``reject_at``. By then the client
+not refuse on the spot: it records its refusal in its connection result (the evidence
+``naughty``, the reply text, and ``naughty_reject_type``) and lets the client go on; the
+first refusal recorded wins. This plugin turns the note into the refusal at ``reject_at``. By then the client
 has said whom the mail is from and for, so the log line of the refusal shows the
 envelope; and a client that authenticates meanwhile (a roaming user on a listed
 address) has become a relay client and is let through. qpsmtpd's ``naughty``.
@@ -20,7 +20,8 @@ Options:
   reject_type  the type when the note has none of its own (default perm); the refusal
                otherwise uses the type of the check that stored it
 
-Notes read: connection ``naughty`` (the reply text), ``naughty_reject_type``.
+Results read: the ``naughty`` and ``naughty_reject_type`` evidence of every plugin's
+``connection.results``, the first recorded.
 
 Example::
 
@@ -41,6 +42,7 @@ STAGES = ("mail", "rcpt", "data")
 
 
 class Naughty(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = 'reject_at = option("mail", "rcpt", "data", default="rcpt")'
 
     def setup(self):
@@ -61,14 +63,14 @@ class Naughty(Plugin):
     def _refuse(self, session, stage, envelope):
         if STAGES.index(stage) < STAGES.index(self.config["reject_at"]):
             return DECLINED
-        notes = session.connection.notes
-        message = notes.get("naughty")
-        if not message:
+        deferred = next((result for result in session.connection.results if result.get("naughty")), None)
+        if deferred is None:
             return DECLINED
+        message = deferred["naughty"]
         if self.is_immune(session):
             self.log.info("skip, immune (relay client or whitelisted): %s; %s", message, envelope)
             return DECLINED
-        reject_type = notes.get("naughty_reject_type") or self.config["reject_type"]
+        reject_type = deferred.get("naughty_reject_type") or self.config["reject_type"]
         if self.config["reject"] == "0":
             self.log.info("fail, tolerated: %s; %s", message, envelope)
             return DECLINED

@@ -24,6 +24,7 @@ Options:
   lookup_timeout  seconds for one lookup (default 5)
   on_failure      tempfail, accept or reject (default tempfail)
   cache_ttl, negative_ttl, cache_size   (defaults 300, 60, 10000)
+  plus the standard reject, reject_type (temp: 450 4.1.1), loglevel, timeout
 
 Example::
 
@@ -42,6 +43,7 @@ from qpgevent.scanner import check_address
 
 
 class RcptDovecot(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "socket = string",
         "domains = force_list(default=list())",
@@ -68,7 +70,8 @@ class RcptDovecot(Plugin):
             return directory.fallback(self, "rcpt", "Dovecot userdb", error)
         if known:
             return OK
-        return self.reject(directory.NO_SUCH_USER.format(address=address), session)
+        text = directory.NO_SUCH_USER.format(address=address)
+        return self.reject(f"{self.enhanced_status('1.1')} {text}", session)
 
     def _lookup(self, name: str) -> bool | None:
         found = dovecot.lookup(self.config["socket"], self.config["lookup_timeout"], name, "USER",

@@ -43,6 +43,7 @@ Options:
   lookup_timeout      seconds for one search (default 5)
   on_failure          tempfail, accept or reject (default tempfail)
   cache_ttl, negative_ttl, cache_size   (defaults 300, 60, 10000)
+  plus the standard reject, reject_type (temp: 450 4.1.1), loglevel, timeout
 
 Example::
 
@@ -66,6 +67,7 @@ ALIASES = "rcpt_ldap.aliases"  #: transaction note: recipient -> the addresses t
 
 
 class RcptLdap(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         *ldap_client.CONFIGSPEC,
         "base = string",
@@ -94,7 +96,8 @@ class RcptLdap(Plugin):
         except directory.Unavailable as error:
             return directory.fallback(self, "rcpt", "LDAP", error)
         if targets is None:
-            return self.reject(directory.NO_SUCH_USER.format(address=address), session)
+            text = directory.NO_SUCH_USER.format(address=address)
+            return self.reject(f"{self.enhanced_status('1.1')} {text}", session)
         if targets != (address,):
             self.log.info("%s is an alias of %s", address, ", ".join(targets))
             session.transaction.notes.setdefault(ALIASES, {})[recipient] = targets

@@ -45,6 +45,7 @@ def parse_decision(code: str, message: str, where: str) -> tuple[ReturnCode, str
 
 
 class RcptMap(Plugin):
+    reject_options = ("reject",)
     configspec = """
     domain = string
     file = path
@@ -81,7 +82,4 @@ class RcptMap(Plugin):
         code, message = decisions.get(address) or decisions.get("@" + self.domain, self.default)
         if code in (OK, DECLINED):
             return code
-        if self.config["reject"] == "0":
-            self.log.info("fail, tolerated: %s %s %s", address, code.name, message)
-            return DECLINED
-        return code, message
+        return self.reject(message, session, reject_type=code)

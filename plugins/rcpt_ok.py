@@ -5,7 +5,9 @@ The standard last RCPT plugin (qpsmtpd's ``rcpt_ok``). It says OK when:
 - the recipient's domain is one of ``domains``, ``me``, or a line of ``rcpthosts``
   (a file, one domain per line; a line ``.example.com`` also takes every subdomain);
 - the recipient is a bare ``<postmaster>`` (RFC 5321 4.5.1).
-Otherwise: ``550 5.7.1 Relaying denied``. Put it after every other rcpt plugin.
+Otherwise: ``550 5.7.1 Relaying denied`` (as the standard ``reject`` / ``reject_type``
+say: ``reject = 0`` accepts nothing but refuses nothing either, leaving the recipient to
+the core's 450). Put it after every other rcpt plugin.
 
 Options:
   domains    list of local domains (default: none besides ``me``)
@@ -19,10 +21,11 @@ Example::
 
 import os
 
-from qpgevent.plugin import DECLINED, DENY, OK, Plugin
+from qpgevent.plugin import OK, Plugin
 
 
 class RcptOk(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     domains = force_list(default=list())
     rcpthosts = path(default="")
@@ -41,9 +44,7 @@ class RcptOk(Plugin):
             return OK
         if self.is_local(recipient.host, session.me):
             return OK
-        if self.config["reject"] == "0":
-            return DECLINED
-        return DENY, "5.7.1 Relaying denied"
+        return self.reject(f"{self.enhanced_status('7.1')} Relaying denied", session)
 
     def is_local(self, domain, me):
         domain = domain.lower()

@@ -55,6 +55,7 @@ def parse_rules(entries):
 
 
 class RcptRegexp(Plugin):
+    reject_options = ("reject",)
     configspec = """
     list = force_list(default=list())
     file = path(default="")
@@ -68,8 +69,5 @@ class RcptRegexp(Plugin):
             if pattern.search(recipient.address):
                 if code in (OK, DECLINED):
                     return code
-                if self.config["reject"] == "0":
-                    self.log.info("fail, tolerated: %s %s %s", recipient.address, code.name, message)
-                    return DECLINED
-                return code, message
+                return self.reject(message, session, reject_type=code)
         return DECLINED

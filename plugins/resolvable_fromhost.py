@@ -21,7 +21,7 @@ it sends no mail that can be answered; a domain that does not exist (NXDOMAIN) a
 with no such records are refused the same way. When the DNS cannot answer now
 (SERVFAIL, timeout) and nothing usable was found, the answer is
 ``450 4.4.3 cannot resolve sender domain example.com now, try again later``, whatever
-``reject_type`` says (``reject = 0`` lets it pass, ``naughty`` notes it). UTF-8 (IDN)
+``reject_type`` says (``reject = 0`` lets it pass, ``naughty`` defers it). UTF-8 (IDN)
 domains, which need SMTPUTF8, are looked up in their IDNA 2008 A-label form, and
 replies name them that way.
 
@@ -41,10 +41,12 @@ Options:
 qpsmtpd's default ``reject_type`` for this plugin was soft (4xx); ours is the standard
 perm. Write ``reject_type = temp`` for qpsmtpd's caution.
 
-Notes set on the transaction:
-  resolvable_fromhost       how the domain resolved: "mx", "implicit mx", "literal", or
-                            the refusal text
-  resolvable_fromhost_host  the usable MX target (or the domain, for an implicit MX)
+Results (``transaction.results.get("resolvable_fromhost")``): pass ``mx``, ``implicit mx``
+or ``literal`` (a checked address literal), skip ``literal`` (not checked), fail
+``unresolvable``, err ``dns``; evidence:
+  how      how the domain resolved: "mx", "implicit mx" or "literal"
+  host     the usable MX target (the domain, for an implicit MX; the address, for a literal)
+  refusal  the refusal text
 
 Example::
 
@@ -65,6 +67,7 @@ NULL_MX = [(0, ".")]
 
 
 class ResolvableFromhost(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = f"""
     invalid_networks = force_list(default=list({", ".join(f'"{n}"' for n in INVALID_NETWORKS)}))
     max_mx_targets = integer(min=1, default=10)
@@ -77,7 +80,7 @@ class ResolvableFromhost(Plugin):
     def hook_mail(self, session, sender, params):
         if sender.is_null or not sender.host or self.is_immune(session):
             return DECLINED
-        notes = session.transaction.notes
+        results = session.transaction.results
         if sender.host.startswith("["):
             return self.literal(session, sender.host)
         domain = sender.host
@@ -85,15 +88,17 @@ class ResolvableFromhost(Plugin):
             found, problem = self.resolve(domain)
         except dns.TemporaryFailure as error:
             self.log.warning("%s: %s", domain, error)
+            results.add(self, err="dns", error=str(error))
             return self.reject(f"4.4.3 cannot resolve sender domain {a_label(domain)} now, try again later",
                                session, reject_type="temp")
         if found is not None:
-            notes["resolvable_fromhost"], notes["resolvable_fromhost_host"] = found
+            how, host = found
+            results.add(self, pass_=how, how=how, host=host)
             return DECLINED
         status, text = problem
-        notes["resolvable_fromhost"] = text
+        results.add(self, fail="unresolvable", refusal=text)
         self.log.info("%s", text)
-        return self.reject(f"{self._class()}.{status} {text}", session)
+        return self.reject(f"{self.enhanced_status(status)} {text}", session)
 
     def resolve(self, domain):
         """((how, host), None) when ``domain`` can receive mail, else (None, (status, why)).
@@ -133,23 +138,19 @@ class ResolvableFromhost(Plugin):
         return None, ("1.8", f"sender domain {name} has no usable MX: {'; '.join(why) or 'none'}")
 
     def literal(self, session, host):
-        notes = session.transaction.notes
+        results = session.transaction.results
         mode = self.config["address_literals"]
         if mode == "skip":
-            notes["resolvable_fromhost"] = "literal"
+            results.add(self, skip="literal", how="literal")
             return DECLINED
         address = host[1:-1].removeprefix("IPv6:").removeprefix("ipv6:")
         if mode == "check" and not ip_in(address, self.invalid):
-            notes["resolvable_fromhost"], notes["resolvable_fromhost_host"] = "literal", address
+            results.add(self, pass_="literal", how="literal", host=address)
             return DECLINED
         text = (f"sender address literal {host} is not a usable address" if mode == "check"
                 else f"sender address literal {host} not accepted: use a domain")
-        notes["resolvable_fromhost"] = text
-        return self.reject(f"{self._class()}.1.8 {text}", session)
-
-    def _class(self):
-        """RFC 3463: the status class follows the reply's (5, or 4 when the refusal is temporary)."""
-        return "4" if self.config["reject_type"] in ("temp", "soft", "temp_disconnect") else "5"
+        results.add(self, fail="literal", refusal=text)
+        return self.reject(f"{self.enhanced_status('1.8')} {text}", session)
 
 
 def a_label(domain):

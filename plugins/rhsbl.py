@@ -24,8 +24,9 @@ Options:
   fail_open  a DNS failure accepts the sender instead of 4xx (default no)
   plus the standard reject (1, 0, naughty), reject_type, loglevel, timeout
 
-Notes set on the transaction:
-  rhsbl      the refusal text, when a domain is listed (also with reject = 0 or naughty)
+Results (``transaction.results.get("rhsbl")``): fail the zones listing a domain, err
+those that did not answer; evidence ``refusal``, the refusal text when a domain is listed
+(also with reject = 0 or naughty).
 
 Example::
 
@@ -45,6 +46,7 @@ _WHAT = {"sender": "sender domain", "helo": "HELO name"}
 
 
 class Rhsbl(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = """
     zones = force_list(default=list())
     check = force_list(default=list("sender", "helo"))
@@ -77,6 +79,7 @@ class Rhsbl(Plugin):
         failed = None
         for (domain, zone), reason in zip(pairs, results):
             if isinstance(reason, dns.TemporaryFailure):
+                session.transaction.results.add(self, err=zone)
                 failed = failed or (domain, zone, reason)
             elif isinstance(reason, BaseException):
                 raise reason  # a bug, not the DNS: the hook runner answers 451 and logs it
@@ -84,8 +87,8 @@ class Rhsbl(Plugin):
                 text = f"{_WHAT[domains[domain]]} {domain} is listed in {zone}"
                 text += f": {reason}" if reason else ""
                 self.log.info("%s", text)
-                session.transaction.notes["rhsbl"] = text
-                return self.reject(f"{_status(self.config['reject_type'])} {text}", session)
+                session.transaction.results.add(self, fail=zone, refusal=text)
+                return self.reject(f"{self.enhanced_status('7.1')} {text}", session)
         if failed is not None:
             domain, zone, error = failed
             self.log.warning("%s: %s", zone, error)
@@ -125,8 +128,3 @@ def _is_domain(host):
     except ValueError:
         return True
     return False
-
-
-def _status(reject_type):
-    """RFC 3463: the status class follows the reply's (5.7.1, or 4.7.1 when temporary)."""
-    return "4.7.1" if reject_type in ("temp", "soft", "temp_disconnect") else "5.7.1"

@@ -28,8 +28,10 @@ top for order 0, at the end otherwise. With ``add_headers = always`` (the defaul
 ``sometimes``: only for add header and rewrite subject; ``never``), the score goes in
 ``X-Rspamd-Score: 9.6 / 15.0``, a bar of ``+`` per point in ``X-Rspamd-Bar`` and the
 symbols in ``X-Rspamd-Report``; the message's own X-Rspamd-* and X-Spam-Flag are
-removed first, so a sender cannot forge a verdict. The verdict is kept in
-``transaction.notes["rspamd"]`` and logged: action, score, required score, symbols.
+removed first, so a sender cannot forge a verdict. The verdict is recorded in
+``transaction.results.get("rspamd")`` (fail ``reject``, ``soft reject``..., or pass ``no
+action``; the evidence ``action``, ``score``, ``required_score``, ``symbols``...) and
+logged. It reads the connection notes ``auth_user``, ``tls_version`` and ``tls_cipher``.
 
 Settings: ``Settings-ID`` is ``settings_id_authenticated`` for clients that logged in,
 ``settings_id_relay`` for other relay clients, ``settings_id`` for everyone else (empty:
@@ -75,6 +77,7 @@ OUR_HEADERS = ("X-Rspamd-Score", "X-Rspamd-Bar", "X-Rspamd-Report", "X-Spam-Flag
 
 
 class Rspamd(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'url = string(default="http://127.0.0.1:11333")',
         'settings_id = string(default="")',
@@ -113,7 +116,8 @@ class Rspamd(Plugin):
             verdict = parse_answer(answer)
         except (scanner.ScannerError, http.client.HTTPException) as error:
             return external.failed(self, "rspamd", error)
-        transaction.notes["rspamd"] = verdict
+        transaction.results.record(self, "pass" if verdict["action"] == "no action" else "fail", verdict["action"],
+                                   **verdict)
         self.log.info("action=%r score=%s/%s symbols=%s", verdict["action"], verdict["score"],
                       verdict["required_score"], ",".join(verdict["symbols"]))
         return self._act(session, verdict)
@@ -166,7 +170,7 @@ class Rspamd(Plugin):
         headers, action = session.transaction.headers, verdict["action"]
         text = verdict["smtp_message"]
         if action == "reject":
-            return self.reject(_with_status(text or "Spam message rejected", "5.7.1"), session)
+            return self.reject(_with_status(text or "Spam message rejected", self.enhanced_status("7.1")), session)
         if action == "soft reject" and self.config["soft_reject"]:
             return DENYSOFT, _with_status(text or "Try again later", "4.7.1")
         if action == "greylist" and self.config["defer_greylist"]:

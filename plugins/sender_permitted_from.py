@@ -16,8 +16,9 @@ The result (pass, fail, softfail, neutral, none, permerror, temperror) is
   (``reject`` / ``reject_type`` apply; ``reject = naughty`` defers it);
 - deferred when listed in ``defer_on`` (default: temperror): ``450 4.7.1 SPF check of
   <domain> failed temporarily, try again later``;
-- recorded otherwise: ``transaction.notes["spf"] = {"result", "domain", "identity",
-  "reason"}`` for dmarc, a ``Received-SPF`` header (RFC 7208 9.1, at data_post; off
+- recorded otherwise: ``transaction.results.get("sender_permitted_from")`` (outcome pass,
+  fail for fail and softfail, err for the errors, skip for none and neutral; evidence
+  ``result``, ``domain``, ``identity``, ``reason``) for dmarc, a ``Received-SPF`` header (RFC 7208 9.1, at data_post; off
   with ``received_spf = no``), and ``spf=<result> smtp.mailfrom=<sender>`` in the
   message's one Authentication-Results header.
 
@@ -44,6 +45,7 @@ from dns.reversename import to_address
 
 from qpgevent import authresults, dns
 from qpgevent.plugin import DECLINED, DENYSOFT, Plugin
+from qpgevent.results import AUTH_OUTCOMES
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 
@@ -73,6 +75,7 @@ spf.DNSLookup = lookup
 
 
 class SenderPermittedFrom(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'reject_on = force_list(default=list("fail"))',
         'defer_on = force_list(default=list("temperror"))',
@@ -97,9 +100,8 @@ class SenderPermittedFrom(Plugin):
                           receiver=session.me)
         result, _, explanation = query.check()
         result = {"ambiguous": "permerror", "unknown": "permerror", "error": "temperror"}.get(result, result)
-        spf_note = {"result": result, "domain": domain, "identity": "helo" if sender.is_null else "mailfrom",
-                    "reason": explanation}
-        transaction.notes["spf"] = spf_note
+        transaction.results.record(self, AUTH_OUTCOMES[result], "spf", result=result, domain=domain,
+                                   identity="helo" if sender.is_null else "mailfrom", reason=explanation)
         self.log.info("spf=%s domain=%s ip=%s: %s", result, domain, connection.remote_ip, explanation)
         authresults.record(transaction, "spf", result,
                            **({"smtp_helo": helo} if sender.is_null else {"smtp_mailfrom": identity}))
@@ -115,7 +117,7 @@ class SenderPermittedFrom(Plugin):
         return DECLINED
 
     def hook_data_post(self, session):
-        note = session.transaction.notes.get("spf")
+        note = session.transaction.results.get(self)
         if note is None or not self.config["received_spf"]:
             return DECLINED
         connection = session.connection

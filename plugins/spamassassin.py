@@ -8,15 +8,16 @@ memory: the Content-length comes from the spooled size). The verdict is recorded
   required=5.0 tests=GTUBE,...`` and ``X-Spam-Level: ************`` (one star per point,
   at most 50). X-Spam-* headers the message came with are dropped first
   (``leave_old_headers``), so a sender cannot forge a clean verdict;
-- ``transaction.notes["spamassassin"] = {"is_spam", "score", "threshold", "tests"}``;
+- ``transaction.results.get("spamassassin")``: fail ``spam`` or pass ``ham``, with the
+  evidence ``is_spam``, ``score``, ``threshold`` and ``tests``;
 - a score at or above ``reject_score`` refuses the message (``554 5.7.1 spam score 12.3
   exceeds 10.0``; ``reject`` / ``reject_type`` apply as usual);
 - a score at or above ``munge_subject_threshold`` prefixes the Subject with
   ``subject_prefix``.
 
 Messages larger than ``size_limit`` octets are not scanned (spamc's own default is
-500 kB; big messages are rarely spam and slow to scan); that is logged and noted
-(``notes["spamassassin"] = None``). Relay clients are not scanned unless
+500 kB; big messages are rarely spam and slow to scan); that is logged and recorded
+(skip ``size``). Relay clients are not scanned unless
 ``scan_relay_clients``.
 
 When spamd is down, hangs or answers nonsense, ``on_error`` decides: ``defer`` (451) or
@@ -53,6 +54,7 @@ MAX_ANSWER = 1 << 20
 
 
 class SpamAssassin(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'spamd_socket = string(default="127.0.0.1:783")',
         'spamd_user = string(default="nobody")',
@@ -76,14 +78,15 @@ class SpamAssassin(Plugin):
         if transaction.data_size > self.config["size_limit"]:
             self.log.info("not scanned: %d octets is over size_limit %d", transaction.data_size,
                           self.config["size_limit"])
-            transaction.notes["spamassassin"] = None
+            transaction.results.add(self, skip="size")
             return DECLINED
         try:
             with scanner.scan_deadline(self.config["scan_timeout"], "spamd"):
                 verdict = self._scan(transaction)
         except scanner.ScannerError as error:
             return scanner.unavailable(self, session, "spamd", error, "X-Spam-Checker-Error")
-        transaction.notes["spamassassin"] = verdict
+        spam = verdict["is_spam"]
+        transaction.results.record(self, "fail" if spam else "pass", "spam" if spam else "ham", **verdict)
         self._add_headers(transaction, verdict)
         score, reject_score = verdict["score"], self.config["reject_score"]
         self.log.info("spam=%s score=%s/%s tests=%s", verdict["is_spam"], score, verdict["threshold"],

@@ -19,7 +19,9 @@ codes); with ``ZONE:MASK`` it must also share a bit with MASK (URIBL's bitmask, 
   denysoft    451 with the same text
 
 A DNS failure leaves the domain unchecked (logged): URI lists are a spam signal, not a
-reason to hold mail. Notes: ``transaction.notes["uribl"] = [(domain, zone), ...]``.
+reason to hold mail. Results: ``transaction.results.get("uribl")`` fails the zones that
+list a link (evidence ``listings``, ``[(domain, zone), ...]``), errs those that did not
+answer, passes ``clean`` when none listed one.
 
 Options:
   zones               blocklist zones, ``ZONE`` or ``ZONE:MASK`` (default none)
@@ -68,6 +70,7 @@ def hosts_in(chunks, limit):
 
 
 class Uribl(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         "zones = force_list(default=list())",
         'action = option("add-header", "deny", "denysoft", default="add-header")',
@@ -103,14 +106,16 @@ class Uribl(Plugin):
         for (domain, zone, mask), answer in zip(pairs, answers):
             if isinstance(answer, dns.TemporaryFailure):
                 self.log.info("%s not checked in %s: %s", domain, zone, answer)
+                transaction.results.add(self, err=zone)
                 continue
             if isinstance(answer, BaseException):
                 raise answer
             if any(_is_listing(value, mask) for value in answer):
                 listings.append((domain, zone))
-        transaction.notes["uribl"] = listings
         if not listings:
+            transaction.results.add(self, pass_="clean", listings=[])
             return DECLINED
+        transaction.results.add(self, fail=list(dict.fromkeys(zone for _, zone in listings)), listings=listings)
         self.log.info("listed: %s", ", ".join(f"{domain} in {zone}" for domain, zone in listings))
         domain, zone = listings[0]
         action = self.config["action"]

@@ -108,7 +108,7 @@ class Settings:
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
-    #: [store]: the policy plugins' shared state, as keyword arguments of qpgevent.store.configure.
+    #: [store]: the policy plugins' shared state, as keyword arguments of qpgevent.store.from_options.
     store: dict[str, Any] = field(default_factory=dict)
     #: [admin]: the status/metrics HTTP listener (None: off), its token, the run folder.
     admin_listen: Listen | None = None

@@ -1,7 +1,8 @@
 """The Connection plugins see: who is talking to us, from where, and what they said.
 
 Mirrors qpsmtpd's ``Qpsmtpd::Connection``. One per TCP session; it outlives
-transactions. ``notes`` is free-form, shared by the plugins of this connection only.
+transactions. ``notes`` is free-form, shared by the plugins of this connection only;
+``results`` is what each check concluded about the client (``qpgevent.results``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from .results import Results
 
 _ids = itertools.count(1)
 
@@ -41,6 +44,8 @@ class Connection:
     proxy_ip: str | None = None
     proxy_port: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    #: Each check's verdict about this client (pass/fail/skip/err and evidence), by plugin.
+    results: Results = field(default_factory=Results)
     id: str = field(default_factory=_new_id)
 
     @property
@@ -49,7 +54,7 @@ class Connection:
         return host_port(self.remote_ip, self.remote_port)
 
     def clone(self, no_reset: bool = False) -> Connection:
-        """A new Connection for the same peer, sharing ``notes``; HELO must be said again.
+        """A new Connection for the same peer, sharing ``notes`` and ``results``; HELO must be said again.
 
         Used when the session restarts on the same socket (STARTTLS). Unless ``no_reset``,
         this object is reset, so only the clone keeps the notes.
@@ -58,7 +63,7 @@ class Connection:
             self.remote_ip, self.remote_port, self.local_ip, self.local_port,
             self.remote_host, self.remote_info, relay_client=self.relay_client,
             tls=self.tls, proxy_ip=self.proxy_ip, proxy_port=self.proxy_port,
-            notes=self.notes, id=self.id,
+            notes=self.notes, results=self.results, id=self.id,
         )
         if not no_reset:
             self.reset()
@@ -66,3 +71,4 @@ class Connection:
 
     def reset(self) -> None:
         self.notes = {}
+        self.results = Results()

@@ -1,6 +1,7 @@
 """The Transaction plugins see: one message from MAIL to the end of DATA (or RSET).
 
-Mirrors qpsmtpd's ``Qpsmtpd::Transaction``: sender, recipients, header, body, notes.
+Mirrors qpsmtpd's ``Qpsmtpd::Transaction``: sender, recipients, header, body, notes; and
+``results``, what each check concluded about this message (``qpgevent.results``).
 The body is kept in memory up to ``size_threshold`` octets and spilled to a file in the
 spool directory past it, so a 50 MiB message never sits in memory. Message bytes are
 stored exactly as received after dot-unstuffing, CRLF line endings included.
@@ -36,6 +37,7 @@ from typing import Any
 from .core.address import Address
 from .core.headers import CRLF, Headers, is_continuation, is_field_start
 from .core.reply import Canned, Reply, reply
+from .results import Results
 
 log = logging.getLogger("qpgevent.transaction")
 _ids = itertools.count(1)
@@ -156,6 +158,8 @@ class Transaction:
         self.sender: Address | None = None
         self.recipients: list[Address] = []
         self.notes: dict[str, Any] = {}
+        #: Each check's verdict about this message (pass/fail/skip/err and evidence), by plugin.
+        self.results = Results()
         self.headers = Headers()
         self.headers_complete = False
         self.max_header_size = max_header_size

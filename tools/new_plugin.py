@@ -62,8 +62,7 @@ Options:
   reject       1 refuse, 0 only log, naughty leave it to the naughty plugin (default: 1)
   reject_type  perm, temp, disconnect or temp_disconnect (default: perm)
 
-Notes:
-  transaction.notes["{name}"]  the domain that matched, when one did
+Results: ``transaction.results.get("{name}")`` fails the domain that matched, when one did.
 
 Example::
 
@@ -75,6 +74,7 @@ from qpgevent.plugin import DECLINED, Plugin
 
 
 class {cls}(Plugin):
+    reject_options = ("reject", "reject_type")  # it refuses through self.reject
     configspec = """
     domains = force_list(default=list())
     """
@@ -87,7 +87,7 @@ class {cls}(Plugin):
         for i in range(len(labels)):
             domain = ".".join(labels[i:])
             if domain in domains:
-                session.transaction.notes["{name}"] = domain
+                session.transaction.results.add(self, fail=domain)
                 return self.reject(f"mail from {{domain}} is not accepted here", session)
         return DECLINED
 '''
@@ -115,12 +115,12 @@ def test_accepts_other_senders(plugin_harness):
     assert transcript.codes == [220, 250, 250, 250, 221]
 
 
-def test_one_hook_and_the_note(plugin_harness):
+def test_one_hook_and_its_result(plugin_harness):
     harness = plugin_harness("{name}", domains=["spam.example"], reject_type="temp")
     session = harness.session()
     result = harness.run_hook("mail", "a@spam.example", session=session)
     assert (result.code, result.reply.code) == ("DENYSOFT", 450)
-    assert session.transaction.notes["{name}"] == "spam.example"
+    assert session.transaction.results.get("{name}").fail == ["spam.example"]
 '''
 
 README = '''\

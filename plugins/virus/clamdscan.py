@@ -7,11 +7,12 @@ the spool, never held in memory. clamd answers ``stream: OK`` or ``stream: <name
 - infected: ``554 5.7.1 Virus found: Eicar-Signature`` (``reject`` / ``reject_type`` as
   usual); with ``deny_viruses = no`` the message passes with ``X-Virus-Found: <name>``;
 - clean: ``X-Virus-Checked: Checked by ClamAV on <me>`` is added;
-- ``transaction.notes["virus"]`` holds the name, or None when clean.
+- ``transaction.results.get("virus/clamdscan")`` fails with the virus name, or passes
+  ``clean``.
 
-Messages larger than ``max_size`` octets are not scanned (logged; ``notes["virus"]`` not
-set). Set clamd's ``StreamMaxLength`` at least as large: clamd refuses a longer stream,
-which counts as clamd being unavailable.
+Messages larger than ``max_size`` octets are not scanned (logged; skip ``size``
+recorded). Set clamd's ``StreamMaxLength`` at least as large: clamd refuses a longer
+stream, which counts as clamd being unavailable.
 
 When clamd is down, hangs or answers nonsense, ``on_error`` decides: ``defer`` (451) or
 ``accept`` with ``X-Virus-Checker-Error: not scanned (clamd unavailable: ...)``; the
@@ -41,6 +42,7 @@ CHUNK = 1 << 16
 
 
 class ClamdScan(Plugin):
+    reject_options = ("reject", "reject_type")
     configspec = [
         'clamd_socket = string(default="/run/clamav/clamd.ctl")',
         "max_size = integer(min=0, default=26214400)",
@@ -56,16 +58,18 @@ class ClamdScan(Plugin):
         if transaction.data_size > self.config["max_size"]:
             self.log.info("not scanned: %d octets is over max_size %d", transaction.data_size,
                           self.config["max_size"])
+            transaction.results.add(self, skip="size")
             return DECLINED
         try:
             with scanner.scan_deadline(self.config["scan_timeout"], "clamd"):
                 virus = self._scan(transaction)
         except scanner.ScannerError as error:
             return scanner.unavailable(self, session, "clamd", error, "X-Virus-Checker-Error")
-        transaction.notes["virus"] = virus
         if virus is None:
+            transaction.results.add(self, pass_="clean")
             transaction.headers.add("X-Virus-Checked", f"Checked by ClamAV on {session.me}")
             return DECLINED
+        transaction.results.add(self, fail=virus)
         self.log.info("virus found: %s", virus)
         if not self.config["deny_viruses"]:
             transaction.headers.add("X-Virus-Found", virus)

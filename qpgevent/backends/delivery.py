@@ -42,6 +42,7 @@ double bounce is only logged.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import time
@@ -223,7 +224,8 @@ class Runner:
             if message_id in self.active:
                 continue  # rescheduled (a flush) while being tried: its attempt sets the next time
             self.active.add(message_id)
-            self.deliveries.spawn(self._attempt_safely, message_id)
+            # In this greenlet's context: the services (resolver, store) the runner was given.
+            self.deliveries.spawn(contextvars.copy_context().run, self._attempt_safely, message_id)
 
     def sleep_time(self) -> float:
         soonest = self.schedule.next_time()
@@ -265,7 +267,8 @@ class Runner:
         for recipient in envelope.pending():
             groups.setdefault(recipient.domain, []).append(recipient)
         lock = Semaphore()
-        gevent.joinall([gevent.spawn(self._deliver_domain, envelope, domain, recipients, lock)
+        gevent.joinall([gevent.spawn(contextvars.copy_context().run, self._deliver_domain, envelope, domain,
+                                     recipients, lock)
                         for domain, recipients in groups.items()], raise_error=True)
         pending = envelope.pending()
         if pending and time.time() - envelope.arrived > self.options.lifetime:

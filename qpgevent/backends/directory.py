@@ -36,7 +36,9 @@ CACHE_CONFIGSPEC = [
 ]
 
 #: The refusal of a recipient the directory does not know (RFC 3463 X.1.1: bad mailbox).
-NO_SUCH_USER = "5.1.1 {address}: no such user here"
+#: The refusal of an unknown recipient, after the enhanced status (5.1.1, or 4.1.1 when the
+#: plugin's reject_type is temporary: ``plugin.enhanced_status("1.1")``).
+NO_SUCH_USER = "{address}: no such user here"
 
 #: The directory cannot answer now. The same failure as a scanner's (refused, timed
 #: out, broken reply), so the one connect/deadline helper serves both.

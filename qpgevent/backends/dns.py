@@ -1,4 +1,4 @@
-"""DNS for plugins: cooperative look-ups, a per-process cache, a per-session time budget.
+"""DNS for plugins: cooperative look-ups, a per-server resolver and cache, a per-session time budget.
 
 This module owns the resolver service every plugin uses. It is dnspython's stub resolver,
 whose sockets gevent's monkey-patching makes cooperative: a plugin writes plain blocking
@@ -14,7 +14,7 @@ What a look-up returns:
   A UTF-8 name given to a look-up is converted with IDNA 2008 and the UTS 46 mapping
   (``faß.de`` is ``xn--fa-hia.de``; IDNA 2003 would have made it ``fass.de``).
 
-The cache (per process, so per worker) is dnspython's LRU cache: it honours TTLs, keeps
+The cache (one per resolver: per server, in each worker) is dnspython's LRU cache: it honours TTLs, keeps
 NXDOMAIN and no-data answers for the SOA minimum (RFC 2308 5), and drops the least
 recently used answer when full; we cap how long any answer stays.
 
@@ -26,8 +26,13 @@ gets at most what is left, and past the budget a look-up that needs the network 
 TemporaryFailure (cached answers still come back). ``parallel`` runs several look-ups at
 once: a plugin checking five blocklists waits for the slowest, not for the sum.
 
-The module-level functions use the per-process default resolver: ``configure()`` sets it
-from the config; without that it reads /etc/resolv.conf on first use.
+The module-level functions (``dns.a(name)``...) use the resolver of the server running
+the current session: each server builds one from its ``[dns]``
+(``qpgevent.backends.services``) and makes it current in each session's context
+(``bind``), so two servers in one process each ask their own nameservers, with their
+own cache. ``with dns.use(resolver):`` makes one current for a block (tests, tools);
+greenlets started by ``parallel`` inherit it. Outside any server and any block, the
+system's resolver (/etc/resolv.conf's, made on first use) answers.
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ import gevent.monkey
 
 from . import metrics
 from ..core.errors import ConfigError
+from ..core.scope import Scoped
 
-__all__ = ["TemporaryFailure", "Resolver", "budget", "remaining_budget", "parallel", "configure",
-           "default", "set_default", "a", "aaaa", "mx", "txt", "ptr", "addresses", "blocklist",
+__all__ = ["TemporaryFailure", "Resolver", "budget", "remaining_budget", "parallel", "current",
+           "default", "use", "bind", "a", "aaaa", "mx", "txt", "ptr", "addresses", "blocklist",
            "blocklist_reason", "fcrdns", "ascii_name"]
 
 log = logging.getLogger("qpgevent.dns")
@@ -454,64 +460,71 @@ def _is_listing(value: str) -> bool:
     return address in LISTING and address not in LIST_ERRORS
 
 
-# -- the per-process default -----------------------------------------------------
-_default: Resolver | None = None
+# -- the resolver in use -----------------------------------------------------------
+#: The resolver of the server whose session runs in this context (a greenlet's own context:
+#: set by the server for each session; inherited by ``parallel``'s greenlets; kept while a
+#: session is parked). None: the system's.
+_current: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar("qpgevent_dns_resolver",
+                                                                            default=None)
+_system: Resolver | None = None
 
 
-def configure(nameservers: list[str] | None = None, port: int = 53, timeout: float = 5.0,
-              **options: Any) -> Resolver:
-    """Make a new default resolver (from the config); ``options`` as for ``Resolver``."""
-    global _default
-    _default = Resolver(nameservers, port, timeout, **options)
-    return _default
+def current() -> Resolver:
+    """The resolver in use here: the current server's, else the system's (/etc/resolv.conf)."""
+    global _system
+    resolver = _current.get()
+    if resolver is not None:
+        return resolver
+    if _system is None:
+        _system = Resolver()
+    return _system
 
 
-def default() -> Resolver:
-    """The default resolver; made from /etc/resolv.conf if ``configure`` was not called."""
-    global _default
-    if _default is None:
-        _default = Resolver()
-    return _default
+#: The name plugins have used: ``dns.default().a(name)``.
+default = current
 
 
-def set_default(resolver: Resolver | None) -> Resolver | None:
-    """Install ``resolver`` as the default (None: /etc/resolv.conf on next use); return the old one."""
-    global _default
-    previous, _default = _default, resolver
-    return previous
+def bind(resolver: Resolver | None) -> None:
+    """Make ``resolver`` current for the rest of this context (a session's greenlet)."""
+    _current.set(resolver)
+
+
+def use(resolver: Resolver) -> Scoped[Resolver]:
+    """``with dns.use(resolver):`` the module-level calls inside use ``resolver``."""
+    return Scoped(_current, resolver)
 
 
 def a(name: str) -> list[str]:
-    return default().a(name)
+    return current().a(name)
 
 
 def aaaa(name: str) -> list[str]:
-    return default().aaaa(name)
+    return current().aaaa(name)
 
 
 def mx(name: str) -> list[tuple[int, str]]:
-    return default().mx(name)
+    return current().mx(name)
 
 
 def txt(name: str) -> list[str]:
-    return default().txt(name)
+    return current().txt(name)
 
 
 def ptr(ip: str) -> list[str]:
-    return default().ptr(ip)
+    return current().ptr(ip)
 
 
 def addresses(name: str) -> list[str]:
-    return default().addresses(name)
+    return current().addresses(name)
 
 
 def blocklist(ip: str, zone: str) -> list[str] | None:
-    return default().blocklist(ip, zone)
+    return current().blocklist(ip, zone)
 
 
 def blocklist_reason(ip: str, zone: str) -> str | None:
-    return default().blocklist_reason(ip, zone)
+    return current().blocklist_reason(ip, zone)
 
 
 def fcrdns(ip: str) -> str | None:
-    return default().fcrdns(ip)
+    return current().fcrdns(ip)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 __all__ = ["ListFile", "Entries", "AddressPattern", "parse_patterns", "match_address", "networks",
-           "duration", "rate", "read_entries", "read_logical_lines", "reject_type_default"]
+           "duration", "rate", "read_entries", "read_logical_lines"]
 
 log = logging.getLogger("qpgevent.policy")
 T = TypeVar("T")
@@ -54,21 +54,6 @@ def rate(text: str) -> tuple[int, float] | None:
     if seconds <= 0:
         raise ValueError(f"{text!r}: the period must be longer than 0")
     return int(count), seconds
-
-
-def reject_type_default(configspec_lines: list[str], default: str) -> list[str]:
-    """The configspec lines with another default for the standard ``reject_type``.
-
-    For checks whose refusals are temporary by nature (greylisting, rate limits, load), a
-    plugin overrides ``configspec_lines`` (a classmethod) to return
-    ``reject_type_default(super().configspec_lines(), "temp")``.
-    """
-    out = []
-    for line in configspec_lines:
-        if line.split("=", 1)[0].strip() == "reject_type":
-            line = re.sub(r'default="[a-z_]+"', f'default="{default}"', line)
-        out.append(line)
-    return out
 
 
 def networks(items: list[str]) -> list[Any]:

@@ -1,9 +1,11 @@
-"""The shared state store plugins use: configured once per server, one per process.
+"""The shared state store plugins use: one per server, from its ``[store]``.
 
-``[store]`` in qpsmtpd.ini picks the backend, and the server calls ``configure`` with
-it at start. Nothing is opened then: a process opens its connection (SQLite file or
-Redis pool) on its first call, so a worker forked afterwards gets its own. Plugins
-call ``store.default()`` in their hooks::
+``[store]`` in qpsmtpd.ini picks the backend; each server builds its ``Service`` (the
+store, and what a failure of it means) with ``from_options`` and makes it current in
+each session's context (``bind``; ``with store.use(service):`` for a block), so two
+servers in one process keep apart. Nothing is opened when it is built: a process opens
+its connection (SQLite file or Redis pool) on its first call, so a worker forked
+afterwards gets its own. Plugins call ``store.default()`` in their hooks::
 
     from qpgevent import store
 
@@ -27,24 +29,39 @@ store logs once when it goes down and once when it is back.
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.scope import Scoped
 from ..plugin import DECLINED, DENYSOFT, Plugin
 from .store_base import Lease, Store, StoreUnavailable
 from .store_sqlite import EmbeddedStore
 
-__all__ = ["Store", "Lease", "StoreUnavailable", "EmbeddedStore", "configure", "default",
-           "set_default", "degraded", "stats", "open_store", "FAIL_MESSAGE"]
+__all__ = ["Store", "Lease", "StoreUnavailable", "EmbeddedStore", "Service", "from_options", "default",
+           "current", "use", "bind", "degraded", "stats", "open_store", "FAIL_MESSAGE"]
 
 log = logging.getLogger("qpgevent.store")
 
 #: The reply text of a ``fail = temp`` refusal (the reply table picks 4xx by hook).
 FAIL_MESSAGE = "4.3.0 Temporary policy failure, please try again later"
 
-_default: Store | None = None
-_fail = "open"
-_degraded: collections.Counter[str] = collections.Counter()
+
+
+@dataclass(eq=False)
+class Service:
+    """One server's store, what its failure means (``[store] fail``: open or temp), and the
+    degraded decisions its plugins took, by plugin."""
+
+    store: Store
+    fail: str = "open"
+    degraded: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+#: The service of the server whose session runs in this context (see qpgevent.dns: the same rule).
+_current: contextvars.ContextVar[Service | None] = contextvars.ContextVar("qpgevent_store", default=None)
+_fallback: Service | None = None
 
 
 def open_store(backend: str = "embedded", *, path: str = "store.sqlite",
@@ -66,44 +83,52 @@ def open_store(backend: str = "embedded", *, path: str = "store.sqlite",
     raise ValueError(f"unknown store backend {backend!r} (embedded or redis)")
 
 
-def configure(backend: str = "embedded", fail: str = "open", **options: Any) -> Store:
-    """Make the process-wide store from the ``[store]`` options; the one it replaces is closed."""
-    global _fail
-    store = open_store(backend, **options)
-    _fail = fail
-    previous = set_default(store)
-    if previous is not None and previous is not store:
-        previous.close()
-    return store
+def from_options(backend: str = "embedded", fail: str = "open", **options: Any) -> Service:
+    """A server's store service from its ``[store]`` options (nothing is connected yet)."""
+    return Service(open_store(backend, **options), fail)
+
+
+def current() -> Service:
+    """The store service in use here: the current server's; outside any, an embedded store
+    in the current folder (made on first use)."""
+    global _fallback
+    service = _current.get()
+    if service is not None:
+        return service
+    if _fallback is None:
+        _fallback = Service(EmbeddedStore("store.sqlite"))
+    return _fallback
 
 
 def default() -> Store:
-    """The process-wide store; an embedded one in the current folder if none was configured."""
-    global _default
-    if _default is None:
-        _default = EmbeddedStore("store.sqlite")
-    return _default
+    """The store of the server running this session (what plugins call)."""
+    return current().store
 
 
-def set_default(store: Store | None) -> Store | None:
-    """Install ``store`` as the process-wide one; returns the previous one (for tests)."""
-    global _default
-    previous, _default = _default, store
-    return previous
+def bind(service: Service | None) -> None:
+    """Make ``service`` current for the rest of this context (a session's greenlet)."""
+    _current.set(service)
+
+
+def use(service: Service) -> Scoped[Service]:
+    """``with store.use(service):`` the module-level calls inside use ``service``."""
+    return Scoped(_current, service)
 
 
 def degraded(plugin: Plugin, error: StoreUnavailable) -> Any:
     """The decision a plugin returns when the store failed it: ``[store] fail`` says which."""
-    _degraded[plugin.name] += 1
-    if _fail == "temp":
+    service = current()
+    service.degraded[plugin.name] += 1
+    if service.fail == "temp":
         plugin.log.warning("store unavailable, refusing temporarily: %s", error)
         return DENYSOFT, FAIL_MESSAGE
     plugin.log.warning("store unavailable, check skipped (fail open): %s", error)
     return DECLINED
 
 
-def stats() -> dict[str, Any]:
-    """Counters for metrics: the default store's operations and failures, degraded decisions."""
-    store = default()
+def stats(service: Service | None = None) -> dict[str, Any]:
+    """Counters for metrics: a store's operations and failures, degraded decisions (the current one's)."""
+    service = service or current()
+    store = service.store
     return {"backend": store.backend, "down": store.is_down, **store.stats,
-            "degraded": sum(_degraded.values()), "degraded_by_plugin": dict(_degraded)}
+            "degraded": sum(service.degraded.values()), "degraded_by_plugin": dict(service.degraded)}

@@ -8,7 +8,7 @@ every data_post plugin has run, calls ``finish(transaction, connection, me)``, w
    authserv-id (``me``): RFC 8601 5 — a forged "spf=pass" from outside must not be
    trusted by a mail client that trusts us; fields of other authserv-ids stay;
 2. prepends ONE field with every recorded result, in the order recorded, plus
-   ``iprev`` when ``connection.notes["iprev"]`` is set (fcrdns writes it), e.g.::
+   ``iprev`` when a connection result has ``iprev`` evidence (fcrdns records it), e.g.::
 
        Authentication-Results: mx.example.test; iprev=pass policy.iprev=192.0.2.1;
            spf=pass smtp.mailfrom=alice@sender.test;
@@ -79,7 +79,8 @@ def finish(transaction: Any, connection: Any, me: str) -> int:
     """Drop fields forged with our id, prepend ours; returns how many forged ones were dropped."""
     forged = transaction.headers.remove_if(HEADER, lambda value: authserv_id(value) == me.lower())
     entries = results(transaction)
-    iprev = connection.notes.get("iprev")
+    # fcrdns records the iprev result (RFC 8601 2.7.3) as evidence in the connection's results.
+    iprev = next((result.get("iprev") for result in connection.results if result.get("iprev")), None)
     if iprev:
         entries.insert(0, {"method": "iprev", "result": iprev, "reason": None,
                            "properties": {"policy.iprev": connection.remote_ip}})

@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from ..config import PluginSpec, Settings, validate_options
+from ..config import PluginSpec, Settings, line_of, validate_options
 from ..core.errors import ConfigError, PluginLoadError
+from . import aliases
 from .hooks import HOOKS
 from ..plugin import Plugin
 
@@ -68,15 +69,24 @@ def forget_plugin_modules() -> None:
 
 def load_plugin(spec: PluginSpec, dirs: list[Path], base_dir: str) -> Plugin:
     where = spec.where
-    module, path = _import(spec.name, dirs, where)
+    # qpsmtpd's old names (check_earlytalker) load the current plugin, with a deprecation note
+    name, label = aliases.resolve(spec.name, spec.label, dirs, f"{spec.source}:{spec.line or '?'}:")
+    module, path = _import(name, dirs, where)
     cls = _plugin_class(module, path, where)
     for hook in cls.implemented_hooks():
         _check_hook(cls, hook, path, where)
+    unused = cls.unused_options(spec.options)
+    if unused:  # given, and it would be silently ignored: say so
+        key = unused[0]
+        raise PluginLoadError(f"{spec.source}:{line_of(spec.source, ['plugins', spec.label], key)}: "
+                              f"[[{spec.label}]] {key}: not used by {name} ({path}), which refuses nothing "
+                              f"by it; remove it")
     try:
         options = validate_options(spec, cls.configspec_lines(), base_dir)
     except ConfigError as error:
         raise PluginLoadError(str(error)) from None
-    plugin = cls(spec.label, options, path)
+    plugin = cls(label, options, path)
+    plugin.written_as = spec.label  # the name in the ini: an old one shows in --check-config
     try:
         plugin.setup()
     except (OSError, ValueError) as error:

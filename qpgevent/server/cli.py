@@ -21,6 +21,7 @@ from . import privileges
 from .. import config as config_module
 from ..backends import log as log_module
 from ..core.errors import ConfigError, StartError
+from ..engine.aliases import deprecation_note
 from ..engine.hooks import HOOKS, HookRunner
 from ..engine.loader import load_plugins
 from ..core.codes import ReturnCode, Verdict
@@ -145,7 +146,10 @@ def print_check(settings: config_module.Settings, runner: HookRunner) -> None:
     print(f"{settings.path}: OK")
     print("listen: " + ", ".join(f"{listen}/{listen.flags}" if listen.flags else str(listen)
                                  for listen in settings.listen))
-    print("plugins: " + ", ".join(spec.label for spec in settings.plugins))
+    print("plugins: " + ", ".join(plugin.name for plugin in runner.plugins))
+    for plugin in runner.plugins:
+        if plugin.written_as != plugin.name:  # qpsmtpd's old name, loaded as ours
+            print(f"deprecated: {deprecation_note(plugin.written_as, plugin.name)}")
     if settings.admin_listen is not None:
         print(f"admin: http://{settings.admin_listen}/status" + (" (token required)" if settings.admin_token else ""))
     order = runner.order()

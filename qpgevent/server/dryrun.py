@@ -16,6 +16,7 @@ ends the script there.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import os
 import socket
@@ -37,6 +38,7 @@ from ..engine.hooks import HookRunner
 from ..engine.loader import load_plugin, plugin_dirs
 from ..plugin import Plugin
 from ..backends.services import configure_services
+from ..results import Results
 from .session import Session
 
 
@@ -83,6 +85,8 @@ class Transcript:
     steps: list[Step] = field(default_factory=list)
     closed: bool = False  #: the server closed the connection
     notes: dict[str, Any] = field(default_factory=dict)  #: the connection's notes at the end
+    #: The connection's results at the end (what each check concluded about the client).
+    results: Results = field(default_factory=Results)
 
     @property
     def codes(self) -> list[int]:
@@ -173,7 +177,8 @@ def run_script(runner: HookRunner, settings: Settings, script: Iterable[str | by
     transcript = Transcript()
     recorder = _Recorder(session, transcript.decisions)
     runner.observe(recorder)
-    greenlet = gevent.spawn(_serve, session, ours)
+    # A new greenlet starts with an empty context: give it ours, with the services current here.
+    greenlet = gevent.spawn(contextvars.copy_context().run, _serve, session, ours)
     client = _Client(theirs, timeout)
     try:
         greeting = client.reply()
@@ -209,6 +214,7 @@ def run_script(runner: HookRunner, settings: Settings, script: Iterable[str | by
         greenlet.kill()
         runner.observers.remove(recorder)
         transcript.notes = dict(connection.notes)
+        transcript.results = connection.results
     return transcript
 
 
@@ -290,6 +296,8 @@ def run_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"plugins: {', '.join(p.name for p in runner.plugins)}")
         transcript = run_script(runner, settings, script, remote_ip=args.ip)
         print(transcript.format())
+        if transcript.results:
+            print(f"results: {transcript.results.summary()}")
     accepted = _accepted(transcript)
     print("result: " + ("accepted" if accepted else "not accepted"))
     return 0 if accepted else 1

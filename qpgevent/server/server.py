@@ -33,6 +33,8 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from ..backends import metrics
+from ..backends.services import Services
+from ..backends.services import current as current_services
 from ..core import proxy
 from ..config import Listen, Settings
 from ..connection import Connection
@@ -198,8 +200,12 @@ class _Listener(StreamServer):
 
 
 class SmtpServer:
-    def __init__(self, settings: Settings, plugins: list[Plugin], counters: Counters | None = None) -> None:
+    def __init__(self, settings: Settings, plugins: list[Plugin], counters: Counters | None = None,
+                 services: Services | None = None) -> None:
         self.settings = settings
+        #: Its resolver and store, current in each of its sessions: given, or the ones made
+        #: current where it is built (configure_services), or built from its settings.
+        self.services = services or current_services() or Services.from_settings(settings)
         self.runner = HookRunner(plugins, settings.plugin_timeout)
         self.servers: list[StreamServer] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.
@@ -262,6 +268,7 @@ class SmtpServer:
 
     def _handle(self, sock: socket.socket, address: Any, lease: Lease, listen: Listen | None = None) -> bool:
         """Serve the connection; True if its session parked (it holds ``lease`` still)."""
+        self.services.bind()  # this greenlet's context: the plugins of this session use our services
         local = sock.getsockname()
         connection = Connection(normalize_ip(address[0]), address[1], normalize_ip(local[0]), local[1])
         greenlet = gevent.getcurrent()

@@ -40,7 +40,7 @@ from ..engine.loader import load_plugins
 from ..plugin import Plugin
 from ..core.reply import Reply, answer
 from ..server.server import SmtpServer
-from ..backends.services import configure_services, configure_store
+from ..backends.services import Services
 from ..server.session import Session
 
 _SECTIONS = {
@@ -109,20 +109,20 @@ def write_ini(directory: str | os.PathLike[str], plugins: str = DEFAULT_PLUGINS,
 class InProcessServer:
     """The real server in this process (greenlets), on a loopback port the OS picked.
 
-    When the ini names ``[dns] nameservers``, the process's default resolver is set from
-    ``[dns]`` (``configure_services``, as the CLI does at start); otherwise it is left as
-    the test set it (``dns.configure`` / ``dns.set_default``), and the system's resolver is
-    never configured here. The resolver is per process: the last server started wins.
+    Its services are its own, as a server's are (``services``: the resolver of its ``[dns]``,
+    the store of its ``[store]``): two servers in one process each ask their own
+    nameservers. A test's DNS is named in the ini (``dns_nameservers="127.0.0.1",
+    dns_port=nsd.port``); without nameservers the resolver is the system's, which a test
+    server never asks (``write_ini`` turns ``reverse_lookup`` off).
     """
 
     def __init__(self, ini: str | os.PathLike[str]) -> None:
         self.settings = config_module.load(str(ini))
-        if self.settings.dns_nameservers:
-            configure_services(self.settings)
-        configure_store(self.settings)  # the ini's [store] (or its defaults): the last server started wins
+        self.services = Services.from_settings(self.settings)
         os.makedirs(self.settings.spool_dir, exist_ok=True)
-        self.server = SmtpServer(self.settings, load_plugins(self.settings))
-        self.server.runner.notify("post_fork", None)  # as in a worker of the master
+        with self.services.active():  # the plugins' setup and post_fork use them too
+            self.server = SmtpServer(self.settings, load_plugins(self.settings), services=self.services)
+            self.server.runner.notify("post_fork", None)  # as in a worker of the master
         self.server.start()
         self.host, self.port = self.server.addresses[0]
 
@@ -131,6 +131,7 @@ class InProcessServer:
 
     def stop(self, timeout: float = 1.0) -> None:
         self.server.stop(timeout)
+        self.services.close()
 
 
 class ServerProcess:
@@ -364,13 +365,13 @@ class PluginHarness:
         plugins += textwrap.dedent(after)
         self.ini = write_ini(self.directory, plugins or "", **settings)
         self.settings = config_module.load(str(self.ini))
-        if self.settings.dns_nameservers:
-            configure_services(self.settings)
-        configure_store(self.settings)
+        #: Its own resolver ([dns]: ``dns`` if given) and store, as a server has.
+        self.services = Services.from_settings(self.settings)
         os.makedirs(self.settings.spool_dir, exist_ok=True)
-        self.plugins: list[Plugin] = load_plugins(self.settings)
-        self.runner = HookRunner(self.plugins, self.settings.plugin_timeout)
-        self.runner.notify("post_fork", None)
+        with self.services.active():
+            self.plugins: list[Plugin] = load_plugins(self.settings)
+            self.runner = HookRunner(self.plugins, self.settings.plugin_timeout)
+            self.runner.notify("post_fork", None)
 
     @property
     def plugin(self) -> Plugin:
@@ -380,7 +381,8 @@ class PluginHarness:
     def run_session(self, script: Iterable[str | bytes], ip: str = "192.0.2.1",
                     timeout: float = 30.0) -> Transcript:
         """Play SMTP lines through a real Session; see ``qpgevent.server.dryrun.run_script``."""
-        return run_script(self.runner, self.settings, script, remote_ip=ip, timeout=timeout)
+        with self.services.active():  # the session's greenlet starts with a copy of this context
+            return run_script(self.runner, self.settings, script, remote_ip=ip, timeout=timeout)
 
     def session(self, ip: str = "192.0.2.1", helo: str | None = None) -> Session:
         """A real Session for ``run_hook``, not running (no greeting, nothing read)."""
@@ -408,7 +410,8 @@ class PluginHarness:
         if len(args) != len(spec.args):
             raise TypeError(f"hook {hook} takes ({', '.join(spec.args)}); got {len(args)} arguments")
         session = session or self.session(ip, helo)
-        verdict = self.runner.run(hook, session if spec.session else None, *args)
+        with self.services.active():
+            verdict = self.runner.run(hook, session if spec.session else None, *args)
         fields = {"me": self.settings.me}
         if args and isinstance(args[0], Address):
             fields["address"] = args[0].format()

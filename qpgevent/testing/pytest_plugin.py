@@ -39,40 +39,44 @@ def loopback_dns():
 
 @pytest.fixture
 def use_dns():
-    """``use_dns(port, timeout=2.0, cache=True)``: the process's resolver asks 127.0.0.1:port;
-    the previous resolver is put back when the test ends."""
+    """``use_dns(port, timeout=2.0, cache=True)``: the ``qpgevent.dns`` calls the test makes
+    itself ask 127.0.0.1:port, until it ends. A server or a harness asks what its own
+    ``[dns]`` names (``dns_port=...``, ``PluginHarness(dns=...)``), not this."""
     from ..backends import dns
 
-    previous = dns.set_default(None)
+    blocks = []
 
     def use(port: int, timeout: float = 2.0, cache: bool = True) -> None:
-        dns.set_default(dns.Resolver(["127.0.0.1"], port=port, timeout=timeout, cache=cache))
+        block = dns.use(dns.Resolver(["127.0.0.1"], port=port, timeout=timeout, cache=cache))
+        block.__enter__()
+        blocks.append(block)
 
     yield use
-    dns.set_default(previous)
+    for block in reversed(blocks):
+        block.__exit__(None, None, None)
 
 
 @pytest.fixture
 def plugin_harness(tmp_path):
     """``plugin_harness(name_or_file, after="", dns=None, settings=None, **options)``: a PluginHarness.
 
-    A harness given ``dns`` makes the process's resolver ask it; the previous resolver is
-    put back when the test ends.
+    A harness given ``dns`` (a ``LoopbackDns``) resolves with it: its own resolver, as a
+    server's; nothing of the process changes. Their stores are closed when the test ends.
     """
-    from ..backends import dns as dns_module
     from . import PluginHarness
 
     count = iter(range(1, 1000))
-    previous = dns_module.set_default(None)
-    dns_module.set_default(previous)
+    made: list[Any] = []
 
     def make(plugin: Any = None, **kwargs: Any) -> Any:
         directory = tmp_path / f"harness{next(count)}"
         directory.mkdir()
-        return PluginHarness(directory, plugin, **kwargs)
+        made.append(PluginHarness(directory, plugin, **kwargs))
+        return made[-1]
 
     yield make
-    dns_module.set_default(previous)
+    for harness in made:
+        harness.services.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import gevent
 import pytest
 
 from qpgevent.core import dovecot_protocol
-from qpgevent.testing import maildir_messages
+from qpgevent.testing import maildir_messages, wait_until
 from qpgevent.testing.scanners import dead_port
 
 from directory_daemons import DOVECOT_USERS, LoopbackDovecot
@@ -42,7 +42,9 @@ def test_dovecot_user_authenticates_and_sends(tls_server, dovecot, where):
 def test_dovecot_is_told_the_client_address_and_that_the_session_is_encrypted(tls_server, dovecot):
     server = tls_server(plugins(dovecot.client_socket))  # a unix socket: Dovecot sees no address itself
     assert login(server, DANA, DANA_PW)[0] == 235
-    requests = [line for line in dovecot.log().splitlines() if "client in: AUTH" in line]
+    # Dovecot writes its debug line on its own time: wait for it, then look.
+    requests = wait_until(lambda: [line for line in dovecot.log().splitlines() if "client in: AUTH" in line],
+                          10, "Dovecot logging the AUTH request")
     assert len(requests) == 1
     assert "\tservice=smtp\tsecured\trip=127.0.0.1\tlip=127.0.0.1\tresp=<hidden>" in requests[0]
 

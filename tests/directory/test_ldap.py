@@ -120,6 +120,13 @@ def test_known_recipients_accepted_unknown_refused(make_server, slapd):
     ]
 
 
+def test_the_unknown_recipient_refusal_follows_reject_and_reject_type(make_server, slapd):
+    tolerated = make_server(rcpt_ldap(slapd, reject=0) + QUEUE)
+    assert rcpt(tolerated, "nobody@example.test") == [(250, b"2.1.5 <nobody@example.test>, recipient ok")]
+    deferred = make_server(rcpt_ldap(slapd, reject_type="temp") + QUEUE)
+    assert rcpt(deferred, "nobody@example.test") == [(450, b"4.1.1 nobody@example.test: no such user here")]
+
+
 @pytest.mark.parametrize("recipient", ["*@example.test", '"*)(mail=*"@example.test', '"a*"@example.test',
                                        '"\\\\2a"@example.test'])
 def test_recipient_filter_injection_matches_nothing(make_server, slapd, recipient):

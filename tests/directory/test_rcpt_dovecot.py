@@ -31,6 +31,13 @@ def test_known_recipient_accepted_unknown_refused_other_domains_left_alone(make_
     assert len(maildir_messages(server.maildir)) == 1
 
 
+def test_the_unknown_recipient_refusal_follows_reject_and_reject_type(make_server, dovecot):
+    tolerated = make_server(plugins(dovecot.userdb_socket, "reject = 0"))
+    assert rcpt(tolerated, "nobody@example.test") == [(250, b"2.1.5 <nobody@example.test>, recipient ok")]
+    deferred = make_server(plugins(dovecot.userdb_socket, "reject_type = temp"))
+    assert rcpt(deferred, "nobody@example.test") == [(450, b"4.1.1 nobody@example.test: no such user here")]
+
+
 def test_lookup_by_local_part(make_server):
     with LoopbackDovecot({"dana": "pw"}) as keyed_by_name:
         server = make_server(plugins(keyed_by_name.userdb_socket, "lookup = localpart"))

@@ -36,14 +36,6 @@ def slow_front(nsd):
         yield front
 
 
-@pytest.fixture
-def default_resolver():
-    """Plugins use the per-process default resolver: the test sets it, then puts it back."""
-    previous = dns.set_default(None)
-    yield dns.configure
-    dns.set_default(previous)
-
-
 def test_500_lookups_take_one_delay_not_500(slow_front):
     # No cache: every greenlet really waits on the network.
     resolver = dns.Resolver(["127.0.0.1"], slow_front.port, timeout=5.0, cache=False)
@@ -70,10 +62,10 @@ def greet(server, timeout=20):
     return code, text, time.monotonic() - started
 
 
-def test_500_sessions_greeted_while_each_connect_waits_on_dns(make_server, slow_front, default_resolver):
-    default_resolver(["127.0.0.1"], slow_front.port, timeout=5.0, cache=False)
-    server = make_server(plugins="[[lookup_at_connect]]", plugin_dirs=str(PLUGIN_DIR),
-                         max_connections=1000)
+def test_500_sessions_greeted_while_each_connect_waits_on_dns(make_server, slow_front):
+    # The server's own [dns]: no cache, so that every session really waits on the network.
+    server = make_server(plugins="[[lookup_at_connect]]", plugin_dirs=str(PLUGIN_DIR), max_connections=1000,
+                         dns_nameservers="127.0.0.1", dns_port=slow_front.port, dns_timeout=5.0, dns_cache_size=0)
     started = time.monotonic()
     jobs = [gevent.spawn(greet, server) for _ in range(SESSIONS)]
     gevent.joinall(jobs, timeout=60, raise_error=True)
@@ -85,10 +77,10 @@ def test_500_sessions_greeted_while_each_connect_waits_on_dns(make_server, slow_
     assert elapsed < 10, elapsed
 
 
-def test_dead_nameserver_is_a_421_within_the_dns_timeout(make_server, default_resolver):
+def test_dead_nameserver_is_a_421_within_the_dns_timeout(make_server):
     with DeadDns() as dead:
-        default_resolver(["127.0.0.1"], dead.port, timeout=1.0)
-        server = make_server(plugins="[[lookup_at_connect]]", plugin_dirs=str(PLUGIN_DIR))
+        server = make_server(plugins="[[lookup_at_connect]]", plugin_dirs=str(PLUGIN_DIR),
+                             dns_nameservers="127.0.0.1", dns_port=dead.port, dns_timeout=1.0)
         started = time.monotonic()
         jobs = [gevent.spawn(greet, server) for _ in range(50)]
         gevent.joinall(jobs, timeout=30, raise_error=True)

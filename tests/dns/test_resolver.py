@@ -77,13 +77,6 @@ def counted(counter, **options):
     return dns.Resolver(["127.0.0.1"], counter.port, timeout=2.0, **options)
 
 
-@pytest.fixture
-def default_resolver():
-    previous = dns.set_default(None)
-    yield
-    dns.set_default(previous)
-
-
 # -- record types -------------------------------------------------------------------
 def test_a_aaaa_mx_txt(resolver):
     assert resolver.a("mail.example.test") == ["192.0.2.25"]
@@ -453,10 +446,16 @@ def test_parallel_stops_when_the_caller_times_out():
         assert time.monotonic() - started < 1.0
 
 
-# -- the module-level default ------------------------------------------------------
-def test_module_functions_use_the_configured_default(nsd, default_resolver):
-    configured = dns.configure(["127.0.0.1"], nsd.port, timeout=2.0)
-    assert dns.default() is configured
+# -- the module-level functions -----------------------------------------------------
+def test_module_functions_use_the_resolver_in_use(nsd):
+    configured = dns.Resolver(["127.0.0.1"], nsd.port, timeout=2.0)
+    with dns.use(configured):
+        check_module_functions(configured)
+    assert dns.current() is not configured  # the block is over: nothing left behind
+
+
+def check_module_functions(configured):
+    assert dns.default() is configured and dns.current() is configured
     assert dns.a("mail.example.test") == ["192.0.2.25"]
     assert dns.aaaa("mail.example.test") == ["2001:db8::25"]
     assert dns.mx("bücher.test") == [(10, "mail.xn--bcher-kva.test")]
@@ -468,7 +467,7 @@ def test_module_functions_use_the_configured_default(nsd, default_resolver):
     assert dns.fcrdns("203.0.113.5") == "client.example.test"
 
 
-def test_default_reads_resolv_conf(default_resolver):
+def test_outside_any_server_the_system_resolver_answers():
     with open("/etc/resolv.conf", encoding="utf-8") as conf:
         listed = [line.split()[1] for line in conf if line.startswith("nameserver")]
     resolver = dns.default()

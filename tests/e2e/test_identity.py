@@ -19,7 +19,6 @@ import pytest
 from gevent.server import StreamServer
 
 from qpgevent import config as config_module
-from qpgevent import dns
 from qpgevent.core.errors import ConfigError
 from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages
 from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
@@ -44,7 +43,7 @@ ZONES = {
     **ptr_zone_for("::/64", {"::1": "v6.example.test."}),
 }
 TEST_PLUGINS = str(Path(__file__).resolve().parent.parent / "data" / "identity_plugins")
-SHOW_NOTES = "[[show_notes]]\n  keys = fcrdns\n"
+SHOW_NOTES = "[[show_notes]]\n  keys = result:reverse_lookup:fcrdns\n"
 MESSAGE = b"Subject: identity\r\n\r\nhello\r\n"
 
 
@@ -52,13 +51,6 @@ MESSAGE = b"Subject: identity\r\n\r\nhello\r\n"
 def nsd():
     with LoopbackDns(ZONES) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def resolver_put_back():
-    previous = dns.set_default(None)
-    yield
-    dns.set_default(previous)
 
 
 @pytest.fixture
@@ -97,11 +89,14 @@ def ehlo_line(server, source="127.0.0.2"):
 
 
 def notes(client):
-    """What show_notes says at MAIL: {"fcrdns": ..., "remote_host": ..., "remote_info": ...}."""
+    """What show_notes says at MAIL: {"fcrdns": ..., "remote_host": ..., "remote_info": ...};
+    "fcrdns" is the outcome the core recorded in the connection's results."""
     code, text = client.mail("a@client.test")
     assert code == 450, (code, text)
     words = text.decode().split("notes: ", 1)[1].split()
-    return dict(word.split("=", 1) for word in words)
+    shown = dict(word.split("=", 1) for word in words)
+    shown["fcrdns"] = shown.pop("result:reverse_lookup:fcrdns")
+    return shown
 
 
 def received(server, source="127.0.0.2"):

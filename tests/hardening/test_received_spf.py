@@ -12,7 +12,6 @@ import re
 
 import pytest
 
-from qpgevent import dns
 from qpgevent.core.headers import Headers
 from qpgevent.testing import RawClient, maildir_messages
 from qpgevent.testing.dns import LoopbackDns
@@ -26,11 +25,10 @@ def nsd():
 
 @pytest.fixture
 def server(make_server, nsd):
-    previous = dns.set_default(None)
-    yield make_server("[[sender_permitted_from]]\n[[rcpt_ok]]\n  domains = example.test\n"
-                      "[[queue/maildir]]\n  path = Maildir\n",
-                      dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
-    dns.set_default(previous)
+    # The server's own [dns] names the test NSD: no process-wide resolver to swap.
+    return make_server("[[sender_permitted_from]]\n[[rcpt_ok]]\n  domains = example.test\n"
+                       "[[queue/maildir]]\n  path = Maildir\n",
+                       dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
 
 
 @pytest.mark.parametrize("helo, written", [

@@ -64,8 +64,6 @@ def nsd(key):
 
 @pytest.fixture
 def start(make_server, nsd):
-    previous = dns.set_default(None)
-
     def start_server(spf="reject_on = fail", dkim="", dmarc="", only=("spf", "dkim", "dmarc")):
         parts = {"spf": f"[[sender_permitted_from]]\n  {spf}", "dkim": f"[[dkim]]\n  {dkim}",
                  "dmarc": f"[[dmarc]]\n  {dmarc}"}
@@ -77,8 +75,7 @@ def start(make_server, nsd):
 """
         return make_server(plugins=plugins, dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
 
-    yield start_server
-    dns.set_default(previous)
+    return start_server
 
 
 def message(from_header="Alice <alice@sender.test>", body="lunch at noon?", extra=""):
@@ -211,6 +208,13 @@ def test_dkim_reject_on_fail_refuses(start, key):
     assert code == 554 and "DKIM fail for sender.test" in text, text
 
 
+def test_the_dkim_refusal_follows_reject_and_reject_type(start, key):
+    data = signed(key, message()).replace(b"lunch at noon?", b"tampered")
+    assert send(start(dkim="reject_on = fail\n  reject = 0", only=("dkim",)), "alice@sender.test", data)[0] == 250
+    code, text = send(start(dkim="reject_on = fail\n  reject_type = temp", only=("dkim",)), "alice@sender.test", data)
+    assert code == 451 and "DKIM fail for sender.test" in text, text
+
+
 # -- DMARC and the one header ------------------------------------------------------------
 
 def test_dmarc_pass_through_spf_alignment_and_one_header_for_all(start, key):
@@ -231,6 +235,12 @@ def test_dmarc_fail_with_p_reject_is_refused(start):
     server = start(spf="reject_on =")
     code, text = send(server, "bounce@other.test", message())
     assert (code, text) == (554, "5.7.1 DMARC policy of sender.test rejects this message")
+
+
+def test_the_dmarc_refusal_follows_reject_and_reject_type(start):
+    assert send(start(spf="reject_on =", dmarc="reject = 0"), "bounce@other.test", message())[0] == 250
+    code, text = send(start(spf="reject_on =", dmarc="reject_type = temp"), "bounce@other.test", message())
+    assert code == 451 and text.endswith("DMARC policy of sender.test rejects this message"), text
 
 
 def test_dmarc_pass_through_dkim_alignment_rescues_an_spf_fail(start, key):
@@ -279,9 +289,7 @@ def test_mail_from_a_relay_client_is_signed_and_the_signature_verifies(make_serv
     private, _ = key
     pem = tmp_path / "sender.test.pem"
     pem.write_bytes(private)
-    previous = dns.set_default(None)
-    try:
-        server = make_server(plugins=f"""
+    server = make_server(plugins=f"""
 [[relay]]
   clients = 127.0.0.1
 [[dkim]]
@@ -292,20 +300,18 @@ def test_mail_from_a_relay_client_is_signed_and_the_signature_verifies(make_serv
 [[queue/maildir]]
   path = Maildir
 """, dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
-        assert send(server, "alice@sender.test", message())[0] == 250
-        [mail] = maildir_messages(server.maildir).values()
-        lines = mail.split(b"\r\n")
-        assert lines[0].startswith(b"Return-Path:")
-        assert lines[1].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;")
-        resolver = dns.Resolver(["127.0.0.1"], port=nsd.port)
+    assert send(server, "alice@sender.test", message())[0] == 250
+    [mail] = maildir_messages(server.maildir).values()
+    lines = mail.split(b"\r\n")
+    assert lines[0].startswith(b"Return-Path:")
+    assert lines[1].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;")
+    resolver = dns.Resolver(["127.0.0.1"], port=nsd.port)
 
-        def txt_record(name, timeout=5):
-            return " ".join(resolver.txt(name.decode().rstrip("."))).encode()
+    def txt_record(name, timeout=5):
+        return " ".join(resolver.txt(name.decode().rstrip("."))).encode()
 
-        assert dkimpy.verify(mail, dnsfunc=txt_record)
-        assert not dkimpy.verify(mail.replace(b"lunch at noon?", b"lunch at one?"), dnsfunc=txt_record)
-    finally:
-        dns.set_default(previous)
+    assert dkimpy.verify(mail, dnsfunc=txt_record)
+    assert not dkimpy.verify(mail.replace(b"lunch at noon?", b"lunch at one?"), dnsfunc=txt_record)
 
 
 def test_mail_from_an_authenticated_user_is_signed(make_server, nsd, key, tmp_path):
@@ -317,9 +323,7 @@ def test_mail_from_an_authenticated_user_is_signed(make_server, nsd, key, tmp_pa
     added = subprocess.run([sys.executable, str(tool), "--stdin", str(tmp_path / "users.auth"), "alice@sender.test"],
                            input="secret\n", text=True, capture_output=True, timeout=30)
     assert added.returncode == 0, added.stderr
-    previous = dns.set_default(None)
-    try:
-        server = make_server(plugins=f"""
+    server = make_server(plugins=f"""
 [[auth/flat_file]]
   users = users.auth
 [[dkim]]
@@ -329,24 +333,22 @@ def test_mail_from_an_authenticated_user_is_signed(make_server, nsd, key, tmp_pa
 [[queue/maildir]]
   path = Maildir
 """, listen="127.0.0.1:0/plainauth", auth_failure_delay=0,
-                             dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
-        assert send(server, "alice@sender.test", message())[0] == 250  # not authenticated
-        with server.smtp(timeout=10) as client:
-            client.ehlo()
-            assert client.login("alice@sender.test", "secret")[0] == 235
-            assert client.sendmail("alice@sender.test", ["bob@example.test"], message()) == {}
-        mails = list(maildir_messages(server.maildir).values())
-        [signed] = [mail for mail in mails if b"DKIM-Signature:" in mail]  # one of the two
-        assert len(mails) == 2 and b"with ESMTPA" in signed  # and it is the authenticated one
-        assert signed.split(b"\r\n")[1].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;")
-        resolver = dns.Resolver(["127.0.0.1"], port=nsd.port)
+                         dns_nameservers="127.0.0.1", dns_port=nsd.port, dns_timeout=2)
+    assert send(server, "alice@sender.test", message())[0] == 250  # not authenticated
+    with server.smtp(timeout=10) as client:
+        client.ehlo()
+        assert client.login("alice@sender.test", "secret")[0] == 235
+        assert client.sendmail("alice@sender.test", ["bob@example.test"], message()) == {}
+    mails = list(maildir_messages(server.maildir).values())
+    [signed] = [mail for mail in mails if b"DKIM-Signature:" in mail]  # one of the two
+    assert len(mails) == 2 and b"with ESMTPA" in signed  # and it is the authenticated one
+    assert signed.split(b"\r\n")[1].startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;")
+    resolver = dns.Resolver(["127.0.0.1"], port=nsd.port)
 
-        def txt_record(name, timeout=5):
-            return " ".join(resolver.txt(name.decode().rstrip("."))).encode()
+    def txt_record(name, timeout=5):
+        return " ".join(resolver.txt(name.decode().rstrip("."))).encode()
 
-        assert dkimpy.verify(signed, dnsfunc=txt_record)
-    finally:
-        dns.set_default(previous)
+    assert dkimpy.verify(signed, dnsfunc=txt_record)
 
 
 def test_unreadable_signing_key_stops_the_server_at_start(make_server, tmp_path):

@@ -33,7 +33,7 @@ def test_forged_fields_claiming_our_id_go_others_stay_in_place_byte_for_byte():
 def test_one_header_with_every_result_in_order_iprev_first_values_quoted():
     transaction = transaction_with(b"From: a@b.test\r\n")
     connection = Connection("192.0.2.1", 25)
-    connection.notes["iprev"] = "pass"
+    connection.results.add("fcrdns", pass_="iprev", iprev="pass")
     authresults.record(transaction, "spf", "pass", smtp_mailfrom="a@b.test")
     authresults.record(transaction, "dkim", "fail", 'bad "sig"; really', header_d="b.test", header_s=None)
     authresults.record(transaction, "dmarc", "fail", header_from="b.test", policy_dmarc="reject")

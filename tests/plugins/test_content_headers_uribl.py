@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from qpgevent import dns
 from qpgevent.testing import maildir_messages
 from qpgevent.testing.dns import LoopbackDns
 
@@ -108,14 +107,11 @@ def nsd():
 
 @pytest.fixture
 def uribl(make_server, nsd):
-    previous = dns.set_default(None)
-
     def start(options):
         return make_server(plugins=f"[[uribl]]\n{options}\n{QUEUE}", dns_nameservers="127.0.0.1",
                            dns_port=nsd.port, dns_timeout=2)
 
-    yield start
-    dns.set_default(previous)
+    return start
 
 
 def headers_of(server):

@@ -78,6 +78,14 @@ def test_gtube_is_refused_over_reject_score(make_server, spamd):
     assert delivered(server) == []
 
 
+def test_the_spam_refusal_follows_reject_and_reject_type(make_server, spamd):
+    tolerated = start_spamassassin(make_server, f"127.0.0.1:{spamd.port}", "  reject_score = 10\n  reject = 0")
+    assert send(tolerated, message(GTUBE))[0] == 250
+    deferred = start_spamassassin(make_server, f"127.0.0.1:{spamd.port}", "  reject_score = 10\n  reject_type = temp")
+    code, text = send(deferred, message(GTUBE))
+    assert code == 451 and "spam score" in text, (code, text)
+
+
 def test_ham_passes_with_a_no_verdict_and_forged_headers_are_dropped(make_server, spamd):
     server = start_spamassassin(make_server, f"127.0.0.1:{spamd.port}", "  reject_score = 10")
     assert send(server, message("are we still on for lunch at noon?",
@@ -145,6 +153,14 @@ def test_infected_attachment_is_refused_with_the_virus_name(make_server, clamd):
     server = start_clamdscan(make_server, f"127.0.0.1:{clamd.port}")
     assert send(server, eicar_attachment()) == (554, f"5.7.1 Virus found: {EICAR_NAME}")
     assert delivered(server) == []
+
+
+def test_the_virus_refusal_follows_reject_and_reject_type(make_server, clamd):
+    tolerated = start_clamdscan(make_server, f"127.0.0.1:{clamd.port}", "  reject = 0")
+    assert send(tolerated, eicar_attachment())[0] == 250
+    deferred = start_clamdscan(make_server, f"127.0.0.1:{clamd.port}", "  reject_type = temp")
+    code, text = send(deferred, eicar_attachment())
+    assert code == 451 and text.endswith(f"Virus found: {EICAR_NAME}"), (code, text)
 
 
 def test_clean_mail_is_marked_checked(make_server, clamd):

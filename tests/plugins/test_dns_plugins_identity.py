@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent import dns
 from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront, ptr_zone_for
 
@@ -65,14 +64,6 @@ PROXY_IP = "127.0.0.1"
 def nsd():
     with LoopbackDns(ZONES, servfail_zones=("broken.test",)) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def resolver_put_back():
-    """Servers set the per-process resolver from [dns]; the next test starts without it."""
-    previous = dns.set_default(None)
-    yield
-    dns.set_default(previous)
 
 
 @pytest.fixture
@@ -454,14 +445,14 @@ def test_helo_skips_relay_clients(start):
     ("alias.example.test", False, True),
     ("host.other.test", False, False),
 ])
-def test_helo_writes_the_match_notes_for_later_plugins(start, name, forward, reverse):
+def test_helo_records_the_matches_for_later_plugins(start, name, forward, reverse):
     server = start(helo_plugin(policy="strict", ipv4_prefix=32, reject=0)
-                   + "[[show_notes]]\n  keys = helo_forward_match, helo_reverse_match\n")
+                   + "[[show_notes]]\n  keys = result:helo:forward_match, result:helo:reverse_match\n")
     client, _, _ = session(server, "127.0.0.2")
     with client:
         assert client.ehlo(name)[0] == 250
         assert client.mail("a@client.test")[1].decode().startswith(
-            f"4.7.1 notes: helo_forward_match={forward} helo_reverse_match={reverse} ")
+            f"4.7.1 notes: result:helo:forward_match={forward} result:helo:reverse_match={reverse} ")
 
 
 # -- naughty ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Clients come from different loopback addresses (127.0.0.x: every one of them reaches
 the server on Linux) so that one zone set serves every case; the IPv6 client is ::1.
-Notes are read back with a probe plugin that answers ``VRFY <note>``.
+Results and notes are read back with a probe plugin that answers ``VRFY result.dnsbl.<key>``.
 """
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ ZONES = {
 for _i in (1, 2, 3):  # three zones for the parallel test, each listing 127.0.0.2
     ZONES.update(blocklist_zone(f"slow{_i}.test", {"127.0.0.2": ("127.0.0.2", f"slow {_i}")}))
 
-PROBE = '''"""probe: VRFY <note> answers repr(connection.notes.get(note)). Tests only."""
+PROBE = '''"""probe: VRFY <note> answers repr(connection.notes.get(note)); VRFY result.<plugin>
+[.key] the plugin's result in connection.results (its summary, or one piece of evidence). Tests only."""
 from qpgevent.plugin import OK, Plugin
 
 
 class Probe(Plugin):
     def hook_vrfy(self, session, argument):
-        return OK, repr(session.connection.notes.get(argument))
+        words = argument.split(".")
+        if words[0] != "result":
+            return OK, repr(session.connection.notes.get(argument))
+        found = session.connection.results.get(words[1])
+        if len(words) == 2:
+            return OK, found.summary() if found is not None else "None"
+        return OK, repr(found.get(words[2]) if found is not None else None)
 '''
 
 RCPT_AND_QUEUE = """
@@ -62,7 +69,7 @@ def nsd():
 
 
 @pytest.fixture
-def start(make_server, tmp_path, nsd, use_dns):
+def start(make_server, tmp_path, nsd):
     """``start(options, before="", **settings)``: the server with [[dnsbl]] options, the probe,
     rcpt_ok and maildir; ``before`` is plugin config placed ahead of dnsbl (relay...)."""
     probes = tmp_path / "probes"
@@ -71,8 +78,7 @@ def start(make_server, tmp_path, nsd, use_dns):
 
     def start_server(options, before="", after="", **settings):
         plugins = f"{before}\n[[dnsbl]]\n{options}\n{after}\n[[probe]]\n{RCPT_AND_QUEUE}"
-        # The server's own [dns] section points the process's resolver at NSD; use_dns puts
-        # the previous resolver back after the test.
+        # The server's own [dns] section: its resolver asks NSD (or what the test names).
         settings = {"dns_nameservers": "127.0.0.1", "dns_port": nsd.port, "dns_timeout": 2, **settings}
         return make_server(plugins=plugins, plugin_dirs=str(probes), **settings)
 
@@ -111,8 +117,9 @@ def test_clean_client_is_greeted_and_its_mail_delivered(start):
     server = start("zones = zen.test, clean.test")
     with client_from(server, "127.0.0.1") as client:
         client.sendmail("a@sender.test", ["b@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
-        assert note(client, "dnsbl") == "None"
-        assert note(client, "dnsbl_listings") == "None"
+        assert note(client, "result.dnsbl.refusal") == "None"
+        assert note(client, "result.dnsbl.listings") == "None"
+        assert note(client, "result.dnsbl") == "pass:zen.test,clean.test"
     assert len(maildir_messages(server.maildir)) == 1
 
 
@@ -175,7 +182,7 @@ def test_reject_at_rcpt_refuses_recipients_but_lets_postmaster_and_abuse_through
         assert client.rcpt("<postmaster>")[0] == 250  # RFC 5321 4.5.1: no domain needed
         assert client.rcpt("Abuse@example.test")[0] == 250
         assert client.data(b"Subject: complaint\r\n\r\nplease delist me\r\n")[0] == 250
-        assert note(client, "dnsbl").startswith("'127.0.0.2 is listed in zen.test")
+        assert note(client, "result.dnsbl.refusal").startswith("'127.0.0.2 is listed in zen.test")
     [message] = maildir_messages(server.maildir).values()
     assert b"please delist me" in message
 
@@ -194,17 +201,17 @@ def test_reject_0_only_notes_the_listing(start):
     server = start("zones = zen.test\nreject = 0")
     with client_from(server, "127.0.0.2") as client:
         client.sendmail("a@sender.test", ["b@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
-        assert note(client, "dnsbl") == repr(
+        assert note(client, "result.dnsbl.refusal") == repr(
             "127.0.0.2 is listed in zen.test: Listed: see http://zen.test/q?127.0.0.2")
-        assert note(client, "dnsbl_listings") == repr({"zen.test": "Listed: see http://zen.test/q?127.0.0.2"})
+        assert note(client, "result.dnsbl.listings") == repr({"zen.test": "Listed: see http://zen.test/q?127.0.0.2"})
 
 
-def test_reject_naughty_defers_to_the_naughty_note(start):
+def test_reject_naughty_defers_to_the_naughty_plugin(start):
     server = start("zones = zen.test\nreject = naughty")
     with client_from(server, "127.0.0.2") as client:
-        assert note(client, "naughty") == repr(
+        assert note(client, "result.dnsbl.naughty") == repr(
             "5.7.1 127.0.0.2 is listed in zen.test: Listed: see http://zen.test/q?127.0.0.2")
-        assert note(client, "naughty_reject_type") == "'perm'"
+        assert note(client, "result.dnsbl.naughty_reject_type") == "'perm'"
 
 
 def test_reject_naughty_with_the_naughty_plugin_refuses_at_rcpt(start):
@@ -216,33 +223,31 @@ def test_reject_naughty_with_the_naughty_plugin_refuses_at_rcpt(start):
     assert code == 550 and "127.0.0.2 is listed in zen.test" in text.decode()
 
 
-def test_reject_naughty_notes_a_dns_failure_as_temporary(start):
+def test_reject_naughty_defers_a_dns_failure_as_temporary(start):
     server = start("zones = broken.test\nreject = naughty")
     with client_from(server, "127.0.0.1") as client:
-        assert note(client, "naughty") == repr("4.4.3 cannot check 127.0.0.1 against broken.test now, "
+        assert note(client, "result.dnsbl.naughty") == repr("4.4.3 cannot check 127.0.0.1 against broken.test now, "
                                                "try again later")
-        assert note(client, "naughty_reject_type") == "'temp'"
+        assert note(client, "result.dnsbl.naughty_reject_type") == "'temp'"
 
 
 # -- who is not looked up, who is whitelisted ------------------------------------------
 
 @pytest.fixture
-def counter(nsd, use_dns):
+def counter(nsd):
     """A front without delay in front of NSD: it counts the queries that reach the network."""
     with SlowDnsFront(nsd.port, delay=0) as front:
         yield front
 
 
-def test_relay_clients_are_not_looked_up(start, counter, use_dns):
-    server = start("zones = zen.test", before="[[relay]]\n  clients = 127.0.0.2")
-    use_dns(counter.port)
+def test_relay_clients_are_not_looked_up(start, counter):
+    server = start("zones = zen.test", before="[[relay]]\n  clients = 127.0.0.2", dns_port=counter.port)
     assert greet(server, "127.0.0.2")[0] == 220
     assert counter.queries == 0
 
 
-def test_allowed_networks_are_not_looked_up(start, counter, use_dns):
-    server = start("zones = zen.test\nallow = 127.0.0.0/30, 2001:db8::/32")
-    use_dns(counter.port)
+def test_allowed_networks_are_not_looked_up(start, counter):
+    server = start("zones = zen.test\nallow = 127.0.0.0/30, 2001:db8::/32", dns_port=counter.port)
     assert greet(server, "127.0.0.2")[0] == 220
     assert counter.queries == 0
     assert greet(server, "127.0.0.4")[0] == 554
@@ -281,29 +286,29 @@ def test_whitelist_zone_alone_only_sets_the_note(start):
 def test_scores_add_up_and_refuse_at_the_threshold(start):
     server = start("zones = zen.test, score1.test:score=1, score2.test:score=2\nscore_threshold = 3")
     with client_from(server, "127.0.0.5") as client:
-        assert note(client, "dnsbl_score") == "1.0"
-        assert note(client, "dnsbl_listings") == repr({"score1.test": "score one"})
+        assert note(client, "result.dnsbl.score") == "1.0"
+        assert note(client, "result.dnsbl.listings") == repr({"score1.test": "score one"})
     with client_from(server, "127.0.0.7") as client:
-        assert note(client, "dnsbl_score") == "2.0"
+        assert note(client, "result.dnsbl.score") == "2.0"
     code, text, _ = greet(server, "127.0.0.6")
     assert (code, text) == (554, "5.7.1 127.0.0.6 is listed in score1.test, score2.test (score 3, "
                                  "threshold 3): score one again; score two")
     with client_from(server, "127.0.0.1") as client:
-        assert note(client, "dnsbl_score") == "0.0"
+        assert note(client, "result.dnsbl.score") == "0.0"
 
 
 def test_scores_without_threshold_only_set_the_note(start):
     server = start("zones = score1.test:score=1.5, score2.test:score=2")
     with client_from(server, "127.0.0.6") as client:
-        assert note(client, "dnsbl_score") == "3.5"
-        assert note(client, "dnsbl") == "None"
+        assert note(client, "result.dnsbl.score") == "3.5"
+        assert note(client, "result.dnsbl.refusal") == "None"
 
 
 def test_a_whitelisted_client_gets_no_score(start):
     server = start("zones = score1.test:score=5\nscore_threshold = 1\nwhitelist_zones = wl.test")
     with client_from(server, "127.0.0.10") as client:
         assert note(client, "whitelisthost") == "'wl.test'"
-        assert note(client, "dnsbl_score") == "None"
+        assert note(client, "result.dnsbl.score") == "None"
 
 
 # -- DNS failures ---------------------------------------------------------------------
@@ -334,7 +339,8 @@ def test_a_failing_whitelist_leaves_a_listed_client_undecided(start):
 def test_fail_open_lets_the_client_in(start):
     server = start("zones = broken.test\nfail_open = yes")
     with client_from(server, "127.0.0.1") as client:
-        assert note(client, "dnsbl_error") == "'cannot check 127.0.0.1 against broken.test now'"
+        assert note(client, "result.dnsbl.error") == "'cannot check 127.0.0.1 against broken.test now'"
+        assert note(client, "result.dnsbl") == "err:broken.test"
         client.sendmail("a@sender.test", ["b@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
 
 
@@ -349,10 +355,9 @@ def test_a_dns_failure_is_deferred_to_rcpt_too(start):
         assert client.rcpt("postmaster@example.test")[0] == 250
 
 
-def test_dead_nameserver_is_a_421_within_the_dns_timeout(start, use_dns):
-    server = start("zones = zen.test, clean.test")
+def test_dead_nameserver_is_a_421_within_the_dns_timeout(start):
     with DeadDns() as dead:
-        use_dns(dead.port, timeout=1.0)
+        server = start("zones = zen.test, clean.test", dns_port=dead.port, dns_timeout=1.0)
         code, text, seconds = greet(server, "127.0.0.1")
     assert (code, text[:48]) == (421, "4.4.3 cannot check 127.0.0.1 against zen.test no")
     assert 0.9 <= seconds < 2.5, seconds
@@ -360,10 +365,10 @@ def test_dead_nameserver_is_a_421_within_the_dns_timeout(start, use_dns):
 
 # -- parallel, not one after another ---------------------------------------------------
 
-def test_three_zones_behind_a_1s_nameserver_take_1s_not_3s(start, nsd, use_dns):
-    server = start("zones = slow1.test, slow2.test, slow3.test")
+def test_three_zones_behind_a_1s_nameserver_take_1s_not_3s(start, nsd):
     with SlowDnsFront(nsd.port, delay=1.0) as front:
-        use_dns(front.port, timeout=5.0, cache=False)
+        server = start("zones = slow1.test, slow2.test, slow3.test", dns_port=front.port, dns_timeout=5.0,
+                       dns_cache_size=0)
         code, _, seconds = greet(server, "127.0.0.1")
         assert code == 220
         assert front.queries == 3

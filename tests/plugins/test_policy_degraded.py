@@ -43,18 +43,18 @@ def policy(**greylisting) -> str:
 def test_fail_open_skips_the_checks_while_redis_is_down(make_server, redis_backend):
     server = make_server(policy(), store_backend="redis", store_url=redis_backend.url, store_retry=0.3)
     assert rcpt(server, "bob@example.test") == GREYLISTED
-    degraded_before = store.stats()["degraded"]
+    degraded_before = store.stats(server.services.store_service)["degraded"]
     redis_backend.stop()
     try:
         assert greeting(server)[0] == 220  # karma and limit: skipped
         assert rcpt(server, "carol@example.test")[0] == 250  # greylisting: skipped
-        assert store.stats()["down"] and store.stats()["degraded"] >= degraded_before + 3
+        assert store.stats(server.services.store_service)["down"] and store.stats(server.services.store_service)["degraded"] >= degraded_before + 3
     finally:
         redis_backend.start()
     back = time.monotonic()
     wait_until(lambda: rcpt(server, "dave@example.test") == GREYLISTED, 5, "greylisting working again", 0.1)
     assert time.monotonic() - back < 3
-    assert not store.stats()["down"]
+    assert not store.stats(server.services.store_service)["down"]
 
 
 def test_fail_temp_refuses_temporarily_while_redis_is_down(make_server, redis_backend):

@@ -2,8 +2,8 @@
 
 A session's score is read over SMTP (the show_notes test plugin answers HELP with a
 note); the history it leaves is written at disconnect, after the client has gone, so
-tests wait for it in the store itself (``store.default()`` is the one the in-process
-server uses) before the next connection.
+tests wait for it in the store itself (``server.services.store``, the in-process
+server's own) before the next connection.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent import store
 from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, wait_until
 
@@ -47,13 +46,13 @@ def naughty_session(server, source: str = IP) -> None:
         assert show(client, "karma") == "-1"
 
 
-def recorded(key: str, value: str) -> None:
-    wait_until(lambda: store.default().get(key) == value, 5, f"{key} = {value} in the store")
+def recorded(server, key: str, value: str) -> None:
+    wait_until(lambda: server.services.store.get(key) == value, 5, f"{key} = {value} in the store")
 
 
-def boxed(ip: str = IP) -> None:
+def boxed(server, ip: str = IP) -> None:
     """Wait until the penalty is stored: the plugin writes it just after the naughty count."""
-    wait_until(lambda: store.default().get(f"karma:penalty:{ip}") is not None, 5, f"the penalty of {ip}")
+    wait_until(lambda: server.services.store.get(f"karma:penalty:{ip}") is not None, 5, f"the penalty of {ip}")
 
 
 def test_the_session_score_follows_other_plugins_verdicts(policy_server):
@@ -75,7 +74,7 @@ def test_a_delivered_message_scores_and_counts_as_nice(policy_server):
         client.ehlo()
         assert client.sendmail("a@client.test", ["bob@example.test"], b"Subject: x\r\n\r\nhi\r\n") == {}
         assert show(client, "karma") == "1"  # queue/maildir said OK
-    recorded(f"karma:nice:{IP}", "1")
+    recorded(server, f"karma:nice:{IP}", "1")
     with smtp_from(server) as client:
         assert show(client, "karma_history") == "1"
 
@@ -95,8 +94,8 @@ def test_custom_scores(policy_server):
 def test_a_naughty_session_sends_the_address_to_the_penalty_box(policy_server):
     server = karma_server(policy_server)
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
-    boxed()
+    recorded(server, f"karma:naughty:{IP}", "1")
+    boxed(server)
     client = RawClient(server)
     code, text = client.reply()
     assert code == 554 and re.fullmatch(r"5\.7\.1 You were naughty\. You are penalized for (0\.99|1\.00) more days\.",
@@ -111,8 +110,8 @@ def test_the_penalty_ends_after_penalty_days(policy_server):
     # short enough to wait for its end.
     server = karma_server(policy_server, penalty_days=8 / 86400)
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
-    boxed()
+    recorded(server, f"karma:naughty:{IP}", "1")
+    boxed(server)
     since = time.monotonic()
     assert greeting(server)[0] == 554
     wait_until(lambda: greeting(server)[0] == 220, 10, "the penalty ending", 0.1)
@@ -122,20 +121,20 @@ def test_the_penalty_ends_after_penalty_days(policy_server):
 def test_negative_sets_how_bad_the_history_must_be(policy_server):
     server = karma_server(policy_server, negative=2)
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
+    recorded(server, f"karma:naughty:{IP}", "1")
     assert greeting(server)[0] == 220  # -1 > -2: not yet
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "2")
-    boxed()
+    recorded(server, f"karma:naughty:{IP}", "2")
+    boxed(server)
     assert greeting(server)[0] == 554
 
 
 def test_nice_history_outweighs_one_naughty_session(policy_server):
     server = karma_server(policy_server)
     assert send(server)[0] == 250
-    recorded(f"karma:nice:{IP}", "1")
+    recorded(server, f"karma:nice:{IP}", "1")
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
+    recorded(server, f"karma:naughty:{IP}", "1")
     with smtp_from(server) as client:  # 1 nice - 1 naughty = 0: let in
         assert show(client, "karma_history") == "0"
 
@@ -143,7 +142,7 @@ def test_nice_history_outweighs_one_naughty_session(policy_server):
 def test_negative_history_limits_recipients(policy_server):
     server = karma_server(policy_server, penalty_days=0, naughty_recipients=2)
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
+    recorded(server, f"karma:naughty:{IP}", "1")
     with smtp_from(server) as client:
         client.ehlo()
         client.mail("a@client.test")
@@ -163,7 +162,7 @@ def test_bad_karma_is_tarpitted(policy_server):
     assert greeting(server)[0] == 220
     assert time.monotonic() - started < 0.3  # no history: no delay
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
+    recorded(server, f"karma:naughty:{IP}", "1")
     started = time.monotonic()
     assert greeting(server)[0] == 220
     assert time.monotonic() - started >= 0.35  # history -1: 0.4 s before the greeting
@@ -188,17 +187,17 @@ def test_relay_clients_are_neither_scored_nor_boxed(policy_server):
             client.ehlo()
             client.mail("a@client.test")
             assert client.rcpt("trap@example.test") == (550, b"5.7.1 trap")
-    recorded("karma:naughty:127.0.0.3", "1")  # the other client's session is recorded ...
-    assert store.default().get("karma:naughty:127.0.0.2") is None  # ... the relay client's is not
+    recorded(server, "karma:naughty:127.0.0.3", "1")  # the other client's session is recorded ...
+    assert server.services.store.get("karma:naughty:127.0.0.2") is None  # ... the relay client's is not
     assert greeting(server, "127.0.0.2")[0] == 220
-    boxed("127.0.0.3")
+    boxed(server, "127.0.0.3")
     assert greeting(server, "127.0.0.3")[0] == 554
 
 
 def test_reject_0_lets_the_penalty_box_in(policy_server):
     server = karma_server(policy_server, reject="0")
     naughty_session(server)
-    recorded(f"karma:naughty:{IP}", "1")
+    recorded(server, f"karma:naughty:{IP}", "1")
     assert greeting(server)[0] == 220
 
 

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from qpgevent import store
 from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, ServerProcess, wait_until, write_ini
 
@@ -42,10 +41,10 @@ def test_concurrency_per_address(policy_server):
     first.close()
     wait_until(lambda: greeting(server)[0] == 220, 5, "the slot freeing after QUIT")
     # That probe's own slot goes when the server sees it close: second's is left.
-    wait_until(lambda: store.default().holders("limit:concurrency:127.0.0.1") == 1, 5, "the probe's slot released")
+    wait_until(lambda: server.services.store.holders("limit:concurrency:127.0.0.1") == 1, 5, "the probe's slot released")
     for client in (second, refused, other):
         client.close()
-    wait_until(lambda: store.default().holders("limit:concurrency:127.0.0.1") == 0, 5, "every slot released")
+    wait_until(lambda: server.services.store.holders("limit:concurrency:127.0.0.1") == 0, 5, "every slot released")
 
 
 def test_connection_rate_per_address(policy_server):

@@ -424,5 +424,6 @@ def test_badmailfrom_reject_naughty_defers_the_refusal_to_a_later_plugin(make_se
     with smtp_from(server) as client:
         client.ehlo()
         assert client.mail("x@bad.example")[0] == 250
-        assert show(client, "naughty") == "naughty='Your envelope sender is in my badmailfrom list'"
-        assert show(client, "naughty_reject_type") == "naughty_reject_type='perm'"
+        assert show(client, "result:badmailfrom:naughty") == (
+            "result:badmailfrom:naughty='Your envelope sender is in my badmailfrom list'")
+        assert show(client, "result:badmailfrom:naughty_reject_type") == "result:badmailfrom:naughty_reject_type='perm'"

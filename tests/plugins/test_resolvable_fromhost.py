@@ -50,14 +50,20 @@ ZONES = {
     "xn--fa-hia.test": {"@": [("A", "192.0.2.81")]},
 }
 
-PROBE = '''"""probe: VRFY <note> answers repr(transaction or connection note). Tests only."""
+PROBE = '''"""probe: VRFY result.<plugin>.<key> answers repr() of that evidence in the transaction's
+results, else the connection's. Tests only."""
 from qpgevent.plugin import OK, Plugin
 
 
 class Probe(Plugin):
     def hook_vrfy(self, session, argument):
-        notes = session.transaction.notes
-        return OK, repr(notes.get(argument, session.connection.notes.get(argument)))
+        _, plugin, key = argument.split(".")
+        transaction = session.current_transaction
+        for results in ([transaction.results] if transaction is not None else []) + [session.connection.results]:
+            found = results.get(plugin)
+            if found is not None and key in found.evidence:
+                return OK, repr(found[key])
+        return OK, "None"
 '''
 
 
@@ -68,7 +74,7 @@ def nsd():
 
 
 @pytest.fixture
-def start(make_server, tmp_path, nsd, use_dns):
+def start(make_server, tmp_path, nsd):
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "probe.py").write_text(PROBE)
@@ -76,8 +82,7 @@ def start(make_server, tmp_path, nsd, use_dns):
     def start_server(options="", before="", **settings):
         plugins = (f"{before}\n[[resolvable_fromhost]]\n{options}\n[[probe]]\n"
                    "[[rcpt_ok]]\n  domains = example.test\n[[queue/maildir]]\n  path = Maildir\n")
-        # The server's own [dns] section points the process's resolver at NSD; use_dns puts
-        # the previous resolver back after the test.
+        # The server's own [dns] section: its resolver asks NSD (or what the test names).
         settings = {"dns_nameservers": "127.0.0.1", "dns_port": nsd.port, "dns_timeout": 2, **settings}
         return make_server(plugins=plugins, plugin_dirs=str(probes), **settings)
 
@@ -97,11 +102,12 @@ def mail(server, sender, options=()):
         return code, text.decode()
 
 
-def notes_after_mail(server, sender, *names, options=()):
+def results_after_mail(server, sender, *keys, options=(), plugin="resolvable_fromhost"):
+    """repr() of each piece of evidence ``keys`` of ``plugin``'s result once MAIL is accepted."""
     with smtplib.SMTP(server.host, server.port, local_hostname="client.example.test", timeout=20) as client:
         client.ehlo()
         assert client.mail(sender, list(options))[0] == 250
-        return [client.verify(name)[1].decode().removeprefix("2.1.5 ") for name in names]
+        return [client.verify(f"result.{plugin}.{key}")[1].decode().removeprefix("2.1.5 ") for key in keys]
 
 
 # -- domains that can receive mail ---------------------------------------------------------
@@ -117,7 +123,7 @@ def notes_after_mail(server, sender, *names, options=()):
     ("implicit6.sender.test", "implicit mx", "implicit6.sender.test"),
 ])
 def test_resolvable_domains_are_accepted(server, domain, how, host):
-    assert notes_after_mail(server, f"someone@{domain}", "resolvable_fromhost", "resolvable_fromhost_host") == [
+    assert results_after_mail(server, f"someone@{domain}", "how", "host") == [
         repr(how), repr(host)]
 
 
@@ -152,9 +158,9 @@ def test_unresolvable_domains_are_refused(server, domain, reply):
     assert mail(server, f"someone@{domain}") == (550, reply)
 
 
-def test_the_refusal_is_noted_on_the_transaction_with_reject_0(start):
+def test_the_refusal_is_recorded_on_the_transaction_with_reject_0(start):
     server = start("reject = 0")
-    assert notes_after_mail(server, "a@null-mx.sender.test", "resolvable_fromhost") == [
+    assert results_after_mail(server, "a@null-mx.sender.test", "refusal") == [
         repr("sender domain null-mx.sender.test does not accept mail (null MX, RFC 7505)")]
 
 
@@ -165,9 +171,9 @@ def test_reject_type_temp_gives_450_with_a_4xx_status(start):
     assert mail(server, "a@null-mx.sender.test")[1].startswith("4.7.27 ")
 
 
-def test_reject_naughty_notes_for_later(start):
+def test_reject_naughty_defers_it(start):
     server = start("reject = naughty")
-    assert notes_after_mail(server, "a@nowhere.sender.test", "naughty") == [
+    assert results_after_mail(server, "a@nowhere.sender.test", "naughty") == [
         repr("5.1.8 sender domain nowhere.sender.test does not resolve: no MX, A or AAAA record")]
 
 
@@ -216,10 +222,10 @@ def test_address_literal_replies(start):
 # -- IDN ----------------------------------------------------------------------------------
 
 def test_idn_sender_domains_resolve_through_their_a_labels(server):
-    assert notes_after_mail(server, "user@bücher.test", "resolvable_fromhost_host", options=["SMTPUTF8"]) == [
+    assert results_after_mail(server, "user@bücher.test", "host", options=["SMTPUTF8"]) == [
         "'mail.xn--bcher-kva.test'"]
     # IDNA 2008: faß.test is xn--fa-hia.test (IDNA 2003 would have looked up fass.test).
-    assert notes_after_mail(server, "user@faß.test", "resolvable_fromhost", options=["SMTPUTF8"]) == [
+    assert results_after_mail(server, "user@faß.test", "how", options=["SMTPUTF8"]) == [
         "'implicit mx'"]
     assert mail(server, "user@nirgendwö.sender.test", options=["SMTPUTF8"]) == (
         550, "5.1.8 sender domain xn--nirgendw-u4a.sender.test does not resolve: no MX, A or AAAA record")
@@ -236,9 +242,9 @@ def test_dns_failure_with_reject_0_passes(start):
     assert mail(start("reject = 0"), "a@x.broken.test")[0] == 250
 
 
-def test_dead_nameserver_is_a_450_within_the_dns_timeout(server, use_dns):
+def test_dead_nameserver_is_a_450_within_the_dns_timeout(start):
     with DeadDns() as dead:
-        use_dns(dead.port, timeout=1.0)
+        server = start(dns_port=dead.port, dns_timeout=1.0)
         started = time.monotonic()
         code, text = mail(server, "a@mx.sender.test")
         seconds = time.monotonic() - started
@@ -246,9 +252,9 @@ def test_dead_nameserver_is_a_450_within_the_dns_timeout(server, use_dns):
     assert 0.9 <= seconds < 2.5, seconds
 
 
-def test_mx_targets_are_looked_up_at_once(server, nsd, use_dns):
+def test_mx_targets_are_looked_up_at_once(start, nsd):
     with SlowDnsFront(nsd.port, delay=0.5) as front:
-        use_dns(front.port, timeout=5.0, cache=False)
+        server = start(dns_port=front.port, dns_timeout=5.0, dns_cache_size=0)
         started = time.monotonic()
         assert mail(server, "a@three-mx.sender.test")[0] == 250
         seconds = time.monotonic() - started

@@ -29,15 +29,20 @@ ZONES = {
     "dbl3.test": {"other.test": [("A", "127.0.1.2")]},
 }
 
-PROBE = '''"""probe: VRFY <note> answers repr(transaction or connection note). Tests only."""
+PROBE = '''"""probe: VRFY result.<plugin>.<key> answers repr() of that evidence in the transaction's
+results, else the connection's. Tests only."""
 from qpgevent.plugin import OK, Plugin
 
 
 class Probe(Plugin):
     def hook_vrfy(self, session, argument):
+        _, plugin, key = argument.split(".")
         transaction = session.current_transaction
-        notes = transaction.notes if transaction is not None else {}
-        return OK, repr(notes.get(argument, session.connection.notes.get(argument)))
+        for results in ([transaction.results] if transaction is not None else []) + [session.connection.results]:
+            found = results.get(plugin)
+            if found is not None and key in found.evidence:
+                return OK, repr(found[key])
+        return OK, "None"
 '''
 
 
@@ -48,7 +53,7 @@ def nsd():
 
 
 @pytest.fixture
-def start(make_server, tmp_path, nsd, use_dns):
+def start(make_server, tmp_path, nsd):
     """``start(options, before="", **settings)``: [[rhsbl]] with options, the probe, rcpt_ok, maildir."""
     probes = tmp_path / "probes"
     probes.mkdir()
@@ -57,8 +62,7 @@ def start(make_server, tmp_path, nsd, use_dns):
     def start_server(options, before="", **settings):
         plugins = (f"{before}\n[[rhsbl]]\n{options}\n[[probe]]\n"
                    "[[rcpt_ok]]\n  domains = example.test\n[[queue/maildir]]\n  path = Maildir\n")
-        # The server's own [dns] section points the process's resolver at NSD; use_dns puts
-        # the previous resolver back after the test.
+        # The server's own [dns] section: its resolver asks NSD (or what the test names).
         settings = {"dns_nameservers": "127.0.0.1", "dns_port": nsd.port, "dns_timeout": 2, **settings}
         return make_server(plugins=plugins, plugin_dirs=str(probes), **settings)
 
@@ -135,10 +139,9 @@ def test_idn_sender_domain_is_looked_up_as_its_a_label(start):
     assert len(maildir_messages(server.maildir)) == 1
 
 
-def test_address_literals_and_ip_helo_names_are_not_looked_up(start, nsd, use_dns):
-    server = start("zones = dbl.test")
+def test_address_literals_and_ip_helo_names_are_not_looked_up(start, nsd):
     with SlowDnsFront(nsd.port, delay=0) as counter:
-        use_dns(counter.port)
+        server = start("zones = dbl.test", dns_port=counter.port)
         assert mail(server, "a@[192.0.2.1]", helo="[127.0.0.1]")[0] == 250
         assert mail(server, "a@[IPv6:2001:db8::1]", helo="127.0.0.1")[0] == 250
         assert counter.queries == 0
@@ -151,16 +154,16 @@ def test_relay_clients_are_immune(start):
     assert mail(server, "a@spam.test", helo="bad-helo.test")[0] == 250
 
 
-def test_reject_0_and_naughty_only_note(start):
+def test_reject_0_and_naughty_only_record(start):
     server = start("zones = dbl.test\nreject = 0")
     with session(server) as client:
         assert client.mail("a@spam.test")[0] == 250
-        assert client.verify("rhsbl")[1].decode().startswith(
+        assert client.verify("result.rhsbl.refusal")[1].decode().startswith(
             "2.1.5 'sender domain spam.test is listed in dbl.test")
     server = start("zones = dbl.test\nreject = naughty")
     with session(server) as client:
         assert client.mail("a@spam.test")[0] == 250
-        assert client.verify("naughty")[1].decode().startswith(
+        assert client.verify("result.rhsbl.naughty")[1].decode().startswith(
             "2.1.5 '5.7.1 sender domain spam.test is listed in dbl.test")
 
 
@@ -181,10 +184,9 @@ def test_fail_open_and_reject_0_let_a_dns_failure_pass(start):
     assert mail(start("zones = broken.test\nreject = 0"), "a@clean.test")[0] == 250
 
 
-def test_dead_nameserver_is_a_450_within_the_dns_timeout(start, use_dns):
-    server = start("zones = dbl.test")
+def test_dead_nameserver_is_a_450_within_the_dns_timeout(start):
     with DeadDns() as dead:
-        use_dns(dead.port, timeout=1.0)
+        server = start("zones = dbl.test", dns_port=dead.port, dns_timeout=1.0)
         with session(server) as client:
             started = time.monotonic()
             code, text = client.mail("a@clean.test")
@@ -193,10 +195,10 @@ def test_dead_nameserver_is_a_450_within_the_dns_timeout(start, use_dns):
     assert 0.9 <= seconds < 2.5, seconds
 
 
-def test_three_zones_two_names_behind_a_1s_nameserver_take_1s(start, nsd, use_dns):
-    server = start("zones = dbl.test, dbl2.test, dbl3.test")
+def test_three_zones_two_names_behind_a_1s_nameserver_take_1s(start, nsd):
     with SlowDnsFront(nsd.port, delay=1.0) as front:
-        use_dns(front.port, timeout=5.0, cache=False)
+        server = start("zones = dbl.test, dbl2.test, dbl3.test", dns_port=front.port, dns_timeout=5.0,
+                       dns_cache_size=0)
         with session(server, helo="helo.clean.test") as client:
             started = time.monotonic()
             assert client.mail("a@clean.test")[0] == 250

@@ -34,6 +34,13 @@ def test_gtube_is_refused_with_rspamds_text(make_server, rspamd):
     assert delivered(server) == []
 
 
+def test_the_gtube_refusal_follows_reject_and_reject_type(make_server, rspamd):
+    tolerated = start(make_server, rspamd.address, "  reject = 0")
+    assert send(tolerated, message("t", GTUBE))[0] == 250
+    deferred = start(make_server, rspamd.address, "  reject_type = temp")
+    assert send(deferred, message("t", GTUBE)) == (451, "4.7.1 Gtube pattern")
+
+
 def test_add_header_marks_the_message_and_applies_the_milter_block(make_server, rspamd):
     server = start(make_server, rspamd.address)
     forged = "X-Spam-Status: No, forged\r\nX-Spam-Flag: NO\r\nX-Rspamd-Score: 0 / 15\r\n"
@@ -186,7 +193,7 @@ def test_settings_id_for_authenticated_users(plugin_harness, rspamd):
         transaction.write(message("QPG-SPAM"))
         transaction.end_of_data()
         assert harness.run_hook("data_post", session=session).verdict.code.name == "DECLINED"
-        verdicts[user] = transaction.notes["rspamd"]
+        verdicts[user] = transaction.results.get("rspamd").evidence
     assert verdicts["alice"]["action"] == "no action" and verdicts["alice"]["required_score"] == 500
     assert "QPG_SAW_USER" in verdicts["alice"]["symbols"] and "QPG_SAW_USER" not in verdicts[None]["symbols"]
     assert verdicts[None]["action"] == "add header" and "QPG_TEST_ADDHEADER" in verdicts[None]["symbols"]

@@ -15,7 +15,7 @@ import pytest
 from configobj import ConfigObj
 
 from qpgevent.config import PluginSpec, validate_options
-from qpgevent.plugin import STANDARD_CONFIGSPEC, Plugin
+from qpgevent.plugin import Plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = sorted((ROOT / "plugins").rglob("*.py"))
@@ -57,7 +57,7 @@ def test_every_bundled_plugin_documents_what_options_notes_and_an_example(path):
     name = plugin_id(path)
     cls, doc = load_plugin(path)
     assert doc.startswith(f"{name}: "), f"{name}: the docstring starts with '{name}: what it does'"
-    own = [line.split("=", 1)[0].strip() for line in cls.configspec_lines()[len(STANDARD_CONFIGSPEC):]
+    own = [line.split("=", 1)[0].strip() for line in cls.own_configspec_lines()
            if not line.strip().startswith("[")]  # a sub-section header, not an option
     if own:
         assert "Options" in doc, f"{name}: no Options part"

@@ -40,7 +40,8 @@ PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent
               "qpgevent.ident", "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner",
               "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol",
               "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.directory", "qpgevent.dovecot",
-              "qpgevent.ldap_client", "qpgevent.outqueue", "qpgevent.tls_policy"}
+              "qpgevent.ldap_client", "qpgevent.outqueue", "qpgevent.tls_policy",
+              "qpgevent.results"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 
@@ -188,7 +189,7 @@ def test_the_folders_are_the_layers() -> None:
     assert SUBPACKAGES == {"core", "engine", "backends", "server", "testing"}
     loose = sorted(name for name in package_modules() if "." not in name and name not in SUBPACKAGES
                    and name not in ENTRY and name not in ALIASES)
-    assert loose == ["config", "config_checks", "connection", "plugin", "transaction"], (
+    assert loose == ["config", "config_checks", "connection", "plugin", "results", "transaction"], (
         "a new top-level module must be part of the plugin API; put anything else in a sub-package")
 
 

@@ -157,12 +157,13 @@ def test_plugins_load_in_config_order_with_their_labels(tmp_path: Path) -> None:
 
 def test_options_are_typed_and_defaults_filled(tmp_path: Path) -> None:
     lines = HEAD + ["[plugins]", "  [[returns]]", "    hook = mail", "    code = DENY",
-                    "    times = 3", "    reject = 0", "    timeout = 1.5"]
-    _, (plugin,) = load_all(write(tmp_path, lines))
+                    "    times = 3", "    timeout = 1.5", "  [[badmailfrom]]", "    reject = 0"]
+    _, (plugin, refusing) = load_all(write(tmp_path, lines))
     assert plugin.config["times"] == 3 and plugin.config["sleep"] == 10.0
     assert plugin.config["message"] == [] and plugin.config["close"] is False
-    assert plugin.config["reject"] == "0" and plugin.config["reject_type"] == "perm"
-    assert plugin.timeout == 1.5
+    assert plugin.timeout == 1.5 and plugin.config["loglevel"] is None
+    assert "reject" not in plugin.config  # returns refuses nothing on its own: no reject options
+    assert refusing.config["reject"] == "0" and refusing.config["reject_type"] == "perm"
 
 
 def test_relative_paths_resolve_against_the_ini_folder(tmp_path: Path, monkeypatch) -> None:
@@ -205,3 +206,32 @@ def test_the_shipped_config_loads() -> None:
     assert [spec.label for spec in settings.plugins] == [
         line.strip()[2:-2] for line in shipped.read_text().splitlines() if line.strip().startswith("[[")]
     assert settings.spool_dir == str(shipped.parent / "spool" / "tmp")
+
+
+def test_reject_declarations_are_checked_and_the_configspec_composed_not_edited(tmp_path: Path) -> None:
+    class Temporary(Plugin):
+        reject_options = ("reject", "reject_type")
+        default_reject_type = "temp"
+        configspec = "words = force_list(default=list())"
+
+    class Redeclares(Plugin):
+        reject_options = ("reject",)
+        configspec = 'reject = option("0", "1", default="0")'  # a standard key declared again
+
+    lines = Temporary.configspec_lines()
+    assert [line.split(" = ")[0] for line in lines] == ["loglevel", "timeout", "reject", "reject_type", "words"]
+    assert lines[3].endswith('default="temp")')
+    assert Redeclares.configspec_lines()[2] == 'reject = option("0", "1", default="0")'
+    assert Redeclares.unused_options({"reject": "1", "reject_type": "temp"}) == ["reject_type"]
+
+    class Misspelt(Plugin):
+        reject_options = ("rejekt",)
+
+    class WrongType(Plugin):
+        reject_options = ("reject_type",)
+        default_reject_type = "later"
+
+    with pytest.raises(ConfigError, match="reject_options"):
+        Misspelt.configspec_lines()
+    with pytest.raises(ConfigError, match="default_reject_type 'later'"):
+        WrongType.configspec_lines()
