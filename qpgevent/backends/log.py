@@ -3,11 +3,12 @@
 Owns the output side of stdlib logging for the ``qpgevent`` logger tree:
 - where lines go: standard error, a file, and/or syslog (``configure``);
 - how they look: plain text (``TEXT_FORMAT``) or one JSON object per line;
-- which session a line belongs to: ``SessionLogger`` attaches ``conn`` (and ``txn``
-  inside a transaction) to each record it makes, and ``bind_session`` marks the running
-  greenlet's session so that lines logged by plugins and services through their own
-  loggers get the same ids;
-- what must never be written: ``redact`` hides the secret part of a command line (AUTH).
+- which session a line belongs to: ``SessionLogger`` (the engine's, ``qpgevent.engine.session``)
+  attaches ``conn`` (and ``txn`` inside a transaction) to each record it makes, and
+  ``bind_session`` marks the running greenlet's session so that lines logged by plugins
+  and services through their own loggers get the same ids;
+- what must never be written: ``redact`` (also the engine's) hides the secret part of a
+  command line (AUTH).
 
 Structured values ride on the record (``extra={"fields": {...}}``): the text format shows
 the message as written, the JSON format adds the fields as typed keys.
@@ -19,11 +20,12 @@ import contextvars
 import json
 import logging
 import logging.handlers
-import re
 import socket
 import sys
 import time
 from typing import Any
+
+from ..engine.session import SessionLogger, redact, session_ids  # noqa: F401 (their home is the engine)
 
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(context)s%(message)s"
 #: Syslog adds its own time stamp and host; we add the program name and pid (RFC 3164 TAG).
@@ -37,14 +39,6 @@ _session: contextvars.ContextVar[Any] = contextvars.ContextVar("qpgevent_session
 def bind_session(session: Any) -> None:
     """Mark ``session`` as the one this greenlet serves: every line it logs gets its ids."""
     _session.set(session)
-
-
-def session_ids(session: Any) -> dict[str, str]:
-    ids = {"conn": session.connection.id}
-    transaction = session.current_transaction
-    if transaction is not None:
-        ids["txn"] = transaction.id
-    return ids
 
 
 class SessionContext(logging.Filter):
@@ -139,31 +133,3 @@ def configure(level: str = "info", path: str = "", format: str = "text", syslog:
     root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
-
-
-class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Attaches ``conn=<id>`` (and ``txn=<id>`` inside a transaction) to every record."""
-
-    def __init__(self, logger: logging.Logger, session: Any) -> None:
-        super().__init__(logger, {})
-        self.session = session
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs["extra"] = {**session_ids(self.session), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-
-_AUTH = re.compile(r"(?i)^(\s*AUTH\s+\S+)(\s+\S.*)?$")
-
-
-def redact(line: str) -> str:
-    """A command line fit for a log: ``AUTH PLAIN <secret>`` becomes ``AUTH PLAIN ***``.
-
-    The AUTH mechanism stays (it helps), its initial response goes (RFC 4954 4: it holds
-    the credentials, base64 is no protection). Lines sent in answer to a 334 challenge
-    are all secret: the code that reads them must not log them at all.
-    """
-    match = _AUTH.match(line)
-    if match is None:
-        return line
-    return match.group(1) + (" ***" if match.group(2) else "")

@@ -24,6 +24,7 @@ import base64
 import binascii
 import enum
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .reply import Canned, Reply
@@ -167,6 +168,8 @@ _VERBS: dict[str, type[Command]] = {
     "HELO": Helo, "EHLO": Ehlo, "MAIL": Mail, "RCPT": Rcpt, "DATA": Data, "RSET": Rset,
     "NOOP": Noop, "QUIT": Quit, "VRFY": Vrfy, "HELP": Help, "STARTTLS": Starttls, "AUTH": Auth,
 }
+#: The commands whose argument the ``parse`` callback may rewrite (the ``*_parse`` hooks).
+_HOOKED = (Helo, Ehlo, Mail, Rcpt, Auth)
 #: RFC 4954 4: an AUTH command line, and each line answering a 334, may be 12288 octets.
 AUTH_LINE_MAX = 12288
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}$")
@@ -188,11 +191,30 @@ class Limits:
     allow_bare_lf: bool = False
 
 
-class SmtpProtocol:
-    """One SMTP conversation, server side, as a state machine over bytes."""
+#: A parameter's value syntax (matched whole), or None: the keyword takes no value.
+ParameterSyntax = re.Pattern[str] | None
+#: Rewrites a command's argument before it is parsed (the ``*_parse`` hooks): the new
+#: argument, or the reply that refuses the command.
+ArgumentHook = Callable[[str, str], "str | Reply"]
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+
+class SmtpProtocol:
+    """One SMTP conversation, server side, as a state machine over bytes.
+
+    ``mail_parameters`` / ``rcpt_parameters``: the MAIL/RCPT parameters plugins declared,
+    beyond the core's, with their syntax; any other still gets 555. ``parse``: called as
+    ``parse(verb, argument)`` for HELO, EHLO, MAIL, RCPT and AUTH once they are in
+    sequence, before their argument is parsed.
+    """
+
+    def __init__(self, limits: Limits = Limits(), *,
+                 mail_parameters: Mapping[str, ParameterSyntax] | None = None,
+                 rcpt_parameters: Mapping[str, ParameterSyntax] | None = None,
+                 parse: ArgumentHook | None = None) -> None:
         self.limits = limits
+        self._declared: dict[type[Command], Mapping[str, ParameterSyntax]] = {
+            Mail: mail_parameters or {}, Rcpt: rcpt_parameters or {}}
+        self._argument_hook = parse
         self.state = State.NEED_HELLO
         self.esmtp = False  #: the client said EHLO, so extensions are on
         self.smtputf8 = False  #: the current transaction asked for SMTPUTF8
@@ -215,6 +237,10 @@ class SmtpProtocol:
             self._framer.feed(data)
         else:
             self._eof = True
+
+    def has_input(self) -> bool:
+        """Whether bytes the client sent are waiting to be read as commands."""
+        return bool(self._framer.buffer)
 
     def discard_input(self) -> None:
         """Forget buffered input (after STARTTLS, pipelined plaintext must not count)."""
@@ -365,6 +391,11 @@ class SmtpProtocol:
         problem = self._out_of_order(kind, argument)
         if problem is not None:
             return Rejected(problem, line)
+        if self._argument_hook is not None and kind in _HOOKED:
+            rewritten = self._argument_hook(verb, argument)
+            if isinstance(rewritten, Reply):
+                return Rejected(rewritten, line)
+            argument = rewritten
         if kind in (Helo, Ehlo):
             if not argument:
                 return Rejected(Canned.HELO_NEEDS_DOMAIN, line)
@@ -485,8 +516,12 @@ class SmtpProtocol:
             elif kind is Mail and key == "AUTH":
                 if not value:  # RFC 4954 5: AUTH=<mailbox> or AUTH=<>, an xtext; kept, not trusted
                     return Canned.SYNTAX
-            else:
+            elif key not in self._declared[kind]:
                 return Canned.UNKNOWN_PARAMETER  # RFC 5321 4.1.1.11
+            else:  # a plugin's: its declared syntax, matched whole
+                syntax = self._declared[kind][key]
+                if (value is not None) if syntax is None else (value is None or not syntax.fullmatch(value)):
+                    return Canned.SYNTAX
         return None
 
 

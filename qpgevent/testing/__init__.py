@@ -4,7 +4,7 @@ Used by this project's tests and meant for plugin authors too. Nothing here is a
 ``InProcessServer`` is the real ``SmtpServer`` with the real loader and hook runner on a
 loopback port; ``ServerProcess`` is the real ``qpgevent`` command in a child process;
 ``PluginHarness`` loads plugins through the real config reader and loader and runs one
-hook, or a scripted session through the real ``Session`` (``qpgevent.server.dryrun``), with the
+hook, or a scripted session through the real conversation in memory (``qpgevent.server.dryrun``), with the
 embedded state store and, if given, a ``LoopbackDns`` as the resolver. ``RawClient`` and
 ``wait_until`` are the socket client and the deadline poll the tests share.
 The pytest fixtures over all this are in ``qpgevent.testing.pytest_plugin``.
@@ -41,7 +41,9 @@ from ..plugin import Plugin
 from ..core.reply import Reply, answer
 from ..server.server import SmtpServer
 from ..backends.services import configure_services, configure_store
-from ..server.session import Session
+from ..engine.conversation import Conversation
+from ..engine.session import Session
+from ..server.driver import surroundings
 
 _SECTIONS = {
     "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
@@ -367,7 +369,7 @@ class PluginHarness:
         configure_store(self.settings)
         os.makedirs(self.settings.spool_dir, exist_ok=True)
         self.plugins: list[Plugin] = load_plugins(self.settings)
-        self.runner = HookRunner(self.plugins, self.settings.plugin_timeout)
+        self.runner = HookRunner(self.plugins, self.settings.plugin_timeout, timeout=gevent.Timeout)
         self.runner.notify("post_fork", None)
 
     @property
@@ -381,11 +383,9 @@ class PluginHarness:
         return run_script(self.runner, self.settings, script, remote_ip=ip, timeout=timeout)
 
     def session(self, ip: str = "192.0.2.1", helo: str | None = None) -> Session:
-        """A real Session for ``run_hook``, not running (no greeting, nothing read)."""
-        ours, theirs = socket.socketpair()
-        theirs.close()
+        """A real Session for ``run_hook``, of a conversation not started (no socket, nothing said)."""
         connection = Connection(ip, 40000, "127.0.0.1", 25, hello="ehlo" if helo else None, hello_host=helo)
-        return Session(ours, connection, self.runner, self.settings)
+        return Conversation(connection, self.runner, self.settings, surroundings=surroundings(self.settings)).session
 
     def run_hook(self, hook: str, *args: Any, session: Session | None = None, ip: str = "192.0.2.1",
                  helo: str | None = None) -> HookResult:

@@ -1,0 +1,137 @@
+"""The AUTH command's part of the conversation (RFC 4954): offer, exchange, ask the back ends.
+
+Which mechanisms are offered (only inside TLS unless the listener or the config allows
+plaintext), the failure limits (per address and user, from the server's store), the
+exchange in progress (``qpgevent.engine.sasl``), asking the back ends through the
+conversation's one hook path, and the replies: 235, 535 (each failure answered a little
+later than the last), 454 when a back end could not check, 421 past the limit.
+
+The back ends chain (``HookSpec.chain``): ``auth_<mechanism>``'s plugins, then the
+generic ``auth`` ones, in config order, until one says OK; a refusal from one does not
+stop the next from being asked, and when none says OK the first refusal is the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..core.codes import ReturnCode, Verdict
+from ..core.reply import Canned, Outcome, Reply, reply
+from . import sasl
+from .dialogue import Dialogue
+
+
+
+class Authentication:
+    """The AUTH command in one conversation: the exchange in progress, its end."""
+
+    def __init__(self, conversation: Dialogue) -> None:
+        self.conversation = conversation
+        self.exchange: sasl.Exchange | None = None
+
+    def mechanisms(self) -> tuple[str, ...]:
+        """Offered now: only over TLS, unless the listener or the config allows plaintext."""
+        conversation = self.conversation
+        if not (conversation.session.connection.tls or conversation.listen.plain_auth
+                or not conversation.settings.tls_before_auth):
+            return ()
+        return self.available()
+
+    def available(self) -> tuple[str, ...]:
+        runner = self.conversation.runner
+        return sasl.mechanisms(runner.has) + runner.extensions.sasl_mechanisms
+
+    def begin(self, mechanism: str, initial: bytes | None) -> None:
+        """``AUTH mechanism [initial]``."""
+        conversation = self.conversation
+        offered = self.mechanisms()
+        if not offered:
+            needs_tls = self.available() and not conversation.session.connection.tls
+            conversation.send(Canned.ENCRYPTION_REQUIRED if needs_tls else Canned.AUTH_NOT_OFFERED)
+        elif mechanism not in offered:
+            conversation.send(Canned.UNKNOWN_MECHANISM)
+        elif self.conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip):
+            conversation.log.warning("AUTH refused: too many failures from %s",
+                                     conversation.session.connection.remote_ip)
+            conversation.send(Canned.TOO_MANY_AUTH_FAILURES)
+        elif mechanism == "CRAM-MD5" and initial is not None:
+            conversation.send(Canned.SYNTAX)
+        else:
+            self.exchange = sasl.EXCHANGES.get(mechanism, sasl.Exchange)(mechanism, conversation.settings.me)
+            self._go_on(lambda exchange: exchange.start(initial))
+
+    def respond(self, data: bytes) -> None:
+        """One line answering our 334."""
+        if self.exchange is None:  # cannot happen: the protocol reads these only after our 334
+            self.conversation.send(Canned.AUTH_CANCELLED)
+            return
+        self._go_on(lambda exchange: exchange.step(data))
+
+    def _go_on(self, step: Callable[[sasl.Exchange], sasl.Challenge | sasl.Credentials]) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        try:
+            result = step(exchange)
+        except sasl.BadResponse as error:
+            self.conversation.log.info("AUTH %s: %s", exchange.mechanism, error)
+            self.failed(exchange.mechanism, exchange.user, Canned.BAD_CREDENTIALS)
+            return
+        if isinstance(result, sasl.Challenge):
+            self.conversation.send(reply(334, None, result.text))
+        else:
+            self.check(result)
+
+    def check(self, credentials: sasl.Credentials) -> None:
+        """Ask the back ends: the mechanism's own hook, then the generic ``auth`` (chained)."""
+        conversation, mechanism, user = self.conversation, credentials.mechanism, credentials.user
+        if user is not None and self.conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip, user):
+            self.failed(mechanism, user, Canned.BAD_CREDENTIALS, counted=False)
+            return
+        if credentials.response is not None:
+            verdict = conversation.decide("auth_sasl", mechanism, credentials.response)
+            if verdict.code is ReturnCode.OK and not verdict.internal_error:
+                user = verdict.message[0].strip() if verdict.message else ""
+                verdict = Verdict(ReturnCode.OK, (), verdict.plugin) if user else Verdict(
+                    ReturnCode.DENYSOFT, ("auth_sasl: OK without a user name",), verdict.plugin, True)
+        else:
+            args = (mechanism, user, credentials.password, credentials.ticket)
+            verdict = conversation.decide(sasl.MECHANISM_HOOKS[mechanism], *args)
+            if verdict.code is not ReturnCode.OK and mechanism in sasl.GENERIC_MECHANISMS:
+                generic = conversation.decide("auth", *args)
+                if generic.code is not ReturnCode.DECLINED or generic.internal_error:
+                    if generic.code is ReturnCode.OK or verdict.code is ReturnCode.DECLINED:
+                        verdict = generic
+        self.exchange = None
+        self.conclude(mechanism, user, verdict)
+
+    def conclude(self, mechanism: str, user: str | None, verdict: Verdict) -> None:
+        conversation = self.conversation
+        result = conversation.answer("auth", verdict)
+        if result.outcome is Outcome.PROCEED and user:
+            notes = conversation.session.connection.notes
+            notes["auth_user"], notes["auth_method"] = user, mechanism
+            conversation.session.connection.relay_client = True
+            conversation.log.info("AUTH %s: authenticated user=%s (plugin %s)", mechanism, user, verdict.plugin)
+            assert result.reply is not None
+            conversation.send(result.reply)
+        elif result.outcome is Outcome.ANSWERED:
+            pass
+        elif result.reply is not None and result.reply.code // 100 == 4 and not result.reply.close:
+            conversation.send(result.reply)  # the back end could not check (454): not the client's failure
+        else:
+            self.failed(mechanism, user, result.reply or Canned.BAD_CREDENTIALS)
+
+    def failed(self, mechanism: str, user: str | None, refusal: Reply, counted: bool = True) -> None:
+        """Count the failure, make the client wait longer each time, then 535 (or 421 past the limit)."""
+        self.exchange = None
+        conversation = self.conversation
+        settings, ip = conversation.settings, conversation.session.connection.remote_ip
+        failures = self.conversation.surroundings.limits.failed(ip, user) if counted else settings.auth_max_failures_ip + 1
+        conversation.log.info("AUTH %s failed for user=%s (%d from %s in the window)", mechanism, user or "-",
+                              min(failures, settings.auth_max_failures_ip + 1), ip)
+        conversation.wait(min(settings.auth_failure_delay * failures, settings.auth_max_delay))
+        if failures > settings.auth_max_failures_ip or self.conversation.surroundings.limits.blocked(ip, user):
+            conversation.log.warning("AUTH: too many failures (address %s, user %s); closing", ip, user or "-")
+            conversation.send(Canned.TOO_MANY_AUTH_FAILURES)
+        else:
+            conversation.send(refusal)
