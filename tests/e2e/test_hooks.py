@@ -205,9 +205,9 @@ def drive(server, hook: str) -> tuple[Client, bytes]:
 SWEEP = [(hook, code, with_message) for hook in REPLY_TABLE for code in DECIDING
          for with_message in (False, True)
          # OK with words at a *_pre hook rewrites the path: test_pre_hook_rewrites_the_path; at a
-         # *_parse hook it rewrites the argument (tests/e2e/test_extensions.py)
+         # *_parse hook it rewrites the argument (tests/plugins/test_extensions.py)
          if not (with_message and code is ReturnCode.OK and hook in ("mail_pre", "rcpt_pre", *PARSE_HOOKS))
-         # OK at auth_sasl names the user and the words are ours: tests/e2e/test_extensions.py
+         # OK at auth_sasl names the user and the words are ours: tests/plugins/test_extensions.py
          and not (hook == "auth_sasl" and code is ReturnCode.OK)]
 
 
