@@ -24,7 +24,7 @@ setup(
     # [store] backend = redis needs the Redis client; the embedded store needs nothing more.
     # locust: loadtest/locustfile.py, and tests/loadtest runs it (skipped when it is missing).
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5",
-                             "locust>=2.20", "trustme>=1.1", "dkimpy>=1.1", "pyspf>=2.0.14"],
+                             "locust>=2.20", "trustme>=1.1", "dkimpy>=1.1", "pyspf>=2.0.14", "mypy>=1.10"],
                     # sender_permitted_from needs pyspf, dkim needs dkimpy: only those plugins.
                     "auth": ["dkimpy>=1.1", "pyspf>=2.0.14"],
                     "loadtest": ["locust>=2.20"],

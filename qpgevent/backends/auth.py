@@ -38,7 +38,8 @@ class FailureLimiter:
             db = store.default()
             if db.count(f"authfail:ip:{ip}", self.window) >= self.max_ip:
                 return True
-            return bool(user) and db.count(f"authfail:user:{user.lower()}", self.window) >= self.max_user
+            return user is not None and bool(user) and \
+                db.count(f"authfail:user:{user.lower()}", self.window) >= self.max_user
         except store.StoreUnavailable as error:
             log.warning("store unavailable, AUTH failures not limited: %s", error)
             return False

@@ -51,10 +51,11 @@ class SessionContext(logging.Filter):
             for key, value in (session_ids(session) if session is not None else {}).items():
                 setattr(record, key, value)
         context = ""
-        if getattr(record, "conn", None):
-            context = f"conn={record.conn} "
-            if getattr(record, "txn", None):
-                context += f"txn={record.txn} "
+        conn, txn = getattr(record, "conn", None), getattr(record, "txn", None)
+        if conn:
+            context = f"conn={conn} "
+            if txn:
+                context += f"txn={txn} "
         record.context = context
         return True
 

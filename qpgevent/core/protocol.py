@@ -226,7 +226,7 @@ class SmtpProtocol:
         self._framer = CommandFramer(max(limits.max_command_line, AUTH_LINE_MAX))
         self._in_auth = False  #: we sent 334: the next line is a SASL response, not a command
         self._data: DataReader | None = None
-        self._pending: object = None
+        self._pending: Event | None = None
         self._end_ready: MessageEnd | None = None
         self._eof = False
 
@@ -254,7 +254,7 @@ class SmtpProtocol:
             raise RuntimeError(f"reply to {self._pending!r} first")
         if self._end_ready is not None:
             self._pending, self._end_ready = self._end_ready, None
-            return self._pending  # type: ignore[return-value]
+            return self._pending
         if self._data is not None:
             return self._next_data_event()
         line = self._framer.next_line()

@@ -37,7 +37,9 @@ class Dialogue(Protocol):
     surroundings: Surroundings
     counters: Counters
     tally: Tally
-    log: logging.LoggerAdapter[Any]
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
 
     @property
     def me(self) -> str: ...

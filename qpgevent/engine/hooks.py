@@ -244,7 +244,7 @@ class HookRunner:
         try:
             result = method(*call_args)
         except BaseException as error:
-            if error is timer:
+            if error is timer:  # type: ignore[comparison-overlap]  # gevent's timer is the exception
                 logger.error("hook=%s plugin=%s timed out after %ss", hook, plugin.name, seconds)
                 return Verdict(ReturnCode.DENYSOFT, ("plugin timeout",), plugin.name, True)
             if not isinstance(error, Exception):

@@ -38,7 +38,7 @@ def session_ids(session: Any) -> dict[str, str]:
     return ids
 
 
-class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class SessionLogger(logging.LoggerAdapter[logging.Logger]):
     """Attaches ``conn=<id>`` (and ``txn=<id>`` inside a transaction) to every record."""
 
     def __init__(self, logger: logging.Logger, session: Any) -> None:

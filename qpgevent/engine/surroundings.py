@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..connection import Connection
 from ..core.address import Address
@@ -72,7 +72,7 @@ class OwnAddressOnly:
         return sender.is_null or sender.address.lower() == user.lower()
 
 
-def _no_lookup(connection: Connection, logger: logging.LoggerAdapter[Any]) -> None:
+def _no_lookup(connection: Connection, logger: logging.LoggerAdapter[logging.Logger]) -> None:
     pass
 
 
@@ -84,7 +84,7 @@ def _one(ip: str) -> int:
 class Surroundings:
     #: Sets ``remote_host`` / ``remote_info`` before the connect hook (reverse DNS, ident),
     #: logging what it found through the session's logger.
-    identify: Callable[[Connection, logging.LoggerAdapter[Any]], None] = _no_lookup
+    identify: Callable[[Connection, logging.LoggerAdapter[logging.Logger]], None] = _no_lookup
     #: Sessions open now from an address, this one included.
     peers: Callable[[str], int] = _one
     #: Whether the client sends something within so many seconds (None: whether input is

@@ -56,7 +56,8 @@ def normalize_ip(ip: str) -> str:
     """
     if not ip.startswith("::ffff:"):
         return ip
-    mapped = ipaddress.ip_address(ip).ipv4_mapped
+    address = ipaddress.ip_address(ip)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return str(mapped) if mapped else ip
 
 
@@ -269,7 +270,7 @@ class SmtpServer:
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
         trusted = self.settings.proxy_trusted
-        if trusted and ip_in(connection.remote_ip, trusted) and not self._proxied(sock, connection):
+        if trusted and ip_in(connection.remote_ip, list(trusted)) and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
             return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address

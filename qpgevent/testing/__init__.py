@@ -258,7 +258,7 @@ class RawClient:
         self._buffer = b""
 
     def reply(self) -> tuple[int, str]:
-        lines = []
+        lines: list[str] = []
         while True:
             end = self._buffer.find(b"\r\n")
             if end < 0:
@@ -395,21 +395,22 @@ class PluginHarness:
         ("<a@example.test>"); their params default to ``{}``.
         """
         spec = HOOKS[hook]
-        args = list(args)
+        arguments = list(args)
         if hook in ("mail", "rcpt"):
-            if args and isinstance(args[0], str):
-                args[0] = Address.parse(args[0] if args[0].startswith("<") else f"<{args[0]}>")
-            if len(args) == 1:
-                args.append({})
-        if hook in ("mail_pre", "rcpt_pre") and len(args) == 1:
-            args.append({})
-        if len(args) != len(spec.args):
-            raise TypeError(f"hook {hook} takes ({', '.join(spec.args)}); got {len(args)} arguments")
+            if arguments and isinstance(arguments[0], str):
+                text = arguments[0]
+                arguments[0] = Address.parse(text if text.startswith("<") else f"<{text}>")
+            if len(arguments) == 1:
+                arguments.append({})
+        if hook in ("mail_pre", "rcpt_pre") and len(arguments) == 1:
+            arguments.append({})
+        if len(arguments) != len(spec.args):
+            raise TypeError(f"hook {hook} takes ({', '.join(spec.args)}); got {len(arguments)} arguments")
         session = session or self.session(ip, helo)
-        verdict = self.runner.run(hook, session if spec.session else None, *args)
+        verdict = self.runner.run(hook, session if spec.session else None, *arguments)
         fields = {"me": self.settings.me}
-        if args and isinstance(args[0], Address):
-            fields["address"] = args[0].format()
+        if arguments and isinstance(arguments[0], Address):
+            fields["address"] = arguments[0].format()
         return HookResult(verdict, answer(hook, verdict, **fields).reply)
 
 
