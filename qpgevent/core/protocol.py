@@ -22,147 +22,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .events import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Command, Data, Ehlo, Event, Helo, Help,
+                     Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, Starttls, State, Unknown,
+                     Vrfy)
 from .reply import Canned, Reply
 from .wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
 
-
-class State(enum.Enum):
-    NEED_HELLO = "need hello"
-    READY = "ready"  #: greeted, no transaction
-    MAIL = "mail"  #: a sender was accepted
-    RCPT = "rcpt"  #: at least one recipient was accepted
-    DATA = "data"  #: the message is streaming in
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A well-formed command, in sequence. ``line`` is the raw text, for logs."""
-
-    verb: str
-    argument: str
-    line: str
-
-
-@dataclass(frozen=True, slots=True)
-class Helo(Command):
-    domain: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Ehlo(Command):
-    domain: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Mail(Command):
-    path: str = ""  #: as written, brackets included: plugins may rewrite it (mail_pre)
-    params: dict[str, str | None] = field(default_factory=dict)  #: upper-cased keys
-
-
-@dataclass(frozen=True, slots=True)
-class Rcpt(Command):
-    path: str = ""
-    params: dict[str, str | None] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Data(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Rset(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Noop(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Quit(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Vrfy(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Help(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Starttls(Command):
-    """RFC 3207. Answered 220, the input buffered after it is thrown away (see ``send``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Auth(Command):
-    """RFC 4954. ``initial`` is the decoded initial response (None: none given; ``=`` is b"")."""
-
-    mechanism: str = ""
-    initial: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
-    """One client line in answer to our 334 challenge, base64-decoded. Never log it."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Unknown(Command):
-    """A verb the core does not know; plugins may (the unrecognized_command hook)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """Input the protocol refused by itself; send ``reply`` and carry on."""
-
-    reply: Reply
-    line: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class MessageData:
-    """A piece of the message: dot-unstuffed, CRLF line endings, in order."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEnd:
-    """The final dot. ``problem`` is the reply to give instead of delivering, if any."""
-
-    size: int
-    problem: Reply | None = None
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-class _ConnectionClosed:
-    def __repr__(self) -> str:
-        return "CONNECTION_CLOSED"
-
-
-NEED_DATA = _NeedData()
-CONNECTION_CLOSED = _ConnectionClosed()
-
-Event = Command | AuthResponse | Rejected | MessageData | MessageEnd | _NeedData | _ConnectionClosed
 
 _VERBS: dict[str, type[Command]] = {
     "HELO": Helo, "EHLO": Ehlo, "MAIL": Mail, "RCPT": Rcpt, "DATA": Data, "RSET": Rset,
@@ -566,3 +435,10 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return i
     return -1
+
+
+__all__ = ["SmtpProtocol", "Limits", "AUTH_LINE_MAX", "ParameterSyntax", "ArgumentHook",
+           # the events, made here and defined in .events (importable from either)
+           "State", "Command", "Helo", "Ehlo", "Mail", "Rcpt", "Data", "Rset", "Noop", "Quit", "Vrfy", "Help",
+           "Starttls", "Auth", "AuthResponse", "Unknown", "Rejected", "MessageData", "MessageEnd", "NEED_DATA",
+           "CONNECTION_CLOSED", "Event"]
