@@ -78,13 +78,12 @@ class Conversation:
             max_message_size=settings.max_message_size, max_recipients=settings.max_recipients,
             max_bad_commands=settings.max_bad_commands, allow_bare_lf=settings.allow_bare_lf,
         ), mail_parameters=extensions.mail_parameters, rcpt_parameters=extensions.rcpt_parameters,
-            parse=self._parse if any(runner.has(hook) for hook in _PARSE_HOOKS.values()) else None)
+            parse=self._parse if extensions.parses else None)
         self.auth = Authentication(self)
         self.mail = MailTransaction(self)
         self.tally = Tally()
         self.out = bytearray()  #: replies to write; the driver writes and clears it
         self._request: Request | Wait | None = None
-        self._message_refusal: Reply | None = None
         self._heard = False  #: the client has sent something
 
     @property
@@ -182,16 +181,19 @@ class Conversation:
 
     def answer(self, hook: str, verdict: Verdict, **fields: str) -> Answer:
         """The reply table's answer to ``verdict``; DONE without a reply is a plugin's bug (451)."""
-        result = answer(hook, verdict, me=self.me, **fields)
+        result = answer(hook, verdict, me=self.settings.me, **fields)
         if result.outcome is Outcome.ANSWERED and self._awaiting_reply(hook):
             self.log.error("hook=%s plugin=%s returned DONE without answering", hook, verdict.plugin)
             result = answer(hook, Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True), me=self.me, **fields)
         return result
 
     def ask(self, hook: str, *args: Any, **fields: str) -> Asked:
-        """Decide and answer; send the reply unless the command goes on (the caller's to send)."""
-        verdict = self.decide(hook, *args)
-        result = self.answer(hook, verdict, **fields)
+        """``decide`` and ``answer`` (inlined: every command passes here); send the reply
+        unless the command goes on (then the caller sends it)."""
+        verdict = self.runner.run(hook, self.session, *args)
+        result = answer(hook, verdict, me=self.settings.me, **fields)
+        if result.outcome is Outcome.ANSWERED:
+            result = self.answer(hook, verdict, **fields)
         if result.reply is not None and result.outcome is not Outcome.PROCEED:
             self.send(result.reply)
         return Asked(result.outcome, result.reply, verdict)

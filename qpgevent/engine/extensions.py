@@ -42,9 +42,11 @@ class Extensions:
     rcpt_parameters: dict[str, Syntax] = field(default_factory=dict)
     verbs: frozenset[str] = frozenset()
     sasl_mechanisms: tuple[str, ...] = ()
+    parses: bool = False  #: some plugin has a ``*_parse`` hook (the core then calls them)
 
     @classmethod
     def declared_by(cls, plugins: Iterable[Any]) -> Extensions:
+        plugins = list(plugins)
         keywords: list[str] = []
         mail: dict[str, Syntax] = {}
         rcpt: dict[str, Syntax] = {}
@@ -63,7 +65,9 @@ class Extensions:
                     raise _error(plugin, f"sasl_mechanisms: {mechanism} is built in")
                 if mechanism.upper() not in mechanisms:
                     mechanisms.append(mechanism.upper())
-        return cls(tuple(keywords), mail, rcpt, frozenset(verbs), tuple(mechanisms))
+        parses = any(callable(getattr(plugin, f"hook_{verb}_parse", None))
+                     for plugin in plugins for verb in ("helo", "ehlo", "mail", "rcpt", "auth"))
+        return cls(tuple(keywords), mail, rcpt, frozenset(verbs), tuple(mechanisms), parses)
 
 
 _KEYWORD_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*$")  # RFC 5321 4.1.1.1 ehlo-line
