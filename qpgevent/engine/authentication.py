@@ -25,32 +25,29 @@ from .dialogue import Dialogue
 class Authentication:
     """The AUTH command in one conversation: the exchange in progress, its end."""
 
-    def __init__(self, conversation: Dialogue) -> None:
-        self.conversation = conversation
+    def __init__(self) -> None:
         self.exchange: sasl.Exchange | None = None
 
-    def mechanisms(self) -> tuple[str, ...]:
+    def mechanisms(self, conversation: Dialogue) -> tuple[str, ...]:
         """Offered now: only over TLS, unless the listener or the config allows plaintext."""
-        conversation = self.conversation
         if not (conversation.session.connection.tls or conversation.listen.plain_auth
                 or not conversation.settings.tls_before_auth):
             return ()
-        return self.available()
+        return self.available(conversation)
 
-    def available(self) -> tuple[str, ...]:
-        runner = self.conversation.runner
+    def available(self, conversation: Dialogue) -> tuple[str, ...]:
+        runner = conversation.runner
         return sasl.mechanisms(runner.has) + runner.extensions.sasl_mechanisms
 
-    def begin(self, mechanism: str, initial: bytes | None) -> None:
+    def begin(self, conversation: Dialogue, mechanism: str, initial: bytes | None) -> None:
         """``AUTH mechanism [initial]``."""
-        conversation = self.conversation
-        offered = self.mechanisms()
+        offered = self.mechanisms(conversation)
         if not offered:
-            needs_tls = self.available() and not conversation.session.connection.tls
+            needs_tls = self.available(conversation) and not conversation.session.connection.tls
             conversation.send(Canned.ENCRYPTION_REQUIRED if needs_tls else Canned.AUTH_NOT_OFFERED)
         elif mechanism not in offered:
             conversation.send(Canned.UNKNOWN_MECHANISM)
-        elif self.conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip):
+        elif conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip):
             conversation.log.warning("AUTH refused: too many failures from %s",
                                      conversation.session.connection.remote_ip)
             conversation.send(Canned.TOO_MANY_AUTH_FAILURES)
@@ -58,34 +55,34 @@ class Authentication:
             conversation.send(Canned.SYNTAX)
         else:
             self.exchange = sasl.EXCHANGES.get(mechanism, sasl.Exchange)(mechanism, conversation.settings.me)
-            self._go_on(lambda exchange: exchange.start(initial))
+            self._go_on(conversation, lambda exchange: exchange.start(initial))
 
-    def respond(self, data: bytes) -> None:
+    def respond(self, conversation: Dialogue, data: bytes) -> None:
         """One line answering our 334."""
         if self.exchange is None:  # cannot happen: the protocol reads these only after our 334
-            self.conversation.send(Canned.AUTH_CANCELLED)
+            conversation.send(Canned.AUTH_CANCELLED)
             return
-        self._go_on(lambda exchange: exchange.step(data))
+        self._go_on(conversation, lambda exchange: exchange.step(data))
 
-    def _go_on(self, step: Callable[[sasl.Exchange], sasl.Challenge | sasl.Credentials]) -> None:
+    def _go_on(self, conversation: Dialogue, step: Callable[[sasl.Exchange], sasl.Challenge | sasl.Credentials]) -> None:
         exchange = self.exchange
         assert exchange is not None
         try:
             result = step(exchange)
         except sasl.BadResponse as error:
-            self.conversation.log.info("AUTH %s: %s", exchange.mechanism, error)
-            self.failed(exchange.mechanism, exchange.user, Canned.BAD_CREDENTIALS)
+            conversation.log.info("AUTH %s: %s", exchange.mechanism, error)
+            self.failed(conversation, exchange.mechanism, exchange.user, Canned.BAD_CREDENTIALS)
             return
         if isinstance(result, sasl.Challenge):
-            self.conversation.send(reply(334, None, result.text))
+            conversation.send(reply(334, None, result.text))
         else:
-            self.check(result)
+            self.check(conversation, result)
 
-    def check(self, credentials: sasl.Credentials) -> None:
+    def check(self, conversation: Dialogue, credentials: sasl.Credentials) -> None:
         """Ask the back ends: the mechanism's own hook, then the generic ``auth`` (chained)."""
-        conversation, mechanism, user = self.conversation, credentials.mechanism, credentials.user
-        if user is not None and self.conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip, user):
-            self.failed(mechanism, user, Canned.BAD_CREDENTIALS, counted=False)
+        mechanism, user = credentials.mechanism, credentials.user
+        if user is not None and conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip, user):
+            self.failed(conversation, mechanism, user, Canned.BAD_CREDENTIALS, counted=False)
             return
         if credentials.response is not None:
             verdict = conversation.decide("auth_sasl", mechanism, credentials.response)
@@ -102,10 +99,9 @@ class Authentication:
                     if generic.code is ReturnCode.OK or verdict.code is ReturnCode.DECLINED:
                         verdict = generic
         self.exchange = None
-        self.conclude(mechanism, user, verdict)
+        self.conclude(conversation, mechanism, user, verdict)
 
-    def conclude(self, mechanism: str, user: str | None, verdict: Verdict) -> None:
-        conversation = self.conversation
+    def conclude(self, conversation: Dialogue, mechanism: str, user: str | None, verdict: Verdict) -> None:
         result = conversation.answer("auth", verdict)
         if result.outcome is Outcome.PROCEED and user:
             notes = conversation.session.connection.notes
@@ -119,18 +115,17 @@ class Authentication:
         elif result.reply is not None and result.reply.code // 100 == 4 and not result.reply.close:
             conversation.send(result.reply)  # the back end could not check (454): not the client's failure
         else:
-            self.failed(mechanism, user, result.reply or Canned.BAD_CREDENTIALS)
+            self.failed(conversation, mechanism, user, result.reply or Canned.BAD_CREDENTIALS)
 
-    def failed(self, mechanism: str, user: str | None, refusal: Reply, counted: bool = True) -> None:
+    def failed(self, conversation: Dialogue, mechanism: str, user: str | None, refusal: Reply, counted: bool = True) -> None:
         """Count the failure, make the client wait longer each time, then 535 (or 421 past the limit)."""
         self.exchange = None
-        conversation = self.conversation
         settings, ip = conversation.settings, conversation.session.connection.remote_ip
-        failures = self.conversation.surroundings.limits.failed(ip, user) if counted else settings.auth_max_failures_ip + 1
+        failures = conversation.surroundings.limits.failed(ip, user) if counted else settings.auth_max_failures_ip + 1
         conversation.log.info("AUTH %s failed for user=%s (%d from %s in the window)", mechanism, user or "-",
                               min(failures, settings.auth_max_failures_ip + 1), ip)
         conversation.wait(min(settings.auth_failure_delay * failures, settings.auth_max_delay))
-        if failures > settings.auth_max_failures_ip or self.conversation.surroundings.limits.blocked(ip, user):
+        if failures > settings.auth_max_failures_ip or conversation.surroundings.limits.blocked(ip, user):
             conversation.log.warning("AUTH: too many failures (address %s, user %s); closing", ip, user or "-")
             conversation.send(Canned.TOO_MANY_AUTH_FAILURES)
         else:

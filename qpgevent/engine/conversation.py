@@ -9,16 +9,15 @@ handshake, call ``tls_started``), ``CLOSE`` (write ``out``, the dialogue is over
 caller's greenlet, through ``decide``: the ONE path to the plugins. Each command takes
 the same road: the protocol core parses it and refuses what is out of order, ``decide``
 asks the plugins, the reply table turns their verdict into a reply, and the reply is
-queued in ``out``; replies pile up while pipelined input is pending (RFC 2920).
+queued in ``out``; replies pile up while pipelined input is pending (RFC 2920). How
+long a READ may wait, and parking an idle session meanwhile, are the driver's business.
 
 This module imports nothing that does I/O (tests/unit/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
@@ -31,28 +30,13 @@ from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, C
 from ..core.proxy import looks_like_header
 from ..core.reply import INTERNAL_ERROR, Answer, Canned, Outcome, Reply, answer, reply
 from .authentication import Authentication
-from .dialogue import Asked
+from .dialogue import CLOSE, FLUSH, READ, START_TLS, Asked, Request, Wait
 from .hooks import HookRunner
 from .mail import MailTransaction
 from .session import Session, Tally, describe, redact, summary_text
 from .surroundings import Surroundings
 
 READ_SIZE = 1 << 16  #: queued output past this is written before going on
-
-
-class Request(enum.Enum):
-    READ = "read"
-    FLUSH = "flush"
-    START_TLS = "start tls"
-    CLOSE = "close"
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    seconds: float
-
-
-READ, FLUSH, START_TLS, CLOSE = Request.READ, Request.FLUSH, Request.START_TLS, Request.CLOSE
 
 
 class Conversation:
@@ -69,8 +53,7 @@ class Conversation:
         self.tls_offered = tls
         self.surroundings = surroundings = surroundings or Surroundings()
         self.counters = surroundings.counters
-        self.session = Session(connection, settings, surroundings.peers,
-                               surroundings.wait_for_input or self._has_input, self.respond, self._status)
+        self.session = Session(self, connection, settings, surroundings.peers, surroundings.wait_for_input)
         self.log = self.session.log
         extensions = runner.extensions
         self.protocol = SmtpProtocol(Limits(
@@ -79,8 +62,8 @@ class Conversation:
             max_bad_commands=settings.max_bad_commands, allow_bare_lf=settings.allow_bare_lf,
         ), mail_parameters=extensions.mail_parameters, rcpt_parameters=extensions.rcpt_parameters,
             parse=self._parse if extensions.parses else None)
-        self.auth = Authentication(self)
-        self.mail = MailTransaction(self)
+        self.auth = Authentication()
+        self.mail = MailTransaction()
         self.tally = Tally()
         self.out = bytearray()  #: replies to write; the driver writes and clears it
         self._request: Request | Wait | None = None
@@ -141,7 +124,10 @@ class Conversation:
                 return CLOSE
             self.tally.doing = describe(event)
             part, handler = _HANDLERS[type(event)]
-            getattr(getattr(self, part) if part else self, handler)(event)
+            if part:  # the parts are handed the conversation: they keep no reference to it
+                getattr(getattr(self, part), handler)(self, event)
+            else:
+                getattr(self, handler)(event)
 
     def timed_out(self, in_data: bool = False) -> None:
         self.log.info("timeout %s", "in DATA" if in_data else "waiting for a command")
@@ -227,15 +213,15 @@ class Conversation:
     def respond(self, code: int, lines: tuple[str, ...], enhanced: str | None, close: bool) -> None:
         self.send(reply(code, enhanced, *lines, close=close))
 
-    def _status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         return self.tally.status(self.session, self.protocol.state.value)
+
+    def has_input(self) -> bool:
+        return self.protocol.has_input()
 
     def wait(self, seconds: float) -> None:
         """Pause before what comes next is written (AUTH failures)."""
         self._request = Wait(seconds)
-
-    def _has_input(self, seconds: float) -> bool:
-        return self.protocol.has_input()
 
     def _untrusted_proxy(self) -> None:
         """A PROXY header from an address not in ``[proxy] trusted`` (or a second header).
@@ -279,7 +265,7 @@ class Conversation:
         offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         if self.tls_offered and not self.session.connection.tls:
             offered.append("STARTTLS")
-        mechanisms = self.auth.mechanisms()
+        mechanisms = self.auth.mechanisms(self)
         if mechanisms and not self.protocol.authenticated:
             offered.append("AUTH " + " ".join(mechanisms))
         offered += self.runner.extensions.keywords
@@ -296,10 +282,10 @@ class Conversation:
             self._request = START_TLS
 
     def on_auth(self, command: Auth) -> None:
-        self.auth.begin(command.mechanism, command.initial)
+        self.auth.begin(self, command.mechanism, command.initial)
 
     def on_auth_response(self, event: AuthResponse) -> None:
-        self.auth.respond(event.data)
+        self.auth.respond(self, event.data)
 
     def on_rset(self, command: Rset) -> None:
         self.decide("rset")  # a notification: RFC 5321 4.1.1.5 wants 250 whatever plugins think

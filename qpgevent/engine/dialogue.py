@@ -1,13 +1,17 @@
-"""What the parts of the conversation (AUTH, the mail transaction) use of it: an interface.
+"""The conversation's two interfaces: the requests it makes of its driver, and ``Dialogue``.
 
-``Conversation`` (``qpgevent.engine.conversation``) is the one implementation; the parts
-(``authentication``, ``mail``) are written against this Protocol so that they need not
-import the module that holds them.
+A driver asks ``Conversation.next_request()`` what to do and gets a ``Request`` (READ,
+FLUSH, START_TLS, CLOSE) or a ``Wait``. ``Dialogue`` is what the conversation's parts
+(``authentication``, ``mail``) use of it: they are written against this Protocol so that
+they need not import the module that holds them. ``Conversation``
+(``qpgevent.engine.conversation``) is the one implementation.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Listen, Settings
@@ -17,6 +21,25 @@ from ..core.reply import Answer, Reply
 from .hooks import HookRunner
 from .session import Session, Tally
 from .surroundings import Counters, Surroundings
+
+
+class Request(enum.Enum):
+    """What the driver does next (each writes ``Conversation.out`` first)."""
+
+    READ = "read"
+    FLUSH = "flush"
+    START_TLS = "start tls"
+    CLOSE = "close"
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Pause this long before going on (nothing is written meanwhile)."""
+
+    seconds: float
+
+
+READ, FLUSH, START_TLS, CLOSE = Request.READ, Request.FLUSH, Request.START_TLS, Request.CLOSE
 
 
 class Asked:

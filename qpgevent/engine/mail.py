@@ -30,19 +30,17 @@ _WARNED: set[str] = set()  #: plugins told already that (OK, path) at *_pre is d
 class MailTransaction:
     """The transaction commands of one conversation."""
 
-    def __init__(self, conversation: Dialogue) -> None:
-        self.conversation = conversation
+    def __init__(self) -> None:
         #: The reply the end of this message gets instead of queueing (data_headers_end refused).
         self.refusal: Reply | None = None
 
-    def on_mail(self, command: Mail) -> None:
-        conversation = self.conversation
+    def on_mail(self, conversation: Dialogue, command: Mail) -> None:
         session = conversation.session
         submission = conversation.listen.submission
         if submission and not session.connection.notes.get("auth_user"):
             conversation.send(Canned.AUTH_REQUIRED)  # RFC 4954 6: 530 until AUTH
             return
-        path = self._pre("mail_pre", command.path, command.params)
+        path = self._pre(conversation, "mail_pre", command.path, command.params)
         if path is None:
             return
         smtputf8 = "SMTPUTF8" in command.params
@@ -62,27 +60,26 @@ class MailTransaction:
         conversation.reset_transaction()
         asked = conversation.ask("mail", sender, command.params, address=sender.format())
         if asked.outcome is Outcome.PROCEED:
-            self._begin(sender)
+            self._begin(conversation, sender)
             conversation.send(asked.reply)  # type: ignore[arg-type]
         elif asked.outcome is Outcome.ANSWERED and conversation.protocol.state is State.MAIL:
-            self._begin(sender)
+            self._begin(conversation, sender)
 
-    def _begin(self, sender: Address) -> None:
-        self.conversation.session.transaction.sender = sender
-        self.conversation.tally.transactions += 1
-        self.conversation.counters.transaction_started()
+    def _begin(self, conversation: Dialogue, sender: Address) -> None:
+        conversation.session.transaction.sender = sender
+        conversation.tally.transactions += 1
+        conversation.counters.transaction_started()
 
-    def on_rcpt(self, command: Rcpt) -> None:
-        tally = self.conversation.tally
+    def on_rcpt(self, conversation: Dialogue, command: Rcpt) -> None:
+        tally = conversation.tally
         accepted = tally.accepted
-        self._rcpt(command)
+        self._rcpt(conversation, command)
         if tally.accepted == accepted:
             tally.refused += 1
-            self.conversation.counters.recipient(False)
+            conversation.counters.recipient(False)
 
-    def _rcpt(self, command: Rcpt) -> None:
-        conversation = self.conversation
-        path = self._pre("rcpt_pre", command.path, command.params)
+    def _rcpt(self, conversation: Dialogue, command: Rcpt) -> None:
+        path = self._pre(conversation, "rcpt_pre", command.path, command.params)
         if path is None:
             return
         smtputf8 = conversation.protocol.smtputf8
@@ -96,17 +93,17 @@ class MailTransaction:
             return
         asked = conversation.ask("rcpt", recipient, command.params, address=recipient.format())
         if asked.outcome is Outcome.PROCEED:
-            self._accept(recipient)
+            self._accept(conversation, recipient)
             conversation.send(asked.reply)  # type: ignore[arg-type]
         elif asked.outcome is Outcome.ANSWERED and conversation.protocol.state is State.RCPT:
-            self._accept(recipient)
+            self._accept(conversation, recipient)
 
-    def _pre(self, hook: str, path: str, params: dict[str, str | None]) -> str | None:
+    def _pre(self, conversation: Dialogue, hook: str, path: str, params: dict[str, str | None]) -> str | None:
         """Run ``mail_pre`` / ``rcpt_pre``: the path to parse (maybe rewritten), or None: refused."""
-        session = self.conversation.session
+        session = conversation.session
         session._rewriting, session._rewritten = hook, None
         try:
-            asked = self.conversation.ask(hook, path, params)
+            asked = conversation.ask(hook, path, params)
         finally:
             session._rewriting = None
         if asked.outcome is not Outcome.PROCEED:
@@ -123,28 +120,27 @@ class MailTransaction:
             return verdict.message[0].strip()
         return path
 
-    def _accept(self, recipient: Address) -> None:
-        self.conversation.session.transaction.add_recipient(recipient)
-        self.conversation.tally.accepted += 1
-        self.conversation.counters.recipient(True)
+    def _accept(self, conversation: Dialogue, recipient: Address) -> None:
+        conversation.session.transaction.add_recipient(recipient)
+        conversation.tally.accepted += 1
+        conversation.counters.recipient(True)
 
-    def on_data(self, command: Data) -> None:
-        asked = self.conversation.ask("data")
+    def on_data(self, conversation: Dialogue, command: Data) -> None:
+        asked = conversation.ask("data")
         if asked.outcome is Outcome.PROCEED:
             self.refusal = None
-            self.conversation.send(asked.reply)  # type: ignore[arg-type]
+            conversation.send(asked.reply)  # type: ignore[arg-type]
         elif asked.outcome is not Outcome.ANSWERED:
-            self.conversation.reset_transaction()
+            conversation.reset_transaction()
 
-    def on_message_data(self, event: MessageData) -> None:
+    def on_message_data(self, conversation: Dialogue, event: MessageData) -> None:
         if self.refusal is not None:
             return  # refused at data_headers_end: read to the end, keep nothing
-        if self.conversation.session.transaction.write(event.data):
-            self._headers_done()
+        if conversation.session.transaction.write(event.data):
+            self._headers_done(conversation)
 
-    def _headers_done(self) -> None:
+    def _headers_done(self, conversation: Dialogue) -> None:
         """data_headers_end: its refusal is the reply to the final dot (we cannot answer mid-DATA)."""
-        conversation = self.conversation
         verdict = conversation.decide("data_headers_end")
         result = conversation.answer("data_headers_end", verdict)
         if result.outcome is Outcome.ANSWERED:
@@ -154,26 +150,25 @@ class MailTransaction:
         elif result.outcome is not Outcome.PROCEED:
             self.refusal = result.reply or INTERNAL_ERROR
 
-    def on_message_end(self, event: MessageEnd) -> None:
+    def on_message_end(self, conversation: Dialogue, event: MessageEnd) -> None:
         try:
-            self._message_end(event)
+            self._message_end(conversation, event)
         finally:
-            self.conversation.reset_transaction()
+            conversation.reset_transaction()
 
-    def _message_end(self, event: MessageEnd) -> None:
-        conversation = self.conversation
+    def _message_end(self, conversation: Dialogue, event: MessageEnd) -> None:
         if event.problem is not None:
             conversation.log.info("message refused: %s (%d octets)", event.problem.text[0], event.size)
-            self.conversation.counters.rejected("data", "core", str(event.problem.code))
+            conversation.counters.rejected("data", "core", str(event.problem.code))
             conversation.send(event.problem)
             return
         transaction = conversation.session.transaction
         if transaction.end_of_data() and self.refusal is None:
-            self._headers_done()
+            self._headers_done(conversation)
         if self.refusal is not None:
             conversation.send(self.refusal)
             return
-        received = self.received()
+        received = self.received(conversation)
         if received is None:
             return
         transaction.headers.prepend("Received", received)
@@ -186,15 +181,14 @@ class MailTransaction:
         if asked.outcome is Outcome.PROCEED:
             assert asked.reply is not None
             conversation.tally.messages += 1
-            self.conversation.counters.message_queued(asked.verdict.plugin)
+            conversation.counters.message_queued(asked.verdict.plugin)
             conversation.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
                                   len(transaction.recipients), transaction.data_size, asked.reply.text[0])
             conversation.send(asked.reply)
         conversation.runner.notify("queue_post", conversation.session)
 
-    def received(self) -> str | None:
+    def received(self, conversation: Dialogue) -> str | None:
         """Our Received header's value, or the one a ``received_line`` plugin gives (None: refused)."""
-        conversation = self.conversation
         session = conversation.session
         line = received_line(session.connection, session.transaction, conversation.me,
                              conversation.protocol.smtputf8)

@@ -8,7 +8,8 @@ and STARTTLS, which needs a socket, ends the conversation after its 220.
 
 from __future__ import annotations
 
-from .conversation import CLOSE, FLUSH, READ, START_TLS, Conversation
+from .conversation import Conversation
+from .dialogue import CLOSE, FLUSH, READ, START_TLS
 
 
 class InMemory:

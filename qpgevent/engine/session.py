@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Settings
 from ..connection import Connection
@@ -66,19 +67,29 @@ def redact(line: str) -> str:
     return match.group(1) + (" ***" if match.group(2) else "")
 
 
+class Speaker(Protocol):
+    """What the session asks of its conversation (``Conversation`` is the one)."""
+
+    def respond(self, code: int, lines: tuple[str, ...], enhanced: str | None, close: bool) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def has_input(self) -> bool: ...
+
+
 class Session:
     """What a hook gets as ``session``: this connection, its transaction, ways to answer."""
 
-    def __init__(self, connection: Connection, settings: Settings, peers: Callable[[str], int],
-                 wait_for_input: Callable[[float], bool],
-                 respond: Callable[[int, tuple[str, ...], str | None, bool], None],
-                 status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, conversation: Speaker, connection: Connection, settings: Settings,
+                 peers: Callable[[str], int], wait_for_input: Callable[[float], bool] | None) -> None:
         self.connection: Connection = connection  #: a new one after STARTTLS (RFC 3207 4.2)
         self.settings: Settings = settings
-        self.log: SessionLogger = SessionLogger(log, self)
+        self.log: SessionLogger = SessionLogger(log, weakref.proxy(self))  # weak: see _conversation
         #: "hook (plugin)" while a plugin runs (the live scoreboard shows it)
         self.hook_running: str | None = None
-        self._respond, self._status = respond, status
+        # Weak: the conversation holds the session; a cycle would keep every object of the
+        # connection alive until the garbage collector runs, instead of freeing it at once.
+        self._conversation = weakref.ref(conversation)
         self._transaction: Transaction | None = None
         self._peers = peers
         self._wait_for_input = wait_for_input
@@ -114,7 +125,7 @@ class Session:
 
     def respond(self, code: int, *lines: str, enhanced: str | None = None, close: bool = False) -> None:
         """Answer the client directly (a plugin that returns DONE has called this)."""
-        self._respond(code, lines, enhanced, close)
+        self._speaker().respond(code, lines, enhanced, close)
 
     def rewrite_sender(self, path: str) -> None:
         """At ``mail_pre``: take ``path`` ("<a@b>") instead of what the client wrote."""
@@ -135,12 +146,21 @@ class Session:
         return self._peers(ip or self.connection.remote_ip)
 
     def wait_for_input(self, seconds: float) -> bool:
-        """Whether the client sends something within ``seconds`` (earlytalker)."""
+        """Whether the client sends something within ``seconds`` (earlytalker). Without a
+        socket (the harness, a dry run), whether it has sent something already."""
+        if self._wait_for_input is None:
+            return self._speaker().has_input()
         return self._wait_for_input(seconds)
 
     def status(self) -> dict[str, Any]:
         """This session's row on the live scoreboard (``qpgevent.scoreboard``)."""
-        return self._status()
+        return self._speaker().status()
+
+    def _speaker(self) -> Speaker:
+        conversation = self._conversation()
+        if conversation is None:
+            raise RuntimeError("this session's conversation is over")
+        return conversation
 
 
 class Tally:

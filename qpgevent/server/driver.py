@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,8 @@ from ..config import Listen, Settings
 from ..connection import Connection
 from ..core.codes import Verdict
 from ..core.reply import Canned, Reply, reply
-from ..engine.conversation import CLOSE, FLUSH, READ, START_TLS, Conversation
+from ..engine.conversation import Conversation
+from ..engine.dialogue import CLOSE, FLUSH, READ, START_TLS
 from ..engine.hooks import HookRunner
 from ..engine.session import Session
 from ..engine.surroundings import Surroundings
@@ -64,8 +66,14 @@ class Driver:
         self.listen = listen or Listen("", 0)
         #: When to park while waiting for a command (None: never); see qpgevent.parking.
         self.parking = parking
+        driver = weakref.ref(self)  # weak: no cycle through the conversation (freed at once, not by the GC)
+
+        def wait_for_input(seconds: float) -> bool:
+            alive = driver()
+            return alive is not None and alive._wait_for_input(seconds)
+
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
-                                         surroundings=surroundings(settings, peers, self._wait_for_input))
+                                         surroundings=surroundings(settings, peers, wait_for_input))
         self.session: Session = self.conversation.session
         self._timers: dict[float, gevent.Timeout] | None = None  #: see _within
         if metrics.enabled():

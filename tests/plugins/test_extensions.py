@@ -192,3 +192,20 @@ def test_a_refusal_from_one_back_end_does_not_stop_the_next(plugin_harness, tmp_
     assert auth("bob@example.test", "three").codes[-1] == 235  # the first declines (no such user)
     refused = auth("alice@example.test", "neither")
     assert refused.codes[-1] == 535 and "auth_user" not in refused.notes  # both refuse
+
+
+# -- no socket ----------------------------------------------------------------------------------
+
+
+def test_the_harness_runs_the_conversation_without_a_socket(plugin_harness, monkeypatch):
+    import socket
+
+    def no_socket(*args, **kwargs):
+        raise AssertionError("the harness opened a socket")
+
+    harness = plugin_harness("rcpt_ok", domains="example.test", after="[[queue/discard]]\n")
+    monkeypatch.setattr(socket, "socket", no_socket)
+    monkeypatch.setattr(socket, "socketpair", no_socket)
+    transcript = harness.run_session(["EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<b@example.test>",
+                                      "DATA", "Subject: hi\n\nbody\n", "QUIT"])
+    assert transcript.codes == [220, 250, 250, 250, 354, 250, 221] and transcript.closed
