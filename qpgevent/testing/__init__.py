@@ -370,6 +370,7 @@ class PluginHarness:
         os.makedirs(self.settings.spool_dir, exist_ok=True)
         self.plugins: list[Plugin] = load_plugins(self.settings)
         self.runner = HookRunner(self.plugins, self.settings.plugin_timeout, timeout=gevent.Timeout)
+        self._conversations: list[Conversation] = []
         self.runner.notify("post_fork", None)
 
     @property
@@ -385,7 +386,9 @@ class PluginHarness:
     def session(self, ip: str = "192.0.2.1", helo: str | None = None) -> Session:
         """A real Session for ``run_hook``, of a conversation not started (no socket, nothing said)."""
         connection = Connection(ip, 40000, "127.0.0.1", 25, hello="ehlo" if helo else None, hello_host=helo)
-        return Conversation(connection, self.runner, self.settings, surroundings=surroundings(self.settings)).session
+        conversation = Conversation(connection, self.runner, self.settings, surroundings=surroundings(self.settings))
+        self._conversations.append(conversation)  # the session holds it weakly: keep it for the test
+        return conversation.session
 
     def run_hook(self, hook: str, *args: Any, session: Session | None = None, ip: str = "192.0.2.1",
                  helo: str | None = None) -> HookResult:

@@ -209,3 +209,11 @@ def test_the_harness_runs_the_conversation_without_a_socket(plugin_harness, monk
     transcript = harness.run_session(["EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<b@example.test>",
                                       "DATA", "Subject: hi\n\nbody\n", "QUIT"])
     assert transcript.codes == [220, 250, 250, 250, 354, 250, 221] and transcript.closed
+
+
+def test_a_harness_session_can_answer_the_client(plugin_harness):
+    # run_hook's session belongs to a conversation the harness keeps: respond() reaches it.
+    harness = plugin_harness("rcpt_ok", domains="example.test")
+    session = harness.session(helo="client.test")
+    session.respond(250, "fine")
+    assert session.status()["helo"] == "client.test"
