@@ -64,7 +64,8 @@ class Authentication:
             return
         self._go_on(conversation, lambda exchange: exchange.step(data))
 
-    def _go_on(self, conversation: Dialogue, step: Callable[[sasl.Exchange], sasl.Challenge | sasl.Credentials]) -> None:
+    def _go_on(self, conversation: Dialogue,
+               step: Callable[[sasl.Exchange], sasl.Challenge | sasl.Credentials]) -> None:
         exchange = self.exchange
         assert exchange is not None
         try:
@@ -81,7 +82,8 @@ class Authentication:
     def check(self, conversation: Dialogue, credentials: sasl.Credentials) -> None:
         """Ask the back ends: the mechanism's own hook, then the generic ``auth`` (chained)."""
         mechanism, user = credentials.mechanism, credentials.user
-        if user is not None and conversation.surroundings.limits.blocked(conversation.session.connection.remote_ip, user):
+        ip = conversation.session.connection.remote_ip
+        if user is not None and conversation.surroundings.limits.blocked(ip, user):
             self.failed(conversation, mechanism, user, Canned.BAD_CREDENTIALS, counted=False)
             return
         if credentials.response is not None:
@@ -117,15 +119,17 @@ class Authentication:
         else:
             self.failed(conversation, mechanism, user, result.reply or Canned.BAD_CREDENTIALS)
 
-    def failed(self, conversation: Dialogue, mechanism: str, user: str | None, refusal: Reply, counted: bool = True) -> None:
+    def failed(self, conversation: Dialogue, mechanism: str, user: str | None, refusal: Reply,
+               counted: bool = True) -> None:
         """Count the failure, make the client wait longer each time, then 535 (or 421 past the limit)."""
         self.exchange = None
-        settings, ip = conversation.settings, conversation.session.connection.remote_ip
-        failures = conversation.surroundings.limits.failed(ip, user) if counted else settings.auth_max_failures_ip + 1
+        settings, limits = conversation.settings, conversation.surroundings.limits
+        ip = conversation.session.connection.remote_ip
+        failures = limits.failed(ip, user) if counted else settings.auth_max_failures_ip + 1
         conversation.log.info("AUTH %s failed for user=%s (%d from %s in the window)", mechanism, user or "-",
                               min(failures, settings.auth_max_failures_ip + 1), ip)
         conversation.wait(min(settings.auth_failure_delay * failures, settings.auth_max_delay))
-        if failures > settings.auth_max_failures_ip or conversation.surroundings.limits.blocked(ip, user):
+        if failures > settings.auth_max_failures_ip or limits.blocked(ip, user):
             conversation.log.warning("AUTH: too many failures (address %s, user %s); closing", ip, user or "-")
             conversation.send(Canned.TOO_MANY_AUTH_FAILURES)
         else:

@@ -66,9 +66,9 @@ ARGUMENT_TYPES = {
     "line": "str",
 }
 _AUTH_DOC = ("AUTH (RFC 4954): OK accepts the credentials (235, relay client); anything else refuses "
-             "(535; DENYSOFT 454). The back ends chain: auth_<mechanism> first, then the generic auth, each "
-             "in config order, until one says OK; a refusal (DENY) does not stop the next back end from "
-             "being asked, and if none says OK the first refusal is the answer. "
+             "(535; DENYSOFT 454). The back ends chain: auth_<mechanism> first, then (PLAIN, LOGIN) the "
+             "generic auth, each in config order, until one says OK; a refusal (DENY) does not stop the next "
+             "back end from being asked, and if none says OK the first refusal is the answer. "
              "CRAM-MD5: password is the client's hex digest and ticket the challenge; else ticket is None")
 _PARSE_DOC = ("{verb}, after the sequence checks and before its argument is parsed: (OK, text) replaces the "
               "argument the core parses (qpsmtpd's {verb_lower}_parse, as text, not a code ref); DENY refuses "
