@@ -2,12 +2,16 @@
 
 For recipients at ``domain``, the map ``file`` says what to do: each line is
 ``ADDRESS CODE [message]``, the address written in full (``info@example.org``) or as
-its local part (``info``), CODE one of OK, DENY, DENYSOFT, DENY_DISCONNECT,
-DENYSOFT_DISCONNECT or DECLINED. OK accepts the recipient (put this plugin before
-``rcpt_ok``); a refusal gets the message, or ``No such user.``. Recipients of the
-domain that are not in the map get ``default``: ``CODE[=message]``, where ``_``
-stands for a space (qpsmtpd's syntax; default ``DENY=No_such_user.``). Other domains
-are left to later plugins. The map is re-read when it changes; at start, a missing or
+its local part (``info``), or ``@example.org`` for every other address of the domain
+(the catch-all, which takes the place of ``default``); CODE one of OK, DENY, DENYSOFT,
+DENY_DISCONNECT, DENYSOFT_DISCONNECT or DECLINED. As in a Postfix map, ``#`` starts a
+comment and a line that starts with whitespace continues the line before (a long
+message). An ``@domain`` line for another domain is an error: this map is for one.
+OK accepts the recipient (put this plugin before ``rcpt_ok``); a refusal gets the
+message, or ``No such user.``. Recipients of the domain that are not in the map get
+the catch-all, or else ``default``: ``CODE[=message]``, where ``_`` stands for a space
+(qpsmtpd's syntax; default ``DENY=No_such_user.``). Other domains are left to later
+plugins. The map is re-read when it changes; at start, a missing or
 empty map, or a line without a valid code, is an error.
 
 Fixed from qpsmtpd's rcpt_map: each instance has its own map (two instances for two
@@ -28,7 +32,7 @@ Example::
 """
 
 from qpgevent.plugin import DECLINED, OK, Plugin, ReturnCode
-from qpgevent.policy import ListFile
+from qpgevent.policy import ListFile, read_logical_lines
 
 CODES = {code.name: code for code in ReturnCode if code is not ReturnCode.DONE}
 NO_SUCH_USER = "No such user."
@@ -51,7 +55,7 @@ class RcptMap(Plugin):
         self.domain = self.config["domain"].lower().strip()
         code, _, message = self.config["default"].partition("=")
         self.default = parse_decision(code, message.replace("_", " "), "default")
-        self.map = ListFile(self.config["file"], self._parse)
+        self.map = ListFile(self.config["file"], self._parse, read_logical_lines)
 
     def _parse(self, entries):
         decisions = {}
@@ -60,6 +64,8 @@ class RcptMap(Plugin):
             if len(words) < 2:
                 raise ValueError(f"{entry!r}: write ADDRESS CODE [message]")
             address = words[0].lower()
+            if address.startswith("@") and address[1:] != self.domain:
+                raise ValueError(f"{entry!r}: this map is for {self.domain}")
             if "@" not in address:
                 address = f"{address}@{self.domain}"
             decisions[address] = parse_decision(words[1], words[2] if len(words) > 2 else "", entry)
@@ -71,7 +77,8 @@ class RcptMap(Plugin):
         if recipient.host != self.domain or not recipient.user:
             return DECLINED
         address = f"{recipient.user.lower()}@{recipient.host}"
-        code, message = self.map.get().get(address, self.default)
+        decisions = self.map.get()
+        code, message = decisions.get(address) or decisions.get("@" + self.domain, self.default)
         if code in (OK, DECLINED):
             return code
         if self.config["reject"] == "0":

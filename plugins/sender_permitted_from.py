@@ -36,6 +36,8 @@ Example::
       reject_on = fail, permerror
 """
 
+import re
+
 import spf
 from dns.name import from_text
 from dns.reversename import to_address
@@ -119,9 +121,23 @@ class SenderPermittedFrom(Plugin):
         connection = session.connection
         session.transaction.headers.prepend("Received-SPF", "%s (%s: %s) client-ip=%s; envelope-from=%s; helo=%s;" % (
             note["result"], session.me, note["reason"] or note["result"], connection.remote_ip,
-            _quoted(session.transaction.sender), connection.hello_host or ""))
+            _quoted(session.transaction.sender), _key_value(connection.hello_host or "")))
         return DECLINED
 
 
 def _quoted(sender):
-    return f'"{sender.address}"' if sender is not None and not sender.is_null else '"<>"'
+    return _quoted_string(sender.address) if sender is not None and not sender.is_null else '"<>"'
+
+
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+
+
+def _key_value(text):
+    """A Received-SPF value (RFC 7208 9.1: dot-atom or quoted-string): the client's HELO
+    cannot add a ``; client-ip=...`` of its own."""
+    return text if _DOT_ATOM.match(text) else _quoted_string(text)
+
+
+def _quoted_string(text):
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

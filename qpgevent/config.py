@@ -18,6 +18,7 @@ from typing import Any
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator, VdtTypeError
 
+from .config_checks import check_of, problem_text
 from .core.errors import ConfigError
 
 CONFIGSPEC = Path(__file__).with_name("configspec.ini")
@@ -34,7 +35,10 @@ class Listen:
 
     @property
     def flags(self) -> str:
-        names = [n for n, on in (("tls", self.implicit_tls), ("submission", self.submission),
+        """The flags as ``listen`` takes them back: ``smtps`` for implicit TLS with submission."""
+        smtps = self.implicit_tls and self.submission
+        names = [n for n, on in (("smtps", smtps), ("tls", self.implicit_tls and not smtps),
+                                 ("submission", self.submission and not smtps),
                                  ("plainauth", self.plain_auth)) if on]
         return "+".join(names)
 
@@ -48,8 +52,18 @@ class PluginSpec:
 
     label: str  #: as written: "queue/maildir", "dnsbl:2"
     options: dict[str, Any]
-    source: str  #: "qpsmtpd.ini" path, for error messages
+    source: str  #: "qpsmtpd.ini" path, for error messages (or "plugin test": the command line)
     line: int | None
+    #: Options given on the command line ("KEY=VALUE", ``plugin test -o``): a mistake in one
+    #: is blamed on the option, not on a line of the ini.
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        """Where it was named, for error messages: ``qpsmtpd.ini:12: [[dnsbl]]``."""
+        if self.line is None and not os.path.isfile(self.source):
+            return f"{self.source}:"
+        return f"{self.source}:{self.line or '?'}: [[{self.label}]]"
 
     @property
     def name(self) -> str:
@@ -68,6 +82,7 @@ class Settings:
     plugin_dirs: tuple[str, ...]
     size_threshold: int
     shutdown_timeout: float
+    drain_delay: float
     max_connections: int
     max_message_size: int
     max_recipients: int
@@ -87,6 +102,9 @@ class Settings:
     #: [limits] park_after: seconds idle before a session waits with no greenlet (0: never).
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
+    max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
+    hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
+    nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -97,6 +115,8 @@ class Settings:
     admin_token: str = ""
     admin_run_dir: str = ""
     admin_refresh: float = 2.0
+    admin_max_connections: int = 16  #: [admin] max_connections: served at once
+    admin_timeout: float = 10.0  #: [admin] timeout: seconds a connection may stay open
     #: [dns]: the resolver (no nameservers: /etc/resolv.conf's), the per-session DNS time
     #: budget (0: none), and whether the client's name is looked up (FCrDNS) at connect.
     dns_nameservers: tuple[str, ...] = ()
@@ -194,7 +214,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
     if result is not True:
         for sections, key, problem in flatten_errors(config, result):
             where = _locate(lines, sections, key)
-            what = "missing" if problem is False else str(problem or "invalid section")
+            check = check_of(config.configspec, sections, key)
+            what = "missing" if problem is False else problem_text(problem or "invalid section", check)
             raise ConfigError(f"{path}:{where}: [{']['.join(sections)}] {key}: {what}")
     for sections, name in get_extra_values(config):
         if sections[:1] == ("plugins",):
@@ -238,17 +259,21 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         plugin_dirs=tuple(server["plugin_dirs"]),
         size_threshold=server["size_threshold"],
         shutdown_timeout=server["shutdown_timeout"],
+        drain_delay=server["drain_delay"],
+        hung_worker_timeout=server["hung_worker_timeout"],
         max_connections=limits["max_connections"],
         max_message_size=limits["max_message_size"],
         max_recipients=limits["max_recipients"],
         max_command_line=limits["max_command_line"],
         max_text_line=limits["max_text_line"],
+        max_header_size=limits["max_header_size"],
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],
+        nul_bytes=config["smtp"]["nul_bytes"],
         log_level=config["logging"]["level"],
         log_file=config["logging"]["file"],
         plugins=tuple(plugins),
@@ -263,6 +288,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         admin_token=config["admin"]["token"],
         admin_run_dir=config["admin"]["run_dir"],
         admin_refresh=config["admin"]["refresh"],
+        admin_max_connections=config["admin"]["max_connections"],
+        admin_timeout=config["admin"]["timeout"],
         dns_nameservers=_nameservers(config["dns"]["nameservers"], path, lines),
         dns_port=config["dns"]["port"],
         dns_timeout=config["dns"]["timeout"],
@@ -357,13 +384,22 @@ def validate_options(spec: PluginSpec, configspec: list[str], base_dir: str) -> 
     result = options.validate(make_validator(base_dir), preserve_errors=True)
     if result is not True:
         for _, key, problem in flatten_errors(options, result):
-            where = _locate(lines, section, key) or spec.line
-            what = "missing" if problem is False else str(problem)
-            raise ConfigError(f"{spec.source}:{where}: [[{spec.label}]] {key}: {what}")
+            what = "missing" if problem is False else problem_text(problem, check_of(options.configspec, [], key))
+            raise ConfigError(f"{_option_where(spec, lines, key)} {key}: {what}")
     for _, name in get_extra_values(options):
-        where = _locate(lines, section, name) or spec.line
-        raise ConfigError(f"{spec.source}:{where}: [[{spec.label}]] {name}: unknown option")
+        raise ConfigError(f"{_option_where(spec, lines, name)} {name}: unknown option")
     return options.dict()
+
+
+def _option_where(spec: PluginSpec, lines: list[str], key: str) -> str:
+    """The place to blame for a plugin option: the ``-o`` that gave it, or its line in the ini."""
+    given = [item for item in spec.overrides if item.split("=", 1)[0] == key]
+    if given:
+        return f"--option {given[-1]}: [[{spec.label}]]"
+    if not lines:
+        return spec.where
+    where = _locate(lines, ["plugins", spec.label], key) or spec.line
+    return f"{spec.source}:{where}: [[{spec.label}]]"
 
 
 def line_of(path: str, sections: list[str], key: str | None) -> int | str:

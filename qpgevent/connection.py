@@ -14,6 +14,11 @@ from typing import Any
 _ids = itertools.count(1)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as logs and humans write it: ``192.0.2.1:25``, ``[::1]:41258`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _new_id() -> str:
     # pid + counter: unique across the workers of one host, short enough for every log line.
     return f"{os.getpid():x}.{next(_ids):x}"
@@ -37,6 +42,11 @@ class Connection:
     proxy_port: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=_new_id)
+
+    @property
+    def peer(self) -> str:
+        """The client's address and port, for logs: ``192.0.2.1:41258``, ``[::1]:41258``."""
+        return host_port(self.remote_ip, self.remote_port)
 
     def clone(self, no_reset: bool = False) -> Connection:
         """A new Connection for the same peer, sharing ``notes``; HELO must be said again.

@@ -64,7 +64,12 @@ class Plugin:
         return [attr[5:] for attr in dir(cls) if attr.startswith("hook_") and callable(getattr(cls, attr))]
 
     def setup(self) -> None:
-        """Called once per worker after loading: open pools, read files. Override at will."""
+        """Called once in the master after loading, before the workers are forked (and again at
+        each SIGHUP reload): read files, check options; the workers inherit what it made.
+
+        Sockets and connection pools belong in ``hook_post_fork``, once in each worker. An
+        ``OSError`` or ``ValueError`` here is a load error naming the plugin. Override at will.
+        """
 
     # -- helpers for hooks ---------------------------------------------------
     def reject(self, message: str, session: Any = None,
@@ -108,9 +113,21 @@ def run_blocking(function: Any, *args: Any) -> Any:
     """Run a call that would block the whole process (disk fsync, CPU work) in a thread.
 
     Sockets are cooperative under gevent; disk I/O is not. A plugin that fsyncs or
-    crunches calls it through here so other sessions keep running meanwhile.
+    crunches calls it through here so other sessions keep running meanwhile. What the
+    call raises is raised here, in the caller, and only here: gevent's pool would also
+    print it with a traceback to standard error (a full disk is an answer, not a crash).
     """
-    return gevent.get_hub().threadpool.apply(function, args)
+    failed, value = gevent.get_hub().threadpool.apply(_outcome, (function, args))
+    if failed:
+        raise value
+    return value
+
+
+def _outcome(function: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    try:
+        return False, function(*args)
+    except Exception as error:
+        return True, error
 
 
 def same_network(ip: str, other: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> bool:

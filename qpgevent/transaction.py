@@ -4,11 +4,29 @@ Mirrors qpsmtpd's ``Qpsmtpd::Transaction``: sender, recipients, header, body, no
 The body is kept in memory up to ``size_threshold`` octets and spilled to a file in the
 spool directory past it, so a 50 MiB message never sits in memory. Message bytes are
 stored exactly as received after dot-unstuffing, CRLF line endings included.
+
+When the spill file cannot be written (``spool_dir`` full: ENOSPC, EDQUOT, EFBIG; or
+any other OSError), the rest of the message is counted and dropped, ``problem`` says
+``452 4.3.1`` (451 for other errors) and the session refuses the message at its end: a
+clean temporary refusal, no traceback, and the session goes on.
+
+A spilled body is a file ``body-<pid>-<random>`` in the spool directory, deleted when the
+transaction ends; a worker killed mid-DATA cannot delete its own, so the master removes
+them (``remove_spill_files``): every one at start, a dead worker's when it reaps it.
+
+The header is found as the message streams in, incrementally: each octet is looked at
+once however small the pieces it comes in (a header sent in 1 KiB pieces used to be
+rescanned from its start on every piece: quadratic). A header longer than
+``max_header_size`` ends there; ``header_too_large`` says so, and the session refuses the
+message.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import itertools
+import logging
 import os
 import tempfile
 import time
@@ -17,10 +35,17 @@ from typing import Any
 
 from .core.address import Address
 from .core.headers import CRLF, Headers, is_continuation, is_field_start
+from .core.reply import Canned, Reply, reply
 
+log = logging.getLogger("qpgevent.transaction")
 _ids = itertools.count(1)
-#: A header block larger than this is not parsed as one: the rest counts as body.
-MAX_HEADER_BYTES = 1 << 20
+SPILL_PREFIX = "body-"
+#: Errors that mean "no room": the client may try later, or elsewhere (RFC 3463 X.3.1).
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+STORAGE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
+CANNOT_STORE = reply(451, "4.3.0", "Cannot store the message right now, try again later")
+#: The default ``[limits] max_header_size`` (Postfix's header_size_limit).
+MAX_HEADER_BYTES = 102400
 
 
 class Spool:
@@ -32,18 +57,37 @@ class Spool:
         self.size = 0
         self._memory = bytearray()
         self._file: Any = None
+        self.error: OSError | None = None  #: why the bytes could not be kept: the rest is dropped
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)
+        if self.error is not None:
             return
-        self._memory += data
-        if len(self._memory) > self.threshold:
-            self._spill()
+        try:
+            if self._file is not None:
+                self._file.write(data)
+                return
+            self._memory += data
+            if len(self._memory) > self.threshold:
+                self._spill()
+        except OSError as error:
+            self._failed(error)
+
+    def finish(self) -> None:
+        """All is written: flush, so that a full disk shows now (``error``), not to a reader."""
+        if self._file is not None and self.error is None:
+            try:
+                self._file.flush()
+            except OSError as error:
+                self._failed(error)
+
+    def _failed(self, error: OSError) -> None:
+        log.warning("cannot spill the message body to %s: %s", self.directory, error)
+        self.error = error
+        self.close()
 
     def _spill(self) -> None:
-        self._file = tempfile.NamedTemporaryFile(prefix="body-", dir=self.directory)
+        self._file = tempfile.NamedTemporaryFile(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=self.directory)
         self._file.write(self._memory)
         self._memory = bytearray()
 
@@ -71,25 +115,56 @@ class Spool:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()  # NamedTemporaryFile: closing deletes it
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()  # NamedTemporaryFile: closing deletes it
+            except OSError:  # its buffer could not be flushed (disk full): deleted all the same
+                pass
         self._memory = bytearray()
+
+
+def remove_spill_files(directory: str, pid: int | None = None) -> int:
+    """Delete the spilled bodies process ``pid`` left in ``directory`` (every one when
+    None: at start, when no session is alive); how many. Never raises."""
+    pattern = f"{SPILL_PREFIX}{pid}-*" if pid is not None else f"{SPILL_PREFIX}*"
+    removed = 0
+    try:
+        paths = glob.glob(os.path.join(glob.escape(directory), pattern))
+    except OSError as error:  # out of file descriptors, say: next time
+        log.warning("cannot list %s for spilled message bodies: %s", directory, error)
+        return 0
+    for path in paths:
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("cannot remove the spilled message body %s: %s", path, error)
+    return removed
 
 
 class Transaction:
     """One message's envelope and content, plus ``notes`` that last as long as it does."""
 
-    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20) -> None:
-        self.id = f"{os.getpid():x}.{next(_ids):x}.{int(time.time()):x}"
+    def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20,
+                 connection_id: str | None = None, max_header_size: int = MAX_HEADER_BYTES) -> None:
+        #: Under its connection's id ("1f2a.7" -> "1f2a.7.3"): a grep for the connection finds
+        #: its transactions too. The counter is the process's, so ids never repeat within it.
+        self.id = f"{connection_id or format(os.getpid(), 'x')}.{next(_ids):x}"
         self.started = time.time()
         self.sender: Address | None = None
         self.recipients: list[Address] = []
         self.notes: dict[str, Any] = {}
         self.headers = Headers()
         self.headers_complete = False
+        self.max_header_size = max_header_size
+        self.header_too_large = False  #: the header went past max_header_size
         self.data_size = 0  #: octets of message received (after dot-unstuffing)
         self._separator = b""  # the empty line between header and body, when there was one
         self._header_buffer = bytearray()
+        self._line_start = 0  # in _header_buffer: the first line not yet judged
+        self._searched = 0  # in _header_buffer: no CRLF starts before here
         self._body = Spool(spool_dir, size_threshold)
 
     # -- envelope ----------------------------------------------------------
@@ -112,18 +187,23 @@ class Transaction:
     def end_of_data(self) -> bool:
         """The message is complete; True if that also completed the header."""
         if self.headers_complete:
+            self._body.finish()
             return False
         self._finish_header(len(self._header_buffer))
+        self._body.finish()
         return True
 
     def _scan_header(self) -> bool:
-        buf, start = self._header_buffer, 0
+        """Judge the lines completed since the last call (only those: linear overall)."""
+        buf, start = self._header_buffer, self._line_start
         while True:
-            end = buf.find(CRLF, start)
-            if end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
+            end = buf.find(CRLF, max(start, self._searched))
+            if end < 0 or end + 2 > self.max_header_size:
+                if len(buf) > self.max_header_size:
+                    self.header_too_large = True
                     self._finish_header(start)
                     return True
+                self._line_start, self._searched = start, max(start, len(buf) - 1)
                 return False
             line = bytes(buf[start:end])
             if line == b"":
@@ -139,10 +219,21 @@ class Transaction:
         block = bytes(self._header_buffer[:header_end])
         body = bytes(self._header_buffer[header_end if body_start is None else body_start:])
         self._header_buffer = bytearray()
+        self._line_start = self._searched = 0
         self.headers = Headers.parse(block) if block else Headers()
         self.headers_complete = True
         if body:
             self._body.write(body)
+
+    @property
+    def problem(self) -> Reply | None:
+        """Why this message cannot be accepted whatever the plugins say, or None."""
+        if self.header_too_large:
+            return Canned.HEADER_TOO_BIG
+        error = self._body.error
+        if error is not None:
+            return STORAGE_FULL if error.errno in NO_ROOM else CANNOT_STORE
+        return None
 
     # -- reading it back ---------------------------------------------------
     @property
@@ -157,6 +248,18 @@ class Transaction:
         """The whole message as it is now: edited header, separator, body."""
         yield self.headers.as_bytes() + self._separator
         yield from self._body.chunks(chunk_size)
+
+    def new_body(self) -> Spool:
+        """An empty body to write a replacement into (spooled like the original)."""
+        return Spool(self._body.directory, self._body.threshold)
+
+    def replace_body(self, body: Spool) -> None:
+        """Swap the body for ``body`` (from ``new_body``); the header stays as it is."""
+        self._body.close()
+        self._body = body
+        if body.size:
+            self._separator = CRLF
+        self.data_size = len(self.headers.as_bytes()) + len(self._separator) + body.size
 
     def body_filename(self) -> str:
         """A file holding the body, for scanners that want a path."""

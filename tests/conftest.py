@@ -13,6 +13,11 @@ from qpgevent.testing import DEFAULT_PLUGINS, ServerProcess, write_ini
 if not gevent.monkey.is_module_patched("socket"):
     raise pytest.UsageError("run the tests as: python -m gevent.monkey --module pytest")
 
+# ldap3 (auth/ldap, rcpt_ldap) takes up to 1.4 s to import on a loaded machine. A server
+# imports its plugins before it serves; tests load plugins with the monitor running, so
+# the import is done here, once, before the monitor starts.
+import ldap3  # noqa: E402, F401
+
 # gevent's hub monitor: anything that keeps the event loop from switching for a whole
 # second (a plugin calling blocking C code, a CPU-bound loop) fails the test it ran in.
 # In-process servers share this hub, so this catches server code, not only test code.

@@ -47,12 +47,9 @@ import smtplib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import dkim  # noqa: E402
-import gevent  # noqa: E402
-import gevent.pool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
@@ -123,11 +120,7 @@ def send_one(port: int, data: bytes) -> None:
 
 
 def run(port: int, data: bytes, messages: int, concurrency: int) -> float:
-    pool = gevent.pool.Pool(concurrency)
-    started = time.perf_counter()
-    jobs = [pool.spawn(send_one, port, data) for _ in range(messages)]
-    gevent.joinall(jobs, raise_error=True)
-    return time.perf_counter() - started
+    return benchlib.run_concurrently(send_one, port, data, messages, concurrency)
 
 
 def vm_hwm_kib(pid: int) -> int:

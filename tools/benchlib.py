@@ -188,18 +188,18 @@ class QpgeventServer:
 
 def run_smtp_source(smtp_source: str, port: int, concurrency: int, messages: int, size: int,
                     timeout: float, keep_connection: bool = False, strict_stderr: bool = False,
-                    recipient: str = RECIPIENT) -> float:
+                    recipient: str = RECIPIENT, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> float:
     """One ``smtp-source -s CONCURRENCY -m MESSAGES -l SIZE`` run; its wall time in seconds.
 
     smtp-source aborts at the first refused command (exit status 1, "fatal: ..." on standard
     error): BenchError then. Anything else on standard error is shown, or with ``strict_stderr``
-    is an error too.
+    is an error too. ``prefix`` runs it elsewhere (``ip netns exec NS``: in a lab host).
     """
-    command = [smtp_source, "-s", str(concurrency), "-m", str(messages), "-l", str(size),
+    command = [*prefix, smtp_source, "-s", str(concurrency), "-m", str(messages), "-l", str(size),
                "-f", SENDER, "-t", recipient, "-M", CLIENT_NAME]
     if keep_connection:
         command.append("-d")
-    command.append(f"127.0.0.1:{port}")
+    command.append(f"{host}:{port}")
     started = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -225,6 +225,19 @@ def run_smtp_source(smtp_source: str, port: int, concurrency: int, messages: int
 
 
 # -- files, text, options, signals ---------------------------------------------------------------
+
+def run_concurrently(send_one, port: int, data: bytes, messages: int, concurrency: int) -> float:
+    """Seconds to send ``messages`` times ``data`` with ``send_one(port, data)``, ``concurrency``
+    greenlets at once (the caller has monkey-patched); the first failure is raised."""
+    import gevent
+    import gevent.pool
+
+    pool = gevent.pool.Pool(concurrency)
+    started = time.perf_counter()
+    jobs = [pool.spawn(send_one, port, data) for _ in range(messages)]
+    gevent.joinall(jobs, raise_error=True)
+    return time.perf_counter() - started
+
 
 def count_files(folder: Path) -> int:
     return sum(1 for entry in os.scandir(folder) if entry.is_file()) if folder.is_dir() else 0

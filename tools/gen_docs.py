@@ -11,6 +11,10 @@ Usage:
                          default, with its comments
   docs/plugins.md        every bundled plugin (``plugins/**/*.py``): its docstring, its hooks
                          and its own configspec (each file imported, as the loader imports it)
+  docs/cli.md            every command and option of ``qpgevent.cli.build_parser`` (the parser
+                         the command runs), and the exit codes of ``qpgevent.cli.EXIT_CODES``
+  docs/smtp-extensions.md  the EHLO keywords a real session offers (a session is run to see
+                         them), and the common extensions it does not offer
 
 ``--check`` writes nothing and exits 1 naming the pages that differ from what is committed
 (tests/unit/test_docs.py runs it). The guides (writing-plugins.md, migrating.md) are
@@ -19,15 +23,21 @@ written by hand.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import inspect
-import sys
-from pathlib import Path
+from gevent import monkey
+
+monkey.patch_all()  # the extensions page runs a real session, over a socketpair, on greenlets
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import inspect  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qpgevent.server.cli import EXIT_CODES, build_parser  # noqa: E402
 from qpgevent.codes import ReturnCode, Verdict  # noqa: E402
 from qpgevent.engine.hooks import HOOKS, HookSpec  # noqa: E402
 from qpgevent.plugin import STANDARD_CONFIGSPEC, Plugin  # noqa: E402
@@ -181,11 +191,102 @@ def plugins_page() -> str:
     return "".join(out)
 
 
-PAGES = {"hooks.md": hooks_page, "configuration.md": configuration_page, "plugins.md": plugins_page}
+def cli_page() -> str:
+    out = [GENERATED.format(source="qpgevent/server/cli.py (build_parser, EXIT_CODES)"), "# The command line\n\n",
+           "Every command and option of `qpgevent`, as its argument parser takes them (`--help` on\n"
+           "any command prints the same). Errors are one line on standard error, never a traceback.\n\n",
+           "## Exit status\n\n| status | meaning |\n| --- | --- |\n"]
+    out += [f"| {code} | {text} |\n" for code, text in EXIT_CODES.items()]
+    out += _command_section(build_parser(), ("qpgevent",))
+    return "".join(out)
+
+
+def _command_section(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> list[str]:
+    out = [f"\n## `{' '.join(words)}`\n\n"]
+    if parser.description:
+        out.append(parser.description + "\n\n")
+    rows, subcommands = [], []
+    for action in parser._actions:  # argparse keeps no public list of them
+        if isinstance(action, argparse._SubParsersAction):
+            subcommands += list(action.choices.items())
+            rows += [(f"`{name}`", _help(action.choices[name], choice.help))
+                     for name, choice in zip(action.choices, action._choices_actions)]
+            continue
+        if action.help == argparse.SUPPRESS:
+            continue
+        value = action.metavar or ("{" + ",".join(action.choices) + "}" if action.choices else action.dest.upper())
+        if not action.option_strings:
+            name = value
+        else:
+            name = ", ".join(action.option_strings) + ("" if action.nargs == 0 else f" {value}")
+        rows.append((f"`{name}`", _help(parser, action.help or "", action)))
+    out.append("| argument | meaning |\n| --- | --- |\n")
+    out += [f"| {name} | {text} |\n" for name, text in rows]
+    for name, sub in subcommands:
+        out += _command_section(sub, (*words, name))
+    return out
+
+
+def _help(parser: argparse.ArgumentParser, text: str, action: argparse.Action | None = None) -> str:
+    if action is not None:
+        text = text % {**vars(action), "prog": parser.prog}
+    return text.replace("|", "\\|")
+
+
+#: Common ESMTP extensions (RFC numbers) that a client may look for; the page says which we offer.
+EXTENSIONS = {"PIPELINING": "RFC 2920", "SIZE": "RFC 1870", "8BITMIME": "RFC 6152",
+              "ENHANCEDSTATUSCODES": "RFC 2034 / 3463", "SMTPUTF8": "RFC 6531", "STARTTLS": "RFC 3207",
+              "AUTH": "RFC 4954", "CHUNKING": "RFC 3030 (BDAT)", "BINARYMIME": "RFC 3030", "DSN": "RFC 3461",
+              "DELIVERBY": "RFC 2852", "ETRN": "RFC 1985", "ATRN": "RFC 2645", "BURL": "RFC 4468",
+              "REQUIRETLS": "RFC 8689", "MT-PRIORITY": "RFC 6710", "FUTURERELEASE": "RFC 4865",
+              "LIMITS": "RFC 9422", "XCLIENT": "Postfix", "XFORWARD": "Postfix"}
+#: Offered only under a condition a plain session does not meet; the condition, as the code has it.
+CONDITIONAL = {"STARTTLS": "when `[tls] certificate` is set, until the session is encrypted",
+               "AUTH": "when an `auth/*` plugin is loaded: inside TLS, or on a `/plainauth` listener, "
+                       "until the client has authenticated"}
+
+
+def offered_extensions() -> list[str]:
+    """The EHLO keywords of a real session on the defaults (no TLS, no AUTH), as a client reads them."""
+    from qpgevent import config
+    from qpgevent.server.dryrun import run_script
+    from qpgevent.engine.hooks import HookRunner
+
+    with tempfile.TemporaryDirectory() as folder:
+        ini = Path(folder) / "qpsmtpd.ini"
+        ini.write_text("[server]\n  me = mx.example.test\n[dns]\n  reverse_lookup = no\n[plugins]\n")
+        settings = config.load(str(ini))
+        transcript = run_script(HookRunner([]), settings, ["EHLO client.example.test", "QUIT"])
+    return [line.split()[0] for line in transcript.replies[1].text.split("\n")[1:]]
+
+
+def extensions_page() -> str:
+    offered = offered_extensions()
+    out = [GENERATED.format(source="the EHLO reply of a real session (qpgevent.dryrun.run_script)"),
+           "# SMTP extensions\n\n",
+           "What `EHLO` offers, read from a real session on the default settings, and which common\n"
+           "extensions are not offered. A plugin may add keywords (`connection.notes[\"capabilities\"]`).\n\n",
+           "| extension | defined in | offered |\n| --- | --- | --- |\n"]
+    unknown = [keyword for keyword in offered if keyword not in EXTENSIONS]
+    if unknown:
+        raise SystemExit(f"gen_docs: EHLO offers {unknown}: add them to EXTENSIONS in tools/gen_docs.py")
+    for keyword, where in EXTENSIONS.items():
+        if keyword in offered:
+            said = "yes"
+        elif keyword in CONDITIONAL:
+            said = CONDITIONAL[keyword]
+        else:
+            said = "no"
+        out.append(f"| `{keyword}` | {where} | {said} |\n")
+    return "".join(out)
+
+
+PAGES = {"hooks.md": hooks_page, "configuration.md": configuration_page, "plugins.md": plugins_page,
+         "cli.md": cli_page, "smtp-extensions.md": extensions_page}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/hooks.md, configuration.md and plugins.md.")
+    parser = argparse.ArgumentParser(description="Generate the reference pages of docs/ (see the docstring).")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where to write (default: docs/)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is stale")
     args = parser.parse_args(argv)

@@ -48,7 +48,10 @@ def make_hash(password: str, cost: tuple[int, int, int] = DEFAULT_COST) -> str:
 
 
 def check_hash(password: str, stored: str) -> bool:
-    """Whether ``password`` matches ``stored``; False for a malformed entry."""
+    """Whether ``password`` matches ``stored``; False for a malformed entry, and for an
+    empty password whatever is stored (the SASL parsers refuse one too: two locks)."""
+    if not password:
+        return False
     try:
         kind, n, r, p, salt, digest = stored.split("$")
         if kind != "scrypt":

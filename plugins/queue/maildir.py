@@ -28,6 +28,8 @@ the file system's link limit (``EMLINK``), that recipient gets a copy of its own
 and fsynced the same way. Recipients that name the same Maildir get one file.
 A crash or an error half-way leaves the message in some of the Maildirs and the client
 without a 250: its retry duplicates the message there, it never loses it (RFC 5321 6.1).
+A full file system (ENOSPC, EDQUOT, EFBIG) answers ``452 4.3.1``, any other write error
+``451 4.3.0``; what was written is removed either way.
 
 Options:
   path     the Maildir, or the root of the per-recipient Maildirs (default
@@ -131,6 +133,8 @@ class Maildir(Plugin):
             return DENYSOFT, "4.2.1 mailbox unavailable, try again later"
         except OSError as error:
             self.log.error("cannot write %s: %s", name, error)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # RFC 3463 X.3.1
+                return DENYSOFT, "452 4.3.1 insufficient system storage, try again later"
             return DENYSOFT, "4.3.0 cannot store the message right now, try again later"
         if len(mailboxes) > 1:
             self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))

@@ -39,18 +39,16 @@ Example::
       command = /usr/sbin/sendmail -i -f ${sender} -- ${recipient}
 """
 
-import os
 import re
 import shlex
-import signal
 
 import gevent
 from gevent import subprocess
 
+from qpgevent import external
 from qpgevent.plugin import DENY, DENYSOFT, OK, Plugin
 
 EX_TEMPFAIL = 75
-OUTPUT_KEPT = 4096
 _MACRO = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 _PER_RECIPIENT = {"recipient", "user", "domain"}
 _KNOWN = _PER_RECIPIENT | {"sender", "client_address", "client_helo", "queue_id", "size"}
@@ -91,7 +89,7 @@ class Pipe(Plugin):
         except OSError as error:
             self.log.error("cannot run %s: %s", argv[0], error)
             return DENYSOFT, "4.3.0 cannot queue the message now, try again later"
-        reader = gevent.spawn(_drain, process.stdout, output)
+        reader = gevent.spawn(external.drain_output, process.stdout, output)
         status = None
         try:
             with gevent.Timeout(self.config["command_timeout"], False):
@@ -100,9 +98,9 @@ class Pipe(Plugin):
                 reader.join()
         finally:
             if status is None:  # timed out, or our hook was cancelled: leave nothing behind
-                _kill_group(process)
+                external.kill_group(process)
                 reader.kill()
-        text = _first_line(output)
+        text = external.first_line(output)
         if status is None:
             self.log.warning("%s still running after %ss: killed", argv[0], self.config["command_timeout"])
             return DENYSOFT, "4.3.0 queueing took too long, try again later"
@@ -141,7 +139,7 @@ class Pipe(Plugin):
         crlf = self.config["line_ending"] == "crlf"
         chunks = transaction.message_chunks()
         try:
-            for chunk in (chunks if crlf else _unix_line_ends(chunks)):
+            for chunk in (chunks if crlf else external.unix_line_ends(chunks)):
                 stdin.write(chunk)
             stdin.close()
         except BrokenPipeError:
@@ -151,42 +149,3 @@ class Pipe(Plugin):
 
 def _substitute(arg, values):
     return _MACRO.sub(lambda m: values[m.group(1) or m.group(2)], arg)
-
-
-def _unix_line_ends(chunks):
-    """CRLF to LF, streaming (a CR at the end of a chunk waits for the next one)."""
-    carry = b""
-    for chunk in chunks:
-        data = carry + chunk
-        carry = b"\r" if data.endswith(b"\r") else b""
-        if carry:
-            data = data[:-1]
-        yield data.replace(b"\r\n", b"\n")
-    if carry:
-        yield carry
-
-
-def _drain(stream, output):
-    """Read the command's output to its end (so it never blocks on a full pipe); keep 4 KiB."""
-    while True:
-        data = stream.read(OUTPUT_KEPT)
-        if not data:
-            return
-        if len(output) < OUTPUT_KEPT:
-            output += data[:OUTPUT_KEPT - len(output)]
-
-
-def _kill_group(process):
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
-def _first_line(output):
-    for line in bytes(output).decode("utf-8", "replace").splitlines():
-        line = "".join(c if c.isprintable() else "?" for c in line.strip())
-        if line:
-            return line[:200]
-    return ""

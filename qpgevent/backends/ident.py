@@ -20,6 +20,8 @@ import logging
 import socket
 import time
 
+from ..connection import host_port
+
 __all__ = ["lookup", "parse_reply", "IDENT_PORT"]
 
 log = logging.getLogger("qpgevent.ident")
@@ -43,14 +45,14 @@ def lookup(remote_ip: str, remote_port: int, local_ip: str, local_port: int,
             sock.sendall(question)
             line = _read_line(sock, deadline)
     except (OSError, ValueError) as error:
-        log.debug("ident %s:%s: %s", remote_ip, port, error)
+        log.debug("ident %s: %s", host_port(remote_ip, port), error)
         return None
     if line is None:
-        log.debug("ident %s:%s: no complete reply line", remote_ip, port)
+        log.debug("ident %s: no complete reply line", host_port(remote_ip, port))
         return None
     user = parse_reply(line, remote_port, local_port)
     if user is None:
-        log.debug("ident %s:%s: no user id in %r", remote_ip, port, line[:100])
+        log.debug("ident %s: no user id in %r", host_port(remote_ip, port), line[:100])
     return user
 
 

@@ -1,14 +1,20 @@
 """Logging set-up, and the per-session logger that puts the connection id on every line.
 
 Owns the output side of stdlib logging for the ``qpgevent`` logger tree:
-- where lines go: standard error, a file, and/or syslog (``configure``);
+- where lines go: standard error, a file, and/or syslog (``configure``); ``reopen``
+  opens the file again by its name, for log rotation: the master does it on SIGUSR1 and
+  passes the signal on to every worker, which does the same (HUP is taken: it reloads);
 - how they look: plain text (``TEXT_FORMAT``) or one JSON object per line;
 - which session a line belongs to: ``SessionLogger`` (the engine's, ``qpgevent.engine.session``)
   attaches ``conn`` (and ``txn`` inside a transaction) to each record it makes, and
   ``bind_session`` marks the running greenlet's session so that lines logged by plugins
   and services through their own loggers get the same ids;
 - what must never be written: ``redact`` (also the engine's) hides the secret part of a
-  command line (AUTH).
+  command line (AUTH),
+  and ``escape`` writes the control characters of a message (what clients wrote: HELO
+  names, addresses, commands) as ``\\xNN``, so that no client can end a log line early,
+  forge the next one, or send escape sequences to an operator's terminal. A traceback
+  keeps its line breaks: it is ours.
 
 Structured values ride on the record (``extra={"fields": {...}}``): the text format shows
 the message as written, the JSON format adds the fields as typed keys.
@@ -20,6 +26,7 @@ import contextvars
 import json
 import logging
 import logging.handlers
+import re
 import socket
 import sys
 import time
@@ -31,6 +38,22 @@ TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(context)s%(mess
 #: Syslog adds its own time stamp and host; we add the program name and pid (RFC 3164 TAG).
 SYSLOG_FORMAT = "qpgevent[%(process)d]: %(levelname)s %(name)s: %(context)s%(message)s"
 FORMATS = ("text", "json")
+#: C0 controls (CR and LF among them), DEL, C1 controls, and Unicode's line separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(text: str) -> str:
+    """``text`` with its control characters written as ``\\xNN`` (or ``\\uNNNN``)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
+class TextFormatter(logging.Formatter):
+    """The stdlib formatter, with the message escaped (``escape``)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 #: The session the running greenlet serves (gevent gives each greenlet its own context).
 _session: contextvars.ContextVar[Any] = contextvars.ContextVar("qpgevent_session", default=None)
@@ -79,7 +102,7 @@ class JsonFormatter(logging.Formatter):
         for key in ("conn", "txn"):
             if getattr(record, key, None):
                 line[key] = getattr(record, key)
-        line["msg"] = record.getMessage()
+        line["msg"] = escape(record.getMessage())  # JSON would escape C0 only
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update({key: value for key, value in fields.items() if key not in line})
@@ -119,12 +142,12 @@ def configure(level: str = "info", path: str = "", format: str = "text", syslog:
     handlers: list[logging.Handler] = []
     if path or not syslog:
         stream = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-        stream.setFormatter(JsonFormatter() if format == "json" else logging.Formatter(TEXT_FORMAT))
+        stream.setFormatter(JsonFormatter() if format == "json" else TextFormatter(TEXT_FORMAT))
         handlers.append(stream)
     if syslog:
         to_syslog = syslog_handler(syslog_address, syslog_facility)
         to_syslog.setFormatter(JsonFormatter("qpgevent[%(process)d]: ") if format == "json"
-                               else logging.Formatter(SYSLOG_FORMAT))
+                               else TextFormatter(SYSLOG_FORMAT))
         handlers.append(to_syslog)
     for handler in handlers:
         handler.addFilter(SessionContext())
@@ -134,3 +157,29 @@ def configure(level: str = "info", path: str = "", format: str = "text", syslog:
     root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def reopen() -> int:
+    """Open every log file of the ``qpgevent`` loggers again by its name (after logrotate
+    moved it); how many. A file that cannot be opened keeps the old one, and says so."""
+    reopened = 0
+    for handler in logging.getLogger("qpgevent").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        handler.acquire()
+        try:
+            try:
+                stream = handler._open()
+            except OSError as error:
+                failed: OSError | None = error
+            else:
+                failed = None
+                old, handler.stream = handler.stream, stream
+                if old is not None:
+                    old.close()
+                reopened += 1
+        finally:
+            handler.release()
+        if failed is not None:
+            logging.getLogger("qpgevent.log").error("cannot reopen %s: %s", handler.baseFilename, failed)
+    return reopened

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 __all__ = ["ListFile", "Entries", "AddressPattern", "parse_patterns", "match_address", "networks",
-           "duration", "rate", "read_entries", "reject_type_default"]
+           "duration", "rate", "read_entries", "read_logical_lines", "reject_type_default"]
 
 log = logging.getLogger("qpgevent.policy")
 T = TypeVar("T")
@@ -90,19 +90,41 @@ def read_entries(path: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-class ListFile(Generic[T]):
-    """A list file, parsed by ``parse`` (entries -> T), re-parsed when the file changes."""
+def read_logical_lines(path: str) -> list[str]:
+    """Entries as Postfix reads a map (postmap(1)): a line that starts with whitespace
+    continues the one before; comments and blank lines are dropped, as in ``read_entries``."""
+    entries: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            text = line.split("#", 1)[0].rstrip()
+            if not text:
+                continue
+            if text[0].isspace() and entries:
+                entries[-1] += " " + text.strip()
+            else:
+                entries.append(text.strip())
+    return entries
 
-    def __init__(self, path: str, parse: Callable[[list[str]], T]) -> None:
+
+class ListFile(Generic[T]):
+    """A list file, parsed by ``parse`` (entries -> T), re-parsed when the file changes.
+
+    ``read`` turns the file into entries: ``read_entries`` (a line each), or
+    ``read_logical_lines`` (Postfix's continuation lines).
+    """
+
+    def __init__(self, path: str, parse: Callable[[list[str]], T],
+                 read: Callable[[str], list[str]] = read_entries) -> None:
         self.path = path
         self.parse = parse
+        self.read = read
         self._stamp: tuple[int, int, int] | None = None
         self._value: T = self._load()  # errors here are load errors: the plugin will not start
         self._complained: Any = None
 
     def _load(self) -> T:
         stamp = _stamp(self.path)
-        value = self.parse(read_entries(self.path))
+        value = self.parse(self.read(self.path))
         self._stamp = stamp
         return value
 

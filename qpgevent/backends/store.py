@@ -49,7 +49,8 @@ _degraded: collections.Counter[str] = collections.Counter()
 
 def open_store(backend: str = "embedded", *, path: str = "store.sqlite",
                url: str = "redis://127.0.0.1:6379/0", prefix: str = "qpgevent:", timeout: float = 1.0,
-               retry: float = 1.0, lease_ttl: float = 30.0, pool_size: int = 50) -> Store:
+               retry: float = 1.0, lease_ttl: float = 30.0, pool_size: int = 50,
+               sentinels: list[str] | tuple[str, ...] = (), sentinel_master: str = "mymaster") -> Store:
     """A new store (nothing is connected until its first call)."""
     common = {"prefix": prefix, "retry": retry, "lease_ttl": lease_ttl}
     if backend == "embedded":
@@ -60,7 +61,8 @@ def open_store(backend: str = "embedded", *, path: str = "store.sqlite",
         except ImportError as error:
             raise ValueError(f"[store] backend = redis needs the redis package "
                              f"(pip install 'qpgevent[redis]'): {error}") from None
-        return RedisStore(url, timeout=timeout, pool_size=pool_size, **common)
+        return RedisStore(url, timeout=timeout, pool_size=pool_size, sentinels=sentinels,
+                          sentinel_master=sentinel_master, **common)
     raise ValueError(f"unknown store backend {backend!r} (embedded or redis)")
 
 

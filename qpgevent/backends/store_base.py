@@ -17,7 +17,9 @@ of it, and the behaviour common to every backend:
   for ``retry`` seconds, then the backend is tried again. A plugin turns the error
   into the configured fail mode (``qpgevent.store.degraded``); nothing crashes.
 - fork safety: a process that finds it was forked drops the parent's connections,
-  threads and leases, and opens its own on first use.
+  threads and leases, and opens its own on first use;
+- for the operator (``qpgevent store``, not for plugins): ``entries`` lists what lives
+  under a key prefix as ``Entry`` values, ``forget`` removes everything under one key.
 
 Backends implement the ``_do_*`` methods and ``_execute``; all keys get ``prefix``.
 """
@@ -52,6 +54,21 @@ class Lease:
     token: str  #: unique to this slot
     ttl: float  #: seconds it lives without a heartbeat
     released: bool = False
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One live key of the store as the operator sees it (``qpgevent store list``)."""
+
+    key: str  #: without the store's prefix: "karma:penalty:192.0.2.1"
+    kind: str  #: "value" (set, incr), "events" (hit: a rate window) or "leases" (acquire)
+    value: str | None  #: a value's text; None for events and leases
+    count: int  #: events in the window, or live leases; 1 for a value
+    expires: float | None  #: when it lapses (Unix time; None: never)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "kind": self.kind, "value": self.value, "count": self.count,
+                "expires": self.expires}
 
 
 class Store:
@@ -117,6 +134,22 @@ class Store:
     def holders(self, key: str) -> int:
         """Live leases under ``key``, from every process and host."""
         return int(self._call(self._do_holders, self.prefix + key))
+
+    def entries(self, prefix: str = "", limit: int = 10000) -> list[Entry]:
+        """The live entries whose key starts with ``prefix``, by key; at most ``limit`` of them."""
+        found = self._call(self._do_entries, self.prefix + prefix, limit, False)
+        return sorted((self._unprefixed(entry) for entry in found), key=lambda e: (e.key, e.kind))[:limit]
+
+    def entry(self, key: str) -> list[Entry]:
+        """What lives under exactly ``key`` (none, or one entry per kind)."""
+        return [self._unprefixed(entry) for entry in self._call(self._do_entries, self.prefix + key, 1, True)]
+
+    def forget(self, key: str) -> int:
+        """Remove everything under ``key`` (value, events, leases); how many entries went."""
+        return int(self._call(self._do_forget, self.prefix + key))
+
+    def _unprefixed(self, entry: Entry) -> Entry:
+        return Entry(entry.key[len(self.prefix):], entry.kind, entry.value, entry.count, entry.expires)
 
     @property
     def is_down(self) -> bool:
@@ -209,6 +242,9 @@ class Store:
     _do_refresh: Callable[..., Any]
     _do_release: Callable[..., Any]
     _do_holders: Callable[..., Any]
+    #: (full prefix or key, limit, exact) -> the Entry values found, keys with the prefix.
+    _do_entries: Callable[..., Any]
+    _do_forget: Callable[..., Any]
 
 
-__all__ = ["Store", "Lease", "StoreUnavailable", "REFRESH_BATCH"]
+__all__ = ["Store", "Lease", "Entry", "StoreUnavailable", "REFRESH_BATCH"]

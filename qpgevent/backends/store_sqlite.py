@@ -11,6 +11,12 @@ the whole hub. So every call runs on a thread of its own (one per process, ownin
 connection): the hub keeps serving while it waits. The hand-off costs tens of
 microseconds (``tools/bench_policy.py`` measures it end to end).
 
+Opening is retried for up to ``timeout`` seconds: ``PRAGMA journal_mode = WAL`` on a new
+file that another process has locked (it is creating the file too) fails at once with
+"database is locked", whatever the busy timeout. The file is created 0600 (SQLite gives
+its ``-wal`` and ``-shm`` files the same mode): it holds the user names AUTH was tried
+with. An existing file readable by others loses that permission.
+
 Leases are rows with the holder's pid and an expiry the heartbeat renews. A holder
 that died is seen at once when the key is full (its pid is gone); otherwise its rows
 lapse at their expiry like every other backend's.
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from typing import Any, Callable
 
+import gevent.monkey
 from gevent.threadpool import ThreadPool
 
-from .store_base import Lease, Store, StoreUnavailable
+from .store_base import Entry, Lease, Store, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL) WITHOUT ROWID;
@@ -36,8 +44,21 @@ CREATE TABLE IF NOT EXISTS leases (token TEXT PRIMARY KEY, key TEXT NOT NULL, pi
                                    expires REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS leases_key ON leases (key, expires);
 """
+#: The store's own thread waits with the real sleep (it is not a greenlet of the hub).
+_sleep = gevent.monkey.get_original("time", "sleep")
 #: Seconds between sweeps of lapsed rows (each process sweeps on its own calls).
 PURGE_EVERY = 60.0
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` 0600 if it is not there; take others' access away if it is."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o007:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~0o007)
+    finally:
+        os.close(fd)
 
 
 class EmbeddedStore(Store):
@@ -56,33 +77,48 @@ class EmbeddedStore(Store):
     def _execute(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._pool is None:
             self._pool = ThreadPool(1)
-        try:
-            return self._pool.apply(self._in_thread, (function, args))
-        except (sqlite3.Error, OSError) as error:
-            raise StoreUnavailable(f"{self.path}: {error}") from None
+        failed, value = self._pool.apply(self._in_thread, (function, args))
+        if failed:  # raised here, not in the pool's thread: gevent would print a traceback there
+            if isinstance(value, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(f"{self.path}: {value}") from None
+            raise value
+        return value
 
-    def _in_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        if self._db is None:
-            self._db = self._open()
-        now = time.time()
-        if now - self._purged > PURGE_EVERY:
-            self._purged = now
-            self._purge(now)
-        return function(*args)
+    def _in_thread(self, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        try:
+            if self._db is None:
+                self._db = self._open()
+            now = time.time()
+            if now - self._purged > PURGE_EVERY:
+                self._purged = now
+                self._purge(now)
+            return False, function(*args)
+        except Exception as error:
+            return True, error
 
     def _open(self) -> sqlite3.Connection:
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.executescript(SCHEMA)
-        except sqlite3.Error:
-            db.close()
-            raise
-        return db
+        _create_private(self.path)
+        deadline, pause = time.monotonic() + self.timeout, 0.005
+        while True:
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.executescript(SCHEMA)
+                return db
+            except sqlite3.OperationalError as error:
+                db.close()
+                locked = "locked" in str(error) or "busy" in str(error)
+                if not locked or time.monotonic() + pause > deadline:
+                    raise
+            except sqlite3.Error:
+                db.close()
+                raise
+            _sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _purge(self, now: float) -> None:
         with _immediate(self._db) as db:
@@ -169,6 +205,33 @@ class EmbeddedStore(Store):
     def _do_holders(self, key: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM leases WHERE key = ? AND expires > ?",
                                 (key, time.time())).fetchone()[0]
+
+    # -- for the operator --------------------------------------------------------
+    def _do_entries(self, prefix: str, limit: int, exact: bool) -> list[Entry]:
+        now = time.time()
+        # substr, not LIKE: keys hold '%' and '_' freely (greylisting's triplets).
+        match = "key = ?" if exact else "substr(key, 1, ?) = ?"
+        args: tuple[Any, ...] = (prefix,) if exact else (len(prefix), prefix)
+        found = [Entry(key, "value", value, 1, expires) for key, value, expires in self._db.execute(
+            f"SELECT key, value, expires FROM kv WHERE {match} AND (expires IS NULL OR expires > ?) "
+            "ORDER BY key LIMIT ?", (*args, now, limit))]
+        for table, kind in (("events", "events"), ("leases", "leases")):
+            found += [Entry(key, kind, None, count, expires) for key, count, expires in self._db.execute(
+                f"SELECT key, COUNT(*), MAX(expires) FROM {table} WHERE {match} AND expires > ? "
+                "GROUP BY key ORDER BY key LIMIT ?", (*args, now, limit))]
+        return found
+
+    def _do_forget(self, key: str) -> int:
+        now = time.time()
+        gone = 0
+        with _immediate(self._db) as db:
+            for table in ("kv", "events", "leases"):
+                live = db.execute(f"SELECT COUNT(*) FROM {table} WHERE key = ? AND "
+                                  f"{'(expires IS NULL OR expires > ?)' if table == 'kv' else 'expires > ?'}",
+                                  (key, now)).fetchone()[0]
+                gone += 1 if live else 0
+                db.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
+        return gone
 
 
 class _immediate:

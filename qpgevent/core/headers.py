@@ -81,6 +81,36 @@ class Headers:
                 return
         self.add(name, value)
 
+    def insert(self, index: int, name: str, value: str | bytes) -> None:
+        """Insert a field at position ``index`` (0: first; past the end: last).
+
+        A ``bytes`` value is kept as a filter wrote it (leading space, folds; LF or CRLF),
+        as milters send them; a ``str`` is encoded as ``add`` does."""
+        self._fields.insert(max(index, 0), (name, _encode_bytes(name, value) if isinstance(value, bytes)
+                                            else _encode(name, value)))
+
+    def change(self, name: str, occurrence: int, value: str | bytes | None) -> None:
+        """Set the ``occurrence``-th ``name`` field (from 1) in place; ``None`` removes it.
+
+        With fewer such fields a value is added at the end (sendmail's rule for milters)."""
+        seen = 0
+        for i, (n, _) in enumerate(self._fields):
+            if n.lower() == name.lower():
+                seen += 1
+                if seen == max(occurrence, 1):
+                    if value is None:
+                        del self._fields[i]
+                    else:
+                        self.insert(i, name, value)
+                        del self._fields[i + 1]
+                    return
+        if value is not None:
+            self.insert(len(self._fields), name, value)
+
+    def raw_fields(self) -> list[tuple[str, bytes]]:
+        """(name, the field's bytes as held: ``Name: value`` with CRLF folds and end)."""
+        return list(self._fields)
+
     def names(self) -> list[str]:
         return [n for n, _ in self._fields]
 
@@ -102,10 +132,19 @@ def _value(raw: bytes) -> str:
     return re.sub(r"\r\n(?=[ \t])", "", text).strip()
 
 
+def _encode_bytes(name: str, value: bytes) -> bytes:
+    lines = [line.rstrip(b"\r") for line in value.split(b"\n")]
+    folded = b"\r\n".join(lines[:1] + [line if line[:1] in (b" ", b"\t") else b"\t" + line
+                                        for line in lines[1:]])
+    sep = b":" if folded[:1] in (b" ", b"\t") else b": "
+    return name.encode("ascii") + sep + folded + b"\r\n"
+
+
 def _encode(name: str, value: str) -> bytes:
     # A value with line breaks must keep them as folding, never start a new field:
     # a plugin must not be able to inject a header by accident.
-    lines = [line.strip("\r") for line in value.split("\n")]
+    # A bare CR is a line break too (to some readers): it becomes folding as well.
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     folded = "\r\n".join(lines[:1] + [line if line[:1] in (" ", "\t") else "\t" + line
                                       for line in lines[1:]])
     return f"{name}: {folded}\r\n".encode("utf-8")

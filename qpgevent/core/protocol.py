@@ -58,6 +58,7 @@ class Limits:
     max_recipients: int = 0  #: 0: no limit
     max_bad_commands: int = 20  #: syntax and sequence errors before 421
     allow_bare_lf: bool = False
+    nul_bytes: str = "reject"  #: NULs in message text: reject, strip or accept (wire.DataReader)
 
 
 #: A parameter's value syntax (matched whole), or None: the keyword takes no value.
@@ -162,6 +163,8 @@ class SmtpProtocol:
             problem = Canned.BARE_LINE_ENDING
         elif problems.line_too_long:
             problem = Canned.TEXT_LINE_TOO_LONG
+        elif problems.nul_byte:
+            problem = Canned.NUL_IN_TEXT
         return MessageEnd(reader.size, problem)
 
     # -- output ------------------------------------------------------------
@@ -218,7 +221,7 @@ class SmtpProtocol:
             if reply.code == 354:
                 self.state = State.DATA
                 self._data = DataReader(self.limits.max_message_size, self.limits.max_text_line,
-                                        self.limits.allow_bare_lf)
+                                        self.limits.allow_bare_lf, self.limits.nul_bytes)
             else:
                 self._reset_transaction()
         elif isinstance(command, Rset):

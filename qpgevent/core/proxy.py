@@ -4,6 +4,11 @@ A load balancer in front of us opens each TCP connection with one PROXY header t
 says who the real client is. This module only parses; the server decides whom to
 believe (only proxies listed in the config) and what to do on errors (421 and close).
 Pure code: no sockets.
+
+Strict, because what a proxy says becomes the client's address, which goes into our
+Received header, the log and every plugin's checks: a v1 line is printable ASCII only,
+addresses are plain IPv4 or IPv6 (``ipaddress`` would also take an IPv6 scope id, ``%``
+and then anything but a space, CR and markup included: refused), ports are 0-65535.
 """
 
 from __future__ import annotations
@@ -61,9 +66,12 @@ def _parse_v1(buffer: bytes) -> tuple[ProxyHeader, int] | None:
     if end + 2 > V1_MAX:
         raise ProxyError("PROXY v1 line too long")
     try:
-        words = buffer[:end].decode("ascii").split(" ")
+        line = buffer[:end].decode("ascii")
     except UnicodeDecodeError:
         raise ProxyError("PROXY v1 line is not ASCII") from None
+    if not line.isprintable():
+        raise ProxyError("PROXY v1 line holds control characters")
+    words = line.split(" ")
     if len(words) >= 2 and words[1] == "UNKNOWN":
         return ProxyHeader(1, False), end + 2  # spec 2.1: the rest of the line is ignored
     if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
@@ -108,6 +116,8 @@ def _parse_v2(buffer: bytes) -> tuple[ProxyHeader, int] | None:
 
 
 def _ip(text: str, version: int) -> str:
+    if "%" in text:  # a scope id names an interface of the proxy's host, not a client
+        raise ProxyError(f"bad address {text!r} in PROXY v1 line: no scope id allowed")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

@@ -75,6 +75,7 @@ class Canned:
         550, "5.6.0",
         "Message refused: bare LF or CR line ending; SMTP uses CRLF (RFC 5321 2.3.8)",
     )
+    NUL_IN_TEXT = reply(550, "5.6.0", "Message refused: NUL character in message text (RFC 5322 4.1)")
     BARE_LF_IN_COMMAND = reply(500, "5.5.2", "Command lines must end with CRLF")
     NOT_UTF8 = reply(500, "5.5.2", "Syntax error: command is not valid UTF-8")
     UNRECOGNIZED = reply(500, "5.5.1", "Unrecognized command")
@@ -92,6 +93,7 @@ class Canned:
     BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
     BAD_SIZE = reply(501, "5.5.4", "SIZE must be a number")
     TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")  # RFC 1870
+    HEADER_TOO_BIG = reply(552, "5.3.4", "Message header exceeds fixed maximum size")  # [limits] max_header_size
     TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")  # RFC 5321 4.5.3.1.10
     TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection", close=True)
     TOO_MANY_CONNECTIONS = reply(421, "4.3.2", "Too many connections, try again later", close=True)

@@ -6,9 +6,10 @@ exchange in progress (``qpgevent.engine.sasl``), asking the back ends through th
 conversation's one hook path, and the replies: 235, 535 (each failure answered a little
 later than the last), 454 when a back end could not check, 421 past the limit.
 
-The back ends chain (``HookSpec.chain``): ``auth_<mechanism>``'s plugins, then the
-generic ``auth`` ones, in config order, until one says OK; a refusal from one does not
-stop the next from being asked, and when none says OK the first refusal is the answer.
+The back ends are asked in config order, ``auth_<mechanism>``'s plugins first, then (for
+PLAIN and LOGIN) the generic ``auth`` ones: a back end that does not know the user
+returns DECLINED and the next is asked; the first other answer is final (OK 235, DENY
+535, DENYSOFT 454), as docs/hooks.md says.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Authentication:
             self.check(conversation, result)
 
     def check(self, conversation: Dialogue, credentials: sasl.Credentials) -> None:
-        """Ask the back ends: the mechanism's own hook, then the generic ``auth`` (chained)."""
+        """Ask the back ends: the mechanism's own hook, then (if all declined) the generic ``auth``."""
         mechanism, user = credentials.mechanism, credentials.user
         ip = conversation.session.connection.remote_ip
         if user is not None and conversation.surroundings.limits.blocked(ip, user):
@@ -95,11 +96,9 @@ class Authentication:
         else:
             args = (mechanism, user, credentials.password, credentials.ticket)
             verdict = conversation.decide(sasl.MECHANISM_HOOKS[mechanism], *args)
-            if verdict.code is not ReturnCode.OK and mechanism in sasl.GENERIC_MECHANISMS:
-                generic = conversation.decide("auth", *args)
-                if generic.code is not ReturnCode.DECLINED or generic.internal_error:
-                    if generic.code is ReturnCode.OK or verdict.code is ReturnCode.DECLINED:
-                        verdict = generic
+            declined = verdict.code is ReturnCode.DECLINED and not verdict.internal_error
+            if declined and mechanism in sasl.GENERIC_MECHANISMS:
+                verdict = conversation.decide("auth", *args)
         self.exchange = None
         self.conclude(conversation, mechanism, user, verdict)
 

@@ -11,8 +11,6 @@ Rules:
    and gives an ``internal_error`` verdict (451 4.3.0), never a silent pass.
 3. Notification hooks (``deny``, ``ok``, ``disconnect``...) run every plugin; their
    results and failures are logged and change nothing.
-   Chained hooks (the AUTH back ends) ask every plugin until one says OK: a refusal
-   from one back end does not stop the next; if none says OK, the first refusal stands.
 4. ``observers`` are told of every plugin call, before and after (metrics, the live
    scoreboard); the runner stays ignorant of what they do with it.
 """
@@ -42,7 +40,6 @@ class HookSpec:
     session: bool = True  #: the hook gets the session as its first argument
     doc: str = ""
     fired: bool = True  #: False: reserved for a later feature, accepted but never called
-    chain: bool = False  #: a refusal does not end the chain; the first OK does
 
     def signature(self) -> str:
         """``hook_<name>(self, session: Session, ...) -> HookResult``, as the docs show it."""
@@ -54,8 +51,8 @@ class HookSpec:
 
 
 def _spec(name: str, *args: str, notify: bool = False, session: bool = True,
-          fired: bool = True, chain: bool = False, doc: str = "") -> HookSpec:
-    return HookSpec(name, args, notify, session, doc, fired, chain)
+          fired: bool = True, doc: str = "") -> HookSpec:
+    return HookSpec(name, args, notify, session, doc, fired)
 
 
 #: The type of every hook argument, by its name (the docs show them; no Any).
@@ -65,10 +62,10 @@ ARGUMENT_TYPES = {
     "mechanism": "str", "user": "str", "password": "str", "ticket": "str | None", "response": "bytes",
     "line": "str",
 }
-_AUTH_DOC = ("AUTH (RFC 4954): OK accepts the credentials (235, relay client); anything else refuses "
-             "(535; DENYSOFT 454). The back ends chain: auth_<mechanism> first, then (PLAIN, LOGIN) the "
-             "generic auth, each in config order, until one says OK; a refusal (DENY) does not stop the next "
-             "back end from being asked, and if none says OK the first refusal is the answer. "
+_AUTH_DOC = ("AUTH (RFC 4954). The back ends are asked in config order, auth_<mechanism>'s first, then "
+             "(PLAIN, LOGIN) the generic auth's: one that does not know the user returns DECLINED and the "
+             "next is asked; the first other answer is final: OK accepts (235, relay client), DENY refuses "
+             "(535: it knows the user, the password is wrong), DENYSOFT could not check (454). "
              "CRAM-MD5: password is the client's hex digest and ticket the challenge; else ticket is None")
 _PARSE_DOC = ("{verb}, after the sequence checks and before its argument is parsed: (OK, text) replaces the "
               "argument the core parses (qpsmtpd's {verb_lower}_parse, as text, not a code ref); DENY refuses "
@@ -120,14 +117,15 @@ HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
     _spec("ok", "verdict", notify=True, doc="a plugin accepted something"),
     _spec("auth_parse", "argument", doc=_PARSE_DOC.format(verb="AUTH", verb_lower="auth") +
           "; the argument holds the initial response: never log it"),
-    _spec("auth", "mechanism", "user", "password", "ticket", chain=True, doc=_AUTH_DOC),
-    _spec("auth_plain", "mechanism", "user", "password", "ticket", chain=True, doc=_AUTH_DOC),
-    _spec("auth_login", "mechanism", "user", "password", "ticket", chain=True, doc=_AUTH_DOC),
-    _spec("auth_cram_md5", "mechanism", "user", "password", "ticket", chain=True, doc=_AUTH_DOC),
-    _spec("auth_sasl", "mechanism", "response", chain=True,
+    _spec("auth", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_plain", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_login", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_cram_md5", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
+    _spec("auth_sasl", "mechanism", "response",
           doc="AUTH with a mechanism a plugin declared (sasl_mechanisms = (\"X-TOKEN\",)): response is the "
               "client's decoded response (its initial one, or its answer to an empty 334); return (OK, user) "
-              "to accept it as user (235, the reply's words are ours), DENY to refuse (535)"),
+              "to accept it as user (235, the reply's words are ours), DENY to refuse (535), DECLINED to let "
+              "the next plugin that declared it answer"),
 )}
 
 
@@ -194,7 +192,6 @@ class HookRunner:
         if spec.notify:
             self.notify(hook, session, *args)
             return DECLINED_VERDICT
-        refusal = None  #: a chained hook's first refusal
         for plugin, method in self._chains[hook]:
             verdict = self._call(plugin, method, hook, session, args, logger)
             if verdict.code is ReturnCode.DECLINED and not verdict.internal_error:
@@ -202,19 +199,13 @@ class HookRunner:
             logger.info("hook=%s plugin=%s code=%s%s msg=%r", hook, plugin.name,
                         verdict.code.name, " (internal error)" if verdict.internal_error else "",
                         " / ".join(verdict.message))
-            if spec.chain and (verdict.code.is_deny or verdict.internal_error):
-                refusal = refusal or verdict  # the next back end may still say OK
-                continue
-            return self._decided(hook, session, verdict)
-        return DECLINED_VERDICT if refusal is None else self._decided(hook, session, refusal)
-
-    def _decided(self, hook: str, session: Any, verdict: Verdict) -> Verdict:
-        if hook not in ("deny", "ok"):
-            if verdict.code.is_deny or verdict.internal_error:
-                self.notify("deny", session, verdict)
-            elif verdict.code is ReturnCode.OK:
-                self.notify("ok", session, verdict)
-        return verdict
+            if hook not in ("deny", "ok"):
+                if verdict.code.is_deny or verdict.internal_error:
+                    self.notify("deny", session, verdict)
+                elif verdict.code is ReturnCode.OK:
+                    self.notify("ok", session, verdict)
+            return verdict
+        return DECLINED_VERDICT
 
     def notify(self, hook: str, session: Any, *args: Any) -> None:
         """Run every plugin of a notification hook; failures are logged, never raised."""

@@ -67,7 +67,7 @@ def forget_plugin_modules() -> None:
 
 
 def load_plugin(spec: PluginSpec, dirs: list[Path], base_dir: str) -> Plugin:
-    where = f"{spec.source}:{spec.line or '?'}: [[{spec.label}]]"
+    where = spec.where
     module, path = _import(spec.name, dirs, where)
     cls = _plugin_class(module, path, where)
     for hook in cls.implemented_hooks():

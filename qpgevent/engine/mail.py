@@ -141,6 +141,10 @@ class MailTransaction:
 
     def _headers_done(self, conversation: Dialogue) -> None:
         """data_headers_end: its refusal is the reply to the final dot (we cannot answer mid-DATA)."""
+        problem = conversation.session.transaction.problem
+        if problem is not None:  # header too large, spool_dir full
+            self.refusal = problem
+            return
         verdict = conversation.decide("data_headers_end")
         result = conversation.answer("data_headers_end", verdict)
         if result.outcome is Outcome.ANSWERED:
@@ -165,6 +169,8 @@ class MailTransaction:
         transaction = conversation.session.transaction
         if transaction.end_of_data() and self.refusal is None:
             self._headers_done(conversation)
+        if self.refusal is None:
+            self.refusal = transaction.problem
         if self.refusal is not None:
             conversation.send(self.refusal)
             return

@@ -9,6 +9,7 @@ the header altogether when a plugin gave one; here it is always written, once.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 
 from .. import __version__
@@ -33,8 +34,10 @@ def received_line(connection: Connection, transaction: Transaction, me: str, smt
     user = connection.notes.get("auth_user")
     if user and protocol.endswith("A"):
         protocol += f" (authenticated as {printable(user)})"
-    helo = printable(connection.hello_host or "unknown")
-    remote = connection.remote_host or "unknown"
+    helo = connection.hello_host or "unknown"
+    if not _ADDRESS_LITERAL.fullmatch(helo):  # "[192.0.2.1]" stays; brackets elsewhere could forge ours
+        helo = printable(helo)
+    remote = printable(connection.remote_host or "unknown")
     if connection.remote_info:  # the ident answer, as sendmail writes it: user@host
         remote = f"{printable(connection.remote_info)}@{remote}"
     recipients = transaction.recipients
@@ -45,8 +48,12 @@ def received_line(connection: Connection, transaction: Transaction, me: str, smt
 
 
 def printable(text: str) -> str:
-    """``text`` safe inside a header comment: no control characters, no parentheses."""
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]
+    """Client text fit for our Received comment: no control characters, nothing that
+    could open or close a comment or an address literal of its own."""
+    return "".join(c if c.isprintable() and c not in "()[]" else "?" for c in text)[:255]
+
+
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\]")
 
 
 _date_second, _date_text = -1, ""  #: the wall-clock second received_date last made, and its text

@@ -110,7 +110,9 @@ class Session:
     def transaction(self) -> Transaction:
         """The current transaction, started on first use (as in qpsmtpd, never None)."""
         if self._transaction is None:
-            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold)
+            self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold,
+                                            connection_id=self.connection.id,
+                                            max_header_size=self.settings.max_header_size)
         return self._transaction
 
     @property

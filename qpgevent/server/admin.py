@@ -13,6 +13,12 @@ token only loopback clients are served, and the config refuses a non-loopback
 ``[admin] listen`` (see ``config._admin_listen``). The pages show what clients wrote
 (HELO, sender): everything is escaped, and a Content-Security-Policy forbids scripts.
 
+Bounded: it runs in the master, whose file descriptors the workers' respawns need, so at
+most ``[admin] max_connections`` connections are served at once (the rest wait in the
+kernel's accept queue, costing the master nothing) and each is closed after ``[admin]
+timeout`` seconds, idle or not: a client holding connections open cannot exhaust the
+master's fd table.
+
 Start-up, for the single process (``start_single_process``) or split for a pre-fork
 master: ``prepare`` once in the master before forking (empties the run folder, turns the
 metrics on), ``start_sessions`` in each process that serves SMTP sessions (after its
@@ -32,6 +38,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
+import gevent
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from .. import __version__
@@ -81,8 +89,11 @@ def start_sessions(settings: Settings) -> None:
 def process_ended(settings: Settings, pid: int) -> None:
     """The master reaped process ``pid``: drop its live gauges and its scoreboard."""
     if settings.admin_listen is not None:
-        metrics.process_dead(pid)
-        scoreboard.remove_process(scoreboard_dir(settings), pid)
+        try:
+            metrics.process_dead(pid)  # lists a folder: needs a file descriptor
+            scoreboard.remove_process(scoreboard_dir(settings), pid)
+        except OSError as error:  # out of fds, say: a stale gauge, not a dead master
+            log.warning("cannot clear the metrics of process %d: %s", pid, error)
 
 
 def serve(settings: Settings) -> AdminServer | None:
@@ -90,7 +101,7 @@ def serve(settings: Settings) -> AdminServer | None:
     if settings.admin_listen is None:
         return None
     app = AdminApp(scoreboard_dir(settings), settings.admin_token, settings.admin_refresh, settings.me)
-    server = AdminServer(settings.admin_listen, app)
+    server = AdminServer(settings.admin_listen, app, settings.admin_max_connections, settings.admin_timeout)
     server.start()
     global _serving
     _serving = server
@@ -110,12 +121,15 @@ def start_single_process(settings: Settings) -> AdminServer | None:
 
 
 class AdminServer:
-    """gevent's WSGI server on one address, no access log (errors go to our log)."""
+    """gevent's WSGI server on one address, no access log (errors go to our log);
+    ``max_connections`` at once, each closed after ``timeout`` seconds."""
 
-    def __init__(self, listen: Listen, app: AdminApp) -> None:
+    def __init__(self, listen: Listen, app: AdminApp, max_connections: int = 16, timeout: float = 10.0) -> None:
         self.app = app
         self.pid = os.getpid()
-        self.server = WSGIServer((listen.host, listen.port), app, log=None, error_log=log)
+        self.server = _BoundedWSGIServer((listen.host, listen.port), app, log=None, error_log=log,
+                                         spawn=Pool(max_connections))
+        self.server.connection_timeout = timeout
 
     @property
     def url(self) -> str:
@@ -125,7 +139,7 @@ class AdminServer:
     def start(self) -> None:
         self.server.start()
         # Not "listening on": the test helper reads the SMTP port from that phrase.
-        log.info("admin pages on %s/status (also /status.json, /metrics)", self.url)
+        log.info("admin pages on %s/status (also /status.json, /metrics, /health)", self.url)
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
@@ -134,6 +148,16 @@ class AdminServer:
     def close_inherited(self) -> None:
         """In a forked child: stop accepting here (the parent's socket stays open)."""
         self.server.close()
+
+
+class _BoundedWSGIServer(WSGIServer):
+    connection_timeout = 10.0
+
+    def handle(self, sock: Any, address: Any) -> None:
+        # A Timeout is not an Exception: pywsgi's handlers let it through, and the server
+        # closes the socket when this returns.
+        with gevent.Timeout(self.connection_timeout, False):
+            super().handle(sock, address)
 
 
 _serving: AdminServer | None = None  #: the server this process started (or inherited by fork)
@@ -148,8 +172,16 @@ class AdminApp:
         self.token = token
         self.refresh = refresh
         self.me = me
+        #: What ``/health`` says: "up" (200); "draining" or "stopping" (503) once a stop began.
+        self.health = "up"
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/health":
+            # For the balancer's health check, from any address and without the token: it
+            # tells only whether to send new sessions here.
+            status = "200 OK" if self.health == "up" else "503 Service Unavailable"
+            return _respond(start_response, status, f"{self.health}\n".encode(), "text/plain",
+                            [("Cache-Control", "no-store")])
         refusal = self.refusal(environ)
         if refusal is not None:
             status, text, extra = refusal

@@ -3,7 +3,7 @@
 ``run_script`` plays SMTP command lines against the real conversation (real protocol
 core, real hook runner, real reply table; ``qpgevent.engine.memory``, no socket), and
 returns what a client would have read, with every decision the plugins made on the way.
-It serves ``qpgevent plugin test`` (the dry run, ``plugin_main`` here) and the plugin
+It serves ``qpgevent plugin test`` (the dry run, ``add_test_command`` and ``run_test`` here) and the plugin
 harness of ``qpgevent.testing``; the server never uses it.
 
 A script is a list of command lines. The element after a command answered 354 (DATA) is
@@ -220,12 +220,14 @@ class DryRunQueue(Plugin):
         return OK, "Queued (dry run: not delivered)"
 
 
-def parse_plugin_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="qpgevent plugin test",
+def add_test_command(commands: Any) -> None:
+    """``qpgevent plugin test``: its options, on the ``plugin`` command's sub-parsers."""
+    parser = commands.add_parser(
+        "test", help="a dry run: one synthetic SMTP session through a plugin or the config's chain",
         description="Dry run: one SMTP session from a synthetic client through a plugin, or the "
-                    "whole chain of the config; prints each hook's decision and the replies.")
-    parser.add_argument("name", nargs="?", help="a plugin label of the config, or a plugin name "
+                    "whole chain of the config; prints each hook's decision and the replies. "
+                    "Exit status 0 when the message was accepted, 1 when not, 2 on a config error.")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="a plugin label of the config, or a plugin name "
                         "(file, dotted module, entry point); default: every plugin of the config")
     parser.add_argument("-c", "--config", default="qpsmtpd.ini",
                         help="the ini file (default: %(default)s; optional when NAME is given)")
@@ -233,28 +235,30 @@ def parse_plugin_args(argv: list[str]) -> argparse.Namespace:
                         help="an option of NAME (repeatable), replacing the config's")
     parser.add_argument("--ip", default="192.0.2.1", help="the client's address (default: %(default)s)")
     parser.add_argument("--helo", default="client.example.test", help="EHLO argument (default: %(default)s)")
-    parser.add_argument("--from", dest="sender", default="sender@example.org", help="MAIL FROM address")
-    parser.add_argument("--to", dest="recipients", action="append", metavar="ADDRESS",
+    parser.add_argument("--from", dest="sender", default="sender@example.org", type=_path, metavar="ADDRESS",
+                        help="MAIL FROM address (default: %(default)s); '<>' or '' is the null "
+                             "sender of a bounce")
+    parser.add_argument("--to", dest="recipients", action="append", metavar="ADDRESS", type=_path,
                         help="RCPT TO address (repeatable; default: postmaster@ME)")
     parser.add_argument("--message", type=Path, metavar="FILE", help="the message to send (default: a short one)")
     parser.add_argument("--queue", action="store_true",
                         help="run the configured queue/* plugins (default: nothing is delivered)")
     parser.add_argument("--real-store", action="store_true",
                         help="use the config's [store] (default: a temporary embedded store)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=lambda args: run_test(args, parser))
+
+
+def _path(text: str) -> str:
+    """An address as given on the command line: ``<a@b>`` and ``a@b`` alike; ``<>`` is empty."""
+    text = text.strip()
+    return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
+def run_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``qpgevent plugin test ...``: 0 when the message was accepted, 1 when not, 2 on a config error."""
     for option in args.option:
         if "=" not in option:
             parser.error(f"--option {option!r}: expected KEY=VALUE")
-    return args
-
-
-def plugin_main(argv: list[str]) -> int:
-    """``qpgevent plugin test ...``: 0 when the message was accepted, 1 when not, 2 on a config error."""
-    if not argv or argv[0] != "test":
-        print("usage: qpgevent plugin test [NAME] [-c INI] [--ip IP] [--helo HOST] [--from ADDR] "
-              "[--to ADDR]... [--message FILE]", file=sys.stderr)
-        return 2
-    args = parse_plugin_args(argv[1:])
     with tempfile.TemporaryDirectory(prefix="qpgevent-dry-run-") as scratch:
         try:
             settings, runner = _dry_run_chain(args, Path(scratch))
@@ -267,7 +271,8 @@ def plugin_main(argv: list[str]) -> int:
             return 2
         recipients = args.recipients or [f"postmaster@{settings.me}"]
         if message is None:
-            message = DEFAULT_MESSAGE.format(sender=args.sender, recipient=recipients[0]).encode()
+            message = DEFAULT_MESSAGE.format(sender=args.sender or f"MAILER-DAEMON@{settings.me}",
+                                             recipient=recipients[0]).encode()
         script: list[str | bytes] = [f"EHLO {args.helo}", f"MAIL FROM:<{args.sender}>"]
         script += [f"RCPT TO:<{recipient}>" for recipient in recipients]
         script += ["DATA", message, "QUIT"]
@@ -298,8 +303,10 @@ def _dry_run_chain(args: argparse.Namespace, scratch: Path) -> tuple[Settings, H
     specs = list(settings.plugins)
     if args.name:
         chosen = [spec for spec in specs if spec.label == args.name]
-        spec = chosen[0] if chosen else PluginSpec(args.name, {}, "command line", None)
-        specs = [dataclasses.replace(spec, options={**spec.options, **options})]
+        spec = chosen[0] if chosen else PluginSpec(args.name, {}, "plugin test", None)
+        # Options given with -o are blamed on -o, not on a line of the ini, when they are wrong.
+        specs = [dataclasses.replace(spec, options={**spec.options, **options},
+                                     overrides=tuple(f"{key}={value}" for key, value in options.items()))]
     elif options:
         raise ConfigError("--option needs a plugin NAME")
     if not args.queue:
@@ -317,4 +324,5 @@ def _dry_run_chain(args: argparse.Namespace, scratch: Path) -> tuple[Settings, H
     return settings, runner
 
 
-__all__ = ["ClientReply", "Decision", "Step", "Transcript", "message_bytes", "run_script", "plugin_main"]
+__all__ = ["ClientReply", "Decision", "Step", "Transcript", "message_bytes", "run_script", "add_test_command",
+           "run_test"]

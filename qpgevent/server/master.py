@@ -35,9 +35,12 @@ the watcher greenlet then reaps it. A worker dies with the master (PR_SET_PDEATH
 *Respawn.* A worker that dies unasked is reaped, its session leases are cleared (see
 ``shared_counters``), the log says how it died (``exited with status 3``, ``killed by
 signal SIGKILL``), and it is forked again: at once if it had served for a while, else
-after a backoff that doubles from 0.5 s up to 30 s.
+after a backoff that doubles from 0.5 s up to 30 s. A fork that fails (EMFILE on its pipe,
+EAGAIN or ENOMEM) is logged and tried again after the same kind of backoff: the master
+never dies of it.
 
-*Signals.* TERM and INT: the master closes its listeners and sends TERM to every worker,
+*Signals.* USR1: reopen the log file (after logrotate moved it), here and, passed on, in
+every worker. TERM and INT: the master closes its listeners and sends TERM to every worker,
 which closes its own (the kernel then refuses new clients), lets its sessions finish for
 up to ``shutdown_timeout``, says 421 to the rest, and exits; the master exits 0 when the
 last one has (or SIGKILLs stragglers ``KILL_GRACE`` seconds later and exits 1). HUP:
@@ -79,6 +82,9 @@ from ..plugin import Plugin
 from .server import SmtpServer, bind_listeners, describe_listener
 from .tls import TlsContexts
 from ..backends.services import configure_services
+from . import watchdog
+from ..backends import log as log_module
+from ..transaction import remove_spill_files
 from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
 
 log = logging.getLogger("qpgevent.master")
@@ -102,7 +108,8 @@ FIXED_AT_START = {
     "listen": "[server] listen", "user": "[server] user", "group": "[server] group",
     "allow_root": "[server] allow_root", "pidfile": "[server] pidfile", "spool_dir": "[server] spool_dir",
     "admin_listen": "[admin] listen", "admin_token": "[admin] token", "admin_run_dir": "[admin] run_dir",
-    "admin_refresh": "[admin] refresh",
+    "admin_refresh": "[admin] refresh", "admin_max_connections": "[admin] max_connections",
+    "admin_timeout": "[admin] timeout",
     # Logging is set up once, in the master, before the workers inherit it.
     "log_level": "[logging] level", "log_file": "[logging] file", "log_format": "[logging] format",
     "log_syslog": "[logging] syslog", "log_syslog_facility": "[logging] syslog_facility",
@@ -143,6 +150,7 @@ class Generation:
     size: int
     slots: dict[int, Worker | None] = dataclasses.field(default_factory=dict)
     failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: quick deaths in a row
+    spawn_failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: failed forks in a row
     complete: bool = False  #: no worker of an older generation is left
 
     def all_ready(self) -> bool:
@@ -161,6 +169,7 @@ class Worker:
     ready: bool = False
     closed: bool = False  #: has closed its listeners (stopping)
     stopping: bool = False  #: asked to stop: its exit is expected
+    hung: bool = False  #: its event loop stopped beating: being replaced
 
     def __str__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
@@ -183,6 +192,7 @@ class Master:
         self.pending: Generation | None = None  #: a reload whose workers are starting
         self.reload_again = False
         self.stopping = False
+        self.draining = False  #: /health says "draining"; the stop follows after drain_delay
         self.closed_everywhere = False
         self.killed_any = False
         self.announced = False
@@ -227,6 +237,9 @@ class Master:
             raise
         # Only now, so that a bad plugin prints its one line and nothing else.
         privileges.announce(settings, self.identity)
+        removed = remove_spill_files(settings.spool_dir)  # no session is alive yet: all are stale
+        if removed:
+            log.info("removed %d message body file(s) left in %s by an earlier run", removed, settings.spool_dir)
         for listen, reason in skipped:
             log.warning("not listening on %s: %s", listen, reason)
         for sock in self.listeners:
@@ -235,11 +248,12 @@ class Master:
         pool = settings.max_connections + max(16, settings.max_connections // 8)
         # Room for the workers of two generations (a reload) and respawns meanwhile.
         self.table = SharedTable(rows=4 * size + 4, capacity=max(DEFAULT_CAPACITY, pool))
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.signal_handlers.append(gevent.signal_handler(signum, self.events.put, ("signal", signum)))
         self.current = Generation(1, settings, plugins, size)
         for slot in range(size):
             self._spawn(self.current, slot)
+        self.helpers.spawn(self._watch_heartbeats)
         try:
             return self._loop()
         finally:
@@ -260,42 +274,57 @@ class Master:
 
     def _loop(self) -> int:
         handlers = {"signal": self._on_signal, "status": self._on_status, "exited": self._on_exit,
-                    "respawn": self._on_respawn, "deadline": self._on_deadline}
+                    "respawn": self._on_respawn, "deadline": self._on_deadline, "drained": self._stop}
         while not (self.stopping and not self.workers):
             kind, *args = self.events.get()
-            handlers[kind](*args)
+            try:
+                handlers[kind](*args)
+            except Exception:  # every worker and session depends on the master: log, carry on
+                log.exception("master: handling %s %r failed", kind, args)
         self.helpers.kill(block=True, timeout=5)
         log.info("stopped")
         return 1 if self.killed_any else 0
 
     # -- forking ----------------------------------------------------------------------
     def _spawn(self, generation: Generation, slot: int) -> None:
+        """Fork worker ``slot``; when that fails (no row, EMFILE on the pipe, EAGAIN or
+        ENOMEM on the fork), log it and try again after a backoff: never die of it, the
+        running workers and their sessions depend on the master."""
         assert self.table is not None
         row = self.table.claim_row()
         if row is None:  # cannot happen with the sizing above, short of reload storms
-            log.error("no room in the session table for worker %d; retrying in %ss", slot, BACKOFF_MAX)
-            self.helpers.add(gevent.spawn_later(BACKOFF_MAX, self.events.put, ("respawn", generation, slot)))
+            self._retry_spawn(generation, slot, "no room in the session table")
             return
-        read_fd, write_fd = os.pipe()
+        fds: list[int] = []
         try:
+            fds += os.pipe()
             pid = gevent.os.fork_and_watch()
         except OSError as error:
-            close_now(read_fd)
-            close_now(write_fd)
+            for fd in fds:
+                close_now(fd)
             self.table.clear_row(row)
-            log.error("cannot fork worker %d: %s; retrying in %ss", slot, error.strerror, BACKOFF_MAX)
-            self.helpers.add(gevent.spawn_later(BACKOFF_MAX, self.events.put, ("respawn", generation, slot)))
+            self._retry_spawn(generation, slot, error.strerror or str(error))
             return
+        read_fd, write_fd = fds
         if pid == 0:
             close_now(read_fd)
             self._become_worker(generation, slot, row, write_fd)
         close_now(write_fd)
         os.set_blocking(read_fd, False)
+        generation.spawn_failures.pop(slot, None)
         worker = Worker(generation, slot, pid, row)
         self.workers[pid] = worker
         generation.slots[slot] = worker
         self.status_fds.add(read_fd)
         self.helpers.spawn(self._watch, worker, read_fd)
+
+    def _retry_spawn(self, generation: Generation, slot: int, why: str) -> None:
+        failures = generation.spawn_failures.get(slot, 0) + 1
+        generation.spawn_failures[slot] = failures
+        generation.slots.setdefault(slot, None)
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+        log.error("cannot start worker %d: %s; retrying in %.1fs", slot, why, delay)
+        self.helpers.add(gevent.spawn_later(delay, self.events.put, ("respawn", generation, slot)))
 
     def _watch(self, worker: Worker, read_fd: int) -> None:
         """Relay what the worker says; at EOF (it is gone), reap it with gevent's waitpid.
@@ -321,12 +350,38 @@ class Master:
         _, status = gevent.os.waitpid(worker.pid, 0)
         self.events.put(("exited", worker, status))
 
+    def _watch_heartbeats(self) -> None:
+        """Every second: a ready worker whose loop has not beaten for ``hung_worker_timeout``
+        is asked what it is doing (it logs the hook and plugin), then killed; it is reaped
+        and respawned as any dead worker is."""
+        while os.getpid() == self.pid:
+            gevent.sleep(watchdog.BEAT)
+            assert self.table is not None
+            for worker in list(self.workers.values()):
+                timeout = worker.generation.settings.hung_worker_timeout
+                late = watchdog.is_hung(self.table, worker.row, timeout) if worker.ready else 0.0
+                if late and not worker.hung:
+                    worker.hung = True
+                    log.error("%s has not run its event loop for %.0fs ([server] hung_worker_timeout = %gs): "
+                              "replacing it", worker, late, timeout)
+                    self._signal(worker, watchdog.REPORT_SIGNAL)
+                    self.helpers.add(gevent.spawn_later(watchdog.REPORT_GRACE, self._kill_hung, worker))
+
+    def _kill_hung(self, worker: Worker) -> None:
+        if self.workers.get(worker.pid) is worker:  # not reaped meanwhile (its pid could be reused)
+            self._signal(worker, signal.SIGKILL)
+
     # -- events -------------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
             self._reload()
+        elif signum == signal.SIGUSR1:  # logrotate's postrotate: reopen the log file everywhere
+            log_module.reopen()
+            for worker in list(self.workers.values()):
+                self._signal(worker, signal.SIGUSR1)
+            log.info("SIGUSR1: log file reopened; passed on to %d worker(s)", len(self.workers))
         else:
-            self._stop(signal.Signals(signum).name)
+            self._drain_then_stop(signal.Signals(signum).name)
 
     def _on_status(self, worker: Worker, what: bytes) -> None:
         if what == READY:
@@ -347,12 +402,14 @@ class Master:
         assert self.table is not None
         leases = self.table.clear_row(worker.row)
         admin.process_ended(worker.generation.settings, worker.pid)
+        spilled = remove_spill_files(worker.generation.settings.spool_dir, worker.pid)
         generation = worker.generation
         if generation.slots.get(worker.slot) is worker:
             generation.slots[worker.slot] = None
         uptime = time.monotonic() - worker.started
         how = describe_status(status)
         cleared = f"; {leases} session lease(s) cleared" if leases else ""
+        cleared += f"; {spilled} message body file(s) removed" if spilled else ""
         expected = worker.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         log.log(logging.INFO if expected else logging.ERROR, "%s of generation %d %s after %.1fs%s",
                 worker, generation.number, how, uptime, cleared)
@@ -391,11 +448,25 @@ class Master:
             self._signal(worker, signal.SIGKILL)
 
     # -- stop -------------------------------------------------------------------------------
+    def _drain_then_stop(self, why: str) -> None:
+        """Tell the balancer first (``/health``: 503), stop ``drain_delay`` seconds later."""
+        delay = self.settings.drain_delay
+        if self.draining or self.stopping or delay <= 0:
+            self._stop(why)  # a second signal while draining: stop now
+            return
+        self.draining = True
+        if self.admin_server is not None:
+            self.admin_server.app.health = "draining"
+        log.info("%s: draining: /health answers 503, the listeners close in %ss", why, delay)
+        self.helpers.add(gevent.spawn_later(delay, self.events.put, ("drained", why)))
+
     def _stop(self, why: str) -> None:
         if self.stopping:
             log.info("%s: already stopping", why)
             return
         self.stopping = True
+        if self.admin_server is not None:
+            self.admin_server.app.health = "stopping"
         timeouts = [g.settings.shutdown_timeout for g in (self.current, self.pending) if g is not None]
         log.info("%s: stopping; sessions get up to %ss to finish", why, max(timeouts))
         # Ours first: once the workers have closed theirs, nothing listens any more.
@@ -512,6 +583,7 @@ class Master:
             # action (die, for HUP) when a signal's last watcher goes.
             handlers = [gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT)]
             handlers.append(gevent.signal_handler(signal.SIGHUP, lambda: None))  # HUP is the master's
+            handlers.append(gevent.signal_handler(signal.SIGUSR1, log_module.reopen))  # passed on by the master
             for handler in self.signal_handlers:
                 handler.cancel()  # type: ignore[attr-defined]
             if self.admin_server is not None:
@@ -559,6 +631,7 @@ class _WorkerProcess:
         # finds almost nothing each time. Every 20,000: ~1 % of the CPU back, cycles still
         # bounded to a few MiB.
         gc.set_threshold(20_000, *gc.get_threshold()[1:])
+        watchdog.start(self.counters.table, self.counters.row, settings.hung_worker_timeout)
         if self.generation.size > 1:
             # Every worker wakes for a new connection; the first takes at most this many
             # before the loop goes round, so a burst still spreads over the workers. gunicorn

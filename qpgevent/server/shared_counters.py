@@ -8,6 +8,11 @@ packed (slots ``0 .. used-1``), so reading the table costs the sessions open, no
 capacity. "How many sessions from 192.0.2.7, on every worker?" is a scan of the used
 slots of every row; "how many in all?" is the sum of the row headers.
 
+The third field of a row's header is its worker's *heartbeat*: the ``time.monotonic()``
+(one clock for every process of the host) at which the worker's event loop last ran a
+small greenlet (``qpgevent.watchdog``). The master reads it to notice a worker whose
+loop is blocked. Only the worker writes it, one aligned 8-octet store, without the lock.
+
 Leases free themselves when their holder dies: the master clears a worker's row when it
 reaps that worker, whatever killed it, so a ``kill -9`` cannot leak counts.
 
@@ -16,6 +21,11 @@ sessions and both take the 1000th place. An ``fcntl.lockf`` lock on the table's 
 guards every read and write. It is held for microseconds and never across a greenlet
 switch (nothing in between yields), so holding it blocks neither our other greenlets nor,
 for long, the other workers; and the kernel drops it if its holder dies.
+
+``count`` takes an address or a network (``2001:db8:1:2::/64``): a client with a whole
+IPv6 /64 (the usual end-site assignment) has 2**64 addresses to spread its sessions over,
+so a per-address limit counts its /64 (``plugins/hosts_allow``). A network is matched on
+the slots' leading octets, with the same ``find`` as one address.
 
 ``LocalCounters`` is the same interface for a single process (the in-process server of
 the tests), without the file.
@@ -35,7 +45,8 @@ import tempfile
 from typing import Protocol
 
 SLOT = 16  #: one client address: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d)
-_HEADER = struct.Struct("=IIQ")  # owner pid, used slots, padding (keeps slots 16-aligned)
+_HEADER = struct.Struct("=IId")  # owner pid, used slots, heartbeat (8 octets: slots stay 16-aligned)
+_OWNER = struct.Struct("=II")  # the part of the header the leases change
 FREE = bytes(SLOT)  # "::": never a TCP peer
 PENDING = b"\xff" * SLOT  # a session whose address is not known yet (PROXY header coming)
 #: Sessions one worker can hold; the table is a sparse file, so unused room costs nothing.
@@ -53,6 +64,25 @@ def address_key(ip: str) -> bytes:
         address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
     key = address.packed
     return key if key not in (FREE, PENDING) else PENDING
+
+
+@functools.lru_cache(maxsize=4096)
+def network_key(text: str) -> tuple[bytes, int] | None:
+    """``(leading octets, mask of the octet after them)`` for a network ``text``
+    (``2001:db8::/64``, ``192.0.2.0/24``: IPv4 as mapped into IPv6); None for an address."""
+    if "/" not in text:
+        return None
+    network = ipaddress.ip_network(text, strict=False)
+    bits = network.prefixlen + (96 if network.version == 4 else 0)
+    key = address_key(str(network.network_address))
+    whole, rest = divmod(bits, 8)
+    return key[:whole + (1 if rest else 0)], (0xFF << (8 - rest)) & 0xFF if rest else 0xFF
+
+
+def _in_network(slot: bytes, prefix: bytes, last_mask: int) -> bool:
+    head = len(prefix) - 1
+    return (slot[:head] == prefix[:head] and slot[head] & last_mask == prefix[head] & last_mask
+            if prefix else True)
 
 
 class Lease(Protocol):
@@ -99,7 +129,11 @@ class LocalCounters:
         return LocalLease(self)
 
     def count(self, ip: str) -> int:
-        return self._by_key[address_key(ip)]
+        """Sessions from the address ``ip``, or from the network ``ip`` (``2001:db8::/64``)."""
+        network = network_key(ip)
+        if network is None:
+            return self._by_key[address_key(ip)]
+        return sum(n for key, n in self._by_key.items() if key != PENDING and _in_network(key, *network))
 
     def _move(self, old: bytes, new: bytes | None) -> None:
         self._by_key[old] -= 1
@@ -136,7 +170,15 @@ class SharedTable:
         return pid, used
 
     def set_header(self, row: int, pid: int, used: int) -> None:
-        _HEADER.pack_into(self.map, row * self.row_size, pid, used, 0)
+        _OWNER.pack_into(self.map, row * self.row_size, pid, used)
+
+    def beat(self, row: int, now: float) -> None:
+        """The worker of ``row``: my event loop ran at ``now`` (``time.monotonic()``)."""
+        struct.pack_into("=d", self.map, row * self.row_size + _OWNER.size, now)
+
+    def heartbeat(self, row: int) -> float:
+        """When the worker of ``row`` last beat (0.0: never)."""
+        return _HEADER.unpack_from(self.map, row * self.row_size)[2]
 
     def slot_offset(self, row: int, index: int) -> int:
         return row * self.row_size + _HEADER.size + index * SLOT
@@ -145,20 +187,27 @@ class SharedTable:
         """Sessions open on every worker (call with the lock held)."""
         return sum(self.header(row)[1] for row in range(self.rows))
 
-    def count(self, key: bytes) -> int:
-        """Sessions from the address ``key`` on every worker (call with the lock held)."""
+    def count(self, key: bytes, last_mask: int = 0xFF) -> int:
+        """Sessions from the address ``key``, or whose address starts with the octets
+        ``key`` (the last one under ``last_mask``), on every worker (call with the lock held)."""
         found = 0
+        exact = last_mask == 0xFF
+        search = key if exact else key[:-1]
         for row in range(self.rows):
             used = self.header(row)[1]
             if not used:
                 continue
             start = self.slot_offset(row, 0)
             region = self.map[start:start + used * SLOT]
-            at = region.find(key)
+            if not search:  # a prefix shorter than one octet: look at every slot
+                slots = (region[i:i + SLOT] for i in range(0, len(region), SLOT))
+                found += sum(slot != PENDING and _in_network(slot, key, last_mask) for slot in slots)
+                continue
+            at = region.find(search)
             while at >= 0:
-                if at % SLOT == 0:  # a match across two slots is not an address
-                    found += 1
-                at = region.find(key, at + 1)
+                if at % SLOT == 0 and (exact or region[at + len(search)] & last_mask == key[-1] & last_mask):
+                    found += region[at:at + SLOT] != PENDING  # a match across two slots is not an address
+                at = region.find(search, at + 1)
         return found
 
     # -- the master's side ----------------------------------------------------------
@@ -183,6 +232,7 @@ class SharedTable:
         with self.locked():
             _, used = self.header(row)
             self.set_header(row, 0, 0)
+            self.beat(row, 0.0)  # the next worker of this row has not beaten yet
         return used
 
     def sessions(self) -> int:
@@ -245,8 +295,10 @@ class WorkerCounters:
         return lease
 
     def count(self, ip: str) -> int:
+        """Sessions from the address ``ip``, or from the network ``ip`` (``2001:db8::/64``)."""
+        network = network_key(ip)
         with self.table.locked():
-            return self.table.count(address_key(ip))
+            return self.table.count(address_key(ip)) if network is None else self.table.count(*network)
 
     def _write(self, lease: SharedLease, key: bytes) -> None:
         if lease.index < 0:

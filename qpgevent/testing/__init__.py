@@ -22,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,12 +46,12 @@ from ..engine.session import Session
 from ..server.driver import surroundings
 
 _SECTIONS = {
-    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout",
+    "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout", "drain_delay", "hung_worker_timeout",
                "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
-               "max_text_line", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
+               "max_text_line", "max_header_size", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
                "max_bad_commands"),
-    "smtp": ("allow_bare_lf",),
+    "smtp": ("allow_bare_lf", "nul_bytes"),
     "tls": ("certificate", "key", "sni", "min_version", "handshake_timeout", "reload_check"),
     "auth": ("tls_before_auth", "max_failures_ip", "max_failures_user", "failure_window", "failure_delay",
              "max_delay", "senders"),
@@ -59,8 +59,9 @@ _SECTIONS = {
     "dns": ("nameservers", "port", "timeout", "session_budget", "cache_size", "reverse_lookup"),
     "ident": ("enabled", "timeout", "port"),
     "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address"),
-    "admin": ("listen", "token", "run_dir", "refresh"),  # [admin] listen: write admin_listen=
-    "store": ("backend", "path", "url", "prefix", "timeout", "fail", "retry", "lease_ttl", "pool_size"),
+    "admin": ("listen", "token", "run_dir", "refresh", "max_connections", "timeout"),  # [admin] listen: write admin_listen=
+    "store": ("backend", "path", "url", "sentinels", "sentinel_master", "prefix", "timeout", "fail", "retry",
+              "lease_ttl", "pool_size"),
 }
 
 DEFAULT_PLUGINS = """
@@ -137,20 +138,21 @@ class InProcessServer:
 class ServerProcess:
     """``python -m qpgevent -c INI`` in a child process; its port read from its log.
 
-    ``python`` is the interpreter to run (another venv's, to test an installed plugin).
+    ``python`` is the interpreter to run (another venv's, to test an installed plugin);
+    ``prefix`` comes before it (``ip netns exec NS``: the server in a lab host).
     """
 
     LISTENING = re.compile(r"listening on (\S+):(\d+)")
     ADMIN = re.compile(r"admin pages on (http://[^/\s]+)/status")
 
     def __init__(self, ini: str | os.PathLike[str], *extra_args: str, ready_timeout: float = 20.0,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, prefix: Sequence[str] = ()) -> None:
         self.ini = str(ini)
         self.log_path = Path(self.ini).with_name("server.log")
         self._log = open(self.log_path, "w+b")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [python, "-m", "qpgevent", "-c", self.ini, *extra_args],
+            [*prefix, python, "-m", "qpgevent", "-c", self.ini, *extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.PIPE, env=env)
         self.ports: list[int] = []
         self.admin_url: str | None = None  #: "http://127.0.0.1:PORT" when [admin] listen is set

@@ -28,34 +28,40 @@ def free_tcp_port() -> int:
         return probe.getsockname()[1]
 
 
-def redis_ping(port: int, timeout: float = 1.0) -> bool:
+def redis_ping(port: int, timeout: float = 1.0, host: str = HOST) -> bool:
     try:
-        with socket.create_connection((HOST, port), timeout=timeout) as connection:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
             connection.sendall(b"PING\r\n")
             return connection.recv(64) == b"+PONG\r\n"
     except OSError:
         return False
 
 
-def _command(port: int, *words: str) -> bytes:
-    with socket.create_connection((HOST, port), timeout=5) as connection:
+def _command(port: int, *words: str, host: str = HOST) -> bytes:
+    with socket.create_connection((host, port), timeout=5) as connection:
         parts = [f"*{len(words)}\r\n".encode()] + [f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words]
         connection.sendall(b"".join(parts))
         return connection.recv(4096)
 
 
 class LoopbackRedis:
-    def __init__(self, binary: str = "redis-server", ready_timeout: float = 10.0) -> None:
+    def __init__(self, binary: str = "redis-server", ready_timeout: float = 10.0,
+                 extra_args: tuple[str, ...] = (), host: str = HOST, port: int = 0,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.binary = shutil.which(binary) or binary
         self.ready_timeout = ready_timeout
+        #: More redis-server arguments (a replica's ``--replicaof``, for one).
+        self.extra_args = extra_args
+        #: Where it listens; ``prefix`` runs it elsewhere (``ip netns exec NS``: a lab host).
+        self.host, self.prefix = host, prefix
         self.folder = Path(tempfile.mkdtemp(prefix="qpg-redis-"))
-        self.port = 0
+        self.port = port
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> None:
         """Start (again, on the same port once it has one); return once it answers PING."""
@@ -64,12 +70,17 @@ class LoopbackRedis:
             port = self.port or free_tcp_port()
             with open(self.folder / "redis.log", "ab") as log_file:
                 self.process = subprocess.Popen(
-                    [self.binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                     "--dir", str(self.folder), "--daemonize", "no", "--logfile", "", "--databases", "4"],
+                    [*self.prefix, self.binary, "--port", str(port), "--bind", self.host,
+                     # Protected mode refuses every client but loopback ones when there is no
+                     # password: a lab host's clients come from other addresses.
+                     "--protected-mode", "no" if self.prefix else "yes", "--save", "", "--appendonly", "no",
+                     "--dir", str(self.folder), "--daemonize", "no", "--logfile", "", "--databases", "4",
+                     # Any server may become the primary: never wait 5 s before a first sync.
+                     "--repl-diskless-sync-delay", "0", *self.extra_args],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + self.ready_timeout
             while time.monotonic() < deadline and self.process.poll() is None:
-                if redis_ping(port):
+                if redis_ping(port, host=self.host):
                     self.port = port
                     return
                 time.sleep(0.02)
@@ -79,6 +90,13 @@ class LoopbackRedis:
     def stop(self) -> None:
         """SIGTERM and wait: the port is closed when this returns."""
         self._reap()
+
+    def crash(self) -> None:
+        """SIGKILL: a crash, not a shutdown (no goodbye to replicas or clients)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
 
     def _reap(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -91,7 +109,7 @@ class LoopbackRedis:
         self.process = None
 
     def flush(self) -> None:
-        reply = _command(self.port, "FLUSHALL")
+        reply = _command(self.port, "FLUSHALL", host=self.host)
         if reply != b"+OK\r\n":
             raise RuntimeError(f"FLUSHALL: {reply!r}")
 

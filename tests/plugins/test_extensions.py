@@ -3,7 +3,7 @@
 The plugin harness drives the real conversation without a socket: these tests check the
 ``*_parse`` hooks, a SASL mechanism a plugin declares, the ``received_line`` and ``rset``
 hooks, the explicit ``rewrite_sender`` (and the old ``(OK, path)`` form), the bundled
-``etrn`` plugin (a verb end to end), and that AUTH back ends chain. The same extension
+``etrn`` plugin (a verb end to end), and how AUTH back ends chain. The same extension
 points over a socket: ``tests/e2e/test_extension_points.py``.
 """
 
@@ -170,12 +170,12 @@ def test_without_the_plugin_etrn_is_unknown(plugin_harness):
     assert harness.run_session(["EHLO client.test", "ETRN example.org"]).codes == [220, 250, 500]
 
 
-# -- AUTH back ends chain ---------------------------------------------------------------------
+# -- AUTH back ends chain -----------------------------------------------------------------------
 
 
-def test_a_refusal_from_one_back_end_does_not_stop_the_next(plugin_harness, tmp_path):
-    # alice has one password in each back end (two user files, as two directories would):
-    # the first back end refuses the second password (DENY), the second accepts it.
+def test_auth_back_ends_chain_past_those_that_do_not_know_the_user(plugin_harness, tmp_path):
+    # As docs/hooks.md says: a back end that does not know the user declines and the next
+    # is asked; one that knows the user and refuses the password is final.
     first, second = tmp_path / "first.auth", tmp_path / "second.auth"
     first.write_text(f"alice@example.test:{make_hash('one')}\n", encoding="utf-8")
     second.write_text(f"alice@example.test:{make_hash('two')}\nbob@example.test:{make_hash('three')}\n",
@@ -188,10 +188,12 @@ def test_a_refusal_from_one_back_end_does_not_stop_the_next(plugin_harness, tmp_
         return harness.run_session(["EHLO client.test", f"AUTH PLAIN {blob}"], ip="192.0.2.50")
 
     assert auth("alice@example.test", "one").codes[-1] == 235  # the first says OK
-    assert auth("alice@example.test", "two").codes[-1] == 235  # the first says DENY, the second OK
-    assert auth("bob@example.test", "three").codes[-1] == 235  # the first declines (no such user)
-    refused = auth("alice@example.test", "neither")
-    assert refused.codes[-1] == 535 and "auth_user" not in refused.notes  # both refuse
+    bob = auth("bob@example.test", "three")  # the first does not know bob: the second is asked
+    assert bob.codes[-1] == 235 and [d.plugin for d in bob.decisions if d.hook == "auth"] == \
+        ["auth/flat_file", "auth/flat_file:2"]
+    alice = auth("alice@example.test", "two")  # the first knows alice: its refusal is final
+    assert alice.codes[-1] == 535 and [d.plugin for d in alice.decisions if d.hook == "auth"] == ["auth/flat_file"]
+    assert auth("carol@example.test", "x").codes[-1] == 535  # nobody knows carol
 
 
 # -- no socket ----------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def test_every_bundled_plugin_documents_what_options_notes_and_an_example(path):
     name = plugin_id(path)
     cls, doc = load_plugin(path)
     assert doc.startswith(f"{name}: "), f"{name}: the docstring starts with '{name}: what it does'"
-    own = [line.split("=", 1)[0].strip() for line in cls.configspec_lines()[len(STANDARD_CONFIGSPEC):]]
+    own = [line.split("=", 1)[0].strip() for line in cls.configspec_lines()[len(STANDARD_CONFIGSPEC):]
+           if not line.strip().startswith("[")]  # a sub-section header, not an option
     if own:
         assert "Options" in doc, f"{name}: no Options part"
         missing = [key for key in own if not re.search(rf"\b{re.escape(key)}\b", doc)]
@@ -90,9 +91,9 @@ def guide_blocks(kind: str) -> list[str]:
 def test_the_authoring_guide_example_passes_its_own_tests(tmp_path, plugin_harness, monkeypatch):
     plugin = next(block for block in guide_blocks("python") if "class NoHotSauce" in block)
     tests = next(block for block in guide_blocks("python") if "def test_" in block)
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "no_hot_sauce.py").write_text(plugin, encoding="utf-8")
-    monkeypatch.chdir(tmp_path)  # the guide's tests name the plugin "plugins/no_hot_sauce.py"
+    (tmp_path / "site_plugins").mkdir()
+    (tmp_path / "site_plugins" / "no_hot_sauce.py").write_text(plugin, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # the guide's tests name the plugin "site_plugins/no_hot_sauce.py"
     namespace = {"__name__": "guide_tests"}
     exec(compile(tests, str(GUIDE), "exec"), namespace)  # noqa: S102 - the guide's own test code
     names = [name for name in namespace if name.startswith("test_")]
@@ -103,10 +104,11 @@ def test_the_authoring_guide_example_passes_its_own_tests(tmp_path, plugin_harne
 
 def test_the_authoring_guide_ini_is_valid(tmp_path):
     plugin = next(block for block in guide_blocks("python") if "class NoHotSauce" in block)
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "no_hot_sauce.py").write_text(plugin, encoding="utf-8")
+    (tmp_path / "site_plugins").mkdir()
+    (tmp_path / "site_plugins" / "no_hot_sauce.py").write_text(plugin, encoding="utf-8")
     ini = next(block for block in guide_blocks("ini") if "[[no_hot_sauce]]" in block)
-    (tmp_path / "qpsmtpd.ini").write_text("[server]\n  me = mx.example.test\n" + ini, encoding="utf-8")
+    (tmp_path / "qpsmtpd.ini").write_text(ini.replace("[server]\n", "[server]\n  me = mx.example.test\n"),
+                                          encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "qpgevent", "-c", str(tmp_path / "qpsmtpd.ini"),
                              "--check-config"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
