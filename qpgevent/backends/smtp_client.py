@@ -40,7 +40,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +95,10 @@ class Hop:
 
     host: str
     port: int = 25
+    #: The server's name when ``host`` is an address found for it (an MX host): the name
+    #: its certificate is checked against. Part of the identity: a connection checked for
+    #: one name (DANE, MTA-STS) is never reused for another name at the same address.
+    name: str = ""
 
     @property
     def is_unix(self) -> bool:
@@ -294,6 +298,9 @@ class ClientOptions:
     connect_timeout: float = 10.0
     command_timeout: float = 60.0
     data_timeout: float = 600.0
+    #: Called after STARTTLS with the hop and the TLS socket: a reason to refuse the
+    #: connection (a DANE or MTA-STS check that failed), or None.
+    tls_check: Callable[[Hop, ssl.SSLSocket], str | None] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], lmtp: bool) -> ClientOptions:
@@ -343,10 +350,19 @@ class Downstream:
                               timeout=options.connect_timeout)
             self.smtp = smtp
             smtp.sock.settimeout(options.command_timeout)
+            if not hop.is_unix:
+                # Commands and the final dot are small writes that wait for a reply: with
+                # Nagle's algorithm each could sit out the peer's delayed ACK (~40 ms).
+                smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hop.name:
+                smtp._host = hop.name  # the TLS server name (SNI, certificate check), not the address
             self._hello()
             if options.starttls != "off" and not hop.is_unix and smtp.has_extn("starttls"):
                 smtp.starttls(context=options.tls_context)
                 self.tls = True
+                problem = options.tls_check(hop, smtp.sock) if options.tls_check else None
+                if problem:
+                    raise DownstreamError(f"{hop.where}: {problem}")
                 self._hello()
             elif options.starttls == "required":
                 raise DownstreamError(f"{hop.where} does not offer STARTTLS (starttls = required)")
@@ -527,18 +543,21 @@ class Pool:
     def __init__(self, options: ClientOptions, size: int = 10, wait: float = 10.0,
                  idle_timeout: float = 60.0) -> None:
         self.options, self.size, self.wait, self.idle_timeout = options, size, wait, idle_timeout
-        self._idle: dict[Route, list[Downstream]] = {}
-        self._slots: dict[Route, BoundedSemaphore] = {}
+        self._idle: dict[object, list[Downstream]] = {}
+        self._slots: dict[object, BoundedSemaphore] = {}
         self.opened = 0  #: connections opened so far (for tests and logs)
 
     @contextmanager
-    def connection(self, route: Route) -> Iterator[Downstream]:
-        slots = self._slots.setdefault(route, BoundedSemaphore(self.size))
+    def connection(self, route: Route, key: object = None) -> Iterator[Downstream]:
+        """A connection for ``route``; ``key`` (default: the route) names the destination whose
+        ``size`` slots and idle connections it takes (the outbound queue: the recipient domain)."""
+        key = route if key is None else (key, route)
+        slots = self._slots.setdefault(key, BoundedSemaphore(self.size))
         if not slots.acquire(timeout=self.wait):
             raise DownstreamError(f"all {self.size} connections to {route.where} busy for {self.wait}s")
         downstream: Downstream | None = None
         try:
-            downstream = self._reuse(route) or self._open(route)
+            downstream = self._reuse(key) or self._open(route)
             yield downstream
         except BaseException:
             if downstream is not None:
@@ -549,7 +568,7 @@ class Pool:
             if downstream is not None:
                 if downstream.reusable and downstream.smtp is not None:
                     downstream.idle_since = time.monotonic()
-                    self._idle.setdefault(route, []).append(downstream)
+                    self._idle.setdefault(key, []).append(downstream)
                 else:
                     downstream.quit()
             slots.release()
@@ -565,8 +584,8 @@ class Pool:
                 failures.append(str(error))
         raise DownstreamError("; ".join(failures))
 
-    def _reuse(self, route: Route) -> Downstream | None:
-        idle = self._idle.get(route, [])
+    def _reuse(self, key: object) -> Downstream | None:
+        idle = self._idle.get(key, [])
         now = time.monotonic()
         for stale in [d for d in idle if now - d.idle_since > self.idle_timeout]:
             idle.remove(stale)

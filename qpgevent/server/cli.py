@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "policy plugins see it.")
     store_cli.add_commands(store)
     status_cli.add_command(commands)
+    queue = commands.add_parser("queue", add_help=False,
+                                help="the outbound queue (queue/outbound): 'queue list|show|flush|hold|"
+                                "release|delete|bounce', see 'qpgevent queue --help'")
+    queue.add_argument("words", nargs=argparse.REMAINDER)  # main() hands these to queue_tools
     return parser
 
 
@@ -88,6 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["queue-runner"]:  # started by the master for queue/outbound, not by hand
+        from .queue_runner import main as queue_runner_main
+        return queue_runner_main(words[1:])
+    if words[:1] == ["queue"]:  # its own parser: argparse's REMAINDER would not pass on --help
+        from .queue_tools import main as queue_main
+        return queue_main(words[1:])
     args = parse_args(argv)
     if args.command is not None:
         return int(args.handler(args))

@@ -79,6 +79,7 @@ from ..config import Settings
 from ..core.errors import ConfigError, StartError
 from ..engine.loader import forget_plugin_modules, load_plugins
 from ..plugin import Plugin
+from . import queue_runner
 from .server import SmtpServer, bind_listeners, describe_listener
 from .tls import TlsContexts
 from ..backends.services import configure_services
@@ -199,6 +200,7 @@ class Master:
         self.table: SharedTable | None = None
         self.admin_server: admin.AdminServer | None = None
         self.identity: privileges.Identity | None = None
+        self.queue_runner: queue_runner.Supervisor | None = None  #: with queue/outbound
 
     # -- start ----------------------------------------------------------------------
     def run(self) -> int:
@@ -254,9 +256,13 @@ class Master:
         for slot in range(size):
             self._spawn(self.current, slot)
         self.helpers.spawn(self._watch_heartbeats)
+        self.queue_runner = queue_runner.supervise(settings, plugins)  # after the forks: workers need no copy
         try:
             return self._loop()
         finally:
+            if self.queue_runner is not None:
+                self.queue_runner.stop()
+                self.queue_runner.wait()
             self._close_listeners()
             if self.admin_server is not None:
                 self.admin_server.stop()
@@ -471,6 +477,8 @@ class Master:
         log.info("%s: stopping; sessions get up to %ss to finish", why, max(timeouts))
         # Ours first: once the workers have closed theirs, nothing listens any more.
         self._close_listeners()
+        if self.queue_runner is not None:
+            self.queue_runner.stop()  # it finishes its deliveries in flight meanwhile
         for worker in list(self.workers.values()):
             self._ask_to_stop(worker)
         deadline = max(timeouts) + KILL_GRACE

@@ -160,10 +160,10 @@ class Postfix:
 
     def start(self) -> Postfix:
         self._output = open(self.root / "start-fg.out", "ab")
-        self.process = subprocess.Popen([POSTFIX, "-c", str(self.conf), "start-fg"], stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen(self.command("start-fg"), stdin=subprocess.DEVNULL,
                                         stdout=self._output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT
-        while (line := greeting("127.0.0.1", self.port)) is None or not line.startswith(b"220 "):
+        while not self.answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"postfix did not start:\n{self.log()}")
@@ -175,7 +175,7 @@ class Postfix:
         if self.process is None:
             return
         if self.process.poll() is None:
-            subprocess.run([POSTFIX, "-c", str(self.conf), "stop"], capture_output=True, timeout=60)
+            subprocess.run(self.command("stop"), capture_output=True, timeout=60)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -187,6 +187,15 @@ class Postfix:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def command(self, *args: str) -> list[str]:
+        """The argv of ``postfix -c <our config> ARGS`` (a subclass may run it elsewhere)."""
+        return [POSTFIX, "-c", str(self.conf), *args]
+
+    def answers(self) -> bool:
+        """Whether it greets on its port with a 220."""
+        line = greeting("127.0.0.1", self.port)
+        return bool(line and line.startswith(b"220 "))
 
     def sendmail(self) -> list[str]:
         """The argv start of this instance's sendmail (``-C`` names its config)."""

@@ -40,7 +40,7 @@ PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent
               "qpgevent.ident", "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner",
               "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol",
               "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.directory", "qpgevent.dovecot",
-              "qpgevent.ldap_client", "qpgevent.session"}
+              "qpgevent.ldap_client", "qpgevent.outqueue", "qpgevent.tls_policy", "qpgevent.session"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 

@@ -1,0 +1,163 @@
+"""queue/outbound: keep each message in a durable queue, then deliver it by MX (or a route).
+
+This is qpgevent's outbound MTA queue, Haraka's ``outbound`` and Postfix's qmgr + smtp
+in one: the client gets 250 as soon as the message and its envelope are safe on disk;
+one queue runner process (started and supervised by the master, like the workers)
+delivers it, retries what is deferred, and sends failure notices. See docs/outbound.md
+for what is supported and what is not yet.
+
+Accepting. The message (as it will go out, our Received line included) and its
+envelope (sender, recipients, per-recipient state, the DSN parameters RET, ENVID,
+NOTIFY and ORCPT when the client gave them) are written into ``queue_dir``, each into a
+temporary file, fsynced, renamed into place, and the folders fsynced: only then 250
+(``2.0.0 queued as ID``). If that fails (disk full), the client gets 451 and keeps the
+message. Nothing here checks who may relay: put ``rcpt_ok``/``relay`` (or AUTH) first.
+
+Delivering. For each recipient domain, one SMTP transaction carrying all of its
+recipients, to the route configured for the domain (``routes``), else to its MX hosts in
+preference order (RFC 5321 5.1: equal preferences shuffled, every address of a host, A
+and AAAA, before the next host; no MX: the domain's own address; a null MX, RFC 7505:
+fails at once). A host that refuses the connection is skipped for the next. STARTTLS is
+used whenever the next hop offers it (opportunistic, the certificate not checked unless
+``tls_verify``), unless ``tls_policy``, an MTA-STS policy or DANE records ask for more. A 2xx delivers; a 5xx fails only the recipients it was said to; a 4xx or
+a broken connection defers them.
+
+Retries. The next attempt of a deferred message waits ``minimal_backoff``, doubling at
+each attempt up to ``maximal_backoff``; after ``lifetime`` the pending recipients fail.
+
+Once per recipient. Each transaction's outcome is written to disk (fsynced) before the
+runner does anything else with the message, so a delivered recipient is never sent the
+message again, across restarts and crashes too, with one exception: if the runner is
+killed after a next hop said 250 and before that write (or the connection breaks after
+our final dot, before its reply), those recipients get the message again on the next
+attempt: **at most one duplicate**, never a loss.
+
+Notes. The plugin keeps the client's DSN parameters in the transaction's notes
+(``outbound_dsn``: RET, ENVID; ``outbound_rcpt_dsn``: NOTIFY, ORCPT per recipient) until
+the message is queued. The SMTP core does not take these parameters yet (it answers
+555), so today they are empty; the queue and the bounces honour them once it does.
+
+Bounces. Failed recipients are reported to the sender in an RFC 3464 report
+(``multipart/report``; the original message, or its header only for RET=HDRS), queued
+in the same queue. NOTIFY=NEVER suppresses it. A message from the null sender gets no
+bounce; its failures go to ``postmaster`` (a double bounce), and a failing double
+bounce is only logged.
+
+Options:
+  queue_dir         the queue folder (default ``queue``, beside the ini file)
+  fsync             fsync files and folders before saying 250 (default yes)
+  routes            static routes that win over the MX records, as in
+                    ``queue/smtp_forward``: ``DOMAIN:HOST[:PORT]`` (``*`` for all: a smarthost)
+  port              the port of MX hosts (default 25)
+  inet_protocols    all, ipv4 or ipv6: the address families to deliver over (default all)
+  helo              our EHLO name (default: [server] me)
+  starttls          auto (when offered, default), required, off
+  tls_verify        check the next hop's certificate (default no: opportunistic TLS)
+  tls_ca_file       CA certificates for tls_verify, MTA-STS and ``verify`` (default: the system's)
+  tls_policy        TLS per destination domain, ``DOMAIN:LEVEL``: none (never STARTTLS),
+                    may (when offered, unchecked), encrypt (TLS or defer), verify (TLS with
+                    a certificate valid for the MX name, or defer); wins over MTA-STS and DANE
+  mta_sts           honour MTA-STS policies (RFC 8461; default yes): an ``enforce``
+                    domain gets only its listed MX hosts, over verified TLS; policies are
+                    fetched over HTTPS and cached in ``queue_dir/mta-sts``
+  dane              honour DANE TLSA records (RFC 7672; default yes) when the resolver
+                    validates DNSSEC (the AD bit: point [dns] at a validating resolver):
+                    TLS required, the certificate must match a DANE-EE (3 x x) record
+  auth_user, auth_password, auth_without_tls   AUTH to the routes (a smarthost), as in
+                    ``queue/smtp_forward``
+  destination_concurrency   connections at once per destination (default 10); idle ones
+                    are reused for the next message to it
+  max_deliveries    messages being delivered at once (default 100)
+  minimal_backoff, maximal_backoff   seconds (300, 4000: Postfix's)
+  lifetime          seconds a message may stay queued (default 432000: 5 days)
+  delay_warning     seconds after which the sender is told, once, that a message is still
+                    being retried (an RFC 3464 "delayed" report; default 0: never, as Postfix)
+  scan_interval     the runner looks at the folder at least this often (default 10 s;
+                    new messages wake it at once)
+  postmaster        where double bounces go (default postmaster@[server] me)
+  connect_timeout, command_timeout, data_timeout   seconds (30, 300, 600)
+
+Example::
+
+    [[rcpt_ok]]
+    [[queue/outbound]]
+      queue_dir = /var/spool/qpgevent/outbound
+      routes = corp.example:10.0.0.5:25
+"""
+
+from qpgevent.outqueue import Queue, QueueError, Recipient
+from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.smtp_client import ClientOptions, ConfigurationError, parse_routes
+from qpgevent.tls_policy import parse_levels
+
+
+class Outbound(Plugin):
+    configspec = """
+queue_dir = path(default="queue")
+fsync = boolean(default=True)
+routes = force_list(default=list())
+port = integer(min=1, max=65535, default=25)
+inet_protocols = option("all", "ipv4", "ipv6", default="all")
+helo = string(default="")
+starttls = option("auto", "required", "off", default="auto")
+tls_verify = boolean(default=False)
+tls_ca_file = path(default="")
+tls_policy = force_list(default=list())
+mta_sts = boolean(default=True)
+dane = boolean(default=True)
+auth_user = string(default="")
+auth_password = string(default="")
+auth_without_tls = boolean(default=False)
+destination_concurrency = integer(min=1, default=10)
+max_deliveries = integer(min=1, default=100)
+minimal_backoff = float(min=0, default=300)
+maximal_backoff = float(min=0, default=4000)
+lifetime = float(min=0, default=432000)
+delay_warning = float(min=0, default=0)
+scan_interval = float(min=0.05, default=10)
+postmaster = string(default="")
+connect_timeout = float(min=0.01, default=30)
+command_timeout = float(min=0.01, default=300)
+data_timeout = float(min=0.01, default=600)
+"""
+
+    def setup(self):
+        try:
+            parse_routes(self.config["routes"], 25) if self.config["routes"] else None
+            ClientOptions.from_config(dict(self.config, forward_client=["none"]), lmtp=False)
+            parse_levels(self.config["tls_policy"])
+        except ConfigurationError as error:
+            raise ValueError(str(error)) from None
+        self.queue = Queue(self.config["queue_dir"], fsync=self.config["fsync"])
+
+    def hook_mail(self, session, sender, params):
+        # RFC 3461 parameters, kept for the bounce (the core refuses them today: ready for it).
+        session.transaction.notes["outbound_dsn"] = {k: params[k] for k in ("RET", "ENVID") if params.get(k)}
+        return DECLINED
+
+    def hook_rcpt(self, session, recipient, params):
+        wanted = {k: params[k] for k in ("NOTIFY", "ORCPT") if params.get(k)}
+        if wanted:
+            session.transaction.notes.setdefault("outbound_rcpt_dsn", {})[recipient.address] = wanted
+        return DECLINED
+
+    def hook_queue(self, session):
+        transaction = session.transaction
+        dsn = transaction.notes.get("outbound_dsn", {})
+        per_recipient = transaction.notes.get("outbound_rcpt_dsn", {})
+        recipients = [Recipient(r.address, notify=per_recipient.get(r.address, {}).get("NOTIFY"),
+                                orcpt=per_recipient.get(r.address, {}).get("ORCPT"))
+                      for r in transaction.recipients]
+        sender = transaction.sender.address if transaction.sender is not None else ""
+        connection = session.connection
+        client = f"{connection.remote_host or connection.hello_host or 'unknown'} [{connection.remote_ip}]"
+        try:
+            envelope = run_blocking(lambda: self.queue.enqueue(
+                sender, recipients, transaction.message_chunks(), ret=dsn.get("RET"), envid=dsn.get("ENVID"),
+                received_from=client))
+        except QueueError as error:
+            self.log.error("%s", error)
+            return DENYSOFT, "4.3.0 cannot queue the message right now, try again later"
+        self.queue.kick()
+        self.log.info("queued %s for %d recipient(s)", envelope.id, len(recipients))
+        return OK, f"2.0.0 queued as {envelope.id}"

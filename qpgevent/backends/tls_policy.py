@@ -1,0 +1,311 @@
+"""How much TLS a delivery needs: per-domain policy, MTA-STS (RFC 8461), DANE (RFC 7672).
+
+Owns the decision the queue runner makes before it connects to a domain's servers:
+
+- ``none``: never STARTTLS; ``may``: STARTTLS when offered, the certificate not checked
+  (opportunistic, RFC 7435: the default); ``encrypt``: TLS or no delivery (deferred),
+  any certificate; ``verify``: TLS with a certificate valid for the MX host's name,
+  from a trusted CA; ``dane``: TLS with a certificate matching the host's TLSA records.
+- A level configured for the domain (``tls_policy = example.test:verify``) wins.
+- Else DANE: when a MX host has TLSA records (``_25._tcp.HOST``) that the resolver
+  validated (the AD bit, from a validating resolver such as a local unbound), TLS is
+  required for the domain and each such host's certificate must match a DANE-EE (usage
+  3) record; a host with only other usages gets TLS without a check (RFC 7672 2.2).
+  A TLSA look-up that fails (SERVFAIL: bogus) defers the domain.
+- Else MTA-STS: a ``_mta-sts`` TXT record with ``v=STSv1`` makes us fetch
+  ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` (its certificate checked; no
+  redirects), cached in memory and on disk until ``max_age`` and refetched when the TXT
+  id changes. ``enforce``: only MX hosts the policy names are used, with ``verify``;
+  ``testing`` and ``none``: as without a policy. A fetch that fails keeps a cached
+  policy, else delivers as if there were none (RFC 8461 5.1).
+- Static routes (a smarthost) take only the configured level.
+
+Not done: DANE-TA (usage 2) checks, TLS-RPT reports, REQUIRETLS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.flags
+import dns.rdatatype
+import dns.resolver
+import dns.exception
+
+from . import dns as qdns
+from .smtp_client import ClientOptions, Hop, Route
+
+__all__ = ["LEVELS", "StsPolicy", "TlsPolicies", "dane_matches", "parse_levels", "parse_sts", "spki"]
+
+log = logging.getLogger("qpgevent.tls_policy")
+
+LEVELS = ("none", "may", "encrypt", "verify", "dane")
+MAX_POLICY_BYTES = 64 * 1024  #: RFC 8461 3.3 suggests 64 KiB
+STS_FETCH_TIMEOUT = 60.0  #: RFC 8461 3.3: "a timeout of one minute"
+
+
+class TlsPolicyError(Exception):
+    """A policy cannot be learned now (a TLSA look-up failed): defer the domain."""
+
+
+@dataclass(frozen=True)
+class StsPolicy:
+    id: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int
+    fetched: float
+
+    def matches(self, host: str) -> bool:
+        """RFC 8461 4.1: an exact name, or ``*.`` standing for one leftmost label."""
+        host = host.lower().rstrip(".")
+        for pattern in self.mx:
+            if pattern.startswith("*."):
+                if host.partition(".")[2] == pattern[2:] and "." in host:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+
+def parse_levels(items: list[str]) -> dict[str, str]:
+    levels = {}
+    for item in (i.strip() for i in items if i.strip()):
+        domain, _, level = item.rpartition(":")
+        if not domain or level not in LEVELS[:4]:
+            raise ValueError(f"tls_policy {item!r}: DOMAIN:none|may|encrypt|verify")
+        levels[domain.lower()] = level
+    return levels
+
+
+def parse_sts(text: str, policy_id: str, now: float) -> StsPolicy | None:
+    """The policy file (RFC 8461 3.2), or None if it is not a valid STSv1 policy."""
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip().lower(), []).append(value.strip())
+    mode = (fields.get("mode") or [""])[0]
+    try:
+        max_age = int((fields.get("max_age") or [""])[0])
+    except ValueError:
+        return None
+    if fields.get("version") != ["STSv1"] or mode not in ("enforce", "testing", "none"):
+        return None
+    mx = tuple(m.lower().rstrip(".") for m in fields.get("mx", []))
+    if mode != "none" and not mx:
+        return None
+    return StsPolicy(policy_id, mode, mx, min(max_age, 31557600), now)
+
+
+# -- DANE -------------------------------------------------------------------------------
+def _der_element(data: bytes, offset: int) -> tuple[int, int, int]:
+    """(start of content, end of element, tag) of the DER element at ``offset``."""
+    tag = data[offset]
+    length = data[offset + 1]
+    start = offset + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(data[start:start + count], "big")
+        start += count
+    return start, start + length, tag
+
+
+def spki(certificate: bytes) -> bytes:
+    """The SubjectPublicKeyInfo of a DER certificate (RFC 5280 4.1), as DER."""
+    tbs_start, _, _ = _der_element(certificate, 0)  # Certificate ::= SEQUENCE {
+    position, _, _ = _der_element(certificate, tbs_start)  # tbsCertificate ::= SEQUENCE {
+    if certificate[position] == 0xA0:  # [0] EXPLICIT version
+        position = _der_element(certificate, position)[1]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        position = _der_element(certificate, position)[1]
+    _, end, _ = _der_element(certificate, position)
+    return certificate[position:end]
+
+
+def dane_matches(certificate: bytes, records: list[tuple[int, int, int, bytes]]) -> bool:
+    """Whether the server's certificate matches one DANE-EE (usage 3) record."""
+    for usage, selector, mtype, data in records:
+        if usage != 3 or selector not in (0, 1) or mtype not in (0, 1, 2):
+            continue
+        selected = certificate if selector == 0 else spki(certificate)
+        digest = {0: lambda b: b, 1: lambda b: hashlib.sha256(b).digest(),
+                  2: lambda b: hashlib.sha512(b).digest()}[mtype](selected)
+        if digest == data:
+            return True
+    return False
+
+
+# -- the decision ------------------------------------------------------------------------
+class TlsPolicies:
+    """Per-domain TLS for the runner: ``prepare(domain, route)`` -> (route, options)."""
+
+    def __init__(self, client: ClientOptions, levels: dict[str, str], default: str, *, mta_sts: bool,
+                 dane: bool, ca_file: str = "", cache_dir: str = "",
+                 fetch: Callable[[str, str], str | None] | None = None) -> None:
+        self.client, self.levels, self.default = client, levels, default
+        self.use_mta_sts, self.use_dane = mta_sts, dane
+        self.ca_file, self.cache_dir = ca_file, cache_dir
+        self.fetch = fetch or self._fetch_https
+        self.sts: dict[str, StsPolicy] = {}
+        self.tlsa: dict[str, list[tuple[int, int, int, bytes]]] = {}  #: host -> its validated records
+        self.variants = {level: self._options(level) for level in LEVELS}
+
+    def _options(self, level: str) -> ClientOptions:
+        starttls = {"none": "off", "may": "auto"}.get(level, "required")
+        context = ssl.create_default_context(cafile=self.ca_file or None)
+        if level != "verify":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return dataclasses.replace(self.client, starttls=starttls, tls_context=context,
+                                   tls_check=self._dane_check if level == "dane" else None)
+
+    def prepare(self, domain: str, route: Route, static: bool) -> tuple[Route, str]:
+        """The route to use (MTA-STS may drop MX hosts) and the TLS level for it."""
+        domain = domain.lower()
+        if domain in self.levels:
+            return route, self.levels[domain]
+        if static:
+            return route, self.default
+        if self.use_dane:
+            secured = [hop for hop in route.hops if self._tlsa(hop)]
+            if secured:
+                return route, "dane"
+        if self.use_mta_sts:
+            policy = self._sts_policy(domain)
+            if policy is not None and policy.mode == "enforce":
+                hops = tuple(hop for hop in route.hops if policy.matches(hop.name or hop.host))
+                if not hops:
+                    raise TlsPolicyError(f"4.7.5 no MX host of {domain} matches its MTA-STS policy")
+                return Route(route.domain, hops), "verify"
+            if policy is not None and policy.mode == "testing":
+                log.info("%s: MTA-STS policy in testing mode: not enforced", domain)
+        return route, self.default
+
+    # DANE -------------------------------------------------------------------------------
+    def _tlsa(self, hop: Hop) -> list[tuple[int, int, int, bytes]]:
+        if not hop.name:
+            return []
+        records = self.tlsa.get(hop.name)
+        if records is None:
+            records = self.tlsa[hop.name] = _validated_tlsa(f"_{hop.port}._tcp.{hop.name}")
+        return records
+
+    def _dane_check(self, hop: Hop, sock: ssl.SSLSocket) -> str | None:
+        records = self._tlsa(hop)
+        if not any(usage == 3 for usage, *_ in records):
+            return None  # this host publishes no usable record: TLS is all we can require (RFC 7672 2.2)
+        certificate = sock.getpeercert(binary_form=True)
+        if certificate is None or not dane_matches(certificate, records):
+            return f"4.7.5 certificate of {hop.name} does not match its TLSA records (DANE)"
+        return None
+
+    # MTA-STS ----------------------------------------------------------------------------
+    def _sts_policy(self, domain: str) -> StsPolicy | None:
+        now = time.time()
+        cached = self.sts.get(domain) or self._read_cache(domain)
+        if cached is not None and now - cached.fetched > cached.max_age:
+            cached = None
+        try:
+            records = [t for t in qdns.txt(f"_mta-sts.{domain}") if t.startswith("v=STSv1")]
+        except qdns.TemporaryFailure:
+            return cached
+        if len(records) != 1:
+            return cached
+        match = re.search(r"(?:^|;)\s*id=([A-Za-z0-9]{1,32})\s*(?:;|$)", records[0])
+        if match is None:
+            return cached
+        if cached is not None and cached.id == match.group(1):
+            return cached
+        text = self.fetch(domain, self.ca_file)
+        policy = parse_sts(text, match.group(1), now) if text is not None else None
+        if policy is None:
+            return cached
+        self.sts[domain] = policy
+        self._write_cache(domain, policy)
+        log.info("%s: MTA-STS policy %s, mode %s, mx %s", domain, policy.id, policy.mode, ", ".join(policy.mx))
+        return policy
+
+    def _read_cache(self, domain: str) -> StsPolicy | None:
+        if not self.cache_dir:
+            return None
+        try:
+            with open(os.path.join(self.cache_dir, domain + ".json"), encoding="utf-8") as handle:
+                data = json.load(handle)
+            policy = StsPolicy(**dict(data, mx=tuple(data["mx"])))
+        except (OSError, ValueError, TypeError):
+            return None
+        self.sts[domain] = policy
+        return policy
+
+    def _write_cache(self, domain: str, policy: StsPolicy) -> None:
+        if not self.cache_dir:
+            return
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            path = os.path.join(self.cache_dir, domain + ".json")
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                json.dump(dataclasses.asdict(policy), handle)
+            os.replace(path + ".tmp", path)
+        except OSError as error:
+            log.warning("cannot cache the MTA-STS policy of %s: %s", domain, error)
+
+    @staticmethod
+    def _fetch_https(domain: str, ca_file: str) -> str | None:
+        """GET the policy over HTTPS (RFC 8461 3.3): a valid certificate, 200, text/plain."""
+        host = f"mta-sts.{domain}"
+        context = ssl.create_default_context(cafile=ca_file or None)
+        try:
+            addresses = qdns.addresses(host)
+        except qdns.TemporaryFailure as error:
+            log.warning("MTA-STS %s: %s", host, error)
+            return None
+        for address in addresses:
+            try:
+                raw = socket.create_connection((address, 443), timeout=STS_FETCH_TIMEOUT)
+                connection = http.client.HTTPConnection(host, 443, timeout=STS_FETCH_TIMEOUT)
+                connection.sock = context.wrap_socket(raw, server_hostname=host)
+                try:
+                    connection.request("GET", "/.well-known/mta-sts.txt", headers={"Host": host})
+                    response = connection.getresponse()
+                    body = response.read(MAX_POLICY_BYTES)
+                finally:
+                    connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                log.warning("MTA-STS %s [%s]: %s", host, address, error)
+                continue
+            content_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+            if response.status != 200 or content_type != "text/plain":
+                log.warning("MTA-STS %s: %s %s, %s: no policy", host, response.status, response.reason, content_type)
+                return None
+            return body.decode("utf-8", "replace")
+        return None
+
+
+def _validated_tlsa(name: str) -> list[tuple[int, int, int, bytes]]:
+    """The TLSA records of ``name`` if the resolver validated them (AD), else []."""
+    default = qdns.default()
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port = list(default.nameservers), default.port
+    resolver.flags = dns.flags.RD | dns.flags.AD  # RFC 6840 5.7: AD in the query asks for it back
+    resolver.lifetime = default.timeout
+    try:
+        answer = resolver.resolve(name, dns.rdatatype.TLSA, search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.exception.DNSException as error:
+        raise TlsPolicyError(f"4.7.5 TLSA look-up of {name} failed: {error}") from None
+    if not answer.response.flags & dns.flags.AD:
+        return []  # not validated: not DANE (RFC 7672 2.2)
+    return [(r.usage, r.selector, r.mtype, r.cert) for r in answer]

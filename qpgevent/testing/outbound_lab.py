@@ -1,0 +1,304 @@
+"""A small "internet" for tests and benchmarks: network namespaces on one bridge, DNS, Postfix MXs.
+
+``NetLab`` makes one namespace per host (``qn-<pid>-<name>``, as
+/work/shared/recipes/netns-hosts.md describes), each with an address in 198.18.0.0/24 and
+2001:db8::/64, all on a bridge in a switch namespace; nothing is created in the host's
+namespace, and nothing in the test process dials a lab address from it: sockets are made
+inside a host (``NetLab.socket``), daemons run there (``NetLab.command``).
+
+``LabDns`` is a validating unbound in front of NSD serving the test zones on port 53 of
+one host (some zones signed); ``LabPostfix`` is the project's private Postfix
+(``qpgevent.testing_mta.Postfix``) listening on port 25 of one host; ``PolicyServer``
+serves MTA-STS policies over HTTPS. ``lab_smtp`` is smtplib with its socket made in a host.
+Needs root (namespaces). Runtime code never imports this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.exception
+import dns.flags
+import dns.rcode
+import gevent
+
+from qpgevent.testing import wait_until
+from qpgevent.testing.mta import Postfix, private_folder
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def sweep() -> None:
+    """Remove the labs of test runs that died without cleaning up."""
+    names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    for run in {n.split("-")[1] for n in names if n.startswith("qn-") and n.split("-")[1].isdigit()}:
+        if not os.path.exists(f"/proc/{run}"):
+            for name in [n for n in names if n.startswith(f"qn-{run}-")]:
+                _delete_namespace(name)
+
+
+def _delete_namespace(name: str) -> None:
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signum)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 2
+        while pids and time.monotonic() < deadline:
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            time.sleep(0.05)  # polling other processes' exit
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+
+
+class NetLab:
+    def __init__(self, hosts: dict[str, tuple[str, str]]) -> None:
+        self.run = os.getpid()
+        self.hosts = hosts
+        self.switch = f"qn-{self.run}-sw"
+        try:
+            _ip("netns", "add", self.switch)
+            _ip("-n", self.switch, "link", "set", "lo", "up")
+            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.switch, "link", "set", "br0", "up")
+            for i, (name, (v4, v6)) in enumerate(hosts.items(), 1):
+                ns = self.ns(name)
+                _ip("netns", "add", ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+                _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+                _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", "eth0")
+                _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def ns(self, host: str) -> str:
+        return f"qn-{self.run}-{host}"
+
+    def command(self, host: str, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host), *argv]
+
+    def socket(self, host: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket made inside ``host`` (only this thread visits the namespace, briefly)."""
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.ns(host)}", os.O_RDONLY)
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the lab")
+            try:
+                return socket.socket(family, kind)
+            finally:
+                if _libc.setns(own, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back")
+        finally:
+            os.close(own)
+            os.close(target)
+
+    def connect(self, host: str, address: str, port: int, timeout: float = 5.0) -> socket.socket:
+        sock = self.socket(host, socket.AF_INET6 if ":" in address else socket.AF_INET)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def greeting(self, host: str, address: str, port: int) -> bytes | None:
+        try:
+            with self.connect(host, address, port) as sock:
+                line = sock.makefile("rb").readline(512)
+                sock.sendall(b"QUIT\r\n")
+                return line
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        for name in sorted(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
+            if name.startswith(f"qn-{self.run}-"):
+                _delete_namespace(name)
+
+
+def lab_smtp(lab: NetLab, host: str, address: str, port: int = 25) -> smtplib.SMTP:
+    """smtplib, its connection made from inside ``host``."""
+
+    class LabSMTP(smtplib.SMTP):
+        def _get_socket(self, to_host, to_port, timeout):  # noqa: ANN001
+            return lab.connect(host, to_host, to_port, timeout)
+
+    return LabSMTP(address, port, local_hostname="client.sender.test", timeout=30)
+
+
+class LabDns:
+    """The test zones as a validating resolver sees them, on ``address``:53 in ``host``.
+
+    NSD serves the zones on the host's own loopback (127.0.0.1:5300); unbound answers on
+    ``address``:53, stubbed to NSD, refusing every other name (it never asks the real
+    root). The zones in ``signed`` are signed at start (ldns-signzone, ECDSA P-256), and
+    unbound trusts their keys: answers from them carry AD; the rest are insecure.
+    """
+
+    NSD_PORT = 5300
+
+    def __init__(self, lab: NetLab, host: str, address: str, zones: dict[str, dict[str, list[tuple[str, str]]]],
+                 signed: tuple[str, ...] = ()) -> None:
+        self.lab, self.host, self.address, self.zones, self.signed = lab, host, address, zones, signed
+        self.dir = Path(private_folder("qpg-labdns-"))
+        self.processes: list[subprocess.Popen[bytes]] = []
+        nsd = ["server:", f"    ip-address: 127.0.0.1@{self.NSD_PORT}", "    do-ip6: no", '    username: ""',
+               '    chroot: ""', f'    zonesdir: "{self.dir}"', '    database: ""', f'    pidfile: "{self.dir}/nsd.pid"',
+               f'    xfrdfile: "{self.dir}/xfrd.state"', f'    zonelistfile: "{self.dir}/zone.list"',
+               f'    logfile: "{self.dir}/nsd.log"', "    server-count: 1", "    rrl-ratelimit: 0",
+               "remote-control:", "    control-enable: no"]
+        unbound = ["server:", f"    interface: {address}", "    port: 53", "    access-control: 198.18.0.0/15 allow",
+                   '    username: ""', '    chroot: ""', f'    directory: "{self.dir}"', f'    pidfile: "{self.dir}/unbound.pid"',
+                   "    use-syslog: no", '    logfile: ""', "    num-threads: 1", "    do-not-query-localhost: no",
+                   '    module-config: "validator iterator"', '    local-zone: "test." nodefault',
+                   '    local-zone: "." refuse', "    cache-max-ttl: 5", "    cache-max-negative-ttl: 1"]
+        stubs = []
+        for zone, owners in zones.items():
+            lines = [f"$ORIGIN {zone}.", "$TTL 5", f"@ IN SOA ns.{zone}. h.{zone}. 1 3600 600 86400 5",
+                     f"@ IN NS ns.{zone}."]
+            lines += [f"{owner} IN {rtype} {rdata}" for owner, records in owners.items() for rtype, rdata in records]
+            (self.dir / f"{zone}.zone").write_text("\n".join(lines) + "\n")
+            zonefile = f"{zone}.zone"
+            if zone in signed:
+                zonefile = self._sign(zone)
+                unbound.append(f'    trust-anchor-file: "{self.dir}/{self.anchors[zone]}.ds"')
+            nsd += ["zone:", f"    name: {zone}", f"    zonefile: {zonefile}"]
+            unbound.append(f'    local-zone: "{zone}." transparent')
+            stubs += ["stub-zone:", f'    name: "{zone}"', f"    stub-addr: 127.0.0.1@{self.NSD_PORT}"]
+        (self.dir / "nsd.conf").write_text("\n".join(nsd) + "\n")
+        (self.dir / "unbound.conf").write_text("\n".join(unbound + stubs) + "\n")
+        self._out = open(self.dir / "daemons.out", "wb")
+        try:
+            for argv in (["nsd", "-d", "-c", str(self.dir / "nsd.conf")],
+                         ["unbound", "-d", "-c", str(self.dir / "unbound.conf")]):
+                self.processes.append(subprocess.Popen(lab.command(host, *argv), stdin=subprocess.DEVNULL,
+                                                       stdout=self._out, stderr=subprocess.STDOUT,
+                                                       start_new_session=True))
+            wait_until(self._ready, 20, f"nsd and unbound in {host}")
+        except BaseException:
+            self.stop()
+            raise
+
+    anchors: dict[str, str] = {}
+
+    def _sign(self, zone: str) -> str:
+        run = lambda *argv: subprocess.run(argv, cwd=self.dir, check=True, capture_output=True,  # noqa: E731
+                                           text=True).stdout.strip()
+        zsk = run("ldns-keygen", "-a", "ECDSAP256SHA256", zone)
+        ksk = run("ldns-keygen", "-a", "ECDSAP256SHA256", "-k", zone)
+        run("ldns-signzone", "-n", "-f", f"{zone}.zone.signed", f"{zone}.zone", zsk, ksk)
+        self.anchors = {**self.anchors, zone: ksk}
+        return f"{zone}.zone.signed"
+
+    def query(self, name: str, rtype: str) -> dns.message.Message:
+        """Ask unbound from inside the lab (AD asked for)."""
+        with self.lab.connect(self.host, self.address, 53, timeout=2) as sock:
+            sock.setblocking(False)
+            query = dns.message.make_query(name, rtype)
+            query.flags |= dns.flags.AD
+            return dns.query.tcp(query, self.address, timeout=2, sock=sock)
+
+    def _ready(self) -> bool:
+        for process in self.processes:
+            assert process.poll() is None, (self.dir / "daemons.out").read_text()
+        for zone in self.zones:
+            try:
+                response = self.query(zone + ".", "SOA")
+            except (OSError, dns.exception.DNSException):
+                return False
+            if response.rcode() != dns.rcode.NOERROR or not response.answer:
+                return False
+            if zone in self.signed and not response.flags & dns.flags.AD:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
+        self._out.close()
+        gevent.get_hub().threadpool.apply(shutil.rmtree, (self.dir, True))
+
+
+class PolicyServer:
+    """An HTTPS server in ``host`` serving MTA-STS policies: {domain: policy text}."""
+
+    def __init__(self, lab: NetLab, host: str, address: str, chain: Path, key: Path, policies: dict[str, str]) -> None:
+        self.lab, self.host, self.address = lab, host, address
+        self.dir = Path(private_folder("qpg-sts-"))
+        (self.dir / "policies.json").write_text(json.dumps(policies))
+        self._out = open(self.dir / "server.out", "wb")
+        self.process = subprocess.Popen(
+            lab.command(host, sys.executable, "-m", "qpgevent.testing.sts_server", address,
+                        str(chain), str(key), str(self.dir / "policies.json")),
+            stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
+        wait_until(lambda: b"ready" in (self.dir / "server.out").read_bytes() or self.process.poll() is not None,
+                   20, "the MTA-STS policy server")
+        assert self.process.poll() is None, (self.dir / "server.out").read_text()
+
+    def log(self) -> str:
+        return (self.dir / "server.out").read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self._out.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LabPostfix(Postfix):
+    """The project's private Postfix, on ``address``:25 inside lab host ``host``."""
+
+    def __init__(self, lab: NetLab, host: str, address: str, mailboxes: list[str], interfaces: str = "",
+                 **kwargs) -> None:  # noqa: ANN003
+        main = {"inet_interfaces": interfaces or address, "mynetworks": "198.18.0.0/24", "myhostname": f"{host}.lab.test",
+                **kwargs.pop("main", {})}
+        super().__init__(mailboxes, main=main, **kwargs)
+        self.lab, self.host, self.address = lab, host, address
+        master = self.conf / "master.cf"
+        master.write_text(master.read_text().replace(f"127.0.0.1:{self.port} inet", "smtp inet", 1))
+        minute_ago = time.time() - 60
+        os.utime(master, (minute_ago, minute_ago))
+
+    def command(self, *args: str) -> list[str]:
+        # Inside the host: outside it, Postfix refuses a config whose inet_interfaces
+        # are not local addresses (even for "postfix stop").
+        return self.lab.command(self.host, *super().command(*args))
+
+    def answers(self) -> bool:
+        line = self.lab.greeting(self.host, self.address, 25)
+        return bool(line and line.startswith(b"220 "))
+
+    def cleanup(self) -> None:
+        self.stop()
+        gevent.get_hub().threadpool.apply(shutil.rmtree, (self.root, True))

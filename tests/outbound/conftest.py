@@ -1,0 +1,140 @@
+"""Fixtures of the outbound queue tests: the lab "internet" and a qpgevent MTA inside it.
+
+The internet (module-wide, ~2 s to build): hosts ``client`` (198.18.0.2), ``mta``
+(198.18.0.10, where qpgevent runs), ``dns`` (NSD, 198.18.0.53), ``mx1``..``mx4``
+(198.18.0.21-24), ``web`` (198.18.0.80: MTA-STS policies over HTTPS). Postfix listens on
+``mx1`` and ``mx2`` (IPv4 and IPv6), both with STARTTLS: mx1's certificate is valid for
+mx1.lab.test, mx2's names another host; ``mx3`` has nothing on port 25 (connections
+refused); ``mx4`` is for Postfix instances a test starts itself (one that comes back, a
+slow one). The DNS is a validating unbound in front of NSD; ``dane.test`` is signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from qpgevent.testing.outbound_lab import LabDns, LabPostfix, NetLab, PolicyServer, sweep
+from qpgevent.tls_policy import spki
+from qpgevent.testing import ServerProcess, plugin_section, write_ini
+
+HOSTS = {name: (f"198.18.0.{n}", f"2001:db8::{n}") for name, n in
+         (("client", 2), ("mta", 10), ("dns", 53), ("mx1", 21), ("mx2", 22), ("mx3", 23), ("mx4", 24),
+                              ("web", 80))}
+
+ZONES = {
+    "lab.test": {f"mx{i}": [("A", f"198.18.0.2{i}")] for i in range(1, 5)}
+    | {"mx2v6": [("AAAA", "2001:db8::22")], "ns": [("A", "198.18.0.53")]},
+    "pref.test": {"@": [("MX", "10 mx1.lab.test."), ("MX", "20 mx2.lab.test.")]},
+    "fallback.test": {"@": [("MX", "10 mx3.lab.test."), ("MX", "20 mx2.lab.test.")]},
+    "six.test": {"@": [("MX", "10 mx2v6.lab.test.")]},
+    "implicit.test": {"@": [("A", "198.18.0.22")]},
+    "sender.test": {"@": [("MX", "10 mx1.lab.test.")]},
+    "nullmx.test": {"@": [("MX", "0 .")]},
+    "late.test": {"@": [("MX", "10 mx4.lab.test.")]},
+    "slow.test": {"@": [("MX", "10 mx4.lab.test.")]},
+    # MTA-STS: policies served by the "web" host; mx2's certificate names another host.
+    "sts.test": {"@": [("MX", "10 mx2.lab.test.")], "_mta-sts": [("TXT", '"v=STSv1; id=1;"')],
+                 "mta-sts": [("A", "198.18.0.80")]},
+    "stsok.test": {"@": [("MX", "10 mx1.lab.test.")], "_mta-sts": [("TXT", '"v=STSv1; id=1;"')],
+                   "mta-sts": [("A", "198.18.0.80")]},
+}
+STS_POLICIES = {"sts.test": "version: STSv1\r\nmode: enforce\r\nmx: mx2.lab.test\r\nmax_age: 86400\r\n",
+                "stsok.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n"}
+
+
+def dane_zone(spki_sha256: str) -> dict:
+    """A signed zone: good.dane.test's MX publishes mx1's key; bad.dane.test's MX (mx1 too) another."""
+    return {"good": [("MX", "10 mx1.dane.test.")], "mx1": [("A", "198.18.0.21")],
+            "_25._tcp.mx1": [("TLSA", f"3 1 1 {spki_sha256}")],
+            "bad": [("MX", "10 mxbad.dane.test.")], "mxbad": [("A", "198.18.0.21")],
+            "_25._tcp.mxbad": [("TLSA", "3 1 1 " + "00" * 32)],
+            "plain": [("MX", "10 mx1.lab.test.")]}
+
+
+class Internet:
+    def __init__(self, lab: NetLab, dns: LabDns, mx1: LabPostfix, mx2: LabPostfix, ca_file: Path) -> None:
+        self.lab, self.dns, self.mx1, self.mx2, self.ca_file = lab, dns, mx1, mx2, ca_file
+
+
+def _certificate(ca: trustme.CA, folder: Path, *names: str) -> tuple[Path, Path, bytes]:
+    """(chain, key, DER certificate) for ``names``, from the lab's CA."""
+    issued = ca.issue_cert(*names)
+    chain, key = folder / f"{names[0]}.pem", folder / f"{names[0]}.key"
+    issued.cert_chain_pems[0].write_to_path(str(chain))
+    issued.private_key_pem.write_to_path(str(key))
+    for path in (chain, key):
+        path.chmod(0o644)
+    der = x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes()).public_bytes(serialization.Encoding.DER)
+    return chain, key, der
+
+
+@pytest.fixture(scope="module")
+def internet(tmp_path_factory):
+    sweep()
+    folder = tmp_path_factory.mktemp("lab-tls")
+    folder.chmod(0o755)
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    mx1_cert = _certificate(ca, folder, "mx1.lab.test")
+    mx2_cert = _certificate(ca, folder, "elsewhere.lab.test")  # not mx2's name: MTA-STS must refuse it
+    web_cert = _certificate(ca, folder, *(f"mta-sts.{domain}" for domain in STS_POLICIES))
+    digest = hashlib.sha256(spki(mx1_cert[2])).hexdigest()
+    lab = NetLab(HOSTS)
+    started = []
+    try:
+        dns = LabDns(lab, "dns", "198.18.0.53", {**ZONES, "dane.test": dane_zone(digest)}, signed=("dane.test",))
+        started.append(dns)
+        started.append(PolicyServer(lab, "web", "198.18.0.80", web_cert[0], web_cert[1], STS_POLICIES))
+        mx1 = LabPostfix(lab, "mx1", "198.18.0.21", ["a@pref.test", "b@pref.test", "sender@sender.test",
+                                                     "s@stsok.test", "x@good.dane.test", "y@bad.dane.test",
+                                                     "z@plain.dane.test"], tls=mx1_cert[:2])
+        started.append(mx1)
+        mx1.start()
+        mx2 = LabPostfix(lab, "mx2", "198.18.0.22", interfaces="198.18.0.22, 2001:db8::22", mailboxes=
+                         ["a@pref.test", "b@pref.test", "c@fallback.test", "d@six.test", "e@implicit.test",
+                          "s@sts.test"], tls=mx2_cert[:2],
+                         main={"inet_protocols": "all", "mynetworks": "198.18.0.0/24, [2001:db8::]/64"})
+        started.append(mx2)
+        mx2.start()
+        yield Internet(lab, dns, mx1, mx2, folder / "ca.pem")
+    finally:
+        for thing in reversed(started):
+            if isinstance(thing, LabPostfix):
+                thing.cleanup()
+            else:
+                thing.stop()
+        lab.close()
+
+
+@pytest.fixture
+def start_mta(internet, tmp_path):
+    """``start_mta(**outbound_options)``: qpgevent in host ``mta``, port 25, queue/outbound."""
+    servers = []
+
+    def start(**options):
+        wrapper = tmp_path / "lab-python"
+        # The server's interpreter, run inside the lab host (ip netns exec execs it: same pid).
+        wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {internet.lab.ns('mta')} {sys.executable} \"$@\"\n")
+        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+        options = {"queue_dir": str(tmp_path / "queue"), "minimal_backoff": 1, "maximal_backoff": 2,
+                   "tls_ca_file": str(internet.ca_file),
+                   "scan_interval": 0.5, "connect_timeout": 5, "command_timeout": 30, **options}
+        plugins = "[[relay]]\n  clients = 198.18.0.0/24\n[[rcpt_ok]]\n" + plugin_section("queue/outbound", **options)
+        ini = write_ini(tmp_path, plugins=plugins, me="mta.lab.test", listen="198.18.0.10:25", workers=1,
+                        dns_nameservers="198.18.0.53", dns_port=53)
+        server = ServerProcess(ini, python=str(wrapper))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.terminate()

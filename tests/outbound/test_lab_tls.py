@@ -1,0 +1,45 @@
+"""End to end: TLS of the outbound queue: opportunistic STARTTLS, MTA-STS enforce, DANE."""
+
+from __future__ import annotations
+
+from outbound_helpers import message, queued, send, with_subject
+from qpgevent.testing import wait_until
+
+
+def received_over_tls(delivered: bytes) -> bool:
+    # Postfix's smtpd_tls_received_header: "(using TLSv1.3 with cipher ...)" in its Received line.
+    return b"using TLS" in delivered.split(b"\r\n\r\n", 1)[0].replace(b"\n", b"")
+
+
+def test_starttls_is_used_when_offered(internet, start_mta):
+    start_mta()
+    send(internet, "sender@sender.test", ["a@pref.test"], message("encrypted"))
+    [got] = with_subject(internet.mx1, "a@pref.test", "encrypted")
+    assert received_over_tls(got)
+
+
+def test_an_mta_sts_enforce_domain_with_a_bad_certificate_is_deferred_not_sent_in_clear(internet, start_mta, tmp_path):
+    server = start_mta()
+    send(internet, "sender@sender.test", ["s@sts.test", "s@stsok.test"], message("policy"))
+    # stsok.test: its MX has a valid certificate for its name: delivered, over TLS.
+    [got] = with_subject(internet.mx1, "s@stsok.test", "policy")
+    assert received_over_tls(got)
+    # sts.test: mx2's certificate names another host: never delivered, deferred.
+    wait_until(lambda: server.log().count("deferred, next attempt") >= 2, 60, "two deferred attempts")
+    assert "MTA-STS policy 1, mode enforce" in server.log()
+    assert "CERTIFICATE_VERIFY_FAILED" in server.log()
+    assert internet.mx2.messages("s@sts.test") == []
+    assert len(queued(tmp_path / "queue")) == 1
+
+
+def test_dane_delivers_to_a_matching_tlsa_record_and_not_to_a_mismatching_one(internet, start_mta, tmp_path):
+    server = start_mta()
+    send(internet, "sender@sender.test", ["x@good.dane.test", "y@bad.dane.test", "z@plain.dane.test"],
+         message("dane"))
+    [got] = with_subject(internet.mx1, "x@good.dane.test", "dane")
+    assert received_over_tls(got)
+    with_subject(internet.mx1, "z@plain.dane.test", "dane")  # signed zone, no TLSA for its MX: as usual
+    wait_until(lambda: server.log().count("deferred, next attempt") >= 2, 60, "two deferred attempts")
+    assert "does not match its TLSA records" in server.log()
+    assert internet.mx1.messages("y@bad.dane.test") == []
+    assert len(queued(tmp_path / "queue")) == 1

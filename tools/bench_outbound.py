@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Benchmark the outbound queue: drain N queued messages to D domains, qpgevent beside Postfix.
+
+Usage:
+    tools/bench_outbound.py [--messages 10000] [--domains 50] [--size 2000] [--concurrency 20]
+
+Builds a lab internet (qpgevent.testing.outbound_lab: network namespaces, nothing in the host's
+namespace is dialled): ``mta`` (the sender under test), ``dns`` (unbound + NSD: the D
+domains ``dN.bench.test``, each with MX ``mx.bench.test``), ``sink`` (Postfix's
+``smtp-sink``, which accepts and discards, so the receiver costs both senders the same).
+Then, one after the other:
+
+- qpgevent: the queue folder is filled with N messages (one recipient each, round robin
+  over the domains) while no runner runs; the server starts in ``mta`` and the clock runs
+  from the runner's "running on" line (its start-up is not counted, as Postfix's is not)
+  until the queue folder is empty.
+- Postfix: a private Postfix in ``mta`` (its own config, DNS through the lab resolver,
+  ``defer_transports = smtp`` while it is filled by ``smtp-source`` over SMTP); then
+  ``defer_transports`` is cleared, ``postqueue -f`` starts the clock, which stops when its
+  queue is empty.
+
+Both deliver with ``--concurrency`` connections per destination (qpgevent's
+destination_concurrency, Postfix's default_destination_concurrency_limit), fsync on (both
+defaults), no TLS (smtp-sink offers none). smtp-sink's counter must grow by exactly N for
+each run, or the tool fails. Prints one line per sender and the ratio. Needs root.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from qpgevent.outqueue import Queue, Recipient  # noqa: E402
+from qpgevent.testing import ServerProcess, plugin_section, wait_until, write_ini  # noqa: E402
+from qpgevent.testing.outbound_lab import LabDns, LabPostfix, NetLab, sweep  # noqa: E402
+
+HOSTS = {"mta": ("198.18.0.10", "2001:db8::10"), "dns": ("198.18.0.53", "2001:db8::53"),
+         "sink": ("198.18.0.21", "2001:db8::21")}
+
+
+def body(i: int, size: int) -> bytes:
+    head = f"From: <bench@sender.test>\r\nSubject: bench {i}\r\nMessage-ID: <{i}@sender.test>\r\n\r\n"
+    line = b"x" * 76 + b"\r\n"
+    return head.encode() + line * max(1, size // len(line))
+
+
+class Sink:
+    def __init__(self, lab: NetLab) -> None:
+        self.out = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(lab.command("sink", "smtp-sink", "-c", "-u", "nobody", "198.18.0.21:25", "1000"),
+                                        stdout=self.out, stderr=subprocess.STDOUT)
+        wait_until(lambda: lab.greeting("sink", "198.18.0.21", 25), 20, "smtp-sink")
+
+    def count(self) -> int:
+        self.out.seek(0)
+        numbers = re.findall(rb"mesg=(\d+)", self.out.read())  # "sess=N quit=N mesg=N\r", rewritten
+        return int(numbers[-1]) if numbers else 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def run_qpgevent(lab: NetLab, sink: Sink, args: argparse.Namespace, work: Path) -> float:
+    queue = Queue(str(work / "queue"))
+    for i in range(args.messages):
+        queue.enqueue("bench@sender.test", [Recipient(f"u{i}@d{i % args.domains}.bench.test")], [body(i, args.size)])
+    wrapper = work / "lab-python"
+    wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {lab.ns('mta')} {sys.executable} \"$@\"\n")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    options = {"queue_dir": str(work / "queue"), "destination_concurrency": args.concurrency,
+               "max_deliveries": 5 * args.concurrency, "scan_interval": 1}
+    ini = write_ini(work, plugins=plugin_section("queue/outbound", **options), me="mta.bench.test",
+                    listen="198.18.0.10:2525", workers=1, dns_nameservers="198.18.0.53", dns_port=53)
+    before = sink.count()
+    server = ServerProcess(ini, python=str(wrapper))
+    try:
+        # The clock starts when the runner runs (Postfix's, when it is told to deliver).
+        wait_until(lambda: "queue runner (pid" in server.log() and " running on " in server.log(), 60,
+                   "the queue runner", step=0.01)
+        started = time.monotonic()
+        wait_until(lambda: not os.listdir(work / "queue" / "env"), args.timeout, "qpgevent's queue empty", step=0.1)
+        seconds = time.monotonic() - started
+    finally:
+        server.terminate()
+    delivered = wait_until(lambda: sink.count() - before >= args.messages and sink.count() - before, 30, "sink count")
+    if delivered != args.messages:
+        raise SystemExit(f"qpgevent: smtp-sink counted {delivered} messages, not {args.messages}")
+    return seconds
+
+
+def run_postfix(lab: NetLab, sink: Sink, args: argparse.Namespace) -> float:
+    resolv = Path(f"/etc/netns/{lab.ns('mta')}")
+    resolv.mkdir(parents=True, exist_ok=True)
+    (resolv / "resolv.conf").write_text("nameserver 198.18.0.53\n")
+    postfix = LabPostfix(lab, "mta", "198.18.0.10", ["nobody@local.bench.test"], main={
+        "myhostname": "mta.bench.test", "disable_dns_lookups": "no", "smtp_host_lookup": "dns",
+        "defer_transports": "smtp", "default_destination_concurrency_limit": str(args.concurrency),
+        "smtp_tls_security_level": "none"})
+    postfix.start()
+    try:
+        per_domain = args.messages // args.domains
+        for n in range(args.domains):
+            subprocess.run(lab.command("mta", "smtp-source", "-s", "20", "-m", str(per_domain), "-l", str(args.size),
+                                       "-f", "bench@sender.test", "-t", f"u@d{n}.bench.test", "198.18.0.10:25"),
+                           check=True, capture_output=True, timeout=600)
+        queued = lambda: sum(len(files) for _, _, files in os.walk(postfix.root / "queue" / "deferred"))  # noqa: E731
+        wait_until(lambda: queued() >= per_domain * args.domains, 120, "Postfix's deferred queue filled", step=0.2)
+        before = sink.count()
+        subprocess.run(lab.command("mta", "postconf", "-c", str(postfix.conf), "-e", "defer_transports="), check=True)
+        subprocess.run(postfix.command("reload"), capture_output=True, check=True)
+        started = time.monotonic()
+        subprocess.run(lab.command("mta", "postqueue", "-c", str(postfix.conf), "-f"), check=True)
+
+        def empty() -> bool:
+            return not any(files for sub in ("incoming", "active", "deferred")
+                           for _, _, files in os.walk(postfix.root / "queue" / sub))
+
+        wait_until(empty, args.timeout, "Postfix's queue empty", step=0.1)
+        seconds = time.monotonic() - started
+        delivered = wait_until(lambda: sink.count() - before >= per_domain * args.domains and sink.count() - before,
+                               30, "sink count")
+        if delivered != per_domain * args.domains:
+            raise SystemExit(f"postfix: smtp-sink counted {delivered}, not {per_domain * args.domains}")
+        return seconds
+    finally:
+        postfix.cleanup()
+        shutil.rmtree(resolv, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=10000)
+    parser.add_argument("--domains", type=int, default=50)
+    parser.add_argument("--size", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+    args.messages -= args.messages % args.domains  # the same number per domain for both
+    sweep()
+    lab = NetLab(HOSTS)
+    work = Path(tempfile.mkdtemp(prefix="qpg-bench-outbound-", dir="/tmp"))
+    zones = {"bench.test": {"mx": [("A", "198.18.0.21")],
+                            **{f"d{n}": [("MX", "10 mx.bench.test.")] for n in range(args.domains)}}}
+    dns = sink = None
+    try:
+        dns = LabDns(lab, "dns", "198.18.0.53", zones)
+        sink = Sink(lab)
+        qpgevent = run_qpgevent(lab, sink, args, work)
+        postfix = run_postfix(lab, sink, args)
+    finally:
+        if sink is not None:
+            sink.stop()
+        if dns is not None:
+            dns.stop()
+        lab.close()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.messages} messages of {args.size} octets to {args.domains} domains, "
+          f"{args.concurrency} connections per destination")
+    print(f"qpgevent: {qpgevent:7.1f} s  {args.messages / qpgevent:7.0f} msg/s")
+    print(f"postfix:  {postfix:7.1f} s  {args.messages / postfix:7.0f} msg/s")
+    print(f"xqpgevent (qpgevent msg/s / postfix msg/s): {postfix / qpgevent:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
