@@ -40,14 +40,20 @@ def main() -> int:
     parser.add_argument("--concurrency", type=benchlib.number_list("concurrency"), default=[100, 500])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--smtp-source", default="/usr/sbin/smtp-source")
+    parser.add_argument("--workdir", default=None, help="where the servers' folders go (default: /tmp)")
     args = parser.parse_args()
     # The servers run in folders of their own: a relative path to a Python would not be found.
     args.python, args.before_python = (str(Path(p).absolute()) if "/" in p else p
                                        for p in (args.python, args.before_python))
+    with tempfile.TemporaryDirectory(prefix="bench-ab-", dir=args.workdir) as temp:
+        return compare(args, Path(temp))
+
+
+def compare(args: argparse.Namespace, temp: Path) -> int:
     servers = {}
     try:
         for side, python in (("before", args.before_python), ("after", args.python)):
-            folder = Path(tempfile.mkdtemp(prefix=f"bench-ab-{side}-"))
+            folder = temp / side
             for sub in ("tmp", "new", "cur"):
                 (folder / "Maildir" / sub).mkdir(parents=True)
             servers[side] = benchlib.QpgeventServer(
@@ -56,12 +62,12 @@ def main() -> int:
         for server in servers.values():
             server.wait_ready()
         for concurrency in args.concurrency:
-            both(servers, args, concurrency, 1000)  # warm-up, not counted
+            both(servers, args, concurrency, min(1000, args.messages))  # warm-up, not counted
             ratios = []
             for number in range(1, args.rounds + 1):
                 got = both(servers, args, concurrency, args.messages)
                 (rate_b, cpu_b), (rate_a, cpu_a) = got["before"], got["after"]
-                ratios.append((rate_a / rate_b, cpu_a / cpu_b))
+                ratios.append((rate_a / rate_b, cpu_a / cpu_b if cpu_b else float("nan")))  # nan: too short to tell
                 print(f"conc {concurrency} round {number}: before {rate_b:7.1f} msg/s {cpu_b:.2f} CPU s/1000 | "
                       f"after {rate_a:7.1f} msg/s {cpu_a:.2f} CPU s/1000 | after/before msg/s "
                       f"{ratios[-1][0]:.3f}, CPU {ratios[-1][1]:.3f}", flush=True)
