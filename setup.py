@@ -25,7 +25,8 @@ setup(
     # locust: loadtest/locustfile.py, and tests/loadtest runs it (skipped when it is missing).
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5",
                              "locust>=2.20", "trustme>=1.1", "dkimpy>=1.1", "pyspf>=2.0.14", "ldap3>=2.9",
-                             "hypothesis>=6.100"],  # tests/hardening: the fuzzers of the sans-I/O core
+                             "hypothesis>=6.100",  # tests/hardening: the fuzzers of the sans-I/O core
+                             "mypy>=1.10"],  # .ci/run type-checks the package (mypy.ini)
                     # sender_permitted_from needs pyspf, dkim needs dkimpy: only those plugins.
                     "auth": ["dkimpy>=1.1", "pyspf>=2.0.14"],
                     # auth/ldap and rcpt_ldap: ldap3, pure Python (cooperative under gevent).

@@ -3,8 +3,7 @@
 The format is described in ``tests/transcripts/README.md``. There is one parser and one
 replay loop; what differs is the peer the client lines go to:
 
-- ``CorePeer``: the sans-I/O ``SmtpProtocol`` alone, answered the way the session answers
-  when the plugins agree with the reply table's defaults (unit level, no socket);
+- ``CorePeer``: the real conversation and plugins, in memory (unit level, no socket);
 - ``SocketPeer``: the real server over a loopback socket (e2e level).
 
 Test modules import this file as ``transcript_replay``: pytest puts ``tests/`` on
@@ -18,17 +17,16 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qpgevent import __version__, config
-from qpgevent.address import Address
-from qpgevent.codes import ReturnCode, Verdict
+import gevent
+
+from qpgevent import config
 from qpgevent.connection import Connection
+from qpgevent.engine.conversation import Conversation
 from qpgevent.engine.hooks import HookRunner
-from qpgevent.core.protocol import (CONNECTION_CLOSED, NEED_DATA, Data, Ehlo, Helo, Help, Mail,
-                               MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset,
-                               SmtpProtocol, State, Unknown, Vrfy)
-from qpgevent.core.reply import REPLY_TABLE, Canned, Outcome, Reply, answer, reply
-from qpgevent.server.session import Session
-from qpgevent.testing import write_ini
+from qpgevent.engine.loader import load_plugins
+from qpgevent.engine.memory import InMemory
+from qpgevent.server.driver import surroundings
+from qpgevent.testing import maildir_messages, strip_trace, write_ini
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 CLOSED_MARK = "<connection closed>"
@@ -193,96 +191,48 @@ def settings_for(transcript: Transcript, directory: Path) -> config.Settings:
 
 
 class CorePeer:
-    """``SmtpProtocol`` with no socket and no plugins, answered as the session would.
+    """The real conversation of the real plugins, in memory: no socket, no server.
 
-    Each command gets the reply the session sends when its hook's plugins agree with
-    the reply table (the ``PROCEED`` cell, DECLINED where that proceeds, else OK); the
-    HELO/EHLO and greeting words are the session's. Everything the protocol decides by
-    itself (``Rejected``, limits, message problems, state) is the real thing.
+    The plugins and settings are the transcript's (the same ini the e2e level gives the
+    server), loaded by the real loader; the conversation (``qpgevent.engine``) is the one
+    the server drives, here fed byte for byte by ``qpgevent.engine.memory``. So this level
+    checks every decision of the session, not a copy of it; only the socket is missing.
     """
 
     def __init__(self, settings: config.Settings) -> None:
-        # A Session built without a socket, only to take its real Limits (from the
-        # settings) and its real EHLO keywords; it never runs.
-        session = Session(None, Connection("127.0.0.1", 0), HookRunner([]), settings)  # type: ignore[arg-type]
-        self.me = settings.me
-        self.extensions = session.extensions()
-        self.protocol = SmtpProtocol(session.protocol.limits)
-        self.delivered: list[bytes] = []
-        self._message = bytearray()
-        self._out = bytearray(self.protocol.greeting(
-            reply(220, None, f"{self.me} ESMTP qpgevent {__version__} ready")))
+        self.settings = settings
+        runner = HookRunner(load_plugins(settings), settings.plugin_timeout, timeout=gevent.Timeout)
+        runner.notify("post_fork", None)
+        conversation = Conversation(Connection("127.0.0.1", 40000, "127.0.0.1", 25), runner, settings,
+                                    surroundings=surroundings(settings))
+        self.peer = InMemory(conversation)
+        self.peer.open()
+        self._out = bytearray(self.peer.read())
+
+    @property
+    def delivered(self) -> list[bytes]:
+        """The messages in the transcript's Maildir, as the client sent them."""
+        maildir = Path(self.settings.base_dir) / "Maildir"
+        return sorted(strip_trace(message) for message in maildir_messages(maildir).values())
 
     def send(self, data: bytes, where: str = "") -> None:
         if self._out:
             raise AssertionError(f"{where}: the server said {bytes(self._out)!r} first, "
                                  "which the transcript does not list")
-        if self.protocol.state is State.CLOSED:
+        if self.peer.closed:
             raise AssertionError(f"{where}: the client writes after the server closed")
-        self.protocol.receive_data(data)
-        while True:
-            event = self.protocol.next_event()
-            if event is NEED_DATA or event is CONNECTION_CLOSED:
-                return
-            answer_reply = self._answer(event)
-            if answer_reply is not None:
-                self._out += self.protocol.send(answer_reply)
+        self.peer.send(data)
+        self._out += self.peer.read()
 
     def read_line(self) -> str | None:
         if not self._out:
-            if self.protocol.state is State.CLOSED:
+            if self.peer.closed:
                 return None
             raise NoReply
         end = self._out.index(b"\r\n")
         line = bytes(self._out[:end])
         del self._out[:end + 2]
         return line.decode("utf-8")
-
-    def _answer(self, event: object) -> Reply | None:
-        if isinstance(event, Rejected):
-            return event.reply
-        if isinstance(event, MessageData):
-            self._message += event.data
-            return None
-        if isinstance(event, MessageEnd):
-            message, self._message = bytes(self._message), bytearray()
-            if event.problem is not None:
-                return event.problem
-            self.delivered.append(message)
-            return self._default("queue")
-        if isinstance(event, Helo):
-            return reply(250, None, f"{self.me} Hi there [127.0.0.1]; I am so happy to meet you.")
-        if isinstance(event, Ehlo):
-            return reply(250, None, f"{self.me} Hi there [127.0.0.1]", *self.extensions)
-        if isinstance(event, Mail):
-            sender = self._address(event.path, "SMTPUTF8" in event.params, sender=True)
-            return self._default("mail", address=sender.format())
-        if isinstance(event, Rcpt):
-            recipient = self._address(event.path, self.protocol.smtputf8, sender=False)
-            return self._default("rcpt", address=recipient.format())
-        if isinstance(event, Rset):
-            return Canned.OK
-        hooks = {Data: "data", Noop: "noop", Vrfy: "vrfy", Help: "help", Quit: "quit",
-                 Unknown: "unrecognized_command"}
-        return self._default(hooks[type(event)])
-
-    def _default(self, hook: str, **fields: str) -> Reply | None:
-        rules = REPLY_TABLE[hook]
-        code = ReturnCode.DECLINED
-        if rules[code].outcome is not Outcome.PROCEED and rules[ReturnCode.OK].outcome is Outcome.PROCEED:
-            code = ReturnCode.OK
-        return answer(hook, Verdict(code), me=self.me, **fields).reply
-
-    @staticmethod
-    def _address(path: str, smtputf8: bool, sender: bool) -> Address:
-        # The session refuses paths the Address parser refuses; a core transcript is
-        # about the protocol's own decisions, so such a path means a misfiled transcript.
-        try:
-            return Address.parse(path, smtputf8=smtputf8, allow_null=sender,
-                                 allow_postmaster=not sender)
-        except ValueError as error:
-            raise TranscriptError(f"{path!r} is refused by the session ({error}): "
-                                  "mark this transcript '# level: e2e'") from None
 
 
 class SocketPeer:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from qpgevent.server.cli import EXIT_CODES, build_parser  # noqa: E402
 from qpgevent.codes import ReturnCode, Verdict  # noqa: E402
-from qpgevent.engine.hooks import HOOKS  # noqa: E402
+from qpgevent.engine.hooks import HOOKS, HookSpec  # noqa: E402
 from qpgevent.plugin import REJECT_OPTIONS, STANDARD_CONFIGSPEC, Plugin  # noqa: E402
 
 
@@ -67,6 +67,11 @@ def hooks_page() -> str:
            "``{me}`` the server's name. A plugin that raises or times out gives the \"internal error\"\n"
            "row (never a silent pass).\n\n",
            "Return codes: " + ", ".join(f"``{code.name}``" for code in ReturnCode) + ".\n\n",
+           "Types in the signatures: `Session` and `HookResult` are in `qpgevent.session` (the session\n"
+           "is the object every hook gets: `connection`, `transaction`, `notes`, `respond`,\n"
+           "`rewrite_sender`...; a `HookResult` is `None`, a `ReturnCode`, or `(ReturnCode, message)`\n"
+           "with a `str` or a list of lines); `Address` is `qpgevent.address.Address`; `Verdict` is\n"
+           "`qpgevent.plugin.Verdict`.\n\n",
            "| hook | arguments | kind |\n| --- | --- | --- |\n"]
     for spec in HOOKS.values():
         kind = "notification" if spec.notify else "decision"
@@ -74,7 +79,7 @@ def hooks_page() -> str:
             kind += " (reserved: accepted, never called yet)"
         out.append(f"| [`{spec.name}`](#{spec.name}) | {', '.join(_arguments(spec))} | {kind} |\n")
     for spec in HOOKS.values():
-        out.append(f"\n## {spec.name}\n\n`hook_{spec.name}({', '.join(['self', *_arguments(spec)])})`\n\n")
+        out.append(f"\n## {spec.name}\n\n`{spec.signature()}`\n\n")
         if spec.doc:
             out.append(spec.doc[0].upper() + spec.doc[1:] + ".\n\n")
         if not spec.fired:
@@ -90,8 +95,8 @@ def hooks_page() -> str:
     return "".join(out)
 
 
-def _arguments(spec) -> list[str]:
-    return (["session"] if spec.session else []) + list(spec.args)
+def _arguments(spec: HookSpec) -> list[str]:
+    return spec.parameters()
 
 
 def _row(hook: str, label: str, verdict: Verdict) -> str:

@@ -5,11 +5,12 @@ Owns the output side of stdlib logging for the ``qpgevent`` logger tree:
   opens the file again by its name, for log rotation: the master does it on SIGUSR1 and
   passes the signal on to every worker, which does the same (HUP is taken: it reloads);
 - how they look: plain text (``TEXT_FORMAT``) or one JSON object per line;
-- which session a line belongs to: ``SessionLogger`` attaches ``conn`` (and ``txn``
-  inside a transaction) to each record it makes, and ``bind_session`` marks the running
-  greenlet's session so that lines logged by plugins and services through their own
-  loggers get the same ids;
-- what must never be written: ``redact`` hides the secret part of a command line (AUTH),
+- which session a line belongs to: ``SessionLogger`` (the engine's, ``qpgevent.engine.session``)
+  attaches ``conn`` (and ``txn`` inside a transaction) to each record it makes, and
+  ``bind_session`` marks the running greenlet's session so that lines logged by plugins
+  and services through their own loggers get the same ids;
+- what must never be written: ``redact`` (also the engine's) hides the secret part of a
+  command line (AUTH),
   and ``escape`` writes the control characters of a message (what clients wrote: HELO
   names, addresses, commands) as ``\\xNN``, so that no client can end a log line early,
   forge the next one, or send escape sequences to an operator's terminal. A traceback
@@ -30,6 +31,8 @@ import socket
 import sys
 import time
 from typing import Any
+
+from ..engine.session import SessionLogger, redact, session_ids  # noqa: F401 (their home is the engine)
 
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(context)s%(message)s"
 #: Syslog adds its own time stamp and host; we add the program name and pid (RFC 3164 TAG).
@@ -61,14 +64,6 @@ def bind_session(session: Any) -> None:
     _session.set(session)
 
 
-def session_ids(session: Any) -> dict[str, str]:
-    ids = {"conn": session.connection.id}
-    transaction = session.current_transaction
-    if transaction is not None:
-        ids["txn"] = transaction.id
-    return ids
-
-
 class SessionContext(logging.Filter):
     """Gives every record ``conn``/``txn`` (from the bound session when the logger did not)
     and ``context``, their text form ("conn=1a.2 txn=3 " or "")."""
@@ -79,10 +74,11 @@ class SessionContext(logging.Filter):
             for key, value in (session_ids(session) if session is not None else {}).items():
                 setattr(record, key, value)
         context = ""
-        if getattr(record, "conn", None):
-            context = f"conn={record.conn} "
-            if getattr(record, "txn", None):
-                context += f"txn={record.txn} "
+        conn, txn = getattr(record, "conn", None), getattr(record, "txn", None)
+        if conn:
+            context = f"conn={conn} "
+            if txn:
+                context += f"txn={txn} "
         record.context = context
         return True
 
@@ -187,31 +183,3 @@ def reopen() -> int:
         if failed is not None:
             logging.getLogger("qpgevent.log").error("cannot reopen %s: %s", handler.baseFilename, failed)
     return reopened
-
-
-class SessionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Attaches ``conn=<id>`` (and ``txn=<id>`` inside a transaction) to every record."""
-
-    def __init__(self, logger: logging.Logger, session: Any) -> None:
-        super().__init__(logger, {})
-        self.session = session
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs["extra"] = {**session_ids(self.session), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-
-_AUTH = re.compile(r"(?i)^(\s*AUTH\s+\S+)(\s+\S.*)?$")
-
-
-def redact(line: str) -> str:
-    """A command line fit for a log: ``AUTH PLAIN <secret>`` becomes ``AUTH PLAIN ***``.
-
-    The AUTH mechanism stays (it helps), its initial response goes (RFC 4954 4: it holds
-    the credentials, base64 is no protection). Lines sent in answer to a 334 challenge
-    are all secret: the code that reads them must not log them at all.
-    """
-    match = _AUTH.match(line)
-    if match is None:
-        return line
-    return match.group(1) + (" ***" if match.group(2) else "")

@@ -22,151 +22,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+from .events import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Command, Data, Ehlo, Event, Helo, Help,
+                     Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, Starttls, State, Unknown,
+                     Vrfy)
 from .reply import Canned, Reply
 from .wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
 
-
-class State(enum.Enum):
-    NEED_HELLO = "need hello"
-    READY = "ready"  #: greeted, no transaction
-    MAIL = "mail"  #: a sender was accepted
-    RCPT = "rcpt"  #: at least one recipient was accepted
-    DATA = "data"  #: the message is streaming in
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A well-formed command, in sequence. ``line`` is the raw text, for logs."""
-
-    verb: str
-    argument: str
-    line: str
-
-
-@dataclass(frozen=True, slots=True)
-class Helo(Command):
-    domain: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Ehlo(Command):
-    domain: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Mail(Command):
-    path: str = ""  #: as written, brackets included: plugins may rewrite it (mail_pre)
-    params: dict[str, str | None] = field(default_factory=dict)  #: upper-cased keys
-
-
-@dataclass(frozen=True, slots=True)
-class Rcpt(Command):
-    path: str = ""
-    params: dict[str, str | None] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Data(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Rset(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Noop(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Quit(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Vrfy(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Help(Command):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Starttls(Command):
-    """RFC 3207. Answered 220, the input buffered after it is thrown away (see ``send``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Auth(Command):
-    """RFC 4954. ``initial`` is the decoded initial response (None: none given; ``=`` is b"")."""
-
-    mechanism: str = ""
-    initial: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
-    """One client line in answer to our 334 challenge, base64-decoded. Never log it."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Unknown(Command):
-    """A verb the core does not know; plugins may (the unrecognized_command hook)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """Input the protocol refused by itself; send ``reply`` and carry on."""
-
-    reply: Reply
-    line: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class MessageData:
-    """A piece of the message: dot-unstuffed, CRLF line endings, in order."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEnd:
-    """The final dot. ``problem`` is the reply to give instead of delivering, if any."""
-
-    size: int
-    problem: Reply | None = None
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-class _ConnectionClosed:
-    def __repr__(self) -> str:
-        return "CONNECTION_CLOSED"
-
-
-NEED_DATA = _NeedData()
-CONNECTION_CLOSED = _ConnectionClosed()
-
-Event = Command | AuthResponse | Rejected | MessageData | MessageEnd | _NeedData | _ConnectionClosed
 
 _VERBS: dict[str, type[Command]] = {
     "HELO": Helo, "EHLO": Ehlo, "MAIL": Mail, "RCPT": Rcpt, "DATA": Data, "RSET": Rset,
     "NOOP": Noop, "QUIT": Quit, "VRFY": Vrfy, "HELP": Help, "STARTTLS": Starttls, "AUTH": Auth,
 }
+#: The commands whose argument the ``parse`` callback may rewrite (the ``*_parse`` hooks).
+_HOOKED = (Helo, Ehlo, Mail, Rcpt, Auth)
 #: RFC 4954 4: an AUTH command line, and each line answering a 334, may be 12288 octets.
 AUTH_LINE_MAX = 12288
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}$")
@@ -189,11 +61,30 @@ class Limits:
     nul_bytes: str = "reject"  #: NULs in message text: reject, strip or accept (wire.DataReader)
 
 
-class SmtpProtocol:
-    """One SMTP conversation, server side, as a state machine over bytes."""
+#: A parameter's value syntax (matched whole), or None: the keyword takes no value.
+ParameterSyntax = re.Pattern[str] | None
+#: Rewrites a command's argument before it is parsed (the ``*_parse`` hooks): the new
+#: argument, or the reply that refuses the command.
+ArgumentHook = Callable[[str, str], "str | Reply"]
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+
+class SmtpProtocol:
+    """One SMTP conversation, server side, as a state machine over bytes.
+
+    ``mail_parameters`` / ``rcpt_parameters``: the MAIL/RCPT parameters plugins declared,
+    beyond the core's, with their syntax; any other still gets 555. ``parse``: called as
+    ``parse(verb, argument)`` for HELO, EHLO, MAIL, RCPT and AUTH once they are in
+    sequence, before their argument is parsed.
+    """
+
+    def __init__(self, limits: Limits = Limits(), *,
+                 mail_parameters: Mapping[str, ParameterSyntax] | None = None,
+                 rcpt_parameters: Mapping[str, ParameterSyntax] | None = None,
+                 parse: ArgumentHook | None = None) -> None:
         self.limits = limits
+        self._declared: dict[type[Command], Mapping[str, ParameterSyntax]] = {
+            Mail: mail_parameters or {}, Rcpt: rcpt_parameters or {}}
+        self._argument_hook = parse
         self.state = State.NEED_HELLO
         self.esmtp = False  #: the client said EHLO, so extensions are on
         self.smtputf8 = False  #: the current transaction asked for SMTPUTF8
@@ -205,7 +96,7 @@ class SmtpProtocol:
         self._framer = CommandFramer(max(limits.max_command_line, AUTH_LINE_MAX))
         self._in_auth = False  #: we sent 334: the next line is a SASL response, not a command
         self._data: DataReader | None = None
-        self._pending: object = None
+        self._pending: Event | None = None
         self._end_ready: MessageEnd | None = None
         self._eof = False
 
@@ -216,6 +107,10 @@ class SmtpProtocol:
             self._framer.feed(data)
         else:
             self._eof = True
+
+    def has_input(self) -> bool:
+        """Whether bytes the client sent are waiting to be read as commands."""
+        return bool(self._framer.buffer)
 
     def discard_input(self) -> None:
         """Forget buffered input (after STARTTLS, pipelined plaintext must not count)."""
@@ -229,7 +124,7 @@ class SmtpProtocol:
             raise RuntimeError(f"reply to {self._pending!r} first")
         if self._end_ready is not None:
             self._pending, self._end_ready = self._end_ready, None
-            return self._pending  # type: ignore[return-value]
+            return self._pending
         if self._data is not None:
             return self._next_data_event()
         line = self._framer.next_line()
@@ -368,6 +263,11 @@ class SmtpProtocol:
         problem = self._out_of_order(kind, argument)
         if problem is not None:
             return Rejected(problem, line)
+        if self._argument_hook is not None and kind in _HOOKED:
+            rewritten = self._argument_hook(verb, argument)
+            if isinstance(rewritten, Reply):
+                return Rejected(rewritten, line)
+            argument = rewritten
         if kind in (Helo, Ehlo):
             if not argument:
                 return Rejected(Canned.HELO_NEEDS_DOMAIN, line)
@@ -488,8 +388,12 @@ class SmtpProtocol:
             elif kind is Mail and key == "AUTH":
                 if not value:  # RFC 4954 5: AUTH=<mailbox> or AUTH=<>, an xtext; kept, not trusted
                     return Canned.SYNTAX
-            else:
+            elif key not in self._declared[kind]:
                 return Canned.UNKNOWN_PARAMETER  # RFC 5321 4.1.1.11
+            else:  # a plugin's: its declared syntax, matched whole
+                syntax = self._declared[kind][key]
+                if (value is not None) if syntax is None else (value is None or not syntax.fullmatch(value)):
+                    return Canned.SYNTAX
         return None
 
 
@@ -534,3 +438,10 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return i
     return -1
+
+
+__all__ = ["SmtpProtocol", "Limits", "AUTH_LINE_MAX", "ParameterSyntax", "ArgumentHook",
+           # the events, made here and defined in .events (importable from either)
+           "State", "Command", "Helo", "Ehlo", "Mail", "Rcpt", "Data", "Rset", "Noop", "Quit", "Vrfy", "Help",
+           "Starttls", "Auth", "AuthResponse", "Unknown", "Rejected", "MessageData", "MessageEnd", "NEED_DATA",
+           "CONNECTION_CLOSED", "Event"]

@@ -242,6 +242,14 @@ REPLY_TABLE: dict[str, dict[ReturnCode, Rule]] = {
         code: Rule(C, 221, "2.0.0", "{me} closing connection. Have a wonderful day.")
         for code in (D.OK, D.DECLINED, D.DENY, D.DENYSOFT, D.DENY_DISCONNECT, D.DENYSOFT_DISCONNECT)
     },
+    "command": {
+        D.OK: Rule(P, 250, "2.0.0", "OK"),
+        # Declared, but the plugin that owns the verb did not answer: not implemented.
+        D.DECLINED: Rule(R, 502, "5.5.1", "Command not implemented"),
+        **_denials((550, "5.7.1", "Command refused"), (450, "4.7.0", "Command refused, try again later")),
+    },
+    # At the end of DATA, where data_post runs: a refusal refuses the message.
+    "received_line": {D.OK: SILENT, D.DECLINED: SILENT, **_MESSAGE_DENIED},
     "unrecognized_command": {
         D.OK: Rule(R, 500, "5.5.1", "Unrecognized command"),
         D.DECLINED: Rule(R, 500, "5.5.1", "Unrecognized command"),
@@ -258,8 +266,13 @@ _AUTH_RULES = {
     **_denials((535, "5.7.8", "Authentication credentials invalid"),
                (454, "4.7.0", "Temporary authentication failure")),
 }
-for _hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5"):
+for _hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5", "auth_sasl"):
     REPLY_TABLE[_hook] = _AUTH_RULES
+# The *_parse hooks (qpsmtpd's): a refusal is a syntax error (501), as a parser's would be.
+_PARSE_RULES = {D.OK: SILENT, D.DECLINED: SILENT, **_denials(
+    (501, "5.5.4", "Syntax error in command"), (451, "4.5.4", "could not parse the command, try again later"))}
+for _hook in ("helo_parse", "ehlo_parse", "mail_parse", "rcpt_parse", "auth_parse"):
+    REPLY_TABLE[_hook] = _PARSE_RULES
 
 #: Hooks whose DONE means "the plugin answered"; everywhere else DONE is a plain pass.
 _ANSWERING_HOOKS = frozenset(REPLY_TABLE)

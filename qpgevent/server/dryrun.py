@@ -1,7 +1,7 @@
-"""Scripted sessions without a network client: the real Session over a socketpair.
+"""Scripted sessions without a network client: the real conversation, in memory.
 
-``run_script`` plays SMTP command lines against the real ``Session`` (real protocol core,
-real hook runner, real reply table) through one end of a ``socket.socketpair()``, and
+``run_script`` plays SMTP command lines against the real conversation (real protocol
+core, real hook runner, real reply table; ``qpgevent.engine.memory``, no socket), and
 returns what a client would have read, with every decision the plugins made on the way.
 It serves ``qpgevent plugin test`` (the dry run, ``add_test_command`` and ``run_test`` here) and the plugin
 harness of ``qpgevent.testing``; the server never uses it.
@@ -16,10 +16,8 @@ ends the script there.
 from __future__ import annotations
 
 import argparse
-import contextvars
 import dataclasses
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -30,16 +28,18 @@ from typing import Any, NamedTuple
 import gevent
 
 from .. import config as config_module
-from ..core.codes import OK, Verdict
+from ..backends.services import configure_services
 from ..config import PluginSpec, Settings
 from ..connection import Connection
+from ..core.codes import OK, Verdict
 from ..core.errors import ConfigError
+from ..engine.conversation import Conversation
 from ..engine.hooks import HookRunner
 from ..engine.loader import load_plugin, plugin_dirs
+from ..engine.memory import InMemory
 from ..plugin import Plugin
-from ..backends.services import configure_services
 from ..results import Results
-from .session import Session
+from .driver import surroundings
 
 
 class ClientReply(NamedTuple):
@@ -113,7 +113,7 @@ class Transcript:
 class _Recorder:
     """A hook-runner observer that keeps the decisions made for one session."""
 
-    def __init__(self, session: Session, decisions: list[Decision]) -> None:
+    def __init__(self, session: Any, decisions: list[Decision]) -> None:
         self.session, self.decisions = session, decisions
 
     def hook_started(self, hook: str, plugin: str, session: Any) -> None:
@@ -126,35 +126,29 @@ class _Recorder:
 
 
 class _Client:
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        self.sock = sock
-        self.sock.settimeout(timeout)
+    """Reads whole replies out of what the in-memory conversation said."""
+
+    def __init__(self, peer: InMemory) -> None:
+        self.peer = peer
         self.buffer = b""
 
     def reply(self) -> ClientReply | None:
         """The next whole reply, or None when the server closed first."""
+        self.buffer += self.peer.read()
         lines: list[str] = []
         while True:
             end = self.buffer.find(b"\r\n")
             if end < 0:
-                try:
-                    chunk = self.sock.recv(65536)
-                except ConnectionResetError:
-                    chunk = b""
-                if not chunk:
-                    return None
-                self.buffer += chunk
-                continue
+                return None  # it said all it had: it closed (or waits, which a script never lets it)
             line, self.buffer = self.buffer[:end].decode("utf-8", "replace"), self.buffer[end + 2:]
             lines.append(line[4:])
             if line[3:4] != "-":
                 return ClientReply(int(line[:3]), "\n".join(lines))
 
     def send(self, data: bytes) -> bool:
-        try:
-            self.sock.sendall(data)
-        except OSError:
+        if self.peer.closed:
             return False
+        self.peer.send(data)
         return True
 
 
@@ -170,17 +164,19 @@ def message_bytes(message: str | bytes) -> bytes:
 
 def run_script(runner: HookRunner, settings: Settings, script: Iterable[str | bytes], *,
                remote_ip: str = "192.0.2.1", remote_port: int = 40000, timeout: float = 30.0) -> Transcript:
-    """Play ``script`` against a real Session of ``runner``'s plugins; the Transcript."""
-    ours, theirs = socket.socketpair()
+    """Play ``script`` against a real conversation of ``runner``'s plugins; the Transcript.
+
+    ``timeout`` is kept for callers of the socket version; nothing waits in memory.
+    """
     connection = Connection(remote_ip, remote_port, "127.0.0.1", 25)
-    session = Session(ours, connection, runner, settings)
+    conversation = Conversation(connection, runner, settings, surroundings=surroundings(settings))
     transcript = Transcript()
-    recorder = _Recorder(session, transcript.decisions)
+    recorder = _Recorder(conversation.session, transcript.decisions)
     runner.observe(recorder)
-    # A new greenlet starts with an empty context: give it ours, with the services current here.
-    greenlet = gevent.spawn(contextvars.copy_context().run, _serve, session, ours)
-    client = _Client(theirs, timeout)
+    peer = InMemory(conversation)
+    client = _Client(peer)
     try:
+        peer.open()
         greeting = client.reply()
         if greeting is None:
             transcript.closed = True
@@ -209,20 +205,11 @@ def run_script(runner: HookRunner, settings: Settings, script: Iterable[str | by
                 transcript.closed = client.reply() is None
                 break
     finally:
-        theirs.close()
-        greenlet.join(timeout)
-        greenlet.kill()
+        peer.close()
         runner.observers.remove(recorder)
-        transcript.notes = dict(connection.notes)
-        transcript.results = connection.results
+        transcript.notes = dict(conversation.session.connection.notes)
+        transcript.results = conversation.session.connection.results
     return transcript
-
-
-def _serve(session: Session, sock: socket.socket) -> None:
-    try:
-        session.run()
-    finally:
-        sock.close()
 
 
 # -- qpgevent plugin test ------------------------------------------------------
@@ -338,7 +325,7 @@ def _dry_run_chain(args: argparse.Namespace, scratch: Path) -> tuple[Settings, H
     plugins = [load_plugin(spec, dirs, settings.base_dir) for spec in specs]
     if not args.queue:
         plugins.append(DryRunQueue("dry-run-queue", {}, __file__))
-    runner = HookRunner(plugins, settings.plugin_timeout)
+    runner = HookRunner(plugins, settings.plugin_timeout, timeout=gevent.Timeout)
     runner.notify("post_fork", None)
     return settings, runner
 

@@ -4,14 +4,14 @@ A session waiting for its client's next command holds a greenlet, and a greenlet
 in ``recv()`` keeps its Python frames and its saved slice of the C stack: about 9 KiB,
 more than the session's own objects. So past ``[limits] park_after`` seconds of silence
 the session *parks*: its greenlet ends (everything the conversation needs lives in the
-``Session`` and its protocol object, not on the stack), and two watchers on the event
+conversation object, not on the stack), and two watchers on the event
 loop wait in its place, one for input and one for the rest of ``command_timeout``.
 Input wakes the session into a new greenlet that goes on where it stopped; the timer
 wakes it to say 421 and close, as if it had waited all along. A parked session is its
 socket, its objects and two watchers.
 
 ``Parking`` holds the parked sessions of one server. The server decides what a woken
-session runs (``resume``); the session decides when to park (``Session._recv``), and
+session runs (``resume``); the driver decides when to park (``Driver._recv``), and
 reads ``after`` for that each time, so ``stop_parking`` takes effect at once: a server
 that stops wakes every parked session and lets none park again, so that each one ends
 the usual way, within ``shutdown_timeout`` or with 421.
@@ -41,7 +41,7 @@ class Pause:
 
 
 class Session(Protocol):
-    """What parking needs of a session (qpgevent.server.session.Session): its socket."""
+    """What parking needs of a session (its driver, qpgevent.server.driver.Driver): its socket."""
 
     @property
     def sock(self) -> Any: ...

@@ -1,7 +1,7 @@
 """The listening side: sockets, one greenlet per connection, the connection limit, stop.
 
 Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
-``Connection`` and a ``Session`` in its own greenlet; a session idle past ``[limits]
+``Connection`` and a ``Driver`` (its conversation over the socket) in its own greenlet; a session idle past ``[limits]
 park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``), and gets a
 new one when its client speaks. Beyond ``max_connections`` a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
@@ -42,7 +42,8 @@ from ..engine.hooks import HookRunner
 from .parking import Parking, Pause
 from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
-from .session import Session
+from ..engine.session import Session
+from .driver import Driver
 from .shared_counters import Counters, Lease, LocalCounters
 from .tls import TlsContexts
 
@@ -57,7 +58,8 @@ def normalize_ip(ip: str) -> str:
     """
     if not ip.startswith("::ffff:"):
         return ip
-    mapped = ipaddress.ip_address(ip).ipv4_mapped
+    address = ipaddress.ip_address(ip)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return str(mapped) if mapped else ip
 
 
@@ -206,7 +208,7 @@ class SmtpServer:
         #: Its resolver and store, current in each of its sessions: given, or the ones made
         #: current where it is built (configure_services), or built from its settings.
         self.services = services or current_services() or Services.from_settings(settings)
-        self.runner = HookRunner(plugins, settings.plugin_timeout)
+        self.runner = HookRunner(plugins, settings.plugin_timeout, timeout=gevent.Timeout)
         self.servers: list[StreamServer] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.
         self.sessions: set[gevent.Greenlet | Session] = set()
@@ -275,22 +277,22 @@ class SmtpServer:
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
         trusted = self.settings.proxy_trusted
-        if trusted and ip_in(connection.remote_ip, trusted) and not self._proxied(sock, connection):
+        if trusted and ip_in(connection.remote_ip, list(trusted)) and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
             return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
-        session = Session(sock, connection, self.runner, self.settings, self.counters.count,
-                          listen=listen, tls=self.tls, parking=self.parking)
-        return self._serve(session, lease, greenlet, session.run)
+        driver = Driver(sock, connection, self.runner, self.settings, self.counters.count,
+                        listen=listen, tls=self.tls, parking=self.parking)
+        return self._serve(driver, lease, greenlet, driver.run)
 
-    def _resume(self, session: Session, timed_out: bool, lease: Lease) -> None:
+    def _resume(self, driver: Driver, timed_out: bool, lease: Lease) -> None:
         """A parked session woke (in a new greenlet, in its own context): go on with it."""
-        self.sessions.discard(session)
+        self.sessions.discard(driver.session)
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
-        self._serve(session, lease, greenlet, lambda: session.resume(timed_out))
+        self._serve(driver, lease, greenlet, lambda: driver.resume(timed_out))
 
-    def _serve(self, session: Session, lease: Lease, greenlet: gevent.Greenlet,
+    def _serve(self, driver: Driver, lease: Lease, greenlet: gevent.Greenlet,
                part: Callable[[], Pause | None]) -> bool:
         """Run ``part`` of the session; then close the connection, or park the session (True)."""
         pause = None
@@ -303,12 +305,12 @@ class SmtpServer:
             if pause is None:
                 lease.release()  # the session is over, even if the close lingers
                 # The TLS socket after STARTTLS.
-                (close_after_quit if session.client_quit else close_gracefully)(session.sock)
-                self.runner.notify("post_connection", session)
+                (close_after_quit if driver.client_quit else close_gracefully)(driver.sock)
+                self.runner.notify("post_connection", driver.session)
         if pause is None:
             return False
-        self.sessions.add(session)
-        self.parking.park(session, pause, lease)
+        self.sessions.add(driver.session)  # a parked session is held by itself, not a greenlet
+        self.parking.park(driver, pause, lease)
         return True
 
     def _proxied(self, sock: socket.socket, connection: Connection) -> bool:

@@ -4,7 +4,7 @@ Used by this project's tests and meant for plugin authors too. Nothing here is a
 ``InProcessServer`` is the real ``SmtpServer`` with the real loader and hook runner on a
 loopback port; ``ServerProcess`` is the real ``qpgevent`` command in a child process;
 ``PluginHarness`` loads plugins through the real config reader and loader and runs one
-hook, or a scripted session through the real ``Session`` (``qpgevent.server.dryrun``), with the
+hook, or a scripted session through the real conversation in memory (``qpgevent.server.dryrun``), with the
 embedded state store and, if given, a ``LoopbackDns`` as the resolver. ``RawClient`` and
 ``wait_until`` are the socket client and the deadline poll the tests share.
 The pytest fixtures over all this are in ``qpgevent.testing.pytest_plugin``.
@@ -41,7 +41,9 @@ from ..plugin import Plugin
 from ..core.reply import Reply, answer
 from ..server.server import SmtpServer
 from ..backends.services import Services
-from ..server.session import Session
+from ..engine.conversation import Conversation
+from ..engine.session import Session
+from ..server.driver import surroundings
 
 _SECTIONS = {
     "server": ("me", "listen", "banner", "spool_dir", "plugin_dirs", "size_threshold", "shutdown_timeout", "drain_delay", "hung_worker_timeout",
@@ -259,7 +261,7 @@ class RawClient:
         self._buffer = b""
 
     def reply(self) -> tuple[int, str]:
-        lines = []
+        lines: list[str] = []
         while True:
             end = self._buffer.find(b"\r\n")
             if end < 0:
@@ -370,7 +372,8 @@ class PluginHarness:
         os.makedirs(self.settings.spool_dir, exist_ok=True)
         with self.services.active():
             self.plugins: list[Plugin] = load_plugins(self.settings)
-            self.runner = HookRunner(self.plugins, self.settings.plugin_timeout)
+            self.runner = HookRunner(self.plugins, self.settings.plugin_timeout, timeout=gevent.Timeout)
+            self._conversations: list[Conversation] = []
             self.runner.notify("post_fork", None)
 
     @property
@@ -385,11 +388,11 @@ class PluginHarness:
             return run_script(self.runner, self.settings, script, remote_ip=ip, timeout=timeout)
 
     def session(self, ip: str = "192.0.2.1", helo: str | None = None) -> Session:
-        """A real Session for ``run_hook``, not running (no greeting, nothing read)."""
-        ours, theirs = socket.socketpair()
-        theirs.close()
+        """A real Session for ``run_hook``, of a conversation not started (no socket, nothing said)."""
         connection = Connection(ip, 40000, "127.0.0.1", 25, hello="ehlo" if helo else None, hello_host=helo)
-        return Session(ours, connection, self.runner, self.settings)
+        conversation = Conversation(connection, self.runner, self.settings, surroundings=surroundings(self.settings))
+        self._conversations.append(conversation)  # the session holds it weakly: keep it for the test
+        return conversation.session
 
     def run_hook(self, hook: str, *args: Any, session: Session | None = None, ip: str = "192.0.2.1",
                  helo: str | None = None) -> HookResult:
@@ -399,22 +402,23 @@ class PluginHarness:
         ("<a@example.test>"); their params default to ``{}``.
         """
         spec = HOOKS[hook]
-        args = list(args)
+        arguments = list(args)
         if hook in ("mail", "rcpt"):
-            if args and isinstance(args[0], str):
-                args[0] = Address.parse(args[0] if args[0].startswith("<") else f"<{args[0]}>")
-            if len(args) == 1:
-                args.append({})
-        if hook in ("mail_pre", "rcpt_pre") and len(args) == 1:
-            args.append({})
-        if len(args) != len(spec.args):
-            raise TypeError(f"hook {hook} takes ({', '.join(spec.args)}); got {len(args)} arguments")
+            if arguments and isinstance(arguments[0], str):
+                text = arguments[0]
+                arguments[0] = Address.parse(text if text.startswith("<") else f"<{text}>")
+            if len(arguments) == 1:
+                arguments.append({})
+        if hook in ("mail_pre", "rcpt_pre") and len(arguments) == 1:
+            arguments.append({})
+        if len(arguments) != len(spec.args):
+            raise TypeError(f"hook {hook} takes ({', '.join(spec.args)}); got {len(arguments)} arguments")
         session = session or self.session(ip, helo)
         with self.services.active():
-            verdict = self.runner.run(hook, session if spec.session else None, *args)
+            verdict = self.runner.run(hook, session if spec.session else None, *arguments)
         fields = {"me": self.settings.me}
-        if args and isinstance(args[0], Address):
-            fields["address"] = args[0].format()
+        if arguments and isinstance(arguments[0], Address):
+            fields["address"] = arguments[0].format()
         return HookResult(verdict, answer(hook, verdict, **fields).reply)
 
 

@@ -29,7 +29,10 @@ ME = "mx.example.test"
 INTERNAL = b"451 4.3.0 Internal error, try again later\r\n"
 INTERNAL_CLOSE = b"421 4.3.0 Internal error, try again later\r\n"
 MESSAGE = b"Subject: hooks\r\nFrom: a@client.test\r\n\r\nbody\r\n.\r\n"
-MESSAGE_HOOKS = ("data_headers_end", "data_post", "queue_pre", "queue")
+MESSAGE_HOOKS = ("data_headers_end", "received_line", "data_post", "queue_pre", "queue")
+#: The *_parse hooks, by the hook of the command they parse.
+PARSE_HOOKS = {"helo_parse": "helo", "ehlo_parse": "ehlo", "mail_parse": "mail", "rcpt_parse": "rcpt",
+               "auth_parse": "auth"}
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
@@ -52,7 +55,10 @@ PRELUDE = {
     "auth": ["EHLO client.test"], "auth_plain": ["EHLO client.test"],
     "auth_login": ["EHLO client.test", "AUTH LOGIN", _b64("bob@example.test")],
     "auth_cram_md5": ["EHLO client.test", "AUTH CRAM-MD5"],
+    # Extensions a plugin declared (returns.py: the verb XTEST, the SASL mechanism X-TEST).
+    "command": ["EHLO client.test"], "auth_sasl": ["EHLO client.test"],
 }
+PRELUDE.update({parse: PRELUDE[hook] for parse, hook in PARSE_HOOKS.items()})
 #: The command that fires the hook (None: the connection itself).
 TRIGGER: dict[str, bytes | None] = {
     "pre_connection": None, "connect": None,
@@ -64,11 +70,15 @@ TRIGGER: dict[str, bytes | None] = {
     "unrecognized_command": b"FOO bar\r\n",
     "auth": f"AUTH PLAIN {_b64(PLAIN)}\r\n".encode(), "auth_plain": f"AUTH PLAIN {_b64(PLAIN)}\r\n".encode(),
     "auth_login": f"{_b64('pw')}\r\n".encode(), "auth_cram_md5": f"{_b64('bob ' + '0' * 32)}\r\n".encode(),
+    "command": b"XTEST hello\r\n", "auth_sasl": f"AUTH X-TEST {_b64('token')}\r\n".encode(),
 }
+TRIGGER.update({parse: TRIGGER[hook] for parse, hook in PARSE_HOOKS.items()})
 #: The reply code of the command when the hook passes silently.
 SILENT_PASS = {"pre_connection": b"220 ", "connect": b"220 ", "helo": b"250 ", "ehlo": b"250-",
                "mail_pre": b"250 2.1.0 <a@client.test>", "rcpt_pre": b"250 2.1.5 <bob@example.test>",
-               **{hook: b"250 2.0.0 Queued for the test" for hook in MESSAGE_HOOKS}}
+               **{hook: b"250 2.0.0 Queued for the test" for hook in MESSAGE_HOOKS},
+               "helo_parse": b"250 ", "ehlo_parse": b"250-", "mail_parse": b"250 2.1.0 <a@client.test>",
+               "rcpt_parse": b"250 2.1.5 <bob@example.test>", "auth_parse": b"535 "}
 DECIDING = [code for code in ReturnCode if code is not ReturnCode.DONE]
 assert set(PRELUDE) == set(TRIGGER) == set(REPLY_TABLE), "a hook that answers is not swept"
 
@@ -194,8 +204,11 @@ def drive(server, hook: str) -> tuple[Client, bytes]:
 
 SWEEP = [(hook, code, with_message) for hook in REPLY_TABLE for code in DECIDING
          for with_message in (False, True)
-         # OK with words at a *_pre hook rewrites the path: test_pre_hook_rewrites_the_path
-         if not (with_message and code is ReturnCode.OK and hook in ("mail_pre", "rcpt_pre"))]
+         # OK with words at a *_pre hook rewrites the path: test_pre_hook_rewrites_the_path; at a
+         # *_parse hook it rewrites the argument (tests/plugins/test_extensions.py)
+         if not (with_message and code is ReturnCode.OK and hook in ("mail_pre", "rcpt_pre", *PARSE_HOOKS))
+         # OK at auth_sasl names the user and the words are ours: tests/plugins/test_extensions.py
+         and not (hook == "auth_sasl" and code is ReturnCode.OK)]
 
 
 @pytest.mark.parametrize("hook,code,with_message", SWEEP,

@@ -15,7 +15,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from qpgevent.server.session import Session
+from qpgevent.engine.session import Session
 from qpgevent.testing import DEFAULT_PLUGINS, RawClient, maildir_messages, wait_until
 from tls_helpers import Certs
 

@@ -44,3 +44,18 @@ def test_bench_smtp_source_fails_loudly_when_the_server_does_not_start(tmp_path)
     assert result.returncode == 1
     assert "FAILED: server exited with status 1" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_ab_drives_both_servers_at_once(tmp_path):
+    # The same code on both sides: the tool runs, measures both, and prints the ratios.
+    tool = REPO / "tools" / "bench_ab.py"
+    result = subprocess.run(
+        [sys.executable, str(tool), "--before-python", sys.executable, "--python", sys.executable,
+         "--workers", "1", "--rounds", "1", "--messages", "20", "--concurrency", "4", "--size", "300",
+         "--smtp-source", SMTP_SOURCE, "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^conc 4 round 1: before +\d+\.\d msg/s \d\.\d\d CPU s/1000 \| after +\d+\.\d msg/s",
+                     result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^conc 4 median after/before: msg/s \d\.\d{3}, CPU per message \d", result.stdout, re.MULTILINE)
+    assert list(tmp_path.iterdir()) == []  # its folders are gone

@@ -41,7 +41,7 @@ PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent
               "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol",
               "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.directory", "qpgevent.dovecot",
               "qpgevent.ldap_client", "qpgevent.outqueue", "qpgevent.tls_policy",
-              "qpgevent.results"}
+              "qpgevent.results", "qpgevent.session"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 
@@ -172,9 +172,10 @@ def later():
 
 def test_the_parser_sees_the_real_edges() -> None:
     # Known imports of the real code, so that a parser that sees nothing cannot pass.
-    assert {"core.protocol", "core.reply", "engine.hooks"} <= edges("server.session")
+    assert {"core.protocol", "core.reply", "engine.hooks"} <= edges("engine.conversation")
+    assert {"engine.conversation", "server.parking"} <= edges("server.driver")
     assert "core.codes" in edges("core.reply")
-    assert "gevent" in top_level(imports(source_of("engine.hooks"), "engine.hooks"))
+    assert "gevent" in top_level(imports(source_of("server.server"), "server.server"))
     assert {"core.address", "backends.dns"} <= ALIASES_TARGETS
 
 
@@ -228,6 +229,23 @@ def test_pure_layer_imports_only_stdlib_without_io(module: str) -> None:
     io = sorted(outside & IO_STDLIB)
     assert not not_stdlib, f"qpgevent/{module} is pure but imports {not_stdlib}"
     assert not io, f"qpgevent/{module} is pure but imports I/O modules {io}"
+
+
+#: What the engine must never import: it runs whole in memory, driven by the server's I/O
+#: (or by a test, the dry run, the plugin harness), so it cannot wait on a socket itself.
+ENGINE_FORBIDDEN = {"gevent", "socket", "ssl", "select", "selectors", "asyncio", "threading"}
+
+
+@pytest.mark.parametrize("module", [m for m in package_modules() if layer_of(m) == LAYER["engine"]])
+def test_the_engine_does_no_io(module: str) -> None:
+    io = sorted(top_level(imports(source_of(module), module)) & ENGINE_FORBIDDEN)
+    assert not io, f"qpgevent/{module} is in the engine but imports {io}: I/O belongs to the server (the driver)"
+
+
+def test_the_engine_check_sees_the_engine() -> None:
+    engine = {m for m in package_modules() if layer_of(m) == LAYER["engine"]}
+    assert {"engine.conversation", "engine.hooks", "engine.sasl", "engine.received"} <= engine
+    assert "gevent" in top_level(imports(source_of("server.driver"), "server.driver"))
 
 
 def test_package_init_imports_nothing() -> None:

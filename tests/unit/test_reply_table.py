@@ -29,8 +29,10 @@ FIELDS = {"address": "<someone@example.test>", "me": "mx.example.test"}
 #: handled the verb (a plugin that does returns DONE).
 REFUSING_PASSES = {("rcpt", ReturnCode.DECLINED), ("queue", ReturnCode.DECLINED),
                    ("unrecognized_command", ReturnCode.DECLINED), ("unrecognized_command", ReturnCode.OK),
+                   # a verb a plugin declared, which no plugin answered: not implemented (502)
+                   ("command", ReturnCode.DECLINED),
                    # AUTH: no backend said yes, so the credentials are refused (RFC 4954 6: 535).
-                   *((hook, ReturnCode.DECLINED) for hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5"))}
+                   *((hook, ReturnCode.DECLINED) for hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5", "auth_sasl"))}
 #: Hooks where the session is over whatever the verdict.
 ALWAYS_CLOSE = {"pre_connection", "connect", "quit"}
 

@@ -1,10 +1,11 @@
-"""Level 1 of the transcripts: every ``# level: core`` file replayed against SmtpProtocol.
+"""Level 1 of the transcripts: every file replayed against the real conversation, in memory.
 
-No socket and no plugins: ``transcript_replay.CorePeer`` answers each command the way
-the session does when the plugins agree with the reply table's default, so what is
-checked here is what the protocol core decides on its own (sequencing, syntax,
-parameters, limits, DATA framing, pipelining). ``tests/e2e/test_transcripts_e2e.py``
-replays the same files, and the others, over a real socket.
+No socket: ``transcript_replay.CorePeer`` feeds the client's bytes to the conversation
+the server drives (``qpgevent.engine``), with the plugins and settings the file names,
+and reads what it says; so every decision of the session is checked here (sequencing,
+syntax, parameters, limits, DATA framing, pipelining, the hooks' replies, delivery into
+the Maildir). ``tests/e2e/test_transcripts_e2e.py`` replays the same files over a real
+socket. ``# level: core`` marks the files about what the protocol core decides alone.
 """
 
 import pytest
@@ -24,13 +25,13 @@ def test_transcript_is_well_formed(path):
     assert any(isinstance(step, tr.Send) for step in transcript.steps)
 
 
-@pytest.mark.parametrize("path", CORE, ids=[p.stem for p in CORE])
+@pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
 def test_core_replay(path, tmp_path):
     transcript = tr.load(path)
     peer = tr.CorePeer(tr.settings_for(transcript, tmp_path))
     tr.replay(transcript, peer)
     if transcript.delivers_to_maildir:  # M: lines list every message it would hold
-        assert peer.delivered == list(transcript.messages)
+        assert peer.delivered == sorted(transcript.messages)
 
 
 def test_there_are_enough_core_transcripts():

@@ -27,6 +27,8 @@ CALLS = []
 
 
 class Returns(Plugin):
+    verbs = ("XTEST",)  # for the command hook
+    sasl_mechanisms = ("X-TEST",)  # for the auth_sasl hook
     configspec = """
     hook = string
     code = option("OK", "DENY", "DENYSOFT", "DENY_DISCONNECT", "DENYSOFT_DISCONNECT", "DECLINED", "DONE", "raise", "sleep", "garbage")
@@ -79,6 +81,30 @@ class Returns(Plugin):
 
     def hook_auth_cram_md5(self, session, mechanism, user, password, ticket):
         return self._answer("auth_cram_md5", session)
+
+    def hook_auth_sasl(self, session, mechanism, response):
+        return self._answer("auth_sasl", session)
+
+    def hook_auth_parse(self, session, argument):
+        return self._answer("auth_parse", session)
+
+    def hook_helo_parse(self, session, argument):
+        return self._answer("helo_parse", session)
+
+    def hook_ehlo_parse(self, session, argument):
+        return self._answer("ehlo_parse", session)
+
+    def hook_mail_parse(self, session, argument):
+        return self._answer("mail_parse", session)
+
+    def hook_rcpt_parse(self, session, argument):
+        return self._answer("rcpt_parse", session)
+
+    def hook_received_line(self, session, line):
+        return self._answer("received_line", session)
+
+    def hook_command(self, session, verb, argument):
+        return self._answer("command", session)
 
     def hook_helo(self, session, host):
         return self._answer("helo", session)

@@ -1,0 +1,209 @@
+"""MAIL, RCPT, DATA and the end of the message: the mail transaction's part of the conversation.
+
+The order of one transaction: ``mail_pre`` (the raw path: a plugin may rewrite it with
+``session.rewrite_sender``), the address parser, the submission checks, ``mail`` (the
+parsed sender); the same for RCPT with ``rcpt_pre`` and ``rcpt``; then ``data`` (354),
+``data_headers_end`` when the header is in (its refusal waits for the final dot), our
+Received line (the ``received_line`` hook may give its own), ``data_post``,
+``queue_pre`` and ``queue``, whose OK alone makes the 250.
+
+Rewriting a path by returning ``(OK, "<new@path>")`` from a ``*_pre`` hook is the old,
+implicit form (qpsmtpd's): it still works, and logs a deprecation warning once per
+plugin; ``session.rewrite_sender`` / ``rewrite_recipient`` say it outright.
+"""
+
+from __future__ import annotations
+
+
+from ..core import authresults
+from ..core.address import Address, AddressError
+from ..core.codes import OK, ReturnCode, Verdict
+from ..core.protocol import Data, Mail, MessageData, MessageEnd, Rcpt, State
+from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply
+from .dialogue import Dialogue
+from .received import received_line
+
+
+_WARNED: set[str] = set()  #: plugins told already that (OK, path) at *_pre is deprecated
+
+
+class MailTransaction:
+    """The transaction commands of one conversation."""
+
+    def __init__(self) -> None:
+        #: The reply the end of this message gets instead of queueing (data_headers_end refused).
+        self.refusal: Reply | None = None
+
+    def on_mail(self, conversation: Dialogue, command: Mail) -> None:
+        session = conversation.session
+        submission = conversation.listen.submission
+        if submission and not session.connection.notes.get("auth_user"):
+            conversation.send(Canned.AUTH_REQUIRED)  # RFC 4954 6: 530 until AUTH
+            return
+        path = self._pre(conversation, "mail_pre", command.path, command.params)
+        if path is None:
+            return
+        smtputf8 = "SMTPUTF8" in command.params
+        if not path.isascii() and not smtputf8:
+            conversation.send(Canned.NEEDS_SMTPUTF8)
+            return
+        try:
+            sender = Address.parse(path, smtputf8=smtputf8, allow_null=True)
+        except AddressError as error:
+            conversation.send(Canned.BAD_SENDER.with_text(f"could not parse your mail from command: {error}"))
+            return
+        user = session.connection.notes.get("auth_user")
+        if submission and not conversation.surroundings.senders.allows(user or "", sender):
+            conversation.log.info("sender %s refused: not one of user %s's", sender.format(), user)
+            conversation.send(Canned.SENDER_NOT_YOURS)
+            return
+        conversation.reset_transaction()
+        asked = conversation.ask("mail", sender, command.params, address=sender.format())
+        if asked.outcome is Outcome.PROCEED:
+            self._begin(conversation, sender)
+            conversation.send(asked.reply)  # type: ignore[arg-type]
+        elif asked.outcome is Outcome.ANSWERED and conversation.protocol.state is State.MAIL:
+            self._begin(conversation, sender)
+
+    def _begin(self, conversation: Dialogue, sender: Address) -> None:
+        conversation.session.transaction.sender = sender
+        conversation.tally.transactions += 1
+        conversation.counters.transaction_started()
+
+    def on_rcpt(self, conversation: Dialogue, command: Rcpt) -> None:
+        tally = conversation.tally
+        accepted = tally.accepted
+        self._rcpt(conversation, command)
+        if tally.accepted == accepted:
+            tally.refused += 1
+            conversation.counters.recipient(False)
+
+    def _rcpt(self, conversation: Dialogue, command: Rcpt) -> None:
+        path = self._pre(conversation, "rcpt_pre", command.path, command.params)
+        if path is None:
+            return
+        smtputf8 = conversation.protocol.smtputf8
+        if not path.isascii() and not smtputf8:
+            conversation.send(Canned.NEEDS_SMTPUTF8)
+            return
+        try:
+            recipient = Address.parse(path, smtputf8=smtputf8, allow_null=False, allow_postmaster=True)
+        except AddressError as error:
+            conversation.send(Canned.BAD_RECIPIENT.with_text(f"could not parse recipient: {error}"))
+            return
+        asked = conversation.ask("rcpt", recipient, command.params, address=recipient.format())
+        if asked.outcome is Outcome.PROCEED:
+            self._accept(conversation, recipient)
+            conversation.send(asked.reply)  # type: ignore[arg-type]
+        elif asked.outcome is Outcome.ANSWERED and conversation.protocol.state is State.RCPT:
+            self._accept(conversation, recipient)
+
+    def _pre(self, conversation: Dialogue, hook: str, path: str, params: dict[str, str | None]) -> str | None:
+        """Run ``mail_pre`` / ``rcpt_pre``: the path to parse (maybe rewritten), or None: refused."""
+        session = conversation.session
+        session._rewriting, session._rewritten = hook, None
+        try:
+            asked = conversation.ask(hook, path, params)
+        finally:
+            session._rewriting = None
+        if asked.outcome is not Outcome.PROCEED:
+            return None
+        if session._rewritten is not None:
+            return session._rewritten
+        verdict = asked.verdict
+        if verdict.code is OK and verdict.message:
+            if verdict.plugin not in _WARNED:
+                _WARNED.add(str(verdict.plugin))
+                session.log.warning("plugin %s rewrote a path by returning (OK, path) at %s: deprecated, "
+                                    "call session.%s(path)", verdict.plugin, hook,
+                                    "rewrite_sender" if hook == "mail_pre" else "rewrite_recipient")
+            return verdict.message[0].strip()
+        return path
+
+    def _accept(self, conversation: Dialogue, recipient: Address) -> None:
+        conversation.session.transaction.add_recipient(recipient)
+        conversation.tally.accepted += 1
+        conversation.counters.recipient(True)
+
+    def on_data(self, conversation: Dialogue, command: Data) -> None:
+        asked = conversation.ask("data")
+        if asked.outcome is Outcome.PROCEED:
+            self.refusal = None
+            conversation.send(asked.reply)  # type: ignore[arg-type]
+        elif asked.outcome is not Outcome.ANSWERED:
+            conversation.reset_transaction()
+
+    def on_message_data(self, conversation: Dialogue, event: MessageData) -> None:
+        if self.refusal is not None:
+            return  # refused at data_headers_end: read to the end, keep nothing
+        if conversation.session.transaction.write(event.data):
+            self._headers_done(conversation)
+
+    def _headers_done(self, conversation: Dialogue) -> None:
+        """data_headers_end: its refusal is the reply to the final dot (we cannot answer mid-DATA)."""
+        problem = conversation.session.transaction.problem
+        if problem is not None:  # header too large, spool_dir full
+            self.refusal = problem
+            return
+        verdict = conversation.decide("data_headers_end")
+        result = conversation.answer("data_headers_end", verdict)
+        if result.outcome is Outcome.ANSWERED:
+            result = conversation.answer("data_headers_end", Verdict(ReturnCode.DENYSOFT, (), verdict.plugin, True))
+        if result.outcome is Outcome.CLOSE:
+            conversation.send(result.reply)  # type: ignore[arg-type]
+        elif result.outcome is not Outcome.PROCEED:
+            self.refusal = result.reply or INTERNAL_ERROR
+
+    def on_message_end(self, conversation: Dialogue, event: MessageEnd) -> None:
+        try:
+            self._message_end(conversation, event)
+        finally:
+            conversation.reset_transaction()
+
+    def _message_end(self, conversation: Dialogue, event: MessageEnd) -> None:
+        if event.problem is not None:
+            conversation.log.info("message refused: %s (%d octets)", event.problem.text[0], event.size)
+            conversation.counters.rejected("data", "core", str(event.problem.code))
+            conversation.send(event.problem)
+            return
+        transaction = conversation.session.transaction
+        if transaction.end_of_data() and self.refusal is None:
+            self._headers_done(conversation)
+        if self.refusal is None:
+            self.refusal = transaction.problem
+        if self.refusal is not None:
+            conversation.send(self.refusal)
+            return
+        received = self.received(conversation)
+        if received is None:
+            return
+        transaction.headers.prepend("Received", received)
+        for hook in ("data_post", "queue_pre"):
+            if conversation.ask(hook).outcome is not Outcome.PROCEED:
+                return
+            if hook == "data_post":  # every plugin has recorded its result: one header (RFC 8601)
+                authresults.finish(transaction, conversation.session.connection, conversation.me)
+        asked = conversation.ask("queue")
+        if asked.outcome is Outcome.PROCEED:
+            assert asked.reply is not None
+            conversation.tally.messages += 1
+            conversation.counters.message_queued(asked.verdict.plugin)
+            conversation.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
+                                  len(transaction.recipients), transaction.data_size, asked.reply.text[0])
+            conversation.send(asked.reply)
+        conversation.runner.notify("queue_post", conversation.session)
+
+    def received(self, conversation: Dialogue) -> str | None:
+        """Our Received header's value, or the one a ``received_line`` plugin gives (None: refused)."""
+        session = conversation.session
+        line = received_line(session.connection, session.transaction, conversation.me,
+                             conversation.protocol.smtputf8)
+        if not conversation.runner.has("received_line"):
+            return line
+        asked = conversation.ask("received_line", line)
+        if asked.outcome is not Outcome.PROCEED:
+            return None
+        verdict = asked.verdict
+        if verdict.code is OK and verdict.message:
+            return "\n\t".join(text.strip() for text in verdict.message)
+        return line

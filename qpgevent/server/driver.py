@@ -1,0 +1,294 @@
+"""The I/O driver of one connection: a socket and a conversation, and nothing else.
+
+The conversation (``qpgevent.engine.conversation``) decides everything that is said; this
+driver moves the bytes: it writes what the conversation queued, reads what the client
+sends within the command or DATA timeout, does the TLS handshake when asked (STARTTLS,
+or before the greeting on an implicit-TLS listener), pauses when asked (AUTH failures),
+and parks an idle session (``qpgevent.parking``) by letting its greenlet end. It also
+keeps the session on the live scoreboard and in the connection metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import socket
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import select
+
+from ..backends import dns, metrics, scoreboard
+from ..backends.auth import FailureLimiter, SenderMap
+from ..backends.log import bind_session
+from ..backends.services import identify
+from ..config import Listen, Settings
+from ..connection import Connection
+from ..core.codes import Verdict
+from ..core.reply import Canned, Reply, reply
+from ..engine.conversation import Conversation
+from ..engine.dialogue import CLOSE, FLUSH, READ, START_TLS
+from ..engine.hooks import HookRunner
+from ..engine.session import Session
+from ..engine.surroundings import Surroundings
+from .parking import Parking, Pause
+from .tls import HandshakeFailed, TlsContexts, describe
+
+log = logging.getLogger("qpgevent.session")
+READ_SIZE = 1 << 16
+
+
+class SessionClosed(Exception):
+    """The client went away, or we closed; the session ends without further replies."""
+
+
+class _Parked(Exception):
+    """Unwinds the session's greenlet when it parks; ``Driver._hold`` catches it."""
+
+    def __init__(self, pause: Pause) -> None:
+        super().__init__()
+        self.pause = pause
+
+
+class Driver:
+    """Runs one connection's conversation over its socket."""
+
+    def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
+                 settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
+                 listen: Listen | None = None, tls: TlsContexts | None = None,
+                 parking: Parking | None = None) -> None:
+        self.sock: Any = sock  #: an SSLSocket after STARTTLS
+        self.settings = settings
+        self.tls = tls
+        self.listen = listen or Listen("", 0)
+        #: When to park while waiting for a command (None: never); see qpgevent.parking.
+        self.parking = parking
+        driver = weakref.ref(self)  # weak: no cycle through the conversation (freed at once, not by the GC)
+
+        def wait_for_input(seconds: float) -> bool:
+            alive = driver()
+            return alive is not None and alive._wait_for_input(seconds)
+
+        self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
+                                         surroundings=surroundings(settings, peers, wait_for_input))
+        self.session: Session = self.conversation.session
+        self._timers: dict[float, gevent.Timeout] | None = None  #: see _within
+        if metrics.enabled():
+            runner.observe(metrics.HOOK_METRICS)
+        if scoreboard.active():
+            runner.observe(HOOK_ACTIVITY)
+
+    @property
+    def client_quit(self) -> bool:
+        return self.conversation.client_quit
+
+    def run(self) -> Pause | None:
+        """Hold the conversation from the connect: None once it has ended, or a Pause.
+
+        A Pause means the session parked: it waits for its client without a greenlet, and
+        ``resume`` goes on with it, in the Pause's context.
+        """
+        bind_session(self.session)  # lines that plugins and services log get our ids
+        scoreboard.add(self.session)
+        metrics.connection_opened()
+        # The DNS time every hook of this session may spend, in all ([dns] session_budget);
+        # a parked session keeps it in its Pause's context.
+        seconds = self.settings.dns_session_budget
+        with dns.budget(seconds) if seconds else contextlib.nullcontext():
+            return self._hold(self._open)
+
+    def resume(self, timed_out: bool) -> Pause | None:
+        """Go on after parking: read what woke us, or say we timed out (as ``run``)."""
+        return self._hold(self._timed_out if timed_out else self._converse)
+
+    def _hold(self, part: Callable[[], None]) -> Pause | None:
+        """Run ``part`` of the conversation; end the session unless it parked."""
+        pause = None
+        try:
+            part()
+        except _Parked as parked:
+            pause = parked.pause
+        except SessionClosed:
+            pass
+        except gevent.GreenletExit:
+            self._last_words(Canned.SHUTTING_DOWN)
+            raise
+        except Exception:  # the last resort: a bug in the core must not pass silently
+            self.session.log.exception("internal error; closing the session")
+            self._last_words(reply(421, "4.3.0", "Internal error, closing connection", close=True))
+        finally:
+            if pause is None:
+                try:
+                    self._finish()
+                finally:
+                    scoreboard.discard(self.session)
+                    metrics.connection_closed()
+        return pause
+
+    def _open(self) -> None:
+        if self.listen.implicit_tls and self.tls is not None:
+            self._start_tls()  # RFC 8314 3.3: TLS from the first octet, before the greeting
+        self.conversation.open()
+        self._converse()
+
+    def _converse(self) -> None:
+        """Do what the conversation asks until it is over (or the session parks)."""
+        conversation = self.conversation
+        while True:
+            request = conversation.next_request()
+            if request is READ:
+                self._flush()
+                conversation.receive(self._receive())
+            elif request is FLUSH:
+                self._flush()
+            elif request is START_TLS:
+                self._flush()
+                self._start_tls()
+            elif request is CLOSE:
+                return
+            else:  # Wait
+                gevent.sleep(request.seconds)  # type: ignore[union-attr]
+
+    def _receive(self) -> bytes:
+        in_data = self.conversation.in_data
+        try:
+            data = self._recv(in_data)
+        except TimeoutError:
+            self._timed_out(in_data)
+        except OSError as error:
+            self.session.log.info("read failed: %s", error)
+            raise SessionClosed from None
+        metrics.received(len(data))
+        return data
+
+    def _timed_out(self, in_data: bool = False) -> None:
+        self.conversation.timed_out(in_data)
+        raise SessionClosed
+
+    def _recv(self, in_data: bool) -> bytes:
+        """The client's next bytes; raises _Parked past ``[limits] park_after`` of silence.
+
+        Only between commands: mid-DATA the client is sending, and a TLS session with
+        decrypted bytes buffered has input the socket's watcher would never report.
+        """
+        timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        parking = self.parking
+        after = parking.after if parking is not None and not in_data else None
+        sock = self.sock
+        if after is None or after >= timeout or getattr(sock, "pending", _nothing)():
+            return self._within(timeout, sock.recv, READ_SIZE)
+        try:
+            return self._within(after, sock.recv, READ_SIZE)
+        except TimeoutError:
+            if parking is None or parking.after is None:
+                # The server began to stop while we waited: it waits for this greenlet,
+                # not for parked sessions. Wait on here, to end as every session does.
+                return self._within(timeout - after, sock.recv, READ_SIZE)
+            self._drop_timers()  # a parked session keeps as little as it can
+            raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _within(self, seconds: float, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on our socket, or TimeoutError after ``seconds``.
+
+        One reusable timer per session and duration, on a socket without a timeout of its
+        own: gevent's socket timeouts make a new timer for every wait, which costs more
+        than the wait itself (docs/benchmarks.md, "Profile").
+        """
+        if self.sock.timeout is not None:  # set by the TLS handshake, or new after STARTTLS
+            self.sock.settimeout(None)
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = {}
+        timer = timers.get(seconds)
+        if timer is None:
+            timer = timers[seconds] = gevent.Timeout(seconds, TimeoutError)
+        timer.start()
+        try:
+            return call(*args)
+        finally:
+            timer.cancel()
+
+    def _drop_timers(self) -> None:
+        if self._timers is not None:
+            for timer in self._timers.values():
+                timer.close()
+            self._timers = None
+
+    def _wait_for_input(self, seconds: float) -> bool:
+        readable, _, _ = select.select([self.sock], [], [], seconds)
+        return bool(readable)
+
+    def _start_tls(self) -> None:
+        """Handshake on our socket; the conversation then forgets what was said before."""
+        assert self.tls is not None
+        try:
+            self.sock = self.tls.handshake(self.sock)
+        except HandshakeFailed as error:
+            self.session.log.info("TLS handshake failed: %s", error)
+            raise SessionClosed from None
+        self.conversation.tls_started(describe(self.sock))
+
+    def _flush(self) -> None:
+        out = self.conversation.out
+        if not out:
+            return
+        try:
+            self._within(self.settings.command_timeout, self.sock.sendall, out)
+        except OSError as error:
+            self.session.log.info("write failed: %s", error)
+            out.clear()
+            raise SessionClosed from None
+        out.clear()
+
+    def _last_words(self, words: Reply) -> None:
+        """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(self.conversation.last_words(words))
+        except OSError:
+            self.session.log.debug("could not send the shutdown reply")
+
+    def _finish(self) -> None:
+        try:
+            self._flush()
+        except SessionClosed:
+            pass
+        self._drop_timers()
+        self.conversation.end()
+
+
+def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
+                 wait_for_input: Callable[[float], bool] | None = None) -> Surroundings:
+    """What a conversation of this server gets from the back ends: look-ups, limits, counts."""
+    senders = _SENDER_MAPS.get(settings.auth_senders)
+    if senders is None:
+        senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
+    limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
+                            settings.auth_failure_window)
+    return Surroundings(identify=lambda connection, logger: identify(connection, settings, logger), peers=peers,
+                        wait_for_input=wait_for_input, counters=metrics, limits=limits, senders=senders)
+
+
+_SENDER_MAPS: dict[str, SenderMap] = {}  #: [auth] senders path -> its map (one per process)
+
+
+class _HookActivity:
+    """A hook-runner observer: which plugin a session is in, for the scoreboard."""
+
+    def hook_started(self, hook: str, plugin: str, session: Any) -> None:
+        if isinstance(session, Session):
+            session.hook_running = f"{hook} ({plugin})"
+
+    def hook_finished(self, hook: str, plugin: str, session: Any, verdict: Verdict, seconds: float) -> None:
+        if isinstance(session, Session):
+            session.hook_running = None
+
+
+HOOK_ACTIVITY = _HookActivity()
+
+
+def _nothing() -> int:
+    return 0
