@@ -38,7 +38,7 @@ IO_STDLIB = {"socket", "ssl", "select", "selectors", "threading", "asyncio", "si
 #: What a plugin may import from qpgevent: the plugin API, nothing of the server.
 PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent.dns", "qpgevent.store",
               "qpgevent.ident", "qpgevent.policy", "qpgevent.smtp_client", "qpgevent.scanner",
-              "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol"}
+              "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol", "qpgevent.disk"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 
