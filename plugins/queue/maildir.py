@@ -128,14 +128,17 @@ class Maildir(Plugin):
             mailboxes = [self.config["path"]]
         try:
             if self.config["fsync"] or transaction.data_size > INLINE_BYTES:
-                delivered = run_blocking(self._deliver, transaction, name, mailboxes)
+                # The hook's timeout may give up on the thread: then what it delivered is
+                # taken back once it is done (never both a 4xx and a delivery).
+                delivered, unsynced = disk.run_blocking_undoable(self._deliver, _take_back_delivery,
+                                                                 transaction, name, mailboxes)
             else:
                 # No fsync and a small message: the write lands in the page cache in
                 # microseconds, less than the trip to a worker thread and back costs
                 # (docs/benchmarks.md, "Profile").
-                delivered = self._deliver(transaction, name, mailboxes)
-            if self.config["fsync"]:
-                self._fsync_new_folders(delivered)
+                delivered, unsynced = self._deliver(transaction, name, mailboxes)
+            if unsynced:
+                self._fsync_new_folders(delivered, unsynced)
         except _Missing as missing:
             self.log.warning("Maildir %s is gone (create = no)", missing)
             return DENYSOFT, "4.2.1 mailbox unavailable, try again later"
@@ -146,10 +149,10 @@ class Maildir(Plugin):
             self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))
         return OK, f"Queued as {name}"
 
-    def _fsync_new_folders(self, delivered):
-        """fsync the new/ folders, shared with the sessions that finish alongside (group commit)."""
+    def _fsync_new_folders(self, delivered, folders):
+        """fsync new/ folders, shared with the sessions that finish alongside (group commit)."""
         try:
-            self.folders.fsync(os.path.dirname(target) for target in delivered)
+            self.folders.fsync(folders)
         except BaseException:
             # A failed fsync, or the hook's timeout: the client will hear 4xx, so the
             # message must not stay where a crash could not take it back.
@@ -158,7 +161,10 @@ class Maildir(Plugin):
 
     # -- in a worker thread (inline for small messages when fsync is off) ---------
     def _deliver(self, transaction, name, mailboxes):
-        """Write once, fsync, into every new/; the new/ paths. The new/ folders are fsynced after."""
+        """Write once, fsync, into every new/, fsync each new/ unless others are at it.
+
+        The new/ paths, and the new/ folders left to fsync together with other sessions.
+        """
         for mailbox in mailboxes:
             if not os.path.isdir(os.path.join(mailbox, "new")):
                 if not self.config["create"]:
@@ -179,13 +185,17 @@ class Maildir(Plugin):
                         raise
                     self._copy_into(mailbox, name, transaction)
                 delivered.append(target)
+            unsynced = []
+            if self.config["fsync"]:
+                unsynced = [folder for folder in dict.fromkeys(os.path.dirname(t) for t in delivered)
+                            if not self.folders.fsync_if_alone(folder)]
         except BaseException:
             _take_back(delivered)
             raise
         finally:
             if os.path.lexists(first):
                 os.unlink(first)  # new/ holds the message now, or nothing does
-        return delivered
+        return delivered, unsynced
 
     def _copy_into(self, mailbox, name, transaction):
         """A copy of its own for a Maildir we cannot link into (another file system)."""
@@ -240,6 +250,10 @@ def _safe(part):
 def _make_maildir(root):
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+
+
+def _take_back_delivery(result):
+    _take_back(result[0])
 
 
 def _take_back(delivered):
