@@ -292,6 +292,19 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
+def exit_status(body) -> int:
+    """Run a tool's ``body()`` (its exit status): a BenchError prints "FAILED: ..." and gives 1,
+    Ctrl-C or SIGTERM 130 (the body's finally blocks have stopped its servers)."""
+    try:
+        return body()
+    except BenchError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped", file=sys.stderr)
+        return 130
+
+
 def unwind_on_signals() -> None:
     """SIGTERM and SIGINT raise KeyboardInterrupt, so that finally blocks stop child servers.
     (Started in the background by a non-interactive shell, SIGINT comes in ignored.)"""
