@@ -88,9 +88,11 @@ def test_a_lone_message_pays_one_fsync_of_new(make_server, tmp_path):
     with traced(os.getpid(), ["fsync", "rename"], tmp_path / "strace.out") as trace:
         replies = burst(server, [7])
     assert replies[7][0] == 250
+    calls = sorted(trace.calls, key=lambda c: c.start)
     kinds = [("rename" if c.name == "rename" else "fsync new/" if c.args.endswith("/new>") else "fsync file")
-             for c in sorted(trace.calls, key=lambda c: c.start)]
+             for c in calls]
     assert kinds == ["fsync file", "rename", "fsync new/"]
+    assert len({c.pid for c in calls}) == 1  # all in the one worker thread: no second hand-off
 
 
 def test_a_failed_fsync_of_new_refuses_every_message_it_covered(make_server, tmp_path):
