@@ -63,12 +63,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds so far of ``pid`` and its live descendants (a master and its workers).
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the children ``pid`` has waited for (their own reaped ones included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
 
-    A worker that exited during a run takes its time with it; none does unless killed.
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds so far of ``pid``, its live descendants and the children they reaped.
+
+    The reaped ones count because some servers start and end processes as they go
+    (Postfix's smtpd and cleanup): their time moves to the parent that waits for them.
     """
-    return sum(process_cpu_seconds(each) for each in descendants(pid))
+    return sum(process_cpu_seconds(each) + reaped_children_cpu_seconds(each) for each in descendants(pid))
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -293,6 +303,19 @@ def number_list(what: str, kind: type = int, minimum: float = 1):
 def _terminated(signum, frame):
     # SIGTERM to the tool: unwind like Ctrl-C so the finally blocks stop the servers.
     raise KeyboardInterrupt
+
+
+def exit_status(body) -> int:
+    """Run a tool's ``body()`` (its exit status): a BenchError prints "FAILED: ..." and gives 1,
+    Ctrl-C or SIGTERM 130 (the body's finally blocks have stopped its servers)."""
+    try:
+        return body()
+    except BenchError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped", file=sys.stderr)
+        return 130
 
 
 def unwind_on_signals() -> None:

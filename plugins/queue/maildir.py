@@ -6,6 +6,12 @@ client get ``250 2.0.0 Queued as <file name>``. A crash at any point leaves eith
 in ``new/`` or the whole message; a half-written file can only ever be in ``tmp/``
 (files there older than 36 hours are removed at start, as the Maildir convention says).
 
+Sessions that finish together share the fsync of ``new/`` (group commit): one fsync
+covers every message renamed in before it began, each client is answered after the fsync
+that covers its file, and a lone session waits for nobody. If that fsync fails, every
+message it was to cover is taken back out of ``new/`` and refused with 451, so that the
+retries deliver each message once.
+
 The file holds ``Return-Path: <sender>`` (RFC 5321 4.4: added at final delivery), then
 the message as received, our Received header on top, CRLF line endings as sent.
 
@@ -59,6 +65,7 @@ import re
 import socket
 import time
 
+from qpgevent import disk
 from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
 
 STALE_TMP_SECONDS = 36 * 3600
@@ -92,6 +99,7 @@ class Maildir(Plugin):
             _make_maildir(root)
             self._remove_stale_tmp(os.path.join(root, "tmp"))
         self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self.folders = disk.FolderSync()
 
     def hook_rcpt(self, session, recipient, params):
         if not self.pattern or self.config["create"]:
@@ -122,12 +130,17 @@ class Maildir(Plugin):
             mailboxes = [self.config["path"]]
         try:
             if self.config["fsync"] or transaction.data_size > INLINE_BYTES:
-                run_blocking(self._deliver, transaction, name, mailboxes)
+                # The hook's timeout may give up on the thread: then what it delivered is
+                # taken back once it is done (never both a 4xx and a delivery).
+                delivered, unsynced = disk.run_blocking_undoable(self._deliver, _take_back_delivery,
+                                                                 transaction, name, mailboxes)
             else:
                 # No fsync and a small message: the write lands in the page cache in
                 # microseconds, less than the trip to a worker thread and back costs
                 # (docs/benchmarks.md, "Profile").
-                self._deliver(transaction, name, mailboxes)
+                delivered, unsynced = self._deliver(transaction, name, mailboxes)
+            if unsynced:
+                self._fsync_new_folders(delivered, unsynced)
         except _Missing as missing:
             self.log.warning("Maildir %s is gone (create = no)", missing)
             return DENYSOFT, "4.2.1 mailbox unavailable, try again later"
@@ -140,9 +153,22 @@ class Maildir(Plugin):
             self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))
         return OK, f"Queued as {name}"
 
+    def _fsync_new_folders(self, delivered, folders):
+        """fsync new/ folders, shared with the sessions that finish alongside (group commit)."""
+        try:
+            self.folders.fsync(folders)
+        except BaseException:
+            # A failed fsync, or the hook's timeout: the client will hear 4xx, so the
+            # message must not stay where a crash could not take it back.
+            run_blocking(_take_back, delivered)
+            raise
+
     # -- in a worker thread (inline for small messages when fsync is off) ---------
     def _deliver(self, transaction, name, mailboxes):
-        """Write once, fsync, into every new/, fsync every new/."""
+        """Write once, fsync, into every new/, fsync each new/ unless others are at it.
+
+        The new/ paths, and the new/ folders left to fsync together with other sessions.
+        """
         for mailbox in mailboxes:
             if not os.path.isdir(os.path.join(mailbox, "new")):
                 if not self.config["create"]:
@@ -163,18 +189,17 @@ class Maildir(Plugin):
                         raise
                     self._copy_into(mailbox, name, transaction)
                 delivered.append(target)
-                if self.config["fsync"]:
-                    _fsync_folder(os.path.join(mailbox, "new"))
+            unsynced = []
+            if self.config["fsync"]:
+                unsynced = [folder for folder in dict.fromkeys(os.path.dirname(t) for t in delivered)
+                            if not self.folders.fsync_if_alone(folder)]
         except BaseException:
-            # The client will hear 4xx and retry: take back what the first recipients
-            # got, so no one has the message twice (never both a 4xx and a delivery).
-            for target in delivered:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
+            _take_back(delivered)
             raise
         finally:
             if os.path.lexists(first):
                 os.unlink(first)  # new/ holds the message now, or nothing does
+        return delivered, unsynced
 
     def _copy_into(self, mailbox, name, transaction):
         """A copy of its own for a Maildir we cannot link into (another file system)."""
@@ -231,12 +256,16 @@ def _make_maildir(root):
         os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
 
 
-def _fsync_folder(folder):
-    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def _take_back_delivery(result):
+    _take_back(result[0])
+
+
+def _take_back(delivered):
+    """The client will hear 4xx and retry: take back what the first recipients got, so
+    no one has the message twice (never both a 4xx and a delivery)."""
+    for target in delivered:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
 
 
 def _write_all(fd, data):

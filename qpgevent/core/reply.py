@@ -50,6 +50,11 @@ class Reply:
         prefix = ""
         if enhanced_codes and self.enhanced and self.code // 100 in (2, 4, 5):
             prefix = self.enhanced + " "
+        if len(self.text) == 1:  # most replies: one line, no list to build
+            line = self.text[0]
+            if _UNPRINTABLE.search(line):
+                line = _UNPRINTABLE.sub("?", line)
+            return f"{self.code} {prefix}{line}\r\n".encode("utf-8", "replace")
         lines = [_UNPRINTABLE.sub("?", line) for line in self.text] or [""]
         out = []
         for i, line in enumerate(lines):
@@ -299,6 +304,14 @@ def answer(hook: str, verdict: Verdict, **fields: str) -> Answer:
     one that starts with an enhanced status code ("5.1.1 no such user") replaces the
     default enhanced code, its class made to match the reply's.
     """
+    if not verdict.message and not verdict.internal_error:
+        # The plugin said nothing (most verdicts): the cell's answer, made once when it has no
+        # fields to fill in.
+        made = _DEFAULT_ANSWERS.get(hook, _NO_RULES).get(verdict.code, _GO_ON)
+        if isinstance(made, Answer):
+            return made
+        return Answer(made.outcome, Reply(made.code, (made.text.format_map(_Fields(fields)),), made.enhanced,
+                                          made.outcome is C))
     if verdict.internal_error:
         if hook == "quit":
             verdict = Verdict(ReturnCode.DECLINED)
@@ -334,6 +347,23 @@ def answer(hook: str, verdict: Verdict, **fields: str) -> Answer:
     else:
         lines = [rule.text.format_map(_Fields(fields))]
     return Answer(rule.outcome, Reply(code, tuple(lines), enhanced, rule.outcome is C))
+
+
+def _default_answer(hook: str, code: ReturnCode) -> Answer | Rule:
+    """What ``answer`` gives a verdict without a message: an Answer, or the Rule whose fields need filling."""
+    if code is ReturnCode.DONE and hook in _ANSWERING_HOOKS:
+        return _NOTHING_TO_SAY[Outcome.ANSWERED]
+    rule = REPLY_TABLE[hook].get(code, SILENT)
+    if rule.code == 0:
+        return _NOTHING_TO_SAY[rule.outcome]
+    if "{" in rule.text:
+        return rule
+    return Answer(rule.outcome, Reply(rule.code, (rule.text,), rule.enhanced, rule.outcome is C))
+
+
+_DEFAULT_ANSWERS = {hook: {code: _default_answer(hook, code) for code in ReturnCode} for hook in REPLY_TABLE}
+_NO_RULES: dict[ReturnCode, Answer] = {}
+_GO_ON = _NOTHING_TO_SAY[P]
 
 
 def _may_use_code(code: int, rule: Rule) -> bool:

@@ -13,8 +13,8 @@ BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench"
 SMTP_SOURCE, SMTP_SINK = "/usr/sbin/smtp-source", "/usr/sbin/smtp-sink"
 
 # smtp-source and smtp-sink (Debian postfix) come with tools/install-test-deps: missing, these fail.
-# queue size concurrency server msg/s min-max CPU ratio
-ROW = re.compile(r"^(maildir|discard) +(\d+) +(\d+) +(\S+) +(\d+) +(\d+)-(\d+) +(\d+\.\d+) +(\S+)$", re.MULTILINE)
+# queue size concurrency server msg/s min-max CPU ratio ratio-min-max
+ROW = re.compile(r"^(maildir|discard) +(\d+) +(\d+) +(\S+) +(\d+) +(\d+)-(\d+) +(\d+\.\d+) +(\S+) +(\S+)$", re.MULTILINE)
 
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -35,7 +35,7 @@ def test_throughput_table_with_ratios_and_delivery_checked(tmp_path):
                    "--rounds", "2", "--concurrency", "1,4", "--sizes", "500", "--workers", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {(queue, int(concurrency), server): ratio
-            for queue, _, concurrency, server, rate, _, _, _, ratio in ROW.findall(result.stdout) if int(rate) > 0}
+            for queue, _, concurrency, server, rate, _, _, _, ratio, _ in ROW.findall(result.stdout) if int(rate) > 0}
     assert set(rows) == {(queue, concurrency, server) for concurrency in (1, 4) for queue, server in
                          [("maildir", "qpgevent"), ("maildir", "qpgevent-fsync"),
                           ("discard", "qpgevent"), ("discard", "smtp-sink")]}

@@ -9,17 +9,16 @@ the durability system calls, watched with strace.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import smtplib
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from qpgevent.core.errors import PluginLoadError
+from qpgevent.testing.syscalls import traced
 
 MESSAGE = b"Subject: virtual\r\nFrom: a@client.test\r\n\r\nhello\r\n"
 
@@ -159,30 +158,15 @@ def test_bad_patterns_are_load_errors(make_server, pattern, error):
 
 
 def test_fsync_before_250_for_every_maildir(make_server, tmp_path):
-    """The file is fsynced once, then each new/ folder after its link (or rename)."""
+    """The file is fsynced once, linked into each new/ (renamed into the last), then each new/ is fsynced."""
     server = make_server(virtual())
-    trace = tmp_path / "strace.out"
-    strace = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=/^(fsync|link|linkat|rename|renameat2?)$",
-                               "-o", str(trace), "-p", str(os.getpid())], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not _traced():
-            assert strace.poll() is None, f"strace failed: {strace.stderr.read()!r}"
-            assert time.monotonic() < deadline, "strace did not attach"
-            time.sleep(0.01)
+    with traced(os.getpid(), ["fsync", "link", "linkat", "rename", "renameat", "renameat2"],
+                tmp_path / "strace.out") as trace:
         (code, _), _ = send(server, ["a@example.test", "b@example.test", "c@other.test"])
         assert code == 250
-    finally:
-        strace.terminate()
-        strace.communicate(timeout=10)
-    calls = re.findall(r"^\d+\s+(fsync|link\w*|rename\w*)\((.*)= 0$", trace.read_text(), re.MULTILINE)
-    kinds = [("fsync" if c == "fsync" else "link" if c.startswith("link") else "rename") for c, _ in calls]
-    assert kinds == ["fsync", "link", "fsync", "link", "fsync", "rename", "fsync"]
-
-
-def _traced() -> bool:
-    for task in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{task}/status") as status:
-            if not any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in status):
-                return False
-    return True
+    calls = sorted(trace.calls, key=lambda call: call.start)
+    assert [call.name for call in calls] == ["fsync", "link", "link", "rename", "fsync", "fsync", "fsync"]
+    assert all(call.result == 0 for call in calls)
+    folders = sorted(call.args.split("<", 1)[1].rstrip(">") for call in calls[4:])
+    assert folders == [str(tmp_path / f"mail/{box}/new") for box in ("example.test/a", "example.test/b", "other.test/c")]
+    assert all(calls[3].end < call.start for call in calls[4:])  # new/ fsynced after the last link

@@ -41,7 +41,7 @@ PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent
               "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol",
               "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.directory", "qpgevent.dovecot",
               "qpgevent.ldap_client", "qpgevent.outqueue", "qpgevent.tls_policy",
-              "qpgevent.results", "qpgevent.session"}
+              "qpgevent.results", "qpgevent.session", "qpgevent.disk"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 

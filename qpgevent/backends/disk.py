@@ -1,0 +1,148 @@
+"""Durable disk writes for plugins: one fsync of a folder shared by every session that needs it.
+
+A file renamed into a folder survives a crash only once the folder itself has been fsynced,
+and one fsync covers every entry made in the folder before it began. So the sessions that
+finish together need not pay one fsync each (group commit). Two ways in, both called after
+the caller's entries are made:
+
+- ``FolderSync.fsync_if_alone(folder)``, in the worker thread that made the entries: when
+  nobody else is fsyncing that folder or gathering to, fsync it right there and say so. A
+  lone session pays what it always paid: one trip to a worker thread, no waiting, no timer.
+- ``FolderSync.fsync(folders)``, from the session's greenlet, for the folders that were not
+  done alone: join the next shared fsync of each folder and return when it has completed.
+  Nobody's fsync gathering: one starts at once (in a worker thread), once the sessions woken
+  in the same loop tick have joined. An fsync running: new callers gather into the next one,
+  which starts as soon as the running one returns. A burst of N sessions costs a few fsyncs.
+
+A failed fsync raises its ``OSError`` in every caller it was to cover (each then takes its
+entries back and answers 4xx); the next batch tries again.
+
+``run_blocking_undoable(function, undo, *args)`` is ``run_blocking`` for work that must be
+taken back when its caller gives up on it (the hook's timeout): the thread cannot be stopped,
+so ``undo(result)`` runs once it has finished.
+
+Used by queue/maildir for its ``new/`` folders; any plugin that renames files into place
+can use it the same way.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from typing import Any
+
+import gevent
+from gevent import monkey
+from gevent.event import AsyncResult
+
+from ..plugin import run_blocking
+
+__all__ = ["FolderSync", "fsync_folder", "run_blocking_undoable"]
+
+#: A lock of the operating system (gevent's would switch greenlets): worker threads take it.
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+
+
+class FolderSync:
+    """The group commit of folder fsyncs for one plugin instance (in one worker process)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, _Folder] = {}  # the shared fsyncs, gathering or running (hub side)
+        self._alone: set[str] = set()  # folders a worker thread is fsyncing on its own
+        self._lock = _allocate_lock()
+
+    def fsync_if_alone(self, folder: str) -> bool:
+        """In a worker thread: fsync ``folder`` now if no one else is at it (True), else False."""
+        with self._lock:  # held for a set look-up, never during an fsync
+            if folder in self._alone or folder in self._folders:
+                return False  # others finish now too: share the next fsync with them
+            self._alone.add(folder)
+        try:
+            fsync_folder(folder)
+        finally:
+            with self._lock:
+                self._alone.discard(folder)
+        return True
+
+    def fsync(self, folders: Iterable[str]) -> None:
+        """Return once each folder has been fsynced after this call; raise the OSError of one that failed."""
+        # Join every folder's batch first, so that they are fsynced side by side.
+        batches = [self._join(folder) for folder in dict.fromkeys(folders)]
+        for batch in batches:
+            batch.get()
+
+    def _join(self, folder: str) -> AsyncResult:
+        state = self._folders.get(folder)
+        if state is None:
+            state = self._folders[folder] = _Folder(folder)
+        if state.next is None:
+            state.next = AsyncResult()
+        if state.committer is None:
+            # spawn() starts it at the end of this loop tick: the sessions woken with this one
+            # join the same batch on the way.
+            state.committer = gevent.spawn(self._commit, state)
+        return state.next
+
+    def _commit(self, state: _Folder) -> None:
+        batch = None
+        try:
+            while state.next is not None:
+                batch, state.next = state.next, None
+                try:
+                    run_blocking(fsync_folder, state.folder)
+                except OSError as error:
+                    batch.set_exception(error)
+                else:
+                    batch.set(None)
+        except BaseException as error:  # killed: no one may wait forever for an fsync
+            for waiting in (batch, state.next):
+                if waiting is not None and not waiting.ready():
+                    waiting.set_exception(error)
+            raise
+        finally:
+            # No switch since the loop saw no one waiting: the next caller starts a new committer.
+            del self._folders[state.folder]
+
+
+class _Folder:
+    __slots__ = ("folder", "next", "committer")
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.next: AsyncResult | None = None  # the batch gathering for the next fsync
+        self.committer: gevent.Greenlet | None = None
+
+
+def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], Any], *args: Any) -> Any:
+    """``run_blocking(function, *args)``; if the caller is interrupted first, ``undo(result)`` once it returns.
+
+    As in ``run_blocking``, what ``function`` raises is raised in the caller only: the pool's
+    own handler would print it with a traceback (a full disk is an answer, not a crash).
+    """
+    pool = gevent.get_hub().threadpool
+    job = pool.spawn(_outcome, function, args)
+    try:
+        failed, value = job.get()
+    except BaseException:
+        if not job.ready():
+            job.rawlink(lambda done: done.successful() and not done.value[0] and pool.spawn(undo, done.value[1]))
+        raise
+    if failed:
+        raise value
+    return value
+
+
+def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    try:
+        return False, function(*args)
+    except Exception as error:
+        return True, error
+
+
+def fsync_folder(folder: str) -> None:
+    """fsync a folder: the entries made in it last through a crash."""
+    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,146 @@
+"""queue/maildir's group commit: sessions that finish together share the fsync of ``new/``.
+
+Watched with strace in the kernel's order: for every message, its file is fsynced before
+it is renamed into ``new/``, ``new/`` is fsynced after the rename, and the 250 is sent after
+both; a burst of sessions costs fewer ``new/`` fsyncs than messages. Disk errors are
+injected by strace into the fsync of ``new/`` (the call fails with EIO instead of running):
+every message that fsync was to cover gets 4xx and is not in ``new/``; the retries deliver
+each message once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+
+import gevent
+import gevent.event
+
+from qpgevent.testing import maildir_messages, wait_until
+from qpgevent.testing.syscalls import traced
+
+BURST = 16
+QUEUED = re.compile(r"Queued as ([^\\\s\"]+)")
+
+
+def message(number: int) -> bytes:
+    return f"Subject: burst {number}\r\nFrom: a@client.test\r\n\r\nmessage {number}\r\n".encode()
+
+
+def burst(server, numbers) -> dict[int, tuple[int, bytes]]:
+    """One session per message, each up to DATA's 354; then every message ends at once."""
+    ready = [gevent.event.Event() for _ in numbers]
+    go = gevent.event.Event()
+
+    def session(number, ready):
+        with smtplib.SMTP(server.host, server.port, local_hostname="client.example.test", timeout=60) as smtp:
+            smtp.ehlo()
+            assert smtp.mail("a@client.test")[0] == 250
+            assert smtp.rcpt("bob@example.test")[0] == 250
+            assert smtp.docmd("DATA")[0] == 354
+            ready.set()
+            go.wait()
+            smtp.send(message(number) + b".\r\n")
+            return smtp.getreply()
+
+    sessions = {n: gevent.spawn(session, n, r) for n, r in zip(numbers, ready)}
+    for event in ready:
+        assert event.wait(60), "a session did not reach DATA"
+    go.set()
+    gevent.joinall(list(sessions.values()), timeout=120, raise_error=True)
+    return {n: g.get(block=False) for n, g in sessions.items()}
+
+
+def delivered_numbers(maildir) -> list[int]:
+    return sorted(int(m.rsplit(b"message ", 1)[1].split(b"\r\n")[0]) for m in maildir_messages(maildir).values())
+
+
+def sent_replies(trace):
+    """The server's 250 replies in the trace: (queued file name, position the send began)."""
+    return [(name, call.start) for call in trace.calls if call.name in ("sendto", "sendmsg")
+            for name in QUEUED.findall(call.args)]
+
+
+def test_a_burst_shares_the_fsyncs_of_new_and_each_250_follows_its_own(make_server, tmp_path):
+    server = make_server()
+    new = server.maildir / "new"
+    with traced(os.getpid(), ["fsync", "rename", "sendto", "sendmsg"], tmp_path / "strace.out") as trace:
+        replies = burst(server, range(BURST))
+    assert all(code == 250 for code, _ in replies.values()), replies
+    assert delivered_numbers(server.maildir) == list(range(BURST))
+    assert os.listdir(server.maildir / "tmp") == []
+
+    folder_syncs = [c for c in trace.of("fsync") if c.args.endswith(f"<{new}>") and c.result == 0]
+    assert 1 <= len(folder_syncs) < BURST, f"{len(folder_syncs)} fsyncs of new/ for {BURST} messages"
+    sent = dict(sent_replies(trace))
+    assert len(sent) == BURST
+    for name, answered in sent.items():
+        (file_sync,) = [c for c in trace.of("fsync") if c.args.endswith(f"/tmp/{name}>")]
+        (rename,) = [c for c in trace.of("rename") if f"/new/{name}\"" in c.args]
+        assert file_sync.result == 0 and file_sync.end < rename.start, name
+        covering = [c for c in folder_syncs if rename.end < c.start and c.end < answered]
+        assert covering, f"{name}: answered 250 without an fsync of new/ after its rename"
+
+
+def test_a_lone_message_pays_one_fsync_of_new(make_server, tmp_path):
+    server = make_server()
+    with traced(os.getpid(), ["fsync", "rename"], tmp_path / "strace.out") as trace:
+        replies = burst(server, [7])
+    assert replies[7][0] == 250
+    calls = sorted(trace.calls, key=lambda c: c.start)
+    kinds = [("rename" if c.name == "rename" else "fsync new/" if c.args.endswith("/new>") else "fsync file")
+             for c in calls]
+    assert kinds == ["fsync file", "rename", "fsync new/"]
+    assert len({c.pid for c in calls}) == 1  # all in the one worker thread: no second hand-off
+
+
+def test_a_failed_fsync_of_new_refuses_every_message_it_covered(make_server, tmp_path):
+    server = make_server()
+    new = server.maildir / "new"
+    # Slow as a sick disk (0.2 s), so that the sessions finishing meanwhile gather behind it.
+    with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", paths=[new],
+                inject=["fsync:error=EIO:delay_enter=200000"]) as trace:
+        replies = burst(server, range(BURST))
+    assert set(replies.values()) == {(451, b"4.3.0 cannot store the message right now, try again later")}
+    assert maildir_messages(server.maildir) == {}
+    assert os.listdir(server.maildir / "tmp") == []
+    failed = trace.of("fsync")
+    assert failed and all("EIO" in c.error and "INJECTED" in c.error for c in failed)
+    assert len(failed) < BURST, "the failing fsyncs were shared too"
+
+    retried = burst(server, range(BURST))  # the disk is back: every retry is delivered, once
+    assert all(code == 250 for code, _ in retried.values())
+    assert delivered_numbers(server.maildir) == list(range(BURST))
+
+
+def test_refused_and_accepted_batches_side_by_side(make_server, tmp_path):
+    """The first fsync of new/ in each worker thread fails (strace counts per thread), the others work."""
+    server = make_server()
+    new = server.maildir / "new"
+    with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", paths=[new],
+                inject=["fsync:error=EIO:when=1"]) as trace:
+        replies = burst(server, range(BURST))
+    refused = sorted(n for n, (code, _) in replies.items() if code == 451)
+    accepted = sorted(n for n, (code, _) in replies.items() if code == 250)
+    assert refused and sorted(refused + accepted) == list(range(BURST))
+    assert [c.result for c in trace.of("fsync")][:1] == [-1]
+    assert delivered_numbers(server.maildir) == accepted  # each 250 once, no 451 delivered
+
+    burst(server, refused)
+    assert delivered_numbers(server.maildir) == list(range(BURST))
+
+
+def test_a_timeout_while_waiting_for_the_fsync_takes_the_message_back(make_server, tmp_path):
+    """The hook's timeout strikes while new/ is still being fsynced: 451, and nothing stays."""
+    server = make_server("[[rcpt_ok]]\n  domains = example.test\n"
+                         "[[queue/maildir]]\n  path = Maildir\n  timeout = 1\n")
+    new = server.maildir / "new"
+    with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", paths=[new],
+                inject=["fsync:delay_exit=3000000"]) as trace:
+        replies = burst(server, [1, 2])
+        assert {code for code, _ in replies.values()} == {451}
+        # The fsync cannot be stopped: once it returns, what it was to cover is taken back.
+        wait_until(lambda: not maildir_messages(server.maildir), 30, "both messages taken back")
+    assert trace.of("fsync"), "the fsync was under way when the timeout struck"
+    assert os.listdir(server.maildir / "tmp") == []
