@@ -82,7 +82,7 @@ from ..plugin import Plugin
 from .server import SmtpServer, bind_listeners, describe_listener
 from .tls import TlsContexts
 from ..backends.services import configure_services
-from . import watchdog
+from . import steering, watchdog
 from ..backends import log as log_module
 from ..transaction import remove_spill_files
 from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
@@ -230,6 +230,8 @@ class Master:
             if settings.tls_certificate:
                 TlsContexts(settings)  # an unreadable certificate: ConfigError too, not crashing workers
             self.admin_server = self._start_admin(settings)
+            if self.admin_server is not None:  # the status page's "drain" button and POST /drain
+                self.admin_server.app.actions.drain = self._request_drain
         except BaseException:
             self._close_listeners()
             if settings.pidfile:
@@ -274,7 +276,8 @@ class Master:
 
     def _loop(self) -> int:
         handlers = {"signal": self._on_signal, "status": self._on_status, "exited": self._on_exit,
-                    "respawn": self._on_respawn, "deadline": self._on_deadline, "drained": self._stop}
+                    "respawn": self._on_respawn, "deadline": self._on_deadline, "drained": self._stop,
+                    "drain": self._drain_worker}
         while not (self.stopping and not self.workers):
             kind, *args = self.events.get()
             try:
@@ -446,6 +449,31 @@ class Master:
                       worker, seconds, KILL_GRACE)
             self.killed_any = True
             self._signal(worker, signal.SIGKILL)
+
+    # -- drain one worker (the operator's request) -------------------------------------------
+    def _request_drain(self, pid: int) -> str | None:
+        """From the admin server: why worker ``pid`` cannot be drained now, or None (it will be)."""
+        worker = self.workers.get(pid)
+        if worker is None:
+            return f"no worker with pid {pid}"
+        if self.stopping or self.pending is not None or worker.stopping or worker.generation is not self.current:
+            return f"{worker} is already stopping, or a reload or stop is under way"
+        self.events.put(("drain", pid))  # the main greenlet forks, never an admin request's
+        return None
+
+    def _drain_worker(self, pid: int) -> None:
+        """TERM the worker (it closes its listeners, finishes its sessions within
+        shutdown_timeout, exits), and fork its successor in its slot at once: the master's
+        listeners stay open, so meanwhile new clients wait in the queue, none is refused."""
+        worker = self.workers.get(pid)
+        if worker is None or worker.stopping:
+            return  # gone, or asked twice
+        if self.stopping or self.pending is not None or worker.generation is not self.current:
+            log.info("not draining %s: a reload or stop is under way", worker)
+            return
+        log.info("%s drained by the operator: it finishes its sessions; a new worker takes its place", worker)
+        self._ask_to_stop(worker)
+        self._spawn(worker.generation, worker.slot)
 
     # -- stop -------------------------------------------------------------------------------
     def _drain_then_stop(self, why: str) -> None:
@@ -622,6 +650,8 @@ class _WorkerProcess:
         server = SmtpServer(settings, self.generation.plugins, counters=self.counters)
         server.runner.notify("post_fork", None)  # plugins open their pools here
         server.start(sockets=self.listeners)
+        # The admin server's requests for this worker (kick a session), when [admin] is on.
+        steering.start_worker(server, settings.admin_run_dir if settings.admin_listen is not None else None)
         # What the worker has built by now (modules, plugins, the master's heap) lives as
         # long as it does: out of the collector's sight, a full collection walks only what
         # sessions make, and pages shared with the master are not written to.

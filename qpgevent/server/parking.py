@@ -81,6 +81,10 @@ class Parking:
         for session in list(self._parked):
             self._wake(session, False)
 
+    def wake(self, session: Session) -> None:
+        """Wake one parked session now, as if its client had spoken (to kick it, say)."""
+        self._wake(session, False)
+
     def _wake(self, session: Session, timed_out: bool) -> None:
         # Runs in the hub: both watchers may fire in one loop turn, the second finds it gone.
         parked = self._parked.pop(session, None)

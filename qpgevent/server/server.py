@@ -41,6 +41,7 @@ from .parking import Parking, Pause
 from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from .session import Session
+from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
 from .tls import TlsContexts
 
@@ -212,6 +213,9 @@ class SmtpServer:
         self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
         #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
         self.tls = TlsContexts(settings) if settings.tls_certificate else None
+        #: Addresses the operator blocked ([store]), and the greenlet of each session by conn id.
+        self.blocks = steering.block_list()
+        self.holding: dict[str, gevent.Greenlet] = {}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -271,6 +275,9 @@ class SmtpServer:
         if trusted and ip_in(connection.remote_ip, trusted) and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
             return False
+        if steering.refused_as_blocked(self, sock, connection):
+            self.sessions.discard(greenlet)
+            return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
         session = Session(sock, connection, self.runner, self.settings, self.counters.count,
                           listen=listen, tls=self.tls, parking=self.parking)
@@ -287,11 +294,13 @@ class SmtpServer:
                part: Callable[[], Pause | None]) -> bool:
         """Run ``part`` of the session; then close the connection, or park the session (True)."""
         pause = None
+        self.holding[session.connection.id] = greenlet
         try:
             pause = part()
         except gevent.GreenletExit:
-            pass  # stopped by the server; the session has said 421
+            pass  # stopped by the server (or kicked); the session has said 421
         finally:
+            self.holding.pop(session.connection.id, None)
             self.sessions.discard(greenlet)
             if pause is None:
                 lease.release()  # the session is over, even if the close lingers

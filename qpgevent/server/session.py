@@ -173,8 +173,8 @@ class Session:
             pause = parked.pause
         except SessionClosed:
             pass
-        except gevent.GreenletExit:
-            self._shutdown_reply(Canned.SHUTTING_DOWN)
+        except gevent.GreenletExit as stop:  # the server stops, or the operator kicked us (steering.Kicked)
+            self._shutdown_reply(getattr(stop, "last_words", Canned.SHUTTING_DOWN))
             raise
         except Exception:  # the last resort: a bug in the core must not pass silently
             self.log.exception("internal error; closing the session")
@@ -327,6 +327,7 @@ class Session:
     def _shutdown_reply(self, last_words: Reply) -> None:
         """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""
         self._out.clear()
+        self._last_reply = last_words.code
         self._out += last_words.to_bytes()
         try:
             self.sock.settimeout(1.0)
