@@ -21,6 +21,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -117,6 +118,7 @@ class BlockList:
         self._checked = 0.0
         self._addresses: dict[str, Block] = {}
         self._networks: list[tuple[Network, Block]] = []
+        self._unreadable = False  #: the last look failed (logged once)
 
     def refusal(self, ip: str) -> Block | None:
         """The block that holds ``ip`` now, or None."""
@@ -134,15 +136,26 @@ class BlockList:
         return found if found is not None and found.until > wall else None
 
     def _refresh(self) -> None:
+        store = self.store()
+        path = getattr(store, "path", None)
+        if path is not None and not os.path.exists(path):
+            # An embedded store nothing was ever written to holds no block; reading it would
+            # make the file (a server without policy plugins never made one).
+            self._version, self._addresses, self._networks = None, {}, []
+            return
         try:
-            store = self.store()
             version = int(store.get(VERSION_KEY) or 0)
             if version == self._version:
                 return
             blocks = listing(store)
-        except StoreUnavailable as error:
-            log.warning("cannot read the blocked addresses (the known ones stay): %s", error)
+        except (StoreUnavailable, ValueError) as error:
+            if not self._unreadable:  # once per outage, not every CHECK_EVERY seconds
+                log.warning("cannot read the blocked addresses (the known ones stay): %s", error)
+            self._unreadable = True
             return
+        if self._unreadable:
+            log.warning("the blocked addresses can be read again")
+            self._unreadable = False
         self._version = version
         self._addresses = {b.network: b for b in blocks if "/" not in b.network}
         self._networks = [(ipaddress.ip_network(b.network), b) for b in blocks if "/" in b.network]

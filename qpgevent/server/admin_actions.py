@@ -26,7 +26,7 @@ import html
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -62,6 +62,8 @@ class Actions:
         self.store_options = {key: value for key, value in settings.store.items() if key != "fail"}
         #: Set by the master: drain worker ``pid``; returns why not, or None.
         self.drain: Callable[[int], str | None] | None = None
+        #: Set by the master: its live workers' pids (only those are ever signalled).
+        self.workers: Callable[[], Collection[int]] | None = None
 
     # -- HTTP --------------------------------------------------------------------------
     def post(self, environ: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
@@ -114,6 +116,8 @@ class Actions:
         if row is None:
             raise Refused("404 Not Found", f"no live session {conn_id!r} (see /status.json)")
         pid = int(row["pid"])
+        if self.workers is not None and pid not in self.workers():
+            raise Refused("409 Conflict", f"process {pid} is not one of this server's workers")
         try:
             steering.ask_to_kick(self.run_dir, pid, conn_id)
         except ValueError as error:

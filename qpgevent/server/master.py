@@ -39,6 +39,11 @@ after a backoff that doubles from 0.5 s up to 30 s. A fork that fails (EMFILE on
 EAGAIN or ENOMEM) is logged and tried again after the same kind of backoff: the master
 never dies of it.
 
+*Drain one worker* (the operator's request, ``POST /drain`` of the admin server): the
+master TERMs it (it drains as at a stop, below) and forks its successor in the same slot
+at once; the listeners stay open in the master and the other workers, so no client is
+refused meanwhile.
+
 *Signals.* USR1: reopen the log file (after logrotate moved it), here and, passed on, in
 every worker. TERM and INT: the master closes its listeners and sends TERM to every worker,
 which closes its own (the kernel then refuses new clients), lets its sessions finish for
@@ -230,8 +235,9 @@ class Master:
             if settings.tls_certificate:
                 TlsContexts(settings)  # an unreadable certificate: ConfigError too, not crashing workers
             self.admin_server = self._start_admin(settings)
-            if self.admin_server is not None:  # the status page's "drain" button and POST /drain
-                self.admin_server.app.actions.drain = self._request_drain
+            actions = self.admin_server.app.actions if self.admin_server is not None else None
+            if actions is not None:  # POST /drain (the page's "drain" buttons), and whom /kick may signal
+                actions.drain, actions.workers = self._request_drain, self.workers.keys
         except BaseException:
             self._close_listeners()
             if settings.pidfile:
