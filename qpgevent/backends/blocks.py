@@ -112,8 +112,9 @@ def listing(store: Store) -> list[Block]:
 class BlockList:
     """This process's copy of the blocks, for the check at connect."""
 
-    def __init__(self, store: Callable[[], Store]) -> None:
+    def __init__(self, store: Callable[[], Store], check_every: float = CHECK_EVERY) -> None:
         self.store = store  #: gives the store to read (the process's default one may be replaced)
+        self.check_every = check_every
         self._version: int | None = None
         self._checked = 0.0
         self._addresses: dict[str, Block] = {}
@@ -123,7 +124,7 @@ class BlockList:
     def refusal(self, ip: str) -> Block | None:
         """The block that holds ``ip`` now, or None."""
         now = time.monotonic()
-        if now - self._checked >= CHECK_EVERY:
+        if now - self._checked >= self.check_every:
             self._checked = now
             self._refresh()
         if not self._addresses and not self._networks:

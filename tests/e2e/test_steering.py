@@ -271,3 +271,30 @@ def test_a_block_lapses_by_itself_and_the_page_blocks_networks(steered):
     page = get(server.admin_url + headers["Location"])[2].decode()
     assert "released True" in page
     assert post(server, "/block", {"address": "not-an-address"})[0] == 400
+
+
+def test_a_hostile_admin_client_meets_the_limits(steered, tmp_path):
+    server = steered()
+    code, _, body = post(server, "/block", {"address": "127.0.0.30", "reason": "x" * 9000})
+    assert code == 413 and b"at most 8192 octets" in body
+    assert post(server, "/kick", {"id": "../../etc/passwd"})[0] == 404  # only ids on the board
+    assert post(server, "/nothing", {})[0] == 404
+    # A worker that takes no requests (here: a process that ignores the signal) gets at most
+    # MAX_PENDING of them; then they are refused, not piled up.
+    from qpgevent.server import steering
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_dir = str(tmp_path / "run")
+        for number in range(steering.MAX_PENDING):
+            steering.ask_to_kick(run_dir, idle.pid, f"1.{number:x}")
+        try:
+            steering.ask_to_kick(run_dir, idle.pid, "1.ffff")
+        except ValueError as error:
+            assert "requests waiting already" in str(error)
+        else:
+            raise AssertionError("a request past MAX_PENDING was taken")
+        steering.forget_worker(run_dir, idle.pid)
+        steering.ask_to_kick(run_dir, idle.pid, "1.ffff")  # the master reaped it: the folder is gone
+    finally:
+        idle.kill()
+        idle.wait()
