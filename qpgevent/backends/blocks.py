@@ -6,13 +6,14 @@ by itself when it lapses, and because the store is shared, the block holds in ev
 worker and, with Redis, on every host. Each block or release also bumps the counter
 ``blocks:version``.
 
-The hot path (``BlockList.refusal``, once per connection, before any plugin) costs no
-store call at all most of the time: each process keeps the blocks in memory, with their
-expiry, and asks the store for ``blocks:version`` at most once per ``CHECK_EVERY``
-seconds; only when that number moved does it read the blocks again. So a new block or a
-release takes effect everywhere within ``CHECK_EVERY`` seconds, and an expiry at once
-(the expiry is kept with each block). When the store cannot be reached, the blocks known
-so far stay in force (and lapse on time): a store outage neither blocks nor frees anyone.
+The hot path (``BlockList.refusal``, once per connection, before any plugin) never waits
+for the store: each process keeps the blocks in memory, with their expiry, and at most
+once per ``CHECK_EVERY`` seconds a connection starts a look, in a greenlet of its own,
+at ``blocks:version``; only when that number moved are the blocks read again. So a new
+block or a release takes effect everywhere within about ``CHECK_EVERY`` seconds, and an
+expiry at once (the expiry is kept with each block). When the store cannot be reached,
+the blocks known so far stay in force (and lapse on time): a store outage neither blocks
+nor frees anyone, nor slows a connection.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import re
 import time
 from collections.abc import Callable
 from typing import Any
+
+import gevent
 
 from .store_base import Store, StoreUnavailable
 
@@ -120,13 +123,14 @@ class BlockList:
         self._addresses: dict[str, Block] = {}
         self._networks: list[tuple[Network, Block]] = []
         self._unreadable = False  #: the last look failed (logged once)
+        self._looking: gevent.Greenlet | None = None
 
     def refusal(self, ip: str) -> Block | None:
         """The block that holds ``ip`` now, or None."""
         now = time.monotonic()
-        if now - self._checked >= self.check_every:
+        if now - self._checked >= self.check_every and (self._looking is None or self._looking.dead):
             self._checked = now
-            self._refresh()
+            self._looking = gevent.spawn(self._refresh)
         if not self._addresses and not self._networks:
             return None
         wall = time.time()

@@ -2,8 +2,9 @@
 
 The real ``qpgevent block / release / blocks`` commands write the config's ``[store]``; a
 ``BlockList`` on a store object of its own (as a worker has) must see each change, match
-addresses and networks, let a block lapse by itself, and read no more than the version
-key while nothing changes.
+addresses and networks, let a block lapse by itself, make no store call on the hot path,
+and read no more than the version key while nothing changes. A look at the store runs
+beside the connection that started it, so each change is awaited (``sees``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def qpgevent(*args: str) -> subprocess.CompletedProcess[str]:
                           stdin=subprocess.DEVNULL)
 
 
+def sees(blocklist: blocks.BlockList, ip: str, blocked: bool) -> blocks.Block | None:
+    """Wait until ``blocklist`` says ``ip`` is (or is not) blocked; the block."""
+    found = wait_until(lambda: (lambda b: (b,) if (b is not None) == blocked else None)(blocklist.refusal(ip)),
+                       10, f"{ip} {'blocked' if blocked else 'free'}")
+    return found[0]
+
+
 def test_the_commands_block_and_release_for_every_reader(backend, request, tmp_path):
     ini = str(store_ini(tmp_path, backend, request))
     worker_store = make_store(backend, request, tmp_path)
@@ -31,18 +39,25 @@ def test_the_commands_block_and_release_for_every_reader(backend, request, tmp_p
         assert seen.refusal("192.0.2.9") is None
         assert qpgevent("block", "192.0.2.9", "--for", "2h", "--reason", "bounces", "-c", ini).returncode == 0
         assert qpgevent("block", "2001:db8::/64", "--for", "15m", "-c", ini).returncode == 0
-        found = seen.refusal("192.0.2.9")
-        assert found is not None and (found.network, found.reason) == ("192.0.2.9", "bounces")
-        assert seen.refusal("2001:db8::1").network == "2001:db8::/64"
+        found = sees(seen, "192.0.2.9", True)
+        assert (found.network, found.reason) == ("192.0.2.9", "bounces")
+        assert sees(seen, "2001:db8::1", True).network == "2001:db8::/64"
         assert seen.refusal("192.0.2.10") is None and seen.refusal("2001:db8:1::1") is None
         listed = json.loads(qpgevent("blocks", "-c", ini, "--json").stdout)
         assert [b["network"] for b in listed] == ["192.0.2.9", "2001:db8::/64"]
         # While nothing changes, a look costs one read: the version.
+        seen.check_every = 3600
+        wait_until(lambda: seen._looking.dead, 10, "the last look to end")
         before = worker_store.stats["operations"]
+        for _ in range(100):
+            assert seen.refusal("192.0.2.9") is not None
+        assert worker_store.stats["operations"] == before  # no store call on the hot path
+        seen.check_every = 0
         assert seen.refusal("192.0.2.9") is not None
-        assert worker_store.stats["operations"] - before == 1
+        wait_until(lambda: seen._looking.dead, 10, "the look to end")
+        assert worker_store.stats["operations"] - before == 1  # nothing changed: the version only
         assert qpgevent("release", "192.0.2.9", "-c", ini).returncode == 0
-        assert seen.refusal("192.0.2.9") is None
+        sees(seen, "192.0.2.9", False)
         assert seen.refusal("2001:db8::2") is not None
         again = qpgevent("release", "192.0.2.9", "-c", ini)
         assert again.returncode == 1 and "not blocked" in again.stderr
@@ -55,9 +70,9 @@ def test_the_commands_block_and_release_for_every_reader(backend, request, tmp_p
 
 def test_a_block_lapses_by_itself(store):
     seen = blocks.BlockList(lambda: store, check_every=0)
-    blocks.block(store, "192.0.2.0/24", 1.0, "a short one")
-    assert seen.refusal("192.0.2.77") is not None
-    wait_until(lambda: seen.refusal("192.0.2.77") is None, 10, "the block to lapse")
+    blocks.block(store, "192.0.2.0/24", 3.0, "a short one")
+    sees(seen, "192.0.2.77", True)
+    sees(seen, "192.0.2.77", False)
     wait_until(lambda: blocks.listing(store) == [], 10, "the store to forget it")
 
 
