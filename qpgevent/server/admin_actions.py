@@ -3,7 +3,8 @@
 Routes (POST, answered in JSON, or with a redirect back to /status for the page's forms):
 - ``/kick`` ``id=<conn id>``: the worker holding that session (the scoreboard says which)
   closes it with 421 (``qpgevent.server.steering``); the answer waits up to
-  ``KICK_WAIT`` seconds for it to leave the board (``"gone": true``);
+  ``KICK_WAIT`` seconds (at most half of ``[admin] timeout``) for it to leave the board
+  (``"gone": true``);
 - ``/drain`` ``pid=<worker pid>``: that worker stops accepting, finishes its sessions and
   exits; the master starts another in its place (``Master._drain_worker``);
 - ``/block`` ``address=<ip or network>``, ``for=<duration: 90s, 15m, 1h, 2d>``,
@@ -60,6 +61,8 @@ class Actions:
         self.run_dir = settings.admin_run_dir
         self.scoreboard_dir = scoreboard_dir
         self.store_options = {key: value for key, value in settings.store.items() if key != "fail"}
+        #: Within the admin connection's own time limit ([admin] timeout), with room for the answer.
+        self.kick_wait = min(KICK_WAIT, settings.admin_timeout / 2)
         #: Set by the master: drain worker ``pid``; returns why not, or None.
         self.drain: Callable[[int], str | None] | None = None
         #: Set by the master: its live workers' pids (only those are ever signalled).
@@ -126,7 +129,7 @@ class Actions:
             raise Refused("409 Conflict", f"cannot reach worker {pid}: {error}") from None
         log.info("admin: kick conn=%s asked of worker %d", conn_id, pid)
         gone = False
-        deadline = time.monotonic() + KICK_WAIT
+        deadline = time.monotonic() + self.kick_wait
         while not gone and time.monotonic() < deadline:
             gevent.sleep(0.1)  # the board is rewritten every scoreboard.INTERVAL
             gone = all(r.get("id") != conn_id for r in scoreboard.read(self.scoreboard_dir)["sessions"])
