@@ -199,12 +199,12 @@ def test_a_drained_worker_is_replaced_and_its_session_finishes_its_message(steer
             with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as other:
                 assert other.sendmail("c@client.test", ["bob@example.test"], MESSAGE) == {}
         assert held.data(MESSAGE)[0] == 250
-    wait_until(lambda: row["pid"] not in server.worker_pids(), 30, "the drained worker to exit")
-    assert len(server.worker_pids()) == 2
+    wait_until(lambda: f"(pid {row['pid']}) of generation 1 exited with status 0" in server.log(), 30,
+               "the drained worker to exit")
+    assert row["pid"] not in server.worker_pids() and len(server.worker_pids()) == 2
     assert len(maildir_messages(server.maildir)) == 5
     log = server.log()
     assert f"(pid {row['pid']}) drained by the operator" in log
-    assert f"(pid {row['pid']}) of generation 1 exited with status 0" in log
     assert "respawning" not in log
     # A pid that is no worker: refused, exit 1.
     wrong = qpgevent("drain-worker", "1", "--url", server.admin_url, "--token", TOKEN)
