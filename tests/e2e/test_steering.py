@@ -93,6 +93,8 @@ def test_a_held_session_kicked_gets_421_and_leaves_the_board(steered):
     try:
         client.hello()
         row = row_of(server, "127.0.0.21")
+        listed = qpgevent("status", "--url", server.admin_url, "--token", TOKEN, "--sessions")
+        assert f"conn={row['id']} pid={row['pid']} 127.0.0.21 ready" in listed.stdout, listed.stdout
         kicked = qpgevent("kick", row["id"], "--url", server.admin_url, "--token", TOKEN)
         assert kicked.returncode == 0, kicked.stderr
         assert f"kicked {row['id']} (worker {row['pid']})" in kicked.stdout
