@@ -245,7 +245,13 @@ def test_a_blocked_address_is_refused_at_connect_by_every_worker_until_released(
                "a refusal from every worker", 0.01)
     for _ in range(10):  # and from then on, whichever worker takes the connection
         assert refused_at_connect(server, "127.0.0.25")
-    # Others are served; no plugin saw the blocked client.
+    # No session began for a refused connection: its one log line is the refusal (no hook ran).
+    log = server.log().splitlines()
+    refused_ids = [line.split("conn=")[1].split()[0] for line in log if "is blocked by the operator" in line]
+    assert len(refused_ids) >= 12
+    for conn_id in refused_ids:
+        assert sum(f"conn={conn_id} " in line for line in log) == 1, conn_id
+    # Others are served.
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30, source_address=("127.0.0.26", 0)) as other:
         assert other.sendmail("a@client.test", ["bob@example.test"], MESSAGE) == {}
     listed = qpgevent("blocks", "-c", ini, "--json")
