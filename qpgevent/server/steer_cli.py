@@ -38,7 +38,8 @@ def add_commands(commands: Any) -> None:
     store.add_argument("--json", action="store_true", help="print JSON instead of text, for scripts")
 
     kick = commands.add_parser("kick", parents=[admin], help="close a live session with 421 (by its conn= id)",
-                               description="The worker holding the session (parked or not) says 421 4.7.0 "
+                               description="Asks the running server, through its admin server: the worker "
+                               "holding the session (parked or not) says 421 4.7.0 "
                                "and closes it; the log says it was kicked by the operator. Exit status 0 "
                                "once the session is gone, 1 when there is no such session or it is still "
                                "there, 2 without a token.")
@@ -46,7 +47,8 @@ def add_commands(commands: Any) -> None:
                       "'qpgevent status --sessions' show it")
     kick.set_defaults(handler=lambda args: _post(args, "/kick", {"id": args.conn_id}))
     drain = commands.add_parser("drain-worker", parents=[admin], help="replace one worker, its sessions finished",
-                                description="The worker stops accepting, finishes its sessions (up to "
+                                description="Asks the running server, through its admin server: the worker "
+                                "stops accepting, finishes its sessions (up to "
                                 "shutdown_timeout) and exits; the master starts a new one in its place at "
                                 "once. No client is refused meanwhile. Exit status 0 when the master took "
                                 "the request, 1 when it refused (no such worker, a reload under way).")
@@ -56,7 +58,9 @@ def add_commands(commands: Any) -> None:
     block = commands.add_parser("block", parents=[store], help="refuse an address (or network) at connect for a while",
                                 description="Every worker refuses the address at connect, before any plugin, "
                                 "with 421 4.7.0 (a temporary refusal: its mail is retried later, not "
-                                "bounced), until the duration ends or 'qpgevent release'.")
+                                "bounced), until the duration ends or 'qpgevent release'. Written into the "
+                                "config's [store] directly: the server need not run, and a Redis store "
+                                "shared by several hosts blocks on all of them.")
     block.add_argument("address", metavar="ADDRESS", help="an IP address or network: 192.0.2.1, 2001:db8::/64")
     block.add_argument("--for", dest="duration", default="1h", metavar="DURATION",
                        help="how long: 90s, 15m, 1h, 2d, 1w (default: %(default)s)")

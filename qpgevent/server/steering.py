@@ -100,11 +100,6 @@ class WorkerControls:
     def start(self) -> None:
         self._handler = gevent.signal_handler(KICK_SIGNAL, self.read_requests)
 
-    def stop(self) -> None:
-        if self._handler is not None:
-            self._handler.cancel()
-            self._handler = None
-
     def read_requests(self) -> None:
         """Take every waiting request (in a greenlet of its own: the signal's)."""
         try:
