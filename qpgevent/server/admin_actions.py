@@ -185,8 +185,9 @@ class Actions:
         """HTML for the status page: a kick button per session, a drain button per
         worker, the block form and the live blocks. Empty without a token."""
         if not self.token or not hmac.compare_digest(token.encode(), self.token.encode()):
+            why = ("open this page as /status?token=... to use them" if self.token else "they need [admin] token")
             return (lambda row: "", lambda pid: "",
-                    '<p class="muted">Steering (kick, drain, block) needs [admin] token.</p>')
+                    f'<p class="muted">Steering buttons (kick, drain, block): {why}.</p>')
         e = html.escape
         hidden = f'<input type="hidden" name="token" value="{e(token)}">'
 
