@@ -148,8 +148,9 @@ class Conversation:
         self.log.info("TLS started: %s %s", details.get("tls_version"), details.get("tls_cipher"))
 
     def last_words(self, words: Reply) -> bytes:
-        """We must go now (server stopping, or a bug): what to say; queued replies dropped."""
+        """We must go now (server stopping, a kick, or a bug): what to say; queued replies dropped."""
         self.out.clear()
+        self.tally.last_reply = words.code  # the summary line tells what the client was told last
         return words.to_bytes()
 
     def end(self) -> None:

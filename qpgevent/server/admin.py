@@ -1,11 +1,12 @@
 """The admin HTTP server: the live status page, its JSON, the Prometheus metrics; and who may see them.
 
-Routes (GET or HEAD):
+Routes (GET or HEAD; the POST routes that steer the server are ``admin_actions``'):
 - ``/status``: an HTML page that reloads itself every ``[admin] refresh`` seconds, listing
   every live session of every process (worker pid, remote ip, rDNS, HELO, state, command
   or hook in progress, sender, recipients, bytes, age), with totals;
 - ``/status.json``: the same data;
-- ``/metrics``: the Prometheus text format, summed over every process.
+- ``/metrics``: the Prometheus text format, summed over every process;
+- ``/blocks.json``: the addresses blocked for a while (``qpgevent block``).
 
 Access: with ``[admin] token`` set, every request must carry it, as
 ``Authorization: Bearer <token>`` or as ``?token=<token>`` (for a browser); without a
@@ -43,6 +44,8 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from .. import __version__
+from . import steering
+from .admin_actions import Actions, Refused, redirect_to_status
 from ..backends import metrics, scoreboard
 from ..config import Listen, Settings, is_loopback
 
@@ -69,6 +72,7 @@ def prepare(settings: Settings) -> bool:
         return False
     os.makedirs(scoreboard_dir(settings), exist_ok=True)
     scoreboard.clear(scoreboard_dir(settings))
+    steering.clear(settings.admin_run_dir)
     metrics.init(metrics_dir(settings), clear=True)
     return True
 
@@ -92,6 +96,7 @@ def process_ended(settings: Settings, pid: int) -> None:
         try:
             metrics.process_dead(pid)  # lists a folder: needs a file descriptor
             scoreboard.remove_process(scoreboard_dir(settings), pid)
+            steering.forget_worker(settings.admin_run_dir, pid)
         except OSError as error:  # out of fds, say: a stale gauge, not a dead master
             log.warning("cannot clear the metrics of process %d: %s", pid, error)
 
@@ -101,6 +106,7 @@ def serve(settings: Settings) -> AdminServer | None:
     if settings.admin_listen is None:
         return None
     app = AdminApp(scoreboard_dir(settings), settings.admin_token, settings.admin_refresh, settings.me)
+    app.actions = Actions(settings, scoreboard_dir(settings))
     server = AdminServer(settings.admin_listen, app, settings.admin_max_connections, settings.admin_timeout)
     server.start()
     global _serving
@@ -174,6 +180,8 @@ class AdminApp:
         self.me = me
         #: What ``/health`` says: "up" (200); "draining" or "stopping" (503) once a stop began.
         self.health = "up"
+        #: Kick, drain, block (POST); None: the pages only.
+        self.actions: Actions | None = None
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/health":
@@ -182,6 +190,8 @@ class AdminApp:
             status = "200 OK" if self.health == "up" else "503 Service Unavailable"
             return _respond(start_response, status, f"{self.health}\n".encode(), "text/plain",
                             [("Cache-Control", "no-store")])
+        if environ.get("REQUEST_METHOD") == "POST" and self.actions is not None:
+            return self.steer(environ, start_response)
         refusal = self.refusal(environ)
         if refusal is not None:
             status, text, extra = refusal
@@ -197,8 +207,17 @@ class AdminApp:
             return _respond(start_response, "302 Found", b"", "text/plain",
                             [("Location", "/status" + (f"?{query}" if query else ""))])
         if path == "/status":
-            return _respond(start_response, "200 OK", self.page().encode(), "text/html; charset=utf-8",
-                            HTML_HEADERS)
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            page = self.page(query.get("token", [""])[0], query.get("done", [""])[0])
+            return _respond(start_response, "200 OK", page.encode(), "text/html; charset=utf-8", HTML_HEADERS)
+        if path == "/blocks.json" and self.actions is not None:
+            try:
+                body = json.dumps(self.actions.blocks(), indent=1).encode()
+            except Refused as error:  # the store is down: say so, as JSON
+                body, code = json.dumps({"error": str(error)}).encode(), "503 Service Unavailable"
+            else:
+                code = "200 OK"
+            return _respond(start_response, code, body, "application/json", [("Cache-Control", "no-store")])
         if path == "/status.json":
             body = json.dumps(self.status(), indent=1).encode()
             return _respond(start_response, "200 OK", body, "application/json", [("Cache-Control", "no-store")])
@@ -206,6 +225,16 @@ class AdminApp:
             body, content_type = metrics.render()
             return _respond(start_response, "200 OK", body, content_type, [("Cache-Control", "no-store")])
         return _respond(start_response, "404 Not Found", b"not found: try /status\n", "text/plain")
+
+    def steer(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """A POST: do it, answer JSON; the page's forms are sent back to /status."""
+        assert self.actions is not None
+        status, result, form = self.actions.post(environ)
+        if form and not status.startswith(("401", "403")):
+            location = redirect_to_status(self.token, result)
+            return _respond(start_response, "303 See Other", b"", "text/plain", [("Location", location)])
+        return _respond(start_response, status, json.dumps(result).encode() + b"\n", "application/json",
+                        [("Cache-Control", "no-store")])
 
     def refusal(self, environ: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]] | None:
         """Why this request may not be served, or None."""
@@ -229,14 +258,17 @@ class AdminApp:
         data["server"] = {"me": self.me, "version": __version__, "refresh": self.refresh}
         return data
 
-    def page(self) -> str:
+    def page(self, token: str = "", done: str = "") -> str:
         data = self.status()
+        kick, drain, steering_section = self.actions.forms(token) if self.actions else (
+            lambda row: "", lambda pid: "", "")
         totals, since = data["totals"], data["since_start"]
         states = ", ".join(f"{count} {state}" for state, count in totals["by_state"].items()) or "none"
-        rows = "\n".join(_row(session) for session in data["sessions"]) or (
-            '<tr><td colspan="10" class="empty">no sessions</td></tr>')
-        processes = ", ".join(f"{p['pid']} ({p['sessions']})" for p in data["processes"]) or "none"
+        rows = "\n".join(_row(session, kick(session)) for session in data["sessions"]) or (
+            '<tr><td colspan="11" class="empty">no sessions</td></tr>')
         e = html.escape
+        processes = ", ".join(f"{p['pid']} ({p['sessions']}) {drain(p['pid'])}" for p in data["processes"]) or "none"
+        done = f'<p id="done"><b>{e(done[:200])}</b></p>' if done else ""
         return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{self.refresh:g}">
@@ -251,27 +283,30 @@ th {{ background: #f2f2f2; }}
 td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 td.empty {{ color: #888; font-style: italic; }}
 .muted {{ color: #666; }}
+form.inline {{ display: inline; margin: 0; }}
+h2 {{ font-size: 1.1em; margin: 1.2em 0 .3em; }}
 </style></head>
 <body>
 <h1>qpgevent {e(__version__)} on {e(self.me)}</h1>
-<p id="totals"><b>{totals['sessions']}</b> live sessions in <b>{totals['processes']}</b> processes
+{done}<p id="totals"><b>{totals['sessions']}</b> live sessions in <b>{totals['processes']}</b> processes
 ({e(states)}); {_size(totals['bytes'])} received by them.</p>
 <p id="since" class="muted">Since start: {since['connections']} connections, {since['transactions']} transactions,
 {since['messages_queued']} messages queued, {since['rejections']} refusals,
 {_size(since['bytes_received'])} received, {since['worker_restarts']} worker restarts.</p>
-<p class="muted">Processes (sessions): {e(processes)}. Reloads every {self.refresh:g} s;
+<p class="muted">Processes (sessions): {processes}. Reloads every {self.refresh:g} s;
 updated {e(time.strftime('%H:%M:%S', time.localtime(data['time'])))}.</p>
 <table id="sessions">
 <thead><tr><th>Worker</th><th>Remote IP</th><th>rDNS</th><th>HELO</th><th>State</th><th>Doing</th>
-<th>Sender</th><th class="num">Rcpts</th><th class="num">Bytes</th><th class="num">Age</th></tr></thead>
+<th>Sender</th><th class="num">Rcpts</th><th class="num">Bytes</th><th class="num">Age</th><th>Conn</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>
+{steering_section}
 </body></html>
 """
 
 
-def _row(session: dict[str, Any]) -> str:
+def _row(session: dict[str, Any], kick: str = "") -> str:
     e = html.escape
     cells = [
         (str(session.get("pid", "")), ""), (session.get("remote_ip") or "", ""),
@@ -282,7 +317,8 @@ def _row(session: dict[str, Any]) -> str:
     ]
     tds = "".join(f'<td class="{cls}">{e(str(text)[:120])}</td>' if cls else f"<td>{e(str(text)[:120])}</td>"
                   for text, cls in cells)
-    return f'<tr data-session="{e(str(session.get("id", "")))}">{tds}</tr>'
+    conn = f'<td>{e(str(session.get("id", "")))} {kick}</td>'
+    return f'<tr data-session="{e(str(session.get("id", "")))}">{tds}{conn}</tr>'
 
 
 def _size(octets: float) -> str:

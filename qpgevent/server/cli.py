@@ -35,19 +35,21 @@ log = logging.getLogger("qpgevent")
 #: The exit status of every command, documented from here (docs/cli.md is generated).
 EXIT_CODES = {
     0: "success: the server stopped cleanly; the config is valid; the dry run's message was "
-       "accepted; the store command did what it was asked",
+       "accepted; the store command did what it was asked; the session was kicked, the worker is "
+       "draining, the address blocked or released",
     1: "the command ran and the answer is no: the server cannot start (cannot listen, cannot "
        "create a folder) or killed a worker that would not stop; the dry run's message was not "
-       "accepted; no such store key; the store cannot be reached",
+       "accepted; no such store key; the store cannot be reached; no such session or worker (or the "
+       "admin server cannot be reached); the address was not blocked",
     2: "a usage or configuration error (one line on standard error naming the file, line and "
        "key, or the option): a bad command line, a config or plugin mistake, serving as root "
-       "without allow_root",
+       "without allow_root; a steering command without the admin token",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: the server's options, then the commands (``plugin``, ``store``)."""
-    from . import dryrun, status_cli, store_cli  # the commands' own options live beside what they do
+    from . import dryrun, status_cli, steer_cli, store_cli  # the commands' own options live beside what they do
 
     epilog = "exit status:\n" + "\n".join(
         textwrap.fill(text, 78, initial_indent=f"  {code}  ", subsequent_indent="     ")
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="the outbound queue (queue/outbound): 'queue list|show|flush|hold|"
                                 "release|delete|bounce', see 'qpgevent queue --help'")
     queue.add_argument("words", nargs=argparse.REMAINDER)  # main() hands these to queue_tools
+    steer_cli.add_commands(commands)
     return parser
 
 

@@ -113,8 +113,9 @@ class Driver:
             pause = parked.pause
         except SessionClosed:
             pass
-        except gevent.GreenletExit:
-            self._last_words(Canned.SHUTTING_DOWN)
+        except gevent.GreenletExit as stop:
+            # A kick by the operator carries its own words (qpgevent.server.steering).
+            self._last_words(getattr(stop, "last_words", Canned.SHUTTING_DOWN))
             raise
         except Exception:  # the last resort: a bug in the core must not pass silently
             self.session.log.exception("internal error; closing the session")

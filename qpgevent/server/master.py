@@ -39,6 +39,11 @@ after a backoff that doubles from 0.5 s up to 30 s. A fork that fails (EMFILE on
 EAGAIN or ENOMEM) is logged and tried again after the same kind of backoff: the master
 never dies of it.
 
+*Drain one worker* (the operator's request, ``POST /drain`` of the admin server): the
+master TERMs it (it drains as at a stop, below) and forks its successor in the same slot
+at once; the listeners stay open in the master and the other workers, so no client is
+refused meanwhile.
+
 *Signals.* USR1: reopen the log file (after logrotate moved it), here and, passed on, in
 every worker. TERM and INT: the master closes its listeners and sends TERM to every worker,
 which closes its own (the kernel then refuses new clients), lets its sessions finish for
@@ -83,7 +88,7 @@ from . import queue_runner
 from .server import SmtpServer, bind_listeners, describe_listener
 from .tls import TlsContexts
 from ..backends.services import configure_services
-from . import watchdog
+from . import steering, watchdog
 from ..backends import log as log_module
 from ..transaction import remove_spill_files
 from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
@@ -232,6 +237,9 @@ class Master:
             if settings.tls_certificate:
                 TlsContexts(settings)  # an unreadable certificate: ConfigError too, not crashing workers
             self.admin_server = self._start_admin(settings)
+            actions = self.admin_server.app.actions if self.admin_server is not None else None
+            if actions is not None:  # POST /drain (the page's "drain" buttons), and whom /kick may signal
+                actions.drain, actions.workers = self._request_drain, self.workers.keys
         except BaseException:
             self._close_listeners()
             if settings.pidfile:
@@ -280,7 +288,8 @@ class Master:
 
     def _loop(self) -> int:
         handlers = {"signal": self._on_signal, "status": self._on_status, "exited": self._on_exit,
-                    "respawn": self._on_respawn, "deadline": self._on_deadline, "drained": self._stop}
+                    "respawn": self._on_respawn, "deadline": self._on_deadline, "drained": self._stop,
+                    "drain": self._drain_worker}
         while not (self.stopping and not self.workers):
             kind, *args = self.events.get()
             try:
@@ -452,6 +461,31 @@ class Master:
                       worker, seconds, KILL_GRACE)
             self.killed_any = True
             self._signal(worker, signal.SIGKILL)
+
+    # -- drain one worker (the operator's request) -------------------------------------------
+    def _request_drain(self, pid: int) -> str | None:
+        """From the admin server: why worker ``pid`` cannot be drained now, or None (it will be)."""
+        worker = self.workers.get(pid)
+        if worker is None:
+            return f"no worker with pid {pid}"
+        if self.stopping or self.pending is not None or worker.stopping or worker.generation is not self.current:
+            return f"{worker} is already stopping, or a reload or stop is under way"
+        self.events.put(("drain", pid))  # the main greenlet forks, never an admin request's
+        return None
+
+    def _drain_worker(self, pid: int) -> None:
+        """TERM the worker (it closes its listeners, finishes its sessions within
+        shutdown_timeout, exits), and fork its successor in its slot at once: the master's
+        listeners stay open, so meanwhile new clients wait in the queue, none is refused."""
+        worker = self.workers.get(pid)
+        if worker is None or worker.stopping:
+            return  # gone, or asked twice
+        if self.stopping or self.pending is not None or worker.generation is not self.current:
+            log.info("not draining %s: a reload or stop is under way", worker)
+            return
+        log.info("%s drained by the operator: it finishes its sessions; a new worker takes its place", worker)
+        self._ask_to_stop(worker)
+        self._spawn(worker.generation, worker.slot)
 
     # -- stop -------------------------------------------------------------------------------
     def _drain_then_stop(self, why: str) -> None:
@@ -630,6 +664,8 @@ class _WorkerProcess:
         server = SmtpServer(settings, self.generation.plugins, counters=self.counters)
         server.runner.notify("post_fork", None)  # plugins open their pools here
         server.start(sockets=self.listeners)
+        # The admin server's requests for this worker (kick a session), when [admin] is on.
+        steering.start_worker(server, settings.admin_run_dir if settings.admin_listen is not None else None)
         # What the worker has built by now (modules, plugins, the master's heap) lives as
         # long as it does: out of the collector's sight, a full collection walks only what
         # sessions make, and pages shared with the master are not written to.

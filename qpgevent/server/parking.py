@@ -81,6 +81,16 @@ class Parking:
         for session in list(self._parked):
             self._wake(session, False)
 
+    def wake(self, session: Any) -> None:
+        """Wake one parked session now, as if its client had spoken (to kick it, say).
+
+        ``session`` is what was parked (the driver), or the plugins' session it drives.
+        """
+        parked = next((held for held in self._parked if held is session or getattr(held, "session", None) is session),
+                      None)
+        if parked is not None:
+            self._wake(parked, False)
+
     def _wake(self, session: Session, timed_out: bool) -> None:
         # Runs in the hub: both watchers may fire in one loop turn, the second finds it gone.
         parked = self._parked.pop(session, None)

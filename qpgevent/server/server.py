@@ -44,6 +44,7 @@ from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from ..engine.session import Session
 from .driver import Driver
+from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
 from .tls import TlsContexts
 
@@ -220,6 +221,9 @@ class SmtpServer:
         self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
         #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
         self.tls = TlsContexts(settings) if settings.tls_certificate else None
+        #: Addresses the operator blocked ([store]), and the greenlet of each session by conn id.
+        self.blocks = steering.block_list(self.services)
+        self.holding: dict[str, gevent.Greenlet] = {}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -280,6 +284,9 @@ class SmtpServer:
         if trusted and ip_in(connection.remote_ip, list(trusted)) and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
             return False
+        if steering.refused_as_blocked(self, sock, connection):
+            self.sessions.discard(greenlet)
+            return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
         driver = Driver(sock, connection, self.runner, self.settings, self.counters.count,
                         listen=listen, tls=self.tls, parking=self.parking)
@@ -296,11 +303,13 @@ class SmtpServer:
                part: Callable[[], Pause | None]) -> bool:
         """Run ``part`` of the session; then close the connection, or park the session (True)."""
         pause = None
+        self.holding[driver.session.connection.id] = greenlet
         try:
             pause = part()
         except gevent.GreenletExit:
-            pass  # stopped by the server; the session has said 421
+            pass  # stopped by the server (or kicked); the session has said 421
         finally:
+            self.holding.pop(driver.session.connection.id, None)
             self.sessions.discard(greenlet)
             if pause is None:
                 lease.release()  # the session is over, even if the close lingers

@@ -3,9 +3,10 @@
 For each admin URL given (a cluster's hosts), it reads ``/health`` (up, draining,
 stopping) and ``/status.json`` (live sessions, worker processes, counts since start),
 and prints a line per host and the cluster's totals; ``--sessions`` adds every live
-session, ``--json`` prints it all for scripts and dashboards. The token (``[admin]
-token``) is sent as a bearer token; hosts of one cluster share it. Exit status 0 when
-every host answered and is up, 1 otherwise (a script's "is the cluster whole?").
+session (with its ``conn=`` id, which ``qpgevent kick`` takes), ``--json`` prints it all
+for scripts and dashboards. The token (``[admin] token``) is sent as a bearer token;
+hosts of one cluster share it. Exit status 0 when every host answered and is up, 1
+otherwise (a script's "is the cluster whole?").
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sessions:
             for host in hosts:
                 for row in (host.get("status") or {}).get("sessions", []):
-                    print(f"  {host['url']}  pid={row.get('pid')} {row.get('remote_ip')} {row.get('state')} "
+                    print(f"  {host['url']}  conn={row.get('id')} pid={row.get('pid')} {row.get('remote_ip')} "
+                          f"{row.get('state')} "
                           f"helo={row.get('helo') or '-'} sender={row.get('sender') or '-'} age={row.get('age')}s")
     whole = all(host.get("health") == "up" and "error" not in host for host in hosts)
     return 0 if whole else 1

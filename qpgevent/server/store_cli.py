@@ -45,44 +45,47 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--prefix", default="", metavar="PREFIX",
                          help=f"only keys starting with PREFIX (the plugins': {', '.join(PLUGIN_PREFIXES)})")
     listing.add_argument("--limit", type=int, default=10000, metavar="N", help="at most N keys (default: %(default)s)")
-    listing.set_defaults(handler=lambda args: _run(args, _list))
+    listing.set_defaults(handler=lambda args: run_on_store(args, _list))
     show = commands.add_parser("show", parents=[common], help="one key: what lives under it",
                                description="What lives under one key. Exit status 1 when nothing does.")
     show.add_argument("key", metavar="KEY", help="a key as list prints it: karma:penalty:192.0.2.1")
-    show.set_defaults(handler=lambda args: _run(args, _show))
+    show.set_defaults(handler=lambda args: run_on_store(args, _show))
     release = commands.add_parser("release", parents=[common], help="remove one key: value, events and leases",
                                   description="Remove everything under one key: a client leaves the karma "
                                   "penalty box, a greylisting triplet is forgotten, a rate window starts "
                                   "again. Exit status 1 when nothing was there.")
     release.add_argument("key", metavar="KEY", help="a key as list prints it (quote the spaces of a "
                          "greylisting triplet)")
-    release.set_defaults(handler=lambda args: _run(args, _release))
+    release.set_defaults(handler=lambda args: run_on_store(args, _release))
 
 
-def _run(args: argparse.Namespace, command: Callable[[Store, argparse.Namespace], int]) -> int:
+def run_on_store(args: argparse.Namespace, command: Callable[[Store, argparse.Namespace], int],
+                 create: bool = False) -> int:
+    """Open the ``[store]`` of ``args.config``, run ``command`` on it, close it: the exit status.
+    ``create``: an embedded store may be made (else its absence is an error)."""
     # The store logs its outages for a server's log; here our one line says it.
     logging.getLogger("qpgevent").addHandler(logging.NullHandler())
     try:
         settings = config_module.load(args.config)
         options = {key: value for key, value in settings.store.items() if key != "fail"}
-        if options.get("backend") == "embedded" and not os.path.exists(options["path"]):
+        if options.get("backend") == "embedded" and not create and not os.path.exists(options["path"]):
             # Opening would create an empty one: a wrong -c must not look like an empty store.
-            return _fail(f"no store at {options['path']} (the server has stored nothing yet, or this "
+            return fail(f"no store at {options['path']} (the server has stored nothing yet, or this "
                          f"is not its config)", 1)
         store = open_store(**options)
     except ConfigError as error:
-        return _fail(" ".join(str(error).splitlines()), 2)
+        return fail(" ".join(str(error).splitlines()), 2)
     except ValueError as error:  # the redis package is missing
-        return _fail(f"{settings.path}: [store] {error}", 2)
+        return fail(f"{settings.path}: [store] {error}", 2)
     try:
         return command(store, args)
     except StoreUnavailable as error:
-        return _fail(f"the store cannot be reached: {error}", 1)
+        return fail(f"the store cannot be reached: {error}", 1)
     finally:
         store.close()
 
 
-def _fail(message: str, status: int) -> int:
+def fail(message: str, status: int) -> int:
     print(f"qpgevent: {message}", file=sys.stderr)
     return status
 
@@ -95,7 +98,7 @@ def _list(store: Store, args: argparse.Namespace) -> int:
 def _show(store: Store, args: argparse.Namespace) -> int:
     found = store.entry(args.key)
     if not found:
-        return _fail(f"no such key: {args.key}", 1)
+        return fail(f"no such key: {args.key}", 1)
     _print(found, args.json)
     return 0
 
@@ -107,7 +110,7 @@ def _release(store: Store, args: argparse.Namespace) -> int:
     elif gone:
         print(f"released {args.key}")
     if not gone:
-        return _fail(f"no such key: {args.key}", 1)
+        return fail(f"no such key: {args.key}", 1)
     return 0
 
 
@@ -128,4 +131,4 @@ def _lapses(expires: float | None, now: float) -> str:
     return f"lapses in {seconds:.0f}s" if seconds < 3600 else f"lapses in {seconds / 3600:.1f}h"
 
 
-__all__ = ["add_commands", "PLUGIN_PREFIXES"]
+__all__ = ["add_commands", "run_on_store", "fail", "PLUGIN_PREFIXES"]

@@ -4,10 +4,14 @@ The server runs as a child process with live SMTP sessions held open by the test
 must list them, then show a session opened after it loaded, by reloading itself (the test
 does not navigate again). The screenshot is saved in the test's tmp folder, its path printed,
 and checked to be a real PNG of the window's size.
+
+With ``[admin] token`` set, the page's kick button (a form POST, under the page's
+Content-Security-Policy) closes a session, and the page says so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import smtplib
 import struct
@@ -17,6 +21,9 @@ import gevent
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+
+from qpgevent.testing import wait_until
+from test_admin import get
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -95,9 +102,10 @@ def test_the_status_page_lists_live_sessions_and_refreshes_itself(server_process
         shown = wait_for(lambda: (lambda r: r if {"first.browser.test", "second.browser.test"} <= set(r) else None)(
             rows(browser)), 15, "both sessions on the page")
         workers = {str(pid) for pid in server.worker_pids()}
-        pid, ip, rdns, helo, state, doing, sender, rcpts, size, age = shown["second.browser.test"]
+        pid, ip, rdns, helo, state, doing, sender, rcpts, size, age, conn = shown["second.browser.test"]
         assert (pid in workers, ip, rdns, state, doing, sender, rcpts) == (
             True, "127.0.0.3", "-", "rcpt", "waiting", "<alice@client.test>", "2")
+        assert conn.strip().startswith(f"{int(pid):x}.")  # the conn= id; no kick button without a token
         assert size.endswith(" B") and age.endswith("s")
         assert shown["first.browser.test"][1:8] == ["127.0.0.2", "-", "first.browser.test", "ready", "waiting",
                                                     "-", "0"]
@@ -122,3 +130,24 @@ def test_the_status_page_lists_live_sessions_and_refreshes_itself(server_process
     width, height = struct.unpack(">II", png[16:24])
     assert width > 800 and height > 400, (width, height)
     assert len(png) > 10_000  # a rendered table, not a blank page
+
+
+def test_the_kick_button_closes_a_session(server_process, browser):
+    server = server_process(admin_listen="127.0.0.1:0", admin_token="browser-token", refresh=1)
+    held = client(server, "127.0.0.5", "kicked.browser.test")
+    try:
+        browser.get(server.admin_url + "/status?token=browser-token")
+        shown = wait_for(lambda: rows(browser).get("kicked.browser.test"), 15, "the session on the page")
+        conn_id = shown[10].split()[0]
+        # One script, so that the click lands on the page as loaded (it reloads every second).
+        browser.execute_script(f'document.querySelector(\'tr[data-session="{conn_id}"] button\').click();')
+        said = wait_for(lambda: browser.execute_script(
+            "return (document.getElementById('done') || {}).innerText || '';"), 15, "the page to say what it did")
+        assert said.startswith(f"kicked {conn_id}"), said
+        assert "token=browser-token" in browser.current_url
+        assert held.getreply()[0] == 421
+    finally:
+        held.close()
+    rows_now = json.loads(get(server.admin_url + "/status.json", "browser-token")[2])["sessions"]
+    assert all(r["id"] != conn_id for r in rows_now)
+    wait_until(lambda: f"conn={conn_id} kicked by the operator" in server.log(), 10, "the log line")

@@ -44,7 +44,7 @@ def run(command: str, cwd: Path, home: Path) -> subprocess.CompletedProcess[str]
 
 def test_the_walkthrough_runs_as_written(tmp_path):
     assert set(STEPS) >= {"copy", "admin", "start", "first-mail", "plugin", "dry-run", "dry-run-output", "enable",
-                          "check", "check-output", "reload", "status"}
+                          "check", "check-output", "reload", "status", "hold", "kick", "kick-output"}
     smtp_port, admin_port = free_tcp_port(), free_tcp_port()
 
     def ported(text: str) -> str:
@@ -56,9 +56,11 @@ def test_the_walkthrough_runs_as_written(tmp_path):
     mx = tmp_path / "mx"
     ini = mx / "qpsmtpd.ini"
     text = ini.read_text(encoding="utf-8")
-    admin_line = step("admin").strip()
-    assert f"# {admin_line}" in text, "the shipped ini has the admin line the page says to uncomment"
-    ini.write_text(ported(text.replace(f"# {admin_line}", admin_line)), encoding="utf-8")
+    for admin_line in step("admin").strip().splitlines():
+        admin_line = admin_line.strip()
+        assert f"# {admin_line}" in text, "the shipped ini has the admin lines the page says to uncomment"
+        text = text.replace(f"# {admin_line}", admin_line)
+    ini.write_text(ported(text), encoding="utf-8")
     assert step("start").strip() == "qpgevent -c qpsmtpd.ini"
     server = ServerProcess(ini)
     try:
@@ -95,13 +97,33 @@ def test_the_walkthrough_runs_as_written(tmp_path):
         wait_until(refused, 60, "the reloaded server refusing spam.example")
 
         # 6. the status page, for scripts and for a browser
-        command = ported(step("status")).split()
-        assert command[:2] == ["curl", "-s"]
-        with urllib.request.urlopen(command[2], timeout=30) as response:
+        command = shlex.split(ported(step("status")))
+        assert command[:3] == ["curl", "-s", "-H"] and command[3].startswith("Authorization: Bearer ")
+        token = command[3].split()[-1]
+        request = urllib.request.Request(command[4], headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
             status = json.loads(response.read())
         assert status["totals"]["processes"] >= 1 and isinstance(status["sessions"], list)
-        with urllib.request.urlopen(command[2].replace("status.json", "status"), timeout=30) as response:
+        with urllib.request.urlopen(command[4].replace("status.json", f"status?token={token}"),
+                                    timeout=30) as response:
             assert response.status == 200 and b'id="sessions"' in response.read()
+
+        # 7. a session held open, kicked by its connection id
+        held: dict = {}
+        exec(compile(ported(step("hold")), "walkthrough.md", "exec"), held)  # noqa: S102 - the page's code
+
+        def held_row():
+            with urllib.request.urlopen(request, timeout=30) as response:
+                rows = json.loads(response.read())["sessions"]
+            return next((r for r in rows if r["helo"] == "slow.client.test"), None)
+
+        row = wait_until(held_row, 30, "the held session on the page")
+        kicked = run(ported(step("kick")).replace("1a2b.3", row["id"]), mx, tmp_path)
+        assert kicked.returncode == 0, kicked.stderr
+        assert kicked.stdout.startswith(step("kick-output").strip().replace("1a2b.3", row["id"])), kicked.stdout
+        assert held["client"].getreply()[0] == 421  # said before the close
+        held["client"].close()
+        assert f"conn={row['id']} kicked by the operator" in server.log()
     finally:
-        # 7. stop: gracefully, exit status 0
+        # 8. stop: gracefully, exit status 0
         assert server.terminate() == 0
