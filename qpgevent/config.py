@@ -108,6 +108,9 @@ class Settings:
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
+    #: [logging] trace, trace_clients: the protocol trace for every session, or for these clients.
+    log_trace: bool = False
+    log_trace_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: [store]: the policy plugins' shared state, as keyword arguments of qpgevent.store.from_options.
     store: dict[str, Any] = field(default_factory=dict)
     #: [admin]: the status/metrics HTTP listener (None: off), its token, the run folder.
@@ -243,13 +246,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
     for key in config["plugins"].scalars:
         where = _locate(lines, ["plugins"], key)
         raise ConfigError(f"{path}:{where}: [plugins] {key}: plugins are sections, write [[{key}]]")
-    proxy_trusted = []
-    for item in filter(None, (item.strip() for item in config["proxy"]["trusted"])):  # "trusted =" is off
-        try:
-            proxy_trusted.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            where = _locate(lines, ["proxy"], "trusted")
-            raise ConfigError(f"{path}:{where}: [proxy] trusted: {item!r} is not an address or network") from None
+    proxy_trusted = _networks(config["proxy"]["trusted"], path, lines, ["proxy"], "trusted")
     return Settings(
         path=path, base_dir=base_dir,
         me=server["me"] or socket.getfqdn(),
@@ -277,12 +274,14 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         log_level=config["logging"]["level"],
         log_file=config["logging"]["file"],
         plugins=tuple(plugins),
-        proxy_trusted=tuple(proxy_trusted),
+        proxy_trusted=proxy_trusted,
         proxy_timeout=config["proxy"]["timeout"],
         log_format=config["logging"]["format"],
         log_syslog=config["logging"]["syslog"],
         log_syslog_facility=config["logging"]["syslog_facility"],
         log_syslog_address=config["logging"]["syslog_address"],
+        log_trace=config["logging"]["trace"],
+        log_trace_clients=_networks(config["logging"]["trace_clients"], path, lines, ["logging"], "trace_clients"),
         store=config["store"].dict(),
         admin_listen=_admin_listen(config["admin"], path, lines),
         admin_token=config["admin"]["token"],
@@ -306,6 +305,19 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         pidfile=server["pidfile"],
         **_tls_settings(config, path, lines, listen),
     )
+
+
+def _networks(items: list[str], path: str, lines: list[str], section: list[str],
+              key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses or networks (``192.0.2.10``, ``10.0.0.0/8``); an empty list (``key =``) is none."""
+    networks = []
+    for item in filter(None, (item.strip() for item in items)):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            where = _locate(lines, section, key)
+            raise ConfigError(f"{path}:{where}: [{section[0]}] {key}: {item!r} is not an address or network") from None
+    return tuple(networks)
 
 
 def _tls_settings(config: Any, path: str, lines: list[str], listen: tuple[Listen, ...]) -> dict[str, Any]:

@@ -131,10 +131,12 @@ def syslog_handler(address: str, facility: str) -> logging.Handler:
 
 
 def configure(level: str = "info", path: str = "", format: str = "text", syslog: bool = False,
-              syslog_facility: str = "mail", syslog_address: str = "/dev/log") -> None:
+              syslog_facility: str = "mail", syslog_address: str = "/dev/log", trace: bool = False) -> None:
     """Send the ``qpgevent`` loggers to a file (or standard error) and/or syslog.
 
-    Standard error is used when neither a file nor syslog is set. Raises OSError when
+    Standard error is used when neither a file nor syslog is set. ``trace``: some sessions
+    are traced (``qpgevent.engine.trace``): their lines are kept whatever ``level`` says.
+    Raises OSError when
     the file or the syslog socket cannot be opened, ValueError for a bad facility.
     """
     if format not in FORMATS:
@@ -157,6 +159,7 @@ def configure(level: str = "info", path: str = "", format: str = "text", syslog:
     root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
+    logging.getLogger("qpgevent.trace").setLevel(logging.DEBUG if trace else logging.NOTSET)
 
 
 def reopen() -> int:

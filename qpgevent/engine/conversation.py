@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import Listen, Settings
-from ..connection import Connection
+from ..connection import Connection, host_port
 from ..core.codes import OK, ReturnCode, Verdict
 from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Command, Ehlo, Helo, Limits,
                              Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
@@ -35,6 +35,7 @@ from .hooks import HookRunner
 from .mail import MailTransaction
 from .session import Session, Tally, describe, redact, summary_text
 from .surroundings import Surroundings
+from .trace import Trace, trace_for
 
 READ_SIZE = 1 << 16  #: queued output past this is written before going on
 
@@ -69,6 +70,8 @@ class Conversation:
         self.out = bytearray()  #: replies to write; the driver writes and clears it
         self._request: Request | Wait | None = None
         self._heard = False  #: the client has sent something
+        #: The protocol trace ([logging] trace, trace_clients), None when this session is not traced.
+        self.trace: Trace | None = trace_for(self.session)
 
     @property
     def me(self) -> str:
@@ -83,16 +86,21 @@ class Conversation:
     def open(self) -> None:
         """The client connected: pre_connection, connect, then the greeting (or a refusal)."""
         connection = self.session.connection
-        via = f" via proxy {connection.proxy_ip}:{connection.proxy_port}" if connection.proxy_ip else ""
-        self.log.info("connect from %s:%s to %s:%s%s", connection.remote_ip, connection.remote_port,
-                      connection.local_ip, connection.local_port, via)
+        via = f" via proxy {host_port(connection.proxy_ip, connection.proxy_port)}" if connection.proxy_ip else ""
+        self.log.info("connect from %s to %s%s", connection.peer, host_port(connection.local_ip, connection.local_port),
+                      via)
         if self.ask("pre_connection").outcome is Outcome.CLOSE:
             return
         self.surroundings.identify(connection, self.log)  # remote_host, remote_info, for the connect hook
         if self.ask("connect").outcome in (Outcome.CLOSE, Outcome.ANSWERED):
             return
         banner = self.settings.banner or f"ESMTP qpgevent {__version__} ready"
-        self.out += self.protocol.greeting(reply(220, None, f"{self.me} {banner}"))
+        greeting = reply(220, None, f"{self.me} {banner}")
+        self.tally.last_reply = greeting.code  # a client that only read the banner was told 220
+        out = self.protocol.greeting(greeting)
+        if self.trace is not None:
+            self.trace.server(out)
+        self.out += out
 
     def receive(self, data: bytes) -> None:
         """The client's next bytes; ``b""``: it closed its side."""
@@ -120,10 +128,14 @@ class Conversation:
                 self.tally.doing = "DATA (receiving)" if protocol.state is State.DATA else "waiting"
                 return READ
             if event is CONNECTION_CLOSED:
+                if self.trace is not None:
+                    self.trace.closed()
                 if protocol.state is State.DATA:
                     self.log.info("client vanished during DATA; message dropped")
                 return CLOSE
             self.tally.doing = describe(event)
+            if self.trace is not None:
+                self.trace.client(event)
             part, handler = _HANDLERS[type(event)]
             if part:  # the parts are handed the conversation: they keep no reference to it
                 getattr(getattr(self, part), handler)(self, event)
@@ -146,12 +158,17 @@ class Conversation:
         twin.notes.update(details)
         self.session.connection = twin
         self.log.info("TLS started: %s %s", details.get("tls_version"), details.get("tls_cipher"))
+        if self.trace is not None:
+            self.trace.note(f"TLS handshake done: {details.get('tls_version')} {details.get('tls_cipher')}")
 
     def last_words(self, words: Reply) -> bytes:
         """We must go now (server stopping, a kick, or a bug): what to say; queued replies dropped."""
         self.out.clear()
         self.tally.last_reply = words.code  # the summary line tells what the client was told last
-        return words.to_bytes()
+        out = words.to_bytes()
+        if self.trace is not None:
+            self.trace.server(out)
+        return out
 
     def end(self) -> None:
         """The dialogue is over: drop the transaction, tell the plugins, log the summary."""
@@ -210,7 +227,10 @@ class Conversation:
     # -- output -------------------------------------------------------------------------
     def send(self, answer_reply: Reply) -> None:
         self.tally.last_reply = answer_reply.code
-        self.out += self.protocol.send(answer_reply)
+        out = self.protocol.send(answer_reply)
+        if self.trace is not None:
+            self.trace.server(out)
+        self.out += out
 
     def respond(self, code: int, lines: tuple[str, ...], enhanced: str | None, close: bool) -> None:
         self.send(reply(code, enhanced, *lines, close=close))

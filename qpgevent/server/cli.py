@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         # Logging first, so what plugins say while they set up goes where the rest goes.
         try:
             log_module.configure(args.log_level or settings.log_level, settings.log_file, settings.log_format,
-                                 settings.log_syslog, settings.log_syslog_facility, settings.log_syslog_address)
+                                 settings.log_syslog, settings.log_syslog_facility, settings.log_syslog_address,
+                                 trace=settings.log_trace or bool(settings.log_trace_clients))
         except OSError as error:
             key = "file" if error.filename or not settings.log_syslog else "syslog_address"
             raise ConfigError(f"{settings.path}: [logging] {key}: cannot open: {error.strerror}") from None

@@ -229,6 +229,8 @@ class Driver:
             self.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
+            if self.conversation.trace is not None:
+                self.conversation.trace.note(f"TLS handshake failed: {error}")
             raise SessionClosed from None
         self.conversation.tls_started(describe(self.sock))
 

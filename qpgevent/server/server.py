@@ -324,7 +324,7 @@ class SmtpServer:
 
     def _proxied(self, sock: socket.socket, connection: Connection) -> bool:
         """Read the PROXY header of a trusted proxy into ``connection``; or 421, close, False."""
-        where = f"conn={connection.id} proxy {connection.remote_ip}:{connection.remote_port}"
+        where = f"conn={connection.id} proxy {connection.peer}"
         timeout = self.settings.proxy_timeout
         try:
             header = read_proxy_header(sock, timeout)
@@ -349,7 +349,7 @@ class SmtpServer:
                 connection.remote_ip = normalize_ip(header.source_ip)
                 connection.remote_port = header.source_port
                 connection.local_ip, connection.local_port = normalize_ip(header.dest_ip), header.dest_port
-            log.debug("%s: PROXY v%d for %s", where, header.version, connection.remote_ip)
+            log.debug("%s: PROXY v%d for %s", where, header.version, connection.peer)
             return True
         log.warning("%s: %s; closing with 421", where, problem)
         metrics.connection_refused("proxy_header")

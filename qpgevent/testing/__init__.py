@@ -58,7 +58,8 @@ _SECTIONS = {
     "proxy": ("trusted", "timeout"),
     "dns": ("nameservers", "port", "timeout", "session_budget", "cache_size", "reverse_lookup"),
     "ident": ("enabled", "timeout", "port"),
-    "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address"),
+    "logging": ("level", "file", "format", "syslog", "syslog_facility", "syslog_address", "trace",
+                "trace_clients"),
     "admin": ("listen", "token", "run_dir", "refresh", "max_connections", "timeout"),  # [admin] listen: write admin_listen=
     "store": ("backend", "path", "url", "sentinels", "sentinel_master", "prefix", "timeout", "fail", "retry",
               "lease_ttl", "pool_size"),
