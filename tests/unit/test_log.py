@@ -160,3 +160,49 @@ def test_an_unreachable_syslog_socket_is_an_error_at_start(tmp_path, configure):
 ])
 def test_redact_hides_auth_credentials_only(line, logged):
     assert log_module.redact(line) == logged
+
+
+def test_the_trace_of_a_conversation_in_memory(tmp_path, caplog):
+    """Pipelined commands traced in order, each followed by its reply; refused lines
+    redacted or not shown; the message by its size. The real conversation, in memory."""
+    from qpgevent.engine.conversation import Conversation
+    from qpgevent.engine.memory import InMemory
+    from qpgevent.server.driver import surroundings
+    from qpgevent.testing import DEFAULT_PLUGINS, PluginHarness
+
+    harness = PluginHarness(tmp_path, after=DEFAULT_PLUGINS, settings={"trace": "yes"})
+    with caplog.at_level(logging.DEBUG, logger="qpgevent.trace"):  # as configure(trace=True) does
+        conversation = Conversation(Connection("192.0.2.1", 4321, "127.0.0.1", 25), harness.runner,
+                                    harness.settings, surroundings=surroundings(harness.settings))
+        peer = InMemory(conversation)
+        peer.open()
+        peer.send(b"EHLO client.test\r\nAUTH PLAIN c2VjcmV0!\r\nAUTH PLAIN " + b"A" * 13000 + b"\r\n"
+                  b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+        peer.send(b"Subject: hi\r\n\r\nsecret-body\r\n.\r\nQUIT\r\n")
+    lines = [record.getMessage() for record in caplog.records if record.name == "qpgevent.trace"]
+    client = [line for line in lines if line.startswith("C: ")]
+    assert client == ["C: EHLO client.test", "C: AUTH PLAIN ***", "C: <line not shown>", "C: MAIL FROM:<a@client.test>",
+                      "C: RCPT TO:<bob@example.test>", "C: DATA", "C: <message data, 28 octets>", "C: QUIT"], lines
+    for command, reply in (("C: MAIL FROM:<a@client.test>", "S: 250 2.1.0"), ("C: DATA", "S: 354"),
+                           ("C: <message data, 28 octets>", "S: 250 2.0.0 Queued as")):
+        assert lines[lines.index(command) + 1].startswith(reply), lines
+    assert all(record.conn == conversation.session.connection.id for record in caplog.records
+               if record.name == "qpgevent.trace")
+    assert not any("c2VjcmV0" in line or "secret-body" in line for line in lines)
+
+
+def test_an_untraced_conversation_has_no_trace(tmp_path):
+    from qpgevent.engine.conversation import Conversation
+    from qpgevent.server.driver import surroundings
+    from qpgevent.testing import DEFAULT_PLUGINS, PluginHarness
+
+    harness = PluginHarness(tmp_path, after=DEFAULT_PLUGINS, settings={"trace_clients": "198.51.100.0/24"})
+    logger = logging.getLogger("qpgevent.trace")
+    saved = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        made = [Conversation(Connection(ip, 4321), harness.runner, harness.settings,
+                             surroundings=surroundings(harness.settings)) for ip in ("192.0.2.1", "198.51.100.7")]
+    finally:
+        logger.setLevel(saved)
+    assert [conversation.trace is not None for conversation in made] == [False, True]
