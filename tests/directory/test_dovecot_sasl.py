@@ -137,3 +137,16 @@ def test_dovecot_down_gets_454_for_relayed_mechanisms(tls_server, scram_dovecot)
 def test_a_mechanism_dovecot_does_not_offer_is_a_454(tls_server, dovecot):
     server = tls_server(plugins(dovecot.inet, "CRAM-MD5"))  # this Dovecot: plain login only
     assert cram_md5(server, DANA, DANA_PW)[0] == 454
+
+
+def test_dovecot_hung_between_steps_gets_454_after_the_timeout(tls_server, scram_dovecot):
+    server = tls_server(plugins(scram_dovecot.inet).replace("  mechanisms", "  lookup_timeout = 2\n  mechanisms", 1))
+    with connected(server) as client:
+        assert client.docmd("AUTH", "CRAM-MD5")[0] == 334  # Dovecot's challenge, relayed
+        scram_dovecot.pause()  # hangs with the exchange half done
+        try:
+            assert client.docmd(b64(f"{DANA} {'0' * 32}".encode())) == (
+                454, b"4.7.0 Temporary authentication failure")
+        finally:
+            scram_dovecot.resume()
+        assert scram(client, "SCRAM-SHA-256", DANA, DANA_PW)[0] == 235  # the session goes on
