@@ -6,20 +6,23 @@ a handshake costs one round trip on loopback, and a connection that is never sha
 between greenlets cannot mix two sessions' replies. The whole call runs under
 ``timeout`` seconds; a refused connection, a timeout, a line the protocol does not allow,
 or Dovecot's own ``temp_fail`` raise ``directory.Unavailable``. The wire format lives in
-``dovecot_protocol``; this module only moves its lines.
+``dovecot_protocol``; this module only moves its lines. ``SaslRelay`` is the exception to
+one request per call: an exchange whose challenges Dovecot makes, kept open across the
+client's steps.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core import dovecot_protocol as protocol
 from .directory import Unavailable
 from .scanner import connect, scan_deadline
 
-__all__ = ["AuthResult", "authenticate", "lookup"]
+__all__ = ["AuthResult", "SaslRelay", "authenticate", "lookup", "mechanisms"]
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,84 @@ def authenticate(address: str, timeout: float, user: str, password: str, *, remo
             raise Unavailable(f"Dovecot auth at {address}: {error}") from None
 
 
-def _authenticate(sock: socket.socket, user: str, password: str, remote_ip: str, local_ip: str,
-                  secured: bool, service: str) -> AuthResult:
+def _handshake(sock: socket.socket) -> tuple[_Lines, protocol.ClientHandshake]:
     lines = _Lines(sock)
     sock.sendall(protocol.client_hello(os.getpid()))
     handshake = protocol.ClientHandshake()
     while not handshake.feed(lines.next()):
         pass  # bounded: every line is read under the call's deadline
+    return lines, handshake
+
+
+def mechanisms(address: str, timeout: float) -> tuple[str, ...]:
+    """The mechanisms Dovecot offers (the ``MECH`` lines of its handshake), in its order."""
+    with scan_deadline(timeout, f"Dovecot auth at {address}"), connect(address, timeout) as sock:
+        try:
+            return tuple(_handshake(sock)[1].mechanisms)
+        except protocol.ProtocolError as error:
+            raise Unavailable(f"Dovecot auth at {address}: {error}") from None
+
+
+class SaslRelay:
+    """One client's SASL exchange passed through to Dovecot, step by step: Dovecot makes the
+    challenges (CRAM-MD5, SCRAM-*), we carry them. The connection stays open between the
+    steps (the client answers in its own time) and is this exchange's alone; ``close`` it.
+    Each step runs under ``timeout``; errors and ``temp_fail`` raise ``Unavailable``."""
+
+    def __init__(self, address: str, timeout: float, mechanism: str, *, remote_ip: str = "",
+                 local_ip: str = "", secured: bool = False, service: str = "smtp") -> None:
+        self.address, self.timeout, self.mechanism = address, timeout, mechanism
+        self.service, self.secured, self.remote_ip, self.local_ip = service, secured, remote_ip, local_ip
+        self._sock: socket.socket | None = None
+        self._lines: _Lines | None = None
+
+    def start(self, initial: bytes | None) -> protocol.AuthReply:
+        """Connect, check Dovecot offers the mechanism, send ``AUTH``: its first reply."""
+        def begin() -> None:
+            self._sock = connect(self.address, self.timeout)
+            self._lines, handshake = _handshake(self._sock)
+            if self.mechanism not in handshake.mechanisms:
+                raise protocol.ProtocolError(f"does not offer {self.mechanism}")
+            self._sock.sendall(protocol.auth_request(1, self.mechanism, initial=initial, service=self.service,
+                                                     secured=self.secured, remote_ip=self.remote_ip,
+                                                     local_ip=self.local_ip))
+        return self._exchange(begin)
+
+    def step(self, data: bytes) -> protocol.AuthReply:
+        """The client's answer to a ``CONT``: Dovecot's next reply."""
+        def answer() -> None:
+            if self._sock is None:
+                raise protocol.ProtocolError("no exchange in progress")
+            self._sock.sendall(protocol.continue_request(1, data))
+        return self._exchange(answer)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = self._lines = None
+
+    def _exchange(self, send: Callable[[], None]) -> protocol.AuthReply:
+        try:
+            with scan_deadline(self.timeout, f"Dovecot auth at {self.address}"):
+                send()
+                assert self._lines is not None
+                reply = protocol.parse_auth_reply(self._lines.next(), 1)
+        except protocol.ProtocolError as error:
+            self.close()
+            raise Unavailable(f"Dovecot auth at {self.address}: {error}") from None
+        except BaseException:
+            self.close()
+            raise
+        if reply.kind != "CONT":
+            self.close()
+        if reply.kind == "FAIL" and reply.temporary:
+            raise Unavailable(f"Dovecot could not check: {reply.fields.get('reason', 'temp_fail')}")
+        return reply
+
+
+def _authenticate(sock: socket.socket, user: str, password: str, remote_ip: str, local_ip: str,
+                  secured: bool, service: str) -> AuthResult:
+    lines, handshake = _handshake(sock)
     if "PLAIN" in handshake.mechanisms:
         mechanism = "PLAIN"
         initial: bytes | None = b"\0" + user.encode() + b"\0" + password.encode()

@@ -10,10 +10,19 @@ The back ends are asked in config order, ``auth_<mechanism>``'s plugins first, t
 PLAIN and LOGIN) the generic ``auth`` ones: a back end that does not know the user
 returns DECLINED and the next is asked; the first other answer is final (OK 235, DENY
 535, DENYSOFT 454), as docs/hooks.md says.
+
+A plugin's mechanism (``sasl_mechanisms``) is decided by ``auth_sasl``, which may also
+challenge (``session.challenge``): the 334 goes out and the client's answer goes to that
+plugin alone, until it says OK, DENY or DECLINED (535: nobody else can take over an
+exchange half done). Failures count and wait as for the built-in mechanisms; ``*``
+cancels (501, the protocol core). A plugin may declare CRAM-MD5 (the one built-in whose
+challenge the server makes, so a back end such as Dovecot must make it): its exchange
+then replaces the built-in one.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 from ..core.codes import ReturnCode, Verdict
@@ -38,7 +47,8 @@ class Authentication:
 
     def available(self, conversation: Dialogue) -> tuple[str, ...]:
         runner = conversation.runner
-        return sasl.mechanisms(runner.has) + runner.extensions.sasl_mechanisms
+        plugins = runner.extensions.sasl_mechanisms
+        return tuple(m for m in sasl.mechanisms(runner.has) if m not in plugins) + plugins
 
     def begin(self, conversation: Dialogue, mechanism: str, initial: bytes | None) -> None:
         """``AUTH mechanism [initial]``."""
@@ -52,6 +62,12 @@ class Authentication:
             conversation.log.warning("AUTH refused: too many failures from %s",
                                      conversation.session.connection.remote_ip)
             conversation.send(Canned.TOO_MANY_AUTH_FAILURES)
+        elif mechanism in conversation.runner.extensions.sasl_mechanisms:
+            exchange = self.exchange = sasl.PluginExchange(mechanism, conversation.settings.me)
+            if initial is None and mechanism in conversation.runner.extensions.sasl_first_challenge:
+                self.ask_plugin(conversation, exchange, None)  # the plugin (its server) speaks first
+            else:
+                self._go_on(conversation, lambda exchange: exchange.start(initial))
         elif mechanism == "CRAM-MD5" and initial is not None:
             conversation.send(Canned.SYNTAX)
         else:
@@ -77,8 +93,33 @@ class Authentication:
             return
         if isinstance(result, sasl.Challenge):
             conversation.send(reply(334, None, result.text))
+        elif isinstance(exchange, sasl.PluginExchange):
+            self.ask_plugin(conversation, exchange, result.response)
         else:
             self.check(conversation, result)
+
+    def ask_plugin(self, conversation: Dialogue, exchange: sasl.PluginExchange, response: bytes | None) -> None:
+        """A plugin's mechanism: its ``auth_sasl`` decides, or challenges (334) and is asked
+        again, alone, with the client's answer; past ``sasl.MAX_STEPS`` challenges, 535."""
+        session = conversation.session
+        session.auth_step, session.auth_challenge = exchange.steps, None
+        verdict = conversation.decide("auth_sasl", exchange.mechanism, response, only=exchange.owner)
+        challenge, session.auth_challenge = session.auth_challenge, None
+        if verdict.code is ReturnCode.DONE and challenge is not None and not verdict.internal_error:
+            if exchange.steps < sasl.MAX_STEPS:
+                exchange.steps, exchange.owner = exchange.steps + 1, verdict.plugin
+                conversation.send(reply(334, None, base64.b64encode(challenge).decode()))
+                return
+            conversation.log.info("AUTH %s: more than %d challenges", exchange.mechanism, sasl.MAX_STEPS)
+            self.failed(conversation, exchange.mechanism, None, Canned.BAD_CREDENTIALS)
+            return
+        user = None
+        if verdict.code is ReturnCode.OK and not verdict.internal_error:
+            user = verdict.message[0].strip() if verdict.message else ""
+            verdict = Verdict(ReturnCode.OK, (), verdict.plugin) if user else Verdict(
+                ReturnCode.DENYSOFT, ("auth_sasl: OK without a user name",), verdict.plugin, True)
+        self.exchange = None
+        self.conclude(conversation, exchange.mechanism, user, verdict)
 
     def check(self, conversation: Dialogue, credentials: sasl.Credentials) -> None:
         """Ask the back ends: the mechanism's own hook, then (if all declined) the generic ``auth``."""
@@ -87,18 +128,11 @@ class Authentication:
         if user is not None and conversation.surroundings.limits.blocked(ip, user):
             self.failed(conversation, mechanism, user, Canned.BAD_CREDENTIALS, counted=False)
             return
-        if credentials.response is not None:
-            verdict = conversation.decide("auth_sasl", mechanism, credentials.response)
-            if verdict.code is ReturnCode.OK and not verdict.internal_error:
-                user = verdict.message[0].strip() if verdict.message else ""
-                verdict = Verdict(ReturnCode.OK, (), verdict.plugin) if user else Verdict(
-                    ReturnCode.DENYSOFT, ("auth_sasl: OK without a user name",), verdict.plugin, True)
-        else:
-            args = (mechanism, user, credentials.password, credentials.ticket)
-            verdict = conversation.decide(sasl.MECHANISM_HOOKS[mechanism], *args)
-            declined = verdict.code is ReturnCode.DECLINED and not verdict.internal_error
-            if declined and mechanism in sasl.GENERIC_MECHANISMS:
-                verdict = conversation.decide("auth", *args)
+        args = (mechanism, user, credentials.password, credentials.ticket)
+        verdict = conversation.decide(sasl.MECHANISM_HOOKS[mechanism], *args)
+        declined = verdict.code is ReturnCode.DECLINED and not verdict.internal_error
+        if declined and mechanism in sasl.GENERIC_MECHANISMS:
+            verdict = conversation.decide("auth", *args)
         self.exchange = None
         self.conclude(conversation, mechanism, user, verdict)
 

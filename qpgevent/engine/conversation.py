@@ -180,9 +180,9 @@ class Conversation:
                           extra={"fields": summary})
 
     # -- asking the plugins: the one path ------------------------------------------
-    def decide(self, hook: str, *args: Any) -> Verdict:
-        """Run ``hook``'s plugins; their verdict."""
-        return self.runner.run(hook, self.session, *args)
+    def decide(self, hook: str, *args: Any, only: str | None = None) -> Verdict:
+        """Run ``hook``'s plugins (``only``: that one); their verdict."""
+        return self.runner.run(hook, self.session, *args, only=only)
 
     def answer(self, hook: str, verdict: Verdict, **fields: str) -> Answer:
         """The reply table's answer to ``verdict``; DONE without a reply is a plugin's bug (451)."""

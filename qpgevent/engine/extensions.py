@@ -8,6 +8,7 @@ built (a bad declaration is a load error naming the plugin and its file):
     rcpt_parameters = {"XNOTE": r"[a-z]+"}
     verbs = ("ETRN",)                         # new commands, answered by hook_command
     sasl_mechanisms = ("X-TOKEN",)            # AUTH mechanisms, checked by hook_auth_sasl
+    sasl_first_challenge = True               # asked (response None) when AUTH has no initial response
 
 A MAIL or RCPT parameter nobody declared still gets 555 (RFC 5321 4.1.1.11), and a
 declared one whose value does not match its syntax (a full match) gets 501; what a
@@ -30,7 +31,9 @@ _VERB = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}$")  # as the protocol core read
 CORE_VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP",
                         "STARTTLS", "AUTH"})
 CORE_PARAMETERS = {"MAIL": frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"}), "RCPT": frozenset()}
-CORE_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
+#: CRAM-MD5 is not among them: the server makes its challenge, so a back end that makes
+#: its own (Dovecot) must take the name over (engine/authentication.py).
+CORE_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 
 Syntax = re.Pattern[str] | None  #: a declared parameter's value syntax; None: it takes no value
 
@@ -42,6 +45,7 @@ class Extensions:
     rcpt_parameters: dict[str, Syntax] = field(default_factory=dict)
     verbs: frozenset[str] = frozenset()
     sasl_mechanisms: tuple[str, ...] = ()
+    sasl_first_challenge: frozenset[str] = frozenset()  #: mechanisms whose plugin speaks first
     parses: bool = False  #: some plugin has a ``*_parse`` hook (the core then calls them)
 
     @classmethod
@@ -52,6 +56,7 @@ class Extensions:
         rcpt: dict[str, Syntax] = {}
         verbs: set[str] = set()
         mechanisms: list[str] = []
+        first: set[str] = set()
         for plugin in plugins:
             keywords += [k for k in _words(plugin, "ehlo_keywords", _KEYWORD_LINE) if k not in keywords]
             mail.update(_parameters(plugin, "mail_parameters", "MAIL"))
@@ -65,9 +70,12 @@ class Extensions:
                     raise _error(plugin, f"sasl_mechanisms: {mechanism} is built in")
                 if mechanism.upper() not in mechanisms:
                     mechanisms.append(mechanism.upper())
+                if getattr(plugin, "sasl_first_challenge", False) is True:
+                    first.add(mechanism.upper())
         parses = any(callable(getattr(plugin, f"hook_{verb}_parse", None))
                      for plugin in plugins for verb in ("helo", "ehlo", "mail", "rcpt", "auth"))
-        return cls(tuple(keywords), mail, rcpt, frozenset(verbs), tuple(mechanisms), parses)
+        return cls(tuple(keywords), mail, rcpt, frozenset(verbs), tuple(mechanisms),
+                   frozenset(first), parses)
 
 
 _KEYWORD_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*$")  # RFC 5321 4.1.1.1 ehlo-line

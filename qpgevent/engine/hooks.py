@@ -123,9 +123,11 @@ HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
     _spec("auth_cram_md5", "mechanism", "user", "password", "ticket", doc=_AUTH_DOC),
     _spec("auth_sasl", "mechanism", "response",
           doc="AUTH with a mechanism a plugin declared (sasl_mechanisms = (\"X-TOKEN\",)): response is the "
-              "client's decoded response (its initial one, or its answer to an empty 334); return (OK, user) "
-              "to accept it as user (235, the reply's words are ours), DENY to refuse (535), DECLINED to let "
-              "the next plugin that declared it answer"),
+              "client's decoded response (its initial one, or its answer to an empty 334; None when the "
+              "plugin set sasl_first_challenge = True and the client sent no initial response); return "
+              "(OK, user) to accept it as user (235, the reply's words are ours), DENY to refuse (535), "
+              "DECLINED to let the next plugin that declared it answer, or session.challenge(data) to "
+              "send a 334 and be asked again, alone, with the answer (session.auth_step counts the steps)"),
 )}
 
 
@@ -186,13 +188,17 @@ class HookRunner:
         """Hook -> plugin labels, in the order they run (for --check-config)."""
         return {hook: [p.name for p, _ in chain] for hook, chain in self._chains.items() if chain}
 
-    def run(self, hook: str, session: Any, *args: Any) -> Verdict:
+    def run(self, hook: str, session: Any, *args: Any, only: str | None = None) -> Verdict:
+        """The first verdict that is not DECLINED; ``only``: ask that plugin alone (the one
+        in the middle of a SASL exchange)."""
         spec = HOOKS[hook]
         logger = getattr(session, "log", log)
         if spec.notify:
             self.notify(hook, session, *args)
             return DECLINED_VERDICT
         for plugin, method in self._chains[hook]:
+            if only is not None and plugin.name != only:
+                continue
             verdict = self._call(plugin, method, hook, session, args, logger)
             if verdict.code is ReturnCode.DECLINED and not verdict.internal_error:
                 continue

@@ -4,8 +4,10 @@ An *exchange* is one AUTH attempt's small state machine: ``start(initial)`` and
 ``step(response)`` each return a ``Challenge`` (send ``334`` with this text and read one
 more line) or ``Credentials`` (ask the back ends), or raise ``BadResponse``. PLAIN
 (RFC 4616), LOGIN and CRAM-MD5 (RFC 2195) are built in. A plugin adds a mechanism by
-declaring it (``sasl_mechanisms = ("X-TOKEN",)``): its exchange is one response (the
-initial response, or the answer to an empty 334), handed whole to the ``auth_sasl`` hook.
+declaring it (``sasl_mechanisms = ("X-TOKEN",)``): its exchange starts with one response
+(the initial response, or the answer to an empty 334), handed whole to the ``auth_sasl``
+hook, which may challenge again (``PluginExchange`` counts the steps, the engine's
+``authentication`` asks the plugin).
 
 ``mechanisms`` says which built-in mechanisms the loaded plugins can check, in a fixed
 order (qpsmtpd listed them in Perl hash order, random; and offered CRAM-MD5 for any
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 #: Mechanism -> its hook; the generic "auth" hook can do the ones that send the password.
 MECHANISM_HOOKS = {"PLAIN": "auth_plain", "LOGIN": "auth_login", "CRAM-MD5": "auth_cram_md5"}
 GENERIC_MECHANISMS = ("PLAIN", "LOGIN")
+MAX_STEPS = 10  #: a plugin's challenges in one exchange (SCRAM needs 2): past it, 535
 USERNAME_PROMPT = base64.b64encode(b"Username:").decode()
 PASSWORD_PROMPT = base64.b64encode(b"Password:").decode()
 
@@ -115,6 +118,15 @@ class Exchange:
 
     def step(self, data: bytes) -> Challenge | Credentials:
         return Credentials(self.mechanism, None, response=data)  # a plugin's mechanism: one response
+
+
+class PluginExchange(Exchange):
+    """A plugin's mechanism: the steps so far, and the plugin that challenged (asked alone next)."""
+
+    def __init__(self, mechanism: str, me: str) -> None:
+        super().__init__(mechanism, me)
+        self.steps = 0  #: challenges sent so far
+        self.owner: str | None = None
 
 
 class Plain(Exchange):

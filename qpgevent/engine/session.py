@@ -2,7 +2,8 @@
 
 One per connection. What a plugin may read and do, typed: ``connection`` (who is talking,
 its ``notes``), ``transaction`` (the current one, started on first use, as in qpsmtpd),
-``respond`` (answer the client yourself, then return DONE), ``rewrite_sender`` and
+``respond`` (answer the client yourself, then return DONE), ``challenge`` and
+``auth_step`` (a SASL exchange of several steps, at ``auth_sasl``), ``rewrite_sender`` and
 ``rewrite_recipient`` (at ``mail_pre`` / ``rcpt_pre``: fix up the path the client wrote),
 ``concurrent_connections`` and ``wait_for_input``. Everything else of the dialogue lives
 in the conversation (``qpgevent.engine.conversation``), out of plugins' reach.
@@ -95,6 +96,9 @@ class Session:
         self._wait_for_input = wait_for_input
         self._rewritten: str | None = None  #: the path a *_pre hook asked for (rewrite_sender)
         self._rewriting: str | None = None  #: "mail_pre" or "rcpt_pre" while they run
+        #: At ``auth_sasl``: 0 for an AUTH's first response, n for the answer to our n-th challenge.
+        self.auth_step = 0
+        self.auth_challenge: bytes | None = None  #: what ``challenge`` asked to send (the engine takes it)
 
     @property
     def me(self) -> str:
@@ -128,6 +132,12 @@ class Session:
     def respond(self, code: int, *lines: str, enhanced: str | None = None, close: bool = False) -> None:
         """Answer the client directly (a plugin that returns DONE has called this)."""
         self._speaker().respond(code, lines, enhanced, close)
+
+    def challenge(self, data: bytes) -> ReturnCode:
+        """At ``auth_sasl``: send the client ``data`` as a SASL challenge (334, base64) and be asked
+        again with its answer (``auth_step`` one higher); ``return session.challenge(...)``."""
+        self.auth_challenge = data
+        return ReturnCode.DONE
 
     def rewrite_sender(self, path: str) -> None:
         """At ``mail_pre``: take ``path`` ("<a@b>") instead of what the client wrote."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qpgevent.core.errors import PluginLoadError
+from qpgevent.engine.sasl import MAX_STEPS
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "plugins"
 ACCEPT = "[[rcpt_ok]]\n  domains = example.test\n[[queue/discard]]\n"
@@ -90,6 +91,42 @@ def test_a_plugin_mechanism_is_offered_and_checked(plugin_harness):
     assert stepped.codes == [220, 250, 334, 235]
     wrong = harness.run_session(["EHLO client.test", f"AUTH X-TOKEN {b64(b'alice:guess')}"])
     assert wrong.codes == [220, 250, 535] and "auth_user" not in wrong.notes
+
+
+def test_a_plugin_mechanism_of_several_steps(plugin_harness):
+    harness = plugin_harness(DATA / "x_challenge.py", settings=AUTH_SETTINGS)
+    echo = b64(b"nonce:alice"[::-1])
+    ok = harness.run_session(["EHLO client.test", f"AUTH X-ECHO {b64(b'alice')}", echo])
+    assert ok.codes == [220, 250, 334, 235] and ok.replies[2].text == b64(b"nonce:alice")
+    assert ok.notes["auth_user"] == "alice" and ok.notes["auth_method"] == "X-ECHO"
+    # No initial response: the plugin speaks first (sasl_first_challenge), then as above.
+    first = harness.run_session(["EHLO client.test", "AUTH X-ECHO", b64(b"alice"), echo])
+    assert first.codes == [220, 250, 334, 334, 235] and first.replies[2].text == b64(b"who?")
+    wrong = harness.run_session(["EHLO client.test", f"AUTH X-ECHO {b64(b'alice')}", b64(b"guess")])
+    assert wrong.codes == [220, 250, 334, 535] and "auth_user" not in wrong.notes
+    # "*" cancels (501); the next AUTH starts afresh.
+    bob = harness.run_session(["EHLO client.test", f"AUTH X-ECHO {b64(b'alice')}", "*",
+                               f"AUTH X-ECHO {b64(b'bob')}", b64(b"nonce:bob"[::-1])])
+    assert bob.codes == [220, 250, 334, 501, 334, 235] and bob.notes["auth_user"] == "bob"
+
+
+def test_a_plugin_that_challenges_for_ever_meets_the_step_limit(plugin_harness):
+    harness = plugin_harness(DATA / "x_challenge.py", settings=AUTH_SETTINGS)
+    endless = harness.run_session(["EHLO client.test", "AUTH X-NEVER", *[b64(b"x")] * MAX_STEPS])
+    assert endless.codes == [220, 250, *[334] * MAX_STEPS, 535]
+
+
+def test_a_plugin_may_take_over_cram_md5_not_plain(plugin_harness, tmp_path):
+    for name, error in (("CRAM-MD5", None), ("PLAIN", "sasl_mechanisms: PLAIN is built in")):
+        path = tmp_path / f"mech_{name[:4].lower()}.py"  # a file each: the loader caches modules by name
+        path.write_text('"""mech: declares a mechanism."""\nfrom qpgevent.plugin import Plugin\n\n\n'
+                        f'class Mech(Plugin):\n    sasl_mechanisms = ("{name}",)\n', encoding="utf-8")
+        if error:
+            with pytest.raises(PluginLoadError, match=error):
+                plugin_harness(path)
+        else:
+            offered = plugin_harness(path, settings=AUTH_SETTINGS).run_session(["EHLO client.test"])
+            assert "AUTH CRAM-MD5" in offered.replies[1].text.split("\n")
 
 
 def test_a_bad_declaration_is_a_load_error(plugin_harness, tmp_path):
