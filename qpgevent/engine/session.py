@@ -76,6 +76,8 @@ class Speaker(Protocol):
 
     def has_input(self) -> bool: ...
 
+    def restart(self) -> None: ...
+
 
 class Session:
     """What a hook gets as ``session``: this connection, its transaction, ways to answer."""
@@ -128,6 +130,12 @@ class Session:
     def respond(self, code: int, *lines: str, enhanced: str | None = None, close: bool = False) -> None:
         """Answer the client directly (a plugin that returns DONE has called this)."""
         self._speaker().respond(code, lines, enhanced, close)
+
+    def restart(self) -> None:
+        """From the ``command`` hook: start the session over on this stream, as Postfix does
+        after XCLIENT. The plugin has changed ``connection``'s attributes first; the reply is
+        a new 220 greeting (return DONE), and the client must say HELO/EHLO again."""
+        self._speaker().restart()
 
     def rewrite_sender(self, path: str) -> None:
         """At ``mail_pre``: take ``path`` ("<a@b>") instead of what the client wrote."""
