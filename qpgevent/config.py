@@ -103,6 +103,7 @@ class Settings:
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
     max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
+    max_received: int = 100  #: [limits] max_received: Received headers before a message is a loop
     hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
     nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
     log_syslog: bool = False
@@ -267,6 +268,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         max_command_line=limits["max_command_line"],
         max_text_line=limits["max_text_line"],
         max_header_size=limits["max_header_size"],
+        max_received=limits["max_received"],
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],

@@ -114,7 +114,8 @@ class Session:
         if self._transaction is None:
             self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold,
                                             connection_id=self.connection.id,
-                                            max_header_size=self.settings.max_header_size)
+                                            max_header_size=self.settings.max_header_size,
+                                            max_received=self.settings.max_received)
         return self._transaction
 
     @property
