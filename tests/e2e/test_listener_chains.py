@@ -4,7 +4,7 @@ The "MX" listener runs ``[plugins]`` (etrn, rcpt_ok, queue/maildir); the "submis
 listener leaves etrn out and has a badrcptto of its own. One InProcessServer serves both;
 smtplib clients on each port must get each chain's answers. ``--check-config`` (a real
 ``python -m qpgevent``) must show both chains, and mistakes in ``[listeners]`` are
-one-line config errors.
+one-line config errors. The same through the pre-fork master (``ServerProcess``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from qpgevent import config
 from qpgevent.core.errors import ConfigError
-from qpgevent.testing import InProcessServer, write_ini
+from qpgevent.testing import InProcessServer, ServerProcess, write_ini
 from qpgevent.testing.mta import free_port
 
 COMMON = "[[etrn]]\n[[rcpt_ok]]\n  domains = example.test\n[[queue/maildir]]\n  path = Maildir\n"
@@ -59,6 +59,19 @@ def test_two_listeners_of_one_server_answer_with_their_own_chains(server):
     assert answers(mx) == (True, 458, 250)
     assert answers(submission) == (False, 500, 550)
     assert answers(mx) == (True, 458, 250)  # the MX's chain is untouched by the other's
+
+
+def test_the_master_s_workers_serve_each_listener_with_its_chain(tmp_path):
+    ini, mx, submission = two_listeners(tmp_path)
+    ini.write_text(ini.read_text(encoding="utf-8").replace("[server]\n", "[server]\n  workers = 2\n", 1),
+                   encoding="utf-8")
+    process = ServerProcess(ini)
+    try:
+        for _ in range(3):  # whichever worker accepts, the listener decides the chain
+            assert answers(submission) == (False, 500, 550)
+            assert answers(mx) == (True, 458, 250)
+    finally:
+        assert process.terminate() == 0
 
 
 def test_check_config_shows_each_listener_s_chain(tmp_path):
