@@ -74,6 +74,29 @@ def test_a_trusted_upstream_is_offered_both_and_xclient_restarts_the_session(mak
     assert b"X-Client-Seen: remote_ip=192.0.2.7 xforward=None" in message
 
 
+def test_xclient_login_makes_an_authenticated_relay_client_and_waits_for_the_transaction(make_server):
+    server = make_server(plugins(), plugin_dirs=PLUGIN_DIR)
+    with raw_session(server, "127.0.0.1") as client:
+        ehlo(client)
+        assert client.command("MAIL FROM:<a@client.test>")[0] == 250
+        assert client.command("XCLIENT ADDR=192.0.2.8")[0] == 503  # not inside a transaction
+        assert client.command("RSET")[0] == 250
+        assert client.command("XCLIENT ADDR=IPV6:2001:db8::8 NAME=[UNAVAILABLE] LOGIN=alice")[0] == 220
+        ehlo(client)
+        assert client.command("MAIL FROM:<a@client.test>")[0] == 250
+        assert client.command("RCPT TO:<someone@elsewhere.test>")[0] == 250  # relaying: rcpt_ok says so
+    with raw_session(server, "127.0.0.1") as client:
+        ehlo(client)
+        assert client.command("MAIL FROM:<a@client.test>")[0] == 250
+        assert client.command("RCPT TO:<someone@elsewhere.test>")[0] != 250  # the upstream itself may not
+    with raw_session(server, "127.0.0.1") as client:
+        assert client.command("XCLIENT ADDR=192.0.2.9 LOGIN=alice")[0] == 220
+        ehlo(client)
+        deliver(client)
+    message = only_message(server)
+    assert b"(unknown [192.0.2.9])" in message and b"(authenticated as alice)" in message
+
+
 def test_xforward_describes_the_next_message_only(make_server):
     server = make_server(plugins(), plugin_dirs=PLUGIN_DIR)
     with raw_session(server, "127.0.0.1") as client:
