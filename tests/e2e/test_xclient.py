@@ -106,9 +106,16 @@ def test_xforward_describes_the_next_message_only(make_server):
         deliver(client)
         assert client.command("MAIL FROM:<a@client.test>")[0] == 250
         assert client.command("XFORWARD ADDR=198.51.100.10")[0] == 503  # not inside a transaction
-    message = only_message(server)
-    assert b"Received: from far.away.test (unknown [198.51.100.9])" in message
-    assert b"X-Client-Seen: remote_ip=127.0.0.1 xforward=198.51.100.9" in message
+        assert client.command("RSET")[0] == 250
+        assert client.command("XFORWARD ADDR=198.51.100.11")[0] == 250
+        assert client.command("RSET")[0] == 250  # forgets it
+        deliver(client)
+    messages = wait_until(lambda: len(maildir_messages(server.maildir)) == 2 and maildir_messages(server.maildir),
+                          30, "two messages in the Maildir")
+    forwarded, plain = sorted(messages.values(), key=lambda message: b"198.51.100.9" not in message)
+    assert b"Received: from far.away.test (unknown [198.51.100.9])" in forwarded
+    assert b"X-Client-Seen: remote_ip=127.0.0.1 xforward=198.51.100.9" in forwarded
+    assert b"X-Client-Seen: remote_ip=127.0.0.1 xforward=None" in plain and b"198.51.100.11" not in plain
 
 
 def test_an_untrusted_client_gets_the_reply_of_any_unknown_verb(make_server):
