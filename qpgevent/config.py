@@ -71,6 +71,20 @@ class PluginSpec:
         return self.label.split(":", 1)[0]
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerChain:
+    """One ``[[HOST:PORT]]`` of ``[listeners]``: how that listener's plugins differ from ``[plugins]``."""
+
+    host: str
+    port: int
+    plugins: tuple[PluginSpec, ...]  #: its own ``[[[name]]]`` plugins, asked before the common ones
+    without: tuple[str, ...] = ()  #: labels of ``[plugins]`` not run on this listener
+    only: bool = False  #: its own plugins replace ``[plugins]`` altogether
+
+    def serves(self, listen: Listen) -> bool:
+        return (self.host, self.port) == (listen.host, listen.port)
+
+
 @dataclass(frozen=True)
 class Settings:
     path: str  #: the ini file
@@ -96,6 +110,7 @@ class Settings:
     log_level: str
     log_file: str
     plugins: tuple[PluginSpec, ...] = field(default=())
+    listeners: tuple[ListenerChain, ...] = ()  #: [listeners]: per-listener plugin chains
     #: [proxy]: who may send a PROXY header (empty: nobody), and how long it may take.
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_timeout: float = 5.0
@@ -103,6 +118,7 @@ class Settings:
     park_after: float = 0.25
     log_format: str = "text"  #: [logging] format: text or json
     max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
+    max_received: int = 100  #: [limits] max_received: Received headers before a message is a loop
     hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
     nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
     log_syslog: bool = False
@@ -180,6 +196,39 @@ def parse_listen(text: str) -> Listen:
     return Listen(host or "0.0.0.0", int(port), **flags)
 
 
+def _listeners(config: Any, path: str, lines: list[str], plugins: list[PluginSpec], listen: tuple[Listen, ...],
+               overridden: bool) -> tuple[ListenerChain, ...]:
+    """``[listeners]``: per listen address, ``without``, ``only`` and ``[[[plugin]]]`` sections."""
+    chains = []
+    section = config.get("listeners", {})
+    labels = {spec.label for spec in plugins}
+    for address in getattr(section, "sections", ()):
+        where = f"{path}:{_locate(lines, ['listeners', address], None)}: [listeners] [[{address}]]"
+        try:
+            bound = parse_listen(address)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        if not overridden and not any((bound.host, bound.port) == (x.host, x.port) for x in listen):
+            raise ConfigError(f"{where}: not one of [server] listen")
+        options = section[address]
+        unknown = sorted(set(options.scalars) - {"without", "only"})
+        without = options.get("without", [])
+        without = [without] if isinstance(without, str) else without
+        missing = sorted(set(filter(None, without)) - labels)
+        only = str(options.get("only", "no")).lower()
+        if unknown or missing or only not in _BOOLEANS:
+            problem = (f"{unknown[0]}: unknown key (known: without, only; plugins are [[[sections]]])" if unknown
+                       else f"without: {missing[0]} is not in [plugins]" if missing else "only: not yes or no")
+            raise ConfigError(f"{where}: {problem}")
+        own = tuple(PluginSpec(label, options[label].dict(), path, _locate(lines, ["listeners", address, label], None))
+                    for label in options.sections)
+        chains.append(ListenerChain(bound.host, bound.port, own, tuple(filter(None, without)), _BOOLEANS[only]))
+    return tuple(chains)
+
+
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+
 def make_validator(base_dir: str) -> Validator:
     """The configobj Validator with our extra checks: ``path`` and ``path_list``."""
 
@@ -221,7 +270,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
             what = "missing" if problem is False else problem_text(problem or "invalid section", check)
             raise ConfigError(f"{path}:{where}: [{']['.join(sections)}] {key}: {what}")
     for sections, name in get_extra_values(config):
-        if sections[:1] == ("plugins",):
+        if sections[:1] in (("plugins",), ("listeners",)) or (sections, name) == ((), "listeners"):
             continue
         parent = config
         for part in sections:
@@ -264,6 +313,7 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         max_command_line=limits["max_command_line"],
         max_text_line=limits["max_text_line"],
         max_header_size=limits["max_header_size"],
+        max_received=limits["max_received"],
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],
@@ -274,7 +324,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         log_level=config["logging"]["level"],
         log_file=config["logging"]["file"],
         plugins=tuple(plugins),
-        proxy_trusted=proxy_trusted,
+        listeners=_listeners(config, path, lines, plugins, listen, bool(listen_override)),
+        proxy_trusted=tuple(proxy_trusted),
         proxy_timeout=config["proxy"]["timeout"],
         log_format=config["logging"]["format"],
         log_syslog=config["logging"]["syslog"],

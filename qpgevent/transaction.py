@@ -19,7 +19,8 @@ The header is found as the message streams in, incrementally: each octet is look
 once however small the pieces it comes in (a header sent in 1 KiB pieces used to be
 rescanned from its start on every piece: quadratic). A header longer than
 ``max_header_size`` ends there; ``header_too_large`` says so, and the session refuses the
-message.
+message. A message that comes with more ``Received:`` headers than ``max_received``
+has looped (or will): ``problem`` says ``554 5.4.6`` and it is refused at its end.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ SPILL_PREFIX = "body-"
 NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 STORAGE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later")
 CANNOT_STORE = reply(451, "4.3.0", "Cannot store the message right now, try again later")
+#: More Received headers than ``[limits] max_received``: a mail loop (RFC 5321 6.3, RFC 3463 5.4.6).
+TOO_MANY_HOPS = reply(554, "5.4.6", "Too many hops: a mail loop?")
+MAX_RECEIVED = 100  #: the default ``[limits] max_received`` (Postfix's hopcount_limit)
 #: The default ``[limits] max_header_size`` (Postfix's header_size_limit).
 MAX_HEADER_BYTES = 102400
 
@@ -150,7 +154,8 @@ class Transaction:
     """One message's envelope and content, plus ``notes`` that last as long as it does."""
 
     def __init__(self, spool_dir: str | None = None, size_threshold: int = 1 << 20,
-                 connection_id: str | None = None, max_header_size: int = MAX_HEADER_BYTES) -> None:
+                 connection_id: str | None = None, max_header_size: int = MAX_HEADER_BYTES,
+                 max_received: int = MAX_RECEIVED) -> None:
         #: Under its connection's id ("1f2a.7" -> "1f2a.7.3"): a grep for the connection finds
         #: its transactions too. The counter is the process's, so ids never repeat within it.
         self.id = f"{connection_id or format(os.getpid(), 'x')}.{next(_ids):x}"
@@ -163,6 +168,7 @@ class Transaction:
         self.headers = Headers()
         self.headers_complete = False
         self.max_header_size = max_header_size
+        self.max_received = max_received  #: Received headers a message may come with (0: any number)
         self.header_too_large = False  #: the header went past max_header_size
         self.data_size = 0  #: octets of message received (after dot-unstuffing)
         self._separator = b""  # the empty line between header and body, when there was one
@@ -234,6 +240,8 @@ class Transaction:
         """Why this message cannot be accepted whatever the plugins say, or None."""
         if self.header_too_large:
             return Canned.HEADER_TOO_BIG
+        if self.max_received and len(self.headers.get_all("Received")) > self.max_received:
+            return TOO_MANY_HOPS
         error = self._body.error
         if error is not None:
             return STORAGE_FULL if error.errno in NO_ROOM else CANNOT_STORE

@@ -254,7 +254,9 @@ EXTENSIONS = {"PIPELINING": "RFC 2920", "SIZE": "RFC 1870", "8BITMIME": "RFC 615
 #: Offered only under a condition a plain session does not meet; the condition, as the code has it.
 CONDITIONAL = {"STARTTLS": "when `[tls] certificate` is set, until the session is encrypted",
                "AUTH": "when an `auth/*` plugin is loaded: inside TLS, or on a `/plainauth` listener, "
-                       "until the client has authenticated"}
+                       "until the client has authenticated",
+               "XCLIENT": "with the `xclient` plugin, to the clients in its `xclient_hosts` only",
+               "XFORWARD": "with the `xclient` plugin, to the clients in its `xforward_hosts` only"}
 
 
 def offered_extensions() -> list[str]:

@@ -29,7 +29,7 @@ last one), and each ``new/`` folder is fsynced; then the client gets 250.
 Linking keeps the disk work at one copy however many recipients there are (a message to
 200 people at a domain is written once, not 200 times) and the copies cannot differ. The
 price: the copies share their bytes, so there is no per-recipient ``Delivered-To``
-header, and Maildirs on different file systems cannot share; there (``EXDEV``), or past
+header (unless ``delivered_to``, below), and Maildirs on different file systems cannot share; there (``EXDEV``), or past
 the file system's link limit (``EMLINK``), that recipient gets a copy of its own, written
 and fsynced the same way. Recipients that name the same Maildir get one file.
 A crash or an error half-way leaves the message in some of the Maildirs and the client
@@ -48,6 +48,11 @@ Options:
   fsync    fsync files and folders before answering (default true; turn off only to
            measure, never in production). Off, messages up to 256 KiB are written in the
            session's greenlet instead of a worker thread (cheaper than the hand-off)
+  delivered_to  add ``Delivered-To: <recipient>`` on top of each file, as Postfix's and
+           qmail's local delivery do, and refuse a message that already carries a
+           ``Delivered-To:`` naming one of its recipients: ``554 5.4.6`` (a mail loop, say
+           a forward that comes back), nothing delivered (default no). Each Maildir then
+           gets a file of its own, naming only its own recipients (no hard links)
 
 Example::
 
@@ -82,6 +87,7 @@ class Maildir(Plugin):
     mailbox = string(default="")
     create = boolean(default=True)
     fsync = boolean(default=True)
+    delivered_to = boolean(default=False)
     """
 
     def setup(self):
@@ -128,17 +134,26 @@ class Maildir(Plugin):
         mailboxes = list(dict.fromkeys(self.mailbox(r, session.me) for r in recipients))
         if not mailboxes:
             mailboxes = [self.config["path"]]
+        batches = [(mailboxes, b"")]
+        if self.config["delivered_to"]:
+            looped = _looped(transaction)
+            if looped:
+                self.log.warning("mail loop: the message was delivered to %s before", looped)
+                return DENY, f"554 5.4.6 mail loop: this message was delivered to {looped} before"
+            batches = [([mailbox], b"".join(f"Delivered-To: {r.address}\r\n".encode("utf-8")
+                                             for r in recipients if self.mailbox(r, session.me) == mailbox))
+                       for mailbox in mailboxes]
         try:
             if self.config["fsync"] or transaction.data_size > INLINE_BYTES:
                 # The hook's timeout may give up on the thread: then what it delivered is
                 # taken back once it is done (never both a 4xx and a delivery).
-                delivered, unsynced = disk.run_blocking_undoable(self._deliver, _take_back_delivery,
-                                                                 transaction, name, mailboxes)
+                delivered, unsynced = disk.run_blocking_undoable(self._deliver_all, _take_back_delivery,
+                                                                 transaction, name, batches)
             else:
                 # No fsync and a small message: the write lands in the page cache in
                 # microseconds, less than the trip to a worker thread and back costs
                 # (docs/benchmarks.md, "Profile").
-                delivered, unsynced = self._deliver(transaction, name, mailboxes)
+                delivered, unsynced = self._deliver_all(transaction, name, batches)
             if unsynced:
                 self._fsync_new_folders(delivered, unsynced)
         except _Missing as missing:
@@ -164,7 +179,20 @@ class Maildir(Plugin):
             raise
 
     # -- in a worker thread (inline for small messages when fsync is off) ---------
-    def _deliver(self, transaction, name, mailboxes):
+    def _deliver_all(self, transaction, name, batches):
+        """``_deliver`` for each (mailboxes, header lines of their own); all or nothing."""
+        delivered, unsynced = [], []
+        try:
+            for mailboxes, prefix in batches:
+                paths, folders = self._deliver(transaction, name, mailboxes, prefix)
+                delivered += paths
+                unsynced += folders
+        except BaseException:
+            _take_back(delivered)
+            raise
+        return delivered, unsynced
+
+    def _deliver(self, transaction, name, mailboxes, prefix=b""):
         """Write once, fsync, into every new/, fsync each new/ unless others are at it.
 
         The new/ paths, and the new/ folders left to fsync together with other sessions.
@@ -175,7 +203,7 @@ class Maildir(Plugin):
                     raise _Missing(mailbox)
                 _make_maildir(mailbox)
         first = os.path.join(mailboxes[0], "tmp", name)
-        self._write(first, transaction)
+        self._write(first, transaction, prefix)
         delivered = []
         try:
             # Hard links into all new/ folders but the last, and a rename into the last:
@@ -187,7 +215,7 @@ class Maildir(Plugin):
                 except OSError as error:
                     if error.errno not in (errno.EXDEV, errno.EMLINK):
                         raise
-                    self._copy_into(mailbox, name, transaction)
+                    self._copy_into(mailbox, name, transaction, prefix)
                 delivered.append(target)
             unsynced = []
             if self.config["fsync"]:
@@ -201,23 +229,23 @@ class Maildir(Plugin):
                 os.unlink(first)  # new/ holds the message now, or nothing does
         return delivered, unsynced
 
-    def _copy_into(self, mailbox, name, transaction):
+    def _copy_into(self, mailbox, name, transaction, prefix):
         """A copy of its own for a Maildir we cannot link into (another file system)."""
         tmp = os.path.join(mailbox, "tmp", name)
-        self._write(tmp, transaction)
+        self._write(tmp, transaction, prefix)
         try:
             os.rename(tmp, os.path.join(mailbox, "new", name))
         except BaseException:
             os.unlink(tmp)
             raise
 
-    def _write(self, path, transaction):
+    def _write(self, path, transaction, prefix):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             sender = transaction.sender.format() if transaction.sender else "<>"
             chunks = transaction.message_chunks()
             # Return-Path and the header in one write; the body streams after it.
-            _write_all(fd, f"Return-Path: {sender}\r\n".encode("utf-8") + next(chunks, b""))
+            _write_all(fd, f"Return-Path: {sender}\r\n".encode("utf-8") + prefix + next(chunks, b""))
             for chunk in chunks:
                 _write_all(fd, chunk)
             if self.config["fsync"]:
@@ -249,6 +277,16 @@ def _safe(part):
     """One path component that can only name a folder under the root."""
     part = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), part)
     return "%2E" + part[1:] if part.startswith(".") else (part or "%00")
+
+
+def _looped(transaction):
+    """A recipient the message already names in a ``Delivered-To:`` header, or None."""
+    seen = {value.strip().strip("<>").lower() for value in transaction.headers.get_all("Delivered-To")}
+    for recipient in transaction.recipients:
+        address = recipient.address
+        if address.lower() in seen:
+            return address
+    return None
 
 
 def _make_maildir(root):

@@ -235,6 +235,12 @@ class SmtpProtocol:
             self.state = State.NEED_HELLO
             self.esmtp = self.authenticated = self._in_auth = False
 
+    def restart(self) -> None:
+        """A new session on the same stream (XCLIENT): the client must say HELO/EHLO again."""
+        self._reset_transaction()
+        self.state = State.NEED_HELLO
+        self.esmtp = self.authenticated = self._in_auth = False
+
     def _reset_transaction(self) -> None:
         self.state = State.NEED_HELLO if self.state is State.NEED_HELLO else State.READY
         self.smtputf8 = False

@@ -94,8 +94,12 @@ class Conversation:
         self.surroundings.identify(connection, self.log)  # remote_host, remote_info, for the connect hook
         if self.ask("connect").outcome in (Outcome.CLOSE, Outcome.ANSWERED):
             return
-        banner = self.settings.banner or f"ESMTP qpgevent {__version__} ready"
-        greeting = reply(220, None, f"{self.me} {banner}")
+        self._greet(self._banner())
+
+    def _banner(self) -> Reply:
+        return reply(220, None, f"{self.me} {self.settings.banner or f'ESMTP qpgevent {__version__} ready'}")
+
+    def _greet(self, greeting: Reply) -> None:
         self.tally.last_reply = greeting.code  # a client that only read the banner was told 220
         out = self.protocol.greeting(greeting)
         if self.trace is not None:
@@ -160,6 +164,16 @@ class Conversation:
         self.log.info("TLS started: %s %s", details.get("tls_version"), details.get("tls_cipher"))
         if self.trace is not None:
             self.trace.note(f"TLS handshake done: {details.get('tls_version')} {details.get('tls_cipher')}")
+
+    def restart(self) -> None:
+        """A plugin replaced the client's attributes (XCLIENT): the session starts over on this
+        stream, with a new 220 as the reply to the command; HELO/EHLO must be said again."""
+        self.reset_transaction()
+        self.auth.exchange = None
+        connection = self.session.connection
+        connection.hello = connection.hello_host = None
+        self.protocol.restart()
+        self.send(self._banner())
 
     def last_words(self, words: Reply) -> bytes:
         """We must go now (server stopping, a kick, or a bug): what to say; queued replies dropped."""

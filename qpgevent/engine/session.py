@@ -77,6 +77,8 @@ class Speaker(Protocol):
 
     def has_input(self) -> bool: ...
 
+    def restart(self) -> None: ...
+
 
 class Session:
     """What a hook gets as ``session``: this connection, its transaction, ways to answer."""
@@ -116,7 +118,8 @@ class Session:
         if self._transaction is None:
             self._transaction = Transaction(self.settings.spool_dir, self.settings.size_threshold,
                                             connection_id=self.connection.id,
-                                            max_header_size=self.settings.max_header_size)
+                                            max_header_size=self.settings.max_header_size,
+                                            max_received=self.settings.max_received)
         return self._transaction
 
     @property
@@ -138,6 +141,12 @@ class Session:
         again with its answer (``auth_step`` one higher); ``return session.challenge(...)``."""
         self.auth_challenge = data
         return ReturnCode.DONE
+
+    def restart(self) -> None:
+        """From the ``command`` hook: start the session over on this stream, as Postfix does
+        after XCLIENT. The plugin has changed ``connection``'s attributes first; the reply is
+        a new 220 greeting (return DONE), and the client must say HELO/EHLO again."""
+        self._speaker().restart()
 
     def rewrite_sender(self, path: str) -> None:
         """At ``mail_pre``: take ``path`` ("<a@b>") instead of what the client wrote."""

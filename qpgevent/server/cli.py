@@ -22,6 +22,7 @@ from .. import config as config_module
 from ..backends import log as log_module
 from ..core.errors import ConfigError, StartError
 from ..engine.aliases import deprecation_note
+from ..engine.chains import listener_chains
 from ..engine.hooks import HOOKS, HookRunner
 from ..engine.loader import load_plugins
 from ..core.codes import ReturnCode, Verdict
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 def check_plugins(settings: config_module.Settings) -> None:
     """Load the plugins once to find their mistakes (ConfigError), as ``--check-config`` does."""
     configure_services(settings)
-    load_plugins(settings)
+    listener_chains(settings, load_plugins(settings))
 
 
 def print_check(settings: config_module.Settings, runner: HookRunner) -> None:
@@ -162,6 +163,10 @@ def print_check(settings: config_module.Settings, runner: HookRunner) -> None:
         print(f"  {hook}: {' -> '.join(plugins)}{note}")
     for warning in check_warnings(settings, order):
         print(f"warning: {warning}")
+    for listen, chain, _ in listener_chains(settings, runner.plugins):  # [listeners]
+        print(f"listener {listen}: plugins: " + ", ".join(plugin.name for plugin in chain))
+        for hook, plugins in HookRunner(chain).order().items():
+            print(f"  {hook}: {' -> '.join(plugins)}")
 
 
 def check_warnings(settings: config_module.Settings, order: dict[str, list[str]]) -> list[str]:

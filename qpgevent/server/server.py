@@ -38,6 +38,7 @@ from ..backends.services import current as current_services
 from ..core import proxy
 from ..config import Listen, Settings
 from ..connection import Connection
+from ..engine.chains import listener_chains
 from ..engine.hooks import HookRunner
 from .parking import Parking, Pause
 from ..plugin import Plugin, ip_in
@@ -210,6 +211,9 @@ class SmtpServer:
         #: current where it is built (configure_services), or built from its settings.
         self.services = services or current_services() or Services.from_settings(settings)
         self.runner = HookRunner(plugins, settings.plugin_timeout, timeout=gevent.Timeout)
+        #: [listeners]: (listener, its runner, its own plugins) where its chain is not [plugins].
+        self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=gevent.Timeout), own)
+                       for listen, chain, own in listener_chains(settings, plugins)]
         self.servers: list[StreamServer] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.
         self.sessions: set[gevent.Greenlet | Session] = set()
@@ -234,6 +238,8 @@ class SmtpServer:
 
         Binding ourselves, an unavailable IPv6 address is skipped with a warning.
         """
+        for _, _, own in self.chains:  # the common plugins had theirs from whoever built us
+            HookRunner(own).notify("post_fork", None)
         listens = list(self.settings.listen)
         if sockets is None:
             sockets, skipped = bind_listeners(self.settings.listen)
@@ -288,9 +294,16 @@ class SmtpServer:
             self.sessions.discard(greenlet)
             return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
-        driver = Driver(sock, connection, self.runner, self.settings, self.counters.count,
+        driver = Driver(sock, connection, self.runner_for(listen), self.settings, self.counters.count,
                         listen=listen, tls=self.tls, parking=self.parking)
         return self._serve(driver, lease, greenlet, driver.run)
+
+    def runner_for(self, listen: Listen | None) -> HookRunner:
+        """The hook runner of ``listen``'s plugin chain ([listeners]), else [plugins]'."""
+        for chained, runner, _ in self.chains:
+            if listen is not None and (chained.host, chained.port) == (listen.host, listen.port):
+                return runner
+        return self.runner
 
     def _resume(self, driver: Driver, timed_out: bool, lease: Lease) -> None:
         """A parked session woke (in a new greenlet, in its own context): go on with it."""
@@ -315,7 +328,7 @@ class SmtpServer:
                 lease.release()  # the session is over, even if the close lingers
                 # The TLS socket after STARTTLS.
                 (close_after_quit if driver.client_quit else close_gracefully)(driver.sock)
-                self.runner.notify("post_connection", driver.session)
+                driver.conversation.runner.notify("post_connection", driver.session)
         if pause is None:
             return False
         self.sessions.add(driver.session)  # a parked session is held by itself, not a greenlet
