@@ -142,14 +142,18 @@ class SmtpProtocol:
         self._pending = event
         return event
 
-    def start_chunk(self) -> None:
+    def start_chunk(self, command: Bdat) -> None:
         """The session takes the pending BDAT: read its octets as message data.
 
         Past ``max_message_size`` (counted over all the chunks) the octets are read and
-        dropped, and the chunk's end carries the 552 (RFC 3030 4.2, RFC 1870).
+        dropped, and the chunk's end carries the 552 (RFC 3030 4.2, RFC 1870). If the
+        command was answered already (a plugin sent its own reply), the octets are
+        read and dropped, and nothing more is said.
         """
-        pending, self._pending = self._pending, None
-        assert isinstance(pending, Bdat), pending
+        if self._pending is not command:
+            self._chunk = ChunkReader(command.size, 0)
+            return
+        pending, self._pending = command, None
         limit = self.limits.max_message_size
         self._chunked += pending.size
         if limit and self._chunked > limit:
@@ -168,6 +172,8 @@ class SmtpProtocol:
                 return CONNECTION_CLOSED if self._eof else NEED_DATA
         self._chunk = None
         end = chunk.then
+        if end is None:  # answered before its octets came: nothing more to say
+            return self.next_event()
         if isinstance(end, Bdat):
             problem = self._chunk_problem
             end = MessageEnd(self._chunked, problem) if end.last else ChunkEnd(end.size, self._chunked, problem)

@@ -148,9 +148,9 @@ class MailTransaction:
             if result.outcome is Outcome.CLOSE:
                 conversation.send(result.reply or INTERNAL_ERROR)
                 return
-            if result.outcome is not Outcome.PROCEED:
+            if result.outcome is not Outcome.PROCEED and protocol.awaiting_reply:
                 self.refusal = result.reply or INTERNAL_ERROR
-        protocol.start_chunk()
+        protocol.start_chunk(command)  # if a plugin answered already: read, dropped
 
     def on_chunk_end(self, conversation: Dialogue, event: ChunkEnd) -> None:
         """A chunk but the LAST is in: 250, or why the message will not be taken."""

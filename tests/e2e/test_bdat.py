@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, strip_trace
+from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, peak_memory_kib, strip_trace
 
 SENDER = "a@client.test"
 RECIPIENT = "bob@example.test"
@@ -105,6 +105,19 @@ def test_rset_between_chunks_drops_the_message(server):
     assert maildir_messages(server.maildir) == {}
 
 
+def test_a_chunk_that_never_comes_meets_the_data_timeout(make_server):
+    # A long command_timeout: only data_timeout (a chunk's octets are message) ends this quickly.
+    server = make_server(command_timeout=30, data_timeout=0.3)
+    with server.smtp(timeout=10) as client:
+        begin(client)
+        assert bdat(client, HEADER + b"\r\nfirst\r\n")[0] == 250
+        client.send(b"BDAT 1000000 LAST\r\nonly this")  # then nothing more
+        code, text = client.getreply()
+        assert code == 421 and text.startswith(b"4.4.2 ") and b"Timeout" in text
+    assert maildir_messages(server.maildir) == {}
+    assert list((server.maildir / "tmp").iterdir()) == []
+
+
 def without_received(message: bytes) -> bytes:
     """``message`` without its first field, our Received (its time and id differ per message)."""
     assert message.startswith(b"Received:")
@@ -151,15 +164,6 @@ def binary_megabytes(count: int) -> Iterator[bytes]:
     for k in range(count):
         seed = hashlib.sha256(b"%d" % k).digest()
         yield (seed * (MiB // len(seed)))[:MiB]
-
-
-def peak_memory_kib(pid: int) -> int:
-    """VmHWM, the peak resident set size of ``pid`` so far, from /proc."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
 def test_50_mib_by_bdat_in_1_mib_chunks_in_bounded_memory(server_process):

@@ -50,7 +50,7 @@ def events(protocol: SmtpProtocol, data: bytes = b"", respond=OK) -> list[object
         if event is NEED_DATA or event is CONNECTION_CLOSED:
             return out
         if isinstance(event, Bdat):
-            protocol.start_chunk()
+            protocol.start_chunk(event)
         elif protocol.awaiting_reply:
             protocol.send(respond)
     raise AssertionError("no end of events")
@@ -196,3 +196,13 @@ def test_ehlo_between_chunks_resets():
     events(protocol, b"BDAT 1\r\na")
     answer(protocol, b"EHLO client.test", HELLO)
     assert protocol.state is State.READY
+
+
+def test_a_bdat_answered_before_its_octets_has_them_read_and_dropped():
+    protocol = in_state(State.RCPT)
+    protocol.receive_data(b"BDAT 6\r\nQUIT\r\nNOOP\r\n")
+    command = protocol.next_event()
+    assert protocol.send(reply(554, "5.7.1", "no")).startswith(b"554 ")  # a plugin's own reply
+    protocol.start_chunk(command)
+    assert isinstance(protocol.next_event(), Noop)  # the chunk said nothing, and was no command
+
