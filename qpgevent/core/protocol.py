@@ -151,8 +151,7 @@ class SmtpProtocol:
         read and dropped, and nothing more is said.
         """
         if self._pending is not command:
-            self._chunk = ChunkReader(command.size, 0)
-            return
+            return  # answered already: send() set its octets to be read and dropped
         pending, self._pending = command, None
         limit = self.limits.max_message_size
         self._chunked += pending.size
@@ -240,6 +239,8 @@ class SmtpProtocol:
             # 334 asks for another line; anything else ends the exchange (RFC 4954 4).
             self._in_auth = reply.code == 334
             self.authenticated = self.authenticated or reply.code == 235
+        if isinstance(pending, Bdat):  # answered, not started: its octets are still read, and dropped
+            self._chunk = ChunkReader(pending.size, 0)
         if isinstance(pending, Command):
             self._transition(pending, reply)
         elif isinstance(pending, MessageEnd):
