@@ -3,7 +3,7 @@
 Commands in sequence (``Helo`` ... ``Auth``, ``Unknown`` for a verb the core does not
 know), a line answering our 334 (``AuthResponse``), input the core refused by itself
 (``Rejected``, with the reply to send), the message in pieces (``MessageData``) and its
-end (``MessageEnd``), and the two markers ``NEED_DATA`` and ``CONNECTION_CLOSED``. Plain
+end (``MessageEnd``; by BDAT, ``ChunkEnd`` after each chunk but the LAST one), and the two markers ``NEED_DATA`` and ``CONNECTION_CLOSED``. Plain
 frozen values: the protocol makes them, the conversation reads them.
 """
 
@@ -20,7 +20,8 @@ class State(enum.Enum):
     READY = "ready"  #: greeted, no transaction
     MAIL = "mail"  #: a sender was accepted
     RCPT = "rcpt"  #: at least one recipient was accepted
-    DATA = "data"  #: the message is streaming in
+    DATA = "data"  #: the message is streaming in (after DATA, or a BDAT chunk's octets)
+    BDAT = "bdat"  #: between BDAT chunks: the message is partly in (RFC 3030)
     CLOSED = "closed"
 
 
@@ -58,6 +59,14 @@ class Rcpt(Command):
 @dataclass(frozen=True, slots=True)
 class Data(Command):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Bdat(Command):
+    """RFC 3030: ``size`` octets of message follow the command line; ``last`` ends it."""
+
+    size: int = 0
+    last: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +142,15 @@ class MessageEnd:
     problem: Reply | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkEnd:
+    """A BDAT chunk (not the LAST) is in: ``size`` its octets, ``total`` the message's so far."""
+
+    size: int
+    total: int
+    problem: Reply | None = None
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
@@ -146,4 +164,4 @@ class _ConnectionClosed:
 NEED_DATA = _NeedData()
 CONNECTION_CLOSED = _ConnectionClosed()
 
-Event = Command | AuthResponse | Rejected | MessageData | MessageEnd | _NeedData | _ConnectionClosed
+Event = Command | AuthResponse | Rejected | MessageData | MessageEnd | ChunkEnd | _NeedData | _ConnectionClosed

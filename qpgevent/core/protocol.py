@@ -20,15 +20,15 @@ from whatever the client sent, and the session writes the replies out in order w
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .events import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Command, Data, Ehlo, Event, Helo, Help,
-                     Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, Starttls, State, Unknown,
+from .events import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, ChunkEnd, Command, Data, Ehlo,
+                     Event, Helo, Help, Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, Starttls, State, Unknown,
                      Vrfy)
+from .arguments import parse_auth, parse_auth_response, split_path as _split_path
+from .chunking import ChunkReader, parse_bdat
 from .reply import Canned, Reply
 from .wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
 
@@ -36,12 +36,12 @@ from .wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
 _VERBS: dict[str, type[Command]] = {
     "HELO": Helo, "EHLO": Ehlo, "MAIL": Mail, "RCPT": Rcpt, "DATA": Data, "RSET": Rset,
     "NOOP": Noop, "QUIT": Quit, "VRFY": Vrfy, "HELP": Help, "STARTTLS": Starttls, "AUTH": Auth,
+    "BDAT": Bdat,
 }
 #: The commands whose argument the ``parse`` callback may rewrite (the ``*_parse`` hooks).
 _HOOKED = (Helo, Ehlo, Mail, Rcpt, Auth)
 #: RFC 4954 4: an AUTH command line, and each line answering a 334, may be 12288 octets.
 AUTH_LINE_MAX = 12288
-_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}$")
 _MAIL_ARG = re.compile(r"FROM:\s*", re.IGNORECASE)
 _RCPT_ARG = re.compile(r"TO:\s*", re.IGNORECASE)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 5321 4.1.2 esmtp-keyword
@@ -96,6 +96,10 @@ class SmtpProtocol:
         self._framer = CommandFramer(max(limits.max_command_line, AUTH_LINE_MAX))
         self._in_auth = False  #: we sent 334: the next line is a SASL response, not a command
         self._data: DataReader | None = None
+        self.binarymime = False  #: the current transaction said BODY=BINARYMIME (BDAT only)
+        self._chunk: ChunkReader | None = None  #: a BDAT chunk's octets are being read
+        self._chunked = 0  #: octets of this transaction's message received by BDAT
+        self._chunk_problem: Reply | None = None  #: the BDAT message went past the size limit
         self._pending: Event | None = None
         self._end_ready: MessageEnd | None = None
         self._eof = False
@@ -127,12 +131,54 @@ class SmtpProtocol:
             return self._pending
         if self._data is not None:
             return self._next_data_event()
+        if self._chunk is not None:
+            return self._next_chunk_event()
         line = self._framer.next_line()
         if line is None:
             return CONNECTION_CLOSED if self._eof else NEED_DATA
         event = self._parse_auth_response(line) if self._in_auth else self._parse(line)
+        if event is None:  # a refused BDAT: its octets first, then the refusal
+            return self._next_chunk_event()
         self._pending = event
         return event
+
+    def start_chunk(self, command: Bdat) -> None:
+        """The session takes the pending BDAT: read its octets as message data.
+
+        Past ``max_message_size`` (counted over all the chunks) the octets are read and
+        dropped, and the chunk's end carries the 552 (RFC 3030 4.2, RFC 1870). If the
+        command was answered already (a plugin sent its own reply), the octets are
+        read and dropped, and nothing more is said.
+        """
+        if self._pending is not command:
+            return  # answered already: send() set its octets to be read and dropped
+        pending, self._pending = command, None
+        limit = self.limits.max_message_size
+        self._chunked += pending.size
+        if limit and self._chunked > limit:
+            self._chunk_problem = Canned.TOO_BIG
+        self.state = State.DATA
+        self._chunk = ChunkReader(pending.size, 0 if self._chunk_problem else pending.size, pending)
+
+    def _next_chunk_event(self) -> Event:
+        chunk = self._chunk
+        assert chunk is not None
+        if not chunk.done:
+            piece = chunk.take(self._framer.buffer)
+            if piece:
+                return MessageData(piece)
+            if not chunk.done:
+                return CONNECTION_CLOSED if self._eof else NEED_DATA
+        self._chunk = None
+        end = chunk.then
+        if end is None:  # answered before its octets came: nothing more to say
+            return self.next_event()
+        if isinstance(end, Bdat):
+            problem = self._chunk_problem
+            end = MessageEnd(self._chunked, problem) if end.last else ChunkEnd(end.size, self._chunked, problem)
+        assert isinstance(end, (MessageEnd, ChunkEnd, Rejected))
+        self._pending = end
+        return end
 
     def _next_data_event(self) -> Event:
         assert self._data is not None
@@ -180,6 +226,9 @@ class SmtpProtocol:
         if reply.close or reply.code == 421:
             self.state = State.CLOSED
             return out
+        if isinstance(pending, Rejected) and pending.reply is Canned.BAD_BDAT:
+            self.state = State.CLOSED  # the chunk's octets would be read as commands
+            return out + Canned.BDAT_LOST.to_bytes()
         if isinstance(pending, Rejected) or isinstance(pending, Command):
             if reply.code in _SYNTAX_CODES:
                 self.bad_commands += 1
@@ -190,10 +239,14 @@ class SmtpProtocol:
             # 334 asks for another line; anything else ends the exchange (RFC 4954 4).
             self._in_auth = reply.code == 334
             self.authenticated = self.authenticated or reply.code == 235
+        if isinstance(pending, Bdat):  # answered, not started: its octets are still read, and dropped
+            self._chunk = ChunkReader(pending.size, 0)
         if isinstance(pending, Command):
             self._transition(pending, reply)
         elif isinstance(pending, MessageEnd):
             self._reset_transaction()
+        elif isinstance(pending, ChunkEnd):
+            self.state = State.BDAT  # whatever the reply: more chunks, RSET, or a new EHLO
         return out
 
     def greeting(self, reply: Reply) -> bytes:
@@ -212,6 +265,7 @@ class SmtpProtocol:
         elif isinstance(command, Mail) and ok:
             self.state = State.MAIL
             self.smtputf8 = "SMTPUTF8" in command.params
+            self.binarymime = (command.params.get("BODY") or "").upper() == "BINARYMIME"
         elif isinstance(command, Rcpt):
             self.recipients_tried += 1
             if ok:
@@ -243,11 +297,12 @@ class SmtpProtocol:
 
     def _reset_transaction(self) -> None:
         self.state = State.NEED_HELLO if self.state is State.NEED_HELLO else State.READY
-        self.smtputf8 = False
-        self.recipients_tried = self.recipients_accepted = 0
+        self.smtputf8 = self.binarymime = False
+        self.recipients_tried = self.recipients_accepted = self._chunked = 0
+        self._chunk_problem = None
 
     # -- parsing -----------------------------------------------------------
-    def _parse(self, raw: bytes | LineTooLong | BareLineEnding) -> Command | Rejected:
+    def _parse(self, raw: bytes | LineTooLong | BareLineEnding) -> Command | Rejected | None:
         if isinstance(raw, LineTooLong):
             return Rejected(Canned.COMMAND_TOO_LONG)
         if isinstance(raw, BareLineEnding):
@@ -266,6 +321,8 @@ class SmtpProtocol:
         kind = _VERBS.get(verb)
         if kind is None:
             return Unknown(verb, argument, line)
+        if kind is Bdat:
+            return self._parse_bdat(verb, argument, line)
         problem = self._out_of_order(kind, argument)
         if problem is not None:
             return Rejected(problem, line)
@@ -281,56 +338,50 @@ class SmtpProtocol:
         if kind is Mail or kind is Rcpt:
             return self._parse_path_command(kind, verb, argument, line)
         if kind is Auth:
-            return self._parse_auth(verb, argument, line)
+            return parse_auth(verb, argument, line)
         return kind(verb, argument, line)
 
-    def _parse_auth(self, verb: str, argument: str, line: str) -> Auth | Rejected:
-        mechanism, _, initial = argument.partition(" ")
-        if not mechanism or " " in initial.strip(" ") or not _KEYWORD.match(mechanism):
-            return Rejected(Canned.SYNTAX, line)
-        initial = initial.strip(" ")
-        if not initial:
-            return Auth(verb, argument, line, mechanism=mechanism.upper())
-        if initial == "=":  # RFC 4954 4: "=" is an empty initial response
-            return Auth(verb, argument, line, mechanism=mechanism.upper(), initial=b"")
-        decoded = _decode_base64(initial.encode("ascii", "replace"))
-        if decoded is None:
-            return Rejected(Canned.BAD_BASE64, line)
-        return Auth(verb, argument, line, mechanism=mechanism.upper(), initial=decoded)
+    def _parse_bdat(self, verb: str, argument: str, line: str) -> Bdat | Rejected | None:
+        """A BDAT in sequence, or None: refused, its octets to be read before the refusal."""
+        parsed = parse_bdat(argument)
+        if parsed is None:
+            return Rejected(Canned.BAD_BDAT, line)
+        size, last = parsed
+        problem = self._out_of_order(Bdat, argument)
+        if problem is not None:
+            self._chunk = ChunkReader(size, 0, Rejected(problem, line))
+            return None
+        return Bdat(verb, argument, line, size=size, last=last)
 
     def _parse_auth_response(self, raw: bytes | LineTooLong | BareLineEnding) -> AuthResponse | Rejected:
-        """A line answering our 334: ``*`` cancels, else base64 (RFC 4954 4). Never logged."""
         self._in_auth = False  # a Rejected ends the exchange; send() re-enters on 334
-        if isinstance(raw, LineTooLong):
-            return Rejected(Canned.COMMAND_TOO_LONG)
-        if isinstance(raw, BareLineEnding):
-            return Rejected(Canned.BARE_LF_IN_COMMAND)
-        if raw.strip() == b"*":
-            return Rejected(Canned.AUTH_CANCELLED)
-        decoded = _decode_base64(raw.strip())
-        if decoded is None:
-            return Rejected(Canned.BAD_BASE64)
-        return AuthResponse(decoded)
+        return parse_auth_response(raw)
 
     def _out_of_order(self, kind: type[Command], argument: str) -> Reply | None:
         state = self.state
         if kind is Mail:
             if state is State.NEED_HELLO:
                 return Canned.SAY_HELLO_FIRST
-            if state in (State.MAIL, State.RCPT):
+            if state in (State.MAIL, State.RCPT, State.BDAT):
                 return Canned.NESTED_MAIL  # RFC 5321 4.1.1.2: no MAIL inside a transaction
         elif kind is Rcpt:
             if state is State.NEED_HELLO:
                 return Canned.SAY_HELLO_FIRST
             if state is State.READY:
                 return Canned.MAIL_FIRST
+            if state is State.BDAT:
+                return Canned.RCPT_AFTER_BDAT
             if self.limits.max_recipients and self.recipients_accepted >= self.limits.max_recipients:
                 return Canned.TOO_MANY_RECIPIENTS
-        elif kind is Data:
-            if argument:
+        elif kind is Data or kind is Bdat:
+            if kind is Data and argument:
                 return Canned.NO_ARGUMENTS
             if state in (State.NEED_HELLO, State.READY):
                 return Canned.MAIL_FIRST
+            if kind is Data and state is State.BDAT:
+                return Canned.DATA_AFTER_BDAT  # RFC 3030 2: no mixing in one transaction
+            if kind is Data and self.binarymime:
+                return Canned.BINARYMIME_NEEDS_BDAT  # RFC 3030 3
             if state is State.MAIL:
                 # RFC 2920 3.1: recipients were tried and all refused: 554, not 503.
                 return Canned.NO_VALID_RECIPIENTS if self.recipients_tried else Canned.RCPT_FIRST
@@ -386,7 +437,7 @@ class SmtpProtocol:
                 if limit and int(value) > limit:
                     return Canned.TOO_BIG  # RFC 1870 6.1: refuse early
             elif kind is Mail and key == "BODY":
-                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                if (value or "").upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
                     return Canned.BAD_BODY
             elif kind is Mail and key == "SMTPUTF8":
                 if value is not None:
@@ -403,51 +454,9 @@ class SmtpProtocol:
         return None
 
 
-def _decode_base64(data: bytes) -> bytes | None:
-    """Strict base64 (RFC 4648 4), or None: binascii alone skips junk characters."""
-    if len(data) % 4 or not _BASE64.match(data):
-        return None
-    try:
-        return base64.b64decode(data, validate=True)
-    except binascii.Error:
-        return None
-
-
-def _split_path(text: str) -> tuple[str, list[str]]:
-    """Split ``<path> PARAM=1 PARAM`` into the path and its parameters.
-
-    The path ends at the ``>`` that is not inside a quoted string, so ``<"a b"@x>`` keeps
-    its space. Without brackets the path is the first word (mail_pre may fix it up).
-    """
-    if not text.startswith("<"):
-        first, _, rest = text.partition(" ")
-        return first, rest.split()
-    close = _closing_bracket(text)
-    rest = text[close + 1:]
-    if close < 0 or (rest and not rest.startswith(" ")):
-        return "", []
-    return text[:close + 1], rest.split()
-
-
-def _closing_bracket(text: str) -> int:
-    """Where the ``>`` that ends the path is in ``text``, or -1."""
-    if '"' not in text:
-        return text.find(">")  # nothing quoted: the first one
-    quoted = escaped = False
-    for i, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == ">" and not quoted:
-            return i
-    return -1
-
-
 __all__ = ["SmtpProtocol", "Limits", "AUTH_LINE_MAX", "ParameterSyntax", "ArgumentHook",
            # the events, made here and defined in .events (importable from either)
-           "State", "Command", "Helo", "Ehlo", "Mail", "Rcpt", "Data", "Rset", "Noop", "Quit", "Vrfy", "Help",
-           "Starttls", "Auth", "AuthResponse", "Unknown", "Rejected", "MessageData", "MessageEnd", "NEED_DATA",
+           "State", "Command", "Helo", "Ehlo", "Mail", "Rcpt", "Data", "Bdat", "Rset", "Noop", "Quit", "Vrfy", "Help",
+           "Starttls", "Auth", "AuthResponse", "Unknown", "Rejected", "MessageData", "MessageEnd", "ChunkEnd",
+           "NEED_DATA",
            "CONNECTION_CLOSED", "Event"]

@@ -95,7 +95,13 @@ class Canned:
     BAD_RECIPIENT = reply(501, "5.1.3", "could not parse recipient")
     UNKNOWN_PARAMETER = reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
     NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")  # RFC 6531 3.4
-    BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+    BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT, 8BITMIME or BINARYMIME")
+    # RFC 3030: a BDAT whose size we cannot read leaves the stream out of step: 501, then close.
+    BAD_BDAT = reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
+    BDAT_LOST = reply(421, "4.5.0", "Cannot tell where that BDAT chunk ends; closing connection", close=True)
+    DATA_AFTER_BDAT = reply(503, "5.5.1", "DATA not allowed after BDAT")  # RFC 3030 2
+    BINARYMIME_NEEDS_BDAT = reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")  # RFC 3030 3
+    RCPT_AFTER_BDAT = reply(503, "5.5.1", "RCPT not allowed after BDAT")
     BAD_SIZE = reply(501, "5.5.4", "SIZE must be a number")
     TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")  # RFC 1870
     HEADER_TOO_BIG = reply(552, "5.3.4", "Message header exceeds fixed maximum size")  # [limits] max_header_size

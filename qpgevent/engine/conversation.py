@@ -24,7 +24,7 @@ from .. import __version__
 from ..config import Listen, Settings
 from ..connection import Connection, host_port
 from ..core.codes import OK, ReturnCode, Verdict
-from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Command, Ehlo, Helo, Limits,
+from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, ChunkEnd, Command, Ehlo, Helo, Limits,
                              Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
                              Starttls, State, Unknown, Vrfy, Data, Help)
 from ..core.proxy import looks_like_header
@@ -298,7 +298,8 @@ class Conversation:
     def extensions(self) -> list[str]:
         """The EHLO keywords we offer (RFC 5321 4.1.1.1), plus the ones plugins add."""
         size = self.settings.max_message_size
-        offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES",
+                   "CHUNKING", "BINARYMIME", "SMTPUTF8"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
         if self.tls_offered and not self.session.connection.tls:
             offered.append("STARTTLS")
         mechanisms = self.auth.mechanisms(self)
@@ -364,7 +365,7 @@ _HANDLERS: dict[type, tuple[str, str]] = {
     Vrfy: ("", "on_simple"), Help: ("", "on_simple"), Quit: ("", "on_quit"), Unknown: ("", "on_unknown"),
     Rejected: ("", "on_rejected"), Starttls: ("", "on_starttls"), Auth: ("", "on_auth"),
     AuthResponse: ("", "on_auth_response"), Mail: ("mail", "on_mail"), Rcpt: ("mail", "on_rcpt"),
-    Data: ("mail", "on_data"), MessageData: ("mail", "on_message_data"), MessageEnd: ("mail", "on_message_end"),
+    Data: ("mail", "on_data"), Bdat: ("mail", "on_bdat"), ChunkEnd: ("mail", "on_chunk_end"), MessageData: ("mail", "on_message_data"), MessageEnd: ("mail", "on_message_end"),
 }
 #: Verbs the core knows: a refused line's verb is a metric label only if it is one of these.
-_VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+_VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP"})

@@ -7,6 +7,11 @@ parsed sender); the same for RCPT with ``rcpt_pre`` and ``rcpt``; then ``data`` 
 Received line (the ``received_line`` hook may give its own), ``data_post``,
 ``queue_pre`` and ``queue``, whose OK alone makes the 250.
 
+BDAT (RFC 3030) fills the same Transaction by the same road: the first chunk asks
+``data`` (its 354 is not sent; a refusal becomes every chunk's reply), each chunk's
+octets go in as they arrive, each chunk but the LAST gets its own 250 (or the
+refusal), and the LAST one ends the message exactly as the final dot does.
+
 Rewriting a path by returning ``(OK, "<new@path>")`` from a ``*_pre`` hook is the old,
 implicit form (qpsmtpd's): it still works, and logs a deprecation warning once per
 plugin; ``session.rewrite_sender`` / ``rewrite_recipient`` say it outright.
@@ -18,7 +23,7 @@ from __future__ import annotations
 from ..core import authresults
 from ..core.address import Address, AddressError
 from ..core.codes import OK, ReturnCode, Verdict
-from ..core.protocol import Data, Mail, MessageData, MessageEnd, Rcpt, State
+from ..core.protocol import Bdat, ChunkEnd, Data, Mail, MessageData, MessageEnd, Rcpt, State
 from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply
 from .dialogue import Dialogue
 from .received import received_line
@@ -132,6 +137,28 @@ class MailTransaction:
             conversation.send(asked.reply)  # type: ignore[arg-type]
         elif asked.outcome is not Outcome.ANSWERED:
             conversation.reset_transaction()
+
+    def on_bdat(self, conversation: Dialogue, command: Bdat) -> None:
+        """A chunk comes: the first one asks ``data``, as DATA does; then its octets are read."""
+        protocol = conversation.protocol
+        if protocol.state is State.RCPT:  # the first chunk of this message
+            self.refusal = None
+            verdict = conversation.decide("data")
+            result = conversation.answer("data", verdict)
+            if result.outcome is Outcome.CLOSE:
+                conversation.send(result.reply or INTERNAL_ERROR)
+                return
+            if result.outcome is not Outcome.PROCEED and protocol.awaiting_reply:
+                self.refusal = result.reply or INTERNAL_ERROR
+        protocol.start_chunk(command)  # if a plugin answered already: read, dropped
+
+    def on_chunk_end(self, conversation: Dialogue, event: ChunkEnd) -> None:
+        """A chunk but the LAST is in: 250, or why the message will not be taken."""
+        refusal = event.problem or self.refusal or conversation.session.transaction.problem
+        if refusal is not None:
+            conversation.send(refusal)
+        else:
+            conversation.send(Canned.OK.with_text(f"{event.size} octets received"))
 
     def on_message_data(self, conversation: Dialogue, event: MessageData) -> None:
         if self.refusal is not None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from ..config import Settings
 from ..connection import Connection
 from ..core.codes import ReturnCode
-from ..core.protocol import AuthResponse, Command, MessageData, MessageEnd, Rejected
+from ..core.protocol import AuthResponse, ChunkEnd, Command, MessageData, MessageEnd, Rejected
 from ..transaction import Transaction
 
 log = logging.getLogger("qpgevent.session")
@@ -235,6 +235,8 @@ def describe(event: object) -> str:
         return "DATA (receiving)"
     if isinstance(event, MessageEnd):
         return "DATA (end)"
+    if isinstance(event, ChunkEnd):
+        return "BDAT (chunk end)"
     if isinstance(event, Rejected):
         return "refused command"
     if isinstance(event, AuthResponse):

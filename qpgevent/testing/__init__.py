@@ -227,6 +227,15 @@ def maildir_messages(maildir: str | os.PathLike[str]) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(new.iterdir())} if new.is_dir() else {}
 
 
+def peak_memory_kib(pid: int) -> int:
+    """VmHWM, the peak resident set size of ``pid`` so far, in KiB, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
 def strip_trace(message: bytes) -> bytes:
     """The message as the client sent it: drop our Return-Path and Received header."""
     lines = message.split(b"\r\n")
@@ -424,5 +433,6 @@ class PluginHarness:
 
 
 __all__ = ["write_ini", "InProcessServer", "ServerProcess", "child_pids", "maildir_messages", "strip_trace",
+           "peak_memory_kib",
            "wait_until", "RawClient", "PluginHarness", "HookResult", "plugin_section", "ClientReply",
            "Transcript", "DEFAULT_PLUGINS"]

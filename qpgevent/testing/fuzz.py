@@ -29,15 +29,15 @@ import re
 from collections.abc import Iterable
 
 from ..core.address import Address, AddressError
-from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Command, Data, Ehlo, Helo, Limits,
-                       Mail, MessageData, MessageEnd, Quit, Rcpt, Rejected, SmtpProtocol, Starttls, State,
-                       Unknown)
+from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, ChunkEnd, Command, Data, Ehlo,
+                       Helo, Limits, Mail, MessageData, MessageEnd, Quit, Rcpt, Rejected, SmtpProtocol, Starttls,
+                       State, Unknown)
 from ..core.proxy import ProxyError, parse as parse_proxy
 from ..core.reply import Reply, reply
 from ..core.wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_ALLOWED_EVENTS = (Command, AuthResponse, Rejected, MessageData, MessageEnd)
+_ALLOWED_EVENTS = (Command, AuthResponse, Rejected, MessageData, MessageEnd, ChunkEnd)
 
 
 def pieces(data: bytes, cuts: Iterable[int]) -> list[bytes]:
@@ -111,7 +111,7 @@ def _answer(event: object) -> Reply:
     """What a plain server says: yes to everything it can (so the state moves), no to TLS and AUTH."""
     if isinstance(event, Rejected):
         return event.reply
-    if isinstance(event, MessageEnd):
+    if isinstance(event, (MessageEnd, ChunkEnd)):
         return event.problem or _OK
     if isinstance(event, Data):
         return reply(354, None, "go ahead")
@@ -152,6 +152,9 @@ def converse(chunks: list[bytes], limits: Limits) -> list[tuple[str, object]]:
                 if isinstance(event, (Helo, Ehlo)):
                     assert "\r" not in event.domain and "\n" not in event.domain, f"CR or LF in {event!r}"
             events.append((type(event).__name__, _describe(event)))
+            if isinstance(event, Bdat):
+                protocol.start_chunk(event)  # its octets come next, as MessageData
+                continue
             protocol.send(_answer(event))
         if protocol.state is State.CLOSED:
             break
@@ -210,6 +213,7 @@ CORPUS = [
     b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n", b"..dot\r\n", b".\r\n", b"RSET\r\n", b"NOOP\r\n",
     b"VRFY x\r\n", b"HELP\r\n", b"QUIT\r\n", b"STARTTLS\r\n", b"AUTH PLAIN AGEAYg==\r\n", b"AUTH LOGIN\r\n",
     b"*\r\n", b"\r\n", b"\n", b"\r", b"\0", b".\n", b"\n.\n", b"\r.\r", b"\xff\xfe", b"X" * 600, b"BDAT 5\r\n",
+    b"BDAT 12 LAST\r\n", b"BDAT 0 LAST\r\n", b"BDAT 3000\r\n", b"BDAT x\r\n", b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\n",
     b"MAIL FROM:<a@b.example> SMTPUTF8\r\n", "RCPT TO:<ü@ü.example>\r\n".encode(), b"RCPT TO:<a@[300.1.1.1]>\r\n",
 ]
 PROXY_CORPUS = [

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, strip_trace
+from qpgevent.testing import DEFAULT_PLUGINS, maildir_messages, peak_memory_kib, strip_trace
 
 SENDER = "a@client.test"
 RECIPIENT = "bob@example.test"
@@ -38,15 +38,6 @@ def wait_for_log(process, text: str, timeout: float = 10.0) -> None:
 def assert_closed(client: smtplib.SMTP) -> None:
     with pytest.raises(smtplib.SMTPServerDisconnected, match=r"^Connection unexpectedly closed$"):
         client.getreply()
-
-
-def peak_memory_kib(pid: int) -> int:
-    """VmHWM, the peak resident set size of ``pid`` so far, from /proc."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
 def ipv6_loopback_works() -> bool:

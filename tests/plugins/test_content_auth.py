@@ -176,6 +176,25 @@ def test_dkim_signed_message_passes(start, key):
     assert results.startswith("mx.example.test; dkim=pass header.d=sender.test header.s=sel header.b=")
 
 
+def test_dkim_signed_message_sent_by_bdat_passes(start, key):
+    # The same signature checks out whichever way the message came: BDAT's octets as sent
+    # (here cut mid-header and mid-body, lines with leading dots included) make the same
+    # Transaction as DATA's unstuffed ones (RFC 3030).
+    server = start(only=("dkim",))
+    data = signed(key, message(body="lunch at noon?\r\n.see you\r\n..there"))
+    cuts = [0, 40, len(data) - 20, len(data)]
+    with server.smtp(timeout=30) as client:
+        client.ehlo()
+        assert client.mail("alice@sender.test", ["BODY=BINARYMIME"])[0] == 250
+        assert client.rcpt("bob@example.test")[0] == 250
+        for start_at, end in zip(cuts, cuts[1:]):
+            last = b" LAST" if end == len(data) else b""
+            client.send(b"BDAT %d%s\r\n" % (end - start_at, last) + data[start_at:end])
+            assert client.getreply()[0] == 250
+    [results] = auth_results(delivered_header(server))
+    assert results.startswith("mx.example.test; dkim=pass header.d=sender.test header.s=sel header.b=")
+
+
 def test_dkim_tampered_body_and_header_fail(start, key):
     server = start(only=("dkim",))
     data = signed(key, message())

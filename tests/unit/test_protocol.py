@@ -365,7 +365,7 @@ def test_smtputf8_lasts_one_transaction():
     (b"MAIL FROM:<a@c.test> SIZE", Canned.BAD_SIZE),
     ("MAIL FROM:<a@c.test> SIZE=²".encode(), Canned.BAD_SIZE),  # a digit to str.isdigit()
     ("MAIL FROM:<a@c.test> SIZE=١٢".encode(), Canned.BAD_SIZE),  # Arabic-Indic digits
-    (b"MAIL FROM:<a@c.test> BODY=BINARYMIME", Canned.BAD_BODY),
+    (b"MAIL FROM:<a@c.test> BODY=BINARY", Canned.BAD_BODY),
     (b"MAIL FROM:<a@c.test> SMTPUTF8=1", Canned.SYNTAX),
     (b"MAIL FROM:<a@c.test> XAUTH=<>", Canned.UNKNOWN_PARAMETER),  # AUTH= is known (RFC 4954 5)
     (b"MAIL FROM:<a@c.test> SIZE=1001", Canned.TOO_BIG),
