@@ -246,10 +246,13 @@ def test_a_blocked_address_is_refused_at_connect_by_every_worker_until_released(
     for _ in range(10):  # and from then on, whichever worker takes the connection
         assert refused_at_connect(server, "127.0.0.25")
     # No session began for a refused connection: its one log line is the refusal (no hook ran).
+    # (The server writes its log on its own time: wait for the lines of the refusals above.)
+    def refused_ids() -> list[str]:
+        return [line.split("conn=")[1].split()[0] for line in server.log().splitlines()
+                if "is blocked by the operator" in line]
+    wait_until(lambda: len(refused_ids()) >= 12, 10, "the refusals in the log")
     log = server.log().splitlines()
-    refused_ids = [line.split("conn=")[1].split()[0] for line in log if "is blocked by the operator" in line]
-    assert len(refused_ids) >= 12
-    for conn_id in refused_ids:
+    for conn_id in [line.split("conn=")[1].split()[0] for line in log if "is blocked by the operator" in line]:
         assert sum(f"conn={conn_id} " in line for line in log) == 1, conn_id
     # Others are served.
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30, source_address=("127.0.0.26", 0)) as other:
