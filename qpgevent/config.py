@@ -18,7 +18,7 @@ from typing import Any
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator, VdtTypeError
 
-from .config_checks import check_of, problem_text
+from .config_checks import _first_sentence, _locate, _read_lines, check_of, line_of, problem_text
 from .core.errors import ConfigError
 
 CONFIGSPEC = Path(__file__).with_name("configspec.ini")
@@ -463,44 +463,6 @@ def _option_where(spec: PluginSpec, lines: list[str], key: str) -> str:
         return spec.where
     where = _locate(lines, ["plugins", spec.label], key) or spec.line
     return f"{spec.source}:{where}: [[{spec.label}]]"
-
-
-def line_of(path: str, sections: list[str], key: str | None) -> int | str:
-    """The line of ``key`` in ``sections`` of the ini at ``path``, for an error found later."""
-    return _locate(_read_lines(path), sections, key)
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().splitlines()
-    except OSError:
-        return []
-
-
-def _locate(lines: list[str], sections: list[str] | tuple[str, ...], key: str | None) -> int | str:
-    """The 1-based line of ``key`` in ``sections`` (or of the section, when key is None)."""
-    stack: list[str] = []
-    section_line: int | str = "?"
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if line.startswith("["):
-            depth = len(line) - len(line.lstrip("["))
-            name = line.strip("[] \t").split("#")[0].strip("[] \t")
-            stack = stack[:depth - 1] + [name]
-            if stack == list(sections):
-                section_line = number
-                if key is None:
-                    return number
-            continue
-        if stack == list(sections) and key is not None and "=" in line:
-            if line.split("=", 1)[0].strip() == key:
-                return number
-    return section_line
-
-
-def _first_sentence(error: Exception) -> str:
-    return str(error).splitlines()[0].rstrip(".")
 
 
 __all__ = ["ConfigError", "Listen", "PluginSpec", "Settings", "load", "validate_options",

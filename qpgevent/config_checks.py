@@ -1,4 +1,5 @@
-"""What a configspec check expects, in words, for the config reader's error messages.
+"""What a configspec check expects, in words, and where in the file a mistake is, for the
+config reader's error messages.
 
 ``integer(min=1)`` fails on "soon" with validate's "the value "soon" is of the wrong type";
 ``problem_text`` adds what was expected ("(expected an integer)", "(expected one of: mail,
@@ -42,3 +43,43 @@ def problem_text(problem: Any, check: str) -> str:
 
 
 __all__ = ["EXPECTED", "check_of", "problem_text"]
+
+
+# -- where in the ini file ------------------------------------------------------------------
+
+def line_of(path: str, sections: list[str], key: str | None) -> int | str:
+    """The line of ``key`` in ``sections`` of the ini at ``path``, for an error found later."""
+    return _locate(_read_lines(path), sections, key)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().splitlines()
+    except OSError:
+        return []
+
+
+def _locate(lines: list[str], sections: list[str] | tuple[str, ...], key: str | None) -> int | str:
+    """The 1-based line of ``key`` in ``sections`` (or of the section, when key is None)."""
+    stack: list[str] = []
+    section_line: int | str = "?"
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if line.startswith("["):
+            depth = len(line) - len(line.lstrip("["))
+            name = line.strip("[] \t").split("#")[0].strip("[] \t")
+            stack = stack[:depth - 1] + [name]
+            if stack == list(sections):
+                section_line = number
+                if key is None:
+                    return number
+            continue
+        if stack == list(sections) and key is not None and "=" in line:
+            if line.split("=", 1)[0].strip() == key:
+                return number
+    return section_line
+
+
+def _first_sentence(error: Exception) -> str:
+    return str(error).splitlines()[0].rstrip(".")
