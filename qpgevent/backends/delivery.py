@@ -60,7 +60,9 @@ from . import mxroute, queue_metrics
 from ..core.address import Address, AddressError
 from .outqueue import Envelope, Queue, QueueError, Recipient, State
 from ..core.schedule import Schedule
-from .smtp_client import ClientOptions, DownstreamError, Pool, Response, Route, route_for
+from .relay_pool import Pool
+from .relay_routes import Route, route_for
+from .smtp_downstream import ClientOptions, DownstreamError, Response
 from .tls_policy import TlsPolicies, TlsPolicyError
 
 log = logging.getLogger("qpgevent.delivery")

@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable
 
 from . import dns
-from .smtp_client import Hop, Route, route_for
+from .relay_routes import Hop, Route, route_for
 
 __all__ = ["RoutingError", "destination"]
 

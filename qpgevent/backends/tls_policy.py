@@ -44,7 +44,8 @@ import dns.resolver
 import dns.exception
 
 from . import dns as qdns
-from .smtp_client import ClientOptions, Hop, Route
+from .relay_routes import Hop, Route
+from .smtp_downstream import ClientOptions
 
 __all__ = ["LEVELS", "StsPolicy", "TlsPolicies", "dane_matches", "parse_levels", "parse_sts", "spki"]
 

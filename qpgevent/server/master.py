@@ -24,13 +24,8 @@ libev child watcher in the master) and reaps each worker with the cooperative
 ``gevent.os.waitpid``, in one small greenlet per worker; never a raw SIGCHLD handler,
 which would race libev's. Signals go through ``gevent.signal_handler``, and the handlers
 only queue the signal; the main greenlet does everything (gunicorn's arbiter shape), and
-it alone forks. A forked child inherits the master's greenlets and signal watchers: the
-first thing a worker does is install its own handlers, cancel the master's, kill the
-master's helper greenlets and close their descriptors.
-
-*Workers* talk back over a pipe: ``R`` once serving (after the ``post_fork`` hooks),
-``C`` once their listeners are closed (when stopping). EOF means the worker is gone;
-the watcher greenlet then reaps it. A worker dies with the master (PR_SET_PDEATHSIG).
+it alone forks. A forked child sheds the master's state first (``worker``); workers talk
+back over a pipe (``children``, the master's records of them).
 
 *Respawn.* A worker that dies unasked is reaped, its session leases are cleared (see
 ``shared_counters``), the log says how it died (``exited with status 3``, ``killed by
@@ -48,30 +43,20 @@ refused meanwhile.
 every worker. TERM and INT: the master closes its listeners and sends TERM to every worker,
 which closes its own (the kernel then refuses new clients), lets its sessions finish for
 up to ``shutdown_timeout``, says 421 to the rest, and exits; the master exits 0 when the
-last one has (or SIGKILLs stragglers ``KILL_GRACE`` seconds later and exits 1). HUP:
-re-read the config and load the plugins again; if that fails, log it and keep the
-running workers. Else fork a new generation of workers with the new config, and once
-all of them serve, TERM the old ones, which drain as above. The listening sockets never
-close, so no connection is refused; old workers finish what they accepted. The listen
-addresses and user/group cannot change on a reload (we are no longer root to bind
-port 25): a change is logged and needs a restart.
+last one has (or SIGKILLs stragglers ``KILL_GRACE`` seconds later and exits 1). HUP: a
+reload (``reload``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import logging
 import os
 import signal
 import socket
 import time
-from typing import NoReturn
 
 import gevent
-import gevent.monkey
 import gevent.os
-from gevent.event import Event
 from gevent.pool import Group
 from gevent.queue import Queue
 from gevent.socket import wait_read
@@ -79,109 +64,30 @@ from gevent.socket import wait_read
 from .. import __version__
 from . import admin, privileges
 from ..backends import metrics
-from .. import config as config_module
 from ..config import Settings
-from ..core.errors import ConfigError, StartError
-from ..engine.loader import forget_plugin_modules, load_plugins
-from ..plugin import Plugin
+from ..core.errors import StartError
+from ..engine.loader import load_plugins
 from . import queue_runner
-from .server import SmtpServer, bind_listeners, describe_listener
+from .server import bind_listeners, describe_listener
 from .tls import TlsContexts
 from ..backends.services import configure_services
-from . import steering, watchdog
+from . import watchdog
 from ..backends import log as log_module
 from ..transaction import remove_spill_files
-from .shared_counters import DEFAULT_CAPACITY, SharedTable, WorkerCounters
+from .children import CLOSED, READY, Generation, Worker, close_now, describe_status, worker_count
+from .reload import Reloading
+from .shared_counters import DEFAULT_CAPACITY, SharedTable
+from .worker import become_worker
 
 log = logging.getLogger("qpgevent.master")
 
-#: The real close(2). gevent's patched ``os.close`` defers the close to the next turn of
-#: the event loop (so that watchers on the fd can be cancelled first); a pipe end we
-#: close before the next fork must be gone before it, or the next worker inherits it
-#: and the master never sees EOF when a worker dies. None of these fds has a watcher.
-close_now = gevent.monkey.get_original("os", "close")
-
-WORKER_BOOT_ERROR = 3  #: a worker's exit status when it could not start serving
 QUICK_EXIT = 5.0  #: a worker that dies sooner than this after its start died "at once"
 BACKOFF_FIRST = 0.5  #: seconds before respawning a worker that died at once; doubles
 BACKOFF_MAX = 30.0
 KILL_GRACE = 10.0  #: seconds past shutdown_timeout before a stopping worker is SIGKILLed
-ACCEPTS_PER_WAKE = 32  #: connections a worker accepts per wake-up, when there are several workers
-READY, CLOSED = b"R", b"C"  #: what a worker says over its pipe
-#: Settings a reload cannot change (the sockets are bound, root is gone, the admin server
-#: runs in the master): setting -> its name in the ini.
-FIXED_AT_START = {
-    "listen": "[server] listen", "user": "[server] user", "group": "[server] group",
-    "allow_root": "[server] allow_root", "pidfile": "[server] pidfile", "spool_dir": "[server] spool_dir",
-    "admin_listen": "[admin] listen", "admin_token": "[admin] token", "admin_run_dir": "[admin] run_dir",
-    "admin_refresh": "[admin] refresh", "admin_max_connections": "[admin] max_connections",
-    "admin_timeout": "[admin] timeout",
-    # Logging is set up once, in the master, before the workers inherit it.
-    "log_level": "[logging] level", "log_file": "[logging] file", "log_format": "[logging] format",
-    "log_syslog": "[logging] syslog", "log_syslog_facility": "[logging] syslog_facility",
-    "log_syslog_address": "[logging] syslog_address",
-}
 
 
-def worker_count(settings: Settings) -> int:
-    """``[server] workers``; 0 means one per CPU core this process may run on."""
-    if settings.workers:
-        return settings.workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = str(number)
-        return f"killed by signal {name}" + (" (core dumped)" if os.WCOREDUMP(status) else "")
-    if os.WIFEXITED(status):
-        return f"exited with status {os.WEXITSTATUS(status)}"
-    return f"ended with wait status {status}"
-
-
-@dataclasses.dataclass(eq=False)
-class Generation:
-    """Workers forked from one version of the config: 1 at start, +1 per reload."""
-
-    number: int
-    settings: Settings
-    plugins: list[Plugin]
-    size: int
-    slots: dict[int, Worker | None] = dataclasses.field(default_factory=dict)
-    failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: quick deaths in a row
-    spawn_failures: dict[int, int] = dataclasses.field(default_factory=dict)  #: failed forks in a row
-    complete: bool = False  #: no worker of an older generation is left
-
-    def all_ready(self) -> bool:
-        return len(self.slots) == self.size and all(w is not None and w.ready for w in self.slots.values())
-
-
-@dataclasses.dataclass(eq=False)
-class Worker:
-    """The master's record of one worker process."""
-
-    generation: Generation
-    slot: int  #: its number in the generation, kept across respawns
-    pid: int
-    row: int  #: its row in the shared session table
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    ready: bool = False
-    closed: bool = False  #: has closed its listeners (stopping)
-    stopping: bool = False  #: asked to stop: its exit is expected
-    hung: bool = False  #: its event loop stopped beating: being replaced
-
-    def __str__(self) -> str:
-        return f"worker {self.slot} (pid {self.pid})"
-
-
-class Master:
+class Master(Reloading):
     def __init__(self, settings: Settings, listen_override: list[str] | None = None,
                  workers_override: int | None = None) -> None:
         self.settings = settings
@@ -323,7 +229,9 @@ class Master:
         read_fd, write_fd = fds
         if pid == 0:
             close_now(read_fd)
-            self._become_worker(generation, slot, row, write_fd)
+            become_worker(generation, slot, row, write_fd, master_pid=self.pid, listeners=self.listeners,
+                          table=self.table, signal_handlers=self.signal_handlers,
+                          admin_server=self.admin_server, status_fds=self.status_fds)
         close_now(write_fd)
         os.set_blocking(read_fd, False)
         generation.spawn_failures.pop(slot, None)
@@ -536,160 +444,3 @@ class Master:
     def _close_listeners(self) -> None:
         for sock in self.listeners:
             sock.close()
-
-    # -- reload -------------------------------------------------------------------------------
-    def _reload(self) -> None:
-        if self.stopping:
-            return
-        if self.pending is not None:
-            log.info("SIGHUP: a reload is under way; reloading again when it is done")
-            self.reload_again = True
-            return
-        assert self.current is not None
-        log.info("SIGHUP: reloading %s", self.settings.path)
-        try:
-            settings = config_module.load(self.settings.path, listen_override=self.listen_override)
-            if self.workers_override is not None:
-                settings = dataclasses.replace(settings, workers=self.workers_override)
-            settings = self._keep_fixed_settings(settings)
-            configure_services(settings)  # for the plugins' setup; each worker makes its own
-            forget_plugin_modules()  # so that changed plugin files are read again
-            plugins = load_plugins(settings)
-        except ConfigError as error:
-            log.error("reload failed, the running workers stay: %s", " ".join(str(error).splitlines()))
-            return
-        except OSError as error:
-            log.error("reload failed, the running workers stay: %s", error)
-            return
-        generation = Generation(self.current.number + 1, settings, plugins, worker_count(settings))
-        assert self.table is not None
-        if self.table.free_rows() < generation.size:
-            log.error("reload failed, the running workers stay: no room for %d new workers beside "
-                      "them (the session table, sized at start, holds %d); that takes a restart",
-                      generation.size, self.table.rows)
-            return
-        self.pending = generation
-        for slot in range(generation.size):
-            self._spawn(generation, slot)
-
-    def _keep_fixed_settings(self, settings: Settings) -> Settings:
-        """``settings`` with what a reload cannot change (sockets, identity) as at start."""
-        fixed = {name: getattr(self.settings, name) for name in FIXED_AT_START}
-        for name, value in fixed.items():
-            if getattr(settings, name) != value:
-                log.warning("reload: %s changed; that takes a restart", FIXED_AT_START[name])
-        return dataclasses.replace(settings, **fixed)
-
-    def _switch_to(self, generation: Generation) -> None:
-        old = self.current
-        assert old is not None
-        self.current, self.pending, self.settings = generation, None, generation.settings
-        draining = [w for w in self.workers.values() if w.generation is not generation]
-        log.info("reload: generation %d serving (%d workers); %d old worker(s) draining",
-                 generation.number, generation.size, len(draining))
-        for worker in draining:
-            self._ask_to_stop(worker)
-        self._check_drained()
-        if self.reload_again:
-            self.reload_again = False
-            self._reload()
-
-    def _check_drained(self) -> None:
-        assert self.current is not None
-        if self.pending is None and all(w.generation is self.current for w in self.workers.values()):
-            if self.current.number > 1 and not self.current.complete:
-                self.current.complete = True
-                log.info("reload complete: every worker runs generation %d", self.current.number)
-
-    def _abort_reload(self, why: str) -> None:
-        generation, self.pending = self.pending, None
-        assert generation is not None
-        log.error("reload failed: %s; stopping the new workers, the running ones stay", why)
-        for worker in self.workers.values():
-            if worker.generation is generation:
-                self._ask_to_stop(worker)
-        if self.reload_again:
-            self.reload_again = False
-            self._reload()
-
-    # -- in the child ----------------------------------------------------------------------------
-    def _become_worker(self, generation: Generation, slot: int, row: int, status_fd: int) -> NoReturn:
-        """The forked child: shed the master's state, serve, and never return."""
-        status = WORKER_BOOT_ERROR
-        try:
-            # Nothing here may yield to the hub before the master's greenlets are dead:
-            # they would run in this process, on the master's pipes.
-            privileges.die_with_parent(self.pid)
-            stop = Event()
-            # Our handlers before cancelling the master's: libev restores the default
-            # action (die, for HUP) when a signal's last watcher goes.
-            handlers = [gevent.signal_handler(signum, stop.set) for signum in (signal.SIGTERM, signal.SIGINT)]
-            handlers.append(gevent.signal_handler(signal.SIGHUP, lambda: None))  # HUP is the master's
-            handlers.append(gevent.signal_handler(signal.SIGUSR1, log_module.reopen))  # passed on by the master
-            for handler in self.signal_handlers:
-                handler.cancel()  # type: ignore[attr-defined]
-            if self.admin_server is not None:
-                self.admin_server.server.close()  # our copy of the master's admin listener
-            # Every greenlet we inherited is the master's (its helpers, an admin request in
-            # flight): kill them all. Killing schedules the kill before any I/O wake-up is
-            # handled (gevent runs its callbacks before it polls), and a greenlet that has
-            # not started never will.
-            inherited = [obj for obj in gc.get_objects()
-                         if isinstance(obj, gevent.Greenlet) and obj is not gevent.getcurrent() and not obj.dead]
-            gevent.killall(inherited, block=True, timeout=5)
-            for fd in self.status_fds:
-                close_now(fd)
-            assert self.table is not None
-            worker = _WorkerProcess(generation, slot, self.listeners, WorkerCounters(self.table, row), status_fd)
-            status = worker.serve(stop)
-        except BaseException:
-            log.exception("worker %d (pid %d) failed", slot, os.getpid())
-        finally:
-            logging.shutdown()
-            os._exit(status)
-
-
-class _WorkerProcess:
-    """One worker: the real ``SmtpServer`` on the inherited listeners, until TERM."""
-
-    def __init__(self, generation: Generation, slot: int, listeners: list[socket.socket],
-                 counters: WorkerCounters, status_fd: int) -> None:
-        self.generation, self.slot, self.listeners = generation, slot, listeners
-        self.counters, self.status_fd = counters, status_fd
-
-    def serve(self, stop: Event) -> int:
-        settings = self.generation.settings
-        configure_services(settings)  # this worker's own resolver and cache
-        admin.start_sessions(settings)
-        server = SmtpServer(settings, self.generation.plugins, counters=self.counters)
-        server.runner.notify("post_fork", None)  # plugins open their pools here
-        server.start(sockets=self.listeners)
-        # The admin server's requests for this worker (kick a session), when [admin] is on.
-        steering.start_worker(server, settings.admin_run_dir if settings.admin_listen is not None else None)
-        # What the worker has built by now (modules, plugins, the master's heap) lives as
-        # long as it does: out of the collector's sight, a full collection walks only what
-        # sessions make, and pages shared with the master are not written to.
-        gc.freeze()
-        # A session makes thousands of short-lived containers, nearly all freed by reference
-        # counting: collecting the youngest generation every 700 allocations (the default)
-        # finds almost nothing each time. Every 20,000: ~1 % of the CPU back, cycles still
-        # bounded to a few MiB.
-        gc.set_threshold(20_000, *gc.get_threshold()[1:])
-        watchdog.start(self.counters.table, self.counters.row, settings.hung_worker_timeout)
-        if self.generation.size > 1:
-            # Every worker wakes for a new connection; the first takes at most this many
-            # before the loop goes round, so a burst still spreads over the workers. gunicorn
-            # takes 1; at 100-500 connections in flight that costs ~10 % more CPU per
-            # message than 32 (tools/bench, docs/benchmarks.md).
-            for stream_server in server.servers:
-                stream_server.max_accept = ACCEPTS_PER_WAKE
-        # Logged before the master hears of it, so its "ready" line comes after every one of these.
-        log.info("worker %d (pid %d, generation %d) serving", self.slot, os.getpid(), self.generation.number)
-        os.write(self.status_fd, READY)
-        stop.wait()
-        server.stop_accepting()
-        for sock in self.listeners:
-            sock.close()
-        os.write(self.status_fd, CLOSED)
-        server.stop()
-        return 0

@@ -44,7 +44,8 @@ from ..core.errors import ConfigError
 from ..engine.loader import load_plugin, plugin_dirs
 from ..backends.outqueue import Queue
 from ..backends.services import configure_services
-from ..backends.smtp_client import ClientOptions, ConfigurationError, parse_routes
+from ..backends.relay_routes import ConfigurationError, parse_routes
+from ..backends.smtp_downstream import ClientOptions
 from ..backends.tls_policy import TlsPolicies, parse_levels
 
 __all__ = ["PLUGIN", "Supervisor", "main", "options_from_config", "plugin_config", "supervise"]

@@ -117,5 +117,5 @@ def test_the_reload_page_cites_real_tests_and_the_hook_table_has_no_teardown():
         source = (ROOT / path).read_text(encoding="utf-8")
         assert not name or f"def {name}(" in source, f"{path}::{name} does not exist"
     assert not [hook for hook in HOOKS if re.search(r"teardown|shutdown|close|unload", hook)]
-    assert "reload complete: every worker runs generation" in (ROOT / "qpgevent" / "server" / "master.py").read_text()
+    assert "reload complete: every worker runs generation" in (ROOT / "qpgevent" / "server" / "reload.py").read_text()
     assert "`reload complete: every worker runs generation N`" in page
