@@ -346,8 +346,8 @@ class Conversation:
         texts.update(self.runner.extensions.help_texts)
         for verb in self.runner.extensions.verbs - texts.keys():
             texts[verb] = f"{verb}: a command added by a plugin"
-        argument = command.argument.strip()
-        self.send(help_about(argument, texts) if argument else verb_list(self.supported_verbs()))
+        words = command.argument.split()  # "HELP MAIL FROM": the verb is the first word
+        self.send(help_about(words[0], texts) if words else verb_list(self.supported_verbs()))
 
     def supported_verbs(self) -> list[str]:
         """The verbs this session answers: the core's it offers now, then the plugins'."""

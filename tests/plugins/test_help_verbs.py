@@ -26,7 +26,7 @@ def help_verbs(text: str) -> list[str]:
 
 def test_help_lists_the_core_verbs_and_help_verb_explains_one(plugin_harness):
     harness = plugin_harness("rcpt_ok", domains="example.test")
-    transcript = harness.run_session(["EHLO client.test", "HELP", "HELP mail", "HELP XYZZY", "NOOP"])
+    transcript = harness.run_session(["EHLO client.test", "HELP", "HELP mail from", "HELP XYZZY", "NOOP"])
     code, text = transcript.replies[2]
     verbs = help_verbs(text)
     assert code == 214 and {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "VRFY", "HELP", "QUIT"} <= set(verbs)
