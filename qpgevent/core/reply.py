@@ -236,8 +236,15 @@ REPLY_TABLE: dict[str, dict[ReturnCode, Rule]] = {
     },
     "vrfy": {
         D.OK: Rule(P, 250, "2.1.5", "User OK"),
-        D.DECLINED: Rule(P, 252, "2.5.2", "Just try sending a mail and we'll see how it turns out ..."),
+        # RFC 5321 3.5.3, 7.3: neither verified nor refused; X.5.0, not X.5.2 (a syntax error, RFC 3463).
+        D.DECLINED: Rule(P, 252, "2.5.0", "Just try sending a mail and we'll see how it turns out ..."),
         **_denials((550, "5.7.1", "Access Denied"), (450, "4.7.1", "Access Denied, try again later")),
+    },
+    "expn": {
+        D.OK: Rule(P, 250, "2.1.5", "OK"),
+        # Nobody keeps lists here: not implemented (RFC 5321 4.5.1 makes EXPN optional).
+        D.DECLINED: Rule(R, 502, "5.5.1", "EXPN not supported"),
+        **_denials((550, "5.1.1", "No such list"), (450, "4.7.1", "Cannot expand the list now, try again later")),
     },
     "noop": {
         D.OK: Rule(P, 250, "2.0.0", "OK"), D.DECLINED: Rule(P, 250, "2.0.0", "OK"),
@@ -245,7 +252,8 @@ REPLY_TABLE: dict[str, dict[ReturnCode, Rule]] = {
     },
     "help": {
         D.OK: Rule(P, 214, "2.0.0", "qpgevent"),
-        D.DECLINED: Rule(P, 214, "2.0.0", "This is qpgevent, a plugin-driven SMTP server."),
+        # No plugin answered: the core does, from its per-verb table (core/help.py).
+        D.DECLINED: SILENT,
         **_denials((502, "5.5.1", "HELP not available"), (450, "4.7.0", "HELP not available now")),
     },
     "quit": {

@@ -24,6 +24,8 @@ from .. import __version__
 from ..config import Listen, Settings
 from ..connection import Connection, host_port
 from ..core.codes import OK, ReturnCode, Verdict
+from ..core.help import CORE_HELP, verb_list
+from ..core.help import about as help_about
 from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, ChunkEnd, Command, Ehlo, Helo, Limits,
                              Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
                              Starttls, State, Unknown, Vrfy, Data, Help)
@@ -330,7 +332,33 @@ class Conversation:
         self.send(Canned.OK)
 
     def on_simple(self, command: Command) -> None:
-        self._ask_and_send(command.verb.lower(), command.argument)  # NOOP, VRFY, HELP
+        self._ask_and_send(command.verb.lower(), command.argument)  # NOOP, VRFY
+
+    def on_help(self, command: Help) -> None:
+        """The ``help`` hook first; when every plugin declines, the core's per-verb help."""
+        verdict = self.decide("help", command.argument)
+        if verdict.code is not ReturnCode.DECLINED or verdict.message or verdict.internal_error:
+            result = self.answer("help", verdict)
+            if result.reply is not None:
+                self.send(result.reply)
+            return
+        texts = {verb: CORE_HELP[verb] for verb in self.supported_verbs() if verb in CORE_HELP}
+        texts.update(self.runner.extensions.help_texts)
+        for verb in self.runner.extensions.verbs - texts.keys():
+            texts[verb] = f"{verb}: a command added by a plugin"
+        words = command.argument.split()  # "HELP MAIL FROM": the verb is the first word
+        self.send(help_about(words[0], texts) if words else verb_list(self.supported_verbs()))
+
+    def supported_verbs(self) -> list[str]:
+        """The verbs this session answers: the core's it offers now, then the plugins'."""
+        verbs = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "VRFY", "NOOP", "HELP", "QUIT"]
+        if self.tls_offered and not self.session.connection.tls:
+            verbs.append("STARTTLS")
+        if self.auth.mechanisms(self) and not self.protocol.authenticated:
+            verbs.append("AUTH")
+        if self.runner.has("expn"):
+            verbs.append("EXPN")
+        return verbs + sorted(self.runner.extensions.verbs)
 
     def on_quit(self, command: Quit) -> None:
         self.client_quit = True
@@ -339,7 +367,13 @@ class Conversation:
             self._request = CLOSE  # RFC 5321 4.1.1.10: QUIT ends it, even if a plugin answered (DONE)
 
     def on_unknown(self, command: Unknown) -> None:
-        if command.verb in self.runner.extensions.verbs:
+        if command.verb == "EXPN":
+            # EXPN is optional (RFC 5321 4.5.1): the core has no lists, the expn hook may.
+            if not command.argument.strip():
+                self.send(Canned.SYNTAX)
+            else:
+                self._ask_and_send("expn", command.argument.strip())
+        elif command.verb in self.runner.extensions.verbs:
             self._ask_and_send("command", command.verb, command.argument)
         else:
             self._ask_and_send("unrecognized_command", command.verb.lower(), command.argument)
@@ -362,7 +396,7 @@ _PARSE_HOOKS = {"HELO": "helo_parse", "EHLO": "ehlo_parse", "MAIL": "mail_parse"
 #: process, not a dict of bound methods per session.
 _HANDLERS: dict[type, tuple[str, str]] = {
     Helo: ("", "on_hello"), Ehlo: ("", "on_hello"), Rset: ("", "on_rset"), Noop: ("", "on_simple"),
-    Vrfy: ("", "on_simple"), Help: ("", "on_simple"), Quit: ("", "on_quit"), Unknown: ("", "on_unknown"),
+    Vrfy: ("", "on_simple"), Help: ("", "on_help"), Quit: ("", "on_quit"), Unknown: ("", "on_unknown"),
     Rejected: ("", "on_rejected"), Starttls: ("", "on_starttls"), Auth: ("", "on_auth"),
     AuthResponse: ("", "on_auth_response"), Mail: ("mail", "on_mail"), Rcpt: ("mail", "on_rcpt"),
     Data: ("mail", "on_data"), Bdat: ("mail", "on_bdat"), ChunkEnd: ("mail", "on_chunk_end"), MessageData: ("mail", "on_message_data"), MessageEnd: ("mail", "on_message_end"),

@@ -7,6 +7,7 @@ built (a bad declaration is a load error naming the plugin and its file):
     mail_parameters = {"XPRIO": r"[0-9]"}     # keyword -> syntax of its value (None: no value)
     rcpt_parameters = {"XNOTE": r"[a-z]+"}
     verbs = ("ETRN",)                         # new commands, answered by hook_command
+    help_texts = {"ETRN": "ETRN <node>: ..."} # what HELP ETRN says (a verb of its own, one line)
     sasl_mechanisms = ("X-TOKEN",)            # AUTH mechanisms, checked by hook_auth_sasl
     sasl_first_challenge = True               # asked (response None) when AUTH has no initial response
 
@@ -29,7 +30,7 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 5321 4.1.2 esmtp-keyw
 _VERB = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}$")  # as the protocol core reads a verb
 #: What the core itself answers: a plugin cannot take these over.
 CORE_VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP",
-                        "STARTTLS", "AUTH"})
+                        "STARTTLS", "AUTH", "BDAT", "EXPN"})
 CORE_PARAMETERS = {"MAIL": frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"}), "RCPT": frozenset()}
 #: CRAM-MD5 is not among them: the server makes its challenge, so a back end that makes
 #: its own (Dovecot) must take the name over (engine/authentication.py).
@@ -44,6 +45,7 @@ class Extensions:
     mail_parameters: dict[str, Syntax] = field(default_factory=dict)
     rcpt_parameters: dict[str, Syntax] = field(default_factory=dict)
     verbs: frozenset[str] = frozenset()
+    help_texts: dict[str, str] = field(default_factory=dict)  #: verb -> what HELP <verb> says
     sasl_mechanisms: tuple[str, ...] = ()
     sasl_first_challenge: frozenset[str] = frozenset()  #: mechanisms whose plugin speaks first
     parses: bool = False  #: some plugin has a ``*_parse`` hook (the core then calls them)
@@ -55,6 +57,7 @@ class Extensions:
         mail: dict[str, Syntax] = {}
         rcpt: dict[str, Syntax] = {}
         verbs: set[str] = set()
+        help_texts: dict[str, str] = {}
         mechanisms: list[str] = []
         first: set[str] = set()
         for plugin in plugins:
@@ -65,6 +68,7 @@ class Extensions:
                 if verb.upper() in CORE_VERBS:
                     raise _error(plugin, f"verbs: {verb} is the core's")
                 verbs.add(verb.upper())
+            help_texts.update(_help_texts(plugin))
             for mechanism in _words(plugin, "sasl_mechanisms", _KEYWORD):
                 if mechanism.upper() in CORE_MECHANISMS:
                     raise _error(plugin, f"sasl_mechanisms: {mechanism} is built in")
@@ -74,7 +78,7 @@ class Extensions:
                     first.add(mechanism.upper())
         parses = any(callable(getattr(plugin, f"hook_{verb}_parse", None))
                      for plugin in plugins for verb in ("helo", "ehlo", "mail", "rcpt", "auth"))
-        return cls(tuple(keywords), mail, rcpt, frozenset(verbs), tuple(mechanisms),
+        return cls(tuple(keywords), mail, rcpt, frozenset(verbs), help_texts, tuple(mechanisms),
                    frozenset(first), parses)
 
 
@@ -105,6 +109,25 @@ def _parameters(plugin: Any, attribute: str, verb: str) -> dict[str, Syntax]:
             out[keyword.upper()] = None if syntax is None else re.compile(syntax)
         except (re.error, TypeError) as error:
             raise _error(plugin, f"{attribute}: {keyword}: bad syntax {syntax!r}: {error}") from None
+    return out
+
+
+_HELP_LINE = re.compile(r"[\x20-\x7e]{1,400}$")  # one printable line: it goes into a 214 reply
+
+
+def _help_texts(plugin: Any) -> dict[str, str]:
+    """``help_texts``: one line per verb the plugin itself declares in ``verbs``."""
+    declared = getattr(plugin, "help_texts", {})
+    if not isinstance(declared, dict):
+        raise _error(plugin, "help_texts must be a dict: verb -> one line of text")
+    own = {verb.upper() for verb in getattr(plugin, "verbs", ())}
+    out: dict[str, str] = {}
+    for verb, text in declared.items():
+        if not isinstance(verb, str) or verb.upper() not in own:
+            raise _error(plugin, f"help_texts: {verb!r} is not one of this plugin's verbs")
+        if not isinstance(text, str) or not _HELP_LINE.match(text):
+            raise _error(plugin, f"help_texts: {verb}: the text must be one line of printable ASCII")
+        out[verb.upper()] = text
     return out
 
 

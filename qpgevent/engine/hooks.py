@@ -102,9 +102,13 @@ HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
     _spec("queue_post", notify=True, doc="after queueing, whatever the result"),
     _spec("reset_transaction", notify=True, doc="a transaction ends (RSET, MAIL done, EHLO...)"),
     _spec("rset", notify=True, doc="RSET, before the transaction is reset (RFC 5321 4.1.1.5: always 250)"),
-    _spec("vrfy", "argument"),
+    _spec("vrfy", "argument", doc="VRFY <argument>: OK (250) only for a mailbox the plugin verified, DENY (550) "
+          "for one it knows is not there (RFC 5321 3.5.3); DECLINED is 252, neither"),
+    _spec("expn", "argument", doc="EXPN <argument>: (OK, [members...]) answers 250, one member a line "
+          "(RFC 5321 3.5.2); DECLINED by all: 502, the core has no lists"),
     _spec("noop", "argument"),
-    _spec("help", "argument"),
+    _spec("help", "argument", doc="HELP [verb]: a plugin may answer first; DECLINED by all: the core answers, "
+          "214 with the verbs this session supports, or the verb's line (help_texts), 504 for a verb it does not know"),
     _spec("unrecognized_command", "verb", "argument",
           doc="a verb neither the core nor a plugin's verbs know; DONE if the plugin handled it"),
     _spec("command", "verb", "argument",

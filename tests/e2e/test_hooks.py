@@ -49,7 +49,7 @@ PRELUDE = {
     "data": ["EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<bob@example.test>"],
     **{hook: ["EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<bob@example.test>", "DATA"]
        for hook in MESSAGE_HOOKS},
-    "vrfy": ["EHLO client.test"], "noop": ["EHLO client.test"], "help": ["EHLO client.test"],
+    "vrfy": ["EHLO client.test"], "expn": ["EHLO client.test"], "noop": ["EHLO client.test"], "help": ["EHLO client.test"],
     "quit": ["EHLO client.test"], "unrecognized_command": ["EHLO client.test"],
     # AUTH (offered in plaintext here: tls_before_auth = no): the hook fires on the last line.
     "auth": ["EHLO client.test"], "auth_plain": ["EHLO client.test"],
@@ -66,7 +66,7 @@ TRIGGER: dict[str, bytes | None] = {
     "mail_pre": b"MAIL FROM:<a@client.test>\r\n", "mail": b"MAIL FROM:<a@client.test>\r\n",
     "rcpt_pre": b"RCPT TO:<bob@example.test>\r\n", "rcpt": b"RCPT TO:<bob@example.test>\r\n",
     "data": b"DATA\r\n", **{hook: MESSAGE for hook in MESSAGE_HOOKS},
-    "vrfy": b"VRFY bob\r\n", "noop": b"NOOP\r\n", "help": b"HELP\r\n", "quit": b"QUIT\r\n",
+    "vrfy": b"VRFY bob\r\n", "expn": b"EXPN staff\r\n", "noop": b"NOOP\r\n", "help": b"HELP\r\n", "quit": b"QUIT\r\n",
     "unrecognized_command": b"FOO bar\r\n",
     "auth": f"AUTH PLAIN {_b64(PLAIN)}\r\n".encode(), "auth_plain": f"AUTH PLAIN {_b64(PLAIN)}\r\n".encode(),
     "auth_login": f"{_b64('pw')}\r\n".encode(), "auth_cram_md5": f"{_b64('bob ' + '0' * 32)}\r\n".encode(),
@@ -78,7 +78,8 @@ SILENT_PASS = {"pre_connection": b"220 ", "connect": b"220 ", "helo": b"250 ", "
                "mail_pre": b"250 2.1.0 <a@client.test>", "rcpt_pre": b"250 2.1.5 <bob@example.test>",
                **{hook: b"250 2.0.0 Queued for the test" for hook in MESSAGE_HOOKS},
                "helo_parse": b"250 ", "ehlo_parse": b"250-", "mail_parse": b"250 2.1.0 <a@client.test>",
-               "rcpt_parse": b"250 2.1.5 <bob@example.test>", "auth_parse": b"535 "}
+               "rcpt_parse": b"250 2.1.5 <bob@example.test>", "auth_parse": b"535 ",
+               "help": b"214-2.0.0 Commands supported:\r\n"}  # the core's HELP (core/help.py)
 DECIDING = [code for code in ReturnCode if code is not ReturnCode.DONE]
 assert set(PRELUDE) == set(TRIGGER) == set(REPLY_TABLE), "a hook that answers is not swept"
 
@@ -271,9 +272,12 @@ def test_pre_hook_rewrites_the_path(start) -> None:
     ("queue", "OK", '"Queued as 12345"', b"250 2.0.0 Queued as 12345\r\n", False),
     ("queue", "DENY", None, b"554 5.0.0 Message denied\r\n", False),
     ("vrfy", "OK", None, b"250 2.1.5 User OK\r\n", False),
-    ("vrfy", "DECLINED", None, b"252 2.5.2 Just try sending a mail and we'll see how it turns out ...\r\n", False),
+    ("vrfy", "DECLINED", None, b"252 2.5.0 Just try sending a mail and we'll see how it turns out ...\r\n", False),
     ("noop", "DENY_DISCONNECT", None, b"500 5.5.1 Stop wasting my time.\r\n", True),
-    ("help", "DECLINED", None, b"214 2.0.0 This is qpgevent, a plugin-driven SMTP server.\r\n", False),
+    ("expn", "OK", "a@example.test, b@example.test", b"250-2.1.5 a@example.test\r\n250 2.1.5 b@example.test\r\n",
+     False),
+    ("expn", "DECLINED", None, b"502 5.5.1 EXPN not supported\r\n", False),
+    ("expn", "DENY", None, b"550 5.1.1 No such list\r\n", False),
     ("help", "OK", "line one, line two", b"214-2.0.0 line one\r\n214 2.0.0 line two\r\n", False),
     ("quit", "DENY", None, f"221 2.0.0 {ME} closing connection. Have a wonderful day.\r\n".encode(), True),
     ("unrecognized_command", "DENY_DISCONNECT", '"go away"', b"521 5.5.1 go away\r\n", True),
@@ -311,7 +315,7 @@ def full_session_works(server) -> None:
     assert refused == {}
 
 
-@pytest.mark.parametrize("hook", ["mail", "rcpt", "data", "data_post", "queue", "vrfy", "help"])
+@pytest.mark.parametrize("hook", ["mail", "rcpt", "data", "data_post", "queue", "vrfy", "expn", "help"])
 def test_plugin_that_raises_answers_451_then_the_server_goes_on(start, hook_log, hook) -> None:
     server = start(returns(hook, "raise", times="1") + background("none"))
     client, got = drive(server, hook)

@@ -31,6 +31,8 @@ REFUSING_PASSES = {("rcpt", ReturnCode.DECLINED), ("queue", ReturnCode.DECLINED)
                    ("unrecognized_command", ReturnCode.DECLINED), ("unrecognized_command", ReturnCode.OK),
                    # a verb a plugin declared, which no plugin answered: not implemented (502)
                    ("command", ReturnCode.DECLINED),
+                   # EXPN that no plugin expands: not implemented (502; RFC 5321 4.5.1 makes it optional)
+                   ("expn", ReturnCode.DECLINED),
                    # AUTH: no backend said yes, so the credentials are refused (RFC 4954 6: 535).
                    *((hook, ReturnCode.DECLINED) for hook in ("auth", "auth_plain", "auth_login", "auth_cram_md5", "auth_sasl"))}
 #: Hooks where the session is over whatever the verdict.

@@ -145,6 +145,9 @@ class Returns(Plugin):
     def hook_noop(self, session, argument):
         return self._answer("noop", session)
 
+    def hook_expn(self, session, argument):
+        return self._answer("expn", session)
+
     def hook_help(self, session, argument):
         return self._answer("help", session)
 
