@@ -36,6 +36,9 @@ A crash or an error half-way leaves the message in some of the Maildirs and the 
 without a 250: its retry duplicates the message there, it never loses it (RFC 5321 6.1).
 A full file system (ENOSPC, EDQUOT, EFBIG) answers ``452 4.3.1``, any other write error
 ``451 4.3.0``; what was written is removed either way.
+A recipient an earlier queue plugin already gave a result of its own (in
+``transaction.notes["recipient_results"]``, as on an LMTP listener: docs/lmtp.md) is
+not delivered here.
 
 Options:
   path     the Maildir, or the root of the per-recipient Maildirs (default
@@ -130,7 +133,10 @@ class Maildir(Plugin):
     def hook_queue(self, session):
         name = self._unique_name()
         transaction = session.transaction
-        recipients = transaction.recipients or []
+        failed = transaction.notes.get("recipient_results") or {}
+        recipients = [r for r in transaction.recipients or [] if r.address not in failed]
+        if transaction.recipients and not recipients:
+            return OK, "nothing to deliver: every recipient has a result of its own"
         mailboxes = list(dict.fromkeys(self.mailbox(r, session.me) for r in recipients))
         if not mailboxes:
             mailboxes = [self.config["path"]]

@@ -1,0 +1,117 @@
+"""LMTP server mode (RFC 2033) on a ``HOST:PORT/lmtp`` listener, over real sockets.
+
+Python's smtplib.LMTP is the client: LHLO is the greeting (HELO and EHLO are 500), and
+the end of the data gets one reply per accepted recipient, in RCPT order, each the
+queue stage's outcome for that recipient (tests/data/plugins/refuse_recipient.py marks
+some; queue/maildir delivers the rest). An SMTP listener of the same server is unchanged.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from pathlib import Path
+
+import pytest
+
+from qpgevent.testing import InProcessServer, maildir_messages, write_ini
+from qpgevent.testing.mta import free_port
+
+PLUGIN_DIR = str(Path(__file__).resolve().parent.parent / "data" / "plugins")
+PLUGINS = "[[rcpt_ok]]\n  domains = example.test\n[[refuse_recipient]]\n[[queue/maildir]]\n  path = Maildir\n  mailbox = %l\n"
+MESSAGE = b"From: a@client.test\r\nTo: bob@example.test\r\nSubject: lmtp\r\n\r\nHello over LMTP.\r\n"
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lmtp, smtp = free_port(), free_port()
+    ini = write_ini(tmp_path, PLUGINS, plugin_dirs=PLUGIN_DIR,
+                    listen=[f"127.0.0.1:{lmtp}/lmtp", f"127.0.0.1:{smtp}"])
+    instance = InProcessServer(ini)
+    try:
+        yield instance, lmtp, smtp, tmp_path / "Maildir"  # one Maildir per local part
+    finally:
+        instance.stop(0.5)
+
+
+def lmtp_client(port: int) -> smtplib.LMTP:
+    client = smtplib.LMTP("127.0.0.1", port, local_hostname="client.example.test")
+    client.sock.settimeout(30)
+    return client
+
+
+def end_of_data(client: smtplib.LMTP, sender: str, recipients: list[str]) -> list[tuple[int, bytes]]:
+    """MAIL, RCPT for each, DATA, the message; then the replies to the final dot, one per recipient."""
+    assert client.mail(sender)[0] == 250
+    for recipient in recipients:
+        assert client.rcpt(recipient)[0] == 250
+    assert client.putcmd("data") is None and client.getreply()[0] == 354
+    client.send(MESSAGE + b".\r\n")
+    return [client.getreply() for _ in recipients]
+
+
+def test_lhlo_then_two_recipients_get_two_replies_and_one_delivery(server):
+    _, lmtp, _, maildir = server
+    with lmtp_client(lmtp) as client:
+        code, text = client.ehlo()  # smtplib.LMTP sends LHLO here
+        assert code == 250 and b"PIPELINING" in text
+        replies = end_of_data(client, "a@client.test", ["bob@example.test", "carol@example.test"])
+        assert [code for code, _ in replies] == [250, 250]
+        assert client.noop()[0] == 250  # nothing left unread: exactly two replies came
+    for user in ("bob", "carol"):
+        messages = maildir_messages(maildir / user)
+        assert len(messages) == 1
+        content = next(iter(messages.values()))
+        assert b"Hello over LMTP." in content and b"with LMTP" in content
+
+
+def test_one_refused_recipient_gets_its_own_reply_in_rcpt_order(server):
+    _, lmtp, _, maildir = server
+    with lmtp_client(lmtp) as client:
+        client.ehlo()
+        recipients = ["bob@example.test", "full@example.test", "gone@example.test", "carol@example.test"]
+        replies = end_of_data(client, "a@client.test", recipients)
+        assert [code for code, _ in replies] == [250, 452, 550, 250]
+        assert b"4.2.2 mailbox full" in replies[1][1] and b"5.1.1" in replies[2][1]
+    assert [len(maildir_messages(maildir / user)) for user in ("bob", "carol")] == [1, 1]
+    assert not (maildir / "full").exists() and not (maildir / "gone").exists()
+
+
+def test_every_recipient_refused_leaves_the_maildir_empty(server):
+    _, lmtp, _, maildir = server
+    with lmtp_client(lmtp) as client:
+        client.ehlo()
+        replies = end_of_data(client, "a@client.test", ["full@example.test", "gone@example.test"])
+        assert [code for code, _ in replies] == [452, 550]
+    assert not maildir.exists() or maildir_messages(maildir) == {}
+
+
+def test_helo_and_ehlo_are_refused_on_lmtp(server):
+    _, lmtp, _, _ = server
+    with socket.create_connection(("127.0.0.1", lmtp), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        for verb in (b"HELO", b"EHLO"):
+            sock.sendall(verb + b" client.example.test\r\n")
+            assert reader.readline().startswith(b"500")
+        sock.sendall(b"LHLO client.example.test\r\n")
+        line = reader.readline()
+        while line.startswith(b"250-"):
+            line = reader.readline()
+        assert line.startswith(b"250 ")
+
+
+def test_smtp_listener_of_the_same_server_is_unchanged(server):
+    _, _, smtp, maildir = server
+    with smtplib.SMTP("127.0.0.1", smtp, local_hostname="client.example.test", timeout=30) as client:
+        assert client.docmd("LHLO", "client.example.test")[0] == 500
+        assert client.ehlo()[0] == 250
+        assert client.mail("a@client.test")[0] == 250
+        assert client.rcpt("bob@example.test")[0] == 250
+        assert client.rcpt("full@example.test")[0] == 250
+        code, _ = client.data(MESSAGE)
+        assert code == 250  # one reply for the message, which every recipient then gets
+        assert client.noop()[0] == 250
+    assert [len(maildir_messages(maildir / user)) for user in ("bob", "full")] == [1, 1]
+    assert b"with ESMTP" in next(iter(maildir_messages(maildir / "bob").values()))
