@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qpgevent.testing import InProcessServer, maildir_messages, write_ini
-from qpgevent.testing.mta import free_port
+from qpgevent.testing.mta import Postfix, free_port, wait_until
 
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent / "data" / "plugins")
 PLUGINS = "[[rcpt_ok]]\n  domains = example.test\n[[refuse_recipient]]\n[[queue/maildir]]\n  path = Maildir\n  mailbox = %l\n"
@@ -115,3 +115,34 @@ def test_smtp_listener_of_the_same_server_is_unchanged(server):
         assert client.noop()[0] == 250
     assert [len(maildir_messages(maildir / user)) for user in ("bob", "full")] == [1, 1]
     assert b"with ESMTP" in next(iter(maildir_messages(maildir / "bob").values()))
+
+
+def test_postfix_lmtp_client_delivers_into_our_maildirs(server):
+    """Postfix's ``lmtp`` delivery agent hands example.test's mail to our /lmtp listener:
+    one LMTP transaction, three recipients, three outcomes (sent, deferred, bounced)."""
+    _, lmtp, _, maildir = server
+    postfix = Postfix(["nobody@upstream.test"], main={
+        "relay_domains": "example.test", "relay_transport": f"lmtp:inet:127.0.0.1:{lmtp}",
+        "lmtp_lhlo_name": "relay.upstream.test", "debug_peer_list": "127.0.0.1"})
+    try:
+        postfix.start()
+        with smtplib.SMTP("127.0.0.1", postfix.port, local_hostname="client.upstream.test", timeout=60) as client:
+            refused = client.sendmail("nobody@upstream.test",
+                                      ["bob@example.test", "full@example.test", "gone@example.test"], MESSAGE)
+            assert refused == {}
+        delivered = wait_until(lambda: list(maildir_messages(maildir / "bob").values()), 60,
+                               f"bob's message in {maildir}\n{postfix.log()}")
+        wait_until(lambda: "status=bounced" in postfix.log() and "status=deferred" in postfix.log(), 60,
+                   f"Postfix's verdicts for full@ and gone@\n{postfix.log()}")
+        log = postfix.log()
+    finally:
+        postfix.cleanup()
+    [message] = delivered
+    assert b"Hello over LMTP." in message and b"with LMTP" in message
+    assert ": LHLO relay.upstream.test" in log, log[-3000:]
+    lines = {who: next(line for line in log.splitlines() if f"to=<{who}@example.test>" in line and "status=" in line)
+             for who in ("bob", "full", "gone")}
+    assert "status=sent" in lines["bob"] and "250" in lines["bob"]
+    assert "status=deferred" in lines["full"] and "452 4.2.2 mailbox full" in lines["full"]
+    assert "status=bounced" in lines["gone"] and "550 5.1.1 no such mailbox" in lines["gone"]
+    assert not (maildir / "full").exists() and not (maildir / "gone").exists()
