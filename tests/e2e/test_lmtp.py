@@ -78,6 +78,22 @@ def test_one_refused_recipient_gets_its_own_reply_in_rcpt_order(server):
     assert not (maildir / "full").exists() and not (maildir / "gone").exists()
 
 
+def test_a_broken_maildir_fails_its_recipient_only(server):
+    """queue/maildir on LMTP: each Maildir on its own; carol's cannot be made (its new/ is a
+    file), so carol gets 451 and bob, before and after her in RCPT order, 250."""
+    _, lmtp, _, maildir = server
+    (maildir / "carol").mkdir(parents=True)
+    (maildir / "carol" / "new").write_bytes(b"not a folder")
+    with lmtp_client(lmtp) as client:
+        client.ehlo()
+        replies = end_of_data(client, "a@client.test", ["bob@example.test", "carol@example.test",
+                                                        "dave@example.test"])
+        assert [code for code, _ in replies] == [250, 451, 250]
+        assert b"4.3.0" in replies[1][1]
+    assert [len(maildir_messages(maildir / user)) for user in ("bob", "dave")] == [1, 1]
+    assert list((maildir / "carol" / "tmp").iterdir()) == []  # nothing left half-written
+
+
 def test_every_recipient_refused_leaves_the_maildir_empty(server):
     _, lmtp, _, maildir = server
     with lmtp_client(lmtp) as client:
