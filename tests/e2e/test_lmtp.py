@@ -103,6 +103,25 @@ def test_every_recipient_refused_leaves_the_maildir_empty(server):
     assert not maildir.exists() or maildir_messages(maildir) == {}
 
 
+def test_bdat_last_gets_one_reply_per_recipient(server):
+    """RFC 3030 with LMTP: the LAST chunk ends the message as the dot does, so its replies
+    are per recipient too; the chunk before it gets the one 250 of a chunk."""
+    _, lmtp, _, maildir = server
+    with lmtp_client(lmtp) as client:
+        client.ehlo()
+        assert client.has_extn("chunking")
+        assert client.mail("a@client.test")[0] == 250
+        for recipient in ("bob@example.test", "gone@example.test"):
+            assert client.rcpt(recipient)[0] == 250
+        head, tail = MESSAGE[:20], MESSAGE[20:]
+        client.send(b"BDAT %d\r\n" % len(head) + head)
+        assert client.getreply()[0] == 250
+        client.send(b"BDAT %d LAST\r\n" % len(tail) + tail)
+        assert [client.getreply()[0] for _ in range(2)] == [250, 550]
+        assert client.noop()[0] == 250
+    assert b"Hello over LMTP." in next(iter(maildir_messages(maildir / "bob").values()))
+
+
 def test_helo_and_ehlo_are_refused_on_lmtp(server):
     _, lmtp, _, _ = server
     with socket.create_connection(("127.0.0.1", lmtp), timeout=30) as sock:
