@@ -32,6 +32,7 @@ class Listen:
     implicit_tls: bool = False  #: TLS from the first octet (SMTPS, RFC 8314 3.3)
     submission: bool = False  #: AUTH before MAIL; the sender must be the user's (RFC 6409)
     plain_auth: bool = False  #: AUTH offered without TLS on this listener
+    lmtp: bool = False  #: LMTP (RFC 2033): LHLO, and one reply per recipient after the data
 
     @property
     def flags(self) -> str:
@@ -39,7 +40,7 @@ class Listen:
         smtps = self.implicit_tls and self.submission
         names = [n for n, on in (("smtps", smtps), ("tls", self.implicit_tls and not smtps),
                                  ("submission", self.submission and not smtps),
-                                 ("plainauth", self.plain_auth)) if on]
+                                 ("plainauth", self.plain_auth), ("lmtp", self.lmtp)) if on]
         return "+".join(names)
 
     def __str__(self) -> str:
@@ -175,7 +176,8 @@ class Settings:
 
 #: Listener flags; ``smtps`` is implicit TLS for submission (RFC 8314 3.3, port 465).
 _LISTEN_FLAGS = {"smtp": {}, "tls": {"implicit_tls": True}, "submission": {"submission": True},
-                 "smtps": {"implicit_tls": True, "submission": True}, "plainauth": {"plain_auth": True}}
+                 "smtps": {"implicit_tls": True, "submission": True}, "plainauth": {"plain_auth": True},
+                 "lmtp": {"lmtp": True}}
 
 
 def parse_listen(text: str) -> Listen:

@@ -36,6 +36,10 @@ A crash or an error half-way leaves the message in some of the Maildirs and the 
 without a 250: its retry duplicates the message there, it never loses it (RFC 5321 6.1).
 A full file system (ENOSPC, EDQUOT, EFBIG) answers ``452 4.3.1``, any other write error
 ``451 4.3.0``; what was written is removed either way.
+A recipient an earlier queue plugin already gave a result of its own (in
+``transaction.notes["recipient_results"]``, as on an LMTP listener: docs/lmtp.md) is
+not delivered here. On an LMTP listener each Maildir is written on its own, and one that
+fails (a 4xx, as above) is the result of its recipients only: the others get their 250.
 
 Options:
   path     the Maildir, or the root of the per-recipient Maildirs (default
@@ -130,7 +134,10 @@ class Maildir(Plugin):
     def hook_queue(self, session):
         name = self._unique_name()
         transaction = session.transaction
-        recipients = transaction.recipients or []
+        failed = transaction.notes.get("recipient_results") or {}
+        recipients = [r for r in transaction.recipients or [] if r.address not in failed]
+        if transaction.recipients and not recipients:
+            return OK, "nothing to deliver: every recipient has a result of its own"
         mailboxes = list(dict.fromkeys(self.mailbox(r, session.me) for r in recipients))
         if not mailboxes:
             mailboxes = [self.config["path"]]
@@ -143,6 +150,35 @@ class Maildir(Plugin):
             batches = [([mailbox], b"".join(f"Delivered-To: {r.address}\r\n".encode("utf-8")
                                              for r in recipients if self.mailbox(r, session.me) == mailbox))
                        for mailbox in mailboxes]
+        results = transaction.notes.get("recipient_results")
+        if results is not None and len(mailboxes) > 1:
+            return self._each_mailbox(session, name, recipients, results, batches)
+        refusal = self._store(transaction, name, batches)
+        if refusal is not None:
+            return refusal
+        if len(mailboxes) > 1:
+            self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))
+        return OK, f"Queued as {name}"
+
+    def _each_mailbox(self, session, name, recipients, results, batches):
+        """LMTP: each Maildir on its own, a failure the result of its recipients only.
+
+        The same unique name in every Maildir, as the linked copies have."""
+        if len(batches) == 1:
+            batches = [([mailbox], b"") for mailbox in batches[0][0]]
+        stored = 0
+        for batch in batches:
+            refusal = self._store(session.transaction, name, [batch])
+            if refusal is None:
+                stored += 1
+                continue
+            for recipient in recipients:
+                if self.mailbox(recipient, session.me) == batch[0][0]:
+                    results[recipient.address] = refusal
+        return OK, f"Queued as {name}" if stored else "nothing delivered: every Maildir failed"
+
+    def _store(self, transaction, name, batches):
+        """Deliver ``batches`` all or nothing: None, or the refusal to give."""
         try:
             if self.config["fsync"] or transaction.data_size > INLINE_BYTES:
                 # The hook's timeout may give up on the thread: then what it delivered is
@@ -164,9 +200,7 @@ class Maildir(Plugin):
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # RFC 3463 X.3.1
                 return DENYSOFT, "452 4.3.1 insufficient system storage, try again later"
             return DENYSOFT, "4.3.0 cannot store the message right now, try again later"
-        if len(mailboxes) > 1:
-            self.log.info("delivered %s to %d Maildirs", name, len(mailboxes))
-        return OK, f"Queued as {name}"
+        return None
 
     def _fsync_new_folders(self, delivered, folders):
         """fsync new/ folders, shared with the sessions that finish alongside (group commit)."""

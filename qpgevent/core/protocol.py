@@ -80,8 +80,9 @@ class SmtpProtocol:
     def __init__(self, limits: Limits = Limits(), *,
                  mail_parameters: Mapping[str, ParameterSyntax] | None = None,
                  rcpt_parameters: Mapping[str, ParameterSyntax] | None = None,
-                 parse: ArgumentHook | None = None) -> None:
+                 parse: ArgumentHook | None = None, lmtp: bool = False) -> None:
         self.limits = limits
+        self.lmtp = lmtp  #: LMTP (RFC 2033): LHLO is the greeting verb; HELO and EHLO are unknown
         self._declared: dict[type[Command], Mapping[str, ParameterSyntax]] = {
             Mail: mail_parameters or {}, Rcpt: rcpt_parameters or {}}
         self._argument_hook = parse
@@ -319,6 +320,8 @@ class SmtpProtocol:
             return Unknown(verb.upper()[:20], argument, line)
         verb = verb.upper()
         kind = _VERBS.get(verb)
+        if self.lmtp and verb in ("HELO", "EHLO", "LHLO"):
+            kind = Ehlo if verb == "LHLO" else None  # RFC 2033 4.1: LHLO, and HELO/EHLO are 500
         if kind is None:
             return Unknown(verb, argument, line)
         if kind is Bdat:

@@ -65,11 +65,13 @@ class Conversation:
             max_bad_commands=settings.max_bad_commands, allow_bare_lf=settings.allow_bare_lf,
             nul_bytes=settings.nul_bytes,
         ), mail_parameters=extensions.mail_parameters, rcpt_parameters=extensions.rcpt_parameters,
-            parse=self._parse if extensions.parses else None)
+            parse=self._parse if extensions.parses else None, lmtp=self.listen.lmtp)
         self.auth = Authentication()
         self.mail = MailTransaction()
         self.tally = Tally()
         self.out = bytearray()  #: replies to write; the driver writes and clears it
+        #: How many times ``send`` writes its reply: LMTP answers the end of data once per recipient.
+        self.copies = 1
         self._request: Request | Wait | None = None
         self._heard = False  #: the client has sent something
         #: The protocol trace ([logging] trace, trace_clients), None when this session is not traced.
@@ -243,7 +245,7 @@ class Conversation:
     # -- output -------------------------------------------------------------------------
     def send(self, answer_reply: Reply) -> None:
         self.tally.last_reply = answer_reply.code
-        out = self.protocol.send(answer_reply)
+        out = self.protocol.send(answer_reply) * self.copies
         if self.trace is not None:
             self.trace.server(out)
         self.out += out
@@ -285,8 +287,8 @@ class Conversation:
         self.send(event.reply)
 
     def on_hello(self, command: Helo | Ehlo) -> None:
-        verb = command.verb.lower()
-        if self.ask(verb, command.domain).outcome is not Outcome.PROCEED:
+        verb = command.verb.lower()  # LHLO (LMTP) asks the ehlo hooks and answers as EHLO does
+        if self.ask("ehlo" if verb == "lhlo" else verb, command.domain).outcome is not Outcome.PROCEED:
             return
         self.reset_transaction()  # RFC 5321 4.1.4: a new HELO/EHLO is like RSET, plus a new greeting
         connection = self.session.connection
@@ -390,7 +392,7 @@ class Conversation:
 
 
 #: The hooks that may rewrite (or refuse) a command's argument before it is parsed.
-_PARSE_HOOKS = {"HELO": "helo_parse", "EHLO": "ehlo_parse", "MAIL": "mail_parse", "RCPT": "rcpt_parse",
+_PARSE_HOOKS = {"HELO": "helo_parse", "EHLO": "ehlo_parse", "LHLO": "ehlo_parse", "MAIL": "mail_parse", "RCPT": "rcpt_parse",
                 "AUTH": "auth_parse"}
 #: Event type -> (the part of the conversation that handles it, its method): one table per
 #: process, not a dict of bound methods per session.

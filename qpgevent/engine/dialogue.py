@@ -54,6 +54,7 @@ class Asked:
 class Dialogue(Protocol):
     settings: Settings
     listen: Listen
+    copies: int  #: how many times ``send`` writes its reply (LMTP: once per recipient)
     runner: HookRunner
     session: Session
     protocol: SmtpProtocol

@@ -15,6 +15,14 @@ refusal), and the LAST one ends the message exactly as the final dot does.
 Rewriting a path by returning ``(OK, "<new@path>")`` from a ``*_pre`` hook is the old,
 implicit form (qpsmtpd's): it still works, and logs a deprecation warning once per
 plugin; ``session.rewrite_sender`` / ``rewrite_recipient`` say it outright.
+
+On an LMTP listener (RFC 2033 4.2) the end of the message gets one reply per accepted
+recipient, in RCPT order: a refusal before or at ``queue`` is repeated for each; after
+``queue`` said OK, a recipient a queue plugin marked in
+``transaction.notes["recipient_results"]`` (address -> ``(code, message)``) gets that
+verdict, answered by the same reply table, and every other one the plugin's OK. That
+dict is put there only on LMTP listeners: on SMTP a recipient left undelivered under a
+250 would be lost.
 """
 
 from __future__ import annotations
@@ -182,9 +190,12 @@ class MailTransaction:
             self.refusal = result.reply or INTERNAL_ERROR
 
     def on_message_end(self, conversation: Dialogue, event: MessageEnd) -> None:
+        if conversation.listen.lmtp:  # RFC 2033 4.2: every reply to this dot, once per recipient
+            conversation.copies = max(1, len(conversation.session.transaction.recipients or ()))
         try:
             self._message_end(conversation, event)
         finally:
+            conversation.copies = 1
             conversation.reset_transaction()
 
     def _message_end(self, conversation: Dialogue, event: MessageEnd) -> None:
@@ -210,6 +221,8 @@ class MailTransaction:
                 return
             if hook == "data_post":  # every plugin has recorded its result: one header (RFC 8601)
                 authresults.finish(transaction, conversation.session.connection, conversation.me)
+        if conversation.listen.lmtp:  # only where each recipient hears its own result
+            transaction.notes["recipient_results"] = {}
         asked = conversation.ask("queue")
         if asked.outcome is Outcome.PROCEED:
             assert asked.reply is not None
@@ -217,8 +230,26 @@ class MailTransaction:
             conversation.counters.message_queued(asked.verdict.plugin)
             conversation.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
                                   len(transaction.recipients), transaction.data_size, asked.reply.text[0])
-            conversation.send(asked.reply)
+            if conversation.listen.lmtp:
+                self._each_recipient(conversation, asked.reply, asked.verdict.plugin)
+            else:
+                conversation.send(asked.reply)
         conversation.runner.notify("queue_post", conversation.session)
+
+    def _each_recipient(self, conversation: Dialogue, queued: Reply, plugin: str | None) -> None:
+        """LMTP: one reply per recipient, in RCPT order: its own result, or the queue's OK."""
+        conversation.copies = 1
+        transaction = conversation.session.transaction
+        results = transaction.notes.get("recipient_results") or {}
+        for recipient in transaction.recipients:
+            result = results.get(recipient.address)
+            if result is None:
+                conversation.send(queued)
+                continue
+            code, message = result
+            verdict = Verdict(ReturnCode(code), (message,) if message else (), plugin)
+            conversation.log.info("recipient %s: %s %s", recipient.address, ReturnCode(code).name, message)
+            conversation.send(conversation.answer("queue", verdict).reply or INTERNAL_ERROR)
 
     def received(self, conversation: Dialogue) -> str | None:
         """Our Received header's value, or the one a ``received_line`` plugin gives (None: refused)."""

@@ -18,9 +18,9 @@ from ..transaction import Transaction
 
 
 def protocol_name(connection: Connection, smtputf8: bool) -> str:
-    """``with`` of the header: SMTP, ESMTP, UTF8SMTP, plus S for TLS and A for AUTH."""
-    esmtp = connection.hello == "ehlo"
-    name = "UTF8SMTP" if smtputf8 else "ESMTP" if esmtp else "SMTP"
+    """``with`` of the header: SMTP, ESMTP, UTF8SMTP, LMTP, plus S for TLS and A for AUTH (RFC 3848)."""
+    esmtp = connection.hello in ("ehlo", "lhlo")
+    name = "LMTP" if connection.hello == "lhlo" else "UTF8SMTP" if smtputf8 else "ESMTP" if esmtp else "SMTP"
     if connection.tls:
         name += "S"
     if connection.notes.get("auth_user") and esmtp:
