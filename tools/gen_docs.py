@@ -279,7 +279,8 @@ def extensions_page() -> str:
            "# SMTP extensions\n\n",
            "What `EHLO` offers, read from a real session on the default settings, and which common\n"
            "extensions are not offered. A plugin may add keywords (`connection.notes[\"capabilities\"]`).\n"
-           "How BDAT and BINARYMIME work, and what plugins see of them: [chunking.md](chunking.md).\n\n",
+           "How BDAT and BINARYMIME work, and what plugins see of them: [chunking.md](chunking.md);\n"
+           "DSN's parameters (RET, ENVID, NOTIFY, ORCPT): [dsn.md](dsn.md).\n\n",
            "| extension | defined in | offered |\n| --- | --- | --- |\n"]
     unknown = [keyword for keyword in offered if keyword not in EXTENSIONS]
     if unknown:

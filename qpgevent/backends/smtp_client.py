@@ -48,6 +48,7 @@ from typing import Any
 from gevent.lock import BoundedSemaphore
 
 from ..core.address import Address
+from ..core.dsn_request import xtext
 from ..plugin import DECLINED, DENY, DENYSOFT, OK, Plugin
 
 log = logging.getLogger("qpgevent.smtp_client")
@@ -72,7 +73,6 @@ command_timeout = float(min=0.01, default=60)
 data_timeout = float(min=0.01, default=600)
 """
 
-_XTEXT_SAFE = frozenset(range(33, 127)) - {ord("+"), ord("=")}
 _EOL = re.compile(rb"\r\n|\n|\r")
 #: Longest stretch without a line end held back while dot-stuffing (lines are shorter).
 _STUFF_LIMIT = 1 << 16
@@ -240,11 +240,6 @@ class ClientFacts:
             if self.ident:
                 values["IDENT"] = self.ident
         return values
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 4: printable ASCII except ``+`` and ``=``, else ``+XX``."""
-    return "".join(chr(b) if b in _XTEXT_SAFE else f"+{b:02X}" for b in value.encode("utf-8"))
 
 
 # -- the message on the wire -------------------------------------------------------
@@ -443,10 +438,16 @@ class Downstream:
             elif not response.ok:
                 raise DownstreamError(f"{self.hop.where} refused XFORWARD: {response}")
 
-    def mail(self, sender: Address, size: int, recipients: Iterable[Address] = ()) -> Response:
-        """MAIL FROM, with SIZE, BODY=8BITMIME and SMTPUTF8 (any non-ASCII address) as offered."""
+    def mail(self, sender: Address, size: int, recipients: Iterable[Address] = (),
+             dsn: tuple[str | None, str | None] = (None, None)) -> Response:
+        """MAIL FROM, with SIZE, BODY=8BITMIME and SMTPUTF8 (any non-ASCII address) as offered,
+        and ``dsn``'s RET and ENVID (RFC 3461) when the next hop offers DSN."""
         assert self.smtp is not None
         params = []
+        ret, envid = dsn
+        if self.smtp.has_extn("dsn"):  # RFC 3461 4: only to a hop that offers it
+            params += [f"RET={ret}"] if ret else []
+            params += [f"ENVID={xtext(envid)}"] if envid else []
         if self.smtp.has_extn("size") and size:
             params.append(f"SIZE={size}")
         if self.smtp.has_extn("8bitmime"):
@@ -464,8 +465,14 @@ class Downstream:
         assert self.smtp is not None
         if not recipient.is_ascii and self.smtp.command_encoding != "utf-8":
             return Response(553, "5.6.7 the next hop does not support SMTPUTF8 addresses")
+        params = ""
+        if self.smtp.has_extn("dsn"):
+            params += f" NOTIFY={','.join(recipient.notify)}" if recipient.notify else ""
+            if recipient.orcpt:
+                addr_type, _, address = recipient.orcpt.partition(";")
+                params += f" ORCPT={addr_type};{xtext(address)}"
         with self._failures("RCPT"):
-            return self._command("RCPT", f"TO:{recipient.format()}")
+            return self._command("RCPT", f"TO:{recipient.format()}{params}")
 
     def data(self, chunks: Iterable[bytes], replies: int) -> list[Response]:
         """DATA, the message, the final dot; one reply for SMTP, ``replies`` for LMTP."""
@@ -684,7 +691,8 @@ class Relay:
                 for route, recipients in groups.items():
                     downstream = stack.enter_context(self.pool.connection(route))
                     downstream.prepare(client)
-                    refusal = self._envelope(downstream, sender, recipients, size)
+                    refusal = self._envelope(downstream, sender, recipients, size,
+                                             (transaction.dsn_ret, transaction.dsn_envid))
                     if refusal is not None:
                         return refusal
                     ready.append((route, downstream, recipients))
@@ -705,9 +713,9 @@ class Relay:
         return OK, accepted[0] if len(accepted) == 1 else "2.0.0 Queued"
 
     def _envelope(self, downstream: Downstream, sender: Address, recipients: list[Address],
-                  size: int) -> Any:
+                  size: int, dsn: tuple[str | None, str | None]) -> Any:
         """MAIL and every RCPT; None when all were accepted, else the verdict (after RSET)."""
-        response = downstream.mail(sender, size, recipients)
+        response = downstream.mail(sender, size, recipients, dsn)
         if not response.ok:
             self.log.info("next hop refused MAIL %s: %s", sender.format(), response)
             downstream.reset()

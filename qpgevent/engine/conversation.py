@@ -299,7 +299,7 @@ class Conversation:
         """The EHLO keywords we offer (RFC 5321 4.1.1.1), plus the ones plugins add."""
         size = self.settings.max_message_size
         offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES",
-                   "CHUNKING", "BINARYMIME", "SMTPUTF8"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
+                   "CHUNKING", "BINARYMIME", "SMTPUTF8", "DSN"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
         if self.tls_offered and not self.session.connection.tls:
             offered.append("STARTTLS")
         mechanisms = self.auth.mechanisms(self)
