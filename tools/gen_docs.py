@@ -256,7 +256,8 @@ CONDITIONAL = {"STARTTLS": "when `[tls] certificate` is set, until the session i
                "AUTH": "when an `auth/*` plugin is loaded: inside TLS, or on a `/plainauth` listener, "
                        "until the client has authenticated",
                "XCLIENT": "with the `xclient` plugin, to the clients in its `xclient_hosts` only",
-               "XFORWARD": "with the `xclient` plugin, to the clients in its `xforward_hosts` only"}
+               "XFORWARD": "with the `xclient` plugin, to the clients in its `xforward_hosts` only",
+               "REQUIRETLS": "inside TLS only ([requiretls.md](requiretls.md))"}
 
 
 def offered_extensions() -> list[str]:

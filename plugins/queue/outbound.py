@@ -35,6 +35,8 @@ attempt: **at most one duplicate**, never a loss.
 DSN. The client's RFC 3461 parameters, as the core keeps them (``transaction.dsn_ret``,
 ``dsn_envid``, each recipient's ``notify`` and ``orcpt``), are queued with the message:
 the bounces honour NOTIFY and RET and carry ENVID and ORCPT.
+A message sent with REQUIRETLS (RFC 8689) is refused (5.7.10): the runner does not
+insist on verified TLS per message, and must not deliver one without it.
 
 Bounces. Failed recipients are reported to the sender in an RFC 3464 report
 (``multipart/report``; the original message, or its header only for RET=HDRS), queued
@@ -85,7 +87,7 @@ Example::
 """
 
 from qpgevent.outqueue import Queue, QueueError, Recipient
-from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
 from qpgevent.smtp_client import ClientOptions, ConfigurationError, parse_routes
 from qpgevent.tls_policy import parse_levels
 
@@ -131,6 +133,8 @@ data_timeout = float(min=0.01, default=600)
 
     def hook_queue(self, session):
         transaction = session.transaction
+        if transaction.requiretls:  # RFC 8689 5: the runner does not insist on TLS; refuse, not downgrade
+            return DENY, "5.7.10 REQUIRETLS is not supported by this queue"
         recipients = [Recipient(r.address, notify=",".join(r.notify) if r.notify else None, orcpt=r.orcpt)
                       for r in transaction.recipients]
         sender = transaction.sender.address if transaction.sender is not None else ""

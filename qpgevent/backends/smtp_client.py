@@ -439,11 +439,18 @@ class Downstream:
                 raise DownstreamError(f"{self.hop.where} refused XFORWARD: {response}")
 
     def mail(self, sender: Address, size: int, recipients: Iterable[Address] = (),
-             dsn: tuple[str | None, str | None] = (None, None)) -> Response:
+             dsn: tuple[str | None, str | None] = (None, None), requiretls: bool = False) -> Response:
         """MAIL FROM, with SIZE, BODY=8BITMIME and SMTPUTF8 (any non-ASCII address) as offered,
-        and ``dsn``'s RET and ENVID (RFC 3461) when the next hop offers DSN."""
+        and ``dsn``'s RET and ENVID (RFC 3461) when the next hop offers DSN. A ``requiretls``
+        message goes only over verified TLS to a hop that offers REQUIRETLS (RFC 8689 5),
+        else it is refused here with 550 5.7.10, before anything is sent."""
         assert self.smtp is not None
         params = []
+        if requiretls:
+            problem = self._requiretls_problem()
+            if problem:
+                return Response(550, f"5.7.10 REQUIRETLS: {problem}")
+            params.append("REQUIRETLS")
         ret, envid = dsn
         if self.smtp.has_extn("dsn"):  # RFC 3461 4: only to a hop that offers it
             params += [f"RET={ret}"] if ret else []
@@ -460,6 +467,15 @@ class Downstream:
         self.smtp.command_encoding = "utf-8" if needs_utf8 else "ascii"
         with self._failures("MAIL"):
             return self._command("MAIL", f"FROM:{sender.format()}{''.join(' ' + p for p in params)}")
+
+    def _requiretls_problem(self) -> str | None:
+        assert self.smtp is not None
+        context = self.options.tls_context
+        if not self.tls or context is None or context.verify_mode != ssl.CERT_REQUIRED:
+            return f"{self.hop.where}: no verified TLS session"
+        if not self.smtp.has_extn("requiretls"):
+            return f"{self.hop.where} does not offer REQUIRETLS"
+        return None
 
     def rcpt(self, recipient: Address) -> Response:
         assert self.smtp is not None
@@ -692,7 +708,8 @@ class Relay:
                     downstream = stack.enter_context(self.pool.connection(route))
                     downstream.prepare(client)
                     refusal = self._envelope(downstream, sender, recipients, size,
-                                             (transaction.dsn_ret, transaction.dsn_envid))
+                                             (transaction.dsn_ret, transaction.dsn_envid),
+                                             transaction.requiretls)
                     if refusal is not None:
                         return refusal
                     ready.append((route, downstream, recipients))
@@ -713,9 +730,9 @@ class Relay:
         return OK, accepted[0] if len(accepted) == 1 else "2.0.0 Queued"
 
     def _envelope(self, downstream: Downstream, sender: Address, recipients: list[Address],
-                  size: int, dsn: tuple[str | None, str | None]) -> Any:
+                  size: int, dsn: tuple[str | None, str | None], requiretls: bool = False) -> Any:
         """MAIL and every RCPT; None when all were accepted, else the verdict (after RSET)."""
-        response = downstream.mail(sender, size, recipients, dsn)
+        response = downstream.mail(sender, size, recipients, dsn, requiretls)
         if not response.ok:
             self.log.info("next hop refused MAIL %s: %s", sender.format(), response)
             downstream.reset()

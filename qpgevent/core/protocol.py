@@ -443,6 +443,9 @@ class SmtpProtocol:
             elif kind is Mail and key == "SMTPUTF8":
                 if value is not None:
                     return Canned.SYNTAX
+            elif kind is Mail and key == "REQUIRETLS":
+                if value is not None:  # RFC 8689 4: a bare keyword; whether TLS is on is the engine's
+                    return Canned.SYNTAX
             elif kind is Mail and key == "AUTH":
                 if not value:  # RFC 4954 5: AUTH=<mailbox> or AUTH=<>, an xtext; kept, not trusted
                     return Canned.SYNTAX

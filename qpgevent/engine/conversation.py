@@ -302,6 +302,8 @@ class Conversation:
                    "CHUNKING", "BINARYMIME", "SMTPUTF8", "DSN"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
         if self.tls_offered and not self.session.connection.tls:
             offered.append("STARTTLS")
+        if self.session.connection.tls:
+            offered.append("REQUIRETLS")  # RFC 8689 4: only inside TLS
         mechanisms = self.auth.mechanisms(self)
         if mechanisms and not self.protocol.authenticated:
             offered.append("AUTH " + " ".join(mechanisms))

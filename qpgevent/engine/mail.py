@@ -73,6 +73,9 @@ class MailTransaction:
             conversation.log.info("sender %s refused: not one of user %s's", sender.format(), user)
             conversation.send(Canned.SENDER_NOT_YOURS)
             return
+        if "REQUIRETLS" in command.params and not session.connection.tls:
+            conversation.send(Canned.REQUIRETLS_WITHOUT_TLS)  # RFC 8689 4: offered only over TLS
+            return
         conversation.reset_transaction()
         asked = conversation.ask("mail", sender, command.params, address=sender.format())
         if asked.outcome is Outcome.PROCEED:
@@ -86,6 +89,7 @@ class MailTransaction:
         transaction.sender = sender
         if params.get("RET"):  # checked by the protocol core (core/dsn_request.py)
             transaction.dsn_ret = str(params["RET"]).upper()
+        transaction.requiretls = "REQUIRETLS" in params  # RFC 8689: TLS all the way on
         if params.get("ENVID"):
             transaction.dsn_envid = dsn_request.unxtext(str(params["ENVID"]))
         conversation.tally.transactions += 1
