@@ -14,6 +14,16 @@ from tls_helpers import Certs
 MESSAGE = b"Subject: secret\r\nFrom: sender@client.test\r\nTo: bob@example.test\r\n\r\nhush\r\n"
 
 
+def send_flagged(server, certs: Certs) -> tuple[int, bytes]:
+    """One message with REQUIRETLS, inside TLS: the reply to its DATA."""
+    with smtplib.SMTP(server.host, server.port, local_hostname="client.test", timeout=60) as client:
+        client.starttls(context=certs.client_context())
+        client.ehlo()
+        assert client.mail("sender@client.test", ["REQUIRETLS"])[0] == 250
+        assert client.rcpt("bob@example.test")[0] == 250
+        return client.data(MESSAGE)
+
+
 @pytest.fixture
 def postfix(tmp_path):
     ca, cert, key = make_certificates(tmp_path / "postfix-tls")
@@ -73,12 +83,7 @@ def test_the_outbound_queue_refuses_a_requiretls_message(make_server, tmp_path):
     certs.issue()
     server = make_server(f"[[rcpt_ok]]\n  domains = example.test\n[[queue/outbound]]\n  queue_dir = {tmp_path / 'q'}\n",
                          tls_certificate="server.pem")
-    with smtplib.SMTP(server.host, server.port, local_hostname="client.test", timeout=60) as client:
-        client.starttls(context=certs.client_context())
-        client.ehlo()
-        assert client.mail("sender@client.test", ["REQUIRETLS"])[0] == 250
-        assert client.rcpt("bob@example.test")[0] == 250
-        code, text = client.data(MESSAGE)
+    code, text = send_flagged(server, certs)
     assert code // 100 == 5 and text.startswith(b"5.7.10 "), (code, text)
     assert list((tmp_path / "q" / "env").iterdir()) == []
 
@@ -93,23 +98,13 @@ def test_requiretls_message_goes_to_a_qpgevent_next_hop_over_verified_tls(make_s
     relay = make_server(f"[[queue/smtp_forward]]\n  routes = example.test:localhost:{hop.port}\n"
                         f"  tls_ca_file = {certs.ca_path}\n[[rcpt_ok]]\n  domains = example.test\n",
                         tls_certificate="server.pem")
-    with smtplib.SMTP(relay.host, relay.port, local_hostname="client.test", timeout=60) as client:
-        client.starttls(context=certs.client_context())
-        client.ehlo()
-        assert client.mail("sender@client.test", ["REQUIRETLS"])[0] == 250
-        assert client.rcpt("bob@example.test")[0] == 250
-        assert client.data(MESSAGE)[0] == 250
+    assert send_flagged(relay, certs)[0] == 250
     [delivered] = list((tmp_path / "Maildir" / "new").iterdir())
     assert b"ESMTPS" in delivered.read_bytes() and delivered.read_bytes().rstrip().endswith(b"hush")
     # The same hop, TLS without verification: refused, and nothing more delivered.
     unverified = make_server(f"[[queue/smtp_forward]]\n  routes = example.test:localhost:{hop.port}\n"
                              "  tls_verify = no\n[[rcpt_ok]]\n  domains = example.test\n",
                              tls_certificate="server.pem")
-    with smtplib.SMTP(unverified.host, unverified.port, local_hostname="client.test", timeout=60) as client:
-        client.starttls(context=certs.client_context())
-        client.ehlo()
-        assert client.mail("sender@client.test", ["REQUIRETLS"])[0] == 250
-        assert client.rcpt("bob@example.test")[0] == 250
-        code, text = client.data(MESSAGE)
+    code, text = send_flagged(unverified, certs)
     assert code == 554 and b"5.7.10 REQUIRETLS: " in text and b"no verified TLS session" in text, text
     assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1
