@@ -162,6 +162,11 @@ class Transaction:
         self.started = time.time()
         self.sender: Address | None = None
         self.recipients: list[Address] = []
+        #: DSN (RFC 3461 4.3, 4.4) from MAIL: RET ("FULL"/"HDRS") and ENVID decoded, or None.
+        self.dsn_ret: str | None = None
+        self.dsn_envid: str | None = None
+        #: RFC 8689 REQUIRETLS on MAIL: pass the message on only over verified TLS.
+        self.requiretls = False
         self.notes: dict[str, Any] = {}
         #: Each check's verdict about this message (pass/fail/skip/err and evidence), by plugin.
         self.results = Results()

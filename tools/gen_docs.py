@@ -257,7 +257,8 @@ CONDITIONAL = {"STARTTLS": "when `[tls] certificate` is set, until the session i
                "AUTH": "when an `auth/*` plugin is loaded: inside TLS, or on a `/plainauth` listener, "
                        "until the client has authenticated",
                "XCLIENT": "with the `xclient` plugin, to the clients in its `xclient_hosts` only",
-               "XFORWARD": "with the `xclient` plugin, to the clients in its `xforward_hosts` only"}
+               "XFORWARD": "with the `xclient` plugin, to the clients in its `xforward_hosts` only",
+               "REQUIRETLS": "inside TLS only ([requiretls.md](requiretls.md))"}
 
 
 def offered_extensions() -> list[str]:
@@ -280,7 +281,8 @@ def extensions_page() -> str:
            "# SMTP extensions\n\n",
            "What `EHLO` offers, read from a real session on the default settings, and which common\n"
            "extensions are not offered. A plugin may add keywords (`connection.notes[\"capabilities\"]`).\n"
-           "How BDAT and BINARYMIME work, and what plugins see of them: [chunking.md](chunking.md).\n\n",
+           "How BDAT and BINARYMIME work, and what plugins see of them: [chunking.md](chunking.md);\n"
+           "DSN's parameters (RET, ENVID, NOTIFY, ORCPT): [dsn.md](dsn.md).\n\n",
            "| extension | defined in | offered |\n| --- | --- | --- |\n"]
     unknown = [keyword for keyword in offered if keyword not in EXTENSIONS]
     if unknown:

@@ -32,10 +32,11 @@ killed after a next hop said 250 and before that write (or the connection breaks
 our final dot, before its reply), those recipients get the message again on the next
 attempt: **at most one duplicate**, never a loss.
 
-Notes. The plugin keeps the client's DSN parameters in the transaction's notes
-(``outbound_dsn``: RET, ENVID; ``outbound_rcpt_dsn``: NOTIFY, ORCPT per recipient) until
-the message is queued. The SMTP core does not take these parameters yet (it answers
-555), so today they are empty; the queue and the bounces honour them once it does.
+DSN. The client's RFC 3461 parameters, as the core keeps them (``transaction.dsn_ret``,
+``dsn_envid``, each recipient's ``notify`` and ``orcpt``), are queued with the message:
+the bounces honour NOTIFY and RET and carry ENVID and ORCPT.
+A message sent with REQUIRETLS (RFC 8689) is refused (5.7.10): the runner does not
+insist on verified TLS per message, and must not deliver one without it.
 
 Bounces. Failed recipients are reported to the sender in an RFC 3464 report
 (``multipart/report``; the original message, or its header only for RET=HDRS), queued
@@ -86,7 +87,7 @@ Example::
 """
 
 from qpgevent.outqueue import Queue, QueueError, Recipient
-from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
 from qpgevent.smtp_client import ClientOptions, ConfigurationError, parse_routes
 from qpgevent.tls_policy import parse_levels
 
@@ -130,30 +131,18 @@ data_timeout = float(min=0.01, default=600)
             raise ValueError(str(error)) from None
         self.queue = Queue(self.config["queue_dir"], fsync=self.config["fsync"])
 
-    def hook_mail(self, session, sender, params):
-        # RFC 3461 parameters, kept for the bounce (the core refuses them today: ready for it).
-        session.transaction.notes["outbound_dsn"] = {k: params[k] for k in ("RET", "ENVID") if params.get(k)}
-        return DECLINED
-
-    def hook_rcpt(self, session, recipient, params):
-        wanted = {k: params[k] for k in ("NOTIFY", "ORCPT") if params.get(k)}
-        if wanted:
-            session.transaction.notes.setdefault("outbound_rcpt_dsn", {})[recipient.address] = wanted
-        return DECLINED
-
     def hook_queue(self, session):
         transaction = session.transaction
-        dsn = transaction.notes.get("outbound_dsn", {})
-        per_recipient = transaction.notes.get("outbound_rcpt_dsn", {})
-        recipients = [Recipient(r.address, notify=per_recipient.get(r.address, {}).get("NOTIFY"),
-                                orcpt=per_recipient.get(r.address, {}).get("ORCPT"))
+        if transaction.requiretls:  # RFC 8689 5: the runner does not insist on TLS; refuse, not downgrade
+            return DENY, "5.7.10 REQUIRETLS is not supported by this queue"
+        recipients = [Recipient(r.address, notify=",".join(r.notify) if r.notify else None, orcpt=r.orcpt)
                       for r in transaction.recipients]
         sender = transaction.sender.address if transaction.sender is not None else ""
         connection = session.connection
         client = f"{connection.remote_host or connection.hello_host or 'unknown'} [{connection.remote_ip}]"
         try:
             envelope = run_blocking(lambda: self.queue.enqueue(
-                sender, recipients, transaction.message_chunks(), ret=dsn.get("RET"), envid=dsn.get("ENVID"),
+                sender, recipients, transaction.message_chunks(), ret=transaction.dsn_ret, envid=transaction.dsn_envid,
                 received_from=client))
         except QueueError as error:
             self.log.error("%s", error)

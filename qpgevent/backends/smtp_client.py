@@ -149,7 +149,9 @@ class Relay:
                 for route, recipients in groups.items():
                     downstream = stack.enter_context(self.pool.connection(route))
                     downstream.prepare(client)
-                    refusal = self._envelope(downstream, sender, recipients, size)
+                    refusal = self._envelope(downstream, sender, recipients, size,
+                                             (transaction.dsn_ret, transaction.dsn_envid),
+                                             transaction.requiretls)
                     if refusal is not None:
                         return refusal
                     ready.append((route, downstream, recipients))
@@ -170,9 +172,9 @@ class Relay:
         return OK, accepted[0] if len(accepted) == 1 else "2.0.0 Queued"
 
     def _envelope(self, downstream: Downstream, sender: Address, recipients: list[Address],
-                  size: int) -> Any:
+                  size: int, dsn: tuple[str | None, str | None], requiretls: bool = False) -> Any:
         """MAIL and every RCPT; None when all were accepted, else the verdict (after RSET)."""
-        response = downstream.mail(sender, size, recipients)
+        response = downstream.mail(sender, size, recipients, dsn, requiretls)
         if not response.ok:
             self.log.info("next hop refused MAIL %s: %s", sender.format(), response)
             downstream.reset()

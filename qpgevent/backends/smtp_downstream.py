@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.address import Address
+from ..core.dsn_request import xtext
 from .relay_routes import ConfigurationError, Hop
 
-_XTEXT_SAFE = frozenset(range(33, 127)) - {ord("+"), ord("=")}
 _EOL = re.compile(rb"\r\n|\n|\r")
 #: Longest stretch without a line end held back while dot-stuffing (lines are shorter).
 _STUFF_LIMIT = 1 << 16
@@ -96,11 +96,6 @@ class ClientFacts:
             if self.ident:
                 values["IDENT"] = self.ident
         return values
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 4: printable ASCII except ``+`` and ``=``, else ``+XX``."""
-    return "".join(chr(b) if b in _XTEXT_SAFE else f"+{b:02X}" for b in value.encode("utf-8"))
 
 
 # -- the message on the wire -------------------------------------------------------
@@ -299,10 +294,23 @@ class Downstream:
             elif not response.ok:
                 raise DownstreamError(f"{self.hop.where} refused XFORWARD: {response}")
 
-    def mail(self, sender: Address, size: int, recipients: Iterable[Address] = ()) -> Response:
-        """MAIL FROM, with SIZE, BODY=8BITMIME and SMTPUTF8 (any non-ASCII address) as offered."""
+    def mail(self, sender: Address, size: int, recipients: Iterable[Address] = (),
+             dsn: tuple[str | None, str | None] = (None, None), requiretls: bool = False) -> Response:
+        """MAIL FROM, with SIZE, BODY=8BITMIME and SMTPUTF8 (any non-ASCII address) as offered,
+        and ``dsn``'s RET and ENVID (RFC 3461) when the next hop offers DSN. A ``requiretls``
+        message goes only over verified TLS to a hop that offers REQUIRETLS (RFC 8689 5),
+        else it is refused here with 550 5.7.10, before anything is sent."""
         assert self.smtp is not None
         params = []
+        if requiretls:
+            problem = self._requiretls_problem()
+            if problem:
+                return Response(550, f"5.7.10 REQUIRETLS: {problem}")
+            params.append("REQUIRETLS")
+        ret, envid = dsn
+        if self.smtp.has_extn("dsn"):  # RFC 3461 4: only to a hop that offers it
+            params += [f"RET={ret}"] if ret else []
+            params += [f"ENVID={xtext(envid)}"] if envid else []
         if self.smtp.has_extn("size") and size:
             params.append(f"SIZE={size}")
         if self.smtp.has_extn("8bitmime"):
@@ -316,12 +324,27 @@ class Downstream:
         with self._failures("MAIL"):
             return self._command("MAIL", f"FROM:{sender.format()}{''.join(' ' + p for p in params)}")
 
+    def _requiretls_problem(self) -> str | None:
+        assert self.smtp is not None
+        context = self.options.tls_context
+        if not self.tls or context is None or context.verify_mode != ssl.CERT_REQUIRED:
+            return f"{self.hop.where}: no verified TLS session"
+        if not self.smtp.has_extn("requiretls"):
+            return f"{self.hop.where} does not offer REQUIRETLS"
+        return None
+
     def rcpt(self, recipient: Address) -> Response:
         assert self.smtp is not None
         if not recipient.is_ascii and self.smtp.command_encoding != "utf-8":
             return Response(553, "5.6.7 the next hop does not support SMTPUTF8 addresses")
+        params = ""
+        if self.smtp.has_extn("dsn"):
+            params += f" NOTIFY={','.join(recipient.notify)}" if recipient.notify else ""
+            if recipient.orcpt:
+                addr_type, _, address = recipient.orcpt.partition(";")
+                params += f" ORCPT={addr_type};{xtext(address)}"
         with self._failures("RCPT"):
-            return self._command("RCPT", f"TO:{recipient.format()}")
+            return self._command("RCPT", f"TO:{recipient.format()}{params}")
 
     def data(self, chunks: Iterable[bytes], replies: int) -> list[Response]:
         """DATA, the message, the final dot; one reply for SMTP, ``replies`` for LMTP."""

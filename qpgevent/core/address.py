@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import total_ordering
 
 __all__ = ["Address", "AddressError"]
@@ -172,6 +172,11 @@ class Address:
 
     user: str
     host: str
+    #: DSN (RFC 3461 4.1, 4.2): NOTIFY as given ("NEVER",) or ("SUCCESS", "FAILURE"...), and
+    #: ORCPT decoded ("rfc822;user@example.test"); None when the client did not say. Not part
+    #: of what the address is (equality, order, hash).
+    notify: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    orcpt: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(

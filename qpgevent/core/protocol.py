@@ -28,6 +28,7 @@ from .events import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, Chu
                      Event, Helo, Help, Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, Starttls, State, Unknown,
                      Vrfy)
 from .arguments import parse_auth, parse_auth_response, split_path as _split_path
+from . import dsn_request
 from .chunking import ChunkReader, parse_bdat
 from .reply import Canned, Reply
 from .wire import BareLineEnding, CommandFramer, DataReader, LineTooLong
@@ -445,9 +446,16 @@ class SmtpProtocol:
             elif kind is Mail and key == "SMTPUTF8":
                 if value is not None:
                     return Canned.SYNTAX
+            elif kind is Mail and key == "REQUIRETLS":
+                if value is not None:  # RFC 8689 4: a bare keyword; whether TLS is on is the engine's
+                    return Canned.SYNTAX
             elif kind is Mail and key == "AUTH":
                 if not value:  # RFC 4954 5: AUTH=<mailbox> or AUTH=<>, an xtext; kept, not trusted
                     return Canned.SYNTAX
+            elif key in (dsn_request.MAIL if kind is Mail else dsn_request.RCPT):
+                why = dsn_request.problem(key, value)  # RFC 3461 4: 501 5.5.4 for a bad one
+                if why is not None:
+                    return Canned.SYNTAX.with_text(why)
             elif key not in self._declared[kind]:
                 return Canned.UNKNOWN_PARAMETER  # RFC 5321 4.1.1.11
             else:  # a plugin's: its declared syntax, matched whole

@@ -127,6 +127,7 @@ class Canned:
     BAD_BASE64 = reply(501, "5.5.2", "Cannot decode response (base64)")
     BAD_CREDENTIALS = reply(535, "5.7.8", "Authentication credentials invalid")
     AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
+    REQUIRETLS_WITHOUT_TLS = reply(530, "5.7.10", "REQUIRETLS needs a TLS session: STARTTLS first")  # RFC 8689
     TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0", "Too many failed authentications, closing connection", close=True)
     SENDER_NOT_YOURS = reply(553, "5.7.1", "Sender address not owned by the authenticated user")
     OK = reply(250, "2.0.0", "OK")

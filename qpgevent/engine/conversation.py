@@ -303,9 +303,11 @@ class Conversation:
         """The EHLO keywords we offer (RFC 5321 4.1.1.1), plus the ones plugins add."""
         size = self.settings.max_message_size
         offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES",
-                   "CHUNKING", "BINARYMIME", "SMTPUTF8"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
+                   "CHUNKING", "BINARYMIME", "SMTPUTF8", "DSN"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
         if self.tls_offered and not self.session.connection.tls:
             offered.append("STARTTLS")
+        if self.session.connection.tls:
+            offered.append("REQUIRETLS")  # RFC 8689 4: only inside TLS
         mechanisms = self.auth.mechanisms(self)
         if mechanisms and not self.protocol.authenticated:
             offered.append("AUTH " + " ".join(mechanisms))

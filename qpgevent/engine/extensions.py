@@ -31,7 +31,8 @@ _VERB = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}$")  # as the protocol core read
 #: What the core itself answers: a plugin cannot take these over.
 CORE_VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP",
                         "STARTTLS", "AUTH", "BDAT", "EXPN"})
-CORE_PARAMETERS = {"MAIL": frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"}), "RCPT": frozenset()}
+CORE_PARAMETERS = {"MAIL": frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH", "RET", "ENVID", "REQUIRETLS"}),
+                   "RCPT": frozenset({"NOTIFY", "ORCPT"})}  # RFC 3461 DSN: core/dsn_request.py
 #: CRAM-MD5 is not among them: the server makes its challenge, so a back end that makes
 #: its own (Dovecot) must take the name over (engine/authentication.py).
 CORE_MECHANISMS = frozenset({"PLAIN", "LOGIN"})

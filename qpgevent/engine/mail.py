@@ -27,14 +27,25 @@ dict is put there only on LMTP listeners: on SMTP a recipient left undelivered u
 
 from __future__ import annotations
 
+import dataclasses
 
-from ..core import authresults
+
+from ..core import authresults, dsn_request
 from ..core.address import Address, AddressError
 from ..core.codes import OK, ReturnCode, Verdict
 from ..core.protocol import Bdat, ChunkEnd, Data, Mail, MessageData, MessageEnd, Rcpt, State
 from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply
 from .dialogue import Dialogue
 from .received import received_line
+
+
+def _with_dsn(recipient: Address, params: dict[str, str | None]) -> Address:
+    """The recipient with RCPT's NOTIFY and ORCPT (RFC 3461 4.1, 4.2), when the client gave them."""
+    notify, orcpt = params.get("NOTIFY"), params.get("ORCPT")
+    if not notify and not orcpt:
+        return recipient
+    return dataclasses.replace(recipient, notify=dsn_request.notify_of(notify) if notify else None,
+                               orcpt=dsn_request.orcpt_of(orcpt) if orcpt else None)
 
 
 _WARNED: set[str] = set()  #: plugins told already that (OK, path) at *_pre is deprecated
@@ -70,16 +81,25 @@ class MailTransaction:
             conversation.log.info("sender %s refused: not one of user %s's", sender.format(), user)
             conversation.send(Canned.SENDER_NOT_YOURS)
             return
+        if "REQUIRETLS" in command.params and not session.connection.tls:
+            conversation.send(Canned.REQUIRETLS_WITHOUT_TLS)  # RFC 8689 4: offered only over TLS
+            return
         conversation.reset_transaction()
         asked = conversation.ask("mail", sender, command.params, address=sender.format())
         if asked.outcome is Outcome.PROCEED:
-            self._begin(conversation, sender)
+            self._begin(conversation, sender, command.params)
             conversation.send(asked.reply)  # type: ignore[arg-type]
         elif asked.outcome is Outcome.ANSWERED and conversation.protocol.state is State.MAIL:
-            self._begin(conversation, sender)
+            self._begin(conversation, sender, command.params)
 
-    def _begin(self, conversation: Dialogue, sender: Address) -> None:
-        conversation.session.transaction.sender = sender
+    def _begin(self, conversation: Dialogue, sender: Address, params: dict[str, str | None]) -> None:
+        transaction = conversation.session.transaction
+        transaction.sender = sender
+        if params.get("RET"):  # checked by the protocol core (core/dsn_request.py)
+            transaction.dsn_ret = str(params["RET"]).upper()
+        transaction.requiretls = "REQUIRETLS" in params  # RFC 8689: TLS all the way on
+        if params.get("ENVID"):
+            transaction.dsn_envid = dsn_request.unxtext(str(params["ENVID"]))
         conversation.tally.transactions += 1
         conversation.counters.transaction_started()
 
@@ -101,6 +121,7 @@ class MailTransaction:
             return
         try:
             recipient = Address.parse(path, smtputf8=smtputf8, allow_null=False, allow_postmaster=True)
+            recipient = _with_dsn(recipient, command.params)
         except AddressError as error:
             conversation.send(Canned.BAD_RECIPIENT.with_text(f"could not parse recipient: {error}"))
             return

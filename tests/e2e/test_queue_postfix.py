@@ -311,3 +311,36 @@ def test_failover_to_the_next_server_of_a_route(make_server, postfix):
     assert send(server, ["alice@example.test"], message("failover"))[0] == 250
     delivered = postfix.wait_for_messages("alice@example.test", before + 1)
     assert body_of(delivered[-1]) == lf(message("failover"))
+
+
+def test_dsn_parameters_are_passed_on_to_postfix(make_server, fresh_postfix):
+    """RFC 3461: what the client asked (RET, ENVID, NOTIFY, ORCPT) reaches the next hop,
+    shown by the commands Postfix's smtpd logs for a peer in debug_peer_list."""
+    postfix = fresh_postfix(main={"debug_peer_list": "127.0.0.0/8"})
+    server = make_server(forward(postfix))
+    with client(server) as smtp:
+        code, features = smtp.ehlo()
+        assert code == 250 and smtp.has_extn("dsn")
+        assert smtp.mail("sender@client.test", ["RET=HDRS", "ENVID=QQ314+2B1"])[0] == 250
+        assert smtp.rcpt("bob@example.test", ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;b+2Bob@example.test"])[0] == 250
+        assert smtp.rcpt("alice@example.test", ["NOTIFY=NEVER"])[0] == 250
+        assert smtp.rcpt("alice@example.test", ["NOTIFY=NEVER,SUCCESS"])[0] == 501
+        assert smtp.data(message("dsn"))[0] == 250
+    postfix.wait_for_messages("bob@example.test", 1)
+    log = wait_until(lambda: "NOTIFY=NEVER" in postfix.log() and postfix.log(), 30, "postfix's debug log")
+    assert re.search(r"MAIL FROM:<sender@client\.test>.* RET=HDRS ENVID=QQ314\+2B1", log), log
+    assert "RCPT TO:<bob@example.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+2Bob@example.test" in log, log
+    assert "RCPT TO:<alice@example.test> NOTIFY=NEVER" in log
+
+
+def test_dsn_parameters_are_left_out_when_the_next_hop_does_not_offer_dsn(make_server, fresh_postfix):
+    postfix = fresh_postfix(main={"debug_peer_list": "127.0.0.0/8", "smtpd_discard_ehlo_keywords": "dsn"})
+    server = make_server(forward(postfix))
+    with client(server) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("sender@client.test", ["RET=FULL", "ENVID=none"])[0] == 250
+        assert smtp.rcpt("bob@example.test", ["NOTIFY=SUCCESS"])[0] == 250
+        assert smtp.data(message("no dsn"))[0] == 250
+    postfix.wait_for_messages("bob@example.test", 1)
+    log = wait_until(lambda: "RCPT TO:<bob@example.test>" in postfix.log() and postfix.log(), 30, "the log")
+    assert "NOTIFY=" not in log and "RET=" not in log and "ENVID=" not in log, log

@@ -62,7 +62,7 @@ def connect():
         peer = SocketPeer(server.host, server.port)
         peers.append(peer)
         assert read_reply(peer)[0].startswith("220 ")
-        assert command(peer, b"EHLO client.example.test")[-1] == "250 SMTPUTF8"
+        assert command(peer, b"EHLO client.example.test")[-1] == "250 DSN"
         return peer
 
     yield open_session

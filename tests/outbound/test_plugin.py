@@ -53,3 +53,21 @@ def test_a_queue_that_cannot_be_written_is_a_451_and_nothing_half_queued(make_se
     assert b"4.3.0" in refused.value.smtp_error
     assert list((tmp_path / "queue" / "msg").iterdir()) == []  # the message file was taken back
     assert list((tmp_path / "queue" / "tmp").iterdir()) == []
+
+
+def test_the_clients_dsn_request_is_queued_with_the_message(make_server, tmp_path):
+    """RFC 3461: RET, ENVID (decoded from xtext), NOTIFY and ORCPT reach the envelope the
+    bounces are made from."""
+    server = outbound_server(make_server, tmp_path)
+    with server.smtp() as client:
+        client.ehlo()
+        assert client.mail("sender@sender.test", ["RET=HDRS", "ENVID=id+2B7"])[0] == 250
+        assert client.rcpt("a@example.test", ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;A+2Bx@example.test"])[0] == 250
+        assert client.rcpt("b@example.test")[0] == 250
+        assert client.data(message("dsn", to="a@example.test"))[0] == 250
+    [queued_id] = Queue(str(tmp_path / "queue")).ids()
+    envelope = json.loads((tmp_path / "queue" / "env" / f"{queued_id}.json").read_text())
+    assert (envelope["ret"], envelope["envid"]) == ("HDRS", "id+7")
+    a, b = envelope["recipients"]
+    assert (a["notify"], a["orcpt"]) == ("FAILURE,DELAY", "rfc822;A+x@example.test")
+    assert (b["notify"], b["orcpt"]) == (None, None)
