@@ -75,7 +75,7 @@ class Driver:
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
                                          surroundings=surroundings(settings, peers, wait_for_input))
         self.session: Session = self.conversation.session
-        self._timers: dict[float, gevent.Timeout] | None = None  #: see _within
+        self._timers: dict[float, _Timer] | None = None  #: see _within
         if metrics.enabled():
             runner.observe(metrics.HOOK_METRICS)
         if scoreboard.active():
@@ -196,7 +196,8 @@ class Driver:
 
         One reusable timer per session and duration, on a socket without a timeout of its
         own: gevent's socket timeouts make a new timer for every wait, which costs more
-        than the wait itself (docs/benchmarks.md, "Profile").
+        than the wait itself (docs/benchmarks.md, "Profile"). Each wait gets the whole
+        period (RFC 5321 4.5.3.2), see ``_Timer``.
         """
         if self.sock.timeout is not None:  # set by the TLS handshake, or new after STARTTLS
             self.sock.settimeout(None)
@@ -205,7 +206,7 @@ class Driver:
             timers = self._timers = {}
         timer = timers.get(seconds)
         if timer is None:
-            timer = timers[seconds] = gevent.Timeout(seconds, TimeoutError)
+            timer = timers[seconds] = _Timer(seconds)
         timer.start()
         try:
             return call(*args)
@@ -289,6 +290,32 @@ class _HookActivity:
 
 
 HOOK_ACTIVITY = _HookActivity()
+
+
+class _Timer:
+    """A reusable timeout that gives every wait its whole period.
+
+    Not a ``gevent.Timeout`` started again: libev's stop keeps the time left and a new
+    start resumes it, so a timer reused across waits counted their total (a steady upload
+    cut at ``data_timeout``). A repeating loop timer re-armed with ``again`` starts from
+    the full period each time.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.timer = gevent.get_hub().loop.timer(seconds, seconds, priority=-1)
+
+    def start(self) -> None:
+        self.timer.again(self._expired, gevent.getcurrent(), update=True)
+
+    def cancel(self) -> None:
+        self.timer.stop()
+
+    def close(self) -> None:
+        self.timer.close()
+
+    def _expired(self, waiter: Any) -> None:
+        self.timer.stop()  # it repeats: once is all we want
+        waiter.throw(TimeoutError)
 
 
 def _nothing() -> int:
