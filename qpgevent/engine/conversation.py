@@ -148,10 +148,14 @@ class Conversation:
         self.log.info("TLS started: %s %s", details.get("tls_version"), details.get("tls_cipher"))
 
     def last_words(self, words: Reply) -> bytes:
-        """We must go now (server stopping, a kick, or a bug): what to say; queued replies dropped."""
+        """We must go now (server stopping, a kick, or a bug): what to say; queued replies
+        dropped, but for the 250 of a message handed off and not yet written (it was
+        delivered: a 421 alone would make a duplicate on the retry)."""
+        owed = self.mail.owed
+        said = owed if owed and owed in self.out else b""
         self.out.clear()
         self.tally.last_reply = words.code  # the summary line tells what the client was told last
-        return words.to_bytes()
+        return said + words.to_bytes()
 
     def end(self) -> None:
         """The dialogue is over: drop the transaction, tell the plugins, log the summary."""

@@ -19,8 +19,8 @@ from ..core import authresults
 from ..core.address import Address, AddressError
 from ..core.codes import OK, ReturnCode, Verdict
 from ..core.protocol import Data, Mail, MessageData, MessageEnd, Rcpt, State
-from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply
-from .dialogue import Dialogue
+from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply, reply
+from .dialogue import Asked, Dialogue
 from .received import received_line
 
 
@@ -33,6 +33,9 @@ class MailTransaction:
     def __init__(self) -> None:
         #: The reply the end of this message gets instead of queueing (data_headers_end refused).
         self.refusal: Reply | None = None
+        #: The 250 of a message handed off, as queued for the client: said before any last
+        #: words if it has not been written yet (``Conversation.last_words``).
+        self.owed = b""
 
     def on_mail(self, conversation: Dialogue, command: Mail) -> None:
         session = conversation.session
@@ -183,15 +186,43 @@ class MailTransaction:
                 return
             if hook == "data_post":  # every plugin has recorded its result: one header (RFC 8601)
                 authresults.finish(transaction, conversation.session.connection, conversation.me)
-        asked = conversation.ask("queue")
+        asked = self._queue(conversation)
         if asked.outcome is Outcome.PROCEED:
             assert asked.reply is not None
+            self.owed = asked.reply.to_bytes(enhanced_codes=True)
             conversation.tally.messages += 1
             conversation.counters.message_queued(asked.verdict.plugin)
             conversation.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
                                   len(transaction.recipients), transaction.data_size, asked.reply.text[0])
             conversation.send(asked.reply)
         conversation.runner.notify("queue_post", conversation.session)
+
+    def _queue(self, conversation: Dialogue) -> Asked:
+        """Ask ``queue``; once a plugin has handed the message off, the answer is 250.
+
+        A 4xx for a message already delivered makes a duplicate on the client's retry: a
+        plugin that calls ``transaction.handed_off`` and is then cut short (its timeout, an
+        error, a DENYSOFT) gets its 250 all the same; if the server stops the session in the
+        hook, the 250 goes out before the 421 (``owed``).
+        """
+        transaction = conversation.session.transaction
+        self.owed = b""
+        try:
+            verdict = conversation.decide("queue")
+        except BaseException:  # the server stopping, or a kick: the 421 comes after our 250
+            if transaction.handed_off_as is not None:
+                handed_off = reply(250, "2.0.0", transaction.handed_off_as)
+                self.owed = handed_off.to_bytes(enhanced_codes=True)
+                conversation.send(handed_off)
+            raise
+        if transaction.handed_off_as is not None and verdict.code is not OK:
+            conversation.log.warning("hook=queue plugin=%s said %s after handing the message off: answering 250",
+                                     verdict.plugin, verdict.code.name)
+            verdict = Verdict(OK, (transaction.handed_off_as,), verdict.plugin)
+        result = conversation.answer("queue", verdict)
+        if result.reply is not None and result.outcome is not Outcome.PROCEED:
+            conversation.send(result.reply)
+        return Asked(result.outcome, result.reply, verdict)
 
     def received(self, conversation: Dialogue) -> str | None:
         """Our Received header's value, or the one a ``received_line`` plugin gives (None: refused)."""
