@@ -105,6 +105,8 @@ class Settings:
     max_header_size: int = 102400  #: [limits] max_header_size: octets of message header
     hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
     nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
+    session_timeout: float = 3600.0  #: [limits] session_timeout: seconds a session may last in all
+    min_data_rate: float = 500.0  #: [limits] min_data_rate: octets/s that extend a request's deadline (0: off)
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -270,6 +272,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],
+        session_timeout=limits["session_timeout"],
+        min_data_rate=limits["min_data_rate"],
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import logging
 import socket
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,12 @@ class Driver:
                                          surroundings=surroundings(settings, peers, wait_for_input))
         self.session: Session = self.conversation.session
         self._timers: dict[float, _Timer] | None = None  #: see _within
+        #: [limits] session_timeout: when the session must end, however busy.
+        self._ends = time.monotonic() + settings.session_timeout
+        #: The request being read (since our last reply): when it began, octets so far
+        #: ([limits] min_data_rate, see _time_left).
+        self._request_started: float | None = None
+        self._request_octets = 0
         if metrics.enabled():
             runner.observe(metrics.HOOK_METRICS)
         if scoreboard.active():
@@ -163,6 +170,7 @@ class Driver:
             self.session.log.info("read failed: %s", error)
             raise SessionClosed from None
         metrics.received(len(data))
+        self._request_octets += len(data)
         return data
 
     def _timed_out(self, in_data: bool = False) -> None:
@@ -176,6 +184,15 @@ class Driver:
         decrypted bytes buffered has input the socket's watcher would never report.
         """
         timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        left = self._time_left(timeout)
+        if left < timeout:  # the session's or this request's deadline comes first: no parking
+            if left <= 0:
+                self.session.log.info("session or request deadline reached (session_timeout, min_data_rate)")
+                raise TimeoutError
+            if self.sock.timeout is not None:
+                self.sock.settimeout(None)
+            with gevent.Timeout(left, TimeoutError):
+                return self.sock.recv(READ_SIZE)
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
@@ -190,6 +207,22 @@ class Driver:
                 return self._within(timeout - after, sock.recv, READ_SIZE)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _time_left(self, timeout: float) -> float:
+        """Seconds this wait may take: to the session's end, and to the request's deadline.
+
+        A request (a command line, or a message's data) may take ``timeout`` plus a second
+        for each ``min_data_rate`` octets received in it (Postfix's smtpd_min_data_rate):
+        a client trickling an octet per wait cannot make one request last for ever.
+        """
+        now = time.monotonic()
+        left = self._ends - now
+        rate = self.settings.min_data_rate
+        if rate:
+            if self._request_started is None:
+                self._request_started, self._request_octets = now, 0
+            left = min(left, self._request_started + timeout + self._request_octets / rate - now)
+        return left
 
     def _within(self, seconds: float, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)`` on our socket, or TimeoutError after ``seconds``.
@@ -244,6 +277,7 @@ class Driver:
             out.clear()
             raise SessionClosed from None
         out.clear()
+        self._request_started = None  # we answered: what the client sends next is a new request
 
     def _last_words(self, words: Reply) -> None:
         """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""

@@ -33,14 +33,14 @@ def test_a_slow_steady_message_longer_than_data_timeout_gets_250(make_server):
         lines = 0
         while time.monotonic() - started < 4 * TIMEOUT:
             paced(STEP)
-            client.sock.sendall(b"line %d\r\n" % lines)
+            client.sock.sendall(b"line %d %s\r\n" % (lines, b"x" * 500))  # well above min_data_rate
             lines += 1
         code, text = client.command(".")
         assert code == 250, text
     finally:
         client.close()
     [message] = maildir_messages(server.maildir).values()
-    assert message.endswith(b"line %d\r\n" % (lines - 1))
+    assert message.endswith(b"line %d %s\r\n" % (lines - 1, b"x" * 500))
 
 
 def test_an_active_session_outlives_command_timeout_without_parking(make_server):
