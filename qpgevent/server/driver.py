@@ -108,8 +108,24 @@ class Driver:
             return self._hold(self._open)
 
     def resume(self, timed_out: bool) -> Pause | None:
-        """Go on after parking: read what woke us, or say we timed out (as ``run``)."""
+        """Go on after parking: read what woke us, or say we timed out (as ``run``).
+
+        Woken because the server is stopping, an idle session says 421 and ends at once
+        rather than hold the stop for ``shutdown_timeout``.
+        """
+        if not timed_out and self._idle_while_stopping():
+            return self._hold(self._shut_down)
         return self._hold(self._timed_out if timed_out else self._converse)
+
+    def _idle_while_stopping(self) -> bool:
+        """The server is stopping (parking stopped), and we wait for a client that has no
+        transaction under way and has sent nothing since our last reply."""
+        parking = self.parking
+        return (parking is not None and parking.after is None and self.session.current_transaction is None
+                and not getattr(self.sock, "pending", _nothing)() and not self._wait_for_input(0))
+
+    def _shut_down(self) -> None:
+        self._last_words(Canned.SHUTTING_DOWN)
 
     def _hold(self, part: Callable[[], None]) -> Pause | None:
         """Run ``part`` of the conversation; end the session unless it parked."""
@@ -202,8 +218,11 @@ class Driver:
             return self._within(after, sock.recv, READ_SIZE)
         except TimeoutError:
             if parking is None or parking.after is None:
-                # The server began to stop while we waited: it waits for this greenlet,
-                # not for parked sessions. Wait on here, to end as every session does.
+                # The server began to stop while we waited: an idle session ends now;
+                # another waits on here, to end as every session does.
+                if self._idle_while_stopping():
+                    self._shut_down()
+                    raise SessionClosed from None
                 return self._within(timeout - after, sock.recv, READ_SIZE)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
