@@ -59,7 +59,8 @@ class Conversation:
         self.protocol = SmtpProtocol(Limits(
             max_command_line=settings.max_command_line, max_text_line=settings.max_text_line,
             max_message_size=settings.max_message_size, max_recipients=settings.max_recipients,
-            max_bad_commands=settings.max_bad_commands, allow_bare_lf=settings.allow_bare_lf,
+            max_bad_commands=settings.max_bad_commands, max_junk_commands=settings.max_junk_commands,
+            allow_bare_lf=settings.allow_bare_lf,
             nul_bytes=settings.nul_bytes,
         ), mail_parameters=extensions.mail_parameters, rcpt_parameters=extensions.rcpt_parameters,
             parse=self._parse if extensions.parses else None)
