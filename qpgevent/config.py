@@ -122,6 +122,9 @@ class Settings:
     max_received: int = 100  #: [limits] max_received: Received headers before a message is a loop
     hung_worker_timeout: float = 60.0  #: [server] hung_worker_timeout: 0 = never
     nul_bytes: str = "reject"  #: [smtp] nul_bytes: reject, strip or accept NULs in message text
+    session_timeout: float = 3600.0  #: [limits] session_timeout: seconds a session may last in all
+    min_data_rate: float = 500.0  #: [limits] min_data_rate: octets/s that extend a request's deadline (0: off)
+    max_junk_commands: int = 100  #: [limits] max_junk_commands: NOOP/RSET/VRFY/HELP before they count as errors
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -319,6 +322,9 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         command_timeout=limits["command_timeout"],
         data_timeout=limits["data_timeout"],
         park_after=limits["park_after"],
+        session_timeout=limits["session_timeout"],
+        min_data_rate=limits["min_data_rate"],
+        max_junk_commands=limits["max_junk_commands"],
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],

@@ -181,6 +181,15 @@ class Transaction:
         self._line_start = 0  # in _header_buffer: the first line not yet judged
         self._searched = 0  # in _header_buffer: no CRLF starts before here
         self._body = Spool(spool_dir, size_threshold)
+        #: What a queue plugin said when it handed the message off (``handed_off``), or None.
+        self.handed_off_as: str | None = None
+
+    def handed_off(self, text: str = "Queued") -> None:
+        """For queue plugins: the message is safe now (renamed into ``new/``, a 250 from the
+        next hop), so the client hears ``250 text`` whatever happens after, even if the hook
+        is then cut short by its timeout or an error, or the server stops. Call it the moment
+        the commit is done, before anything that may still wait."""
+        self.handed_off_as = text
 
     # -- envelope ----------------------------------------------------------
     def add_recipient(self, recipient: Address) -> None:

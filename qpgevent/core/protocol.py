@@ -49,6 +49,8 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 5321 4.1.2 esmtp-keyw
 _VERB = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}$")
 #: RFC 5321 2.2.2 / 4.1.4: these errors are the client's fault and count against it.
 _SYNTAX_CODES = frozenset({500, 501, 502, 503, 504, 555})
+#: Commands that move nothing forward: a flood of them is counted as errors past a budget.
+_JUNK = (Noop, Rset, Vrfy, Help)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,9 @@ class Limits:
     max_message_size: int = 0  #: 0: no limit
     max_recipients: int = 0  #: 0: no limit
     max_bad_commands: int = 20  #: syntax and sequence errors before 421
+    #: NOOP, RSET, VRFY and HELP past this many since the last message are counted as bad
+    #: commands too (Postfix's smtpd_junk_command_limit); 0: no limit.
+    max_junk_commands: int = 100
     allow_bare_lf: bool = False
     nul_bytes: str = "reject"  #: NULs in message text: reject, strip or accept (wire.DataReader)
 
@@ -91,6 +96,7 @@ class SmtpProtocol:
         self.esmtp = False  #: the client said EHLO, so extensions are on
         self.smtputf8 = False  #: the current transaction asked for SMTPUTF8
         self.bad_commands = 0
+        self.junk_commands = 0  #: NOOP, RSET, VRFY, HELP since the last message (Limits.max_junk_commands)
         self.recipients_tried = 0
         self.recipients_accepted = 0
         self.authenticated = False  #: an AUTH exchange ended in 235 (RFC 4954 4: once only)
@@ -232,7 +238,11 @@ class SmtpProtocol:
             self.state = State.CLOSED  # the chunk's octets would be read as commands
             return out + Canned.BDAT_LOST.to_bytes()
         if isinstance(pending, Rejected) or isinstance(pending, Command):
-            if reply.code in _SYNTAX_CODES:
+            bad = reply.code in _SYNTAX_CODES
+            if isinstance(pending, _JUNK) and self.limits.max_junk_commands:
+                self.junk_commands += 1
+                bad = bad or self.junk_commands > self.limits.max_junk_commands
+            if bad:
                 self.bad_commands += 1
                 if self.limits.max_bad_commands and self.bad_commands >= self.limits.max_bad_commands:
                     self.state = State.CLOSED
@@ -247,6 +257,8 @@ class SmtpProtocol:
             self._transition(pending, reply)
         elif isinstance(pending, MessageEnd):
             self._reset_transaction()
+            if reply.code == 250:
+                self.junk_commands = 0  # a client that delivers mail is no flooder
         elif isinstance(pending, ChunkEnd):
             self.state = State.BDAT  # whatever the reply: more chunks, RSET, or a new EHLO
         return out

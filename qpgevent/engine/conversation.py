@@ -62,7 +62,8 @@ class Conversation:
         self.protocol = SmtpProtocol(Limits(
             max_command_line=settings.max_command_line, max_text_line=settings.max_text_line,
             max_message_size=settings.max_message_size, max_recipients=settings.max_recipients,
-            max_bad_commands=settings.max_bad_commands, allow_bare_lf=settings.allow_bare_lf,
+            max_bad_commands=settings.max_bad_commands, max_junk_commands=settings.max_junk_commands,
+            allow_bare_lf=settings.allow_bare_lf,
             nul_bytes=settings.nul_bytes,
         ), mail_parameters=extensions.mail_parameters, rcpt_parameters=extensions.rcpt_parameters,
             parse=self._parse if extensions.parses else None, lmtp=self.listen.lmtp)
@@ -180,10 +181,14 @@ class Conversation:
         self.send(self._banner())
 
     def last_words(self, words: Reply) -> bytes:
-        """We must go now (server stopping, a kick, or a bug): what to say; queued replies dropped."""
+        """We must go now (server stopping, a kick, or a bug): what to say; queued replies
+        dropped, but for the 250 of a message handed off and not yet written (it was
+        delivered: a 421 alone would make a duplicate on the retry)."""
+        owed = self.mail.owed
+        said = owed if owed and owed in self.out else b""
         self.out.clear()
         self.tally.last_reply = words.code  # the summary line tells what the client was told last
-        out = words.to_bytes()
+        out = said + words.to_bytes()
         if self.trace is not None:
             self.trace.server(out)
         return out

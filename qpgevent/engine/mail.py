@@ -34,8 +34,8 @@ from ..core import authresults, dsn_request
 from ..core.address import Address, AddressError
 from ..core.codes import OK, ReturnCode, Verdict
 from ..core.protocol import Bdat, ChunkEnd, Data, Mail, MessageData, MessageEnd, Rcpt, State
-from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply
-from .dialogue import Dialogue
+from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply, reply
+from .dialogue import Asked, Dialogue
 from .received import received_line
 
 
@@ -57,6 +57,9 @@ class MailTransaction:
     def __init__(self) -> None:
         #: The reply the end of this message gets instead of queueing (data_headers_end refused).
         self.refusal: Reply | None = None
+        #: The 250 of a message handed off, as queued for the client: said before any last
+        #: words if it has not been written yet (``Conversation.last_words``).
+        self.owed = b""
 
     def on_mail(self, conversation: Dialogue, command: Mail) -> None:
         session = conversation.session
@@ -244,9 +247,10 @@ class MailTransaction:
                 authresults.finish(transaction, conversation.session.connection, conversation.me)
         if conversation.listen.lmtp:  # only where each recipient hears its own result
             transaction.notes["recipient_results"] = {}
-        asked = conversation.ask("queue")
+        asked = self._queue(conversation)
         if asked.outcome is Outcome.PROCEED:
             assert asked.reply is not None
+            self.owed = asked.reply.to_bytes(enhanced_codes=True)
             conversation.tally.messages += 1
             conversation.counters.message_queued(asked.verdict.plugin)
             conversation.log.info("queued: from=%s rcpts=%d size=%d: %s", transaction.sender,
@@ -271,6 +275,33 @@ class MailTransaction:
             verdict = Verdict(ReturnCode(code), (message,) if message else (), plugin)
             conversation.log.info("recipient %s: %s %s", recipient.address, ReturnCode(code).name, message)
             conversation.send(conversation.answer("queue", verdict).reply or INTERNAL_ERROR)
+
+    def _queue(self, conversation: Dialogue) -> Asked:
+        """Ask ``queue``; once a plugin has handed the message off, the answer is 250.
+
+        A 4xx for a message already delivered makes a duplicate on the client's retry: a
+        plugin that calls ``transaction.handed_off`` and is then cut short (its timeout, an
+        error, a DENYSOFT) gets its 250 all the same; if the server stops the session in the
+        hook, the 250 goes out before the 421 (``owed``).
+        """
+        transaction = conversation.session.transaction
+        self.owed = b""
+        try:
+            verdict = conversation.decide("queue")
+        except BaseException:  # the server stopping, or a kick: the 421 comes after our 250
+            if transaction.handed_off_as is not None:
+                handed_off = reply(250, "2.0.0", transaction.handed_off_as)
+                self.owed = handed_off.to_bytes(enhanced_codes=True)
+                conversation.send(handed_off)
+            raise
+        if transaction.handed_off_as is not None and verdict.code is not OK:
+            conversation.log.warning("hook=queue plugin=%s said %s after handing the message off: answering 250",
+                                     verdict.plugin, verdict.code.name)
+            verdict = Verdict(OK, (transaction.handed_off_as,), verdict.plugin)
+        result = conversation.answer("queue", verdict)
+        if result.reply is not None and result.outcome is not Outcome.PROCEED:
+            conversation.send(result.reply)
+        return Asked(result.outcome, result.reply, verdict)
 
     def received(self, conversation: Dialogue) -> str | None:
         """Our Received header's value, or the one a ``received_line`` plugin gives (None: refused)."""

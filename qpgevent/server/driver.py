@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import logging
 import socket
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +76,13 @@ class Driver:
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
                                          surroundings=surroundings(settings, peers, wait_for_input))
         self.session: Session = self.conversation.session
-        self._timers: dict[float, gevent.Timeout] | None = None  #: see _within
+        self._timers: dict[float, _Timer] | None = None  #: see _within
+        #: [limits] session_timeout: when the session must end, however busy.
+        self._ends = time.monotonic() + settings.session_timeout
+        #: The request being read (since our last reply): when it began, octets so far
+        #: ([limits] min_data_rate, see _time_left).
+        self._request_started: float | None = None
+        self._request_octets = 0
         if metrics.enabled():
             runner.observe(metrics.HOOK_METRICS)
         if scoreboard.active():
@@ -101,8 +108,24 @@ class Driver:
             return self._hold(self._open)
 
     def resume(self, timed_out: bool) -> Pause | None:
-        """Go on after parking: read what woke us, or say we timed out (as ``run``)."""
+        """Go on after parking: read what woke us, or say we timed out (as ``run``).
+
+        Woken because the server is stopping, an idle session says 421 and ends at once
+        rather than hold the stop for ``shutdown_timeout``.
+        """
+        if not timed_out and self._idle_while_stopping():
+            return self._hold(self._shut_down)
         return self._hold(self._timed_out if timed_out else self._converse)
+
+    def _idle_while_stopping(self) -> bool:
+        """The server is stopping (parking stopped), and we wait for a client that has no
+        transaction under way and has sent nothing since our last reply."""
+        parking = self.parking
+        return (parking is not None and parking.after is None and self.session.current_transaction is None
+                and not getattr(self.sock, "pending", _nothing)() and not self._wait_for_input(0))
+
+    def _shut_down(self) -> None:
+        self._last_words(Canned.SHUTTING_DOWN)
 
     def _hold(self, part: Callable[[], None]) -> Pause | None:
         """Run ``part`` of the conversation; end the session unless it parked."""
@@ -163,6 +186,7 @@ class Driver:
             self.session.log.info("read failed: %s", error)
             raise SessionClosed from None
         metrics.received(len(data))
+        self._request_octets += len(data)
         return data
 
     def _timed_out(self, in_data: bool = False) -> None:
@@ -176,6 +200,15 @@ class Driver:
         decrypted bytes buffered has input the socket's watcher would never report.
         """
         timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        left = self._time_left(timeout)
+        if left < timeout:  # the session's or this request's deadline comes first: no parking
+            if left <= 0:
+                self.session.log.info("session or request deadline reached (session_timeout, min_data_rate)")
+                raise TimeoutError
+            if self.sock.timeout is not None:
+                self.sock.settimeout(None)
+            with gevent.Timeout(left, TimeoutError):
+                return self.sock.recv(READ_SIZE)
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
@@ -185,18 +218,38 @@ class Driver:
             return self._within(after, sock.recv, READ_SIZE)
         except TimeoutError:
             if parking is None or parking.after is None:
-                # The server began to stop while we waited: it waits for this greenlet,
-                # not for parked sessions. Wait on here, to end as every session does.
+                # The server began to stop while we waited: an idle session ends now;
+                # another waits on here, to end as every session does.
+                if self._idle_while_stopping():
+                    self._shut_down()
+                    raise SessionClosed from None
                 return self._within(timeout - after, sock.recv, READ_SIZE)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _time_left(self, timeout: float) -> float:
+        """Seconds this wait may take: to the session's end, and to the request's deadline.
+
+        A request (a command line, or a message's data) may take ``timeout`` plus a second
+        for each ``min_data_rate`` octets received in it (Postfix's smtpd_min_data_rate):
+        a client trickling an octet per wait cannot make one request last for ever.
+        """
+        now = time.monotonic()
+        left = self._ends - now
+        rate = self.settings.min_data_rate
+        if rate:
+            if self._request_started is None:
+                self._request_started, self._request_octets = now, 0
+            left = min(left, self._request_started + timeout + self._request_octets / rate - now)
+        return left
 
     def _within(self, seconds: float, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)`` on our socket, or TimeoutError after ``seconds``.
 
         One reusable timer per session and duration, on a socket without a timeout of its
         own: gevent's socket timeouts make a new timer for every wait, which costs more
-        than the wait itself (docs/benchmarks.md, "Profile").
+        than the wait itself (docs/benchmarks.md, "Profile"). Each wait gets the whole
+        period (RFC 5321 4.5.3.2), see ``_Timer``.
         """
         if self.sock.timeout is not None:  # set by the TLS handshake, or new after STARTTLS
             self.sock.settimeout(None)
@@ -205,7 +258,7 @@ class Driver:
             timers = self._timers = {}
         timer = timers.get(seconds)
         if timer is None:
-            timer = timers[seconds] = gevent.Timeout(seconds, TimeoutError)
+            timer = timers[seconds] = _Timer(seconds)
         timer.start()
         try:
             return call(*args)
@@ -245,6 +298,7 @@ class Driver:
             out.clear()
             raise SessionClosed from None
         out.clear()
+        self._request_started = None  # we answered: what the client sends next is a new request
 
     def _last_words(self, words: Reply) -> None:
         """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""
@@ -291,6 +345,32 @@ class _HookActivity:
 
 
 HOOK_ACTIVITY = _HookActivity()
+
+
+class _Timer:
+    """A reusable timeout that gives every wait its whole period.
+
+    Not a ``gevent.Timeout`` started again: libev's stop keeps the time left and a new
+    start resumes it, so a timer reused across waits counted their total (a steady upload
+    cut at ``data_timeout``). A repeating loop timer re-armed with ``again`` starts from
+    the full period each time.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.timer = gevent.get_hub().loop.timer(seconds, seconds, priority=-1)
+
+    def start(self) -> None:
+        self.timer.again(self._expired, gevent.getcurrent(), update=True)
+
+    def cancel(self) -> None:
+        self.timer.stop()
+
+    def close(self) -> None:
+        self.timer.close()
+
+    def _expired(self, waiter: Any) -> None:
+        self.timer.stop()  # it repeats: once is all we want
+        waiter.throw(TimeoutError)
 
 
 def _nothing() -> int:

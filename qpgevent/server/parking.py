@@ -14,7 +14,8 @@ socket, its objects and two watchers.
 session runs (``resume``); the driver decides when to park (``Driver._recv``), and
 reads ``after`` for that each time, so ``stop_parking`` takes effect at once: a server
 that stops wakes every parked session and lets none park again, so that each one ends
-the usual way, within ``shutdown_timeout`` or with 421.
+the usual way, within ``shutdown_timeout`` or with 421 (an idle one, with no transaction
+under way, says 421 at once: ``Driver.resume``).
 """
 
 from __future__ import annotations

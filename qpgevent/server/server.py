@@ -386,7 +386,7 @@ class SmtpServer:
         """Stop accepting; let sessions finish for ``timeout`` seconds; close the rest with 421."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         self.stop_accepting()
-        self.parking.stop_parking()  # parked sessions wait in greenlets again, to end as all do
+        self.parking.stop_parking()  # parked sessions wake: idle ones say 421, the rest wait in greenlets
         # Every greenlet of the pool, not only self.sessions: a connection accepted just
         # before the close may not have started its greenlet yet, and is in flight too.
         in_flight = list(self._pool) + list(self.parking.resumed)

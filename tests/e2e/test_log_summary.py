@@ -135,6 +135,9 @@ def test_ipv6_through_a_proxy_is_written_in_brackets(make_server, caplog):
         bad, bad_port = proxied(server, b"PROXY NONSENSE\r\n")
         with bad:
             assert bad.recv(4096).startswith(b"421 ")
+        # The refusal is logged by the server's greenlet, maybe after our read: wait for it.
+        wait_until(lambda: any("bad PROXY header" in record.getMessage() for record in caplog.records), 20,
+                   "the bad header's log line")
     messages = [record.getMessage() for record in caplog.records]
     assert (f"connect from [2001:db8::5]:41258 to [2001:db8::25]:25 via proxy [::1]:{proxy_port}"
             in messages), messages

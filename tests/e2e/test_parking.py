@@ -113,18 +113,21 @@ def test_a_client_that_leaves_while_parked_ends_its_session(parking_server):
 
 
 def test_stopping_wakes_parked_sessions_to_end_as_usual(parking_server):
+    """An idle one says 421 at once (issue 21 item 8); one in a transaction may finish."""
     server = parking_server()
-    leaving, staying = RawClient(server), RawClient(server)
-    assert leaving.reply()[0] == 220 and staying.reply()[0] == 220
+    leaving, idle = RawClient(server), RawClient(server)
+    assert leaving.reply()[0] == 220 and idle.reply()[0] == 220
+    assert leaving.command("EHLO client.test")[0] == 250
+    assert leaving.command("MAIL FROM:<a@client.test>")[0] == 250
     parked(server, 2)
-    stopper = gevent.spawn(server.stop, 3.0)
+    stopper = gevent.spawn(server.stop, 30.0)
     # While the server waits for them, the parked sessions are served again, and do not park.
     wait_until(lambda: len(server.server.parking) == 0, 5, "the stop to wake the parked sessions")
+    assert idle.reply() == (421, "4.3.2 Service shutting down, try again later")
     assert leaving.command("QUIT")[0] == 221
-    assert staying.reply() == (421, "4.3.2 Service shutting down, try again later")
-    stopper.get(timeout=10)
+    stopper.get(timeout=10)  # well before the 30 s: nobody held the stop
     leaving.close()
-    staying.close()
+    idle.close()
 
 
 def test_a_session_about_to_park_when_the_stop_begins_waits_on_in_its_greenlet(parking_server):
@@ -132,12 +135,25 @@ def test_a_session_about_to_park_when_the_stop_begins_waits_on_in_its_greenlet(p
     client = RawClient(server)
     assert client.reply()[0] == 220
     assert client.command("EHLO client.test")[0] == 250
+    assert client.command("MAIL FROM:<a@client.test>")[0] == 250  # in a transaction: not idle
     stopper = gevent.spawn(server.stop, 1.0)  # before the session has been silent 0.3 s
     started = time.monotonic()
     assert client.reply() == (421, "4.3.2 Service shutting down, try again later")
     assert time.monotonic() - started >= 0.9  # it was waited for, then told: never parked away
     assert len(server.server.parking) == 0
     stopper.get(timeout=10)
+    client.close()
+
+
+def test_an_idle_session_about_to_park_when_the_stop_begins_ends_at_once(parking_server):
+    server = parking_server(park_after=0.3)
+    client = RawClient(server)
+    assert client.reply()[0] == 220
+    assert client.command("EHLO client.test")[0] == 250
+    stopper = gevent.spawn(server.stop, 30.0)
+    assert client.reply() == (421, "4.3.2 Service shutting down, try again later")
+    assert len(server.server.parking) == 0
+    stopper.get(timeout=10)  # well before the 30 s
     client.close()
 
 
