@@ -83,9 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     queue = commands.add_parser("queue", add_help=False,
                                 help="the outbound queue (queue/outbound): 'queue list|show|flush|hold|"
                                 "release|delete|bounce', see 'qpgevent queue --help'")
-    queue.add_argument("words", nargs=argparse.REMAINDER)  # main() hands these to queue_tools
+    queue.add_argument("words", nargs=argparse.REMAINDER)
+    queue.set_defaults(handler=_queue_after_options)
     steer_cli.add_commands(commands)
     return parser
+
+
+def _queue_after_options(args: argparse.Namespace) -> int:
+    """``qpgevent -c INI queue ...``: the command after the server's options (main() takes
+    ``qpgevent queue ...`` itself, so that --help reaches the queue's own parser); the ini
+    named before it is the one the queue tools read."""
+    from .queue_tools import main as queue_main
+    words = list(args.words)
+    if not {"-c", "--config"} & set(words):
+        words = ["-c", args.config, *words]
+    return queue_main(words)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

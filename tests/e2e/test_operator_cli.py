@@ -186,3 +186,14 @@ def test_a_busy_port_with_a_good_config_cannot_start_exit_1(tmp_path, busy_port)
     result = qpgevent("-c", str(ini(tmp_path, HEAD.replace("127.0.0.1:0", f"127.0.0.1:{busy_port}") + ACCEPT)))
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith("qpgevent: cannot listen: "), result.stderr
+
+
+def test_the_queue_command_after_the_server_options_reads_that_ini(tmp_path):
+    # "qpgevent -c INI queue list" reached argparse's queue entry, which had no handler: a
+    # traceback. Now the queue tools get the ini named before the command.
+    config = ini(tmp_path, "[plugins]\n  [[rcpt_ok]]\n")
+    for words in (("-c", str(config), "queue", "list"), ("queue", "-c", str(config), "list")):
+        done = qpgevent(*words)
+        assert done.returncode == 2, done
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith(f"qpgevent queue: {config}: no [[queue/outbound]] in [plugins]"), done.stderr
