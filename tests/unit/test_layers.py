@@ -19,6 +19,7 @@ Plugins import only the plugin API. Every module starts with a docstring saying 
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def package_modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
@@ -128,11 +130,13 @@ def top_level(names: set[str]) -> set[str]:
     return {name.split(".")[0] for name in names if not name.startswith("qpgevent")}
 
 
+@functools.cache
 def source_of(module: str) -> str:
     return package_modules()[module].read_text(encoding="utf-8")
 
 
-def edges(module: str) -> set[str]:
+@functools.cache
+def edges(module: str) -> frozenset[str]:
     """The qpgevent modules ``module`` imports (aliases resolved to the module they stand for)."""
     out = set()
     for name in internal(imports(source_of(module), module)):
@@ -140,7 +144,7 @@ def edges(module: str) -> set[str]:
             out.update(n for n in internal(imports(source_of(name), name)) if n != "__init__" and n not in SUBPACKAGES)
         elif name != module:
             out.add(name)
-    return out
+    return frozenset(out)
 
 
 # --- the import parser sees what it must -------------------------------------------
