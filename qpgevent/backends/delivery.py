@@ -33,15 +33,14 @@ after our final dot and before the reply (RFC 1047).
 whose attempt still leaves recipients pending fails them ("4.4.7 expired").
 
 *Notices.* With ``delay_warning`` set, a message still pending that long gets one
-"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients are reported to the sender in one RFC 3464 report per
-attempt, queued in this same queue (with the null sender) before the recipients are
-marked notified. NOTIFY=NEVER gets none; a message with the null sender (someone's
-bounce) gets a notice sent to ``postmaster`` instead (a double bounce), and a failing
-double bounce is only logged. A recipient that asked NOTIFY=SUCCESS and was accepted by
-a hop that does not offer DSN is reported "relayed" (RFC 3461 5.2.2.3), all of one
-attempt in one report, once (``Recipient.relayed``, saved with its delivery); a hop that
-offers DSN gets the request instead (RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT) and
-no report is due from us. Reports other than failures carry only the message's header.
+"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients
+are reported to the sender in one RFC 3464 report per attempt, queued in this same queue
+(with the null sender) before the recipients are marked notified. NOTIFY=NEVER gets none;
+a message with the null sender (someone's bounce) gets a notice sent to ``postmaster``
+instead (a double bounce), and a failing double bounce is only logged. A hop that offers
+DSN gets the request (RET, ENVID, NOTIFY, ORCPT); a hop that does not and accepts a
+NOTIFY=SUCCESS recipient makes it ``relayed`` (saved with its delivery): one "relayed"
+report per attempt (RFC 3461 5.2.2.3). Reports other than failures carry only the header.
 
 *REQUIRETLS* (RFC 8689 4.2.1). A flagged message goes only over TLS whose certificate was
 verified (PKIX for the MX name, ``verify``; or a DANE-EE match for a DANE domain) to a
