@@ -10,6 +10,7 @@ import ssl
 from email.message import Message
 
 from outbound_helpers import message, queued, with_subject
+from qpgevent.outqueue import Queue
 from qpgevent.testing.outbound_lab import LabPostfix, lab_smtp
 from qpgevent.testing import wait_until
 
@@ -132,6 +133,9 @@ def test_requiretls_delivers_only_over_verified_tls_to_a_hop_offering_it(interne
         "e@implicit.test": [],  # mx2 (Postfix): its certificate names another host: fails
         "x@good.dane.test": [],  # mx1 by DANE: the certificate matches its TLSA record; no REQUIRETLS: fails
         "y@bad.dane.test": [],  # mx1 under a TLSA record it does not match: fails
+        # MX 10 mx3 cannot be reached (it might have had good TLS), MX 20 mx2 has a bad
+        # certificate: not delivered, and only deferred.
+        "c@fallback.test": [],
     }, message("secret", sender="sender@late.test", to="late@late.test"), tls=True)
 
     def arrived():
@@ -156,10 +160,16 @@ def test_requiretls_delivers_only_over_verified_tls_to_a_hop_offering_it(interne
     assert "does not offer REQUIRETLS" in blocks["rfc822; x@good.dane.test"]["Diagnostic-Code"]
     assert "does not match its TLSA records" in blocks["rfc822; y@bad.dane.test"]["Diagnostic-Code"]
     assert notice.get_payload()[2].get_content_type() == "text/rfc822-headers"  # not the secret body
-    wait_until(lambda: not queued(tmp_path / "queue"), 30, "the queue empty")
-    # Neither Postfix got the message, in clear or otherwise.
+    # The notice has left the queue; the message stays, for c@fallback.test alone.
+    queue = Queue(str(tmp_path / "queue"))
+    wait_until(lambda: len(queue.ids()) == 1, 30, "only the message left in the queue")
+    [pending] = queue.load(queue.ids()[0]).pending()
+    assert pending.address == "c@fallback.test" and pending.reply.startswith("4.4.1 ")
+    assert "CERTIFICATE_VERIFY_FAILED" in pending.reply
+    # No Postfix got the message, in clear or otherwise.
     for address in ("a@pref.test", "x@good.dane.test", "y@bad.dane.test"):
         assert not any(b"Subject: secret" in m for m in internet.mx1.messages(address))
-    assert not any(b"Subject: secret" in m for m in internet.mx2.messages("e@implicit.test"))
+    for address in ("e@implicit.test", "c@fallback.test"):
+        assert not any(b"Subject: secret" in m for m in internet.mx2.messages(address))
     assert "MAIL FROM:<sender@late.test>" not in internet.mx1.log()
     assert "5.7.10" in server.log()
