@@ -286,3 +286,19 @@ def test_the_notice_about_a_requiretls_message_goes_with_requiretls_and_without_
     assert queue.load(notice_id).requiretls
     raw = b"".join(queue.message_chunks(notice_id))
     assert b"Subject: hello" in raw and b"the body" not in raw
+
+
+def test_a_relayed_report_still_due_after_a_crash_is_sent_by_the_next_runner(tmp_path):
+    """The relayed mark is saved with the delivery; if the runner died before queueing the
+    report, the next attempt (no recipient pending) queues it and only then forgets the message."""
+    queue = Queue(str(tmp_path), fsync=False)
+    envelope = queue.enqueue("s@a.test", [Recipient("r@b.test", notify="SUCCESS")], [ORIGINAL], envid="E-9")
+    envelope.recipients[0].state, envelope.recipients[0].relayed = State.DELIVERED, True
+    envelope.recipients[0].reply = "250 2.0.0 Ok"
+    queue.save(envelope)  # what was on disk when the runner died
+    _inline_runner(queue).attempt(envelope.id)
+    [notice_id] = queue.ids()
+    assert notice_id != envelope.id
+    report = email.message_from_bytes(b"".join(queue.message_chunks(notice_id)))
+    per_message, block = report.get_payload()[1].get_payload()
+    assert per_message["Original-Envelope-Id"] == "E-9" and block["Action"] == "relayed"
