@@ -33,16 +33,26 @@ after our final dot and before the reply (RFC 1047).
 whose attempt still leaves recipients pending fails them ("4.4.7 expired").
 
 *Notices.* With ``delay_warning`` set, a message still pending that long gets one
-"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients are reported to the sender in one RFC 3464 report per
-attempt, queued in this same queue (with the null sender) before the recipients are
-marked notified. NOTIFY=NEVER gets none; a message with the null sender (someone's
-bounce) gets a notice sent to ``postmaster`` instead (a double bounce), and a failing
-double bounce is only logged.
+"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients
+are reported to the sender in one RFC 3464 report per attempt, queued in this same queue
+(with the null sender) before the recipients are marked notified. NOTIFY=NEVER gets none;
+a message with the null sender (someone's bounce) gets a notice sent to ``postmaster``
+instead (a double bounce), and a failing double bounce is only logged. A hop that offers
+DSN gets the request (RET, ENVID, NOTIFY, ORCPT); a hop that does not and accepts a
+NOTIFY=SUCCESS recipient makes it ``relayed`` (saved with its delivery): one "relayed"
+report per attempt (RFC 3461 5.2.2.3). Reports other than failures carry only the header.
+
+*REQUIRETLS* (RFC 8689 4.2.1). A flagged message goes only over TLS whose certificate was
+verified (PKIX for the MX name, ``verify``; or a DANE-EE match for a DANE domain) to a
+server that offers REQUIRETLS, with REQUIRETLS on MAIL. A server without REQUIRETLS, or
+servers that all answered without such TLS, fail its recipients (5.7.10); its notice is
+itself sent with REQUIRETLS.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
@@ -62,7 +72,7 @@ from .outqueue import Envelope, Queue, QueueError, Recipient, State
 from ..core.schedule import Schedule
 from .relay_pool import Pool
 from .relay_routes import Route, route_for
-from .smtp_downstream import ClientOptions, DownstreamError, Response
+from .smtp_downstream import ClientOptions, DownstreamError, Response, TlsFailure
 from .tls_policy import TlsPolicies, TlsPolicyError
 
 log = logging.getLogger("qpgevent.delivery")
@@ -70,6 +80,7 @@ log = logging.getLogger("qpgevent.delivery")
 __all__ = ["Options", "Runner", "backoff"]
 
 BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
+REQUIRETLS_DANE = "requiretls-dane"  #: the pool of REQUIRETLS messages to DANE domains
 COMMANDS = ("flush", "hold", "release", "delete", "bounce")
 SCANS_PER_SECOND = 10  #: how often at most a burst of kicks makes the runner list the folder
 
@@ -115,8 +126,12 @@ class Runner:
         # Connections wait for a free slot of their destination as long as a delivery may take.
         wait = client.connect_timeout + 8 * client.command_timeout + client.data_timeout
         #: One pool per TLS level: a connection made under one policy never serves another.
+        variants = dict(self.tls.variants)
+        # REQUIRETLS over DANE: the certificate must match a DANE-EE record (not TLS alone).
+        variants[REQUIRETLS_DANE] = dataclasses.replace(
+            variants["dane"], tls_check=self.tls.dane_verified_check, tls_check_verifies=True)
         self.pools = {level: Pool(variant, options.destination_concurrency, wait, options.idle_timeout)
-                      for level, variant in self.tls.variants.items()}
+                      for level, variant in variants.items()}
         self.deliveries = GreenletPool(options.max_deliveries)
         self.schedule = Schedule()  #: id -> next attempt (None: held)
         self.active: set[str] = set()
@@ -308,6 +323,8 @@ class Runner:
         try:
             route = mxroute.destination(domain, routes, self.options.port, self.options.families)
             route, level = self.tls.prepare(domain, route, static=route_for(routes, domain) is not None)
+            if envelope.requiretls:  # RFC 8689 4.2.1: a certificate verified by DANE, else by PKIX
+                level = REQUIRETLS_DANE if level == "dane" else "verify"
         except mxroute.RoutingError as error:
             state = State.FAILED if error.permanent else State.PENDING
             for recipient in recipients:
@@ -328,7 +345,10 @@ class Runner:
         where = route.where
         try:
             sender = Address.parse(f"<{envelope.sender}>", smtputf8=True)
-            rcpts = [Address.parse(f"<{r.address}>", smtputf8=True, allow_postmaster=True) for r in recipients]
+            rcpts = [dataclasses.replace(Address.parse(f"<{r.address}>", smtputf8=True, allow_postmaster=True),
+                                         notify=tuple(r.notify.upper().split(",")) if r.notify else None,
+                                         orcpt=r.orcpt)
+                     for r in recipients]
         except AddressError as error:
             for recipient in recipients:
                 self._decide(recipient, State.FAILED, f"5.1.3 bad address: {error}", "")
@@ -338,7 +358,8 @@ class Runner:
             with pool.connection(route, key=route.domain) as downstream:
                 downstream.prepare(None)
                 where = downstream.hop.host
-                response = downstream.mail(sender, envelope.size, rcpts)
+                response = downstream.mail(sender, envelope.size, rcpts, (envelope.ret, envelope.envid),
+                                           envelope.requiretls)
                 if not response.ok:
                     downstream.reset()
                     for recipient in recipients:
@@ -354,12 +375,18 @@ class Runner:
                     downstream.reset()
                     return
                 response = downstream.data(self.queue.message_chunks(envelope.id), 1)[0]
+                # RFC 3461 5.2.2.3: a hop without DSN cannot pass NOTIFY=SUCCESS on: we report.
+                relayed = response.ok and not downstream.offers_dsn and bool(envelope.sender)
                 for recipient in accepted:
                     self._answered(recipient, response, where)
+                    recipient.relayed = relayed and "SUCCESS" in (recipient.notify or "").upper()
         except DownstreamError as error:
+            # RFC 8689 4.2.1: no verified TLS at any server: a REQUIRETLS message fails.
+            fails = envelope.requiretls and isinstance(error, TlsFailure)
+            state, reply = (State.FAILED, f"5.7.10 REQUIRETLS: {error}") if fails else (State.PENDING, f"4.4.1 {error}")
             for recipient in recipients:
                 if recipient.state is State.PENDING:
-                    self._decide(recipient, State.PENDING, f"4.4.1 {error}", "")
+                    self._decide(recipient, state, reply, "")
             log.warning("%s: %s", envelope.id, error)
 
     def _answered(self, recipient: Recipient, response: Response, where: str) -> None:
@@ -376,12 +403,13 @@ class Runner:
     # -- failure notices -----------------------------------------------------------------------------
     def _notify(self, envelope: Envelope) -> None:
         failures = envelope.unnotified_failures()
-        if not failures:
-            return
         wanted = [r for r in failures if r.notify is None or "FAILURE" in r.notify.upper()]
         if wanted:
             self._queue_notice(envelope, wanted)
-        for recipient in failures:
+        relays = envelope.unnotified_relays()  # asked only when the sender is not null
+        if relays:  # every one of this attempt in one report (RFC 3464 Action: relayed)
+            self._queue_notice(envelope, relays, action="relayed")
+        for recipient in failures + relays:
             recipient.notified = True
 
     def _warn_of_delay(self, envelope: Envelope) -> None:
@@ -407,12 +435,17 @@ class Runner:
         else:
             to, kind = self.options.postmaster or f"postmaster@{self.options.me}", DOUBLE_BOUNCE
         original = b"".join(self.queue.message_chunks(envelope.id))
+        # RET asks for the message in failure reports only (RFC 3461 4.3); a REQUIRETLS
+        # message's notice goes with REQUIRETLS too, and holds no more of it than the header.
+        ret = envelope.ret if action == "failed" and not envelope.requiretls else "HDRS"
         report = dsn.bounce(self.options.me, to, [
             dsn.Failure(r.address, r.reply, r.remote_mta, r.orcpt, action, r.updated) for r in failures],
-            original, arrival=envelope.arrived, envid=envelope.envid, ret=envelope.ret,
+            original, arrival=envelope.arrived, envid=envelope.envid, ret=ret,
             received_from=envelope.received_from)
-        notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind)
+        notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind,
+                               requiretls=envelope.requiretls)
         if action == "failed":
             queue_metrics.delivery("bounced")
         self.schedule.set(notice.id, 0.0)
-        log.info("%s: %s %s to <%s> for %d recipient(s)", envelope.id, kind, notice.id, to, len(failures))
+        log.info("%s: %s %s (%s) to <%s> for %d recipient(s)", envelope.id, kind, notice.id, action, to,
+                 len(failures))

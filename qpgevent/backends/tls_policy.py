@@ -20,7 +20,10 @@ Owns the decision the queue runner makes before it connects to a domain's server
   policy, else delivers as if there were none (RFC 8461 5.1).
 - Static routes (a smarthost) take only the configured level.
 
-Not done: DANE-TA (usage 2) checks, TLS-RPT reports, REQUIRETLS.
+REQUIRETLS messages (RFC 8689) take ``verify``, or ``dane`` through
+``dane_verified_check`` (the runner's choice, in ``delivery``).
+
+Not done: DANE-TA (usage 2) checks, TLS-RPT reports.
 """
 
 from __future__ import annotations
@@ -211,6 +214,13 @@ class TlsPolicies:
         if certificate is None or not dane_matches(certificate, records):
             return f"4.7.5 certificate of {hop.name} does not match its TLSA records (DANE)"
         return None
+
+    def dane_verified_check(self, hop: Hop, sock: ssl.SSLSocket) -> str | None:
+        """``_dane_check`` for REQUIRETLS (RFC 8689 4.2.1): the certificate must match a
+        DANE-EE record; a host without one gets no pass for TLS alone."""
+        if not any(usage == 3 for usage, *_ in self._tlsa(hop)):
+            return f"5.7.10 {hop.name} has no DANE-EE record to verify its certificate against"
+        return self._dane_check(hop, sock)
 
     # MTA-STS ----------------------------------------------------------------------------
     def _sts_policy(self, domain: str) -> StsPolicy | None:

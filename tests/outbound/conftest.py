@@ -3,8 +3,8 @@
 The internet (module-wide, ~2 s to build): hosts ``client`` (198.18.0.2), ``mta``
 (198.18.0.10, where qpgevent runs), ``dns`` (NSD, 198.18.0.53), ``mx1``..``mx4``
 (198.18.0.21-24), ``web`` (198.18.0.80: MTA-STS policies over HTTPS). Postfix listens on
-``mx1`` and ``mx2`` (IPv4 and IPv6), both with STARTTLS: mx1's certificate is valid for
-mx1.lab.test, mx2's names another host; ``mx3`` has nothing on port 25 (connections
+``mx1`` and ``mx2`` (IPv4 and IPv6), both with STARTTLS and DSN: mx1's certificate is valid
+for mx1.lab.test, mx2's names another host, and mx1 logs the commands qpgevent sends it; ``mx3`` has nothing on port 25 (connections
 refused); ``mx4`` is for Postfix instances a test starts itself (one that comes back, a
 slow one). The DNS is a validating unbound in front of NSD; ``dane.test`` is signed.
 """
@@ -60,8 +60,14 @@ def dane_zone(spki_sha256: str) -> dict:
 
 
 class Internet:
-    def __init__(self, lab: NetLab, dns: LabDns, mx1: LabPostfix, mx2: LabPostfix, ca_file: Path) -> None:
-        self.lab, self.dns, self.mx1, self.mx2, self.ca_file = lab, dns, mx1, mx2, ca_file
+    def __init__(self, lab: NetLab, dns: LabDns, mx1: LabPostfix, mx2: LabPostfix, ca: trustme.CA,
+                 folder: Path) -> None:
+        self.lab, self.dns, self.mx1, self.mx2, self.ca, self.folder = lab, dns, mx1, mx2, ca, folder
+        self.ca_file = folder / "ca.pem"
+
+    def certificate(self, name: str) -> tuple[Path, Path]:
+        """(chain, key) for ``name`` from the lab's CA."""
+        return _certificate(self.ca, self.folder, name)[:2]
 
 
 def _certificate(ca: trustme.CA, folder: Path, *names: str) -> tuple[Path, Path, bytes]:
@@ -95,7 +101,8 @@ def internet(tmp_path_factory):
         started.append(PolicyServer(lab, "web", "198.18.0.80", web_cert[0], web_cert[1], STS_POLICIES))
         mx1 = LabPostfix(lab, "mx1", "198.18.0.21", ["a@pref.test", "b@pref.test", "sender@sender.test",
                                                      "s@stsok.test", "x@good.dane.test", "y@bad.dane.test",
-                                                     "z@plain.dane.test"], tls=mx1_cert[:2])
+                                                     "z@plain.dane.test"], tls=mx1_cert[:2],
+                         main={"debug_peer_list": "198.18.0.10"})  # the commands qpgevent sends, logged
         started.append(mx1)
         mx1.start()
         mx2 = LabPostfix(lab, "mx2", "198.18.0.22", interfaces="198.18.0.22, 2001:db8::22", mailboxes=
@@ -104,7 +111,7 @@ def internet(tmp_path_factory):
                          main={"inet_protocols": "all", "mynetworks": "198.18.0.0/24, [2001:db8::]/64"})
         started.append(mx2)
         mx2.start()
-        yield Internet(lab, dns, mx1, mx2, folder / "ca.pem")
+        yield Internet(lab, dns, mx1, mx2, ca, folder)
     finally:
         for thing in reversed(started):
             if isinstance(thing, LabPostfix):
@@ -115,21 +122,22 @@ def internet(tmp_path_factory):
 
 
 @pytest.fixture
-def start_mta(internet, tmp_path):
-    """``start_mta(**outbound_options)``: qpgevent in host ``mta``, port 25, queue/outbound."""
+def start_lab_server(internet, tmp_path):
+    """``start_lab_server(host, plugins, **ini_settings)``: qpgevent on port 25 of a lab host,
+    its files in ``tmp_path/host``; stopped at the end of the test."""
     servers = []
 
-    def start(**options):
-        wrapper = tmp_path / "lab-python"
+    def start(host, plugins, **settings):
+        folder = tmp_path / host
+        folder.mkdir(exist_ok=True)
+        wrapper = folder / "lab-python"
         # The server's interpreter, run inside the lab host (ip netns exec execs it: same pid).
-        wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {internet.lab.ns('mta')} {sys.executable} \"$@\"\n")
+        wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {internet.lab.ns(host)} {sys.executable} \"$@\"\n")
         wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-        options = {"queue_dir": str(tmp_path / "queue"), "minimal_backoff": 1, "maximal_backoff": 2,
-                   "tls_ca_file": str(internet.ca_file),
-                   "scan_interval": 0.5, "connect_timeout": 5, "command_timeout": 30, **options}
-        plugins = "[[relay]]\n  clients = 198.18.0.0/24\n[[rcpt_ok]]\n" + plugin_section("queue/outbound", **options)
-        ini = write_ini(tmp_path, plugins=plugins, me="mta.lab.test", listen="198.18.0.10:25", workers=1,
-                        dns_nameservers="198.18.0.53", dns_port=53)
+        address = HOSTS[host][0]
+        ini = write_ini(folder, plugins=plugins, **{"me": f"{host}.lab.test", "listen": f"{address}:25",
+                                                    "workers": 1, "dns_nameservers": "198.18.0.53",
+                                                    "dns_port": 53, **settings})
         server = ServerProcess(ini, python=str(wrapper))
         servers.append(server)
         return server
@@ -138,3 +146,22 @@ def start_mta(internet, tmp_path):
     for server in servers:
         if server.process.poll() is None:
             server.terminate()
+
+
+@pytest.fixture
+def start_mta(internet, tmp_path, start_lab_server):
+    """``start_mta(tls=False, **outbound_options)``: qpgevent in host ``mta``, port 25,
+    queue/outbound (queue in ``tmp_path/queue``); ``tls``: STARTTLS offered (mta.lab.test)."""
+
+    def start(tls=False, **options):
+        options = {"queue_dir": str(tmp_path / "queue"), "minimal_backoff": 1, "maximal_backoff": 2,
+                   "tls_ca_file": str(internet.ca_file),
+                   "scan_interval": 0.5, "connect_timeout": 5, "command_timeout": 30, **options}
+        plugins = "[[relay]]\n  clients = 198.18.0.0/24\n[[rcpt_ok]]\n" + plugin_section("queue/outbound", **options)
+        settings = {}
+        if tls:
+            chain, key = internet.certificate("mta.lab.test")
+            settings = {"tls_certificate": str(chain), "tls_key": str(key)}
+        return start_lab_server("mta", plugins, **settings)
+
+    return start
