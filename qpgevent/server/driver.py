@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import select
+import gevent.monkey
+import gevent.socket
 
 from ..backends import dns, metrics, scoreboard
 from ..backends.auth import FailureLimiter, SenderMap
@@ -284,8 +285,7 @@ class Driver:
             self._timers = None
 
     def _wait_for_input(self, seconds: float) -> bool:
-        readable, _, _ = select.select([self.sock], [], [], seconds)
-        return bool(readable)
+        return has_input(self.sock, seconds)
 
     def _start_tls(self) -> None:
         """Handshake on our socket; the conversation then forgets what was said before."""
@@ -387,3 +387,25 @@ class _Timer:
 
 def _nothing() -> int:
     return 0
+
+
+#: The real poll: asking without waiting must not yield. Not select: it fails on a
+#: descriptor past 1023 (FD_SETSIZE), and a worker with a thousand sessions has those.
+_poll = gevent.monkey.get_original("select", "poll")
+
+
+def has_input(sock: Any, seconds: float = 0.0) -> bool:
+    """Whether ``sock`` has input now, or within ``seconds`` (a wait for it only then yields)."""
+    if getattr(sock, "pending", _nothing)():  # TLS: decrypted octets already off the socket
+        return True
+    poller = _poll()
+    poller.register(sock.fileno(), 1)  # 1: POLLIN
+    if poller.poll(0):
+        return True
+    if seconds <= 0:
+        return False
+    try:
+        gevent.socket.wait_read(sock.fileno(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True

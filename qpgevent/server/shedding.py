@@ -26,21 +26,18 @@ import logging
 from typing import Any
 
 import gevent
-import gevent.monkey
 
 from ..backends import metrics
 from ..config import Settings
 from ..core import stress
 from ..core.reply import Reply, reply
+from .driver import has_input
 from .shared_counters import Counters
 
 log = logging.getLogger("qpgevent.server")
 
 TICK = 0.1  #: seconds between two looks at the host's count (a lock and a sum: microseconds)
 
-#: The real select, not gevent's: asking whether a socket has input must not yield, so that
-#: choosing and taking a session is one step no other greenlet of ours sees half done.
-_select = gevent.monkey.get_original("select", "select")
 
 
 def shed_reply(me: str) -> Reply:
@@ -52,14 +49,12 @@ def may_shed(driver: Any) -> bool:
     session = driver.session
     if session.current_transaction is not None or session.connection.notes.get("auth_user"):
         return False
-    sock = driver.sock
-    if getattr(sock, "pending", lambda: 0)():  # TLS: decrypted octets already read off the socket
-        return False
+    # Without waiting, so without yielding: choosing and taking a session is one step no
+    # other greenlet of ours sees half done.
     try:
-        readable, _, _ = _select([sock.fileno()], [], [], 0)
+        return not has_input(driver.sock)
     except (OSError, ValueError):
         return False  # closed under us: it ends by itself
-    return not readable
 
 
 class Shedder:

@@ -20,6 +20,7 @@ import gevent
 import gevent.event
 import gevent.lock
 
+from qpgevent.server.driver import has_input
 from qpgevent.testing import DEFAULT_PLUGINS, RawClient, ServerProcess, maildir_messages, wait_until, write_ini
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +156,8 @@ def test_2000_idle_connections_do_not_stop_a_new_client(tmp_path):
             client.close()
         gevent.killall(greenlets, timeout=10)
         process.terminate(60)
-    assert "Traceback" not in process.log()
+    log = process.log()
+    assert "Traceback" not in log, log[log.find("Traceback") - 1000:][:5000]
 
 
 def stress_lines(process: ServerProcess, what: str) -> set[int]:
@@ -247,3 +249,46 @@ def test_in_stress_idle_clients_are_cut_at_the_stress_timeout_and_after_it_at_co
             client.close()
         gevent.killall(greenlets, timeout=10)
         process.terminate(60)
+
+
+def test_a_client_that_finds_no_place_makes_room_by_shedding_the_longest_idle(make_server):
+    server = make_server(max_connections=10, park_after=0.05, stress_command_timeout=100)
+    server.server.shedder.stop()  # no periodic look: only the client that finds no place may shed
+    clients = [RawClient(server) for _ in range(10)]
+    try:
+        for client in clients:  # in this order: the first is the longest idle
+            assert client.reply()[0] == 220
+            assert client.command("EHLO c.test")[0] == 250
+        wait_until(lambda: len(server.server.parking) == 10, 10, "every session to park")
+        newcomer = RawClient(server)
+        try:
+            assert newcomer.reply()[0] == 220
+            assert newcomer.command("EHLO new.test")[0] == 250
+        finally:
+            newcomer.close()
+        # 10 sessions and the mark at 9: two shed to get under it, the two idle the longest.
+        for client in clients[:2]:
+            code, text = client.reply()
+            assert (code, text.split()[:2]) == (421, ["4.3.2", "mx.example.test"]) and SHED in text, text
+            assert client.is_closed_by_server()
+        for client in clients[2:]:
+            assert client.command("NOOP")[0] == 250
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_input_is_seen_on_a_descriptor_past_1023():
+    # A worker with a thousand sessions has such descriptors; select() refuses them
+    # (FD_SETSIZE), which made idle sessions unsheddable and broke their 421 at stop.
+    raise_fd_limit()
+    filler = [socket.socket() for _ in range(1100)]
+    ours, theirs = socket.socketpair()
+    try:
+        assert ours.fileno() > 1023
+        assert not has_input(ours) and not has_input(ours, 0.05)
+        theirs.sendall(b"NOOP\r\n")
+        assert has_input(ours, 10)
+    finally:
+        for sock in (*filler, ours, theirs):
+            sock.close()
