@@ -6,8 +6,8 @@ park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``
 new one when its client speaks. Beyond ``max_connections`` a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
 Near ``max_connections`` the host is in stress, and idle sessions are shed to keep
-places for newcomers (``qpgevent.server.shedding``). ``stop`` stops accepting, gives sessions in flight up to ``shutdown_timeout`` to end,
-then closes the rest with 421.
+places for newcomers (``qpgevent.server.shedding``). ``stop`` stops accepting, gives
+sessions in flight up to ``shutdown_timeout`` to end, then closes the rest with 421.
 
 On its own (tests, embedding) a server binds its listen addresses and counts sessions
 for itself. Under the pre-fork master (``master``), each worker's server serves the

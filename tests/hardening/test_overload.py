@@ -195,8 +195,10 @@ def test_sessions_in_a_transaction_or_authenticated_are_never_shed(tmp_path):
         for client in idle:  # one after the other: the host fills up, then sheds
             greenlets += hold([client])
             wait_until(lambda: client.holding or client.done.is_set(), 30, "an idle client to connect")
-        wait_until(lambda: sum(c.shed for c in idle) >= 4, 30, "idle sessions to be shed")
+        # 14 sessions for 10 places, the host back under its mark of 9: 6 closed, at least 5.
+        wait_until(lambda: sum(c.done.is_set() for c in idle) >= 5, 30, "idle sessions to be closed")
         assert closed_without_421(idle) == []
+        assert any(c.shed for c in idle)
         assert sender.command("RCPT TO:<bob@example.test>")[0] == 250
         assert sender.command("DATA")[0] == 354
         assert sender.command("Subject: kept\r\n\r\nnot shed\r\n.")[0] == 250
@@ -215,7 +217,7 @@ def test_sessions_in_a_transaction_or_authenticated_are_never_shed(tmp_path):
 
 
 def test_in_stress_idle_clients_are_cut_at_the_stress_timeout_and_after_it_at_command_timeout(tmp_path):
-    command_timeout, in_stress = 120, 1
+    command_timeout, in_stress = 120, 2
     process = small_server(tmp_path, command_timeout=command_timeout, stress_command_timeout=in_stress)
     workers = set(process.worker_pids())
     idle = [IdleClient(process.port) for _ in range(9)]  # 9: the mark
@@ -228,13 +230,13 @@ def test_in_stress_idle_clients_are_cut_at_the_stress_timeout_and_after_it_at_co
         assert timed_out and all(c.shed for c in idle if c not in timed_out)
         wait_until(lambda: stress_lines(process, "stress:") == workers, 30, "both workers in stress")
         wait_until(lambda: stress_lines(process, "stress over:") == workers, 30, "both workers out of stress")
-        # Out of stress, an idle client waits command_timeout again: 5 times the stress
+        # Out of stress, an idle client waits command_timeout again: 3 times the stress
         # timeout later it is still served.
         calm = RawClient(process)
         try:
             assert calm.reply()[0] == 220
             assert calm.command("EHLO c.test")[0] == 250
-            calm.sock.settimeout(5 * in_stress)
+            calm.sock.settimeout(3 * in_stress)
             try:
                 early = calm.sock.recv(100)
             except TimeoutError:
