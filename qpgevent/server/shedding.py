@@ -96,6 +96,8 @@ class Shedder:
     def check(self) -> int:
         """Look at the host's count: enter or leave stress, shed what must be. How many were shed."""
         gauge, parking = self.gauge, self.server.parking
+        if gauge.mark is None:
+            return 0  # no stress mode
         was = gauge.stressed
         sessions = self.counters.sessions()
         if gauge.update(sessions, self.counters.stressed_elsewhere()) != was:
