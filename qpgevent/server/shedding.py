@@ -5,9 +5,9 @@ once when a client finds no place, it reads the host's session count (the shared
 every worker's sessions) and asks ``qpgevent.core.stress.Gauge`` whether the host is in
 stress; a worker in stress says so in the table, and the others join it while the host
 stays near the mark. In stress it closes this worker's idle sessions, the longest parked
-first, until the host is under the mark again: each gets ``421 4.3.2`` (RFC 5321 3.8: a server may close
-with 421 when it must), its place is freed before the next is chosen, so two workers
-shedding at once overshoot by a session or two, not by half. Every worker does this when
+first, until the host is under the mark again: each gets ``421 4.3.2`` (RFC 5321 3.8: a
+server may close with 421 when it must), and its place is freed before the next is
+chosen, so two workers shedding at once overshoot by a session or two, not by half. Every worker does this when
 the *host* is in stress, so room appears whichever worker holds the idle sessions, and a
 worker that holds none sheds nothing.
 

@@ -4,7 +4,10 @@ Near ``max_connections`` the host is in stress (``[limits] stress_at``): idle se
 no transaction are shed with 421 (``qpgevent.server.shedding``), command waits shrink to
 ``stress_command_timeout``, and a fresh client is still served. The real multi-worker
 server (``ServerProcess``, two workers) against real sockets; the idle clients are
-greenlets of this process, bound to many loopback source addresses.
+greenlets of this process, bound to many loopback source addresses. One test runs the
+server in this process (``make_server``) to turn its periodic look off, so that only a
+client finding no place can make room; one checks the input test on a descriptor past
+1023, which a worker with a thousand sessions has.
 """
 
 from __future__ import annotations
