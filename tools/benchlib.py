@@ -160,7 +160,9 @@ class QpgeventServer:
         self.ini.write_text(
             "[server]\n  me = mx.example.test\n  spool_dir = spool\n  shutdown_timeout = 5\n"
             + allow_root + server_settings
-            + f"[limits]\n  max_connections = {max_connections}\n" + sections
+            # stress_at = 100: no stress mode. A benchmark sizes max_connections to its own
+            # load; in stress, its sessions idle between messages would be shed.
+            + f"[limits]\n  max_connections = {max_connections}\n  stress_at = 100\n" + sections
             + "[plugins]\n" + plugins, encoding="utf-8")
         self.log_path = folder / "server.log"
         self._log = open(self.log_path, "wb")

@@ -54,6 +54,9 @@ class _Metrics:
         self.connections_refused = Counter(
             "qpgevent_connections_refused", "Connections closed before a session started, by reason",
             ["reason"], registry=None)
+        self.sessions_shed = Counter(
+            "qpgevent_sessions_shed", "Idle sessions closed to make room, the host being in stress ([limits] stress_at)",
+            registry=None)
         self.transactions = Counter("qpgevent_transactions", "Transactions started (MAIL accepted)",
                                     registry=None)
         self.recipients = Counter("qpgevent_recipients", "Recipients accepted or rejected", ["outcome"],
@@ -145,6 +148,12 @@ def connection_refused(reason: str) -> None:
     """A connection closed before its session began: "max_connections", "proxy"..."""
     if _metrics is not None:
         _metrics.connections_refused.labels(reason).inc()
+
+
+def session_shed() -> None:
+    """An idle session closed to make room (qpgevent.server.shedding)."""
+    if _metrics is not None:
+        _metrics.sessions_shed.inc()
 
 
 def transaction_started() -> None:

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import select
+import gevent.monkey
+import gevent.socket
 
 from ..backends import dns, metrics, scoreboard
 from ..backends.auth import FailureLimiter, SenderMap
@@ -60,9 +61,11 @@ class Driver:
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  listen: Listen | None = None, tls: TlsContexts | None = None,
-                 parking: Parking | None = None) -> None:
+                 parking: Parking | None = None, command_timeout: Callable[[], float] | None = None) -> None:
         self.sock: Any = sock  #: an SSLSocket after STARTTLS
         self.settings = settings
+        #: Seconds to wait for a command now: shorter while the host is in stress (qpgevent.server.shedding).
+        self.command_timeout = command_timeout or (lambda: settings.command_timeout)
         self.tls = tls
         self.listen = listen or Listen("", 0)
         #: When to park while waiting for a command (None: never); see qpgevent.parking.
@@ -126,6 +129,13 @@ class Driver:
 
     def _shut_down(self) -> None:
         self._last_words(Canned.SHUTTING_DOWN)
+
+    def shed(self, words: Reply) -> Pause | None:
+        """End a parked session the server sheds (qpgevent.server.shedding): say ``words``, end."""
+        def leave() -> None:
+            self.session.log.info("shed: the host is in stress and this session was idle, with no transaction")
+            self._last_words(words)
+        return self._hold(leave)
 
     def _hold(self, part: Callable[[], None]) -> Pause | None:
         """Run ``part`` of the conversation; end the session unless it parked."""
@@ -199,7 +209,7 @@ class Driver:
         Only between commands: mid-DATA the client is sending, and a TLS session with
         decrypted bytes buffered has input the socket's watcher would never report.
         """
-        timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        timeout = self.settings.data_timeout if in_data else self.command_timeout()
         left = self._time_left(timeout)
         # The session's or this request's deadline comes first: wait only that long, and do not
         # park. Within a tenth of the timeout it is the usual wait (with its reusable timer, and
@@ -275,8 +285,7 @@ class Driver:
             self._timers = None
 
     def _wait_for_input(self, seconds: float) -> bool:
-        readable, _, _ = select.select([self.sock], [], [], seconds)
-        return bool(readable)
+        return has_input(self.sock, seconds)
 
     def _start_tls(self) -> None:
         """Handshake on our socket; the conversation then forgets what was said before."""
@@ -378,3 +387,25 @@ class _Timer:
 
 def _nothing() -> int:
     return 0
+
+
+#: The real poll: asking without waiting must not yield. Not select: it fails on a
+#: descriptor past 1023 (FD_SETSIZE), and a worker with a thousand sessions has those.
+_poll = gevent.monkey.get_original("select", "poll")
+
+
+def has_input(sock: Any, seconds: float = 0.0) -> bool:
+    """Whether ``sock`` has input now, or within ``seconds`` (a wait for it only then yields)."""
+    if getattr(sock, "pending", _nothing)():  # TLS: decrypted octets already off the socket
+        return True
+    poller = _poll()
+    poller.register(sock.fileno(), 1)  # 1: POLLIN
+    if poller.poll(0):
+        return True
+    if seconds <= 0:
+        return False
+    try:
+        gevent.socket.wait_read(sock.fileno(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
