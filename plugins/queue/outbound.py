@@ -63,7 +63,9 @@ Options:
                     fetched over HTTPS and cached in ``queue_dir/mta-sts``
   dane              honour DANE TLSA records (RFC 7672; default yes) when the resolver
                     validates DNSSEC (the AD bit: point [dns] at a validating resolver):
-                    TLS required, the certificate must match a DANE-EE (3 x x) record
+                    TLS required, the certificate must match a DANE-EE (3 x x) record,
+                    or chain to a DANE-TA (2 x x) anchor sent by the server and name the
+                    MX host (DANE-TA needs the ``cryptography`` package: the ``outbound`` extra)
   auth_user, auth_password, auth_without_tls   AUTH to the routes (a smarthost), as in
                     ``queue/smtp_forward``
   destination_concurrency   connections at once per destination (default 10); idle ones

@@ -9,9 +9,10 @@ Owns the decision the queue runner makes before it connects to a domain's server
 - A level configured for the domain (``tls_policy = example.test:verify``) wins.
 - Else DANE: when a MX host has TLSA records (``_25._tcp.HOST``) that the resolver
   validated (the AD bit, from a validating resolver such as a local unbound), TLS is
-  required for the domain and each such host's certificate must match a DANE-EE (usage
-  3) record; a host with only other usages gets TLS without a check (RFC 7672 2.2).
-  A TLSA look-up that fails (SERVFAIL: bogus) defers the domain.
+  required for the domain and each such host's certificate chain must match its records
+  (``dane``: DANE-EE, usage 3, the leaf's key; DANE-TA, usage 2, a CA the chain leads to,
+  and the MX name in the certificate); a host with only other usages gets TLS without a
+  check (RFC 7672 2.2, 3.1.3). A TLSA look-up that fails (SERVFAIL: bogus) defers the domain.
 - Else MTA-STS: a ``_mta-sts`` TXT record with ``v=STSv1`` makes us fetch
   ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` (its certificate checked; no
   redirects), cached in memory and on disk until ``max_age`` and refetched when the TXT
@@ -20,13 +21,13 @@ Owns the decision the queue runner makes before it connects to a domain's server
   policy, else delivers as if there were none (RFC 8461 5.1).
 - Static routes (a smarthost) take only the configured level.
 
-Not done: DANE-TA (usage 2) checks, TLS-RPT reports, REQUIRETLS.
+Not done: REQUIRETLS.
 """
 
 from __future__ import annotations
 
+import _ssl
 import dataclasses
-import hashlib
 import http.client
 import json
 import logging
@@ -43,11 +44,13 @@ import dns.rdatatype
 import dns.resolver
 import dns.exception
 
+from . import dane
 from . import dns as qdns
+from .dane import spki
 from .relay_routes import Hop, Route
 from .smtp_downstream import ClientOptions
 
-__all__ = ["LEVELS", "StsPolicy", "TlsPolicies", "dane_matches", "parse_levels", "parse_sts", "spki"]
+__all__ = ["LEVELS", "StsPolicy", "TlsPolicies", "parse_levels", "parse_sts", "spki"]
 
 log = logging.getLogger("qpgevent.tls_policy")
 
@@ -110,44 +113,6 @@ def parse_sts(text: str, policy_id: str, now: float) -> StsPolicy | None:
     return StsPolicy(policy_id, mode, mx, min(max_age, 31557600), now)
 
 
-# -- DANE -------------------------------------------------------------------------------
-def _der_element(data: bytes, offset: int) -> tuple[int, int, int]:
-    """(start of content, end of element, tag) of the DER element at ``offset``."""
-    tag = data[offset]
-    length = data[offset + 1]
-    start = offset + 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(data[start:start + count], "big")
-        start += count
-    return start, start + length, tag
-
-
-def spki(certificate: bytes) -> bytes:
-    """The SubjectPublicKeyInfo of a DER certificate (RFC 5280 4.1), as DER."""
-    tbs_start, _, _ = _der_element(certificate, 0)  # Certificate ::= SEQUENCE {
-    position, _, _ = _der_element(certificate, tbs_start)  # tbsCertificate ::= SEQUENCE {
-    if certificate[position] == 0xA0:  # [0] EXPLICIT version
-        position = _der_element(certificate, position)[1]
-    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
-        position = _der_element(certificate, position)[1]
-    _, end, _ = _der_element(certificate, position)
-    return certificate[position:end]
-
-
-def dane_matches(certificate: bytes, records: list[tuple[int, int, int, bytes]]) -> bool:
-    """Whether the server's certificate matches one DANE-EE (usage 3) record."""
-    for usage, selector, mtype, data in records:
-        if usage != 3 or selector not in (0, 1) or mtype not in (0, 1, 2):
-            continue
-        selected = certificate if selector == 0 else spki(certificate)
-        digest = {0: lambda b: b, 1: lambda b: hashlib.sha256(b).digest(),
-                  2: lambda b: hashlib.sha512(b).digest()}[mtype](selected)
-        if digest == data:
-            return True
-    return False
-
-
 # -- the decision ------------------------------------------------------------------------
 class TlsPolicies:
     """Per-domain TLS for the runner: ``prepare(domain, route)`` -> (route, options)."""
@@ -204,12 +169,12 @@ class TlsPolicies:
         return records
 
     def _dane_check(self, hop: Hop, sock: ssl.SSLSocket) -> str | None:
-        records = self._tlsa(hop)
-        if not any(usage == 3 for usage, *_ in records):
+        records = dane.usable(self._tlsa(hop))
+        if not records:
             return None  # this host publishes no usable record: TLS is all we can require (RFC 7672 2.2)
-        certificate = sock.getpeercert(binary_form=True)
-        if certificate is None or not dane_matches(certificate, records):
-            return f"4.7.5 certificate of {hop.name} does not match its TLSA records (DANE)"
+        failure = dane.check(chain_as_sent(sock), records, hop.name)
+        if failure is not None:
+            return f"4.7.5 certificate of {hop.name} does not match its TLSA records (DANE): {failure.reason}"
         return None
 
     # MTA-STS ----------------------------------------------------------------------------
@@ -292,6 +257,20 @@ class TlsPolicies:
                 return None
             return body.decode("utf-8", "replace")
         return None
+
+
+def chain_as_sent(sock: ssl.SSLSocket) -> list[bytes]:
+    """The server's certificates in the order it sent them (DER), the leaf first, unverified.
+
+    DANE-TA needs the chain as sent (RFC 7672 3.1.2), which ``ssl`` makes public only from
+    Python 3.13 (``get_unverified_chain``); before, the same call exists on the private
+    ``_sslobj`` (CPython 3.10+), whose certificates say ``public_bytes``."""
+    sslobj: object = getattr(sock, "_sslobj", None)
+    public = getattr(sock, "get_unverified_chain", None) or getattr(sslobj, "get_unverified_chain", None)
+    if public is None:
+        leaf = sock.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in public() or []]
 
 
 def _validated_tlsa(name: str) -> list[tuple[int, int, int, bytes]]:

@@ -43,3 +43,20 @@ def test_dane_delivers_to_a_matching_tlsa_record_and_not_to_a_mismatching_one(in
     assert "does not match its TLSA records" in server.log()
     assert internet.mx1.messages("y@bad.dane.test") == []
     assert len(queued(tmp_path / "queue")) == 1
+
+
+def test_dane_ta_delivers_under_the_anchor_and_defers_a_wrong_anchor_or_a_wrong_name(internet, start_mta, tmp_path):
+    server = start_mta()
+    send(internet, "sender@sender.test", ["t@ta.dane.test", "u@taspki.dane.test", "v@tabad.dane.test",
+                                          "w@taname.dane.test"], message("dane-ta"))
+    # 2 0 1 and 2 1 1 of the lab CA, which Postfix sends after mx1's certificate: delivered over TLS.
+    for address in ("t@ta.dane.test", "u@taspki.dane.test"):
+        [got] = with_subject(internet.mx1, address, "dane-ta")
+        assert received_over_tls(got)
+    # Another CA as anchor; the right anchor but a MX name the certificate lacks: deferred, twice.
+    wait_until(lambda: server.log().count("deferred, next attempt") >= 2, 60, "two deferred attempts")
+    log = server.log()
+    assert "mxtabad.dane.test does not match its TLSA records (DANE): no certificate of the chain matches" in log
+    assert "mxtaname.dane.test does not match its TLSA records (DANE): the certificate names" in log
+    assert internet.mx1.messages("v@tabad.dane.test") == [] and internet.mx1.messages("w@taname.dane.test") == []
+    assert len(queued(tmp_path / "queue")) == 1
