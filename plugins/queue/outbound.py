@@ -66,6 +66,15 @@ Options:
                     TLS required, the certificate must match a DANE-EE (3 x x) record,
                     or chain to a DANE-TA (2 x x) anchor sent by the server and name the
                     MX host (DANE-TA needs the ``cryptography`` package: the ``outbound`` extra)
+  tlsrpt            send SMTP TLS reports (RFC 8460; default no): every TLS session to a
+                    domain's servers is counted (success, or the failure's result type)
+                    under the policy in force (sts, tlsa, no-policy-found), in
+                    ``queue_dir/tlsrpt``; once a period the domains whose ``_smtp._tls``
+                    TXT record asks for reports get them: a mail (queued here) to each
+                    ``mailto:``, a POST to each ``https:`` (``qpgevent queue tlsrpt``: now)
+  tlsrpt_period     seconds a report covers (default 86400: a day, from midnight UTC)
+  tlsrpt_from       the reports' sender and contact-info (default postmaster@[server] me)
+  tlsrpt_organization   organization-name of the reports (default [server] me)
   auth_user, auth_password, auth_without_tls   AUTH to the routes (a smarthost), as in
                     ``queue/smtp_forward``
   destination_concurrency   connections at once per destination (default 10); idle ones
@@ -108,6 +117,10 @@ tls_ca_file = path(default="")
 tls_policy = force_list(default=list())
 mta_sts = boolean(default=True)
 dane = boolean(default=True)
+tlsrpt = boolean(default=False)
+tlsrpt_period = float(min=1, default=86400)
+tlsrpt_from = string(default="")
+tlsrpt_organization = string(default="")
 auth_user = string(default="")
 auth_password = string(default="")
 auth_without_tls = boolean(default=False)

@@ -125,6 +125,7 @@ class Runner:
         self.rescan = True  #: look at the folder on the next turn (a new message was kicked in)
         self.last_scan = self.last_published = 0.0
         self.blocking = blocking or _in_thread
+        self.reporting: gevent.Greenlet | None = None  #: TLS-RPT's turn, while it runs
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop: Event) -> None:
@@ -140,6 +141,7 @@ class Runner:
                 self.rescan, self.last_scan = False, now
                 self.scan()
             self.start_due()
+            self._report_tls()
             if now - self.last_published >= 1.0:
                 self.last_published = now
                 self._publish_state()
@@ -148,6 +150,22 @@ class Runner:
         self.deliveries.join()
         for pool in self.pools.values():
             pool.close()
+        if self.tls.reports is not None:
+            self.tls.reports.flush()
+
+    def _report_tls(self) -> None:
+        """TLS-RPT's turn (``tlsrpt``), in a greenlet of its own: its look-ups and POSTs take time."""
+        reports = self.tls.reports
+        if reports is None or (self.reporting is not None and not self.reporting.dead) or \
+                not reports.due(time.time()):
+            return
+
+        def turn() -> None:
+            for report_id in reports.turn(time.time(), self.blocking):
+                self.schedule.set(report_id, 0.0)
+            self.wake.set()
+
+        self.reporting = gevent.spawn(contextvars.copy_context().run, turn)
 
     def kick(self, message: str = "") -> None:
         """What the kick socket said: "" (look at the folder now) or a command of ``COMMANDS``."""
@@ -155,6 +173,8 @@ class Runner:
         message_id = message_id.strip()
         if verb in COMMANDS and message_id.isalnum():  # an id, never a path
             self.command(verb, message_id)
+        elif verb == "tlsrpt" and self.tls.reports is not None:  # qpgevent queue tlsrpt: report now
+            self.tls.reports.ask()
         elif verb == "flush":  # every message that is not held: now
             for waiting, when in list(self.schedule.when.items()):
                 if when is not None:

@@ -152,6 +152,9 @@ class ClientOptions:
     #: Called after STARTTLS with the hop and the TLS socket: a reason to refuse the
     #: connection (a DANE or MTA-STS check that failed), or None.
     tls_check: Callable[[Hop, ssl.SSLSocket], str | None] | None = None
+    #: Told of a STARTTLS that failed (the exception), or was required and not offered
+    #: (None): what TLS-RPT counts besides ``tls_check``'s verdicts.
+    tls_failed: Callable[[Hop, Exception | None], None] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], lmtp: bool) -> ClientOptions:
@@ -209,13 +212,20 @@ class Downstream:
                 smtp._host = hop.name  # the TLS server name (SNI, certificate check), not the address
             self._hello()
             if options.starttls != "off" and not hop.is_unix and smtp.has_extn("starttls"):
-                smtp.starttls(context=options.tls_context)
+                try:
+                    smtp.starttls(context=options.tls_context)
+                except (OSError, smtplib.SMTPException, ValueError) as error:
+                    if options.tls_failed:
+                        options.tls_failed(hop, error)
+                    raise
                 self.tls = True
                 problem = options.tls_check(hop, smtp.sock) if options.tls_check else None
                 if problem:
                     raise DownstreamError(f"{hop.where}: {problem}")
                 self._hello()
             elif options.starttls == "required":
+                if options.tls_failed:
+                    options.tls_failed(hop, None)
                 raise DownstreamError(f"{hop.where} does not offer STARTTLS (starttls = required)")
         return self
 

@@ -20,6 +20,10 @@ Owns the decision the queue runner makes before it connects to a domain's server
   ``testing`` and ``none``: as without a policy. A fetch that fails keeps a cached
   policy, else delivers as if there were none (RFC 8461 5.1).
 - Static routes (a smarthost) take only the configured level.
+- With TLS-RPT on (``reports``, see ``tlsrpt``), each TLS session to a domain's servers
+  is counted under the policy in force: after the handshake (``tls_check``: a success, or
+  the DANE check's failure), or when STARTTLS fails (``tls_failed``: the certificate
+  check's error, or STARTTLS required and not offered).
 
 Not done: REQUIRETLS.
 """
@@ -27,12 +31,15 @@ Not done: REQUIRETLS.
 from __future__ import annotations
 
 import _ssl
+import contextvars
 import dataclasses
+import functools
 import http.client
 import json
 import logging
 import os
 import re
+import smtplib
 import socket
 import ssl
 import time
@@ -46,7 +53,9 @@ import dns.exception
 
 from . import dane
 from . import dns as qdns
+from ..core.tlsrpt import NO_POLICY, Policy, result_of_verify_code
 from .dane import spki
+from .tlsrpt import TlsReports
 from .relay_routes import Hop, Route
 from .smtp_downstream import ClientOptions
 
@@ -57,6 +66,12 @@ log = logging.getLogger("qpgevent.tls_policy")
 LEVELS = ("none", "may", "encrypt", "verify", "dane")
 MAX_POLICY_BYTES = 64 * 1024  #: RFC 8461 3.3 suggests 64 KiB
 STS_FETCH_TIMEOUT = 60.0  #: RFC 8461 3.3: "a timeout of one minute"
+
+
+#: The policy a delivery greenlet works under, for TLS-RPT: (domain, sts|tlsa|no-policy-found,
+#: the STS policy). None: nothing to report (a static route).
+_IN_FORCE: contextvars.ContextVar[tuple[str, str, StsPolicy | None] | None] = \
+    contextvars.ContextVar("tls_policy_in_force", default=None)
 
 
 class TlsPolicyError(Exception):
@@ -70,6 +85,10 @@ class StsPolicy:
     mx: tuple[str, ...]
     max_age: int
     fetched: float
+
+    def lines(self) -> tuple[str, ...]:
+        """The policy as RFC 8460 4.3 reports it (policy-string): its fields, one a line."""
+        return ("version: STSv1", f"mode: {self.mode}", *(f"mx: {mx}" for mx in self.mx), f"max_age: {self.max_age}")
 
     def matches(self, host: str) -> bool:
         """RFC 8461 4.1: an exact name, or ``*.`` standing for one leftmost label."""
@@ -119,8 +138,9 @@ class TlsPolicies:
 
     def __init__(self, client: ClientOptions, levels: dict[str, str], default: str, *, mta_sts: bool,
                  dane: bool, ca_file: str = "", cache_dir: str = "",
-                 fetch: Callable[[str, str], str | None] | None = None) -> None:
+                 fetch: Callable[[str, str], str | None] | None = None, reports: TlsReports | None = None) -> None:
         self.client, self.levels, self.default = client, levels, default
+        self.reports = reports  #: TLS-RPT (RFC 8460): every TLS session counted, when on
         self.use_mta_sts, self.use_dane = mta_sts, dane
         self.ca_file, self.cache_dir = ca_file, cache_dir
         self.fetch = fetch or self._fetch_https
@@ -135,29 +155,79 @@ class TlsPolicies:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return dataclasses.replace(self.client, starttls=starttls, tls_context=context,
-                                   tls_check=self._dane_check if level == "dane" else None)
+                                   tls_check=functools.partial(self._after_tls, level), tls_failed=self._tls_failed)
 
     def prepare(self, domain: str, route: Route, static: bool) -> tuple[Route, str]:
         """The route to use (MTA-STS may drop MX hosts) and the TLS level for it."""
         domain = domain.lower()
+        _IN_FORCE.set(None if static else (domain, NO_POLICY, None))
         if domain in self.levels:
             return route, self.levels[domain]
         if static:
             return route, self.default
         if self.use_dane:
-            secured = [hop for hop in route.hops if self._tlsa(hop)]
+            secured = []
+            for hop in route.hops:
+                try:
+                    if self._tlsa(hop):
+                        secured.append(hop)
+                except TlsPolicyError as error:
+                    self._count(hop, "dnssec-invalid", str(error), Policy(domain, "tlsa", (), (hop.name,)))
+                    raise
             if secured:
+                _IN_FORCE.set((domain, "tlsa", None))
                 return route, "dane"
         if self.use_mta_sts:
             policy = self._sts_policy(domain)
+            if policy is not None and policy.mode != "none":
+                _IN_FORCE.set((domain, "sts", policy))
             if policy is not None and policy.mode == "enforce":
                 hops = tuple(hop for hop in route.hops if policy.matches(hop.name or hop.host))
                 if not hops:
+                    self._count(route.hops[0] if route.hops else None, "validation-failure",
+                                "no MX host matches the MTA-STS policy")
                     raise TlsPolicyError(f"4.7.5 no MX host of {domain} matches its MTA-STS policy")
                 return Route(route.domain, hops), "verify"
             if policy is not None and policy.mode == "testing":
                 log.info("%s: MTA-STS policy in testing mode: not enforced", domain)
         return route, self.default
+
+    # TLS-RPT ----------------------------------------------------------------------------
+    def _policy(self, hop: Hop | None) -> Policy | None:
+        """The policy in force for a session to ``hop``, as TLS-RPT names it."""
+        state = _IN_FORCE.get()
+        if state is None or self.reports is None:
+            return None
+        domain, kind, sts = state
+        if kind == "sts" and sts is not None:
+            return Policy(domain, "sts", sts.lines(), sts.mx)
+        records = self.tlsa.get(hop.name) if kind == "tlsa" and hop is not None else None
+        if records:
+            assert hop is not None
+            return Policy(domain, "tlsa", tuple(f"{u} {s} {m} {d.hex()}" for u, s, m, d in records), (hop.name,))
+        return Policy(domain)
+
+    def _count(self, hop: Hop | None, result: str, reason: str = "", policy: Policy | None = None) -> None:
+        policy = policy or self._policy(hop)
+        if policy is not None and self.reports is not None:
+            self.reports.count(policy, result, hop.name if hop else "", hop.host if hop else "", reason)
+
+    def _after_tls(self, level: str, hop: Hop, sock: ssl.SSLSocket) -> str | None:
+        """After the handshake: the DANE check (level ``dane``); the session counted."""
+        failure = self._dane_check(hop, sock) if level == "dane" else None
+        if failure is None:
+            self._count(hop, "success")
+            return None
+        self._count(hop, failure.result_type, failure.reason)
+        return f"4.7.5 certificate of {hop.name} does not match its TLSA records (DANE): {failure.reason}"
+
+    def _tls_failed(self, hop: Hop, error: Exception | None) -> None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            self._count(hop, result_of_verify_code(error.verify_code), error.verify_message or str(error))
+        elif error is None or isinstance(error, smtplib.SMTPResponseException):  # not offered, or refused
+            self._count(hop, "starttls-not-supported", str(error or "STARTTLS not offered"))
+        else:
+            self._count(hop, "validation-failure", str(error))
 
     # DANE -------------------------------------------------------------------------------
     def _tlsa(self, hop: Hop) -> list[tuple[int, int, int, bytes]]:
@@ -168,14 +238,11 @@ class TlsPolicies:
             records = self.tlsa[hop.name] = _validated_tlsa(f"_{hop.port}._tcp.{hop.name}")
         return records
 
-    def _dane_check(self, hop: Hop, sock: ssl.SSLSocket) -> str | None:
+    def _dane_check(self, hop: Hop, sock: ssl.SSLSocket) -> dane.Failure | None:
         records = dane.usable(self._tlsa(hop))
         if not records:
             return None  # this host publishes no usable record: TLS is all we can require (RFC 7672 2.2)
-        failure = dane.check(chain_as_sent(sock), records, hop.name)
-        if failure is not None:
-            return f"4.7.5 certificate of {hop.name} does not match its TLSA records (DANE): {failure.reason}"
-        return None
+        return dane.check(chain_as_sent(sock), records, hop.name)
 
     # MTA-STS ----------------------------------------------------------------------------
     def _sts_policy(self, domain: str) -> StsPolicy | None:

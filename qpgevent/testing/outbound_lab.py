@@ -268,6 +268,14 @@ class PolicyServer:
     def log(self) -> str:
         return (self.dir / "server.out").read_text()
 
+    def posted(self) -> list[tuple[str, str, str, bytes]]:
+        """What was POSTed so far: (Host, path, Content-Type, body), in order."""
+        posts = []
+        for path in sorted(self.dir.glob("posted-*.bin"), key=lambda p: int(p.name.split("-")[1])):
+            target, content_type, body = path.read_bytes().split(b"\n", 2)
+            posts.append((path.stem.split("-", 2)[2], target.decode(), content_type.decode(), body))
+        return posts
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -45,9 +45,15 @@ ZONES = {
                  "mta-sts": [("A", "198.18.0.80")]},
     "stsok.test": {"@": [("MX", "10 mx1.lab.test.")], "_mta-sts": [("TXT", '"v=STSv1; id=1;"')],
                    "mta-sts": [("A", "198.18.0.80")]},
+    # TLS-RPT: an enforce policy; its first MX (mx2) fails the certificate check, the second
+    # (mx1) passes; reports go to a mailbox on mx1 and to the web host.
+    "stsrpt.test": {"@": [("MX", "10 mx2.lab.test."), ("MX", "20 mx1.lab.test.")],
+                    "_mta-sts": [("TXT", '"v=STSv1; id=1;"')], "mta-sts": [("A", "198.18.0.80")],
+                    "_smtp._tls": [("TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@sender.test,https://mta-sts.stsrpt.test/tlsrpt"')]},
 }
 STS_POLICIES = {"sts.test": "version: STSv1\r\nmode: enforce\r\nmx: mx2.lab.test\r\nmax_age: 86400\r\n",
-                "stsok.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n"}
+                "stsok.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n",
+                "stsrpt.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n"}
 
 
 def dane_zone(spki_sha256: str, ca_sha256: str, ca_spki_sha256: str, other_ca_sha256: str) -> dict:
@@ -69,8 +75,9 @@ DANE_TA_NAMES = ("mxta.dane.test", "mxtaspki.dane.test", "mxtabad.dane.test")
 
 
 class Internet:
-    def __init__(self, lab: NetLab, dns: LabDns, mx1: LabPostfix, mx2: LabPostfix, ca_file: Path) -> None:
-        self.lab, self.dns, self.mx1, self.mx2, self.ca_file = lab, dns, mx1, mx2, ca_file
+    def __init__(self, lab: NetLab, dns: LabDns, mx1: LabPostfix, mx2: LabPostfix, ca_file: Path,
+                 web: PolicyServer) -> None:
+        self.lab, self.dns, self.mx1, self.mx2, self.ca_file, self.web = lab, dns, mx1, mx2, ca_file, web
 
 
 def _der(pem: bytes) -> bytes:
@@ -112,7 +119,8 @@ def internet(tmp_path_factory):
         mx1 = LabPostfix(lab, "mx1", "198.18.0.21", ["a@pref.test", "b@pref.test", "sender@sender.test",
                                                      "s@stsok.test", "x@good.dane.test", "y@bad.dane.test",
                                                      "z@plain.dane.test", "t@ta.dane.test", "u@taspki.dane.test",
-                                                     "v@tabad.dane.test", "w@taname.dane.test"], tls=mx1_cert[:2])
+                                                     "v@tabad.dane.test", "w@taname.dane.test", "r@stsrpt.test",
+                                                     "tlsrpt@sender.test"], tls=mx1_cert[:2])
         started.append(mx1)
         mx1.start()
         mx2 = LabPostfix(lab, "mx2", "198.18.0.22", interfaces="198.18.0.22, 2001:db8::22", mailboxes=
@@ -121,7 +129,7 @@ def internet(tmp_path_factory):
                          main={"inet_protocols": "all", "mynetworks": "198.18.0.0/24, [2001:db8::]/64"})
         started.append(mx2)
         mx2.start()
-        yield Internet(lab, dns, mx1, mx2, folder / "ca.pem")
+        yield Internet(lab, dns, mx1, mx2, folder / "ca.pem", started[1])
     finally:
         for thing in reversed(started):
             if isinstance(thing, LabPostfix):

@@ -1,6 +1,13 @@
-"""End to end: TLS of the outbound queue: opportunistic STARTTLS, MTA-STS enforce, DANE."""
+"""End to end: TLS of the outbound queue: opportunistic STARTTLS, MTA-STS enforce, DANE, TLS-RPT."""
 
 from __future__ import annotations
+
+import datetime
+import email
+import gzip
+import json
+import subprocess
+import sys
 
 from outbound_helpers import message, queued, send, with_subject
 from qpgevent.testing import wait_until
@@ -60,3 +67,42 @@ def test_dane_ta_delivers_under_the_anchor_and_defers_a_wrong_anchor_or_a_wrong_
     assert "mxtaname.dane.test does not match its TLSA records (DANE): the certificate names" in log
     assert internet.mx1.messages("v@tabad.dane.test") == [] and internet.mx1.messages("w@taname.dane.test") == []
     assert len(queued(tmp_path / "queue")) == 1
+
+
+def test_tls_reports_count_a_failing_and_a_succeeding_mx_and_reach_the_rua_mailbox_and_url(internet, start_mta,
+                                                                                           tmp_path):
+    server = start_mta(tlsrpt="yes", tlsrpt_from="tls-reports@mta.lab.test", tlsrpt_organization="qpgevent lab")
+    send(internet, "sender@sender.test", ["r@stsrpt.test"], message("reported"))
+    # mx2 (preference 10) shows a certificate for another name: refused; mx1 takes it, over TLS.
+    [got] = with_subject(internet.mx1, "r@stsrpt.test", "reported")
+    assert received_over_tls(got)
+    done = subprocess.run([sys.executable, "-m", "qpgevent", "queue", "-c", server.ini, "tlsrpt"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+    def mailed():
+        return [m for m in internet.mx1.messages("tlsrpt@sender.test") if b"TLS-Report-Domain: stsrpt.test" in m]
+    [mail] = wait_until(mailed, 60, "the TLS report in tlsrpt@sender.test's Maildir")
+    report = email.message_from_bytes(mail)
+    assert report.get_content_type() == "multipart/report" and report.get_param("report-type") == "tlsrpt"
+    assert report["TLS-Report-Submitter"] == "mta.lab.test" and "Report Domain: stsrpt.test" in report["Subject"]
+    [attachment] = [p for p in report.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert attachment.get_filename().startswith("mta.lab.test!stsrpt.test!")
+    data = json.loads(gzip.decompress(attachment.get_payload(decode=True)))
+    assert data["organization-name"] == "qpgevent lab" and data["contact-info"] == "tls-reports@mta.lab.test"
+    start, end = (datetime.datetime.fromisoformat(data["date-range"][k].replace("Z", "+00:00"))
+                  for k in ("start-datetime", "end-datetime"))
+    assert start <= end
+    [policy] = data["policies"]
+    assert policy["policy"] == {"policy-type": "sts", "policy-domain": "stsrpt.test", "mx-host": ["*.lab.test"],
+                                "policy-string": ["version: STSv1", "mode: enforce", "mx: *.lab.test",
+                                                  "max_age: 86400"]}
+    assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 1}
+    [failure] = policy["failure-details"]
+    assert failure["result-type"] == "certificate-host-mismatch" and failure["failed-session-count"] == 1
+    assert failure["receiving-mx-hostname"] == "mx2.lab.test" and failure["receiving-ip"] == "198.18.0.22"
+    # The same report POSTed to the https: rua, gzipped.
+    [(host, path, content_type, body)] = wait_until(lambda: [p for p in internet.web.posted()
+                                                             if p[0] == "mta-sts.stsrpt.test"], 60, "the POST")
+    assert (path, content_type) == ("/tlsrpt", "application/tlsrpt+gzip")
+    assert json.loads(gzip.decompress(body)) == data
