@@ -34,13 +34,11 @@ import _ssl
 import contextvars
 import dataclasses
 import functools
-import http.client
 import json
 import logging
 import os
 import re
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -53,6 +51,7 @@ import dns.exception
 
 from . import dane
 from . import dns as qdns
+from . import https_client
 from ..core.tlsrpt import NO_POLICY, Policy, result_of_verify_code
 from .dane import spki
 from .tlsrpt import TlsReports
@@ -72,6 +71,14 @@ STS_FETCH_TIMEOUT = 60.0  #: RFC 8461 3.3: "a timeout of one minute"
 #: the STS policy). None: nothing to report (a static route).
 _IN_FORCE: contextvars.ContextVar[tuple[str, str, StsPolicy | None] | None] = \
     contextvars.ContextVar("tls_policy_in_force", default=None)
+
+
+class StsFetchError(Exception):
+    """The MTA-STS policy could not be fetched: ``result_type`` as TLS-RPT reports it."""
+
+    def __init__(self, result_type: str, reason: str) -> None:
+        super().__init__(reason)
+        self.result_type, self.reason = result_type, reason
 
 
 class TlsPolicyError(Exception):
@@ -138,7 +145,7 @@ class TlsPolicies:
 
     def __init__(self, client: ClientOptions, levels: dict[str, str], default: str, *, mta_sts: bool,
                  dane: bool, ca_file: str = "", cache_dir: str = "",
-                 fetch: Callable[[str, str], str | None] | None = None, reports: TlsReports | None = None) -> None:
+                 fetch: Callable[[str, str], str] | None = None, reports: TlsReports | None = None) -> None:
         self.client, self.levels, self.default = client, levels, default
         self.reports = reports  #: TLS-RPT (RFC 8460): every TLS session counted, when on
         self.use_mta_sts, self.use_dane = mta_sts, dane
@@ -261,9 +268,15 @@ class TlsPolicies:
             return cached
         if cached is not None and cached.id == match.group(1):
             return cached
-        text = self.fetch(domain, self.ca_file)
-        policy = parse_sts(text, match.group(1), now) if text is not None else None
+        try:
+            policy = parse_sts(self.fetch(domain, self.ca_file), match.group(1), now)
+        except StsFetchError as error:
+            log.warning("MTA-STS %s: %s: no new policy", domain, error.reason)
+            self._count(None, error.result_type, error.reason, Policy(domain, "sts"))
+            return cached
         if policy is None:
+            log.warning("MTA-STS %s: the policy fetched is not a valid STSv1 policy", domain)
+            self._count(None, "sts-policy-invalid", "not a valid STSv1 policy", Policy(domain, "sts"))
             return cached
         self.sts[domain] = policy
         self._write_cache(domain, policy)
@@ -295,35 +308,19 @@ class TlsPolicies:
             log.warning("cannot cache the MTA-STS policy of %s: %s", domain, error)
 
     @staticmethod
-    def _fetch_https(domain: str, ca_file: str) -> str | None:
+    def _fetch_https(domain: str, ca_file: str) -> str:
         """GET the policy over HTTPS (RFC 8461 3.3): a valid certificate, 200, text/plain."""
         host = f"mta-sts.{domain}"
-        context = ssl.create_default_context(cafile=ca_file or None)
         try:
-            addresses = qdns.addresses(host)
-        except qdns.TemporaryFailure as error:
-            log.warning("MTA-STS %s: %s", host, error)
-            return None
-        for address in addresses:
-            try:
-                raw = socket.create_connection((address, 443), timeout=STS_FETCH_TIMEOUT)
-                connection = http.client.HTTPConnection(host, 443, timeout=STS_FETCH_TIMEOUT)
-                connection.sock = context.wrap_socket(raw, server_hostname=host)
-                try:
-                    connection.request("GET", "/.well-known/mta-sts.txt", headers={"Host": host})
-                    response = connection.getresponse()
-                    body = response.read(MAX_POLICY_BYTES)
-                finally:
-                    connection.close()
-            except (OSError, http.client.HTTPException) as error:
-                log.warning("MTA-STS %s [%s]: %s", host, address, error)
-                continue
-            content_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-            if response.status != 200 or content_type != "text/plain":
-                log.warning("MTA-STS %s: %s %s, %s: no policy", host, response.status, response.reason, content_type)
-                return None
-            return body.decode("utf-8", "replace")
-        return None
+            response = https_client.request("GET", host, 443, "/.well-known/mta-sts.txt", ca_file=ca_file,
+                                            timeout=STS_FETCH_TIMEOUT, limit=MAX_POLICY_BYTES)
+        except https_client.HttpsError as error:
+            raise StsFetchError("sts-webpki-invalid" if error.certificate else "sts-policy-fetch-error",
+                                str(error)) from None
+        if response.status != 200 or response.content_type != "text/plain":
+            raise StsFetchError("sts-policy-fetch-error", f"{host}: {response.status} {response.reason}, "
+                                f"{response.content_type or 'no content type'}")
+        return response.body.decode("utf-8", "replace")
 
 
 def chain_as_sent(sock: ssl.SSLSocket) -> list[bytes]:

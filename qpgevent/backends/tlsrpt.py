@@ -21,12 +21,9 @@ Owns ``TlsReports``, which the queue runner keeps when ``tlsrpt = yes``:
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 from ..core import tlsrpt
 from ..core.tlsrpt import Policy, Tally
 from . import dns as qdns
+from . import https_client
 from .outqueue import Queue, Recipient
 
 __all__ = ["TlsReports"]
@@ -154,31 +152,15 @@ class TlsReports:
     def _post(self, uri: str, body: bytes, domain: str) -> bool:
         """RFC 8460 5.2: POST, Content-Type application/tlsrpt+gzip; any 2xx is done."""
         parts = urlsplit(uri)
-        host, port = parts.hostname or "", parts.port or 443
-        context = ssl.create_default_context(cafile=self.ca_file or None)
         try:
-            addresses = qdns.addresses(host)
-        except qdns.TemporaryFailure as error:
-            log.warning("TLS-RPT %s: %s: %s", domain, uri, error)
+            response = https_client.request("POST", parts.hostname or "", parts.port or 443, parts.path or "/",
+                                            ca_file=self.ca_file, timeout=self.post_timeout, limit=4096, body=body,
+                                            content_type="application/tlsrpt+gzip")
+        except https_client.HttpsError as error:
+            log.warning("TLS-RPT report about %s not posted to %s: %s", domain, uri, error)
             return False
-        for address in addresses:
-            try:
-                raw = socket.create_connection((address, port), timeout=self.post_timeout)
-                connection = http.client.HTTPConnection(host, port, timeout=self.post_timeout)
-                connection.sock = context.wrap_socket(raw, server_hostname=host)
-                try:
-                    connection.request("POST", parts.path or "/", body=body, headers={
-                        "Host": host, "Content-Type": "application/tlsrpt+gzip"})
-                    response = connection.getresponse()
-                    response.read(4096)
-                finally:
-                    connection.close()
-            except (OSError, http.client.HTTPException) as error:
-                log.warning("TLS-RPT %s: %s [%s]: %s", domain, uri, address, error)
-                continue
-            log.info("TLS-RPT report about %s posted to %s: %s %s", domain, uri, response.status, response.reason)
-            return 200 <= response.status < 300
-        return False
+        log.info("TLS-RPT report about %s posted to %s: %s %s", domain, uri, response.status, response.reason)
+        return 200 <= response.status < 300
 
     # -- the folder ----------------------------------------------------------------------------
     def _path(self, name: str) -> str:

@@ -50,6 +50,9 @@ ZONES = {
     "stsrpt.test": {"@": [("MX", "10 mx2.lab.test."), ("MX", "20 mx1.lab.test.")],
                     "_mta-sts": [("TXT", '"v=STSv1; id=1;"')], "mta-sts": [("A", "198.18.0.80")],
                     "_smtp._tls": [("TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@sender.test,https://mta-sts.stsrpt.test/tlsrpt"')]},
+    # TLS-RPT: an MTA-STS policy host whose certificate does not name it (sts-webpki-invalid).
+    "stsweb.test": {"@": [("MX", "10 mx1.lab.test.")], "_mta-sts": [("TXT", '"v=STSv1; id=1;"')],
+                    "mta-sts": [("A", "198.18.0.80")], "_smtp._tls": [("TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@sender.test"')]},
 }
 STS_POLICIES = {"sts.test": "version: STSv1\r\nmode: enforce\r\nmx: mx2.lab.test\r\nmax_age: 86400\r\n",
                 "stsok.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n",
@@ -63,7 +66,8 @@ def dane_zone(spki_sha256: str, ca_sha256: str, ca_spki_sha256: str, other_ca_sh
     hosts), tabad another CA, and taname the lab CA for a MX name mx1's certificate lacks."""
     zone = {"good": [("MX", "10 mx1.dane.test.")], "_25._tcp.mx1": [("TLSA", f"3 1 1 {spki_sha256}")],
             "bad": [("MX", "10 mxbad.dane.test.")], "_25._tcp.mxbad": [("TLSA", "3 1 1 " + "00" * 32)],
-            "plain": [("MX", "10 mx1.lab.test.")]}
+            "plain": [("MX", "10 mx1.lab.test.")],
+            "_smtp._tls.bad": [("TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@sender.test"')]}
     for name, tlsa in (("ta", f"2 0 1 {ca_sha256}"), ("taspki", f"2 1 1 {ca_spki_sha256}"),
                        ("tabad", f"2 0 1 {other_ca_sha256}"), ("taname", f"2 0 1 {ca_sha256}")):
         zone |= {name: [("MX", f"10 mx{name}.dane.test.")], f"_25._tcp.mx{name}": [("TLSA", tlsa)]}
@@ -120,7 +124,7 @@ def internet(tmp_path_factory):
                                                      "s@stsok.test", "x@good.dane.test", "y@bad.dane.test",
                                                      "z@plain.dane.test", "t@ta.dane.test", "u@taspki.dane.test",
                                                      "v@tabad.dane.test", "w@taname.dane.test", "r@stsrpt.test",
-                                                     "tlsrpt@sender.test"], tls=mx1_cert[:2])
+                                                     "r@stsweb.test", "tlsrpt@sender.test"], tls=mx1_cert[:2])
         started.append(mx1)
         mx1.start()
         mx2 = LabPostfix(lab, "mx2", "198.18.0.22", interfaces="198.18.0.22, 2001:db8::22", mailboxes=

@@ -69,26 +69,35 @@ def test_dane_ta_delivers_under_the_anchor_and_defers_a_wrong_anchor_or_a_wrong_
     assert len(queued(tmp_path / "queue")) == 1
 
 
-def test_tls_reports_count_a_failing_and_a_succeeding_mx_and_reach_the_rua_mailbox_and_url(internet, start_mta,
-                                                                                           tmp_path):
+def tls_reports(internet, domain):
+    """The TLS reports about ``domain`` in tlsrpt@sender.test's Maildir, decoded: [(mail, JSON)]."""
+    found = []
+    for mail in internet.mx1.messages("tlsrpt@sender.test"):
+        report = email.message_from_bytes(mail)
+        if report["TLS-Report-Domain"] == domain:
+            [attachment] = [p for p in report.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+            found.append((report, json.loads(gzip.decompress(attachment.get_payload(decode=True)))))
+    return found
+
+
+def test_tls_reports_count_failing_and_succeeding_sessions_and_reach_the_rua_mailbox_and_url(internet, start_mta):
     server = start_mta(tlsrpt="yes", tlsrpt_from="tls-reports@mta.lab.test", tlsrpt_organization="qpgevent lab")
-    send(internet, "sender@sender.test", ["r@stsrpt.test"], message("reported"))
-    # mx2 (preference 10) shows a certificate for another name: refused; mx1 takes it, over TLS.
+    send(internet, "sender@sender.test", ["r@stsrpt.test", "r@stsweb.test", "y@bad.dane.test"], message("reported"))
+    # stsrpt.test: mx2 (preference 10) shows a certificate for another name: refused; mx1 takes it, over TLS.
     [got] = with_subject(internet.mx1, "r@stsrpt.test", "reported")
     assert received_over_tls(got)
+    # stsweb.test: its policy cannot be fetched (the web server's certificate lacks the name): no policy.
+    with_subject(internet.mx1, "r@stsweb.test", "reported")
+    wait_until(lambda: "does not match its TLSA records" in server.log(), 60, "bad.dane.test refused")
     done = subprocess.run([sys.executable, "-m", "qpgevent", "queue", "-c", server.ini, "tlsrpt"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
-    def mailed():
-        return [m for m in internet.mx1.messages("tlsrpt@sender.test") if b"TLS-Report-Domain: stsrpt.test" in m]
-    [mail] = wait_until(mailed, 60, "the TLS report in tlsrpt@sender.test's Maildir")
-    report = email.message_from_bytes(mail)
-    assert report.get_content_type() == "multipart/report" and report.get_param("report-type") == "tlsrpt"
-    assert report["TLS-Report-Submitter"] == "mta.lab.test" and "Report Domain: stsrpt.test" in report["Subject"]
-    [attachment] = [p for p in report.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    [(mail, data)] = wait_until(lambda: tls_reports(internet, "stsrpt.test"), 60, "the stsrpt.test report")
+    assert mail.get_content_type() == "multipart/report" and mail.get_param("report-type") == "tlsrpt"
+    assert mail["TLS-Report-Submitter"] == "mta.lab.test" and "Report Domain: stsrpt.test" in mail["Subject"]
+    [attachment] = [p for p in mail.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
     assert attachment.get_filename().startswith("mta.lab.test!stsrpt.test!")
-    data = json.loads(gzip.decompress(attachment.get_payload(decode=True)))
     assert data["organization-name"] == "qpgevent lab" and data["contact-info"] == "tls-reports@mta.lab.test"
     start, end = (datetime.datetime.fromisoformat(data["date-range"][k].replace("Z", "+00:00"))
                   for k in ("start-datetime", "end-datetime"))
@@ -102,7 +111,25 @@ def test_tls_reports_count_a_failing_and_a_succeeding_mx_and_reach_the_rua_mailb
     assert failure["result-type"] == "certificate-host-mismatch" and failure["failed-session-count"] == 1
     assert failure["receiving-mx-hostname"] == "mx2.lab.test" and failure["receiving-ip"] == "198.18.0.22"
     # The same report POSTed to the https: rua, gzipped.
-    [(host, path, content_type, body)] = wait_until(lambda: [p for p in internet.web.posted()
-                                                             if p[0] == "mta-sts.stsrpt.test"], 60, "the POST")
+    [(_, path, content_type, body)] = wait_until(lambda: [p for p in internet.web.posted()
+                                                          if p[0] == "mta-sts.stsrpt.test"], 60, "the POST")
     assert (path, content_type) == ("/tlsrpt", "application/tlsrpt+gzip")
     assert json.loads(gzip.decompress(body)) == data
+
+    # stsweb.test: the failed fetch under "sts", the session that followed under no policy.
+    [(_, data)] = wait_until(lambda: tls_reports(internet, "stsweb.test"), 60, "the stsweb.test report")
+    policies = {p["policy"]["policy-type"]: p for p in data["policies"]}
+    assert set(policies) == {"sts", "no-policy-found"}
+    assert policies["no-policy-found"]["summary"] == {"total-successful-session-count": 1,
+                                                      "total-failure-session-count": 0}
+    [failure] = policies["sts"]["failure-details"]
+    assert failure["result-type"] == "sts-webpki-invalid" and "mta-sts.stsweb.test" in failure["failure-reason-code"]
+
+    # bad.dane.test (signed zone): its MX's TLSA record matches nothing; retried, so at least once.
+    [(_, data)] = wait_until(lambda: tls_reports(internet, "bad.dane.test"), 60, "the bad.dane.test report")
+    [policy] = data["policies"]
+    assert policy["policy"] == {"policy-type": "tlsa", "policy-domain": "bad.dane.test",
+                                "policy-string": ["3 1 1 " + "00" * 32], "mx-host": ["mxbad.dane.test"]}
+    assert policy["summary"]["total-successful-session-count"] == 0
+    assert {f["result-type"] for f in policy["failure-details"]} == {"tlsa-invalid"}
+    assert policy["summary"]["total-failure-session-count"] >= 1
