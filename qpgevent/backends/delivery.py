@@ -38,6 +38,10 @@ attempt, queued in this same queue (with the null sender) before the recipients 
 marked notified. NOTIFY=NEVER gets none; a message with the null sender (someone's
 bounce) gets a notice sent to ``postmaster`` instead (a double bounce), and a failing
 double bounce is only logged.
+
+*TLS reports.* With TLS-RPT on (``tls_policy``, ``tlsrpt``), its turn (counts to disk,
+reports when a period ends) runs in a greenlet of its own; the report mails it queues
+are tried at once.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ __all__ = ["Options", "Runner", "backoff"]
 BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
 COMMANDS = ("flush", "hold", "release", "delete", "bounce")
 SCANS_PER_SECOND = 10  #: how often at most a burst of kicks makes the runner list the folder
+REPORT_GRACE = 10.0  #: seconds a stopping runner gives TLS-RPT's turn to finish
 
 
 @dataclass
@@ -150,22 +155,22 @@ class Runner:
         self.deliveries.join()
         for pool in self.pools.values():
             pool.close()
+        if self.reporting is not None:
+            self.reporting.join(REPORT_GRACE)  # a report being posted or queued: a moment to finish
+            self.reporting.kill()
         if self.tls.reports is not None:
             self.tls.reports.flush()
 
     def _report_tls(self) -> None:
         """TLS-RPT's turn (``tlsrpt``), in a greenlet of its own: its look-ups and POSTs take time."""
         reports = self.tls.reports
-        if reports is None or (self.reporting is not None and not self.reporting.dead) or \
-                not reports.due(time.time()):
-            return
+        if reports is not None and (self.reporting is None or self.reporting.dead) and reports.due(time.time()):
+            self.reporting = gevent.spawn(contextvars.copy_context().run, reports.turn_safely, self.blocking,
+                                          self._queued_report)
 
-        def turn() -> None:
-            for report_id in reports.turn(time.time(), self.blocking):
-                self.schedule.set(report_id, 0.0)
-            self.wake.set()
-
-        self.reporting = gevent.spawn(contextvars.copy_context().run, turn)
+    def _queued_report(self, message_id: str) -> None:
+        self.schedule.set(message_id, 0.0)
+        self.wake.set()
 
     def kick(self, message: str = "") -> None:
         """What the kick socket said: "" (look at the folder now) or a command of ``COMMANDS``."""

@@ -33,7 +33,7 @@ from ..core import tlsrpt
 from ..core.tlsrpt import Policy, Tally
 from . import dns as qdns
 from . import https_client
-from .outqueue import Queue, Recipient
+from .outqueue import Queue, QueueError, Recipient
 
 __all__ = ["TlsReports"]
 
@@ -89,12 +89,13 @@ class TlsReports:
             closed, self.tally = self.tally, Tally(end)
             if closed.policies:
                 blocking(self._write, self._path(f"closed-{int(closed.start)}-{int(end)}.json"),
-                         dict(closed.to_json(), end=end, sent=[]))
+                         json.dumps(dict(closed.to_json(), end=end, sent=[])))
             self.dirty = True
             self.last_send = 0.0
         if self.dirty:
             self.dirty, self.flushed = False, now
-            blocking(self._write, self._path("current.json"), self.tally.to_json())
+            # Serialized here, on the hub: deliveries count into the tally while the thread writes.
+            blocking(self._write, self._path("current.json"), json.dumps(self.tally.to_json()))
         queued: list[str] = []
         if now - self.last_send >= RETRY_INTERVAL or self.last_send == 0.0:
             self.last_send = now
@@ -102,10 +103,18 @@ class TlsReports:
                 queued += self._send_closed(name, now, blocking)
         return queued
 
+    def turn_safely(self, blocking: Callable[..., Any], queued: Callable[[str], None]) -> None:
+        """``turn`` now, each report mail queued told to ``queued``; a failure is logged, retried later."""
+        try:
+            for message_id in self.turn(time.time(), blocking):
+                queued(message_id)
+        except (OSError, QueueError) as error:
+            log.error("TLS-RPT: %s; trying again later", error)
+
     def flush(self) -> None:
         if self.dirty:
             self.dirty = False
-            self._write(self._path("current.json"), self.tally.to_json())
+            self._write(self._path("current.json"), json.dumps(self.tally.to_json()))
 
     def _send_closed(self, name: str, now: float, blocking: Callable[..., Any]) -> list[str]:
         path = self._path(name)
@@ -127,7 +136,7 @@ class TlsReports:
             if uris:
                 queued += self._send(tally, data["end"], domain, uris, blocking)
             data["sent"].append(domain)
-            blocking(self._write, path, data)
+            blocking(self._write, path, json.dumps(data))
         if set(data["sent"]) >= set(tally.domains()) or now - data["end"] > KEEP:
             blocking(os.unlink, path)
         return queued
@@ -181,9 +190,9 @@ class TlsReports:
         return tally
 
     @staticmethod
-    def _write(path: str, data: dict[str, Any]) -> None:
+    def _write(path: str, text: str) -> None:
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(path + ".tmp", path)
