@@ -10,6 +10,8 @@ import email
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from gevent.event import Event
@@ -22,6 +24,7 @@ from qpgevent.backends.tlsrpt import TlsReports
 from qpgevent.core.tlsrpt import Policy, Tally, parse_record, report, result_of_verify_code
 from qpgevent.outqueue import Queue, Recipient, State
 from qpgevent.smtp_client import ClientOptions
+from qpgevent.testing import plugin_section, write_ini
 from qpgevent.testing.dns import LoopbackDns
 from qpgevent.testing.mta import Postfix
 from qpgevent.tls_policy import TlsPolicies
@@ -185,3 +188,12 @@ def test_an_https_rua_that_never_answers_is_given_up_after_the_post_timeout(tmp_
     finally:
         released.set()
         silent.stop(timeout=1)
+
+
+@pytest.mark.parametrize("tlsrpt, error", [("no", "tlsrpt is off"), ("yes", "no queue runner is running")])
+def test_the_tlsrpt_command_says_when_it_cannot_be_done(tmp_path, tlsrpt, error):
+    plugins = "[[rcpt_ok]]\n" + plugin_section("queue/outbound", queue_dir=str(tmp_path / "queue"), tlsrpt=tlsrpt)
+    ini = write_ini(tmp_path, plugins=plugins)
+    done = subprocess.run([sys.executable, "-m", "qpgevent", "queue", "-c", str(ini), "tlsrpt"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and error in done.stderr
