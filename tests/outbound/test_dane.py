@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import sys
 
 import pytest
 import trustme
@@ -138,3 +139,11 @@ def test_garbage_instead_of_a_chain_is_a_validation_failure(ca):
     failure = check([b"\x30\x03\x02\x01\x00", b"not a certificate"], [record(2, 0, 1, der(ca.cert_pem.bytes()))], MX)
     assert failure is not None and failure.result_type in ("validation-failure", "tlsa-invalid")
     assert check([], [record(2, 0, 1, der(ca.cert_pem.bytes()))], MX).result_type == "validation-failure"
+
+
+def test_without_the_cryptography_package_a_dane_ta_host_fails_closed(ca, monkeypatch):
+    sent = chain_of(ca.issue_cert(MX), ca)
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # as if it were not installed
+    failure = check(sent, [record(2, 0, 1, der(ca.cert_pem.bytes()))], MX)
+    assert failure is not None and "cryptography" in failure.reason
+    assert check(sent, [record(3, 1, 1, sent[0])], MX) is None  # DANE-EE needs no cryptography
