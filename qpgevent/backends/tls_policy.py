@@ -13,6 +13,7 @@ Owns the decision the queue runner makes before it connects to a domain's server
   (``dane``: DANE-EE, usage 3, the leaf's key; DANE-TA, usage 2, a CA the chain leads to,
   and the MX name in the certificate); a host with only other usages gets TLS without a
   check (RFC 7672 2.2, 3.1.3). A TLSA look-up that fails (SERVFAIL: bogus) defers the domain.
+  Records are kept for their TTL (an hour at most), then asked for again.
 - Else MTA-STS: a ``_mta-sts`` TXT record with ``v=STSv1`` makes us fetch
   ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` (its certificate checked; no
   redirects), cached in memory and on disk until ``max_age`` and refetched when the TXT
@@ -65,6 +66,8 @@ log = logging.getLogger("qpgevent.tls_policy")
 LEVELS = ("none", "may", "encrypt", "verify", "dane")
 MAX_POLICY_BYTES = 64 * 1024  #: RFC 8461 3.3 suggests 64 KiB
 STS_FETCH_TIMEOUT = 60.0  #: RFC 8461 3.3: "a timeout of one minute"
+TLSA_CACHE_MAX = 3600.0  #: seconds TLSA records are kept at most, however long their TTL
+TLSA_CACHE_NONE = 60.0  #: seconds "no validated TLSA records" is kept before asking again
 
 
 #: The policy a delivery greenlet works under, for TLS-RPT: (domain, sts|tlsa|no-policy-found,
@@ -152,7 +155,8 @@ class TlsPolicies:
         self.ca_file, self.cache_dir = ca_file, cache_dir
         self.fetch = fetch or self._fetch_https
         self.sts: dict[str, StsPolicy] = {}
-        self.tlsa: dict[str, list[tuple[int, int, int, bytes]]] = {}  #: host -> its validated records
+        #: host -> its validated records, and until when (monotonic) they hold: their TTL
+        self.tlsa: dict[str, tuple[list[tuple[int, int, int, bytes]], float]] = {}
         self.variants = {level: self._options(level) for level in LEVELS}
 
     def _options(self, level: str) -> ClientOptions:
@@ -208,7 +212,7 @@ class TlsPolicies:
         domain, kind, sts = state
         if kind == "sts" and sts is not None:
             return Policy(domain, "sts", sts.lines(), sts.mx)
-        records = self.tlsa.get(hop.name) if kind == "tlsa" and hop is not None else None
+        records = self.tlsa.get(hop.name, ([], 0.0))[0] if kind == "tlsa" and hop is not None else None
         if records:
             assert hop is not None
             return Policy(domain, "tlsa", tuple(f"{u} {s} {m} {d.hex()}" for u, s, m, d in records), (hop.name,))
@@ -240,10 +244,12 @@ class TlsPolicies:
     def _tlsa(self, hop: Hop) -> list[tuple[int, int, int, bytes]]:
         if not hop.name:
             return []
-        records = self.tlsa.get(hop.name)
-        if records is None:
-            records = self.tlsa[hop.name] = _validated_tlsa(f"_{hop.port}._tcp.{hop.name}")
-        return records
+        cached = self.tlsa.get(hop.name)
+        if cached is None or time.monotonic() >= cached[1]:
+            # Asked again once their TTL is over: a key rollover is seen without a restart.
+            records, ttl = _validated_tlsa(f"_{hop.port}._tcp.{hop.name}")
+            cached = self.tlsa[hop.name] = (records, time.monotonic() + min(ttl, TLSA_CACHE_MAX))
+        return cached[0]
 
     def _dane_check(self, hop: Hop, sock: ssl.SSLSocket) -> dane.Failure | None:
         records = dane.usable(self._tlsa(hop))
@@ -337,8 +343,8 @@ def chain_as_sent(sock: ssl.SSLSocket) -> list[bytes]:
     return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in public() or []]
 
 
-def _validated_tlsa(name: str) -> list[tuple[int, int, int, bytes]]:
-    """The TLSA records of ``name`` if the resolver validated them (AD), else []."""
+def _validated_tlsa(name: str) -> tuple[list[tuple[int, int, int, bytes]], float]:
+    """The TLSA records of ``name`` if the resolver validated them (AD), else [], and their TTL."""
     default = qdns.default()
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers, resolver.port = list(default.nameservers), default.port
@@ -347,9 +353,9 @@ def _validated_tlsa(name: str) -> list[tuple[int, int, int, bytes]]:
     try:
         answer = resolver.resolve(name, dns.rdatatype.TLSA, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return []
+        return [], TLSA_CACHE_NONE
     except dns.exception.DNSException as error:
         raise TlsPolicyError(f"4.7.5 TLSA look-up of {name} failed: {error}") from None
     if not answer.response.flags & dns.flags.AD:
-        return []  # not validated: not DANE (RFC 7672 2.2)
-    return [(r.usage, r.selector, r.mtype, r.cert) for r in answer]
+        return [], TLSA_CACHE_NONE  # not validated: not DANE (RFC 7672 2.2)
+    return [(r.usage, r.selector, r.mtype, r.cert) for r in answer], float(answer.rrset.ttl if answer.rrset else 0)

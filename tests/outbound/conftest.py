@@ -67,11 +67,14 @@ def dane_zone(spki_sha256: str, ca_sha256: str, ca_spki_sha256: str, other_ca_sh
     zone = {"good": [("MX", "10 mx1.dane.test.")], "_25._tcp.mx1": [("TLSA", f"3 1 1 {spki_sha256}")],
             "bad": [("MX", "10 mxbad.dane.test.")], "_25._tcp.mxbad": [("TLSA", "3 1 1 " + "00" * 32)],
             "plain": [("MX", "10 mx1.lab.test.")],
+            # A key rollover: the test sets mxroll's TLSA record (LabDns.set_records).
+            "roll": [("MX", "10 mxroll.dane.test.")], "_25._tcp.mxroll": [("TLSA", "3 1 1 " + "00" * 32)],
             "_smtp._tls.bad": [("TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@sender.test"')]}
     for name, tlsa in (("ta", f"2 0 1 {ca_sha256}"), ("taspki", f"2 1 1 {ca_spki_sha256}"),
                        ("tabad", f"2 0 1 {other_ca_sha256}"), ("taname", f"2 0 1 {ca_sha256}")):
         zone |= {name: [("MX", f"10 mx{name}.dane.test.")], f"_25._tcp.mx{name}": [("TLSA", tlsa)]}
-    return zone | {f"mx{name}": [("A", "198.18.0.21")] for name in ("1", "bad", "ta", "taspki", "tabad", "taname")}
+    return zone | {f"mx{name}": [("A", "198.18.0.21")] for name in ("1", "bad", "ta", "taspki", "tabad", "taname",
+                                                                    "roll")}
 
 
 #: The DANE-TA MX names mx1's certificate carries beside its own (not mxtaname.dane.test).
@@ -80,8 +83,9 @@ DANE_TA_NAMES = ("mxta.dane.test", "mxtaspki.dane.test", "mxtabad.dane.test")
 
 class Internet:
     def __init__(self, lab: NetLab, dns: LabDns, mx1: LabPostfix, mx2: LabPostfix, ca_file: Path,
-                 web: PolicyServer) -> None:
+                 web: PolicyServer, mx1_spki_sha256: str) -> None:
         self.lab, self.dns, self.mx1, self.mx2, self.ca_file, self.web = lab, dns, mx1, mx2, ca_file, web
+        self.mx1_spki_sha256 = mx1_spki_sha256  #: for a TLSA 3 1 1 record naming mx1's key
 
 
 def _der(pem: bytes) -> bytes:
@@ -124,7 +128,8 @@ def internet(tmp_path_factory):
                                                      "s@stsok.test", "x@good.dane.test", "y@bad.dane.test",
                                                      "z@plain.dane.test", "t@ta.dane.test", "u@taspki.dane.test",
                                                      "v@tabad.dane.test", "w@taname.dane.test", "r@stsrpt.test",
-                                                     "r@stsweb.test", "tlsrpt@sender.test"], tls=mx1_cert[:2])
+                                                     "r@stsweb.test", "tlsrpt@sender.test",
+                                                     "k@roll.dane.test"], tls=mx1_cert[:2])
         started.append(mx1)
         mx1.start()
         mx2 = LabPostfix(lab, "mx2", "198.18.0.22", interfaces="198.18.0.22, 2001:db8::22", mailboxes=
@@ -133,7 +138,7 @@ def internet(tmp_path_factory):
                          main={"inet_protocols": "all", "mynetworks": "198.18.0.0/24, [2001:db8::]/64"})
         started.append(mx2)
         mx2.start()
-        yield Internet(lab, dns, mx1, mx2, folder / "ca.pem", started[1])
+        yield Internet(lab, dns, mx1, mx2, folder / "ca.pem", started[1], sha256(spki(mx1_cert[2])))
     finally:
         for thing in reversed(started):
             if isinstance(thing, LabPostfix):

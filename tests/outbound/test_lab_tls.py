@@ -69,6 +69,20 @@ def test_dane_ta_delivers_under_the_anchor_and_defers_a_wrong_anchor_or_a_wrong_
     assert len(queued(tmp_path / "queue")) == 1
 
 
+
+def test_a_tlsa_record_changed_in_the_dns_is_seen_without_restarting_the_runner(internet, start_mta, tmp_path):
+    wrong = [("TLSA", "3 1 1 " + "00" * 32)]
+    internet.dns.set_records("dane.test", "_25._tcp.mxroll", wrong)
+    server = start_mta()
+    send(internet, "sender@sender.test", ["k@roll.dane.test"], message("rollover"))
+    wait_until(lambda: "mxroll.dane.test does not match its TLSA records" in server.log(), 60, "the old record refused")
+    assert internet.mx1.messages("k@roll.dane.test") == []
+    # The new key published (a rollover): once the old answer's TTL (5 s) is over, the next retry delivers.
+    internet.dns.set_records("dane.test", "_25._tcp.mxroll", [("TLSA", f"3 1 1 {internet.mx1_spki_sha256}")])
+    [got] = with_subject(internet.mx1, "k@roll.dane.test", "rollover", timeout=60)
+    assert received_over_tls(got)
+    wait_until(lambda: queued(tmp_path / "queue") == [], 30, "the queue empty")
+
 def tls_reports(internet, domain):
     """The TLS reports about ``domain`` in tlsrpt@sender.test's Maildir, decoded: [(mail, JSON)]."""
     found = []
