@@ -42,6 +42,9 @@ log = logging.getLogger("qpgevent.tlsrpt")
 FLUSH_INTERVAL = 5.0  #: seconds between writes of the current counts
 RETRY_INTERVAL = 300.0  #: seconds before a domain whose TXT look-up failed is tried again
 KEEP = 7 * 86400.0  #: seconds a closed tally waits at most for its reports to go out
+#: Policies (about one per recipient domain) counted at most per period: the tally stays
+#: small enough to write every few seconds; sessions under further policies are not counted.
+MAX_POLICIES = 10000
 POST_TIMEOUT = 60.0  #: seconds an https: rua may take to connect, and then to answer
 
 
@@ -56,10 +59,17 @@ class TlsReports:
         self.flushed = self.last_send = 0.0
         self.dirty, self.asked = False, False
         self.post_timeout = POST_TIMEOUT
+        self.max_policies = MAX_POLICIES
+        self.full = False  #: max_policies reached in this period
 
     # -- counting ------------------------------------------------------------------------------
     def count(self, policy: Policy, result: str, mx: str = "", ip: str = "", reason: str = "") -> None:
-        self.tally.count(policy, result, mx, ip, reason)
+        if not self.tally.count(policy, result, mx, ip, reason, self.max_policies):
+            if not self.full:
+                self.full = True  # said once a period
+                log.warning("TLS-RPT: %d policies counted this period: sessions under others are not",
+                            self.max_policies)
+            return
         self.dirty = True
         log.debug("TLS-RPT %s %s: %s %s %s", policy.domain, policy.type, result, mx, reason)
 
@@ -86,7 +96,7 @@ class TlsReports:
         if self.asked or now >= self._end():
             end = now if self.asked else self._end()
             self.asked = False
-            closed, self.tally = self.tally, Tally(end)
+            closed, self.tally, self.full = self.tally, Tally(end), False
             if closed.policies:
                 blocking(self._write, self._path(f"closed-{int(closed.start)}-{int(end)}.json"),
                          json.dumps(dict(closed.to_json(), end=end, sent=[])))

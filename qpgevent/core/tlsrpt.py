@@ -64,14 +64,21 @@ class Tally:
     start: float
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def count(self, policy: Policy, result: str, mx: str = "", ip: str = "", reason: str = "") -> None:
-        """One session: ``result`` is "success" or an RFC 8460 result type."""
-        entry = self.policies.setdefault(policy.key, {"policy": policy.as_json(), "success": 0, "failures": {}})
+    def count(self, policy: Policy, result: str, mx: str = "", ip: str = "", reason: str = "",
+              limit: int = 0) -> bool:
+        """One session: ``result`` is "success" or an RFC 8460 result type. False (not counted)
+        when it would be a new policy beyond ``limit`` policies (0: no limit)."""
+        entry = self.policies.get(policy.key)
+        if entry is None:
+            if limit and len(self.policies) >= limit:
+                return False
+            entry = self.policies[policy.key] = {"policy": policy.as_json(), "success": 0, "failures": {}}
         if result == "success":
             entry["success"] += 1
-            return
+            return True
         detail = json.dumps([result, mx, ip, reason[:200]])
         entry["failures"][detail] = entry["failures"].get(detail, 0) + 1
+        return True
 
     def domains(self) -> list[str]:
         return sorted({entry["policy"]["policy-domain"] for entry in self.policies.values()})

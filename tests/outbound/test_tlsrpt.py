@@ -197,3 +197,19 @@ def test_the_tlsrpt_command_says_when_it_cannot_be_done(tmp_path, tlsrpt, error)
     done = subprocess.run([sys.executable, "-m", "qpgevent", "queue", "-c", str(ini), "tlsrpt"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and error in done.stderr
+
+
+def test_policies_beyond_the_limit_are_not_counted_until_the_next_period(tmp_path, resolver):
+    queue, reports = reports_in(tmp_path)
+    reports.max_policies = 2
+    reports.tally = Tally(DAY * 60)
+    for domain in ("a.rpt.test", "b.rpt.test", "c.rpt.test"):
+        reports.count(Policy(domain), "success")
+    reports.count(Policy("a.rpt.test"), "starttls-not-supported", "mx.rpt.test")  # a policy already counted: counted
+    assert reports.tally.domains() == ["a.rpt.test", "b.rpt.test"] and reports.full
+    [entry] = [e for e in reports.tally.policies.values() if e["policy"]["policy-domain"] == "a.rpt.test"]
+    assert entry["success"] == 1 and sum(entry["failures"].values()) == 1
+    with dns.use(resolver):
+        reports.turn(DAY * 61, in_process)
+    reports.count(Policy("c.rpt.test"), "success")
+    assert reports.tally.domains() == ["c.rpt.test"] and not reports.full
