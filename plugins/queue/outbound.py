@@ -44,7 +44,7 @@ the null sender.
 REQUIRETLS (RFC 8689). A message sent with REQUIRETLS (which the core takes only inside
 TLS) is queued with the flag. The runner delivers it only over TLS whose certificate it
 verified (PKIX for the MX host's name, ``tls_ca_file`` or the system's CAs; or a DANE-EE
-TLSA match where the domain has DANE), to a server that offers REQUIRETLS, with
+or DANE-TA TLSA match where the domain has DANE), to a server that offers REQUIRETLS, with
 ``REQUIRETLS`` on its MAIL. Otherwise (a server without REQUIRETLS; no server whose TLS
 could be verified) its recipients fail with 5.7.10, never a delivery in clear or
 unverified; the notice goes with REQUIRETLS too, and returns only the message's header.
@@ -74,7 +74,18 @@ Options:
                     fetched over HTTPS and cached in ``queue_dir/mta-sts``
   dane              honour DANE TLSA records (RFC 7672; default yes) when the resolver
                     validates DNSSEC (the AD bit: point [dns] at a validating resolver):
-                    TLS required, the certificate must match a DANE-EE (3 x x) record
+                    TLS required, the certificate must match a DANE-EE (3 x x) record,
+                    or chain to a DANE-TA (2 x x) anchor sent by the server and name the
+                    MX host (DANE-TA needs the ``cryptography`` package: the ``outbound`` extra)
+  tlsrpt            send SMTP TLS reports (RFC 8460; default no): every TLS session to a
+                    domain's servers is counted (success, or the failure's result type)
+                    under the policy in force (sts, tlsa, no-policy-found), in
+                    ``queue_dir/tlsrpt``; once a period the domains whose ``_smtp._tls``
+                    TXT record asks for reports get them: a mail (queued here) to each
+                    ``mailto:``, a POST to each ``https:`` (``qpgevent queue tlsrpt``: now)
+  tlsrpt_period     seconds a report covers (default 86400: a day, from midnight UTC)
+  tlsrpt_from       the reports' sender and contact-info (default postmaster@[server] me)
+  tlsrpt_organization   organization-name of the reports (default [server] me)
   auth_user, auth_password, auth_without_tls   AUTH to the routes (a smarthost), as in
                     ``queue/smtp_forward``
   destination_concurrency   connections at once per destination (default 10); idle ones
@@ -117,6 +128,10 @@ tls_ca_file = path(default="")
 tls_policy = force_list(default=list())
 mta_sts = boolean(default=True)
 dane = boolean(default=True)
+tlsrpt = boolean(default=False)
+tlsrpt_period = float(min=1, default=86400)
+tlsrpt_from = string(default="")
+tlsrpt_organization = string(default="")
 auth_user = string(default="")
 auth_password = string(default="")
 auth_without_tls = boolean(default=False)

@@ -43,10 +43,14 @@ NOTIFY=SUCCESS recipient makes it ``relayed`` (saved with its delivery): one "re
 report per attempt (RFC 3461 5.2.2.3). Reports other than failures carry only the header.
 
 *REQUIRETLS* (RFC 8689 4.2.1). A flagged message goes only over TLS whose certificate was
-verified (PKIX for the MX name, ``verify``; or a DANE-EE match for a DANE domain) to a
+verified (PKIX for the MX name, ``verify``; or a DANE-EE or DANE-TA match for a DANE domain) to a
 server that offers REQUIRETLS, with REQUIRETLS on MAIL. A server without REQUIRETLS, or
 servers that all answered without such TLS, fail its recipients (5.7.10); its notice is
 itself sent with REQUIRETLS.
+
+*TLS reports.* With TLS-RPT on (``tls_policy``, ``tlsrpt``), its turn (counts to disk,
+reports when a period ends) runs in a greenlet of its own; the report mails it queues
+are tried at once.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
 REQUIRETLS_DANE = "requiretls-dane"  #: the pool of REQUIRETLS messages to DANE domains
 COMMANDS = ("flush", "hold", "release", "delete", "bounce")
 SCANS_PER_SECOND = 10  #: how often at most a burst of kicks makes the runner list the folder
+REPORT_GRACE = 10.0  #: seconds a stopping runner gives TLS-RPT's turn to finish
 
 
 @dataclass
@@ -140,6 +145,7 @@ class Runner:
         self.rescan = True  #: look at the folder on the next turn (a new message was kicked in)
         self.last_scan = self.last_published = 0.0
         self.blocking = blocking or _in_thread
+        self.reporting: gevent.Greenlet | None = None  #: TLS-RPT's turn, while it runs
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop: Event) -> None:
@@ -155,6 +161,7 @@ class Runner:
                 self.rescan, self.last_scan = False, now
                 self.scan()
             self.start_due()
+            self._report_tls()
             if now - self.last_published >= 1.0:
                 self.last_published = now
                 self._publish_state()
@@ -163,6 +170,22 @@ class Runner:
         self.deliveries.join()
         for pool in self.pools.values():
             pool.close()
+        if self.reporting is not None:
+            self.reporting.join(REPORT_GRACE)  # a report being posted or queued: a moment to finish
+            self.reporting.kill()
+        if self.tls.reports is not None:
+            self.tls.reports.flush()
+
+    def _report_tls(self) -> None:
+        """TLS-RPT's turn (``tlsrpt``), in a greenlet of its own: its look-ups and POSTs take time."""
+        reports = self.tls.reports
+        if reports is not None and (self.reporting is None or self.reporting.dead) and reports.due(time.time()):
+            self.reporting = gevent.spawn(contextvars.copy_context().run, reports.turn_safely, self.blocking,
+                                          self._queued_report)
+
+    def _queued_report(self, message_id: str) -> None:
+        self.schedule.set(message_id, 0.0)
+        self.wake.set()
 
     def kick(self, message: str = "") -> None:
         """What the kick socket said: "" (look at the folder now) or a command of ``COMMANDS``."""
@@ -170,6 +193,8 @@ class Runner:
         message_id = message_id.strip()
         if verb in COMMANDS and message_id.isalnum():  # an id, never a path
             self.command(verb, message_id)
+        elif verb == "tlsrpt" and self.tls.reports is not None:  # qpgevent queue tlsrpt: report now
+            self.tls.reports.ask()
         elif verb == "flush":  # every message that is not held: now
             for waiting, when in list(self.schedule.when.items()):
                 if when is not None:

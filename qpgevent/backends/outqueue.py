@@ -89,7 +89,7 @@ class Envelope:
     size: int = 0
     received_from: str = ""  #: the client, for the bounce's Received-From-MTA
     delay_warned: bool = False  #: a "still trying" notice went out
-    kind: str = "message"  #: message, bounce (a notice we made), double-bounce (one to postmaster)
+    kind: str = "message"  #: message, bounce (a notice we made), double-bounce (one to postmaster), tlsrpt
     requiretls: bool = False  #: RFC 8689: only over verified TLS to a hop offering REQUIRETLS
 
     def pending(self) -> list[Recipient]:

@@ -161,6 +161,9 @@ class ClientOptions:
     #: A passing ``tls_check`` verified the certificate (DANE): TLS counts as verified
     #: for REQUIRETLS although ``tls_context`` checks nothing.
     tls_check_verifies: bool = False
+    #: Told of a STARTTLS that failed (the exception), or was required and not offered
+    #: (None): what TLS-RPT counts besides ``tls_check``'s verdicts.
+    tls_failed: Callable[[Hop, Exception | None], None] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], lmtp: bool) -> ClientOptions:
@@ -220,14 +223,20 @@ class Downstream:
             if options.starttls != "off" and not hop.is_unix and smtp.has_extn("starttls"):
                 try:
                     smtp.starttls(context=options.tls_context)
-                except ssl.SSLError as error:  # the handshake, or the certificate check
-                    raise TlsFailure(f"{hop.where} during STARTTLS: {_describe(error)}") from None
+                except (OSError, smtplib.SMTPException, ValueError) as error:
+                    if options.tls_failed:
+                        options.tls_failed(hop, error)
+                    if isinstance(error, ssl.SSLError):  # the handshake, or the certificate check
+                        raise TlsFailure(f"{hop.where} during STARTTLS: {_describe(error)}") from None
+                    raise
                 self.tls = True
                 problem = options.tls_check(hop, smtp.sock) if options.tls_check else None
                 if problem:
                     raise TlsFailure(f"{hop.where}: {problem}")
                 self._hello()
             elif options.starttls == "required":
+                if options.tls_failed:
+                    options.tls_failed(hop, None)
                 raise TlsFailure(f"{hop.where} does not offer STARTTLS (starttls = required)")
         return self
 

@@ -47,6 +47,7 @@ from ..backends.services import configure_services
 from ..backends.relay_routes import ConfigurationError, parse_routes
 from ..backends.smtp_downstream import ClientOptions
 from ..backends.tls_policy import TlsPolicies, parse_levels
+from ..backends.tlsrpt import TlsReports
 
 __all__ = ["PLUGIN", "Supervisor", "main", "options_from_config", "plugin_config", "supervise"]
 
@@ -69,9 +70,12 @@ def options_from_config(config: dict[str, Any], me: str) -> Options:
     default = {"off": "none", "auto": "may", "required": "encrypt"}[config["starttls"]]
     if config["tls_verify"] and default != "none":
         default = "verify"
+    reports = TlsReports(os.path.join(config["queue_dir"], "tlsrpt"), Queue(config["queue_dir"], fsync=config["fsync"]),
+                         me=me, sender=config["tlsrpt_from"], organization=config["tlsrpt_organization"],
+                         period=config["tlsrpt_period"], ca_file=config["tls_ca_file"]) if config["tlsrpt"] else None
     tls = TlsPolicies(client, parse_levels(config["tls_policy"]), default, mta_sts=config["mta_sts"],
                       dane=config["dane"], ca_file=config["tls_ca_file"],
-                      cache_dir=os.path.join(config["queue_dir"], "mta-sts"))
+                      cache_dir=os.path.join(config["queue_dir"], "mta-sts"), reports=reports)
     return Options(
         me=me, routes=routes, port=config["port"], families=config["inet_protocols"],
         destination_concurrency=config["destination_concurrency"], max_deliveries=config["max_deliveries"],

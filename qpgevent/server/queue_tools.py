@@ -9,6 +9,7 @@ Owns the command line the operator uses on the queue of ``queue/outbound``::
     qpgevent queue [-c INI] release ID        attempts again, the next one now
     qpgevent queue [-c INI] delete ID         forget it, no notice to anyone
     qpgevent queue [-c INI] bounce ID         fail its pending recipients; the sender gets a notice
+    qpgevent queue [-c INI] tlsrpt            end the TLS-RPT period now: its reports go out
 
 The queue folder is the ``queue_dir`` of ``[[queue/outbound]]`` in the ini (or
 ``--queue-dir``). A command that changes a message is sent to the running queue runner,
@@ -43,10 +44,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-c", "--config", default="qpsmtpd.ini", help="the ini file (default: %(default)s)")
     parser.add_argument("--queue-dir", help="the queue folder (default: queue_dir of [[queue/outbound]])")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("command", choices=("list", "show", *COMMANDS))
+    parser.add_argument("command", choices=("list", "show", *COMMANDS, "tlsrpt"))
     parser.add_argument("id", nargs="?")
     args = parser.parse_args(argv)
-    if args.command not in ("list", "flush") and not args.id:
+    if args.command not in ("list", "flush", "tlsrpt") and not args.id:
         parser.error(f"{args.command} needs a message ID")
     return args
 
@@ -72,6 +73,14 @@ def main(argv: list[str]) -> int:
         return _list(queue, args.json)
     if args.command == "show":
         return _show(queue, args.id, args.json)
+    if args.command == "tlsrpt":
+        if options.tls is None or options.tls.reports is None:
+            print("qpgevent queue: tlsrpt is off in [[queue/outbound]]", file=sys.stderr)
+            return 1
+        if not queue.kick("tlsrpt"):
+            print("qpgevent queue: no queue runner is running; it reports when it runs", file=sys.stderr)
+            return 1
+        return 0
     return _act(queue, options, args.command, args.id)
 
 
