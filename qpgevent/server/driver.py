@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import select
+from gevent import monkey
+from gevent.socket import wait_read
 
 from ..backends import dns, metrics, scoreboard
 from ..backends.auth import FailureLimiter, SenderMap
@@ -37,6 +38,10 @@ from ..engine.session import Session
 from ..engine.surroundings import Surroundings
 from .parking import Parking, Pause
 from .tls import HandshakeFailed, TlsContexts, describe
+
+#: The standard library's poll(), which never blocks here (timeout 0): gevent's needs the loop to run.
+_poll = monkey.get_original("select", "poll")
+_POLLIN = monkey.get_original("select", "POLLIN")
 
 log = logging.getLogger("qpgevent.session")
 READ_SIZE = 1 << 16
@@ -275,8 +280,23 @@ class Driver:
             self._timers = None
 
     def _wait_for_input(self, seconds: float) -> bool:
-        readable, _, _ = select.select([self.sock], [], [], seconds)
-        return bool(readable)
+        """Whether the client sent something (or hung up) within ``seconds``.
+
+        Not ``select()``: it refuses descriptors past 1023, and a worker holding thousands of
+        sessions has them (the stop of a server with parked sessions failed on each of those).
+        """
+        fd = self.sock.fileno()
+        poller = _poll()
+        poller.register(fd, _POLLIN)
+        if poller.poll(0):
+            return True
+        if seconds <= 0:
+            return False
+        try:
+            wait_read(fd, timeout=seconds)
+        except socket.timeout:
+            return False
+        return True
 
     def _start_tls(self) -> None:
         """Handshake on our socket; the conversation then forgets what was said before."""
