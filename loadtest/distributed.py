@@ -13,7 +13,8 @@ What it starts, each a child process, all on 127.0.0.1, and stops again whatever
   ``--no-fsync``, ``[limits] max_connections`` above ``--users``, no client-name look-up.
 - A Locust master (``--master --headless --expect-workers N``) and ``--locust-workers``
   Locust workers (``--worker``), running loadtest/locustfile.py's ``CleanSender`` (one
-  connection per message: CONNECT, EHLO, MAIL, RCPT, DATA, QUIT) with ``--users`` users.
+  connection per message: CONNECT, EHLO, MAIL, RCPT, DATA, QUIT) with ``--users`` users,
+  each pausing ``--think-seconds`` on average between messages (0: as fast as answered).
   Users begin transactions for ``--run-time`` seconds (the ramp-up included; the locustfile's
   ``--send-for``); then each finishes the message it is sending and ends, and the master
   quits once the workers have reported the last of them. Locust's ``-t`` (``--run-time`` +
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-workers", type=int, default=2, help="qpgevent workers [%(default)s]")
     parser.add_argument("--smtp-timeout", type=float, default=180,
                         help="the users' socket timeout, seconds [%(default)s]")
+    parser.add_argument("--think-seconds", type=float, default=0,
+                        help="each user's pause between messages, uniform in 0..2x (0: a closed loop) [%(default)s]")
     parser.add_argument("--body-bytes", type=int, default=2048, help="message body size [%(default)s]")
     parser.add_argument("--no-fsync", action="store_true", help="queue/maildir with fsync = no")
     parser.add_argument("--python", default=sys.executable, help="the Python with qpgevent and Locust")
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace, folder: Path) -> int:
                                  "-t", f"{args.run_time + args.stop_timeout:g}s", "--stop-timeout", f"{args.stop_timeout:g}", "--host", f"smtp://127.0.0.1:{server.port}",
                                  "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
                                  "--smtp-timeout", f"{args.smtp_timeout:g}", "--body-bytes", str(args.body_bytes),
+                                 "--think-seconds", f"{args.think_seconds:g}",
                                  "CleanSender"], folder / "master.log")
         children.append(master)
         for number in range(args.locust_workers):

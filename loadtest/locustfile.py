@@ -35,7 +35,7 @@ them, weighted as below):
 Options (Locust custom arguments; also settable as LOCUST_<NAME> environment variables):
 --rcpts, --body-bytes, --messages-dir, --sender, --recipient-domain, --helo, --tls,
 --auth USER:PASSWORD, --pipelining, --messages-per-connection, --spam-recipient, --slow-delay,
---slow-chunk, --slow-max-seconds, --idle-seconds, --smtp-timeout, --error-pause, --send-for (no new transaction after that many seconds; then a
+--slow-chunk, --slow-max-seconds, --idle-seconds, --smtp-timeout, --error-pause, --think-seconds, --send-for (no new transaction after that many seconds; then a
 master quits once every user has ended: a distributed run that counts every message).
 
 ``--host`` is ``smtp://HOST:PORT`` (port 25 if left out). Locust runs on gevent and
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import re
 import smtplib
 import ssl
@@ -55,7 +56,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import gevent
-from locust import User, between, constant, events, task
+from locust import User, between, events, task
 from locust.exception import StopUser
 from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner
 
@@ -88,6 +89,9 @@ def _add_options(parser) -> None:
     group.add_argument("--idle-seconds", type=float, default=30, help="IdleHolder: seconds to hold idle [30]")
     group.add_argument("--smtp-timeout", type=float, default=30, help="socket timeout in seconds [30]")
     group.add_argument("--error-pause", type=float, default=0.5, help="seconds a user waits after a failure [0.5]")
+    group.add_argument("--think-seconds", type=float, default=0,
+                       help="a pause between a user's transactions, uniform in 0..2x this (mean this); "
+                            "0: a closed loop, each user sends as fast as the server answers [0]")
     group.add_argument("--send-for", type=float, default=0,
                        help="seconds after the start past which no user begins a new transaction: each finishes "
                             "the one under way and stops; then a (master) Locust quits. 0: until -t [0]")
@@ -152,6 +156,7 @@ class Options:
         self.idle_seconds = get("idle_seconds", 30)
         self.timeout = get("smtp_timeout", 30)
         self.error_pause = get("error_pause", 0.5)
+        self.think = max(0.0, get("think_seconds", 0))
         folder = get("messages_dir", "")
         self.files = [wire_format(path.read_bytes()) for path in sorted(Path(folder).iterdir())
                       if path.is_file()] if folder else []
@@ -196,7 +201,6 @@ class SmtpUser(User):
     """Base of the scenarios: a timed SMTP client. Not run by itself."""
 
     abstract = True
-    wait_time = constant(0)           # closed loop: each user sends as fast as the server answers
     host = "smtp://127.0.0.1:2525"    # --host overrides it
 
     def on_start(self) -> None:
@@ -210,6 +214,11 @@ class SmtpUser(User):
 
     def on_stop(self) -> None:
         self.close(quit=True)
+
+    def wait_time(self) -> float:
+        """--think-seconds: a pause between transactions, uniform in 0..2x; 0: a closed loop."""
+        think = self.options.think
+        return random.uniform(0, 2 * think) if think else 0.0
 
     # -- reporting --------------------------------------------------------------------------
 

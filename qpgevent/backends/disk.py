@@ -125,7 +125,10 @@ def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], An
         failed, value = job.get()
     except BaseException:
         if not job.ready():
-            job.rawlink(lambda done: done.successful() and not done.value[0] and pool.spawn(undo, done.value[1]))
+            # A link runs in the hub, where nothing may wait: not even for a free thread of a
+            # busy pool (pool.spawn would, and the undo was lost). A greenlet of its own waits.
+            job.rawlink(lambda done: done.successful() and not done.value[0]
+                        and gevent.spawn(pool.apply, undo, (done.value[1],)))
         raise
     if failed:
         raise value
