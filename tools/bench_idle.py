@@ -196,7 +196,8 @@ def idle(args: argparse.Namespace, temp: Path, start_server: Callable, python: s
             print(f"{name:<10} held {held} ({'; '.join(reports)}); opened in {opened:.1f}s; open sockets per "
                   f"process {spread}; RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB = "
                   f"{per:.2f} KiB/session; fresh transaction p50 {pct(latencies, 50):.1f} ms p99 "
-                  f"{pct(latencies, 99):.1f} ms; load average {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{pct(latencies, 99):.1f} ms max {max(latencies):.1f} ms; load average "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
         finally:
             for holder in holders:
                 holder.stdin.close()

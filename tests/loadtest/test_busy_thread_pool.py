@@ -38,3 +38,23 @@ def test_an_interrupted_job_is_undone_even_when_every_thread_is_busy():
         gevent.joinall(blockers + waiting, timeout=30)
         for fd in (busy, busy_opener, ours, ours_opener):
             os.close(fd)
+
+
+def test_a_job_done_just_as_its_caller_is_interrupted_is_undone_too():
+    # The interruption and the job's end meet in one turn of the loop, hundreds of times: when
+    # the job is already done as the caller gives up, what it delivered must be taken back too.
+    interrupted, delivered, undone = [], [], []
+
+    def deliver(number: int) -> int:
+        delivered.append(number)
+        return number
+
+    for number in range(300):
+        try:
+            with gevent.Timeout(0.0001 * (number % 20)):
+                run_blocking_undoable(deliver, undone.append, number)
+        except gevent.Timeout:
+            interrupted.append(number)
+    finished = set(delivered) - set(interrupted)    # answered: kept
+    wait_until(lambda: set(undone) >= set(interrupted) & set(delivered), timeout=30, what="every undo")
+    assert interrupted and not set(undone) & finished
