@@ -1,15 +1,19 @@
 """Helpers of the outbound tests: messages, the queue folder, sending from the lab client, waiting,
-the ini of a server on loopback, the ``qpgevent queue`` tool."""
+the ini of a server on loopback, the ``qpgevent queue`` tool, a next hop that stops talking."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from gevent.event import Event
+from gevent.server import StreamServer
 
 from qpgevent.testing.outbound_lab import lab_smtp
 from qpgevent.testing import ServerProcess, plugin_section, wait_until, write_ini
@@ -84,3 +88,29 @@ def deferred_message(mta, subject):
     [row] = wait_until(lambda: [r for r in listing(mta) if r["id"] not in known and r["attempts"] >= 1], 30,
                        "a deferred attempt")
     return row
+
+
+class SilentServer:
+    """Accepts connections and says nothing after ``script`` lines of its own (a stuck MX)."""
+
+    def __init__(self, script: list[bytes]) -> None:
+        self.script, self.released, self.reached = script, Event(), Event()  # reached: its script is done
+        self.server = StreamServer(("127.0.0.1", 0), self.handle)
+        self.server.start()
+        self.port = self.server.server_port
+
+    def handle(self, sock: socket.socket, _address) -> None:
+        reader = sock.makefile("rb")
+        for reply in self.script:
+            sock.sendall(reply)
+            if reply.startswith(b"354"):
+                while reader.readline() not in (b".\r\n", b""):  # the message, to its final dot
+                    pass
+            else:
+                reader.readline()  # the client's next command
+        self.reached.set()
+        self.released.wait(60)  # then silence, until the test ends
+
+    def stop(self) -> None:
+        self.released.set()
+        self.server.stop()

@@ -15,8 +15,9 @@ import urllib.request
 
 import pytest
 
-from outbound_helpers import deferred_message, listing, loopback_ini, message, queue
+from outbound_helpers import SilentServer, deferred_message, listing, loopback_ini, message, queue
 from qpgevent.testing import ServerProcess, wait_until, write_ini
+from qpgevent.server import queue_runner
 from qpgevent.testing.mta import Postfix
 
 
@@ -116,7 +117,31 @@ def test_sighup_restarts_the_runner_with_new_routes_and_delivers_nothing_twice(t
         mta.terminate()
 
 
+def test_a_runner_stuck_in_a_delivery_at_a_reload_is_killed_after_the_grace_and_replaced(tmp_path, postfix):
+    # The old route's MX takes the message and never answers the final dot; the timeouts are an hour.
+    stuck = SilentServer([b"220 hello\r\n", b"250 hi\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"])
+    options = {"command_timeout": 3600, "data_timeout": 3600, "minimal_backoff": 1, "maximal_backoff": 2}
+    mta = ServerProcess(loopback_ini(tmp_path, routes=[f"*:127.0.0.1:{stuck.port}"], **options))
+    try:
+        with mta.smtp() as client:
+            client.sendmail("s@sender.test", ["sender@sender.test"], message("stuck"))
+        assert stuck.reached.wait(30), "the message never reached the stuck MX"
+        loopback_ini(tmp_path, routes=[f"*:127.0.0.1:{postfix.port}"], **options)
+        mta.process.send_signal(signal.SIGHUP)
+        grace = queue_runner.STOP_GRACE
+        wait_until(lambda: f"still running {grace:.0f}s after TERM: SIGKILL" in mta.log(), grace + 60, "the kill")
+        wait_until(lambda: "killed by signal SIGKILL for the reload" in mta.log(), 30, "the restart")
+        # The new runner delivers it by the new route (the stuck MX never said 250: no duplicate there).
+        [got] = postfix.wait_for_messages("sender@sender.test", 1, timeout=60)
+        assert email.message_from_bytes(got)["Subject"] == "stuck"
+        wait_until(lambda: listing(mta) == [], 30, "the queue empty")
+    finally:
+        mta.terminate()
+        stuck.stop()
+
+
 def test_a_second_runner_waits_for_the_queue_folder_until_the_first_is_gone(mta, postfix, tmp_path):
+    wait_until(lambda: ") running on " in mta.log(), 30, "the server's runner holding the folder")
     log_path = tmp_path / "second-runner.log"
     with open(log_path, "wb") as log:
         second = subprocess.Popen([sys.executable, "-m", "qpgevent", "queue-runner", "-c", mta.ini,
