@@ -424,5 +424,6 @@ class Runner:
         notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind)
         if action == "failed":
             queue_metrics.delivery("bounced")
+        self.census[notice.id] = (1, 0)
         self.schedule.set(notice.id, 0.0)
         log.info("%s: %s %s to <%s> for %d recipient(s)", envelope.id, kind, notice.id, to, len(failures))

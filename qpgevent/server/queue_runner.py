@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
-    if lock_queue(queue.directory, stop) is None:
-        return 0  # asked to stop while another runner held the folder: nothing was done
+    try:
+        if lock_queue(queue.directory, stop) is None:
+            return 0  # asked to stop while another runner held the folder: nothing was done
+    except OSError as error:
+        print(f"qpgevent queue runner: cannot lock {queue.directory}: {error}", file=sys.stderr)
+        return 2
     kicks = _listen_for_kicks(queue.kick_path, runner)
     log.info("queue runner (pid %d) running on %s", os.getpid(), queue.directory)
     try:
@@ -151,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 def lock_queue(directory: str, stop: Event | None = None) -> int | None:
     """Take the folder's runner lock: its file descriptor, held until it is closed or the
     process ends. Waits while another process holds it, until ``stop`` is set (then None);
-    without ``stop``, None at once when it is held."""
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    without ``stop``, None at once when it is held. Read-only (flock needs no more), so that
+    a lock file made by a tool run as root serves the runner's user too. Raises OSError."""
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     waiting = False
     while True:
         try:

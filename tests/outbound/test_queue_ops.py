@@ -13,7 +13,9 @@ import subprocess
 import sys
 import urllib.request
 
+import gevent
 import pytest
+from gevent.event import Event
 
 from outbound_helpers import SilentServer, deferred_message, listing, loopback_ini, message, queue
 from qpgevent.testing import ServerProcess, wait_until, write_ini
@@ -166,3 +168,18 @@ def test_a_second_runner_waits_for_the_queue_folder_until_the_first_is_gone(mta,
         if second.poll() is None:
             second.kill()
             second.wait(10)
+
+
+def test_the_runner_lock_is_exclusive_until_its_descriptor_is_closed(tmp_path):
+    first = queue_runner.lock_queue(str(tmp_path))
+    assert first is not None
+    try:
+        assert queue_runner.lock_queue(str(tmp_path)) is None  # held: at once, without a stop event
+        stop = Event()
+        gevent.spawn_later(0.3, stop.set)
+        assert queue_runner.lock_queue(str(tmp_path), stop) is None  # waited until told to stop
+    finally:
+        os.close(first)
+    again = queue_runner.lock_queue(str(tmp_path))
+    assert again is not None
+    os.close(again)
