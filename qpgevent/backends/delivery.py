@@ -141,6 +141,8 @@ class Runner:
         self.schedule = Schedule()  #: id -> next attempt (None: held)
         self.active: set[str] = set()
         self.after_attempt: dict[str, list[str]] = {}  #: commands for messages being tried
+        #: id -> (pending recipients, attempts) as last read or written: the metrics' census.
+        self.census: dict[str, tuple[int, int]] = {}
         self.wake = Event()
         self.rescan = True  #: look at the folder on the next turn (a new message was kicked in)
         self.last_scan = self.last_published = 0.0
@@ -252,13 +254,20 @@ class Runner:
             except QueueError as error:
                 log.error("%s", error)
                 continue
+            self.census[message_id] = (len(envelope.pending()), envelope.attempts)
             self.schedule.set(message_id, None if envelope.held else envelope.next_attempt)
 
     def _publish_state(self) -> None:
         queued = self.schedule.ids() | self.active
         # Ids begin with their arrival time in milliseconds (outqueue.new_id).
         oldest = min((int(i[:13], 16) / 1000 for i in queued if i[:13].isalnum()), default=time.time())
-        queue_metrics.queue_state(len(queued), time.time() - oldest)
+        self.census = {i: self.census.get(i, (0, 0)) for i in queued}  # forget the messages gone
+        held = [i for i in queued if self.schedule.get(i) is None and i not in self.active]
+        deferred = [i for i, (_, attempts) in self.census.items()
+                    if attempts and i not in self.active and self.schedule.get(i) is not None]
+        queue_metrics.queue_state(queue_metrics.QueueState(
+            messages=len(queued), recipients=sum(pending for pending, _ in self.census.values()), held=len(held),
+            deferred=len(deferred), active=len(self.active), oldest_seconds=time.time() - oldest))
 
     def start_due(self) -> None:
         free = self.options.max_deliveries - len(self.active)
@@ -323,6 +332,7 @@ class Runner:
         """After an attempt: notices for new failures; then forget the message, or reschedule it."""
         message_id = envelope.id
         self._notify(envelope)
+        self.census[message_id] = (len(envelope.pending()), envelope.attempts)
         if envelope.done:
             self.blocking(self.queue.remove, message_id)
             self.schedule.pop(message_id)
@@ -471,6 +481,7 @@ class Runner:
                                requiretls=envelope.requiretls)
         if action == "failed":
             queue_metrics.delivery("bounced")
+        self.census[notice.id] = (1, 0)
         self.schedule.set(notice.id, 0.0)
         log.info("%s: %s %s (%s) to <%s> for %d recipient(s)", envelope.id, kind, notice.id, action, to,
                  len(failures))

@@ -239,6 +239,11 @@ def _registry() -> Any:
     return registry
 
 
+def families() -> list[Any]:
+    """Every metric family, summed over the processes (none before ``init``)."""
+    return list(_registry().collect()) if _metrics is not None else []
+
+
 def render() -> tuple[bytes, str]:
     """The Prometheus text exposition of every process's metrics, and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -257,9 +262,7 @@ _TOTALS = {"qpgevent_connections_total": "connections", "qpgevent_transactions_t
 def totals() -> dict[str, int]:
     """A few counters summed over every process and label, since the server started."""
     out = dict.fromkeys(_TOTALS.values(), 0)
-    if _metrics is None:
-        return out
-    for family in _registry().collect():
+    for family in families():
         for sample in family.samples:
             key = _TOTALS.get(sample.name)
             if key is not None:

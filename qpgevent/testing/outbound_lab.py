@@ -157,13 +157,18 @@ class LabDns:
     ``address``:53, stubbed to NSD, refusing every other name (it never asks the real
     root). The zones in ``signed`` are signed at start (ldns-signzone, ECDSA P-256), and
     unbound trusts their keys: answers from them carry AD; the rest are insecure.
+
+    ``ttl`` is every record's TTL (and the zones' negative TTL), ``negative_ttl`` how long
+    unbound keeps a negative answer: short by default, so that a test's records never
+    linger; a benchmark asks for real-world ones (minutes), which callers' caches honour.
     """
 
     NSD_PORT = 5300
 
     def __init__(self, lab: NetLab, host: str, address: str, zones: dict[str, dict[str, list[tuple[str, str]]]],
-                 signed: tuple[str, ...] = ()) -> None:
+                 signed: tuple[str, ...] = (), ttl: int = 5, negative_ttl: int = 1) -> None:
         self.lab, self.host, self.address, self.zones, self.signed = lab, host, address, zones, signed
+        self.ttl = ttl
         self.dir = Path(private_folder("qpg-labdns-"))
         self.processes: list[subprocess.Popen[bytes]] = []
         nsd = ["server:", f"    ip-address: 127.0.0.1@{self.NSD_PORT}", "    do-ip6: no", '    username: ""',
@@ -175,7 +180,7 @@ class LabDns:
                    '    username: ""', '    chroot: ""', f'    directory: "{self.dir}"', f'    pidfile: "{self.dir}/unbound.pid"',
                    "    use-syslog: no", '    logfile: ""', "    num-threads: 1", "    do-not-query-localhost: no",
                    '    module-config: "validator iterator"', '    local-zone: "test." nodefault',
-                   '    local-zone: "." refuse', "    cache-max-ttl: 5", "    cache-max-negative-ttl: 1"]
+                   '    local-zone: "." refuse', f"    cache-max-ttl: {ttl}", f"    cache-max-negative-ttl: {negative_ttl}"]
         stubs = []
         self.keys: dict[str, tuple[str, str]] = {}
         for zone in zones:
@@ -203,7 +208,8 @@ class LabDns:
 
     def _write_zone(self, zone: str, serial: int = 1) -> str:
         """Write (and sign, with the zone's keys) ``zone``; its file name for NSD."""
-        lines = [f"$ORIGIN {zone}.", "$TTL 5", f"@ IN SOA ns.{zone}. h.{zone}. {serial} 3600 600 86400 5",
+        ttl = self.ttl
+        lines = [f"$ORIGIN {zone}.", f"$TTL {ttl}", f"@ IN SOA ns.{zone}. h.{zone}. {serial} 3600 600 86400 {ttl}",
                  f"@ IN NS ns.{zone}."]
         lines += [f"{owner} IN {rtype} {rdata}" for owner, records in self.zones[zone].items()
                   for rtype, rdata in records]

@@ -7,6 +7,9 @@ The internet (module-wide, ~2 s to build): hosts ``client`` (198.18.0.2), ``mta`
 for mx1.lab.test, mx2's names another host, and mx1 logs the commands qpgevent sends it; ``mx3`` has nothing on port 25 (connections
 refused); ``mx4`` is for Postfix instances a test starts itself (one that comes back, a
 slow one). The DNS is a validating unbound in front of NSD; ``dane.test`` is signed.
+
+On loopback, no lab: ``postfix`` (a private Postfix) and ``mta`` (qpgevent with
+queue/outbound and the admin pages, late.test routed to a port where nothing listens).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from outbound_helpers import loopback_ini
+from qpgevent.testing.mta import Postfix, free_port
 from qpgevent.testing.outbound_lab import LabDns, LabPostfix, NetLab, PolicyServer, sweep
 from qpgevent.tls_policy import spki
 from qpgevent.testing import ServerProcess, plugin_section, write_ini
@@ -199,3 +204,21 @@ def start_mta(internet, tmp_path, start_lab_server):
         return start_lab_server("mta", plugins, **settings)
 
     return start
+
+
+@pytest.fixture
+def postfix():
+    server = Postfix(["sender@sender.test", "late@late.test"]).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def mta(tmp_path, postfix):
+    """late.test goes to a port where nothing listens yet; the rest to Postfix. Long backoff."""
+    late_port = free_port()
+    server = ServerProcess(loopback_ini(tmp_path, routes=[f"late.test:127.0.0.1:{late_port}",
+                                                          f"*:127.0.0.1:{postfix.port}"]))
+    server.late_port = late_port
+    yield server
+    server.terminate()
