@@ -6,7 +6,8 @@ reversed nibbles of an IPv6 one, in the zone; a listing is an A record in 127.0.
 so five lists cost the wait of the slowest, not the sum (qpsmtpd asked them one after
 another, 30 s each). With ``lookahead`` (the default) the questions go out as the client
 connects (pre_connection), so their wait overlaps the core's reverse look-up of the
-client (``[dns] reverse_lookup``) instead of following it. Then:
+client (``[dns] reverse_lookup``) instead of following it (the pending answers wait in
+the connection note ``dnsbl_lookahead`` until connect). Then:
 
 - a client listed in a whitelist zone (DNSWL, qpsmtpd's ``dns_whitelist_soft``) is not
   refused, whatever the blocklists say; ``connection.notes["whitelisthost"]`` is set, so

@@ -391,33 +391,18 @@ def test_three_zones_behind_a_1s_nameserver_take_1s_not_3s(start, nsd):
         assert 2.0 <= seconds < 3.5, seconds
 
 
-class RecordingFront(SlowDnsFront):
-    """A slow front that notes, for each query, how many answers it had sent when it came."""
-
-    def __init__(self, upstream_port, delay):
-        super().__init__(upstream_port, delay=delay)
-        self.answered, self.seen = 0, []
-
-    def _on_datagram(self, query, client):
-        self.seen.append(self.answered)
-        try:
-            super()._on_datagram(query, client)
-        finally:
-            self.answered += 1
-
-
 @pytest.mark.parametrize("lookahead, answers_before_the_blocklist_query", [("yes", 0), ("no", 1)])
 def test_lookahead_asks_the_blocklist_while_the_core_looks_up_the_client_name(
         start, nsd, lookahead, answers_before_the_blocklist_query):
-    with RecordingFront(nsd.port, delay=0.2) as front:
+    with SlowDnsFront(nsd.port, delay=0.2) as front:
         server = start(f"zones = zen.test\nlookahead = {lookahead}", dns_port=front.port, dns_cache_size=0,
                        dns_reverse_lookup="yes")
         code, text, _ = greet(server, "127.0.0.3")
     assert (code, text) == (554, "5.7.1 127.0.0.3 is listed in zen.test")
     # The first query is the core's PTR look-up; the blocklist's A query comes second:
     # ahead, before the PTR answer is back; without lookahead, only after it.
-    assert front.seen[0] == 0
-    assert min(front.seen[1], 1) == answers_before_the_blocklist_query, front.seen
+    assert front.arrivals[0] == 0
+    assert min(front.arrivals[1], 1) == answers_before_the_blocklist_query, front.arrivals
 
 
 # -- configuration --------------------------------------------------------------------
