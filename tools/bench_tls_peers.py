@@ -38,7 +38,9 @@ repeated --rounds times (A B C, A B C, ...), after one unmeasured warm-up run ea
 run starts once the previous server has gone idle (its CPU time stopped growing). Printed:
 the median rate (min-max over rounds), the server's CPU ms per session or message (all its
 processes, from /proc), and qpgevent's rate over each server's taken within each round
-(median, min-max). A run in which any client saw a refusal or an error fails the tool.
+(median, min-max); "client ms" is the client processes' CPU per session or message: when
+it is as large as the servers', the client bounds the rates and the CPU columns are the
+steadier comparison. A run in which any client saw a refusal or an error fails the tool.
 
 Exit status 0 when every run succeeded, 1 otherwise, 2 for bad options.
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -160,11 +163,17 @@ print(f"done {len(failures)} {failures[:1]}", flush=True)
 '''
 
 
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_clients(args: argparse.Namespace, server: Server, cafile: Path, connections: int, per_connection: int,
-                concurrency: int) -> float:
-    """Seconds for ``connections`` STARTTLS connections of ``per_connection`` messages, split over
-    the client processes, all told to go at once. BenchError if any client failed."""
+                concurrency: int) -> tuple[float, float]:
+    """(seconds, client CPU seconds) for ``connections`` STARTTLS connections of ``per_connection``
+    messages, split over the client processes, all told to go at once. BenchError if any failed."""
     processes = []
+    cpu = children_cpu_seconds()
     for index in range(args.clients):
         share = connections // args.clients + (index < connections % args.clients)
         processes.append(subprocess.Popen(
@@ -193,7 +202,7 @@ def run_clients(args: argparse.Namespace, server: Server, cafile: Path, connecti
     failed = [answer for answer in answers if answer[0] != "done" or answer[1] != "0"]
     if failed:
         raise benchlib.BenchError(f"{server.name}: client failures: {failed}\n{benchlib.tail(server.log())}")
-    return seconds
+    return seconds, children_cpu_seconds() - cpu
 
 
 def settle(server: Server, quiet: float = 0.3, limit: float = 30.0) -> None:
@@ -216,6 +225,7 @@ class Cell:
     concurrency: int
     rates: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)  # CPU ms per unit, per round
+    client_cpu: dict[str, list[float]] = field(default_factory=dict)  # the clients' CPU ms per unit
 
 
 def measure(args: argparse.Namespace, servers: list[Server], cafile: Path, cell: Cell) -> None:
@@ -229,18 +239,19 @@ def measure(args: argparse.Namespace, servers: list[Server], cafile: Path, cell:
     for _ in range(args.rounds):
         for server in servers:
             cpu = server.cpu_seconds()
-            seconds = run_clients(args, server, cafile, connections, per_connection, cell.concurrency)
+            seconds, client_cpu = run_clients(args, server, cafile, connections, per_connection, cell.concurrency)
             settle(server)
             units_done = connections * (1 if cell.measure == "sessions/s" else per_connection)
             cell.rates.setdefault(server.name, []).append(units_done / seconds)
             cell.cpu.setdefault(server.name, []).append((server.cpu_seconds() - cpu) * 1000 / units_done)
+            cell.client_cpu.setdefault(server.name, []).append(client_cpu * 1000 / units_done)
         print("  round: " + ", ".join(f"{name} {rates[-1]:.0f}" for name, rates in cell.rates.items()),
               flush=True)
 
 
 def table(cells: list[Cell]) -> list[str]:
     lines = [f"{'measure':<11} {'conc':>5} {'server':<9} {'rate':>7} {'min-max':>11} {'CPU ms/unit':>11} "
-             f"{'xqpgevent':>9} {'min-max':>11}"]
+             f"{'client ms':>9} {'xqpgevent':>9} {'min-max':>11}"]
     for cell in cells:
         reference = cell.rates.get("qpgevent")
         for name, rates in cell.rates.items():
@@ -251,7 +262,7 @@ def table(cells: list[Cell]) -> list[str]:
                 ratio, spread = f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}"
             lines.append(f"{cell.measure:<11} {cell.concurrency:>5} {name:<9} {statistics.median(rates):>7.0f} "
                          f"{f'{min(rates):.0f}-{max(rates):.0f}':>11} {statistics.median(cell.cpu[name]):>11.2f} "
-                         f"{ratio:>9} {spread:>11}")
+                         f"{statistics.median(cell.client_cpu[name]):>9.2f} {ratio:>9} {spread:>11}")
         lines.append("")
     return lines
 
