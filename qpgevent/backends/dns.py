@@ -23,7 +23,8 @@ greenlets started by ``parallel`` and ``ahead`` inherit it. Outside any server a
 system's resolver (/etc/resolv.conf's, made on first use) answers.
 
 The pieces live beside this module: the resolver, its cache and the making of names in
-``dns_resolver``, the time budget and ``parallel`` in ``dns_budget``; their names are
+``dns_resolver``, the time budget, ``parallel`` (look-ups at once) and ``ahead`` (a
+look-up started now, its result taken by a later hook) in ``dns_budget``; their names are
 re-exported here, the plugin API's ``qpgevent.dns``.
 """
 
