@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,8 +88,8 @@ class Server:
     name: str
     port: int
     pid: int
-    stop: object  # a callable
-    log: object   # a callable giving its log text
+    stop: Callable[[], object]
+    log: Callable[[], str]  # its log text
 
     def cpu_seconds(self) -> float:
         return benchlib.tree_cpu_seconds(self.pid)
