@@ -303,13 +303,16 @@ class Driver:
         out = self.conversation.out
         if not out:
             return
+        # Sent as a copy: gevent's sendall holds a view of what it sends, and on a failed write
+        # the exception's traceback (kept by whoever keeps the log record) keeps that view
+        # alive; a bytearray with a view cannot be cleared (BufferError).
+        data = bytes(out)
+        out.clear()
         try:
-            self._within(self.settings.command_timeout, self.sock.sendall, out)
+            self._within(self.settings.command_timeout, self.sock.sendall, data)
         except OSError as error:
             self.session.log.info("write failed: %s", error)
-            out.clear()
             raise SessionClosed from None
-        out.clear()
         self._request_started = None  # we answered: what the client sends next is a new request
 
     def _last_words(self, words: Reply) -> None:
