@@ -42,7 +42,8 @@ queued like a bounce; none when the next hop offers DSN (it got the request), no
 the null sender.
 
 REQUIRETLS (RFC 8689). A message sent with REQUIRETLS (which the core takes only inside
-TLS) is queued with the flag. The runner delivers it only over TLS whose certificate it
+TLS) is queued with the flag. The runner delivers it only to MX hosts of a DNSSEC-validated
+MX answer or named by the domain's MTA-STS policy, only over TLS whose certificate it
 verified (PKIX for the MX host's name, ``tls_ca_file`` or the system's CAs; or a DANE-EE
 or DANE-TA TLSA match where the domain has DANE), to a server that offers REQUIRETLS, with
 ``REQUIRETLS`` on its MAIL. Otherwise (a server without REQUIRETLS; no server whose TLS

@@ -42,7 +42,8 @@ DSN gets the request (RET, ENVID, NOTIFY, ORCPT); a hop that does not and accept
 NOTIFY=SUCCESS recipient makes it ``relayed`` (saved with its delivery): one "relayed"
 report per attempt (RFC 3461 5.2.2.3). Reports other than failures carry only the header.
 
-*REQUIRETLS* (RFC 8689 4.2.1). A flagged message goes only over TLS whose certificate was
+*REQUIRETLS* (RFC 8689 4.2.1). A flagged message goes only to MX hosts of a validated
+MX answer or named by an MTA-STS policy (else 5.7.10 at once), only over TLS whose certificate was
 verified (PKIX for the MX name, ``verify``; or a DANE-EE or DANE-TA match for a DANE domain) to a
 server that offers REQUIRETLS, with REQUIRETLS on MAIL. A server without REQUIRETLS, or
 servers that all answered without such TLS, fail its recipients (5.7.10); its notice is
@@ -77,7 +78,7 @@ from ..core.schedule import Schedule
 from .relay_pool import Pool
 from .relay_routes import Route, route_for
 from .smtp_downstream import ClientOptions, DownstreamError, Response, TlsFailure
-from .tls_policy import TlsPolicies, TlsPolicyError
+from .tls_policy import MxNotAuthenticated, TlsPolicies, TlsPolicyError
 
 log = logging.getLogger("qpgevent.delivery")
 
@@ -357,11 +358,13 @@ class Runner:
         routes = self.options.routes or []
         try:
             route = mxroute.destination(domain, routes, self.options.port, self.options.families)
-            route, level = self.tls.prepare(domain, route, static=route_for(routes, domain) is not None)
-            if envelope.requiretls:  # RFC 8689 4.2.1: a certificate verified by DANE, else by PKIX
+            static = route_for(routes, domain) is not None
+            route, level = self.tls.prepare(domain, route, static=static)
+            if envelope.requiretls:  # RFC 8689 4.2.1: authenticated MX hosts; DANE, else PKIX
+                route = route if static else self.tls.requiretls_route(domain, route)
                 level = REQUIRETLS_DANE if level == "dane" else "verify"
-        except mxroute.RoutingError as error:
-            state = State.FAILED if error.permanent else State.PENDING
+        except (mxroute.RoutingError, MxNotAuthenticated) as error:
+            state = State.PENDING if isinstance(error, mxroute.RoutingError) and not error.permanent else State.FAILED
             for recipient in recipients:
                 self._decide(recipient, state, str(error), "")
         except TlsPolicyError as error:

@@ -89,6 +89,10 @@ class TlsPolicyError(Exception):
     """A policy cannot be learned now (a TLSA look-up failed): defer the domain."""
 
 
+class MxNotAuthenticated(Exception):
+    """A REQUIRETLS message's MX hosts are not authenticated (RFC 8689 4.2.1): fail, do not retry."""
+
+
 @dataclass(frozen=True)
 class StsPolicy:
     id: str
@@ -265,6 +269,20 @@ class TlsPolicies:
             return f"5.7.10 {hop.name} has no DANE-EE or DANE-TA record to verify its certificate against"
         return self._after_tls("dane", hop, sock)
 
+    def requiretls_route(self, domain: str, route: Route) -> Route:
+        """The MX hosts a REQUIRETLS message may go to (RFC 8689 4.2.1): all of them when the
+        MX answer was DNSSEC-validated, else those an MTA-STS policy (enforce or testing)
+        names; none: MxNotAuthenticated. A look-up that fails now: TlsPolicyError (defer)."""
+        if _validated_mx(domain):
+            return route
+        policy = self._sts_policy(domain.lower()) if self.use_mta_sts else None
+        if policy is not None and policy.mode != "none":
+            hops = tuple(hop for hop in route.hops if policy.matches(hop.name or hop.host))
+            if hops:
+                return Route(route.domain, hops)
+        raise MxNotAuthenticated(f"5.7.10 the MX hosts of {domain} are neither DNSSEC-validated nor named "
+                                 f"by an MTA-STS policy (REQUIRETLS, RFC 8689 4.2.1)")
+
     # MTA-STS ----------------------------------------------------------------------------
     def _sts_policy(self, domain: str) -> StsPolicy | None:
         now = time.time()
@@ -353,11 +371,7 @@ def chain_as_sent(sock: ssl.SSLSocket) -> list[bytes]:
 
 def _validated_tlsa(name: str) -> tuple[list[tuple[int, int, int, bytes]], float]:
     """The TLSA records of ``name`` if the resolver validated them (AD), else [], and their TTL."""
-    default = qdns.default()
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers, resolver.port = list(default.nameservers), default.port
-    resolver.flags = dns.flags.RD | dns.flags.AD  # RFC 6840 5.7: AD in the query asks for it back
-    resolver.lifetime = default.timeout
+    resolver = _validating_resolver()
     try:
         answer = resolver.resolve(name, dns.rdatatype.TLSA, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -367,3 +381,25 @@ def _validated_tlsa(name: str) -> tuple[list[tuple[int, int, int, bytes]], float
     if not answer.response.flags & dns.flags.AD:
         return [], TLSA_CACHE_NONE  # not validated: not DANE (RFC 7672 2.2)
     return [(r.usage, r.selector, r.mtype, r.cert) for r in answer], float(answer.rrset.ttl if answer.rrset else 0)
+
+
+def _validated_mx(domain: str) -> bool:
+    """Whether the resolver validated the MX answer of ``domain`` (DNSSEC: the AD bit), an
+    answer without MX records included (the implicit MX). A failed look-up: TlsPolicyError."""
+    try:
+        answer = _validating_resolver().resolve(domain, dns.rdatatype.MX, search=False, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return False
+    except dns.exception.DNSException as error:
+        raise TlsPolicyError(f"4.4.3 MX look-up of {domain} failed: {error}") from None
+    return bool(answer.response.flags & dns.flags.AD)
+
+
+def _validating_resolver() -> dns.resolver.Resolver:
+    """A resolver on ``[dns]``'s servers that asks for the AD bit (RFC 6840 5.7) and caches nothing."""
+    default = qdns.default()
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port = list(default.nameservers), default.port
+    resolver.flags = dns.flags.RD | dns.flags.AD
+    resolver.lifetime = default.timeout
+    return resolver

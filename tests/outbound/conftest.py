@@ -43,7 +43,15 @@ ZONES = {
     "implicit.test": {"@": [("A", "198.18.0.22")]},
     "sender.test": {"@": [("MX", "10 mx1.lab.test.")]},
     "nullmx.test": {"@": [("MX", "0 .")]},
-    "late.test": {"@": [("MX", "10 mx4.lab.test.")]},
+    # late.test: an MTA-STS policy in testing mode (nothing enforced) that names mx4, so that
+    # REQUIRETLS may use that MX (RFC 8689 4.2.1); unauth.test: the same MX, no policy.
+    "late.test": {"@": [("MX", "10 mx4.lab.test.")], "_mta-sts": [("TXT", '"v=STSv1; id=1;"')],
+                  "mta-sts": [("A", "198.18.0.80")]},
+    "unauth.test": {"@": [("MX", "10 mx4.lab.test.")]},
+    # fallback.test with a testing policy: its first MX cannot be reached, its second shows a
+    # certificate for another name.
+    "stsfallback.test": {"@": [("MX", "10 mx3.lab.test."), ("MX", "20 mx2.lab.test.")],
+                         "_mta-sts": [("TXT", '"v=STSv1; id=1;"')], "mta-sts": [("A", "198.18.0.80")]},
     "slow.test": {"@": [("MX", "10 mx4.lab.test.")]},
     # MTA-STS: policies served by the "web" host; mx2's certificate names another host.
     "sts.test": {"@": [("MX", "10 mx2.lab.test.")], "_mta-sts": [("TXT", '"v=STSv1; id=1;"')],
@@ -61,7 +69,9 @@ ZONES = {
 }
 STS_POLICIES = {"sts.test": "version: STSv1\r\nmode: enforce\r\nmx: mx2.lab.test\r\nmax_age: 86400\r\n",
                 "stsok.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n",
-                "stsrpt.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n"}
+                "stsrpt.test": "version: STSv1\r\nmode: enforce\r\nmx: *.lab.test\r\nmax_age: 86400\r\n",
+                "late.test": "version: STSv1\r\nmode: testing\r\nmx: mx4.lab.test\r\nmax_age: 86400\r\n",
+                "stsfallback.test": "version: STSv1\r\nmode: testing\r\nmx: *.lab.test\r\nmax_age: 86400\r\n"}
 
 
 def dane_zone(spki_sha256: str, ca_sha256: str, ca_spki_sha256: str, other_ca_sha256: str) -> dict:

@@ -122,20 +122,25 @@ def test_requiretls_delivers_only_over_verified_tls_to_a_hop_offering_it(interne
                                                                          tmp_path):
     # mx4: qpgevent, which offers REQUIRETLS inside TLS; its certificate is valid for mx4.lab.test.
     chain, key = internet.certificate("mx4.lab.test")
-    receiver = start_lab_server("mx4", "[[rcpt_ok]]\n  domains = late.test\n[[queue/maildir]]\n  path = Maildir\n",
+    receiver = start_lab_server("mx4", "[[rcpt_ok]]\n  domains = late.test, unauth.test\n"
+                                "[[queue/maildir]]\n  path = Maildir\n",
                                 tls_certificate=str(chain), tls_key=str(key),
                                 logging_level="debug", logging_trace="yes")
     maildir = tmp_path / "mx4" / "Maildir" / "new"
     server = start_mta(tls=True)
     send_with(internet, "sender@late.test", ["REQUIRETLS"], {
-        "late@late.test": [],  # mx4: verified TLS (PKIX, mx4.lab.test) and REQUIRETLS: delivered
-        "a@pref.test": [],  # mx1 (Postfix): verified TLS, no REQUIRETLS: fails
-        "e@implicit.test": [],  # mx2 (Postfix): its certificate names another host: fails
-        "x@good.dane.test": [],  # mx1 by DANE: the certificate matches its TLSA record; no REQUIRETLS: fails
+        # mx4: its MX named by late.test's MTA-STS policy, verified TLS (PKIX, mx4.lab.test),
+        # REQUIRETLS offered: delivered
+        "late@late.test": [],
+        "u@unauth.test": [],  # mx4 too, but neither a validated MX answer nor a policy names it: fails
+        "a@pref.test": [],  # the same for mx1 (Postfix): fails before any connection
+        "s@stsok.test": [],  # mx1, named by an enforce policy, verified TLS, no REQUIRETLS: fails
+        "s@sts.test": [],  # mx2, named by its policy: its certificate names another host: fails
+        "x@good.dane.test": [],  # mx1 by DANE (a validated MX): the certificate matches; no REQUIRETLS: fails
         "y@bad.dane.test": [],  # mx1 under a TLSA record it does not match: fails
         # MX 10 mx3 cannot be reached (it might have had good TLS), MX 20 mx2 has a bad
         # certificate: not delivered, and only deferred.
-        "c@fallback.test": [],
+        "c@stsfallback.test": [],
     }, message("secret", sender="sender@late.test", to="late@late.test"), tls=True)
 
     def arrived():
@@ -150,26 +155,29 @@ def test_requiretls_delivers_only_over_verified_tls_to_a_hop_offering_it(interne
     assert re.search(r"C: MAIL FROM:<> .*REQUIRETLS", log), log
     assert "Subject: secret" in delivered.as_string()
     _, blocks = blocks_of(notice)
-    assert set(blocks) == {"rfc822; a@pref.test", "rfc822; e@implicit.test", "rfc822; x@good.dane.test",
-                           "rfc822; y@bad.dane.test"}
+    assert set(blocks) == {"rfc822; u@unauth.test", "rfc822; a@pref.test", "rfc822; s@stsok.test",
+                           "rfc822; s@sts.test", "rfc822; x@good.dane.test", "rfc822; y@bad.dane.test"}
     for block in blocks.values():
         assert block["Action"] == "failed" and block["Status"] == "5.7.10"
-    assert "does not offer REQUIRETLS" in blocks["rfc822; a@pref.test"]["Diagnostic-Code"]
-    assert "CERTIFICATE_VERIFY_FAILED" in blocks["rfc822; e@implicit.test"]["Diagnostic-Code"]
+    for address in ("u@unauth.test", "a@pref.test"):
+        assert "neither DNSSEC-validated nor named by an MTA-STS policy" in blocks[f"rfc822; {address}"]["Diagnostic-Code"]
+    assert "does not offer REQUIRETLS" in blocks["rfc822; s@stsok.test"]["Diagnostic-Code"]
+    assert "CERTIFICATE_VERIFY_FAILED" in blocks["rfc822; s@sts.test"]["Diagnostic-Code"]
     # DANE verified that certificate (else: "no verified TLS session"); the hop lacked REQUIRETLS.
     assert "does not offer REQUIRETLS" in blocks["rfc822; x@good.dane.test"]["Diagnostic-Code"]
     assert "does not match its TLSA records" in blocks["rfc822; y@bad.dane.test"]["Diagnostic-Code"]
     assert notice.get_payload()[2].get_content_type() == "text/rfc822-headers"  # not the secret body
-    # The notice has left the queue; the message stays, for c@fallback.test alone.
+    # The notice has left the queue; the message stays, for c@stsfallback.test alone.
     queue = Queue(str(tmp_path / "queue"))
     wait_until(lambda: len(queue.ids()) == 1, 30, "only the message left in the queue")
     [pending] = queue.load(queue.ids()[0]).pending()
-    assert pending.address == "c@fallback.test" and pending.reply.startswith("4.4.1 ")
+    assert pending.address == "c@stsfallback.test" and pending.reply.startswith("4.4.1 ")
     assert "CERTIFICATE_VERIFY_FAILED" in pending.reply
-    # No Postfix got the message, in clear or otherwise.
-    for address in ("a@pref.test", "x@good.dane.test", "y@bad.dane.test"):
+    # Only mx4 got the message, once; no Postfix got it, in clear or otherwise.
+    assert len([m for m in arrived() if m["Subject"] == "secret"]) == 1
+    assert "u@unauth.test" not in receiver.log()
+    for address in ("a@pref.test", "s@stsok.test", "x@good.dane.test", "y@bad.dane.test"):
         assert not any(b"Subject: secret" in m for m in internet.mx1.messages(address))
-    for address in ("e@implicit.test", "c@fallback.test"):
-        assert not any(b"Subject: secret" in m for m in internet.mx2.messages(address))
+    assert not any(b"Subject: secret" in m for m in internet.mx2.messages("s@sts.test"))
     assert "MAIL FROM:<sender@late.test>" not in internet.mx1.log()
     assert "5.7.10" in server.log()
