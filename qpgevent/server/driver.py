@@ -10,6 +10,7 @@ keeps the session on the live scoreboard and in the connection metrics.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import contextvars
 import logging
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.socket
+import gevent.ssl
 from gevent import select
 
 from ..backends import dns, metrics, scoreboard
@@ -76,6 +79,8 @@ class Driver:
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
                                          surroundings=surroundings(settings, peers, wait_for_input))
         self.session: Session = self.conversation.session
+        #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
+        self._raw: _socket.socket | None = _raw_socket(sock)
         self._timers: dict[float, _Timer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
@@ -282,6 +287,7 @@ class Driver:
         """Handshake on our socket; the conversation then forgets what was said before."""
         assert self.tls is not None
         try:
+            self._raw = None  # from now on bytes go through TLS
             self.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
@@ -295,7 +301,13 @@ class Driver:
         if not out:
             return
         try:
-            self._within(self.settings.command_timeout, self.sock.sendall, out)
+            # Most replies fit the socket's buffer: one send() on the plain socket, without
+            # gevent's sendall (which asks the kernel for SO_SNDBUF on every call) or a timer.
+            # What does not fit waits for the client with the usual per-wait timeout.
+            raw = self._raw
+            sent = _send_now(raw, out) if raw is not None else 0
+            if sent < len(out):  # a copy: gevent's memoryview of ``out`` would forbid clearing it
+                self._within(self.settings.command_timeout, self.sock.sendall, bytes(out[sent:]))
         except OSError as error:
             self.session.log.info("write failed: %s", error)
             out.clear()
@@ -378,3 +390,20 @@ class _Timer:
 
 def _nothing() -> int:
     return 0
+
+
+def _raw_socket(sock: Any) -> _socket.socket | None:
+    """The non-blocking OS socket inside a plain gevent socket; None for anything else (TLS)."""
+    if isinstance(sock, gevent.socket.socket) and not isinstance(sock, gevent.ssl.SSLSocket):
+        raw = getattr(sock, "_sock", None)  # a _socket.socket: with monkey-patching, socket.socket is gevent's
+        if isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0:
+            return raw
+    return None
+
+
+def _send_now(raw: _socket.socket, data: bytearray) -> int:
+    """Octets of ``data`` the kernel took at once (0 when its buffer is full)."""
+    try:
+        return raw.send(data)
+    except BlockingIOError:
+        return 0
