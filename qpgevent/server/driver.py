@@ -220,7 +220,8 @@ class Driver:
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
-        if after is None or after >= timeout or getattr(sock, "pending", _nothing)():
+        # (A plain socket has no ``pending``: asking gevent's would raise and catch an AttributeError.)
+        if after is None or after >= timeout or (self._raw is None and getattr(sock, "pending", _nothing)()):
             return self._within(timeout, sock.recv, READ_SIZE)
         try:
             return self._within(after, sock.recv, READ_SIZE)
@@ -266,7 +267,7 @@ class Driver:
             timers = self._timers = {}
         timer = timers.get(seconds)
         if timer is None:
-            timer = timers[seconds] = _Timer(seconds)
+            timer = timers[seconds] = _Timer.take(seconds)
         timer.start()
         try:
             return call(*args)
@@ -276,7 +277,7 @@ class Driver:
     def _drop_timers(self) -> None:
         if self._timers is not None:
             for timer in self._timers.values():
-                timer.close()
+                timer.release()
             self._timers = None
 
     def _wait_for_input(self, seconds: float) -> bool:
@@ -338,13 +339,22 @@ def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
     senders = _SENDER_MAPS.get(settings.auth_senders)
     if senders is None:
         senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
-    limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
-                            settings.auth_failure_window)
-    return Surroundings(identify=lambda connection, logger: identify(connection, settings, logger), peers=peers,
-                        wait_for_input=wait_for_input, counters=metrics, limits=limits, senders=senders)
+    made = _FOR_SETTINGS.get(id(settings))
+    if made is None or made[0] is not settings:  # made once per settings: they hold no session's state
+        limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
+                                settings.auth_failure_window)
+        if len(_FOR_SETTINGS) >= 8:  # settings of reloads long gone
+            _FOR_SETTINGS.clear()
+        made = _FOR_SETTINGS[id(settings)] = (
+            settings, limits, lambda connection, logger: identify(connection, settings, logger))
+    _, limits, identify_client = made
+    return Surroundings(identify=identify_client, peers=peers, wait_for_input=wait_for_input, counters=metrics,
+                        limits=limits, senders=senders)
 
 
 _SENDER_MAPS: dict[str, SenderMap] = {}  #: [auth] senders path -> its map (one per process)
+#: id(settings) -> (those settings, their AUTH failure limiter, their identify function).
+_FOR_SETTINGS: dict[int, tuple[Settings, FailureLimiter, Callable[[Connection, Any], None]]] = {}
 
 
 class _HookActivity:
@@ -372,7 +382,32 @@ class _Timer:
     """
 
     def __init__(self, seconds: float) -> None:
-        self.timer = gevent.get_hub().loop.timer(seconds, seconds, priority=-1)
+        self.seconds = seconds
+        self.loop = gevent.get_hub().loop
+        self.timer = self.loop.timer(seconds, seconds, priority=-1)
+
+    @classmethod
+    def take(cls, seconds: float) -> _Timer:
+        """A spare timer of this duration on this thread's loop, or a new one: a session
+        needs two or three, and making a loop watcher costs more than reusing one."""
+        spare = _SPARE_TIMERS.get(seconds)
+        if spare:
+            loop = gevent.get_hub().loop
+            while spare:
+                timer = spare.pop()
+                if timer.loop is loop:
+                    return timer
+                timer.close()
+        return cls(seconds)
+
+    def release(self) -> None:
+        """The session is done with it (ended, or parked): stopped, kept for another."""
+        self.timer.stop()
+        spare = _SPARE_TIMERS.setdefault(self.seconds, [])
+        if len(spare) < SPARE_TIMERS:
+            spare.append(self)
+        else:
+            self.close()
 
     def start(self) -> None:
         self.timer.again(self._expired, gevent.getcurrent(), update=True)
@@ -386,6 +421,11 @@ class _Timer:
     def _expired(self, waiter: Any) -> None:
         self.timer.stop()  # it repeats: once is all we want
         waiter.throw(TimeoutError)
+
+
+#: Stopped timers kept for the next sessions, per duration (at most SPARE_TIMERS each).
+_SPARE_TIMERS: dict[float, list[_Timer]] = {}
+SPARE_TIMERS = 256
 
 
 def _nothing() -> int:
