@@ -25,6 +25,7 @@ setup(
     # locust: loadtest/locustfile.py, and tests/loadtest runs it (skipped when it is missing).
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5",
                              "locust>=2.20", "trustme>=1.1", "dkimpy>=1.1", "pyspf>=2.0.14", "ldap3>=2.9",
+                             "cryptography>=42",  # queue/outbound's DANE-TA checks (the "outbound" extra)
                              "hypothesis>=6.100",  # tests/hardening: the fuzzers of the sans-I/O core
                              "mypy>=1.10"],  # .ci/run type-checks the package (mypy.ini)
                     # sender_permitted_from needs pyspf, dkim needs dkimpy: only those plugins.
@@ -32,6 +33,8 @@ setup(
                     # auth/ldap and rcpt_ldap: ldap3, pure Python (cooperative under gevent).
                     "ldap": ["ldap3>=2.9"],
                     "loadtest": ["locust>=2.20"],
+                    # queue/outbound: DANE-TA (TLSA usage 2) checks a certificate chain with it.
+                    "outbound": ["cryptography>=42"],
                     "redis": ["redis>=5"]},
     entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"],
                   # The fixtures of qpgevent.testing for plugin packages' own tests.

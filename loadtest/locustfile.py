@@ -35,7 +35,8 @@ them, weighted as below):
 Options (Locust custom arguments; also settable as LOCUST_<NAME> environment variables):
 --rcpts, --body-bytes, --messages-dir, --sender, --recipient-domain, --helo, --tls,
 --auth USER:PASSWORD, --pipelining, --messages-per-connection, --spam-recipient, --slow-delay,
---slow-chunk, --slow-max-seconds, --idle-seconds, --smtp-timeout, --error-pause.
+--slow-chunk, --slow-max-seconds, --idle-seconds, --smtp-timeout, --error-pause, --think-seconds, --send-for (no new transaction after that many seconds; then a
+master quits once every user has ended: a distributed run that counts every message).
 
 ``--host`` is ``smtp://HOST:PORT`` (port 25 if left out). Locust runs on gevent and
 monkey-patches sockets when it is imported, so smtplib here is cooperative: hundreds of users
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import re
 import smtplib
 import ssl
@@ -54,7 +56,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import gevent
-from locust import User, between, constant, events, task
+from locust import User, between, events, task
+from locust.exception import StopUser
+from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner
 
 _message_numbers = itertools.count(1)
 
@@ -85,6 +89,40 @@ def _add_options(parser) -> None:
     group.add_argument("--idle-seconds", type=float, default=30, help="IdleHolder: seconds to hold idle [30]")
     group.add_argument("--smtp-timeout", type=float, default=30, help="socket timeout in seconds [30]")
     group.add_argument("--error-pause", type=float, default=0.5, help="seconds a user waits after a failure [0.5]")
+    group.add_argument("--think-seconds", type=float, default=0,
+                       help="a pause between a user's transactions, uniform in 0..2x this (mean this); "
+                            "0: a closed loop, each user sends as fast as the server answers [0]")
+    group.add_argument("--send-for", type=float, default=0,
+                       help="seconds after the start past which no user begins a new transaction: each finishes "
+                            "the one under way and stops; then a (master) Locust quits. 0: until -t [0]")
+
+
+#: When users stop beginning transactions (--send-for); None: never.
+_deadline: list[float | None] = [None]
+
+
+@events.test_start.add_listener
+def _send_for(environment, **_) -> None:
+    """--send-for: set the deadline; on a master, quit once every worker's users have ended.
+
+    Locust's own -t is no way to end a distributed run with every message counted: at the time
+    limit a master quits within half a second, and the workers' last statistics (and the
+    messages their users are still sending) are lost. Users that end themselves are counted
+    in the workers' regular reports; the master waits for two of them before it quits.
+    """
+    seconds = getattr(environment.parsed_options, "send_for", 0) if environment.parsed_options else 0
+    if not seconds:
+        return
+    _deadline[0] = time.monotonic() + seconds
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        def quit_when_done() -> None:
+            gevent.sleep(seconds)
+            while runner.user_count > 0:
+                gevent.sleep(0.5)
+            gevent.sleep(2 * WORKER_REPORT_INTERVAL + 1)   # the workers' last reports
+            runner.quit()
+        gevent.spawn(quit_when_done)
 
 
 class SmtpFailure(smtplib.SMTPException):
@@ -118,6 +156,7 @@ class Options:
         self.idle_seconds = get("idle_seconds", 30)
         self.timeout = get("smtp_timeout", 30)
         self.error_pause = get("error_pause", 0.5)
+        self.think = max(0.0, get("think_seconds", 0))
         folder = get("messages_dir", "")
         self.files = [wire_format(path.read_bytes()) for path in sorted(Path(folder).iterdir())
                       if path.is_file()] if folder else []
@@ -162,7 +201,6 @@ class SmtpUser(User):
     """Base of the scenarios: a timed SMTP client. Not run by itself."""
 
     abstract = True
-    wait_time = constant(0)           # closed loop: each user sends as fast as the server answers
     host = "smtp://127.0.0.1:2525"    # --host overrides it
 
     def on_start(self) -> None:
@@ -176,6 +214,11 @@ class SmtpUser(User):
 
     def on_stop(self) -> None:
         self.close(quit=True)
+
+    def wait_time(self) -> float:
+        """--think-seconds: a pause between transactions, uniform in 0..2x; 0: a closed loop."""
+        think = self.options.think
+        return random.uniform(0, 2 * think) if think else 0.0
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -199,6 +242,8 @@ class SmtpUser(User):
 
     def transaction(self, name: str, body) -> None:
         """Time ``body()`` as one TXN; on failure drop the connection and pause."""
+        if _deadline[0] is not None and time.monotonic() > _deadline[0]:
+            raise StopUser()   # --send-for is over: no new transaction
         started = time.perf_counter()
         try:
             length = body()

@@ -4,7 +4,10 @@ At connect, the client's address is looked up in every zone of ``zones`` and
 ``whitelist_zones`` at once (RFC 5782: the reversed octets of an IPv4 address, the
 reversed nibbles of an IPv6 one, in the zone; a listing is an A record in 127.0.0.0/8),
 so five lists cost the wait of the slowest, not the sum (qpsmtpd asked them one after
-another, 30 s each). Then:
+another, 30 s each). With ``lookahead`` (the default) the questions go out as the client
+connects (pre_connection), so their wait overlaps the core's reverse look-up of the
+client (``[dns] reverse_lookup``) instead of following it (the pending answers wait in
+the connection note ``dnsbl_lookahead`` until connect). Then:
 
 - a client listed in a whitelist zone (DNSWL, qpsmtpd's ``dns_whitelist_soft``) is not
   refused, whatever the blocklists say; ``connection.notes["whitelisthost"]`` is set, so
@@ -21,7 +24,10 @@ another, 30 s each). Then:
   a listing elsewhere already decides; ``fail_open = yes`` lets the client in instead.
 
 Relay clients (``relay`` must come first in the plugin list), clients already
-whitelisted (``whitelisthost``) and addresses in ``allow`` are not looked up.
+whitelisted (``whitelisthost``) and addresses in ``allow`` are not checked. With
+``lookahead``, relay and whitelisted clients are still asked about (which they are is
+known only at connect; the answers are not used): list them in ``allow`` to spare the
+queries.
 
 Where the refusal happens (``reject_at``):
   connect  (default) the greeting is the refusal: 554 and close. Cheapest.
@@ -46,6 +52,8 @@ Options:
                       (default postmaster, abuse)
   fail_open           a DNS failure lets the client in instead of 4xx (default no)
   allow               addresses/networks never looked up (default none)
+  lookahead           ask at pre_connection, while the core looks up the client's name;
+                      no: ask at connect (default yes)
   plus the standard reject, reject_type, loglevel, timeout
 
 Results (``connection.results.get("dnsbl")``): ``fail`` the blocklist zones listing the
@@ -103,6 +111,7 @@ class Dnsbl(Plugin):
     exempt_recipients = force_list(default=list("postmaster", "abuse"))
     fail_open = boolean(default=False)
     allow = force_list(default=list())
+    lookahead = boolean(default=True)
     """
 
     def setup(self):
@@ -116,13 +125,22 @@ class Dnsbl(Plugin):
             self.log.info("score zones %s only add to the result's score: score_threshold is 0",
                           ", ".join(scored))
 
-    # -- connect: look up, decide, refuse now or note for RCPT ------------------
+    # -- pre_connection: ask ahead; connect: decide, refuse now or note for RCPT --
+    def hook_pre_connection(self, session):
+        ip = session.connection.remote_ip
+        if self.config["lookahead"] and not ip_in(ip, self.allow) and (self.zones or self.whitelist_zones):
+            session.connection.notes["dnsbl_lookahead"] = dns.ahead((self.ask, ip))
+        return DECLINED
+
     def hook_connect(self, session):
         connection = session.connection
         ip = connection.remote_ip
+        pending = connection.notes.pop("dnsbl_lookahead", None)
         if self.is_immune(session) or ip_in(ip, self.allow) or not (self.zones or self.whitelist_zones):
+            if pending is not None:
+                pending.cancel()
             return DECLINED
-        refusal, failure = self.check(ip, connection)
+        refusal, failure = self.check(ip, connection, pending.result() if pending is not None else None)
         if refusal:
             connection.results.add(self, refusal=refusal)
         elif failure:
@@ -136,12 +154,18 @@ class Dnsbl(Plugin):
             return DECLINED  # hook_rcpt refuses
         return self._refuse(session)
 
-    def check(self, ip, connection):
-        """Ask every zone at once, record what each said; (refusal text or None, DNS failure or None)."""
-        results = connection.results
+    def ask(self, ip):
+        """Every zone's answer for ``ip``, asked at once (a TemporaryFailure in place of one)."""
         calls = [(dns.blocklist_reason, ip, zone) for zone, _ in self.zones]
         calls += [(dns.blocklist, ip, zone) for zone in self.whitelist_zones]
-        answers = dns.parallel(calls, return_exceptions=True)
+        return dns.parallel(calls, return_exceptions=True)
+
+    def check(self, ip, connection, answers=None):
+        """Record what each zone said (``answers`` from ``ask``, asked now if None);
+        (refusal text or None, DNS failure or None)."""
+        results = connection.results
+        if answers is None:
+            answers = self.ask(ip)
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, dns.TemporaryFailure):
                 raise answer  # a bug, not the DNS: the hook runner answers 451 and logs it

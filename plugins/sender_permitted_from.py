@@ -22,6 +22,12 @@ The result (pass, fail, softfail, neutral, none, permerror, temperror) is
   with ``received_spf = no``), and ``spf=<result> smtp.mailfrom=<sender>`` in the
   message's one Authentication-Results header.
 
+With ``lookahead`` (the default) the check starts as the MAIL command comes in
+(mail_pre), in a greenlet of its own: the other plugins' look-ups at MAIL
+(resolvable_fromhost's MX) run meanwhile, and hook_mail takes the result (it waits
+in the connection note ``spf_lookahead`` in between). A path that another mail_pre
+plugin rewrites afterwards is checked again at MAIL.
+
 With DMARC, set ``reject_on =`` (empty): a DKIM-aligned message must get to dmarc even
 when SPF fails (forwarded mail). Relay clients and whitelisted hosts are not checked.
 
@@ -29,6 +35,8 @@ Options:
   reject_on     results that refuse (default fail; e.g. fail, softfail, permerror)
   defer_on      results that defer (default temperror; empty: accept them)
   received_spf  add the Received-SPF header (default yes)
+  lookahead     start the check at mail_pre, overlapping the other plugins' look-ups;
+                no: at MAIL, in plugin order (default yes)
   plus the standard reject, reject_type, loglevel, timeout
 
 Example::
@@ -44,6 +52,7 @@ from dns.name import from_text
 from dns.reversename import to_address
 
 from qpgevent import authresults, dns
+from qpgevent.address import Address, AddressError
 from qpgevent.plugin import DECLINED, DENYSOFT, Plugin
 from qpgevent.results import AUTH_OUTCOMES
 
@@ -80,6 +89,7 @@ class SenderPermittedFrom(Plugin):
         'reject_on = force_list(default=list("fail"))',
         'defer_on = force_list(default=list("temperror"))',
         "received_spf = boolean(default=yes)",
+        "lookahead = boolean(default=yes)",
     ]
 
     def setup(self):
@@ -89,16 +99,32 @@ class SenderPermittedFrom(Plugin):
             if unknown:
                 raise ValueError(f"{option}: unknown SPF result {', '.join(sorted(unknown))}")
 
+    def hook_mail_pre(self, session, path, params):
+        if not self.config["lookahead"] or self.is_immune(session):
+            return DECLINED
+        try:
+            sender = Address.parse(path, smtputf8=True, allow_null=True)
+        except AddressError:
+            return DECLINED  # the core refuses it; no check to start
+        question = _question(session, sender)
+        session.connection.notes["spf_lookahead"] = (question, dns.ahead((_check, *question)))
+        return DECLINED
+
     def hook_mail(self, session, sender, params):
+        pending = session.connection.notes.pop("spf_lookahead", None)
         if self.is_immune(session):
             return DECLINED
         connection, transaction = session.connection, session.transaction
         helo = connection.hello_host or ""
         identity = str(sender.address) if not sender.is_null else f"postmaster@{helo}"
         domain = identity.rpartition("@")[2]
-        query = spf.query(i=connection.remote_ip, s="" if sender.is_null else identity, h=helo,
-                          receiver=session.me)
-        result, _, explanation = query.check()
+        question = _question(session, sender)
+        if pending is not None and pending[0] == question:
+            result, explanation = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].cancel()  # the path was rewritten after mail_pre
+            result, explanation = _check(*question)
         result = {"ambiguous": "permerror", "unknown": "permerror", "error": "temperror"}.get(result, result)
         transaction.results.record(self, AUTH_OUTCOMES[result], "spf", result=result, domain=domain,
                                    identity="helo" if sender.is_null else "mailfrom", reason=explanation)
@@ -125,6 +151,18 @@ class SenderPermittedFrom(Plugin):
             note["result"], session.me, note["reason"] or note["result"], connection.remote_ip,
             _quoted(session.transaction.sender), _key_value(connection.hello_host or "")))
         return DECLINED
+
+
+def _question(session, sender):
+    """What check_host() is asked: (client address, sender or "", HELO name, our name)."""
+    return (session.connection.remote_ip, "" if sender.is_null else str(sender.address),
+            session.connection.hello_host or "", session.me)
+
+
+def _check(ip, sender, helo, receiver):
+    """check_host()'s (result, explanation)."""
+    result, _, explanation = spf.query(i=ip, s=sender, h=helo, receiver=receiver).check()
+    return result, explanation
 
 
 def _quoted(sender):

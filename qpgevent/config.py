@@ -125,6 +125,8 @@ class Settings:
     session_timeout: float = 3600.0  #: [limits] session_timeout: seconds a session may last in all
     min_data_rate: float = 500.0  #: [limits] min_data_rate: octets/s that extend a request's deadline (0: off)
     max_junk_commands: int = 100  #: [limits] max_junk_commands: NOOP/RSET/VRFY/HELP before they count as errors
+    stress_at: int = 90  #: [limits] stress_at: % of max_connections from which idle sessions are shed
+    stress_command_timeout: float = 10.0  #: [limits] stress_command_timeout: command_timeout under stress
     log_syslog: bool = False
     log_syslog_facility: str = "mail"
     log_syslog_address: str = "/dev/log"
@@ -325,6 +327,8 @@ def load(path: str, listen_override: list[str] | None = None) -> Settings:
         session_timeout=limits["session_timeout"],
         min_data_rate=limits["min_data_rate"],
         max_junk_commands=limits["max_junk_commands"],
+        stress_at=limits["stress_at"],
+        stress_command_timeout=limits["stress_command_timeout"],
         plugin_timeout=limits["plugin_timeout"],
         max_bad_commands=limits["max_bad_commands"],
         allow_bare_lf=config["smtp"]["allow_bare_lf"],

@@ -3,7 +3,7 @@
 
 Usage:
     tools/bench_dns_checks.py [--messages 2000] [--size 1000] [--concurrency 100]
-                              [--delays 0,50] [--workers 1] [--python PYTHON]
+                              [--configs off,on] [--delays 0,50] [--workers 1] [--python PYTHON]
                               [--smtp-source /usr/sbin/smtp-source] [--log-level info]
                               [--timeout 300] [--workdir DIR]
 
@@ -15,7 +15,10 @@ What it runs, all on this machine:
   server  ``PYTHON -m qpgevent -c qpsmtpd.ini --workers N`` as a child process, its
           ``[dns]`` pointed at the front
   client  Postfix's smtp-source: ``-s CONCURRENCY -m MESSAGES``, one connection per message,
-          from 127.0.0.1, HELO client.test, MAIL FROM sender@client.test
+          from 127.0.0.1, HELO client.test, MAIL FROM sender@client.test, every message the
+          same file (``-F``): From sender@client.test, SIZE bytes of body, DKIM-signed
+          (rsa-sha256, relaxed/relaxed, d=client.test s=bench, a fresh RSA-2048 key whose
+          public half is in the zone)
 
 Configurations:
 
@@ -24,6 +27,16 @@ Configurations:
         three zones (asked at once, at connect), ``resolvable_fromhost`` (at MAIL: MX, then
         A and AAAA of the MX target), then rcpt_ok + queue/discard. Measured once per
         ``--delays`` value, the front's delay changed between runs.
+  chain the shipped anti-spam chain: all of "on", plus ``sender_permitted_from`` (at MAIL:
+        the TXT record of client.test, ``v=spf1 ip4:127.0.0.0/8 -all``) and ``dkim`` (at
+        data_post: the key's TXT record, then the signature checked). Every result but a
+        pass refuses (SPF reject_on, DKIM reject_on), so a completed run had every
+        message's SPF and DKIM pass. Measured once per ``--delays`` value, like "on".
+        dnsbl asks at pre_connection, beside the core's PTR look-up, and SPF at mail_pre,
+        beside resolvable_fromhost's MX (their ``lookahead``, on by default): 5 round
+        trips one after another (PTR, A; MX, A/AAAA; the DKIM key), not 7.
+  serial the chain with ``lookahead = no`` in dnsbl and sender_permitted_from: every
+        look-up in plugin order, 7 round trips (the chain before lookahead).
 
 What the numbers mean. Every zone is served with TTL 0 and an SOA minimum (negative TTL)
 of 0, so the server's resolver cache keeps nothing: every message pays for every look-up,
@@ -31,10 +44,12 @@ as it would if each connection came from a new address with a new sender domain 
 smtp-source, sending from one address and one domain, cannot do). That is the worst case
 for an MX; real traffic hits the cache for repeat senders and repeat domains. The "DNS
 queries/message" column shows it: about 8 with the checks on (PTR, A, 3 DNSBL, MX, A,
-AAAA), 0 with them off; the tool fails if the checks did not ask the DNS. With a delay,
+AAAA), 10 with the chain (those, the SPF TXT and the DKIM key), 0 with them off; the tool
+fails if the checks did not ask the DNS. With a delay,
 a message waits for about five round trips one after another (PTR, then A, then the
 three DNSBL at once; MX, then A/AAAA at once), so at concurrency C the rate cannot pass
-C / (5 x delay) (100 / 0.25 s = 400/s at 50 ms): the server's cooperative look-ups keep
+C / (5 x delay) (100 / 0.25 s = 400/s at 50 ms; the chain adds SPF at MAIL and the DKIM
+key after the data, 5 round trips with lookahead: 500 / 0.25 s = 2000/s): the server's cooperative look-ups keep
 the other sessions running meanwhile, and the rate with the delay shows how close it gets.
 "server CPU ms/message" is the CPU time of the server's processes (master and workers)
 per message; when it times messages/second comes near 1000 per worker, the workers are
@@ -46,6 +61,10 @@ Options:
   --messages N         messages per run (default 2000)
   --size BYTES         message payload, headers not included (default 1000)
   --concurrency LIST   sessions in parallel, comma separated (default 100)
+  --configs LIST       configurations to run, in order: off, on, chain, serial (default off,on)
+  --rounds N           run every configuration, delay and concurrency N times, round by
+                       round (A B C, A B C: machine drift hits each alike); the servers of
+                       all configurations stay up side by side (default 1)
   --delays LIST        DNS answer delays in ms for the "on" runs, comma separated (default 0,50)
   --workers N          the server's worker processes (default 1: numbers for one core)
   --python PATH        the Python that has qpgevent installed (default: this one if it
@@ -58,8 +77,9 @@ Options:
 Exit status 0 when every run succeeded, 1 otherwise (smtp-source aborts at the first
 refused command: a DNS check that failed or refused fails the run), 2 for bad options.
 
-Example:
+Examples:
     tools/bench_dns_checks.py --messages 1000 --concurrency 10,100 --delays 0,10,50
+    tools/bench_dns_checks.py --configs off,chain --concurrency 500 --workers 2 --messages 5000
 """
 
 from gevent import monkey
@@ -67,9 +87,12 @@ from gevent import monkey
 monkey.patch_all()  # the DNS front is greenlets: they must run while we wait on smtp-source
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -83,17 +106,50 @@ from qpgevent.testing.dns import (LoopbackDns, SlowDnsFront, blocklist_zone,  # 
                                   ptr_zone_for)
 
 BLOCKLISTS = ("bl1.test", "bl2.test", "bl3.test")
-ZONES = {
-    # The sender domain: an MX whose target has A and AAAA; the client's FCrDNS name too.
-    "client.test": {"@": [("MX", "10 mail.client.test."), ("A", "127.0.0.1")],
-                    "mail": [("A", "192.0.2.25"), ("AAAA", "2001:db8::25")]},
-    **ptr_zone_for("127.0.0.0/8", {"127.0.0.1": "client.test."}),
-    # Three blocklists that list somebody else: 127.0.0.1 gets NXDOMAIN from each.
-    **{zone: records for name in BLOCKLISTS
-       for zone, records in blocklist_zone(name, {"192.0.2.99": ("127.0.0.2", "listed")}).items()},
-}
+SELECTOR = "bench"
+
+
+def zones(dkim_key: str) -> dict:
+    """The zones every configuration may ask; ``dkim_key`` is the p= value of the DKIM key."""
+    # A TXT string holds at most 255 octets: the key goes in several strings.
+    key = " ".join(f'"{part}"' for part in ["v=DKIM1; k=rsa; p="] + [dkim_key[i:i + 200]
+                                                                     for i in range(0, len(dkim_key), 200)])
+    return {
+        # The sender domain: an MX whose target has A and AAAA, SPF for the client's address,
+        # the DKIM key; the client's FCrDNS name too.
+        "client.test": {"@": [("MX", "10 mail.client.test."), ("A", "127.0.0.1"),
+                              ("TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')],
+                        "mail": [("A", "192.0.2.25"), ("AAAA", "2001:db8::25")],
+                        f"{SELECTOR}._domainkey": [("TXT", key)]},
+        **ptr_zone_for("127.0.0.0/8", {"127.0.0.1": "client.test."}),
+        # Three blocklists that list somebody else: 127.0.0.1 gets NXDOMAIN from each.
+        **{zone: records for name in BLOCKLISTS
+           for zone, records in blocklist_zone(name, {"192.0.2.99": ("127.0.0.2", "listed")}).items()},
+    }
+
+
+def signed_message(folder: Path, size: int) -> tuple[Path, str]:
+    """A DKIM-signed message file for smtp-source -F, and the p= value of its key."""
+    import dkim
+
+    key = folder / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    public = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"],
+                            check=True, capture_output=True).stdout
+    message = (b"From: Sender <sender@client.test>\r\nTo: someone@example.test\r\nSubject: bench\r\n"
+               b"Date: Mon, 7 Dec 2026 00:00:00 +0000\r\nMessage-ID: <bench@client.test>\r\n\r\n"
+               + (b"x" * 76 + b"\r\n") * max(1, size // 78))
+    signature = dkim.sign(message, SELECTOR.encode(), b"client.test", key.read_bytes(),
+                          canonicalize=(b"relaxed", b"relaxed"),
+                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    path = folder / "message.txt"
+    # smtp-source ends every line with CRLF itself: the file has bare newlines.
+    path.write_bytes((signature + message).replace(b"\r\n", b"\n"))
+    return path, base64.b64encode(public).decode("ascii")
+
+
 #: Queries one message needs with the checks on and nothing cached; fewer means a cache.
-MIN_QUERIES_PER_MESSAGE = 7
+MIN_QUERIES_PER_MESSAGE = {"on": 7, "chain": 9, "serial": 9}
 
 CHECKS_OFF = """
   [[rcpt_ok]]
@@ -105,6 +161,20 @@ CHECKS_ON = f"""
     zones = {", ".join(BLOCKLISTS)}
   [[resolvable_fromhost]]
 {CHECKS_OFF}"""
+# Anything but a pass refuses, so that smtp-source aborts the run if a check did not pass.
+CHAIN = f"""
+  [[dnsbl]]
+    zones = {", ".join(BLOCKLISTS)}
+  [[resolvable_fromhost]]
+  [[sender_permitted_from]]
+    reject_on = fail, softfail, neutral, none, permerror
+  [[dkim]]
+    reject_on = fail, permerror, temperror
+{CHECKS_OFF}"""
+# The same chain with every look-up asked in plugin order: no lookahead (dnsbl, SPF).
+SERIAL = CHAIN.replace("[[dnsbl]]\n", "[[dnsbl]]\n    lookahead = no\n").replace(
+    "[[sender_permitted_from]]\n", "[[sender_permitted_from]]\n    lookahead = no\n")
+CONFIGS = {"off": CHECKS_OFF, "on": CHECKS_ON, "chain": CHAIN, "serial": SERIAL}
 
 BenchError = smtp_bench.BenchError
 #: Warnings the server logs at start in this set-up, on purpose.
@@ -113,7 +183,7 @@ EXPECTED_WARNINGS = ("queue/discard is loaded", "serving as root (allow_root = y
 
 @dataclass
 class Result:
-    checks: str  # "off" or "on"
+    checks: str  # "off", "on", "chain" or "serial"
     delay_ms: float | None  # the front's delay; None when the checks are off
     concurrency: int
     messages: int
@@ -128,7 +198,7 @@ class Result:
 
     @property
     def label(self) -> str:
-        return "checks off" if self.delay_ms is None else f"checks on, DNS {self.delay_ms:g} ms"
+        return "checks off" if self.delay_ms is None else f"checks {self.checks}, DNS {self.delay_ms:g} ms"
 
 
 class Server(benchlib.QpgeventServer):
@@ -157,44 +227,64 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bench(args: argparse.Namespace, name: str, folder: Path, front: SlowDnsFront) -> list[Result]:
-    on = name == "on"
-    server = Server(args, folder, CHECKS_ON if on else CHECKS_OFF, front.port, reverse_lookup=on)
+def start(args: argparse.Namespace, name: str, folder: Path, front: SlowDnsFront) -> Server:
+    server = Server(args, folder, CONFIGS[name], front.port, reverse_lookup=name != "off")
+    front.delay = 0
+    server.wait_ready()
+    print(f"# checks {name}: qpgevent {server.version} pid {server.process.pid} on 127.0.0.1:{server.port}",
+          flush=True)
+    return server
+
+
+def one_run(args: argparse.Namespace, name: str, server: Server, front: SlowDnsFront, delay_ms: float | None,
+            concurrency: int) -> Result:
+    """One smtp-source run against the ``name`` server with the front at ``delay_ms``."""
+    front.delay = (delay_ms or 0) / 1000
+    queries, cpu, own = front.queries, server.cpu_seconds(), own_cpu_seconds()
+    try:
+        seconds = benchlib.run_smtp_source(args.smtp_source, server.port, concurrency, args.messages,
+                                           args.size, args.timeout, message_file=args.message_file)
+    except BenchError as error:
+        raise BenchError(f"checks {name}, concurrency {concurrency}: {error}\n"
+                         f"--- server log (last lines) ---\n{benchlib.tail(server.log())}") from None
+    result = Result(name, delay_ms, concurrency, args.messages, seconds,
+                    server.cpu_seconds() - cpu, own_cpu_seconds() - own, front.queries - queries)
+    print(format_row(result), flush=True)
+    per_message = result.queries / result.messages
+    if name != "off" and per_message < MIN_QUERIES_PER_MESSAGE[name]:
+        raise BenchError(f"checks {name}: only {per_message:.1f} DNS queries/message "
+                         f"(expected at least {MIN_QUERIES_PER_MESSAGE[name]}): "
+                         "answers were cached, or the checks did not run")
+    if name == "off" and result.queries:
+        raise BenchError(f"checks off: {result.queries} DNS queries were made")
+    return result
+
+
+def bench(args: argparse.Namespace, folder: Path, front: SlowDnsFront) -> list[Result]:
+    """Every configuration's server up side by side; the runs in rounds (A B C, A B C, ...)."""
+    servers: dict[str, Server] = {}
     results = []
     try:
-        front.delay = 0
-        server.wait_ready()
-        print(f"# checks {name}: qpgevent {server.version} pid {server.process.pid} on 127.0.0.1:{server.port}",
-              flush=True)
-        for delay_ms in args.delays if on else [None]:
-            front.delay = (delay_ms or 0) / 1000
+        for name in args.configs:
+            servers[name] = start(args, name, folder / name, front)
+        for round_number in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"# round {round_number}, load average {os.getloadavg()[0]:.2f}", flush=True)
             for concurrency in args.concurrency:
-                queries, cpu, own = front.queries, server.cpu_seconds(), own_cpu_seconds()
-                try:
-                    seconds = smtp_bench.run_smtp_source(args, server.port, concurrency)
-                except BenchError as error:
-                    raise BenchError(f"checks {name}, concurrency {concurrency}: {error}\n"
-                                     f"--- server log (last lines) ---\n{benchlib.tail(server.log())}") from None
-                result = Result(name, delay_ms, concurrency, args.messages, seconds,
-                                server.cpu_seconds() - cpu, own_cpu_seconds() - own, front.queries - queries)
-                results.append(result)
-                print(format_row(result), flush=True)
-                per_message = result.queries / result.messages
-                if on and per_message < MIN_QUERIES_PER_MESSAGE:
-                    raise BenchError(f"checks on: only {per_message:.1f} DNS queries/message (expected about 8): "
-                                     "answers were cached, or the checks did not run")
-                if not on and result.queries:
-                    raise BenchError(f"checks off: {result.queries} DNS queries were made")
+                for name, server in servers.items():
+                    for delay_ms in args.delays if name != "off" else [None]:
+                        results.append(one_run(args, name, server, front, delay_ms, concurrency))
     finally:
-        status = server.stop()
-    if status != 0:
-        raise BenchError(f"checks {name}: server exited with status {status} after SIGTERM\n"
-                         f"{benchlib.tail(server.log())}")
-    complaints = [line for line in server.log().splitlines()
-                  if smtp_bench.COMPLAINT.search(line) and not any(known in line for known in EXPECTED_WARNINGS)]
-    if complaints:
-        print(f"# checks {name}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
-              + "\n".join(complaints[:5]), file=sys.stderr)
+        statuses = {name: server.stop() for name, server in servers.items()}
+    for name, server in servers.items():
+        if statuses[name] != 0:
+            raise BenchError(f"checks {name}: server exited with status {statuses[name]} after SIGTERM\n"
+                             f"{benchlib.tail(server.log())}")
+        complaints = [line for line in server.log().splitlines() if smtp_bench.COMPLAINT.search(line)
+                      and not any(known in line for known in EXPECTED_WARNINGS)]
+        if complaints:
+            print(f"# checks {name}: the server logged {len(complaints)} warning(s)/error(s), first ones:\n"
+                  + "\n".join(complaints[:5]), file=sys.stderr)
     return results
 
 
@@ -210,9 +300,30 @@ def format_row(result: Result) -> str:
             f"{result.queries / result.messages:>19.1f} {100 * result.front_cpu / result.seconds:>11.0f}")
 
 
-def side_by_side(results: list[Result], concurrency: int) -> str:
-    rows = [r for r in results if r.concurrency == concurrency]
-    return f"concurrency {concurrency}, messages/second: " + " | ".join(f"{r.label} {r.rate:.1f}" for r in rows)
+def side_by_side(results: list[Result], concurrency: int) -> list[str]:
+    """Median messages/second of each run kind, and each one's rate over the others' taken
+    within the same round (median, min-max over the rounds)."""
+    kinds: dict[str, list[float]] = {}
+    for result in results:
+        if result.concurrency == concurrency:
+            kinds.setdefault(result.label, []).append(result.rate)
+    lines = [f"concurrency {concurrency}, messages/second (median of {len(next(iter(kinds.values())))} rounds): "
+             + " | ".join(f"{label} {statistics.median(rates):.1f}" for label, rates in kinds.items())]
+    labels = list(kinds)
+    for index, label in enumerate(labels):
+        for base in labels[:index]:
+            ratios = [ours / theirs for ours, theirs in zip(kinds[label], kinds[base])]
+            lines.append(f"  {label} / {base}: {statistics.median(ratios):.3f} "
+                         f"({min(ratios):.3f}-{max(ratios):.3f})")
+    return lines
+
+
+def config_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"configurations are {', '.join(CONFIGS)}: not {text!r}")
+    return names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -221,10 +332,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delays", type=benchlib.number_list("delays", float, 0), default=[0.0, 50.0],
                         help="DNS answer delays in ms for the runs with checks, comma separated (default 0,50)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds over every configuration and delay, servers up side by side (default 1)")
+    parser.add_argument("--configs", type=config_list, default=["off", "on"],
+                        help="configurations to run, in order: off, on, chain, serial (default off,on)")
     args = benchlib.parse_smtp_source_args(parser, argv)
     args.keep_connection = False  # one connection per message: every message is a new client
-    if args.workers < 0:
-        parser.error("--workers must be 0 or more")
+    if args.workers < 0 or args.rounds < 1:
+        parser.error("--workers must be 0 or more, --rounds 1 or more")
     return args
 
 
@@ -237,15 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     try:
         with tempfile.TemporaryDirectory(prefix="qpg-bench-dns-", dir=args.workdir) as temp:
-            with LoopbackDns(ZONES, ttl=0, negative_ttl=0) as nsd, SlowDnsFront(nsd.port, delay=0) as front:
+            args.message_file, dkim_key = signed_message(Path(temp), args.size)
+            with LoopbackDns(zones(dkim_key), ttl=0, negative_ttl=0) as nsd, SlowDnsFront(nsd.port, delay=0) as front:
                 print(f"# DNS: NSD on 127.0.0.1:{nsd.port}, TTL 0 and negative TTL 0 (nothing cached), "
                       f"behind a front on 127.0.0.1:{front.port} delaying each answer "
                       f"{', '.join(f'{d:g}' for d in args.delays)} ms", flush=True)
                 print("# checks on: [dns] reverse_lookup (PTR + A), dnsbl (3 zones at once), "
-                      "resolvable_fromhost (MX, then A + AAAA)", flush=True)
+                      "resolvable_fromhost (MX, then A + AAAA); chain: those, sender_permitted_from (TXT), "
+                      "dkim (key TXT, verify)", flush=True)
                 print(HEADER, flush=True)
-                for name in ("off", "on"):
-                    results += bench(args, name, Path(temp) / name, front)
+                results = bench(args, Path(temp), front)
     except BenchError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
@@ -258,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_row(result))
     print()
     for concurrency in args.concurrency:
-        print(side_by_side(results, concurrency))
+        print("\n".join(side_by_side(results, concurrency)))
+    load = os.getloadavg()
+    print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
 
 

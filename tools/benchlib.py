@@ -160,7 +160,9 @@ class QpgeventServer:
         self.ini.write_text(
             "[server]\n  me = mx.example.test\n  spool_dir = spool\n  shutdown_timeout = 5\n"
             + allow_root + server_settings
-            + f"[limits]\n  max_connections = {max_connections}\n" + sections
+            # stress_at = 100: no stress mode. A benchmark sizes max_connections to its own
+            # load; in stress, its sessions idle between messages would be shed.
+            + f"[limits]\n  max_connections = {max_connections}\n  stress_at = 100\n" + sections
             + "[plugins]\n" + plugins, encoding="utf-8")
         self.log_path = folder / "server.log"
         self._log = open(self.log_path, "wb")
@@ -198,14 +200,18 @@ class QpgeventServer:
 
 def run_smtp_source(smtp_source: str, port: int, concurrency: int, messages: int, size: int,
                     timeout: float, keep_connection: bool = False, strict_stderr: bool = False,
-                    recipient: str = RECIPIENT, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> float:
+                    recipient: str = RECIPIENT, host: str = "127.0.0.1", prefix: tuple[str, ...] = (),
+                    message_file: Path | None = None) -> float:
     """One ``smtp-source -s CONCURRENCY -m MESSAGES -l SIZE`` run; its wall time in seconds.
+    With ``message_file``, each message is that file (``-F``: header and body as they are) instead
+    of ``SIZE`` generated payload bytes.
 
     smtp-source aborts at the first refused command (exit status 1, "fatal: ..." on standard
     error): BenchError then. Anything else on standard error is shown, or with ``strict_stderr``
     is an error too. ``prefix`` runs it elsewhere (``ip netns exec NS``: in a lab host).
     """
-    command = [*prefix, smtp_source, "-s", str(concurrency), "-m", str(messages), "-l", str(size),
+    payload = ["-F", str(message_file)] if message_file else ["-l", str(size)]
+    command = [*prefix, smtp_source, "-s", str(concurrency), "-m", str(messages), *payload,
                "-f", SENDER, "-t", recipient, "-M", CLIENT_NAME]
     if keep_connection:
         command.append("-d")

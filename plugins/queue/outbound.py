@@ -33,10 +33,22 @@ our final dot, before its reply), those recipients get the message again on the 
 attempt: **at most one duplicate**, never a loss.
 
 DSN. The client's RFC 3461 parameters, as the core keeps them (``transaction.dsn_ret``,
-``dsn_envid``, each recipient's ``notify`` and ``orcpt``), are queued with the message:
-the bounces honour NOTIFY and RET and carry ENVID and ORCPT.
-A message sent with REQUIRETLS (RFC 8689) is refused (5.7.10): the runner does not
-insist on verified TLS per message, and must not deliver one without it.
+``dsn_envid``, each recipient's ``notify`` and ``orcpt``), are queued with the message
+and passed on to a next hop that offers DSN (RET and ENVID on MAIL, NOTIFY and ORCPT on
+RCPT, as xtext); the bounces honour NOTIFY and RET and carry ENVID and ORCPT. A recipient
+that asked NOTIFY=SUCCESS and was taken by a next hop without DSN gets the sender one
+"relayed" report (RFC 3464 ``Action: relayed``; the recipients of one attempt together),
+queued like a bounce; none when the next hop offers DSN (it got the request), none for
+the null sender.
+
+REQUIRETLS (RFC 8689). A message sent with REQUIRETLS (which the core takes only inside
+TLS) is queued with the flag. The runner delivers it only to MX hosts of a DNSSEC-validated
+MX answer or named by the domain's MTA-STS policy, only over TLS whose certificate it
+verified (PKIX for the MX host's name, ``tls_ca_file`` or the system's CAs; or a DANE-EE
+or DANE-TA TLSA match where the domain has DANE), to a server that offers REQUIRETLS, with
+``REQUIRETLS`` on its MAIL. Otherwise (a server without REQUIRETLS; no server whose TLS
+could be verified) its recipients fail with 5.7.10, never a delivery in clear or
+unverified; the notice goes with REQUIRETLS too, and returns only the message's header.
 
 Bounces. Failed recipients are reported to the sender in an RFC 3464 report
 (``multipart/report``; the original message, or its header only for RET=HDRS), queued
@@ -63,7 +75,18 @@ Options:
                     fetched over HTTPS and cached in ``queue_dir/mta-sts``
   dane              honour DANE TLSA records (RFC 7672; default yes) when the resolver
                     validates DNSSEC (the AD bit: point [dns] at a validating resolver):
-                    TLS required, the certificate must match a DANE-EE (3 x x) record
+                    TLS required, the certificate must match a DANE-EE (3 x x) record,
+                    or chain to a DANE-TA (2 x x) anchor sent by the server and name the
+                    MX host (DANE-TA needs the ``cryptography`` package: the ``outbound`` extra)
+  tlsrpt            send SMTP TLS reports (RFC 8460; default no): every TLS session to a
+                    domain's servers is counted (success, or the failure's result type)
+                    under the policy in force (sts, tlsa, no-policy-found), in
+                    ``queue_dir/tlsrpt``; once a period the domains whose ``_smtp._tls``
+                    TXT record asks for reports get them: a mail (queued here) to each
+                    ``mailto:``, a POST to each ``https:`` (``qpgevent queue tlsrpt``: now)
+  tlsrpt_period     seconds a report covers (default 86400: a day, from midnight UTC)
+  tlsrpt_from       the reports' sender and contact-info (default postmaster@[server] me)
+  tlsrpt_organization   organization-name of the reports (default [server] me)
   auth_user, auth_password, auth_without_tls   AUTH to the routes (a smarthost), as in
                     ``queue/smtp_forward``
   destination_concurrency   connections at once per destination (default 10); idle ones
@@ -87,7 +110,7 @@ Example::
 """
 
 from qpgevent.outqueue import Queue, QueueError, Recipient
-from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin, run_blocking
 from qpgevent.smtp_client import ClientOptions, ConfigurationError, parse_routes
 from qpgevent.tls_policy import parse_levels
 
@@ -106,6 +129,10 @@ tls_ca_file = path(default="")
 tls_policy = force_list(default=list())
 mta_sts = boolean(default=True)
 dane = boolean(default=True)
+tlsrpt = boolean(default=False)
+tlsrpt_period = float(min=1, default=86400)
+tlsrpt_from = string(default="")
+tlsrpt_organization = string(default="")
 auth_user = string(default="")
 auth_password = string(default="")
 auth_without_tls = boolean(default=False)
@@ -133,8 +160,6 @@ data_timeout = float(min=0.01, default=600)
 
     def hook_queue(self, session):
         transaction = session.transaction
-        if transaction.requiretls:  # RFC 8689 5: the runner does not insist on TLS; refuse, not downgrade
-            return DENY, "5.7.10 REQUIRETLS is not supported by this queue"
         recipients = [Recipient(r.address, notify=",".join(r.notify) if r.notify else None, orcpt=r.orcpt)
                       for r in transaction.recipients]
         sender = transaction.sender.address if transaction.sender is not None else ""
@@ -143,7 +168,7 @@ data_timeout = float(min=0.01, default=600)
         try:
             envelope = run_blocking(lambda: self.queue.enqueue(
                 sender, recipients, transaction.message_chunks(), ret=transaction.dsn_ret, envid=transaction.dsn_envid,
-                received_from=client))
+                received_from=client, requiretls=transaction.requiretls))
         except QueueError as error:
             self.log.error("%s", error)
             return DENYSOFT, "4.3.0 cannot queue the message right now, try again later"

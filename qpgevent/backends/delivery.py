@@ -33,16 +33,31 @@ after our final dot and before the reply (RFC 1047).
 whose attempt still leaves recipients pending fails them ("4.4.7 expired").
 
 *Notices.* With ``delay_warning`` set, a message still pending that long gets one
-"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients are reported to the sender in one RFC 3464 report per
-attempt, queued in this same queue (with the null sender) before the recipients are
-marked notified. NOTIFY=NEVER gets none; a message with the null sender (someone's
-bounce) gets a notice sent to ``postmaster`` instead (a double bounce), and a failing
-double bounce is only logged.
+"delayed" report (RFC 3464 Action: delayed) for its pending recipients. Failed recipients
+are reported to the sender in one RFC 3464 report per attempt, queued in this same queue
+(with the null sender) before the recipients are marked notified. NOTIFY=NEVER gets none;
+a message with the null sender (someone's bounce) gets a notice sent to ``postmaster``
+instead (a double bounce), and a failing double bounce is only logged. A hop that offers
+DSN gets the request (RET, ENVID, NOTIFY, ORCPT); a hop that does not and accepts a
+NOTIFY=SUCCESS recipient makes it ``relayed`` (saved with its delivery): one "relayed"
+report per attempt (RFC 3461 5.2.2.3). Reports other than failures carry only the header.
+
+*REQUIRETLS* (RFC 8689 4.2.1). A flagged message goes only to MX hosts of a validated
+MX answer or named by an MTA-STS policy (else 5.7.10 at once), only over TLS whose certificate was
+verified (PKIX for the MX name, ``verify``; or a DANE-EE or DANE-TA match for a DANE domain) to a
+server that offers REQUIRETLS, with REQUIRETLS on MAIL. A server without REQUIRETLS, or
+servers that all answered without such TLS, fail its recipients (5.7.10); its notice is
+itself sent with REQUIRETLS.
+
+*TLS reports.* With TLS-RPT on (``tls_policy``, ``tlsrpt``), its turn (counts to disk,
+reports when a period ends) runs in a greenlet of its own; the report mails it queues
+are tried at once.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
@@ -62,16 +77,18 @@ from .outqueue import Envelope, Queue, QueueError, Recipient, State
 from ..core.schedule import Schedule
 from .relay_pool import Pool
 from .relay_routes import Route, route_for
-from .smtp_downstream import ClientOptions, DownstreamError, Response
-from .tls_policy import TlsPolicies, TlsPolicyError
+from .smtp_downstream import ClientOptions, DownstreamError, Response, TlsFailure
+from .tls_policy import MxNotAuthenticated, TlsPolicies, TlsPolicyError
 
 log = logging.getLogger("qpgevent.delivery")
 
 __all__ = ["Options", "Runner", "backoff"]
 
 BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
+REQUIRETLS_DANE = "requiretls-dane"  #: the pool of REQUIRETLS messages to DANE domains
 COMMANDS = ("flush", "hold", "release", "delete", "bounce")
 SCANS_PER_SECOND = 10  #: how often at most a burst of kicks makes the runner list the folder
+REPORT_GRACE = 10.0  #: seconds a stopping runner gives TLS-RPT's turn to finish
 
 
 @dataclass
@@ -115,16 +132,23 @@ class Runner:
         # Connections wait for a free slot of their destination as long as a delivery may take.
         wait = client.connect_timeout + 8 * client.command_timeout + client.data_timeout
         #: One pool per TLS level: a connection made under one policy never serves another.
+        variants = dict(self.tls.variants)
+        # REQUIRETLS over DANE: the certificate must match a DANE-EE record (not TLS alone).
+        variants[REQUIRETLS_DANE] = dataclasses.replace(
+            variants["dane"], tls_check=self.tls.dane_verified_check, tls_check_verifies=True)
         self.pools = {level: Pool(variant, options.destination_concurrency, wait, options.idle_timeout)
-                      for level, variant in self.tls.variants.items()}
+                      for level, variant in variants.items()}
         self.deliveries = GreenletPool(options.max_deliveries)
         self.schedule = Schedule()  #: id -> next attempt (None: held)
         self.active: set[str] = set()
         self.after_attempt: dict[str, list[str]] = {}  #: commands for messages being tried
+        #: id -> (pending recipients, attempts) as last read or written: the metrics' census.
+        self.census: dict[str, tuple[int, int]] = {}
         self.wake = Event()
         self.rescan = True  #: look at the folder on the next turn (a new message was kicked in)
         self.last_scan = self.last_published = 0.0
         self.blocking = blocking or _in_thread
+        self.reporting: gevent.Greenlet | None = None  #: TLS-RPT's turn, while it runs
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop: Event) -> None:
@@ -140,6 +164,7 @@ class Runner:
                 self.rescan, self.last_scan = False, now
                 self.scan()
             self.start_due()
+            self._report_tls()
             if now - self.last_published >= 1.0:
                 self.last_published = now
                 self._publish_state()
@@ -148,6 +173,22 @@ class Runner:
         self.deliveries.join()
         for pool in self.pools.values():
             pool.close()
+        if self.reporting is not None:
+            self.reporting.join(REPORT_GRACE)  # a report being posted or queued: a moment to finish
+            self.reporting.kill()
+        if self.tls.reports is not None:
+            self.tls.reports.flush()
+
+    def _report_tls(self) -> None:
+        """TLS-RPT's turn (``tlsrpt``), in a greenlet of its own: its look-ups and POSTs take time."""
+        reports = self.tls.reports
+        if reports is not None and (self.reporting is None or self.reporting.dead) and reports.due(time.time()):
+            self.reporting = gevent.spawn(contextvars.copy_context().run, reports.turn_safely, self.blocking,
+                                          self._queued_report)
+
+    def _queued_report(self, message_id: str) -> None:
+        self.schedule.set(message_id, 0.0)
+        self.wake.set()
 
     def kick(self, message: str = "") -> None:
         """What the kick socket said: "" (look at the folder now) or a command of ``COMMANDS``."""
@@ -155,6 +196,8 @@ class Runner:
         message_id = message_id.strip()
         if verb in COMMANDS and message_id.isalnum():  # an id, never a path
             self.command(verb, message_id)
+        elif verb == "tlsrpt" and self.tls.reports is not None:  # qpgevent queue tlsrpt: report now
+            self.tls.reports.ask()
         elif verb == "flush":  # every message that is not held: now
             for waiting, when in list(self.schedule.when.items()):
                 if when is not None:
@@ -212,13 +255,20 @@ class Runner:
             except QueueError as error:
                 log.error("%s", error)
                 continue
+            self.census[message_id] = (len(envelope.pending()), envelope.attempts)
             self.schedule.set(message_id, None if envelope.held else envelope.next_attempt)
 
     def _publish_state(self) -> None:
         queued = self.schedule.ids() | self.active
         # Ids begin with their arrival time in milliseconds (outqueue.new_id).
         oldest = min((int(i[:13], 16) / 1000 for i in queued if i[:13].isalnum()), default=time.time())
-        queue_metrics.queue_state(len(queued), time.time() - oldest)
+        self.census = {i: self.census.get(i, (0, 0)) for i in queued}  # forget the messages gone
+        held = [i for i in queued if self.schedule.get(i) is None and i not in self.active]
+        deferred = [i for i, (_, attempts) in self.census.items()
+                    if attempts and i not in self.active and self.schedule.get(i) is not None]
+        queue_metrics.queue_state(queue_metrics.QueueState(
+            messages=len(queued), recipients=sum(pending for pending, _ in self.census.values()), held=len(held),
+            deferred=len(deferred), active=len(self.active), oldest_seconds=time.time() - oldest))
 
     def start_due(self) -> None:
         free = self.options.max_deliveries - len(self.active)
@@ -283,6 +333,7 @@ class Runner:
         """After an attempt: notices for new failures; then forget the message, or reschedule it."""
         message_id = envelope.id
         self._notify(envelope)
+        self.census[message_id] = (len(envelope.pending()), envelope.attempts)
         if envelope.done:
             self.blocking(self.queue.remove, message_id)
             self.schedule.pop(message_id)
@@ -307,9 +358,13 @@ class Runner:
         routes = self.options.routes or []
         try:
             route = mxroute.destination(domain, routes, self.options.port, self.options.families)
-            route, level = self.tls.prepare(domain, route, static=route_for(routes, domain) is not None)
-        except mxroute.RoutingError as error:
-            state = State.FAILED if error.permanent else State.PENDING
+            static = route_for(routes, domain) is not None
+            route, level = self.tls.prepare(domain, route, static=static)
+            if envelope.requiretls:  # RFC 8689 4.2.1: authenticated MX hosts; DANE, else PKIX
+                route = route if static else self.tls.requiretls_route(domain, route)
+                level = REQUIRETLS_DANE if level == "dane" else "verify"
+        except (mxroute.RoutingError, MxNotAuthenticated) as error:
+            state = State.PENDING if isinstance(error, mxroute.RoutingError) and not error.permanent else State.FAILED
             for recipient in recipients:
                 self._decide(recipient, state, str(error), "")
         except TlsPolicyError as error:
@@ -328,7 +383,10 @@ class Runner:
         where = route.where
         try:
             sender = Address.parse(f"<{envelope.sender}>", smtputf8=True)
-            rcpts = [Address.parse(f"<{r.address}>", smtputf8=True, allow_postmaster=True) for r in recipients]
+            rcpts = [dataclasses.replace(Address.parse(f"<{r.address}>", smtputf8=True, allow_postmaster=True),
+                                         notify=tuple(r.notify.upper().split(",")) if r.notify else None,
+                                         orcpt=r.orcpt)
+                     for r in recipients]
         except AddressError as error:
             for recipient in recipients:
                 self._decide(recipient, State.FAILED, f"5.1.3 bad address: {error}", "")
@@ -338,7 +396,8 @@ class Runner:
             with pool.connection(route, key=route.domain) as downstream:
                 downstream.prepare(None)
                 where = downstream.hop.host
-                response = downstream.mail(sender, envelope.size, rcpts)
+                response = downstream.mail(sender, envelope.size, rcpts, (envelope.ret, envelope.envid),
+                                           envelope.requiretls)
                 if not response.ok:
                     downstream.reset()
                     for recipient in recipients:
@@ -354,12 +413,18 @@ class Runner:
                     downstream.reset()
                     return
                 response = downstream.data(self.queue.message_chunks(envelope.id), 1)[0]
+                # RFC 3461 5.2.2.3: a hop without DSN cannot pass NOTIFY=SUCCESS on: we report.
+                relayed = response.ok and not downstream.offers_dsn and bool(envelope.sender)
                 for recipient in accepted:
                     self._answered(recipient, response, where)
+                    recipient.relayed = relayed and "SUCCESS" in (recipient.notify or "").upper()
         except DownstreamError as error:
+            # RFC 8689 4.2.1: no verified TLS at any server: a REQUIRETLS message fails.
+            fails = envelope.requiretls and isinstance(error, TlsFailure)
+            state, reply = (State.FAILED, f"5.7.10 REQUIRETLS: {error}") if fails else (State.PENDING, f"4.4.1 {error}")
             for recipient in recipients:
                 if recipient.state is State.PENDING:
-                    self._decide(recipient, State.PENDING, f"4.4.1 {error}", "")
+                    self._decide(recipient, state, reply, "")
             log.warning("%s: %s", envelope.id, error)
 
     def _answered(self, recipient: Recipient, response: Response, where: str) -> None:
@@ -376,12 +441,13 @@ class Runner:
     # -- failure notices -----------------------------------------------------------------------------
     def _notify(self, envelope: Envelope) -> None:
         failures = envelope.unnotified_failures()
-        if not failures:
-            return
         wanted = [r for r in failures if r.notify is None or "FAILURE" in r.notify.upper()]
         if wanted:
             self._queue_notice(envelope, wanted)
-        for recipient in failures:
+        relays = envelope.unnotified_relays()  # asked only when the sender is not null
+        if relays:  # every one of this attempt in one report (RFC 3464 Action: relayed)
+            self._queue_notice(envelope, relays, action="relayed")
+        for recipient in failures + relays:
             recipient.notified = True
 
     def _warn_of_delay(self, envelope: Envelope) -> None:
@@ -407,12 +473,18 @@ class Runner:
         else:
             to, kind = self.options.postmaster or f"postmaster@{self.options.me}", DOUBLE_BOUNCE
         original = b"".join(self.queue.message_chunks(envelope.id))
+        # RET asks for the message in failure reports only (RFC 3461 4.3); a REQUIRETLS
+        # message's notice goes with REQUIRETLS too, and holds no more of it than the header.
+        ret = envelope.ret if action == "failed" and not envelope.requiretls else "HDRS"
         report = dsn.bounce(self.options.me, to, [
             dsn.Failure(r.address, r.reply, r.remote_mta, r.orcpt, action, r.updated) for r in failures],
-            original, arrival=envelope.arrived, envid=envelope.envid, ret=envelope.ret,
+            original, arrival=envelope.arrived, envid=envelope.envid, ret=ret,
             received_from=envelope.received_from)
-        notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind)
+        notice = self.blocking(self.queue.enqueue, "", [Recipient(to)], [report], kind=kind,
+                               requiretls=envelope.requiretls)
         if action == "failed":
             queue_metrics.delivery("bounced")
+        self.census[notice.id] = (1, 0)
         self.schedule.set(notice.id, 0.0)
-        log.info("%s: %s %s to <%s> for %d recipient(s)", envelope.id, kind, notice.id, to, len(failures))
+        log.info("%s: %s %s (%s) to <%s> for %d recipient(s)", envelope.id, kind, notice.id, action, to,
+                 len(failures))

@@ -124,8 +124,18 @@ def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], An
     try:
         failed, value = job.get()
     except BaseException:
-        if not job.ready():
-            job.rawlink(lambda done: done.successful() and not done.value[0] and pool.spawn(undo, done.value[1]))
+        def take_back(done: Any) -> None:
+            # A greenlet of its own waits for a thread: a link runs in the hub, where nothing
+            # may wait, not even for a free thread of a busy pool (the undo was lost there).
+            if done.successful() and not done.value[0]:
+                gevent.spawn(pool.apply, undo, (done.value[1],))
+
+        # The job may have ended in the same turn of the loop as the interruption: then it
+        # is done already, and what it delivered is taken back all the same.
+        if job.ready():
+            take_back(job)
+        else:
+            job.rawlink(take_back)
         raise
     if failed:
         raise value

@@ -19,11 +19,12 @@ the current session: each server builds one from its ``[dns]``
 (``qpgevent.backends.services``) and makes it current in each session's context
 (``bind``), so two servers in one process each ask their own nameservers, with their
 own cache. ``with dns.use(resolver):`` makes one current for a block (tests, tools);
-greenlets started by ``parallel`` inherit it. Outside any server and any block, the
+greenlets started by ``parallel`` and ``ahead`` inherit it. Outside any server and any block, the
 system's resolver (/etc/resolv.conf's, made on first use) answers.
 
 The pieces live beside this module: the resolver, its cache and the making of names in
-``dns_resolver``, the time budget and ``parallel`` in ``dns_budget``; their names are
+``dns_resolver``, the time budget, ``parallel`` (look-ups at once) and ``ahead`` (a
+look-up started now, its result taken by a later hook) in ``dns_budget``; their names are
 re-exported here, the plugin API's ``qpgevent.dns``.
 """
 
@@ -33,11 +34,11 @@ import contextvars
 
 from ..core.scope import Scoped
 # Every name plugins use as ``dns.NAME`` (the constants too: plugins/uribl.py, fcrdns.py).
-from .dns_budget import budget, parallel, remaining_budget
+from .dns_budget import Ahead, ahead, budget, parallel, remaining_budget
 from .dns_resolver import (IDNA, LIST_ERRORS, LISTING, MAX_PTR_NAMES, MEMO_SIZE, Resolver, TemporaryFailure,
                            ascii_name)
 
-__all__ = ["TemporaryFailure", "Resolver", "budget", "remaining_budget", "parallel", "current",
+__all__ = ["TemporaryFailure", "Resolver", "budget", "remaining_budget", "parallel", "Ahead", "ahead", "current",
            "default", "use", "bind", "a", "aaaa", "mx", "txt", "ptr", "addresses", "blocklist",
            "blocklist_reason", "fcrdns", "ascii_name"]
 

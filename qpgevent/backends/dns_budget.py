@@ -7,6 +7,8 @@ between look-ups does not count, so a long SMTP session is not starved), each lo
 gets at most what is left, and past the budget a look-up that needs the network raises
 TemporaryFailure (cached answers still come back). ``parallel`` runs several look-ups at
 once: a plugin checking five blocklists waits for the slowest, not for the sum.
+``ahead`` starts a look-up now whose answer a later hook takes: look-ups of different
+plugins, or of different SMTP commands, overlap instead of queueing one after another.
 """
 
 from __future__ import annotations
@@ -125,6 +127,38 @@ def parallel(calls: Sequence[Call], return_exceptions: bool = False) -> list[Any
     return results
 
 
+class Ahead:
+    """A look-up started by ``ahead``: ``result()`` waits for it and gives its value or raises."""
+
+    __slots__ = ("_job",)
+
+    def __init__(self, call: Call) -> None:
+        # Its own copy of our context: the session's resolver and DNS budget.
+        self._job = gevent.spawn(contextvars.copy_context().run, _capture, *_split(call))
+
+    def result(self) -> Any:
+        self._job.join()
+        ok, value = self._job.value if self._job.successful() else (False, self._job.exception)
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        """Not needed after all: stop it if it still runs."""
+        self._job.kill(block=False)
+
+
+def ahead(call: Call) -> Ahead:
+    """Start ``call`` (a callable or ``(callable, arg, ...)``) in a greenlet of its own now,
+    under the caller's resolver and DNS budget; a later hook takes its ``result()``.
+
+    For look-ups whose answer is needed later (the DNSBL answers at connect, asked while
+    the core confirms the client's name): the wait overlaps with whatever runs meanwhile.
+    A look-up nobody takes ends by itself, within the DNS timeout.
+    """
+    return Ahead(call)
+
+
 def _split(call: Call) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     return (call[0], call[1:]) if isinstance(call, tuple) else (call, ())
 
@@ -137,4 +171,4 @@ def _capture(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool,
         return False, error
 
 
-__all__ = ["budget", "parallel", "remaining_budget"]
+__all__ = ["Ahead", "ahead", "budget", "parallel", "remaining_budget"]

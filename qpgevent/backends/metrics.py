@@ -54,6 +54,9 @@ class _Metrics:
         self.connections_refused = Counter(
             "qpgevent_connections_refused", "Connections closed before a session started, by reason",
             ["reason"], registry=None)
+        self.sessions_shed = Counter(
+            "qpgevent_sessions_shed", "Idle sessions closed to make room, the host being in stress ([limits] stress_at)",
+            registry=None)
         self.transactions = Counter("qpgevent_transactions", "Transactions started (MAIL accepted)",
                                     registry=None)
         self.recipients = Counter("qpgevent_recipients", "Recipients accepted or rejected", ["outcome"],
@@ -147,6 +150,12 @@ def connection_refused(reason: str) -> None:
         _metrics.connections_refused.labels(reason).inc()
 
 
+def session_shed() -> None:
+    """An idle session closed to make room (qpgevent.server.shedding)."""
+    if _metrics is not None:
+        _metrics.sessions_shed.inc()
+
+
 def transaction_started() -> None:
     if _metrics is not None:
         _metrics.transactions.inc()
@@ -230,6 +239,11 @@ def _registry() -> Any:
     return registry
 
 
+def families() -> list[Any]:
+    """Every metric family, summed over the processes (none before ``init``)."""
+    return list(_registry().collect()) if _metrics is not None else []
+
+
 def render() -> tuple[bytes, str]:
     """The Prometheus text exposition of every process's metrics, and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -248,9 +262,7 @@ _TOTALS = {"qpgevent_connections_total": "connections", "qpgevent_transactions_t
 def totals() -> dict[str, int]:
     """A few counters summed over every process and label, since the server started."""
     out = dict.fromkeys(_TOTALS.values(), 0)
-    if _metrics is None:
-        return out
-    for family in _registry().collect():
+    for family in families():
         for sample in family.samples:
             key = _TOTALS.get(sample.name)
             if key is not None:

@@ -18,7 +18,8 @@ the same way (tmp, fsync, rename, fsync the folder): a rename is atomic, so a cr
 leaves either the old envelope or the new one, never a torn one.
 
 A recipient is ``pending`` (not delivered yet), ``delivered``, or ``failed`` (for good:
-5xx, expired, no route); ``notified`` says a failed recipient's bounce is queued.
+5xx, expired, no route); ``notified`` says a failed recipient's bounce is queued (or,
+for a ``relayed`` one, its success notice).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Recipient:
     reply: str = ""  #: the last answer about it (the next hop's words, or ours)
     remote_mta: str = ""  #: the server that gave that answer
     notified: bool = False  #: a failure notice for it is queued (or none is due)
+    #: Delivered to a hop without DSN while it asked NOTIFY=SUCCESS: a "relayed" notice is
+    #: due (RFC 3461 5.2.2.3), queued once (then ``notified``).
+    relayed: bool = False
     updated: float = 0.0
 
     @property
@@ -85,7 +89,8 @@ class Envelope:
     size: int = 0
     received_from: str = ""  #: the client, for the bounce's Received-From-MTA
     delay_warned: bool = False  #: a "still trying" notice went out
-    kind: str = "message"  #: message, bounce (a notice we made), double-bounce (one to postmaster)
+    kind: str = "message"  #: message, bounce (a notice we made), double-bounce (one to postmaster), tlsrpt
+    requiretls: bool = False  #: RFC 8689: only over verified TLS to a hop offering REQUIRETLS
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state is State.PENDING]
@@ -93,10 +98,13 @@ class Envelope:
     def unnotified_failures(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state is State.FAILED and not r.notified]
 
+    def unnotified_relays(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state is State.DELIVERED and r.relayed and not r.notified]
+
     @property
     def done(self) -> bool:
-        """Nothing is left to do: every recipient delivered, or failed and notified."""
-        return not self.pending() and not self.unnotified_failures()
+        """Nothing is left to do: every recipient delivered or failed, and notices queued."""
+        return not self.pending() and not self.unnotified_failures() and not self.unnotified_relays()
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from gevent.lock import BoundedSemaphore
 
 from .relay_routes import Route
-from .smtp_downstream import ClientOptions, Downstream, DownstreamError
+from .smtp_downstream import ClientOptions, Downstream, DownstreamError, TlsFailure
 
 
 class Pool:
@@ -62,14 +62,17 @@ class Pool:
 
     def _open(self, route: Route) -> Downstream:
         """A new connection to the first of the route's servers that can be reached."""
-        failures = []
+        failures: list[DownstreamError] = []
         for hop in route.hops:
             self.opened += 1
             try:
                 return Downstream(hop, self.options).open()
             except DownstreamError as error:
-                failures.append(str(error))
-        raise DownstreamError("; ".join(failures))
+                failures.append(error)
+        # Every server answered and lacked the TLS asked for: say so (REQUIRETLS fails on it;
+        # one that could not be reached might have had it, so that stays only temporary).
+        tls_only = bool(failures) and all(isinstance(f, TlsFailure) for f in failures)
+        raise (TlsFailure if tls_only else DownstreamError)("; ".join(map(str, failures)))
 
     def _reuse(self, key: object) -> Downstream | None:
         idle = self._idle.get(key, [])

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.address import Address
-from ..core.dsn_request import xtext
+from ..core.dsn_request import mail_parameters, rcpt_parameters, xtext
 from .relay_routes import ConfigurationError, Hop
 
 _EOL = re.compile(rb"\r\n|\n|\r")
@@ -31,6 +31,12 @@ _STUFF_LIMIT = 1 << 16
 
 class DownstreamError(Exception):
     """The next hop could not be reached or broke off; always temporary for our client."""
+
+
+class TlsFailure(DownstreamError):
+    """The next hop gave no TLS that was required: no STARTTLS, a failed handshake or
+    certificate check, a DANE or MTA-STS check that failed. Temporary for most mail; a
+    REQUIRETLS message fails on it (RFC 8689 4.2.1)."""
 
 
 # -- replies and client facts ------------------------------------------------------
@@ -152,6 +158,12 @@ class ClientOptions:
     #: Called after STARTTLS with the hop and the TLS socket: a reason to refuse the
     #: connection (a DANE or MTA-STS check that failed), or None.
     tls_check: Callable[[Hop, ssl.SSLSocket], str | None] | None = None
+    #: A passing ``tls_check`` verified the certificate (DANE): TLS counts as verified
+    #: for REQUIRETLS although ``tls_context`` checks nothing.
+    tls_check_verifies: bool = False
+    #: Told of a STARTTLS that failed (the exception), or was required and not offered
+    #: (None): what TLS-RPT counts besides ``tls_check``'s verdicts.
+    tls_failed: Callable[[Hop, Exception | None], None] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any], lmtp: bool) -> ClientOptions:
@@ -209,14 +221,23 @@ class Downstream:
                 smtp._host = hop.name  # the TLS server name (SNI, certificate check), not the address
             self._hello()
             if options.starttls != "off" and not hop.is_unix and smtp.has_extn("starttls"):
-                smtp.starttls(context=options.tls_context)
+                try:
+                    smtp.starttls(context=options.tls_context)
+                except (OSError, smtplib.SMTPException, ValueError) as error:
+                    if options.tls_failed:
+                        options.tls_failed(hop, error)
+                    if isinstance(error, ssl.SSLError):  # the handshake, or the certificate check
+                        raise TlsFailure(f"{hop.where} during STARTTLS: {_describe(error)}") from None
+                    raise
                 self.tls = True
                 problem = options.tls_check(hop, smtp.sock) if options.tls_check else None
                 if problem:
-                    raise DownstreamError(f"{hop.where}: {problem}")
+                    raise TlsFailure(f"{hop.where}: {problem}")
                 self._hello()
             elif options.starttls == "required":
-                raise DownstreamError(f"{hop.where} does not offer STARTTLS (starttls = required)")
+                if options.tls_failed:
+                    options.tls_failed(hop, None)
+                raise TlsFailure(f"{hop.where} does not offer STARTTLS (starttls = required)")
         return self
 
     def _hello(self) -> None:
@@ -307,10 +328,8 @@ class Downstream:
             if problem:
                 return Response(550, f"5.7.10 REQUIRETLS: {problem}")
             params.append("REQUIRETLS")
-        ret, envid = dsn
         if self.smtp.has_extn("dsn"):  # RFC 3461 4: only to a hop that offers it
-            params += [f"RET={ret}"] if ret else []
-            params += [f"ENVID={xtext(envid)}"] if envid else []
+            params += mail_parameters(*dsn)
         if self.smtp.has_extn("size") and size:
             params.append(f"SIZE={size}")
         if self.smtp.has_extn("8bitmime"):
@@ -327,7 +346,9 @@ class Downstream:
     def _requiretls_problem(self) -> str | None:
         assert self.smtp is not None
         context = self.options.tls_context
-        if not self.tls or context is None or context.verify_mode != ssl.CERT_REQUIRED:
+        verified = context is not None and (context.verify_mode == ssl.CERT_REQUIRED or
+                                            self.options.tls_check_verifies)
+        if not self.tls or not verified:
             return f"{self.hop.where}: no verified TLS session"
         if not self.smtp.has_extn("requiretls"):
             return f"{self.hop.where} does not offer REQUIRETLS"
@@ -337,14 +358,14 @@ class Downstream:
         assert self.smtp is not None
         if not recipient.is_ascii and self.smtp.command_encoding != "utf-8":
             return Response(553, "5.6.7 the next hop does not support SMTPUTF8 addresses")
-        params = ""
-        if self.smtp.has_extn("dsn"):
-            params += f" NOTIFY={','.join(recipient.notify)}" if recipient.notify else ""
-            if recipient.orcpt:
-                addr_type, _, address = recipient.orcpt.partition(";")
-                params += f" ORCPT={addr_type};{xtext(address)}"
+        params = rcpt_parameters(recipient.notify, recipient.orcpt) if self.offers_dsn else []
         with self._failures("RCPT"):
-            return self._command("RCPT", f"TO:{recipient.format()}{params}")
+            return self._command("RCPT", f"TO:{recipient.format()}{''.join(' ' + p for p in params)}")
+
+    @property
+    def offers_dsn(self) -> bool:
+        """The next hop takes the DSN request on (RFC 3461): it said DSN to our EHLO."""
+        return self.smtp is not None and bool(self.smtp.has_extn("dsn"))
 
     def data(self, chunks: Iterable[bytes], replies: int) -> list[Response]:
         """DATA, the message, the final dot; one reply for SMTP, ``replies`` for LMTP."""
@@ -419,4 +440,5 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-__all__ = ["ClientFacts", "ClientOptions", "Downstream", "DownstreamError", "Response", "dot_stuffed", "xtext"]
+__all__ = ["ClientFacts", "ClientOptions", "Downstream", "DownstreamError", "Response", "TlsFailure", "dot_stuffed",
+           "xtext"]

@@ -31,7 +31,7 @@ class Failure:
     reply: str  #: the answer that decided it: "550 5.1.1 no such user", or ours
     remote_mta: str = ""  #: the server that answered, "" when we decided (no route, expired)
     orcpt: str | None = None  #: "rfc822;user@example.test" as the client gave it
-    action: str = "failed"  #: failed, delayed, delivered (RFC 3464 2.3.3)
+    action: str = "failed"  #: failed, delayed, delivered, relayed (RFC 3464 2.3.3)
     last_attempt: float | None = None
 
 
@@ -53,7 +53,9 @@ def bounce(reporting_mta: str, to: str, failures: list[Failure], original: bytes
     """The report for ``failures``, from MAILER-DAEMON@``reporting_mta`` to ``to``."""
     boundary = f"{secrets.token_hex(8)}/{reporting_mta}"
     delayed = all(f.action == "delayed" for f in failures)
-    subject = "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+    relayed = all(f.action in ("relayed", "delivered") for f in failures)
+    subject = "Delayed Mail (still being retried)" if delayed else \
+        "Successful Mail Delivery Report" if relayed else "Undelivered Mail Returned to Sender"
     header = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{to}>",
@@ -68,6 +70,9 @@ def bounce(reporting_mta: str, to: str, failures: list[Failure], original: bytes
     human = [f"This is the mail system at {reporting_mta}.", ""]
     if delayed:
         human.append("Your message could not be delivered yet; it will be retried. No action is needed.")
+    elif relayed:
+        human.append("Your message was handed on to the recipients' mail system, which does not "
+                     "send delivery reports: no further notice will come.")
     else:
         human.append("Your message could not be delivered to one or more recipients. It is attached below.")
     human.append("")

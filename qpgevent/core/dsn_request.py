@@ -3,14 +3,16 @@
 Owns the xtext codec (RFC 3461 4) and the syntax of RET and ENVID on MAIL, NOTIFY and
 ORCPT on RCPT. Pure: the protocol core calls ``problem`` to refuse a bad value (501
 5.5.4), the mail transaction keeps the decoded values on the Transaction and on each
-recipient Address, and the SMTP client writes them back with ``xtext``.
+recipient Address, and the SMTP client writes them back (``mail_parameters``,
+``rcpt_parameters``: the request passed on to a next hop that offers DSN).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["XtextError", "xtext", "unxtext", "problem", "notify_of", "orcpt_of", "MAIL", "RCPT"]
+__all__ = ["XtextError", "xtext", "unxtext", "problem", "notify_of", "orcpt_of", "mail_parameters",
+           "rcpt_parameters", "MAIL", "RCPT"]
 
 MAIL = frozenset({"RET", "ENVID"})
 RCPT = frozenset({"NOTIFY", "ORCPT"})
@@ -79,3 +81,17 @@ def problem(key: str, value: str | None) -> str | None:
     except XtextError as error:
         return str(error)
     return None
+
+
+def mail_parameters(ret: str | None, envid: str | None) -> list[str]:
+    """RET and ENVID for MAIL, as a next hop that offers DSN reads them (RFC 3461 4.3, 4.4)."""
+    return ([f"RET={ret.upper()}"] if ret else []) + ([f"ENVID={xtext(envid)}"] if envid else [])
+
+
+def rcpt_parameters(notify: tuple[str, ...] | None, orcpt: str | None) -> list[str]:
+    """NOTIFY and ORCPT for RCPT (RFC 3461 4.1, 4.2): ORCPT's address re-encoded as xtext."""
+    params = [f"NOTIFY={','.join(notify)}"] if notify else []
+    if orcpt:
+        addr_type, _, address = orcpt.partition(";")
+        params.append(f"ORCPT={addr_type};{xtext(address)}")
+    return params

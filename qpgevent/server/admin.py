@@ -4,7 +4,10 @@ Routes (GET or HEAD; the POST routes that steer the server are ``admin_actions``
 - ``/status``: an HTML page that reloads itself every ``[admin] refresh`` seconds, listing
   every live session of every process (worker pid, remote ip, rDNS, HELO, state, command
   or hook in progress, sender, recipients, bytes, age), with totals;
-- ``/status.json``: the same data;
+  and, with ``queue/outbound``, the outbound queue (``queue_metrics.summary``: messages and
+  recipients pending, the oldest one's age, held, deferred and active messages,
+  deliveries by outcome since start, failures by destination);
+- ``/status.json``: the same data (the queue under ``outbound_queue``, null without one);
 - ``/metrics``: the Prometheus text format, summed over every process;
 - ``/blocks.json``: the addresses blocked for a while (``qpgevent block``).
 
@@ -46,7 +49,7 @@ from gevent.pywsgi import WSGIServer
 from .. import __version__
 from . import steering
 from .admin_actions import Actions, Refused, redirect_to_status
-from ..backends import metrics, scoreboard
+from ..backends import metrics, queue_metrics, scoreboard
 from ..config import Listen, Settings, is_loopback
 
 log = logging.getLogger("qpgevent.admin")
@@ -255,6 +258,7 @@ class AdminApp:
     def status(self) -> dict[str, Any]:
         data = scoreboard.read(self.directory)
         data["since_start"] = metrics.totals()
+        data["outbound_queue"] = queue_metrics.summary()
         data["server"] = {"me": self.me, "version": __version__, "refresh": self.refresh}
         return data
 
@@ -301,6 +305,7 @@ updated {e(time.strftime('%H:%M:%S', time.localtime(data['time'])))}.</p>
 <tbody>
 {rows}
 </tbody></table>
+{_queue_section(data["outbound_queue"])}
 {steering_section}
 </body></html>
 """
@@ -319,6 +324,27 @@ def _row(session: dict[str, Any], kick: str = "") -> str:
                   for text, cls in cells)
     conn = f'<td>{e(str(session.get("id", "")))} {kick}</td>'
     return f'<tr data-session="{e(str(session.get("id", "")))}">{tds}{conn}</tr>'
+
+
+def _queue_section(queue: dict[str, Any] | None, domains: int = 20) -> str:
+    """The outbound queue: its size, and what became of the deliveries; "" without one."""
+    if queue is None:
+        return ""
+    e = html.escape
+    oldest = _age(queue["oldest_seconds"]) if queue["messages"] else "none"
+    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in queue["deliveries"].items())
+    failures = "\n".join(f'<tr><td>{e(domain[:120])}</td><td class="num">{count}</td></tr>'
+                         for domain, count in list(queue["destination_failures"].items())[:domains]) or (
+        '<tr><td colspan="2" class="empty">none</td></tr>')
+    return f"""<h2>Outbound queue</h2>
+<p id="outbound"><b>{queue['messages']}</b> messages ({queue['recipients']} recipients pending):
+{queue['deferred']} deferred, {queue['held']} held, {queue['active']} being tried; oldest {oldest}.</p>
+<p id="outbound-since" class="muted">Since start (recipients): {e(outcomes)}.</p>
+<table id="destination-failures" style="width: auto">
+<thead><tr><th>Destination</th><th class="num">Failed or deferred attempts</th></tr></thead>
+<tbody>
+{failures}
+</tbody></table>"""
 
 
 def _size(octets: float) -> str:

@@ -27,6 +27,7 @@ from ..engine.hooks import HOOKS, HookRunner
 from ..engine.loader import load_plugins
 from ..core.codes import ReturnCode, Verdict
 from .master import Master
+from .tls import TlsContexts
 from ..core.reply import answer
 from ..backends.services import configure_services
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-w", "--workers", type=int, metavar="N",
                         help="worker processes, overriding [server] workers (0: one per CPU core)")
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the config and plugins, print the hook order, exit")
+                        help="validate the config, plugins and TLS certificates, print the hook order, exit")
     parser.add_argument("--version", action="version", version=f"qpgevent {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     plugin = commands.add_parser("plugin", help="plugin tools: 'qpgevent plugin test' (a dry run)",
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = dataclasses.replace(settings, workers=args.workers)
         if args.check_config:
             privileges.resolve(settings)  # an unknown user or group is a config mistake too
+            if settings.tls_certificate:
+                TlsContexts(settings)  # a certificate that will not load fails the start: fail the check too
             print_check(settings, HookRunner(load_plugins(settings)))
             return 0
         # Logging first, so what plugins say while they set up goes where the rest goes.

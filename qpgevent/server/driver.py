@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.monkey
 import gevent.socket
 import gevent.ssl
-from gevent import select
 
 from ..backends import dns, metrics, scoreboard
 from ..backends.auth import FailureLimiter, SenderMap
@@ -63,9 +63,11 @@ class Driver:
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  listen: Listen | None = None, tls: TlsContexts | None = None,
-                 parking: Parking | None = None) -> None:
+                 parking: Parking | None = None, command_timeout: Callable[[], float] | None = None) -> None:
         self.sock: Any = sock  #: an SSLSocket after STARTTLS
         self.settings = settings
+        #: Seconds to wait for a command now: shorter while the host is in stress (qpgevent.server.shedding).
+        self.command_timeout = command_timeout or (lambda: settings.command_timeout)
         self.tls = tls
         self.listen = listen or Listen("", 0)
         #: When to park while waiting for a command (None: never); see qpgevent.parking.
@@ -131,6 +133,13 @@ class Driver:
 
     def _shut_down(self) -> None:
         self._last_words(Canned.SHUTTING_DOWN)
+
+    def shed(self, words: Reply) -> Pause | None:
+        """End a parked session the server sheds (qpgevent.server.shedding): say ``words``, end."""
+        def leave() -> None:
+            self.session.log.info("shed: the host is in stress and this session was idle, with no transaction")
+            self._last_words(words)
+        return self._hold(leave)
 
     def _hold(self, part: Callable[[], None]) -> Pause | None:
         """Run ``part`` of the conversation; end the session unless it parked."""
@@ -204,7 +213,7 @@ class Driver:
         Only between commands: mid-DATA the client is sending, and a TLS session with
         decrypted bytes buffered has input the socket's watcher would never report.
         """
-        timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        timeout = self.settings.data_timeout if in_data else self.command_timeout()
         left = self._time_left(timeout)
         # The session's or this request's deadline comes first: wait only that long, and do not
         # park. Within a tenth of the timeout it is the usual wait (with its reusable timer, and
@@ -281,8 +290,7 @@ class Driver:
             self._timers = None
 
     def _wait_for_input(self, seconds: float) -> bool:
-        readable, _, _ = select.select([self.sock], [], [], seconds)
-        return bool(readable)
+        return has_input(self.sock, seconds)
 
     def _start_tls(self) -> None:
         """Handshake on our socket; the conversation then forgets what was said before."""
@@ -307,7 +315,10 @@ class Driver:
             # What does not fit waits for the client with the usual per-wait timeout.
             raw = self._raw
             sent = _send_now(raw, out) if raw is not None else 0
-            if sent < len(out):  # a copy: gevent's memoryview of ``out`` would forbid clearing it
+            if sent < len(out):
+                # Sent as a copy: gevent's sendall holds a view of what it sends, and on a
+                # failed write the exception's traceback (kept by whoever keeps the log
+                # record) keeps that view alive; a bytearray with a view cannot be cleared.
                 self._within(self.settings.command_timeout, self.sock.sendall, bytes(out[sent:]))
         except OSError as error:
             self.session.log.info("write failed: %s", error)
@@ -447,3 +458,25 @@ def _send_now(raw: _socket.socket, data: bytearray) -> int:
         return raw.send(data)
     except BlockingIOError:
         return 0
+
+
+#: The real poll: asking without waiting must not yield. Not select: it fails on a
+#: descriptor past 1023 (FD_SETSIZE), and a worker with a thousand sessions has those.
+_poll = gevent.monkey.get_original("select", "poll")
+
+
+def has_input(sock: Any, seconds: float = 0.0) -> bool:
+    """Whether ``sock`` has input now, or within ``seconds`` (a wait for it only then yields)."""
+    if getattr(sock, "pending", _nothing)():  # TLS: decrypted octets already off the socket
+        return True
+    poller = _poll()
+    poller.register(sock.fileno(), 1)  # 1: POLLIN
+    if poller.poll(0):
+        return True
+    if seconds <= 0:
+        return False
+    try:
+        gevent.socket.wait_read(sock.fileno(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True

@@ -76,6 +76,7 @@ from ..backends import log as log_module
 from ..transaction import remove_spill_files
 from .children import CLOSED, READY, Generation, Worker, close_now, describe_status, worker_count
 from .reload import Reloading
+from .open_files import raise_open_files
 from .shared_counters import DEFAULT_CAPACITY, SharedTable
 from .worker import become_worker
 
@@ -161,6 +162,9 @@ class Master(Reloading):
         for sock in self.listeners:
             log.info("listening on %s", describe_listener(sock))
         size = worker_count(settings)
+        _, too_few = raise_open_files(settings.max_connections, size)  # before the forks: workers inherit it
+        if too_few:
+            log.warning("%s", too_few)
         pool = settings.max_connections + max(16, settings.max_connections // 8)
         # Room for the workers of two generations (a reload) and respawns meanwhile.
         self.table = SharedTable(rows=4 * size + 4, capacity=max(DEFAULT_CAPACITY, pool))

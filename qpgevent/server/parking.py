@@ -16,11 +16,15 @@ reads ``after`` for that each time, so ``stop_parking`` takes effect at once: a 
 that stops wakes every parked session and lets none park again, so that each one ends
 the usual way, within ``shutdown_timeout`` or with 421 (an idle one, with no transaction
 under way, says 421 at once: ``Driver.resume``).
+
+Under stress (``qpgevent.server.shedding``) the shedder ``take``s the oldest idle parked
+sessions to close them, and ``cap``s how long any session waits parked.
 """
 
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -57,7 +61,11 @@ class Parking:
         #: Called in a new greenlet, in the session's saved context, as
         #: ``resume(session, timed_out, *args)`` with the ``args`` given to ``park``.
         self._resume = resume
-        self._parked: dict[Session, tuple[Any, Any, Pause, tuple[Any, ...]]] = {}
+        #: Parked session -> (its reader, its timer, its Pause, the args of park, its
+        #: deadline on the monotonic clock); in the order they parked: the longest idle first.
+        self._parked: dict[Session, tuple[Any, Any, Pause, tuple[Any, ...], float]] = {}
+        #: Seconds a session may wait parked, at most (None: its Pause decides); see ``cap``.
+        self._cap: float | None = None
         #: The greenlets of woken sessions, for the server to wait for when it stops.
         self.resumed = Group()
 
@@ -71,10 +79,42 @@ class Parking:
         """Wait for ``session``'s input, or for ``pause.seconds_left``, with no greenlet."""
         loop = gevent.get_hub().loop
         reader = loop.io(session.sock.fileno(), 1)  # 1: readable (EV_READ)
-        timer = loop.timer(max(pause.seconds_left, 0.0))
-        self._parked[session] = (reader, timer, pause, args)
+        seconds = max(pause.seconds_left, 0.0)
+        if self._cap is not None:
+            seconds = min(seconds, self._cap)
+        timer = loop.timer(seconds)
+        self._parked[session] = (reader, timer, pause, args, time.monotonic() + seconds)
         reader.start(self._wake, session, False)
         timer.start(self._wake, session, True)
+
+    def oldest(self) -> list[Session]:
+        """The parked sessions, the longest parked first."""
+        return list(self._parked)
+
+    def cap(self, seconds: float | None) -> None:
+        """From now on no session waits parked more than ``seconds`` (None: no cap); the
+        ones parked now with more left have their timers cut to ``seconds``."""
+        self._cap = seconds
+        if seconds is None:
+            return
+        loop, now = gevent.get_hub().loop, time.monotonic()
+        for session, (reader, timer, pause, args, deadline) in list(self._parked.items()):
+            if deadline - now > seconds:
+                timer.close()
+                timer = loop.timer(seconds)
+                self._parked[session] = (reader, timer, pause, args, now + seconds)
+                timer.start(self._wake, session, True)
+
+    def take(self, session: Session) -> tuple[Pause, tuple[Any, ...]] | None:
+        """Unpark ``session`` without waking it: its Pause and the args of ``park``, for the
+        caller to end it; None if it is not parked (woken meanwhile)."""
+        parked = self._parked.pop(session, None)
+        if parked is None:
+            return None
+        reader, timer, pause, args, _ = parked
+        reader.close()
+        timer.close()
+        return pause, args
 
     def stop_parking(self) -> None:
         """No session parks from now on, and every parked one is woken to wait in a greenlet."""
@@ -94,10 +134,8 @@ class Parking:
 
     def _wake(self, session: Session, timed_out: bool) -> None:
         # Runs in the hub: both watchers may fire in one loop turn, the second finds it gone.
-        parked = self._parked.pop(session, None)
-        if parked is None:
+        taken = self.take(session)
+        if taken is None:
             return
-        reader, timer, pause, args = parked
-        reader.close()
-        timer.close()
+        pause, args = taken
         self.resumed.spawn(pause.context.run, self._resume, session, timed_out, *args)

@@ -17,11 +17,24 @@ It runs as the master does (privileges already dropped) and dies with the master
 
 Started afresh, the runner picks up where its predecessor stopped: the queue folder is
 the whole state (see ``outqueue`` and ``delivery`` for what a crash can repeat).
+
+One runner per queue folder: a runner holds an exclusive ``flock`` on ``runner.lock`` in
+the folder from before it binds the kick socket until it exits (the kernel lets go of it
+when the process dies, even by SIGKILL). A runner started while another holds it waits
+for it (and says so), so two never deliver from one folder at once, whoever started
+them: a reload, a respawn, a second server on the same folder by mistake.
+
+On a reload (SIGHUP, ``on_reload``) the master TERMs the runner, which finishes its
+deliveries in flight; once it has exited, a new one starts with the new config (routes,
+backoff, TLS policy...). A runner still busy ``STOP_GRACE`` seconds after the TERM is
+killed. A reload that adds ``queue/outbound`` starts a runner; one that removes it stops
+the runner (its messages stay in the folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -38,6 +51,7 @@ from gevent.server import DatagramServer
 from .. import config as config_module
 from ..backends import log as log_module
 from . import admin, privileges
+from .children import close_now
 from ..backends import metrics
 from ..backends.delivery import Options, Runner
 from ..core.errors import ConfigError
@@ -47,14 +61,18 @@ from ..backends.services import configure_services
 from ..backends.relay_routes import ConfigurationError, parse_routes
 from ..backends.smtp_downstream import ClientOptions
 from ..backends.tls_policy import TlsPolicies, parse_levels
+from ..backends.tlsrpt import TlsReports
 
-__all__ = ["PLUGIN", "Supervisor", "main", "options_from_config", "plugin_config", "supervise"]
+__all__ = ["LOCK_NAME", "PLUGIN", "Supervisor", "lock_queue", "main", "on_reload", "options_from_config",
+           "plugin_config", "supervise"]
 
 log = logging.getLogger("qpgevent.queue_runner")
 
 PLUGIN = "queue/outbound"  #: the plugin whose options the runner takes
 BACKOFF_FIRST, BACKOFF_MAX, QUICK_EXIT = 0.5, 30.0, 5.0
 STOP_GRACE = 30.0  #: seconds a stopping runner gets to finish its deliveries before SIGKILL
+LOCK_NAME = "runner.lock"  #: in the queue folder: held by the one runner delivering from it
+LOCK_POLL = 0.2  #: seconds between two tries at a lock another process holds
 
 
 def options_from_config(config: dict[str, Any], me: str) -> Options:
@@ -69,9 +87,12 @@ def options_from_config(config: dict[str, Any], me: str) -> Options:
     default = {"off": "none", "auto": "may", "required": "encrypt"}[config["starttls"]]
     if config["tls_verify"] and default != "none":
         default = "verify"
+    reports = TlsReports(os.path.join(config["queue_dir"], "tlsrpt"), Queue(config["queue_dir"], fsync=config["fsync"]),
+                         me=me, sender=config["tlsrpt_from"], organization=config["tlsrpt_organization"],
+                         period=config["tlsrpt_period"], ca_file=config["tls_ca_file"]) if config["tlsrpt"] else None
     tls = TlsPolicies(client, parse_levels(config["tls_policy"]), default, mta_sts=config["mta_sts"],
                       dane=config["dane"], ca_file=config["tls_ca_file"],
-                      cache_dir=os.path.join(config["queue_dir"], "mta-sts"))
+                      cache_dir=os.path.join(config["queue_dir"], "mta-sts"), reports=reports)
     return Options(
         me=me, routes=routes, port=config["port"], families=config["inet_protocols"],
         destination_concurrency=config["destination_concurrency"], max_deliveries=config["max_deliveries"],
@@ -115,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    try:
+        if lock_queue(queue.directory, stop) is None:
+            return 0  # asked to stop while another runner held the folder: nothing was done
+    except OSError as error:
+        print(f"qpgevent queue runner: cannot lock {queue.directory}: {error}", file=sys.stderr)
+        return 2
     kicks = _listen_for_kicks(queue.kick_path, runner)
     log.info("queue runner (pid %d) running on %s", os.getpid(), queue.directory)
     try:
@@ -127,6 +154,27 @@ def main(argv: list[str] | None = None) -> int:
             pass
     log.info("queue runner (pid %d) stopped", os.getpid())
     return 0
+
+
+def lock_queue(directory: str, stop: Event | None = None) -> int | None:
+    """Take the folder's runner lock: its file descriptor, held until it is closed or the
+    process ends. Waits while another process holds it, until ``stop`` is set (then None);
+    without ``stop``, None at once when it is held. Read-only (flock needs no more), so that
+    a lock file made by a tool run as root serves the runner's user too. Raises OSError."""
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if not waiting and stop is not None:
+                waiting = True
+                log.info("queue runner (pid %d): waiting for the runner before it to finish with %s",
+                         os.getpid(), directory)
+            if stop is None or stop.wait(LOCK_POLL):
+                close_now(fd)
+                return None
 
 
 def _listen_for_kicks(path: str, runner: Runner) -> DatagramServer:
@@ -150,6 +198,7 @@ class Supervisor:
         self.master_pid = os.getpid()
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        self.restarting = False  #: TERMed for a reload: start the next one at once
         self.failures = 0
         self.greenlet = gevent.spawn(self._keep_running)
 
@@ -174,11 +223,32 @@ class Supervisor:
                 return  # a copy in a forked worker
             if self.stopping:
                 break
+            if self.restarting:
+                self.restarting, self.failures = False, 0
+                log.info("queue runner %s for the reload; starting it with the new config", _how(status))
+                continue
             quick = time.monotonic() - started < QUICK_EXIT
             self.failures = self.failures + 1 if quick else 0
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1)) if self.failures else 0.0
             log.error("queue runner %s; starting it again in %.1fs", _how(status), delay)
             gevent.sleep(delay)
+
+    def reload(self, settings: config_module.Settings) -> None:
+        """Replace the runner by one with the new config once it has finished its deliveries
+        in flight (TERM; SIGKILL after ``STOP_GRACE``). One not running (waiting to be
+        started again) reads the new config when it starts."""
+        self.settings = settings
+        process = self.process
+        if self.stopping or self.restarting or process is None or process.poll() is not None:
+            return
+        self.restarting = True
+        process.send_signal(signal.SIGTERM)
+        gevent.spawn_later(STOP_GRACE, self._kill_if_running, process)
+
+    def _kill_if_running(self, process: subprocess.Popen[bytes]) -> None:
+        if os.getpid() == self.master_pid and process.poll() is None:
+            log.error("queue runner (pid %d) still running %.0fs after TERM: SIGKILL", process.pid, STOP_GRACE)
+            process.kill()
 
     def stop(self) -> None:
         """TERM to the runner: it finishes its deliveries in flight and exits."""
@@ -200,9 +270,26 @@ class Supervisor:
 
 def supervise(settings: config_module.Settings, plugins: list[Any]) -> Supervisor | None:
     """The master's hook: a supervised runner when ``queue/outbound`` is configured, else None."""
-    if not any(plugin.name.split(":", 1)[0] == PLUGIN for plugin in plugins):
+    if not _configured(plugins):
         return None
     return Supervisor(settings)
+
+
+def on_reload(current: Supervisor | None, settings: config_module.Settings,
+              plugins: list[Any]) -> Supervisor | None:
+    """The master's hook once a reload's workers serve: the supervisor to keep from now on."""
+    if current is not None and not current.stopping:
+        if _configured(plugins):
+            current.reload(settings)
+        else:
+            log.info("reload: no %s any more: stopping the queue runner", PLUGIN)
+            current.stop()  # the master's stop still waits for it
+        return current
+    return supervise(settings, plugins) or current
+
+
+def _configured(plugins: list[Any]) -> bool:
+    return any(plugin.name.split(":", 1)[0] == PLUGIN for plugin in plugins)
 
 
 def _how(status: int | None) -> str:

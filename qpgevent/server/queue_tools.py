@@ -9,12 +9,15 @@ Owns the command line the operator uses on the queue of ``queue/outbound``::
     qpgevent queue [-c INI] release ID        attempts again, the next one now
     qpgevent queue [-c INI] delete ID         forget it, no notice to anyone
     qpgevent queue [-c INI] bounce ID         fail its pending recipients; the sender gets a notice
+    qpgevent queue [-c INI] tlsrpt            end the TLS-RPT period now: its reports go out
 
 The queue folder is the ``queue_dir`` of ``[[queue/outbound]]`` in the ini (or
 ``--queue-dir``). A command that changes a message is sent to the running queue runner,
 which applies it (after the attempt in flight, if one is), so the two never write the
 same envelope at once; the tool then waits until the change is on disk. With no runner,
-the tool applies it itself. Exit status: 0 done, 1 no such message (or not applied in
+the tool applies it itself, holding the folder's runner lock meanwhile (a runner starting
+then waits for it; while a runner holds the lock but does not listen yet, in a reload
+say, the tool tries again). Exit status: 0 done, 1 no such message (or not applied in
 time), 2 a configuration error.
 """
 
@@ -31,7 +34,8 @@ from .. import config as config_module
 from ..backends.delivery import COMMANDS, Options, Runner
 from ..core.errors import ConfigError
 from ..backends.outqueue import Envelope, Queue, State
-from .queue_runner import plugin_config, options_from_config
+from .children import close_now
+from .queue_runner import lock_queue, plugin_config, options_from_config
 
 __all__ = ["main", "summary"]
 
@@ -43,10 +47,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-c", "--config", default="qpsmtpd.ini", help="the ini file (default: %(default)s)")
     parser.add_argument("--queue-dir", help="the queue folder (default: queue_dir of [[queue/outbound]])")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("command", choices=("list", "show", *COMMANDS))
+    parser.add_argument("command", choices=("list", "show", *COMMANDS, "tlsrpt"))
     parser.add_argument("id", nargs="?")
     args = parser.parse_args(argv)
-    if args.command not in ("list", "flush") and not args.id:
+    if args.command not in ("list", "flush", "tlsrpt") and not args.id:
         parser.error(f"{args.command} needs a message ID")
     return args
 
@@ -72,6 +76,14 @@ def main(argv: list[str]) -> int:
         return _list(queue, args.json)
     if args.command == "show":
         return _show(queue, args.id, args.json)
+    if args.command == "tlsrpt":
+        if options.tls is None or options.tls.reports is None:
+            print("qpgevent queue: tlsrpt is off in [[queue/outbound]]", file=sys.stderr)
+            return 1
+        if not queue.kick("tlsrpt"):
+            print("qpgevent queue: no queue runner is running; it reports when it runs", file=sys.stderr)
+            return 1
+        return 0
     return _act(queue, options, args.command, args.id)
 
 
@@ -140,14 +152,23 @@ def _act(queue: Queue, options: Options, verb: str, message_id: str | None) -> i
     if message_id not in queue.ids():
         print(f"qpgevent queue: no message {message_id}", file=sys.stderr)
         return 1
-    if not queue.kick(f"{verb} {message_id}"):
-        # No runner: nothing else writes the envelope; apply it here.
-        runner = Runner(queue, options, blocking=lambda function, *a, **k: function(*a, **k))
-        found = runner.command(verb, message_id)
-        if not found:
-            print(f"qpgevent queue: no message {message_id}", file=sys.stderr)
-        return 0 if found else 1
     deadline = time.monotonic() + APPLY_TIMEOUT
+    while not queue.kick(f"{verb} {message_id}"):
+        lock = lock_queue(queue.directory)
+        if lock is not None:  # no runner: nothing else writes the envelope; apply it here
+            try:
+                found = Runner(queue, options, blocking=lambda function, *a, **k: function(*a, **k)).command(
+                    verb, message_id)
+            finally:
+                close_now(lock)
+            if not found:
+                print(f"qpgevent queue: no message {message_id}", file=sys.stderr)
+            return 0 if found else 1
+        if time.monotonic() > deadline:
+            print(f"qpgevent queue: {verb} {message_id}: the queue runner did not listen within "
+                  f"{APPLY_TIMEOUT:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)  # a runner holds the folder but does not listen yet (starting, stopping)
     while time.monotonic() < deadline:
         if _applied(queue, verb, message_id):
             return 0

@@ -5,7 +5,9 @@ it and keeps the running workers. Else it forks a new generation of workers with
 config, and once all of them serve, TERMs the old ones, which drain as at a stop (``master``). The listening sockets never
 close, so no connection is refused; old workers finish what they accepted. The listen
 addresses and user/group cannot change on a reload (we are no longer root to bind
-port 25): a change is logged and needs a restart.
+port 25): a change is logged and needs a restart. Once the new workers serve, the queue
+runner is replaced too (``queue_runner.on_reload``: the old one finishes its deliveries in
+flight first).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..backends.services import configure_services
 from ..config import Settings
 from ..core.errors import ConfigError
 from ..engine.loader import forget_plugin_modules, load_plugins
+from . import queue_runner as queue_runner_module
 from .children import Generation, Worker, worker_count
 from .shared_counters import SharedTable
 
@@ -50,6 +53,7 @@ class Reloading:
     reload_again: bool
     stopping: bool
     table: SharedTable | None
+    queue_runner: queue_runner_module.Supervisor | None
 
     def _spawn(self, generation: Generation, slot: int) -> None:
         raise NotImplementedError  # the master's
@@ -108,6 +112,7 @@ class Reloading:
                  generation.number, generation.size, len(draining))
         for worker in draining:
             self._ask_to_stop(worker)
+        self.queue_runner = queue_runner_module.on_reload(self.queue_runner, generation.settings, generation.plugins)
         self._check_drained()
         if self.reload_again:
             self.reload_again = False

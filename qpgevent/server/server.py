@@ -5,8 +5,9 @@ Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
 park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``), and gets a
 new one when its client speaks. Beyond ``max_connections`` a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
-``stop`` stops accepting, gives sessions in flight up to ``shutdown_timeout`` to end,
-then closes the rest with 421.
+Near ``max_connections`` the host is in stress, and idle sessions are shed to keep
+places for newcomers (``qpgevent.server.shedding``). ``stop`` stops accepting, gives
+sessions in flight up to ``shutdown_timeout`` to end, then closes the rest with 421.
 
 On its own (tests, embedding) a server binds its listen addresses and counts sessions
 for itself. Under the pre-fork master (``master``), each worker's server serves the
@@ -41,6 +42,7 @@ from ..connection import Connection
 from ..engine.chains import listener_chains
 from ..engine.hooks import HookRunner
 from .parking import Parking, Pause
+from .shedding import Shedder
 from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from ..engine.session import Session
@@ -50,7 +52,11 @@ from .shared_counters import Counters, Lease, LocalCounters
 from .tls import TlsContexts
 
 log = logging.getLogger("qpgevent.server")
-BACKLOG = 1024
+#: Connections the kernel queues for accept (it caps this at net.core.somaxconn). A burst
+#: that overflows it is worse than slow: past the queue, Linux answers with SYN cookies,
+#: and a client whose handshake ACK is then dropped believes it is connected and waits
+#: for a greeting that never comes (636 of 10,000 Locust users ramped at 500/s, with 1024).
+BACKLOG = 4096
 
 
 def normalize_ip(ip: str) -> str:
@@ -221,6 +227,8 @@ class SmtpServer:
         self.parking = Parking(settings.park_after, self._resume)
         #: Sessions open, in all and per client address: this process's, or the host's.
         self.counters: Counters = counters if counters is not None else LocalCounters()
+        #: Stress mode: idle sessions shed and timeouts shortened near max_connections.
+        self.shedder = Shedder(self, settings, self.counters)
         # Room above the limit so that refusals are answered rather than left queued.
         self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
         #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
@@ -256,12 +264,15 @@ class SmtpServer:
             server = _Listener(sock, lambda s, a, listen=listen: self.handle(s, a, listen), spawn=self._pool)
             server.start()
             self.servers.append(server)
+        self.shedder.start()
 
     def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
         # A place under max_connections first (on every worker: the count is the host's),
         # before anything else is spent on the client.
         try:
             lease = self.counters.acquire(self.settings.max_connections)
+            if lease is None and self.shedder.check():  # no place: make room if we can, at once
+                lease = self.counters.acquire(self.settings.max_connections)
         except BaseException:
             sock.close()  # our listener leaves the closing to us (_Listener)
             raise
@@ -295,7 +306,8 @@ class SmtpServer:
             return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
         driver = Driver(sock, connection, self.runner_for(listen), self.settings, self.counters.count,
-                        listen=listen, tls=self.tls, parking=self.parking)
+                        listen=listen, tls=self.tls, parking=self.parking,
+                        command_timeout=self.shedder.command_timeout)
         return self._serve(driver, lease, greenlet, driver.run)
 
     def runner_for(self, listen: Listen | None) -> HookRunner:
@@ -307,10 +319,14 @@ class SmtpServer:
 
     def _resume(self, driver: Driver, timed_out: bool, lease: Lease) -> None:
         """A parked session woke (in a new greenlet, in its own context): go on with it."""
+        self.run_parked(driver, lease, lambda: driver.resume(timed_out))
+
+    def run_parked(self, driver: Driver, lease: Lease, part: Callable[[], Pause | None]) -> None:
+        """Run ``part`` of a session that was parked, in the greenlet that now holds it."""
         self.sessions.discard(driver.session)
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
-        self._serve(driver, lease, greenlet, lambda: driver.resume(timed_out))
+        self._serve(driver, lease, greenlet, part)
 
     def _serve(self, driver: Driver, lease: Lease, greenlet: gevent.Greenlet,
                part: Callable[[], Pause | None]) -> bool:
@@ -386,6 +402,7 @@ class SmtpServer:
         """Stop accepting; let sessions finish for ``timeout`` seconds; close the rest with 421."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         self.stop_accepting()
+        self.shedder.stop()
         self.parking.stop_parking()  # parked sessions wake: idle ones say 421, the rest wait in greenlets
         # Every greenlet of the pool, not only self.sessions: a connection accepted just
         # before the close may not have started its greenlet yet, and is in flight too.

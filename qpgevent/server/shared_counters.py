@@ -12,6 +12,8 @@ The third field of a row's header is its worker's *heartbeat*: the ``time.monoto
 (one clock for every process of the host) at which the worker's event loop last ran a
 small greenlet (``qpgevent.watchdog``). The master reads it to notice a worker whose
 loop is blocked. Only the worker writes it, one aligned 8-octet store, without the lock.
+The fourth is its *stress flag*: 1 while the worker finds the host in stress
+(``qpgevent.server.shedding``), so that the others follow it in.
 
 Leases free themselves when their holder dies: the master clears a worker's row when it
 reaps that worker, whatever killed it, so a ``kill -9`` cannot leak counts.
@@ -45,7 +47,10 @@ import tempfile
 from typing import Protocol
 
 SLOT = 16  #: one client address: IPv6, or IPv4 mapped into IPv6 (::ffff:a.b.c.d)
-_HEADER = struct.Struct("=IId")  # owner pid, used slots, heartbeat (8 octets: slots stay 16-aligned)
+# Owner pid, used slots, heartbeat, stress flag (padded to 32 octets: slots stay 16-aligned).
+_HEADER = struct.Struct("=IIdI12x")
+_STRESS = struct.Struct("=I")
+_STRESS_AT = 16  # its offset in the header
 _OWNER = struct.Struct("=II")  # the part of the header the leases change
 FREE = bytes(SLOT)  # "::": never a TCP peer
 PENDING = b"\xff" * SLOT  # a session whose address is not known yet (PROXY header coming)
@@ -95,6 +100,9 @@ class Counters(Protocol):
 
     def acquire(self, limit: int) -> Lease | None: ...
     def count(self, ip: str) -> int: ...
+    def sessions(self) -> int: ...
+    def set_stressed(self, stressed: bool) -> None: ...
+    def stressed_elsewhere(self) -> bool: ...
 
 
 # -- one process --------------------------------------------------------------------
@@ -135,6 +143,16 @@ class LocalCounters:
             return self._by_key[address_key(ip)]
         return sum(n for key, n in self._by_key.items() if key != PENDING and _in_network(key, *network))
 
+    def sessions(self) -> int:
+        """Sessions open, in all."""
+        return self.total
+
+    def set_stressed(self, stressed: bool) -> None:
+        pass  # one process: nobody to tell
+
+    def stressed_elsewhere(self) -> bool:
+        return False
+
     def _move(self, old: bytes, new: bytes | None) -> None:
         self._by_key[old] -= 1
         if self._by_key[old] <= 0:
@@ -166,7 +184,7 @@ class SharedTable:
         return self._lock
 
     def header(self, row: int) -> tuple[int, int]:
-        pid, used, _ = _HEADER.unpack_from(self.map, row * self.row_size)
+        pid, used = _OWNER.unpack_from(self.map, row * self.row_size)
         return pid, used
 
     def set_header(self, row: int, pid: int, used: int) -> None:
@@ -179,6 +197,12 @@ class SharedTable:
     def heartbeat(self, row: int) -> float:
         """When the worker of ``row`` last beat (0.0: never)."""
         return _HEADER.unpack_from(self.map, row * self.row_size)[2]
+
+    def set_stressed(self, row: int, stressed: bool) -> None:
+        _STRESS.pack_into(self.map, row * self.row_size + _STRESS_AT, int(stressed))
+
+    def stressed(self, row: int) -> bool:
+        return bool(_HEADER.unpack_from(self.map, row * self.row_size)[3])
 
     def slot_offset(self, row: int, index: int) -> int:
         return row * self.row_size + _HEADER.size + index * SLOT
@@ -233,6 +257,7 @@ class SharedTable:
             _, used = self.header(row)
             self.set_header(row, 0, 0)
             self.beat(row, 0.0)  # the next worker of this row has not beaten yet
+            self.set_stressed(row, False)
         return used
 
     def sessions(self) -> int:
@@ -299,6 +324,18 @@ class WorkerCounters:
         network = network_key(ip)
         with self.table.locked():
             return self.table.count(address_key(ip)) if network is None else self.table.count(*network)
+
+    def sessions(self) -> int:
+        """Sessions open on every worker of the host."""
+        return self.table.sessions()
+
+    def set_stressed(self, stressed: bool) -> None:
+        """Tell the other workers whether this one is in stress (one aligned store: no lock)."""
+        self.table.set_stressed(self.row, stressed)
+
+    def stressed_elsewhere(self) -> bool:
+        """Whether another worker is in stress."""
+        return any(self.table.stressed(row) for row in range(self.table.rows) if row != self.row)
 
     def _write(self, lease: SharedLease, key: bytes) -> None:
         if lease.index < 0:

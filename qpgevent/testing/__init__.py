@@ -50,7 +50,7 @@ _SECTIONS = {
                "workers", "user", "group", "allow_root", "pidfile"),
     "limits": ("max_connections", "max_message_size", "max_recipients", "max_command_line",
                "max_text_line", "max_header_size", "command_timeout", "data_timeout", "park_after", "plugin_timeout",
-               "session_timeout", "min_data_rate", "max_junk_commands",
+               "session_timeout", "min_data_rate", "max_junk_commands", "stress_at", "stress_command_timeout",
                "max_bad_commands", "max_received"),
     "smtp": ("allow_bare_lf", "nul_bytes"),
     "tls": ("certificate", "key", "sni", "min_version", "handshake_timeout", "reload_check"),

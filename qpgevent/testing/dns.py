@@ -271,7 +271,9 @@ class SlowDnsFront:
     """Forwards each UDP and TCP query to 127.0.0.1:``upstream_port`` ``delay`` seconds late.
 
     Greenlets in this process. ``queries`` counts the queries received; ``delay`` may be
-    changed at any time. Each query goes upstream on its own socket, so concurrent
+    changed at any time. ``arrivals`` has, for each UDP query in the order they came, how
+    many answers had been sent when it came: two look-ups that ran at once both came
+    before the first answer. Each query goes upstream on its own socket, so concurrent
     clients with colliding query IDs cannot be mixed up.
     """
 
@@ -280,6 +282,8 @@ class SlowDnsFront:
         self.delay = delay
         self.upstream_timeout = upstream_timeout
         self.queries = 0
+        self.answered = 0
+        self.arrivals: list[int] = []
         udp, tcp = _bind_listeners()
         # Room for a burst of hundreds of queries arriving before the first is read.
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -291,6 +295,7 @@ class SlowDnsFront:
 
     def _on_datagram(self, query: bytes, client: Any) -> None:
         self.queries += 1
+        self.arrivals.append(self.answered)
         gevent.sleep(self.delay)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
             upstream.settimeout(self.upstream_timeout)
@@ -300,6 +305,7 @@ class SlowDnsFront:
             except OSError:
                 return  # upstream gone: the client sees a timeout, as it would in real life
         self._udp.sendto(answer, client)
+        self.answered += 1
 
     def _on_stream(self, sock: socket.socket, client: Any) -> None:
         sock.settimeout(self.upstream_timeout)

@@ -157,13 +157,18 @@ class LabDns:
     ``address``:53, stubbed to NSD, refusing every other name (it never asks the real
     root). The zones in ``signed`` are signed at start (ldns-signzone, ECDSA P-256), and
     unbound trusts their keys: answers from them carry AD; the rest are insecure.
+
+    ``ttl`` is every record's TTL (and the zones' negative TTL), ``negative_ttl`` how long
+    unbound keeps a negative answer: short by default, so that a test's records never
+    linger; a benchmark asks for real-world ones (minutes), which callers' caches honour.
     """
 
     NSD_PORT = 5300
 
     def __init__(self, lab: NetLab, host: str, address: str, zones: dict[str, dict[str, list[tuple[str, str]]]],
-                 signed: tuple[str, ...] = ()) -> None:
+                 signed: tuple[str, ...] = (), ttl: int = 5, negative_ttl: int = 1) -> None:
         self.lab, self.host, self.address, self.zones, self.signed = lab, host, address, zones, signed
+        self.ttl = ttl
         self.dir = Path(private_folder("qpg-labdns-"))
         self.processes: list[subprocess.Popen[bytes]] = []
         nsd = ["server:", f"    ip-address: 127.0.0.1@{self.NSD_PORT}", "    do-ip6: no", '    username: ""',
@@ -175,16 +180,12 @@ class LabDns:
                    '    username: ""', '    chroot: ""', f'    directory: "{self.dir}"', f'    pidfile: "{self.dir}/unbound.pid"',
                    "    use-syslog: no", '    logfile: ""', "    num-threads: 1", "    do-not-query-localhost: no",
                    '    module-config: "validator iterator"', '    local-zone: "test." nodefault',
-                   '    local-zone: "." refuse', "    cache-max-ttl: 5", "    cache-max-negative-ttl: 1"]
+                   '    local-zone: "." refuse', f"    cache-max-ttl: {ttl}", f"    cache-max-negative-ttl: {negative_ttl}"]
         stubs = []
-        for zone, owners in zones.items():
-            lines = [f"$ORIGIN {zone}.", "$TTL 5", f"@ IN SOA ns.{zone}. h.{zone}. 1 3600 600 86400 5",
-                     f"@ IN NS ns.{zone}."]
-            lines += [f"{owner} IN {rtype} {rdata}" for owner, records in owners.items() for rtype, rdata in records]
-            (self.dir / f"{zone}.zone").write_text("\n".join(lines) + "\n")
-            zonefile = f"{zone}.zone"
+        self.keys: dict[str, tuple[str, str]] = {}
+        for zone in zones:
+            zonefile = self._write_zone(zone)
             if zone in signed:
-                zonefile = self._sign(zone)
                 unbound.append(f'    trust-anchor-file: "{self.dir}/{self.anchors[zone]}.ds"')
             nsd += ["zone:", f"    name: {zone}", f"    zonefile: {zonefile}"]
             unbound.append(f'    local-zone: "{zone}." transparent')
@@ -205,14 +206,33 @@ class LabDns:
 
     anchors: dict[str, str] = {}
 
+    def _write_zone(self, zone: str, serial: int = 1) -> str:
+        """Write (and sign, with the zone's keys) ``zone``; its file name for NSD."""
+        ttl = self.ttl
+        lines = [f"$ORIGIN {zone}.", f"$TTL {ttl}", f"@ IN SOA ns.{zone}. h.{zone}. {serial} 3600 600 86400 {ttl}",
+                 f"@ IN NS ns.{zone}."]
+        lines += [f"{owner} IN {rtype} {rdata}" for owner, records in self.zones[zone].items()
+                  for rtype, rdata in records]
+        (self.dir / f"{zone}.zone").write_text("\n".join(lines) + "\n")
+        return self._sign(zone) if zone in self.signed else f"{zone}.zone"
+
     def _sign(self, zone: str) -> str:
         run = lambda *argv: subprocess.run(argv, cwd=self.dir, check=True, capture_output=True,  # noqa: E731
                                            text=True).stdout.strip()
-        zsk = run("ldns-keygen", "-a", "ECDSAP256SHA256", zone)
-        ksk = run("ldns-keygen", "-a", "ECDSAP256SHA256", "-k", zone)
-        run("ldns-signzone", "-n", "-f", f"{zone}.zone.signed", f"{zone}.zone", zsk, ksk)
-        self.anchors = {**self.anchors, zone: ksk}
+        if zone not in self.keys:
+            self.keys[zone] = (run("ldns-keygen", "-a", "ECDSAP256SHA256", zone),
+                               run("ldns-keygen", "-a", "ECDSAP256SHA256", "-k", zone))
+            self.anchors = {**self.anchors, zone: self.keys[zone][1]}
+        run("ldns-signzone", "-n", "-f", f"{zone}.zone.signed", f"{zone}.zone", *self.keys[zone])
         return f"{zone}.zone.signed"
+
+    def set_records(self, zone: str, owner: str, records: list[tuple[str, str]]) -> None:
+        """Replace ``owner``'s records in ``zone`` (signed again with the same keys) and reload NSD;
+        unbound sees the change once its cache (at most 5 s) lets go of the old answer."""
+        self.zones[zone][owner] = records
+        self.serial = getattr(self, "serial", 1) + 1
+        self._write_zone(zone, self.serial)
+        os.kill(self.processes[0].pid, signal.SIGHUP)  # nsd -d: SIGHUP reloads the zone files
 
     def query(self, name: str, rtype: str) -> dns.message.Message:
         """Ask unbound from inside the lab (AD asked for)."""
@@ -267,6 +287,14 @@ class PolicyServer:
 
     def log(self) -> str:
         return (self.dir / "server.out").read_text()
+
+    def posted(self) -> list[tuple[str, str, str, bytes]]:
+        """What was POSTed so far: (Host, path, Content-Type, body), in order."""
+        posts = []
+        for path in sorted(self.dir.glob("posted-*.bin"), key=lambda p: int(p.name.split("-")[1])):
+            target, content_type, body = path.read_bytes().split(b"\n", 2)
+            posts.append((path.stem.split("-", 2)[2], target.decode(), content_type.decode(), body))
+        return posts
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -16,6 +16,7 @@ import gevent
 import pytest
 
 from qpgevent import dns
+from qpgevent.testing import wait_until
 from qpgevent.testing.dns import DeadDns, LoopbackDns, SlowDnsFront
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "data" / "dns_plugins"
@@ -90,3 +91,21 @@ def test_dead_nameserver_is_a_421_within_the_dns_timeout(make_server):
     assert b"cannot look mail.example.test up now" in jobs[0].value[1]
     assert all(0.9 <= job.value[2] < 3.0 for job in jobs), [job.value[2] for job in jobs]
     assert elapsed < 3.0, elapsed
+
+
+def test_a_lookup_asked_ahead_runs_while_the_caller_goes_on(nsd):
+    # Every answer comes DELAY late: the look-up asked ahead is on the wire while the
+    # caller has not asked for its result yet.
+    with SlowDnsFront(nsd.port, delay=DELAY) as front, dns.use(dns.Resolver(["127.0.0.1"], front.port,
+                                                                            timeout=5.0, cache=False)):
+        cancelled = dns.ahead((dns.a, "mail.example.test"))
+        cancelled.cancel()  # before it ran: never asked
+        pending = dns.ahead((dns.a, "mail.example.test"))
+        empty = dns.ahead((dns.a, "bad..name"))  # a name that cannot exist: [] without a query
+        wait_until(lambda: front.queries == 1, timeout=10, what="the query asked ahead")
+        assert pending.result() == ["192.0.2.25"]  # through the resolver of the caller's context
+        assert empty.result() == []
+        failing = dns.ahead((dns.blocklist, "not an address", "zen.test"))
+        with pytest.raises(ValueError):
+            failing.result()  # what the call raised, raised to the caller
+    assert front.queries == 1

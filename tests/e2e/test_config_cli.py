@@ -208,3 +208,18 @@ def test_without_listen_option_the_ini_address_is_used(tmp_path: Path) -> None:
     result = qpgevent("-c", str(path))
     assert result.returncode == 1, result
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["run", "check-config"])
+def test_a_certificate_that_does_not_load_exits_2(tmp_path: Path, check: bool) -> None:
+    """A [tls] certificate that is not one fails the start, and so the check too (not only at STARTTLS)."""
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate\n", encoding="utf-8")
+    path = write(tmp_path, HEAD + ["[tls]", f"  certificate = {garbage}", f"  key = {garbage}", "[plugins]",
+                                   "  [[rcpt_ok]]"])
+    result = qpgevent("-c", str(path), *(["--check-config"] if check else []), cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"qpgevent: {path}: [tls]: cannot load the certificates"), result.stderr
+    assert result.stdout == ""

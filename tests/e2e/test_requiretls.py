@@ -4,6 +4,7 @@ verified TLS: a real Postfix (which does not offer REQUIRETLS) never gets it."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 
 import pytest
@@ -78,14 +79,16 @@ def test_requiretls_message_is_refused_not_sent_to_a_hop_without_requiretls(serv
     assert "REQUIRETLS" not in postfix.log()
 
 
-def test_the_outbound_queue_refuses_a_requiretls_message(make_server, tmp_path):
+def test_the_outbound_queue_keeps_the_requiretls_flag_with_the_message(make_server, tmp_path):
+    """Its runner insists on verified TLS and REQUIRETLS per message (tests/outbound/test_lab_dsn.py)."""
     certs = Certs(tmp_path)
     certs.issue()
     server = make_server(f"[[rcpt_ok]]\n  domains = example.test\n[[queue/outbound]]\n  queue_dir = {tmp_path / 'q'}\n",
                          tls_certificate="server.pem")
     code, text = send_flagged(server, certs)
-    assert code // 100 == 5 and text.startswith(b"5.7.10 "), (code, text)
-    assert list((tmp_path / "q" / "env").iterdir()) == []
+    assert code == 250 and text.startswith(b"2.0.0 queued as "), (code, text)
+    [envelope] = list((tmp_path / "q" / "env").iterdir())
+    assert json.loads(envelope.read_text())["requiretls"] is True
 
 
 def test_requiretls_message_goes_to_a_qpgevent_next_hop_over_verified_tls(make_server, tmp_path):

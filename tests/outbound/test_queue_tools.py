@@ -6,55 +6,10 @@ import email
 import json
 import re
 import urllib.request
-import subprocess
-import sys
 
-import pytest
-
-from outbound_helpers import message
-from qpgevent.testing import ServerProcess, plugin_section, wait_until, write_ini
-from qpgevent.testing.mta import Postfix, free_port
-
-
-@pytest.fixture
-def postfix():
-    server = Postfix(["sender@sender.test", "late@late.test"]).start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def mta(tmp_path, postfix):
-    """late.test goes to a port where nothing listens yet; the rest to Postfix. Long backoff."""
-    late_port = free_port()
-    options = {"queue_dir": str(tmp_path / "queue"), "minimal_backoff": 3600, "maximal_backoff": 3600,
-               "scan_interval": 0.5, "routes": [f"late.test:127.0.0.1:{late_port}", f"*:127.0.0.1:{postfix.port}"]}
-    plugins = "[[relay]]\n  clients = 127.0.0.1\n[[rcpt_ok]]\n" + plugin_section("queue/outbound", **options)
-    ini = write_ini(tmp_path, plugins=plugins, me="mta.test", workers=1, admin_listen="127.0.0.1:0",
-                    run_dir=str(tmp_path / "run"))
-    server = ServerProcess(ini)
-    server.late_port = late_port
-    yield server
-    server.terminate()
-
-
-def queue(mta, *args):
-    done = subprocess.run([sys.executable, "-m", "qpgevent", "queue", "-c", mta.ini, *args],
-                          capture_output=True, text=True, timeout=60)
-    return done.returncode, done.stdout, done.stderr
-
-
-def listing(mta):
-    code, out, err = queue(mta, "--json", "list")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def deferred_message(mta, subject):
-    with mta.smtp() as client:
-        client.sendmail("sender@sender.test", ["late@late.test"], message(subject, to="late@late.test"))
-    [row] = wait_until(lambda: [r for r in listing(mta) if r["attempts"] >= 1], 30, "a deferred attempt")
-    return row
+from outbound_helpers import deferred_message, listing, message, queue
+from qpgevent.testing import wait_until
+from qpgevent.testing.mta import Postfix
 
 
 def test_list_and_show_tell_what_waits_and_why(mta):

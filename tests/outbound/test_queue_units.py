@@ -30,7 +30,7 @@ def test_enqueue_writes_the_message_and_its_envelope_and_leaves_nothing_in_tmp(t
     assert on_disk["sender"] == "s@a.test" and on_disk["ret"] == "HDRS" and on_disk["envid"] == "E1"
     assert on_disk["recipients"][0] | {"updated": 0} == {
         "address": "r@b.test", "state": "pending", "notify": "FAILURE", "orcpt": "rfc822;r@b.test",
-        "reply": "", "remote_mta": "", "notified": False, "updated": 0}
+        "reply": "", "remote_mta": "", "notified": False, "relayed": False, "updated": 0}
     assert on_disk["size"] == len(b"Subject: x\r\n\r\nbody\r\n")
     loaded = queue.load(envelope.id)
     assert loaded == envelope
@@ -233,3 +233,72 @@ def test_the_schedule_gives_due_ids_soonest_first_and_forgets_stale_times():
     assert len(schedule) == 3 and "held" in schedule and schedule.get("held") is None
     schedule.set("a", 50.0)
     assert schedule.take_due(now=100.0, limit=0) == [] and schedule.take_due(now=100.0, limit=1) == ["a"]
+
+
+def test_a_relayed_report_says_so_and_returns_only_the_header():
+    raw = bounce("mta.test", "s@a.test", [
+        Failure("r1@b.test", "250 2.0.0 Ok: queued as 1A2B", "mx.b.test", "rfc822;first@b.test", "relayed", 0),
+        Failure("r2@b.test", "250 2.0.0 Ok: queued as 1A2B", "mx.b.test", None, "relayed", 0)],
+        ORIGINAL, arrival=0, envid="E-1", ret="HDRS")
+    report = email.message_from_bytes(raw)
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    human, status, returned = report.get_payload()
+    assert "does not send delivery reports" in human.get_payload()
+    per_message, first, second = status.get_payload()
+    assert per_message["Original-Envelope-Id"] == "E-1"
+    assert (first["Action"], first["Status"], first["Original-Recipient"]) == ("relayed", "2.0.0", "rfc822; first@b.test")
+    assert (second["Action"], second["Status"]) == ("relayed", "2.0.0") and "Original-Recipient" not in second
+    assert returned.get_content_type() == "text/rfc822-headers" and b"the body" not in raw
+
+
+def _inline_runner(queue):
+    return Runner(queue, Options(me="mta.test"), blocking=lambda f, *a, **k: f(*a, **k))
+
+
+def test_relayed_recipients_of_a_message_get_one_report_once_and_the_null_sender_none(tmp_path):
+    queue = Queue(str(tmp_path), fsync=False)
+    runner = _inline_runner(queue)
+    envelope = queue.enqueue("s@a.test", [Recipient("r1@b.test", notify="SUCCESS"),
+                                          Recipient("r2@b.test", notify="SUCCESS,FAILURE"),
+                                          Recipient("r3@b.test")], [ORIGINAL], ret="FULL")
+    for recipient in envelope.recipients:
+        recipient.state, recipient.reply = State.DELIVERED, "250 2.0.0 Ok"
+    envelope.recipients[0].relayed = envelope.recipients[1].relayed = True
+    assert not envelope.done  # the report is still due
+    runner._notify(envelope)
+    [notice_id] = [i for i in queue.ids() if i != envelope.id]
+    status = email.message_from_bytes(b"".join(queue.message_chunks(notice_id))).get_payload()[1]
+    assert [b["Final-Recipient"] for b in status.get_payload()[1:]] == ["rfc822; r1@b.test", "rfc822; r2@b.test"]
+    assert envelope.done
+    runner._notify(envelope)
+    assert len(queue.ids()) == 2  # once
+    # A bounce (the null sender) asks nothing: the runner never marks its recipients relayed.
+    assert Envelope("x", "", [Recipient("r@b.test", State.DELIVERED, notify="SUCCESS")]).done
+
+
+def test_the_notice_about_a_requiretls_message_goes_with_requiretls_and_without_the_body(tmp_path):
+    queue = Queue(str(tmp_path), fsync=False)
+    envelope = queue.enqueue("s@a.test", [Recipient("r@b.test")], [ORIGINAL], requiretls=True, ret="FULL")
+    envelope.recipients[0].state = State.FAILED
+    envelope.recipients[0].reply = "5.7.10 REQUIRETLS: mx.b.test does not offer REQUIRETLS"
+    _inline_runner(queue)._notify(envelope)
+    [notice_id] = [i for i in queue.ids() if i != envelope.id]
+    assert queue.load(notice_id).requiretls
+    raw = b"".join(queue.message_chunks(notice_id))
+    assert b"Subject: hello" in raw and b"the body" not in raw
+
+
+def test_a_relayed_report_still_due_after_a_crash_is_sent_by_the_next_runner(tmp_path):
+    """The relayed mark is saved with the delivery; if the runner died before queueing the
+    report, the next attempt (no recipient pending) queues it and only then forgets the message."""
+    queue = Queue(str(tmp_path), fsync=False)
+    envelope = queue.enqueue("s@a.test", [Recipient("r@b.test", notify="SUCCESS")], [ORIGINAL], envid="E-9")
+    envelope.recipients[0].state, envelope.recipients[0].relayed = State.DELIVERED, True
+    envelope.recipients[0].reply = "250 2.0.0 Ok"
+    queue.save(envelope)  # what was on disk when the runner died
+    _inline_runner(queue).attempt(envelope.id)
+    [notice_id] = queue.ids()
+    assert notice_id != envelope.id
+    report = email.message_from_bytes(b"".join(queue.message_chunks(notice_id)))
+    per_message, block = report.get_payload()[1].get_payload()
+    assert per_message["Original-Envelope-Id"] == "E-9" and block["Action"] == "relayed"

@@ -4,15 +4,12 @@ expiry, and next hops that stop talking (every timeout met by a hostile peer).""
 from __future__ import annotations
 
 import email
-import socket
 import time
 
 import gevent
 import pytest
-from gevent.event import Event
-from gevent.server import StreamServer
 
-from outbound_helpers import message
+from outbound_helpers import SilentServer, message
 from qpgevent.backends.delivery import Options, Runner
 from qpgevent.outqueue import Queue, Recipient, State
 from qpgevent.smtp_client import ClientOptions, parse_routes
@@ -66,31 +63,6 @@ def test_a_message_past_its_lifetime_fails_its_pending_recipients_with_a_bounce(
     assert block["Final-Recipient"] == "rfc822; x@late.test"
     assert block["Status"] == "4.4.7" and block["Action"] == "failed"
     assert "expired" in block["Diagnostic-Code"]
-
-
-class SilentServer:
-    """Accepts connections and says nothing after ``script`` lines of its own (a stuck MX)."""
-
-    def __init__(self, script: list[bytes]) -> None:
-        self.script, self.released = script, Event()
-        self.server = StreamServer(("127.0.0.1", 0), self.handle)
-        self.server.start()
-        self.port = self.server.server_port
-
-    def handle(self, sock: socket.socket, _address) -> None:
-        reader = sock.makefile("rb")
-        for reply in self.script:
-            sock.sendall(reply)
-            if reply.startswith(b"354"):
-                while reader.readline() not in (b".\r\n", b""):  # the message, to its final dot
-                    pass
-            else:
-                reader.readline()  # the client's next command
-        self.released.wait(60)  # then silence, until the test ends
-
-    def stop(self) -> None:
-        self.released.set()
-        self.server.stop()
 
 
 @pytest.mark.parametrize("script", [

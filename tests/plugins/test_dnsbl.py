@@ -240,10 +240,20 @@ def counter(nsd):
         yield front
 
 
-def test_relay_clients_are_not_looked_up(start, counter):
-    server = start("zones = zen.test", before="[[relay]]\n  clients = 127.0.0.2", dns_port=counter.port)
+def test_relay_clients_are_not_looked_up_without_lookahead(start, counter):
+    server = start("zones = zen.test\nlookahead = no", before="[[relay]]\n  clients = 127.0.0.2",
+                   dns_port=counter.port)
     assert greet(server, "127.0.0.2")[0] == 220
     assert counter.queries == 0
+
+
+def test_relay_clients_asked_about_ahead_are_not_refused(start, counter):
+    # 127.0.0.2 is listed in zen.test: asked at pre_connection (the question goes out while
+    # the core looks up the client's name), the answer is not used.
+    server = start("zones = zen.test", before="[[relay]]\n  clients = 127.0.0.2", dns_port=counter.port,
+                   dns_reverse_lookup="yes", dns_cache_size=0)
+    assert greet(server, "127.0.0.2")[0] == 220
+    assert counter.queries >= 2  # the PTR and the blocklist
 
 
 def test_allowed_networks_are_not_looked_up(start, counter):
@@ -379,6 +389,20 @@ def test_three_zones_behind_a_1s_nameserver_take_1s_not_3s(start, nsd):
         assert (code, text) == (554, "5.7.1 127.0.0.2 is listed in slow1.test: slow 1")
         assert front.queries == 3 + 6
         assert 2.0 <= seconds < 3.5, seconds
+
+
+@pytest.mark.parametrize("lookahead, answers_before_the_blocklist_query", [("yes", 0), ("no", 1)])
+def test_lookahead_asks_the_blocklist_while_the_core_looks_up_the_client_name(
+        start, nsd, lookahead, answers_before_the_blocklist_query):
+    with SlowDnsFront(nsd.port, delay=0.2) as front:
+        server = start(f"zones = zen.test\nlookahead = {lookahead}", dns_port=front.port, dns_cache_size=0,
+                       dns_reverse_lookup="yes")
+        code, text, _ = greet(server, "127.0.0.3")
+    assert (code, text) == (554, "5.7.1 127.0.0.3 is listed in zen.test")
+    # The first query is the core's PTR look-up; the blocklist's A query comes second:
+    # ahead, before the PTR answer is back; without lookahead, only after it.
+    assert front.arrivals[0] == 0
+    assert min(front.arrivals[1], 1) == answers_before_the_blocklist_query, front.arrivals
 
 
 # -- configuration --------------------------------------------------------------------

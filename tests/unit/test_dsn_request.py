@@ -84,3 +84,31 @@ def test_the_dsn_request_does_not_change_what_an_address_is():
     plain = Address.parse("<b@example.test>")
     asked = Address("b", "example.test", notify=("NEVER",), orcpt="rfc822;b@example.test")
     assert asked == plain and hash(asked) == hash(plain) and asked.notify == ("NEVER",)
+
+
+# -- the request passed on to a next hop that offers DSN ----------------------------------------------
+@pytest.mark.parametrize("ret, envid, params", [
+    (None, None, []),
+    ("hdrs", None, ["RET=HDRS"]),
+    ("FULL", "QQ314+1", ["RET=FULL", "ENVID=QQ314+2B1"]),
+    (None, "a=b c", ["ENVID=a+3Db+20c"]),
+])
+def test_mail_parameters_carry_ret_and_envid_as_xtext(ret, envid, params):
+    assert dsn_request.mail_parameters(ret, envid) == params
+
+
+@pytest.mark.parametrize("notify, orcpt, params", [
+    (None, None, []),
+    (("NEVER",), None, ["NOTIFY=NEVER"]),
+    (("SUCCESS", "FAILURE"), "rfc822;a+alias@example.test",
+     ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;a+2Balias@example.test"]),
+    (None, "rfc822;caf\u00e9=1@example.test", ["ORCPT=rfc822;caf+C3+A9+3D1@example.test"]),
+])
+def test_rcpt_parameters_carry_notify_and_orcpt_with_its_address_as_xtext(notify, orcpt, params):
+    assert dsn_request.rcpt_parameters(notify, orcpt) == params
+    # What the core reads back from them is what was queued.
+    for param in params:
+        key, _, value = param.partition("=")
+        assert dsn_request.problem(key, value) is None
+        if key == "ORCPT":
+            assert dsn_request.orcpt_of(value) == orcpt

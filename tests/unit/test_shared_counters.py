@@ -79,6 +79,22 @@ def test_a_dead_workers_row_is_cleared_by_the_master(table):
     assert table.claim_row() == one.row  # and the row serves the next worker
 
 
+def test_a_worker_in_stress_is_seen_by_the_others_until_it_leaves_or_dies(table):
+    one, two = two_workers(table)
+    one.acquire(5)
+    assert not one.stressed_elsewhere() and not two.stressed_elsewhere()
+    one.set_stressed(True)
+    assert two.stressed_elsewhere() and not one.stressed_elsewhere()  # itself is not "elsewhere"
+    assert one.sessions() == two.sessions() == 1  # the flag leaves the count alone
+    table.beat(one.row, 12.5)
+    assert two.stressed_elsewhere() and table.heartbeat(one.row) == 12.5  # nor the heartbeat
+    one.set_stressed(False)
+    assert not two.stressed_elsewhere()
+    one.set_stressed(True)
+    table.clear_row(one.row)  # reaped: a dead worker holds nobody in stress
+    assert not two.stressed_elsewhere()
+
+
 def test_a_worker_cannot_hold_more_than_its_row(table):
     one, _ = two_workers(table)
     assert all(one.acquire(1000) for _ in range(table.capacity))
