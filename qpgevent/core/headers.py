@@ -51,7 +51,8 @@ class Headers:
 
     def get_all(self, name: str) -> list[str]:
         """Unfolded values (RFC 5322 2.2.3), decoded as UTF-8 where they are not ASCII."""
-        return [_value(raw) for n, raw in self._fields if n.lower() == name.lower()]
+        key = name.lower()
+        return [_value(raw) for n, raw in self._fields if n.lower() == key]
 
     def add(self, name: str, value: str) -> None:
         self._fields.append((name, _encode(name, value)))
@@ -60,15 +61,14 @@ class Headers:
         self._fields.insert(0, (name, _encode(name, value)))
 
     def remove(self, name: str) -> int:
-        before = len(self._fields)
-        self._fields = [(n, raw) for n, raw in self._fields if n.lower() != name.lower()]
+        before, key = len(self._fields), name.lower()
+        self._fields = [(n, raw) for n, raw in self._fields if n.lower() != key]
         return before - len(self._fields)
 
     def remove_if(self, name: str, predicate: Callable[[str], bool]) -> int:
         """Remove the ``name`` fields whose unfolded value ``predicate`` accepts; the rest stay as they were."""
-        before = len(self._fields)
-        self._fields = [(n, raw) for n, raw in self._fields
-                        if n.lower() != name.lower() or not predicate(_value(raw))]
+        before, key = len(self._fields), name.lower()
+        self._fields = [(n, raw) for n, raw in self._fields if n.lower() != key or not predicate(_value(raw))]
         return before - len(self._fields)
 
     def replace(self, name: str, value: str) -> None:

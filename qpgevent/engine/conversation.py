@@ -59,13 +59,8 @@ class Conversation:
         self.session = Session(self, connection, settings, surroundings.peers, surroundings.wait_for_input)
         self.log = self.session.log
         extensions = runner.extensions
-        self.protocol = SmtpProtocol(Limits(
-            max_command_line=settings.max_command_line, max_text_line=settings.max_text_line,
-            max_message_size=settings.max_message_size, max_recipients=settings.max_recipients,
-            max_bad_commands=settings.max_bad_commands, max_junk_commands=settings.max_junk_commands,
-            allow_bare_lf=settings.allow_bare_lf,
-            nul_bytes=settings.nul_bytes,
-        ), mail_parameters=extensions.mail_parameters, rcpt_parameters=extensions.rcpt_parameters,
+        self.protocol = SmtpProtocol(limits_of(settings), mail_parameters=extensions.mail_parameters,
+                                     rcpt_parameters=extensions.rcpt_parameters,
             parse=self._parse if extensions.parses else None, lmtp=self.listen.lmtp)
         self.auth = Authentication()
         self.mail = MailTransaction()
@@ -91,9 +86,10 @@ class Conversation:
     def open(self) -> None:
         """The client connected: pre_connection, connect, then the greeting (or a refusal)."""
         connection = self.session.connection
-        via = f" via proxy {host_port(connection.proxy_ip, connection.proxy_port)}" if connection.proxy_ip else ""
-        self.log.info("connect from %s to %s%s", connection.peer, host_port(connection.local_ip, connection.local_port),
-                      via)
+        if self.log.isEnabledFor(logging.INFO):
+            via = f" via proxy {host_port(connection.proxy_ip, connection.proxy_port)}" if connection.proxy_ip else ""
+            self.log.info("connect from %s to %s%s", connection.peer,
+                          host_port(connection.local_ip, connection.local_port), via)
         if self.ask("pre_connection").outcome is Outcome.CLOSE:
             return
         self.surroundings.identify(connection, self.log)  # remote_host, remote_info, for the connect hook
@@ -142,7 +138,7 @@ class Conversation:
                 if protocol.state is State.DATA:
                     self.log.info("client vanished during DATA; message dropped")
                 return CLOSE
-            self.tally.doing = describe(event)
+            self.tally.doing = event  # described when the scoreboard asks (Tally.status)
             if self.trace is not None:
                 self.trace.client(event)
             part, handler = _HANDLERS[type(event)]
@@ -396,6 +392,23 @@ class Conversation:
         assert transaction is not None
         transaction.close()
         self.mail.refusal = None
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The protocol's limits for ``settings``: made once per settings, not once per session."""
+    global _last_limits
+    made, limits = _last_limits
+    if made is not settings:
+        limits = Limits(
+            max_command_line=settings.max_command_line, max_text_line=settings.max_text_line,
+            max_message_size=settings.max_message_size, max_recipients=settings.max_recipients,
+            max_bad_commands=settings.max_bad_commands, max_junk_commands=settings.max_junk_commands,
+            allow_bare_lf=settings.allow_bare_lf, nul_bytes=settings.nul_bytes)
+        _last_limits = (settings, limits)
+    return limits
+
+
+_last_limits: tuple[Settings | None, Limits] = (None, Limits())  #: the settings limits_of last saw, and theirs
 
 
 #: The hooks that may rewrite (or refuse) a command's argument before it is parsed.

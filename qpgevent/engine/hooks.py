@@ -195,20 +195,24 @@ class HookRunner:
     def run(self, hook: str, session: Any, *args: Any, only: str | None = None) -> Verdict:
         """The first verdict that is not DECLINED; ``only``: ask that plugin alone (the one
         in the middle of a SASL exchange)."""
+        chain = self._chains[hook]
+        if not chain:  # most hooks of most sessions: no plugin implements them
+            return DECLINED_VERDICT
         spec = HOOKS[hook]
         logger = getattr(session, "log", log)
         if spec.notify:
             self.notify(hook, session, *args)
             return DECLINED_VERDICT
-        for plugin, method in self._chains[hook]:
+        for plugin, method in chain:
             if only is not None and plugin.name != only:
                 continue
             verdict = self._call(plugin, method, hook, session, args, logger)
             if verdict.code is ReturnCode.DECLINED and not verdict.internal_error:
                 continue
-            logger.info("hook=%s plugin=%s code=%s%s msg=%r", hook, plugin.name,
-                        verdict.code.name, " (internal error)" if verdict.internal_error else "",
-                        " / ".join(verdict.message))
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("hook=%s plugin=%s code=%s%s msg=%r", hook, plugin.name,
+                            verdict.code.name, " (internal error)" if verdict.internal_error else "",
+                            " / ".join(verdict.message))
             if hook not in ("deny", "ok"):
                 if verdict.code.is_deny or verdict.internal_error:
                     self.notify("deny", session, verdict)
@@ -219,8 +223,11 @@ class HookRunner:
 
     def notify(self, hook: str, session: Any, *args: Any) -> None:
         """Run every plugin of a notification hook; failures are logged, never raised."""
+        chain = self._chains[hook]
+        if not chain:
+            return
         logger = getattr(session, "log", log)
-        for plugin, method in self._chains[hook]:
+        for plugin, method in chain:
             self._call(plugin, method, hook, session, args, logger)
 
     def _call(self, plugin: Plugin, method: Callable[..., Any], hook: str, session: Any,

@@ -50,10 +50,13 @@ def received_line(connection: Connection, transaction: Transaction, me: str, smt
 def printable(text: str) -> str:
     """Client text fit for our Received comment: no control characters, nothing that
     could open or close a comment or an address literal of its own."""
+    if text.isprintable() and not _COMMENT_OR_LITERAL.search(text):  # most names: nothing to replace
+        return text[:255]
     return "".join(c if c.isprintable() and c not in "()[]" else "?" for c in text)[:255]
 
 
 _ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f:.]{2,45}\]")
+_COMMENT_OR_LITERAL = re.compile(r"[()\[\]]")
 
 
 _date_second, _date_text = -1, ""  #: the wall-clock second received_date last made, and its text

@@ -192,7 +192,8 @@ class Tally:
 
     def __init__(self) -> None:
         self.transactions = self.accepted = self.refused = self.messages = self.bytes = self.last_reply = 0
-        self.doing = "connect"  #: the command in progress, or "waiting"
+        #: The command in progress (an event, described when asked), or "waiting".
+        self.doing: object = "connect"
         self.started = time.monotonic()
         self.started_at = time.time()  #: wall clock: the scoreboard is read by other processes
 
@@ -212,7 +213,8 @@ class Tally:
         return {"id": connection.id, "pid": os.getpid(), "remote_ip": connection.remote_ip,
                 "remote_port": connection.remote_port, "rdns": connection.remote_host,
                 "helo": connection.hello_host, "tls": connection.tls, "auth": connection.notes.get("auth_user"),
-                "state": state, "doing": session.hook_running or self.doing,
+                "state": state,
+                "doing": session.hook_running or (self.doing if isinstance(self.doing, str) else describe(self.doing)),
                 "sender": sender.format() if sender is not None else None,
                 "recipients": len(transaction.recipients) if transaction is not None else 0,
                 "transactions": self.transactions, "messages": self.messages, "bytes": self.bytes,

@@ -10,6 +10,7 @@ keeps the session on the live scoreboard and in the connection metrics.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import contextvars
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 import gevent
 import gevent.monkey
 import gevent.socket
+import gevent.ssl
 
 from ..backends import dns, metrics, scoreboard
 from ..backends.auth import FailureLimiter, SenderMap
@@ -79,6 +81,8 @@ class Driver:
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
                                          surroundings=surroundings(settings, peers, wait_for_input))
         self.session: Session = self.conversation.session
+        #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
+        self._raw: _socket.socket | None = _raw_socket(sock)
         self._timers: dict[float, _Timer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
@@ -225,7 +229,8 @@ class Driver:
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
-        if after is None or after >= timeout or getattr(sock, "pending", _nothing)():
+        # (A plain socket has no ``pending``: asking gevent's would raise and catch an AttributeError.)
+        if after is None or after >= timeout or (self._raw is None and getattr(sock, "pending", _nothing)()):
             return self._within(timeout, sock.recv, READ_SIZE)
         try:
             return self._within(after, sock.recv, READ_SIZE)
@@ -271,7 +276,7 @@ class Driver:
             timers = self._timers = {}
         timer = timers.get(seconds)
         if timer is None:
-            timer = timers[seconds] = _Timer(seconds)
+            timer = timers[seconds] = _Timer.take(seconds)
         timer.start()
         try:
             return call(*args)
@@ -281,7 +286,7 @@ class Driver:
     def _drop_timers(self) -> None:
         if self._timers is not None:
             for timer in self._timers.values():
-                timer.close()
+                timer.release()
             self._timers = None
 
     def _wait_for_input(self, seconds: float) -> bool:
@@ -291,6 +296,7 @@ class Driver:
         """Handshake on our socket; the conversation then forgets what was said before."""
         assert self.tls is not None
         try:
+            self._raw = None  # from now on bytes go through TLS
             self.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
@@ -303,16 +309,22 @@ class Driver:
         out = self.conversation.out
         if not out:
             return
-        # Sent as a copy: gevent's sendall holds a view of what it sends, and on a failed write
-        # the exception's traceback (kept by whoever keeps the log record) keeps that view
-        # alive; a bytearray with a view cannot be cleared (BufferError).
-        data = bytes(out)
-        out.clear()
         try:
-            self._within(self.settings.command_timeout, self.sock.sendall, data)
+            # Most replies fit the socket's buffer: one send() on the plain socket, without
+            # gevent's sendall (which asks the kernel for SO_SNDBUF on every call) or a timer.
+            # What does not fit waits for the client with the usual per-wait timeout.
+            raw = self._raw
+            sent = _send_now(raw, out) if raw is not None else 0
+            if sent < len(out):
+                # Sent as a copy: gevent's sendall holds a view of what it sends, and on a
+                # failed write the exception's traceback (kept by whoever keeps the log
+                # record) keeps that view alive; a bytearray with a view cannot be cleared.
+                self._within(self.settings.command_timeout, self.sock.sendall, bytes(out[sent:]))
         except OSError as error:
             self.session.log.info("write failed: %s", error)
+            out.clear()
             raise SessionClosed from None
+        out.clear()
         self._request_started = None  # we answered: what the client sends next is a new request
 
     def _last_words(self, words: Reply) -> None:
@@ -338,13 +350,22 @@ def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
     senders = _SENDER_MAPS.get(settings.auth_senders)
     if senders is None:
         senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
-    limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
-                            settings.auth_failure_window)
-    return Surroundings(identify=lambda connection, logger: identify(connection, settings, logger), peers=peers,
-                        wait_for_input=wait_for_input, counters=metrics, limits=limits, senders=senders)
+    made = _FOR_SETTINGS.get(id(settings))
+    if made is None or made[0] is not settings:  # made once per settings: they hold no session's state
+        limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
+                                settings.auth_failure_window)
+        if len(_FOR_SETTINGS) >= 8:  # settings of reloads long gone
+            _FOR_SETTINGS.clear()
+        made = _FOR_SETTINGS[id(settings)] = (
+            settings, limits, lambda connection, logger: identify(connection, settings, logger))
+    _, limits, identify_client = made
+    return Surroundings(identify=identify_client, peers=peers, wait_for_input=wait_for_input, counters=metrics,
+                        limits=limits, senders=senders)
 
 
 _SENDER_MAPS: dict[str, SenderMap] = {}  #: [auth] senders path -> its map (one per process)
+#: id(settings) -> (those settings, their AUTH failure limiter, their identify function).
+_FOR_SETTINGS: dict[int, tuple[Settings, FailureLimiter, Callable[[Connection, Any], None]]] = {}
 
 
 class _HookActivity:
@@ -372,7 +393,32 @@ class _Timer:
     """
 
     def __init__(self, seconds: float) -> None:
-        self.timer = gevent.get_hub().loop.timer(seconds, seconds, priority=-1)
+        self.seconds = seconds
+        self.loop = gevent.get_hub().loop
+        self.timer = self.loop.timer(seconds, seconds, priority=-1)
+
+    @classmethod
+    def take(cls, seconds: float) -> _Timer:
+        """A spare timer of this duration on this thread's loop, or a new one: a session
+        needs two or three, and making a loop watcher costs more than reusing one."""
+        spare = _SPARE_TIMERS.get(seconds)
+        if spare:
+            loop = gevent.get_hub().loop
+            while spare:
+                timer = spare.pop()
+                if timer.loop is loop:
+                    return timer
+                timer.close()
+        return cls(seconds)
+
+    def release(self) -> None:
+        """The session is done with it (ended, or parked): stopped, kept for another."""
+        self.timer.stop()
+        spare = _SPARE_TIMERS.setdefault(self.seconds, [])
+        if len(spare) < SPARE_TIMERS:
+            spare.append(self)
+        else:
+            self.close()
 
     def start(self) -> None:
         self.timer.again(self._expired, gevent.getcurrent(), update=True)
@@ -388,8 +434,30 @@ class _Timer:
         waiter.throw(TimeoutError)
 
 
+#: Stopped timers kept for the next sessions, per duration (at most SPARE_TIMERS each).
+_SPARE_TIMERS: dict[float, list[_Timer]] = {}
+SPARE_TIMERS = 256
+
+
 def _nothing() -> int:
     return 0
+
+
+def _raw_socket(sock: Any) -> _socket.socket | None:
+    """The non-blocking OS socket inside a plain gevent socket; None for anything else (TLS)."""
+    if isinstance(sock, gevent.socket.socket) and not isinstance(sock, gevent.ssl.SSLSocket):
+        raw = getattr(sock, "_sock", None)  # a _socket.socket: with monkey-patching, socket.socket is gevent's
+        if isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0:
+            return raw
+    return None
+
+
+def _send_now(raw: _socket.socket, data: bytearray) -> int:
+    """Octets of ``data`` the kernel took at once (0 when its buffer is full)."""
+    try:
+        return raw.send(data)
+    except BlockingIOError:
+        return 0
 
 
 #: The real poll: asking without waiting must not yield. Not select: it fails on a

@@ -55,7 +55,35 @@ def test_bench_ab_drives_both_servers_at_once(tmp_path):
          "--smtp-source", SMTP_SOURCE, "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"^conc 4 round 1: before +\d+\.\d msg/s \d\.\d\d CPU s/1000 \| after +\d+\.\d msg/s",
+    assert re.search(r"^conc 4 round 1: before +\d+\.\d msg/s \d+\.\d\d CPU s/1000 \| after +\d+\.\d msg/s",
                      result.stdout, re.MULTILINE), result.stdout
-    assert re.search(r"^conc 4 median after/before: msg/s \d\.\d{3}, CPU per message \d", result.stdout, re.MULTILINE)
+    assert re.search(r"^conc 4 median after/before: msg/s \d+\.\d{3}, CPU per message \d", result.stdout, re.MULTILINE)
     assert list(tmp_path.iterdir()) == []  # its folders are gone
+
+
+def test_bench_ab_takes_the_discard_queue(tmp_path):
+    tool = REPO / "tools" / "bench_ab.py"
+    result = subprocess.run(
+        [sys.executable, str(tool), "--before-python", sys.executable, "--workers", "1", "--rounds", "1",
+         "--messages", "10", "--concurrency", "2", "--size", "300", "--queue", "discard",
+         "--smtp-source", SMTP_SOURCE, "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^conc 2 median after/before: msg/s \d+\.\d{3}", result.stdout, re.MULTILINE), result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_instructions_counts_a_worker_under_callgrind(tmp_path):
+    # valgrind comes with tools/install-test-deps. Two short server lives, one worker each.
+    tool = REPO / "tools" / "bench_instructions.py"
+    result = subprocess.run(
+        [sys.executable, str(tool), "--python", sys.executable, "--messages", "3,13", "--concurrency", "2",
+         "--size", "300", "--smtp-source", SMTP_SOURCE, "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"^after: ([\d,]+) instructions for 3 messages, ([\d,]+) for 13: ([\d,]+) per message$",
+                      result.stdout, re.MULTILINE)
+    assert match, result.stdout
+    fewer, more, each = (int(group.replace(",", "")) for group in match.groups())
+    assert 0 < fewer < more and each == round((more - fewer) / 10)
+    assert list(tmp_path.iterdir()) == []
