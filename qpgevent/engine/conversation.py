@@ -40,6 +40,11 @@ from .surroundings import Surroundings
 from .trace import Trace, trace_for
 
 READ_SIZE = 1 << 16  #: queued output past this is written before going on
+#: Events handled in one ``next_request`` before the other sessions get a turn (about 30
+#: pipelined commands): reading input already there and writing replies the kernel takes
+#: do not give the others a turn by themselves.
+EVENTS_PER_TURN = 32
+OTHERS_TURN = Wait(0.0)
 
 
 class Conversation:
@@ -118,8 +123,12 @@ class Conversation:
         self.protocol.receive_data(data)
 
     def next_request(self) -> Request | Wait:
-        """Handle every command the input holds, until the driver has something to do."""
+        """Handle every command the input holds, until the driver has something to do.
+
+        After ``EVENTS_PER_TURN`` events in one call, a ``Wait(0)``: a client that pipelines
+        without end must not keep its worker from the other sessions."""
         protocol = self.protocol
+        handled = 0
         while True:
             if self._request is not None:
                 request, self._request = self._request, None
@@ -128,6 +137,9 @@ class Conversation:
                 return CLOSE
             if len(self.out) > READ_SIZE:
                 return FLUSH
+            if handled == EVENTS_PER_TURN:
+                return OTHERS_TURN
+            handled += 1
             event = protocol.next_event()
             if event is NEED_DATA:
                 self.tally.doing = "DATA (receiving)" if protocol.state is State.DATA else "waiting"
