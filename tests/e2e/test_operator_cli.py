@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from qpgevent import __version__
 from qpgevent.server.cli import EXIT_CODES, build_parser
@@ -155,7 +156,8 @@ def test_check_config_warns_that_without_a_queue_plugin_every_message_gets_451(t
 
 
 def test_check_config_keeps_the_listener_flags(tmp_path):
-    (tmp_path / "cert.pem").write_text("not read by --check-config\n")
+    # --check-config loads the certificate (one that does not load is a config error).
+    trustme.CA().issue_cert("mx.example.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
     text = HEAD.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:2525, 127.0.0.1:465/smtps, "
                         "127.0.0.1:587/submission, [::1]:2526/plainauth, 127.0.0.1:2527/tls")
     result = qpgevent("-c", str(ini(tmp_path, text + "[tls]\n  certificate = cert.pem\n" + ACCEPT)), "--check-config")
