@@ -6,6 +6,8 @@ the dry run, the harness) hands it a ``Surroundings`` built from them
 (``qpgevent.server.driver.surroundings``); a conversation made without one still runs
 (tests of the engine alone): it looks nothing up, counts nothing, limits no AUTH
 failures, and lets an authenticated user send only as itself.
+
+Slotted and shared: thousands of idle sessions each hold one (docs/benchmarks.md, "idle").
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ def _one(ip: str) -> int:
     return 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Surroundings:
+    """One per conversation (its ``wait_for_input`` is its own socket's); the rest is
+    the same for every session of a server, and shared (``server.driver.surroundings``)."""
+
     #: Sets ``remote_host`` / ``remote_info`` before the connect hook (reverse DNS, ident),
     #: logging what it found through the session's logger.
     identify: Callable[[Connection, logging.LoggerAdapter[logging.Logger]], None] = _no_lookup

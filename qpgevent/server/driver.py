@@ -58,6 +58,10 @@ class _Parked(Exception):
 class Driver:
     """Runs one connection's conversation over its socket."""
 
+    # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
+    __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "__weakref__")
+
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  listen: Listen | None = None, tls: TlsContexts | None = None,
@@ -70,14 +74,11 @@ class Driver:
         self.listen = listen or Listen("", 0)
         #: When to park while waiting for a command (None: never); see qpgevent.parking.
         self.parking = parking
-        driver = weakref.ref(self)  # weak: no cycle through the conversation (freed at once, not by the GC)
-
-        def wait_for_input(seconds: float) -> bool:
-            alive = driver()
-            return alive is not None and alive._wait_for_input(seconds)
-
+        #: Our socket, for the session's wait_for_input (earlytalker): it holds the socket, not
+        #: us, so there is no cycle through the conversation (freed at once, not by the GC).
+        self._input = _Input(sock)
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
-                                         surroundings=surroundings(settings, peers, wait_for_input))
+                                         surroundings=surroundings(settings, peers, self._input.wait))
         self.session: Session = self.conversation.session
         self._timers: dict[float, _Timer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
@@ -291,7 +292,7 @@ class Driver:
         """Handshake on our socket; the conversation then forgets what was said before."""
         assert self.tls is not None
         try:
-            self.sock = self.tls.handshake(self.sock)
+            self.sock = self._input.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
             if self.conversation.trace is not None:
@@ -332,19 +333,58 @@ class Driver:
         self.conversation.end()
 
 
+class _Input:
+    """A session's socket, for its ``wait_for_input``; ``sock`` changes after STARTTLS."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def wait(self, seconds: float) -> bool:
+        return has_input(self.sock, seconds)
+
+
 def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  wait_for_input: Callable[[float], bool] | None = None) -> Surroundings:
-    """What a conversation of this server gets from the back ends: look-ups, limits, counts."""
-    senders = _SENDER_MAPS.get(settings.auth_senders)
-    if senders is None:
-        senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
-    limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
-                            settings.auth_failure_window)
-    return Surroundings(identify=lambda connection, logger: identify(connection, settings, logger), peers=peers,
-                        wait_for_input=wait_for_input, counters=metrics, limits=limits, senders=senders)
+    """What a conversation of this server gets from the back ends: look-ups, limits, counts.
+
+    Only ``peers`` and ``wait_for_input`` are the session's own; the rest is made once per
+    settings and shared by every session (an idle session's bytes count: docs/benchmarks.md).
+    """
+    shared = _SHARED.get(id(settings))
+    if shared is None or shared.settings() is not settings:
+        shared = _SHARED[id(settings)] = _Shared(settings)
+    return Surroundings(identify=shared.identify, peers=peers, wait_for_input=wait_for_input, counters=metrics,
+                        limits=shared.limits, senders=shared.senders)
+
+
+class _Shared:
+    """The parts of ``Surroundings`` that are the same for every session of one settings."""
+
+    __slots__ = ("settings", "limits", "senders", "identify")
+
+    def __init__(self, settings: Settings) -> None:
+        # Weak, and forgotten with the settings (replaced on reload; one per test).
+        self.settings = weakref.ref(settings)
+        weakref.finalize(settings, _SHARED.pop, id(settings), None)
+        senders = _SENDER_MAPS.get(settings.auth_senders)
+        if senders is None:
+            senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
+        self.senders = senders
+        self.limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
+                                     settings.auth_failure_window)
+        self.identify = self._identify  # one bound method, shared
+
+    def _identify(self, connection: Connection, logger: logging.LoggerAdapter[logging.Logger]) -> None:
+        settings = self.settings()
+        assert settings is not None  # a session holds its settings
+        identify(connection, settings, logger)
 
 
 _SENDER_MAPS: dict[str, SenderMap] = {}  #: [auth] senders path -> its map (one per process)
+#: id(settings) -> the parts every session of those settings shares.
+_SHARED: dict[int, _Shared] = {}
 
 
 class _HookActivity:
