@@ -18,6 +18,7 @@ This module imports nothing that does I/O (tests/unit/test_layers.py checks it).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from .. import __version__
@@ -45,8 +46,10 @@ READ_SIZE = 1 << 16  #: queued output past this is written before going on
 class Conversation:
     """One client's SMTP dialogue: bytes in, replies and requests out."""
 
-    #: The client ended the session with QUIT (it expects nothing after our 221).
-    client_quit = False
+    # Slotted: idle sessions by the thousand (docs/benchmarks.md, "idle").
+    __slots__ = ("runner", "settings", "listen", "tls_offered", "surroundings", "counters", "session", "log",
+                 "protocol", "auth", "mail", "tally", "out", "copies", "_request", "_heard", "trace", "client_quit",
+                 "__weakref__")
 
     def __init__(self, connection: Connection, runner: HookRunner, settings: Settings, *,
                  listen: Listen | None = None, tls: bool = False,
@@ -75,6 +78,8 @@ class Conversation:
         self.copies = 1
         self._request: Request | Wait | None = None
         self._heard = False  #: the client has sent something
+        #: The client ended the session with QUIT (it expects nothing after our 221).
+        self.client_quit = False
         #: The protocol trace ([logging] trace, trace_clients), None when this session is not traced.
         self.trace: Trace | None = trace_for(self.session)
 
@@ -292,7 +297,8 @@ class Conversation:
         self.send(event.reply)
 
     def on_hello(self, command: Helo | Ehlo) -> None:
-        verb = command.verb.lower()  # LHLO (LMTP) asks the ehlo hooks and answers as EHLO does
+        # LHLO (LMTP) asks the ehlo hooks and answers as EHLO does; interned: each session keeps it.
+        verb = sys.intern(command.verb.lower())
         if self.ask("ehlo" if verb == "lhlo" else verb, command.domain).outcome is not Outcome.PROCEED:
             return
         self.reset_transaction()  # RFC 5321 4.1.4: a new HELO/EHLO is like RSET, plus a new greeting

@@ -37,12 +37,17 @@ class Pause:
 
     ``context`` is the session greenlet's ``contextvars`` context as it parked: the woken
     session runs in it. ``seconds_left``: of ``command_timeout``, when it must give up.
+    While parked it also holds what ``Parking`` keeps for it (one object, not a tuple more).
     """
 
-    __slots__ = ("context", "seconds_left")
+    __slots__ = ("context", "seconds_left", "reader", "timer", "args", "deadline")
 
     def __init__(self, context: contextvars.Context, seconds_left: float) -> None:
         self.context, self.seconds_left = context, seconds_left
+        self.reader: Any = None  #: parked: the watcher of its input
+        self.timer: Any = None  #: parked: the watcher of its deadline
+        self.args: tuple[Any, ...] = ()  #: parked: the args of ``park``
+        self.deadline = 0.0  #: parked: when it must give up, on the monotonic clock
 
 
 class Session(Protocol):
@@ -61,13 +66,14 @@ class Parking:
         #: Called in a new greenlet, in the session's saved context, as
         #: ``resume(session, timed_out, *args)`` with the ``args`` given to ``park``.
         self._resume = resume
-        #: Parked session -> (its reader, its timer, its Pause, the args of park, its
-        #: deadline on the monotonic clock); in the order they parked: the longest idle first.
-        self._parked: dict[Session, tuple[Any, Any, Pause, tuple[Any, ...], float]] = {}
+        #: Parked session -> its Pause (which holds its watchers, the args of park, its
+        #: deadline); in the order they parked: the longest idle first.
+        self._parked: dict[Session, Pause] = {}
         #: Seconds a session may wait parked, at most (None: its Pause decides); see ``cap``.
         self._cap: float | None = None
         #: The greenlets of woken sessions, for the server to wait for when it stops.
         self.resumed = Group()
+        self._waker = self._wake  # bound once: every parked session's two watchers call it
 
     def __len__(self) -> int:
         return len(self._parked)
@@ -83,9 +89,10 @@ class Parking:
         if self._cap is not None:
             seconds = min(seconds, self._cap)
         timer = loop.timer(seconds)
-        self._parked[session] = (reader, timer, pause, args, time.monotonic() + seconds)
-        reader.start(self._wake, session, False)
-        timer.start(self._wake, session, True)
+        pause.reader, pause.timer, pause.args, pause.deadline = reader, timer, args, time.monotonic() + seconds
+        self._parked[session] = pause
+        reader.start(self._waker, session, False)
+        timer.start(self._waker, session, True)
 
     def oldest(self) -> list[Session]:
         """The parked sessions, the longest parked first."""
@@ -98,22 +105,21 @@ class Parking:
         if seconds is None:
             return
         loop, now = gevent.get_hub().loop, time.monotonic()
-        for session, (reader, timer, pause, args, deadline) in list(self._parked.items()):
-            if deadline - now > seconds:
-                timer.close()
-                timer = loop.timer(seconds)
-                self._parked[session] = (reader, timer, pause, args, now + seconds)
-                timer.start(self._wake, session, True)
+        for session, pause in list(self._parked.items()):
+            if pause.deadline - now > seconds:
+                pause.timer.close()
+                pause.timer, pause.deadline = loop.timer(seconds), now + seconds
+                pause.timer.start(self._waker, session, True)
 
     def take(self, session: Session) -> tuple[Pause, tuple[Any, ...]] | None:
         """Unpark ``session`` without waking it: its Pause and the args of ``park``, for the
         caller to end it; None if it is not parked (woken meanwhile)."""
-        parked = self._parked.pop(session, None)
-        if parked is None:
+        pause = self._parked.pop(session, None)
+        if pause is None:
             return None
-        reader, timer, pause, args, _ = parked
-        reader.close()
-        timer.close()
+        pause.reader.close()
+        pause.timer.close()
+        args, pause.reader, pause.timer, pause.args = pause.args, None, None, ()
         return pause, args
 
     def stop_parking(self) -> None:
