@@ -8,7 +8,8 @@ conversation object, not on the stack), and two watchers on the event
 loop wait in its place, one for input and one for the rest of ``command_timeout``.
 Input wakes the session into a new greenlet that goes on where it stopped; the timer
 wakes it to say 421 and close, as if it had waited all along. A parked session is its
-socket, its objects and two watchers.
+socket, its objects and two watchers (the input one the gevent socket's own, idle
+while no greenlet reads it).
 
 ``Parking`` holds the parked sessions of one server. The server decides what a woken
 session runs (``resume``); the driver decides when to park (``Driver._recv``), and
@@ -84,7 +85,9 @@ class Parking:
     def park(self, session: Session, pause: Pause, *args: Any) -> None:
         """Wait for ``session``'s input, or for ``pause.seconds_left``, with no greenlet."""
         loop = gevent.get_hub().loop
-        reader = loop.io(session.sock.fileno(), 1)  # 1: readable (EV_READ)
+        reader = _idle_reader(session.sock)
+        if reader is None:
+            reader = loop.io(session.sock.fileno(), 1)  # 1: readable (EV_READ)
         seconds = max(pause.seconds_left, 0.0)
         if self._cap is not None:
             seconds = min(seconds, self._cap)
@@ -117,7 +120,10 @@ class Parking:
         pause = self._parked.pop(session, None)
         if pause is None:
             return None
-        pause.reader.close()
+        if pause.reader is getattr(session.sock, "_read_event", None):
+            pause.reader.stop()  # the socket's own: it waits with it again
+        else:
+            pause.reader.close()
         pause.timer.close()
         args, pause.reader, pause.timer, pause.args = pause.args, None, None, ()
         return pause, args
@@ -145,3 +151,13 @@ class Parking:
             return
         pause, args = taken
         self.resumed.spawn(pause.context.run, self._resume, session, timed_out, *args)
+
+
+def _idle_reader(sock: Any) -> Any:
+    """The gevent socket's own input watcher, idle while its session is parked (no greenlet
+    waits on the socket): parked on it, a session costs one watcher less. None when the
+    socket has none (not a gevent socket) or it is in use."""
+    reader = getattr(sock, "_read_event", None)
+    if reader is None or reader.active or reader.callback is not None:
+        return None
+    return reader
