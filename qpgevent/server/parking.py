@@ -120,10 +120,11 @@ class Parking:
         pause = self._parked.pop(session, None)
         if pause is None:
             return None
-        if pause.reader is getattr(session.sock, "_read_event", None):
-            pause.reader.stop()  # the socket's own: it waits with it again
+        reader: Any = pause.reader
+        if reader is getattr(session.sock, "_read_event", None):
+            reader.stop()  # the socket's own: it waits with it again
         else:
-            pause.reader.close()
+            reader.close()
         pause.timer.close()
         args, pause.reader, pause.timer, pause.args = pause.args, None, None, ()
         return pause, args
