@@ -121,7 +121,7 @@ class Parking:
         if pause is None:
             return None
         reader: Any = pause.reader
-        if reader is getattr(session.sock, "_read_event", None):
+        if _is_own(session.sock, reader):
             reader.stop()  # the socket's own: it waits with it again
         else:
             reader.close()
@@ -162,3 +162,7 @@ def _idle_reader(sock: Any) -> Any:
     if reader is None or reader.active or reader.callback is not None:
         return None
     return reader
+
+
+def _is_own(sock: Any, reader: Any) -> bool:
+    return reader is getattr(sock, "_read_event", None)
