@@ -78,7 +78,7 @@ class Driver:
         #: us, so there is no cycle through the conversation (freed at once, not by the GC).
         self._input = _Input(sock)
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
-                                         surroundings=surroundings(settings, peers, self._input.wait))
+                                         surroundings=surroundings(settings, peers, self._input))
         self.session: Session = self.conversation.session
         self._timers: dict[float, _Timer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
@@ -341,7 +341,7 @@ class _Input:
     def __init__(self, sock: Any) -> None:
         self.sock = sock
 
-    def wait(self, seconds: float) -> bool:
+    def __call__(self, seconds: float) -> bool:  # callable itself: no bound method kept per session
         return has_input(self.sock, seconds)
 
 

@@ -48,8 +48,8 @@ def test_two_parked_sessions_of_one_listener_share_their_limits_and_surroundings
 def test_a_parked_sessions_objects_are_slotted(make_server):
     server, clients, (driver, _) = two_parked_sessions(make_server)
     conversation = driver.conversation
-    for part in (driver, conversation, conversation.session, conversation.protocol, conversation.surroundings,
-                 conversation.auth, conversation.mail, conversation.tally):
+    for part in (driver, conversation, conversation.session, conversation.session.connection, conversation.protocol,
+                 conversation.surroundings, conversation.auth, conversation.mail, conversation.tally):
         assert not hasattr(part, "__dict__"), type(part).__name__
     for client in clients:
         client.close()
@@ -62,7 +62,7 @@ def test_each_sessions_wait_for_input_asks_its_own_socket(make_server):
     server, clients, drivers = two_parked_sessions(make_server)
     for driver in drivers:
         wait = driver.conversation.surroundings.wait_for_input
-        assert wait is not None and getattr(wait, "__self__").sock is driver.sock
+        assert wait is not None and getattr(wait, "sock") is driver.sock
         assert wait(0) is False  # parked: nothing sent since our 250
     for client in clients:
         client.close()
