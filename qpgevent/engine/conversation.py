@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
@@ -53,13 +54,16 @@ class Conversation:
 
     def __init__(self, connection: Connection, runner: HookRunner, settings: Settings, *,
                  listen: Listen | None = None, tls: bool = False,
-                 surroundings: Surroundings | None = None) -> None:
+                 surroundings: Surroundings | None = None,
+                 wait_for_input: Callable[[float], bool] | None = None) -> None:
         self.runner, self.settings = runner, settings
         self.listen = listen or Listen("", 0)  #: this listener's policy (implicit TLS, submission...)
         self.tls_offered = tls
         self.surroundings = surroundings = surroundings or Surroundings()
         self.counters = surroundings.counters
-        self.session = Session(self, connection, settings, surroundings.peers, surroundings.wait_for_input)
+        # wait_for_input: this session's own, when the surroundings are shared by many.
+        self.session = Session(self, connection, settings, surroundings.peers,
+                               wait_for_input or surroundings.wait_for_input)
         self.log = self.session.log
         extensions = runner.extensions
         self.protocol = SmtpProtocol(Limits(

@@ -78,7 +78,7 @@ class Driver:
         #: us, so there is no cycle through the conversation (freed at once, not by the GC).
         self._input = _Input(sock)
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
-                                         surroundings=surroundings(settings, peers, self._input))
+                                         surroundings=surroundings(settings, peers), wait_for_input=self._input)
         self.session: Session = self.conversation.session
         self._timers: dict[float, _Timer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
@@ -349,20 +349,26 @@ def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  wait_for_input: Callable[[float], bool] | None = None) -> Surroundings:
     """What a conversation of this server gets from the back ends: look-ups, limits, counts.
 
-    Only ``peers`` and ``wait_for_input`` are the session's own; the rest is made once per
-    settings and shared by every session (an idle session's bytes count: docs/benchmarks.md).
+    Made once per settings and ``peers``, and shared by every session (an idle session's
+    bytes count: docs/benchmarks.md), unless given a session's own ``wait_for_input``
+    (the driver hands its own to the conversation instead).
     """
     shared = _SHARED.get(id(settings))
     if shared is None or shared.settings() is not settings:
         shared = _SHARED[id(settings)] = _Shared(settings)
-    return Surroundings(identify=shared.identify, peers=peers, wait_for_input=wait_for_input, counters=metrics,
-                        limits=shared.limits, senders=shared.senders)
+    made = shared.by_peers.get(peers) if wait_for_input is None else None
+    if made is None:
+        made = Surroundings(identify=shared.identify, peers=peers, wait_for_input=wait_for_input, counters=metrics,
+                            limits=shared.limits, senders=shared.senders)
+        if wait_for_input is None:
+            shared.by_peers[peers] = made
+    return made
 
 
 class _Shared:
     """The parts of ``Surroundings`` that are the same for every session of one settings."""
 
-    __slots__ = ("settings", "limits", "senders", "identify")
+    __slots__ = ("settings", "limits", "senders", "identify", "by_peers")
 
     def __init__(self, settings: Settings) -> None:
         # Weak, and forgotten with the settings (replaced on reload; one per test).
@@ -375,6 +381,8 @@ class _Shared:
         self.limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
                                      settings.auth_failure_window)
         self.identify = self._identify  # one bound method, shared
+        #: The server's count of sessions per address (one per server) -> its surroundings.
+        self.by_peers: dict[Callable[[str], int], Surroundings] = {}
 
     def _identify(self, connection: Connection, logger: logging.LoggerAdapter[logging.Logger]) -> None:
         settings = self.settings()

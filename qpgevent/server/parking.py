@@ -41,13 +41,13 @@ class Pause:
     While parked it also holds what ``Parking`` keeps for it (one object, not a tuple more).
     """
 
-    __slots__ = ("context", "seconds_left", "reader", "timer", "args", "deadline")
+    __slots__ = ("context", "seconds_left", "reader", "timer", "held", "deadline")
 
     def __init__(self, context: contextvars.Context, seconds_left: float) -> None:
         self.context, self.seconds_left = context, seconds_left
         self.reader: Any = None  #: parked: the watcher of its input
         self.timer: Any = None  #: parked: the watcher of its deadline
-        self.args: tuple[Any, ...] = ()  #: parked: the args of ``park``
+        self.held: Any = None  #: parked: what the caller of ``park`` keeps with it
         self.deadline = 0.0  #: parked: when it must give up, on the monotonic clock
 
 
@@ -65,9 +65,9 @@ class Parking:
         #: Seconds of silence before a session parks; None: sessions do not park.
         self.after: float | None = after or None
         #: Called in a new greenlet, in the session's saved context, as
-        #: ``resume(session, timed_out, *args)`` with the ``args`` given to ``park``.
+        #: ``resume(session, timed_out, held)`` with the ``held`` given to ``park``.
         self._resume = resume
-        #: Parked session -> its Pause (which holds its watchers, the args of park, its
+        #: Parked session -> its Pause (which holds its watchers, what park was given, its
         #: deadline); in the order they parked: the longest idle first.
         self._parked: dict[Session, Pause] = {}
         #: Seconds a session may wait parked, at most (None: its Pause decides); see ``cap``.
@@ -82,8 +82,11 @@ class Parking:
     def __contains__(self, session: object) -> bool:
         return session in self._parked
 
-    def park(self, session: Session, pause: Pause, *args: Any) -> None:
-        """Wait for ``session``'s input, or for ``pause.seconds_left``, with no greenlet."""
+    def park(self, session: Session, pause: Pause, held: Any = None) -> None:
+        """Wait for ``session``'s input, or for ``pause.seconds_left``, with no greenlet.
+
+        ``held``: what the caller keeps with the session (the server: its lease), handed
+        to ``resume`` and back by ``take`` (one value, not a tuple per parked session)."""
         loop = gevent.get_hub().loop
         reader = _idle_reader(session.sock)
         if reader is None:
@@ -92,7 +95,7 @@ class Parking:
         if self._cap is not None:
             seconds = min(seconds, self._cap)
         timer = loop.timer(seconds)
-        pause.reader, pause.timer, pause.args, pause.deadline = reader, timer, args, time.monotonic() + seconds
+        pause.reader, pause.timer, pause.held, pause.deadline = reader, timer, held, time.monotonic() + seconds
         self._parked[session] = pause
         reader.start(self._waker, session, False)
         timer.start(self._waker, session, True)
@@ -114,8 +117,8 @@ class Parking:
                 pause.timer, pause.deadline = loop.timer(seconds), now + seconds
                 pause.timer.start(self._waker, session, True)
 
-    def take(self, session: Session) -> tuple[Pause, tuple[Any, ...]] | None:
-        """Unpark ``session`` without waking it: its Pause and the args of ``park``, for the
+    def take(self, session: Session) -> tuple[Pause, Any] | None:
+        """Unpark ``session`` without waking it: its Pause and the ``held`` of ``park``, for the
         caller to end it; None if it is not parked (woken meanwhile)."""
         pause = self._parked.pop(session, None)
         if pause is None:
@@ -126,8 +129,8 @@ class Parking:
         else:
             reader.close()
         pause.timer.close()
-        args, pause.reader, pause.timer, pause.args = pause.args, None, None, ()
-        return pause, args
+        held, pause.reader, pause.timer, pause.held = pause.held, None, None, None
+        return pause, held
 
     def stop_parking(self) -> None:
         """No session parks from now on, and every parked one is woken to wait in a greenlet."""
@@ -150,8 +153,8 @@ class Parking:
         taken = self.take(session)
         if taken is None:
             return
-        pause, args = taken
-        self.resumed.spawn(pause.context.run, self._resume, session, timed_out, *args)
+        pause, held = taken
+        self.resumed.spawn(pause.context.run, self._resume, session, timed_out, held)
 
 
 def _idle_reader(sock: Any) -> Any:

@@ -32,11 +32,10 @@ def test_two_parked_sessions_of_one_listener_share_their_limits_and_surroundings
     assert one.protocol is not two.protocol
     assert one.protocol.limits is two.protocol.limits  # one Limits object for the listener
     assert one.protocol.limits.max_command_line == server.server.settings.max_command_line
-    shared, own = one.surroundings, two.surroundings
-    assert shared.limits is own.limits and shared.senders is own.senders and shared.identify is own.identify
-    assert shared.peers is own.peers  # the server's count, bound once
-    assert first.command_timeout is second.command_timeout
-    assert shared.wait_for_input is not own.wait_for_input  # each its own socket
+    assert one.surroundings is two.surroundings  # the limiter, the sender map, the server's count
+    assert first.command_timeout is second.command_timeout  # the shedder's, bound once
+    own = getattr(one.session, "_wait_for_input"), getattr(two.session, "_wait_for_input")
+    assert own[0] is not own[1]  # each its own socket
     # Still each session's own answers: both go on where they stopped.
     for client in clients:
         assert client.command("NOOP")[0] == 250
@@ -57,13 +56,13 @@ def test_a_parked_sessions_objects_are_slotted(make_server):
 
 
 def test_each_sessions_wait_for_input_asks_its_own_socket(make_server):
-    """The session's wait_for_input (earlytalker) is its own, on its own socket; the only
-    per-session piece of its surroundings."""
+    """The session's wait_for_input (earlytalker) is its own, on its own socket, beside the
+    shared surroundings."""
     server, clients, drivers = two_parked_sessions(make_server)
     for driver in drivers:
-        wait = driver.conversation.surroundings.wait_for_input
-        assert wait is not None and getattr(wait, "sock") is driver.sock
-        assert wait(0) is False  # parked: nothing sent since our 250
+        wait = getattr(driver.session, "_wait_for_input")
+        assert getattr(wait, "sock") is driver.sock
+        assert driver.session.wait_for_input(0) is False  # parked: nothing sent since our 250
     for client in clients:
         client.close()
     wait_until(lambda: not server.server.sessions, 10, "the sessions to end")
