@@ -4,12 +4,12 @@ A session waiting for its client's next command holds a greenlet, and a greenlet
 in ``recv()`` keeps its Python frames and its saved slice of the C stack: about 9 KiB,
 more than the session's own objects. So past ``[limits] park_after`` seconds of silence
 the session *parks*: its greenlet ends (everything the conversation needs lives in the
-conversation object, not on the stack), and two watchers on the event
-loop wait in its place, one for input and one for the rest of ``command_timeout``.
-Input wakes the session into a new greenlet that goes on where it stopped; the timer
+conversation object, not on the stack), and a watcher on the event loop waits for its
+input in its place (the gevent socket's own, idle while no greenlet reads it), while its
+deadline, the rest of ``command_timeout``, joins the others in one timer for them all.
+Input wakes the session into a new greenlet that goes on where it stopped; the deadline
 wakes it to say 421 and close, as if it had waited all along. A parked session is its
-socket, its objects and two watchers (the input one the gevent socket's own, idle
-while no greenlet reads it).
+socket, its objects and its place in a heap of deadlines.
 
 ``Parking`` holds the parked sessions of one server. The server decides what a woken
 session runs (``resume``); the driver decides when to park (``Driver._recv``), and
@@ -25,6 +25,7 @@ sessions to close them, and ``cap``s how long any session waits parked.
 from __future__ import annotations
 
 import contextvars
+import heapq
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,14 +42,17 @@ class Pause:
     While parked it also holds what ``Parking`` keeps for it (one object, not a tuple more).
     """
 
-    __slots__ = ("context", "seconds_left", "reader", "timer", "held", "deadline")
+    __slots__ = ("context", "seconds_left", "reader", "session", "held", "deadline")
 
     def __init__(self, context: contextvars.Context, seconds_left: float) -> None:
         self.context, self.seconds_left = context, seconds_left
         self.reader: Any = None  #: parked: the watcher of its input
-        self.timer: Any = None  #: parked: the watcher of its deadline
+        self.session: Any = None  #: parked: the session it is the Pause of
         self.held: Any = None  #: parked: what the caller of ``park`` keeps with it
         self.deadline = 0.0  #: parked: when it must give up, on the monotonic clock
+
+    def __lt__(self, other: Pause) -> bool:  # in Parking's heap: the earliest deadline first
+        return self.deadline < other.deadline
 
 
 class Session(Protocol):
@@ -74,7 +78,13 @@ class Parking:
         self._cap: float | None = None
         #: The greenlets of woken sessions, for the server to wait for when it stops.
         self.resumed = Group()
-        self._waker = self._wake  # bound once: every parked session's two watchers call it
+        self._waker = self._wake  # bound once: every parked session's watcher calls it
+        #: The parked sessions' Pauses by deadline (a heap), and the one timer, set for the
+        #: earliest: a timer per parked session would cost more than the rest of its Pause.
+        #: A session that leaves stays in the heap until its deadline or the next tidy-up.
+        self._deadlines: list[Pause] = []
+        self._timer: Any = None
+        self._timer_at = 0.0  #: the deadline the timer is set for
 
     def __len__(self) -> int:
         return len(self._parked)
@@ -94,11 +104,12 @@ class Parking:
         seconds = max(pause.seconds_left, 0.0)
         if self._cap is not None:
             seconds = min(seconds, self._cap)
-        timer = loop.timer(seconds)
-        pause.reader, pause.timer, pause.held, pause.deadline = reader, timer, held, time.monotonic() + seconds
+        pause.reader, pause.session, pause.held, pause.deadline = reader, session, held, time.monotonic() + seconds
         self._parked[session] = pause
         reader.start(self._waker, session, False)
-        timer.start(self._waker, session, True)
+        heapq.heappush(self._deadlines, pause)
+        if self._timer is None or pause.deadline < self._timer_at:
+            self._set_timer()
 
     def oldest(self) -> list[Session]:
         """The parked sessions, the longest parked first."""
@@ -110,12 +121,12 @@ class Parking:
         self._cap = seconds
         if seconds is None:
             return
-        loop, now = gevent.get_hub().loop, time.monotonic()
-        for session, pause in list(self._parked.items()):
-            if pause.deadline - now > seconds:
-                pause.timer.close()
-                pause.timer, pause.deadline = loop.timer(seconds), now + seconds
-                pause.timer.start(self._waker, session, True)
+        now = time.monotonic()
+        for pause in self._parked.values():
+            pause.deadline = min(pause.deadline, now + seconds)
+        self._deadlines = list(self._parked.values())
+        heapq.heapify(self._deadlines)
+        self._set_timer()
 
     def take(self, session: Session) -> tuple[Pause, Any] | None:
         """Unpark ``session`` without waking it: its Pause and the ``held`` of ``park``, for the
@@ -128,8 +139,13 @@ class Parking:
             reader.stop()  # the socket's own: it waits with it again
         else:
             reader.close()
-        pause.timer.close()
-        held, pause.reader, pause.timer, pause.held = pause.held, None, None, None
+        held, pause.reader, pause.session, pause.held = pause.held, None, None, None
+        if not self._parked:  # nobody left to time out: no timer keeps the loop busy
+            self._deadlines.clear()
+            self._set_timer()
+        elif len(self._deadlines) > 2 * len(self._parked) + 64:  # mostly gone: tidy up
+            self._deadlines = [waiting for waiting in self._deadlines if waiting.session is not None]
+            heapq.heapify(self._deadlines)
         return pause, held
 
     def stop_parking(self) -> None:
@@ -148,8 +164,31 @@ class Parking:
         if parked is not None:
             self._wake(parked, False)
 
+    def _set_timer(self) -> None:
+        """Set the one timer for the earliest deadline of a session still parked (or none)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].session is None:  # left already
+            heapq.heappop(deadlines)
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        if deadlines:
+            self._timer_at = deadlines[0].deadline
+            self._timer = gevent.get_hub().loop.timer(max(self._timer_at - time.monotonic(), 0.0))
+            self._timer.start(self._time_up)
+
+    def _time_up(self) -> None:
+        """The timer: wake every session whose deadline has come, as timed out."""
+        now = time.monotonic()
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0].session is None or deadlines[0].deadline <= now):
+            pause = heapq.heappop(deadlines)
+            if pause.session is not None:
+                self._wake(pause.session, True)
+        self._set_timer()  # the loop's clock may run a hair behind ours: then it is set again
+
     def _wake(self, session: Session, timed_out: bool) -> None:
-        # Runs in the hub: both watchers may fire in one loop turn, the second finds it gone.
+        # Runs in the hub: its input and its deadline may come in one loop turn, the second finds it gone.
         taken = self.take(session)
         if taken is None:
             return
