@@ -15,7 +15,6 @@ import contextvars
 import logging
 import socket
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +23,7 @@ import gevent.monkey
 import gevent.socket
 
 from ..backends import dns, metrics, scoreboard
-from ..backends.auth import FailureLimiter, SenderMap
 from ..backends.log import bind_session
-from ..backends.services import identify
 from ..config import Listen, Settings
 from ..connection import Connection
 from ..core.codes import Verdict
@@ -35,8 +32,8 @@ from ..engine.conversation import Conversation
 from ..engine.dialogue import CLOSE, FLUSH, READ, START_TLS
 from ..engine.hooks import HookRunner
 from ..engine.session import Session
-from ..engine.surroundings import Surroundings
 from .parking import Parking, Pause
+from .surroundings import surroundings  # and for whoever imports it from here (dryrun, testing)
 from .tls import HandshakeFailed, TlsContexts, describe
 
 log = logging.getLogger("qpgevent.session")
@@ -333,6 +330,7 @@ class Driver:
         self.conversation.end()
 
 
+
 class _Input:
     """A session's socket, for its ``wait_for_input``; ``sock`` changes after STARTTLS."""
 
@@ -343,56 +341,6 @@ class _Input:
 
     def __call__(self, seconds: float) -> bool:  # callable itself: no bound method kept per session
         return has_input(self.sock, seconds)
-
-
-def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
-                 wait_for_input: Callable[[float], bool] | None = None) -> Surroundings:
-    """What a conversation of this server gets from the back ends: look-ups, limits, counts.
-
-    Made once per settings and ``peers``, and shared by every session (an idle session's
-    bytes count: docs/benchmarks.md), unless given a session's own ``wait_for_input``
-    (the driver hands its own to the conversation instead).
-    """
-    shared = _SHARED.get(id(settings))
-    if shared is None or shared.settings() is not settings:
-        shared = _SHARED[id(settings)] = _Shared(settings)
-    made = shared.by_peers.get(peers) if wait_for_input is None else None
-    if made is None:
-        made = Surroundings(identify=shared.identify, peers=peers, wait_for_input=wait_for_input, counters=metrics,
-                            limits=shared.limits, senders=shared.senders)
-        if wait_for_input is None:
-            shared.by_peers[peers] = made
-    return made
-
-
-class _Shared:
-    """The parts of ``Surroundings`` that are the same for every session of one settings."""
-
-    __slots__ = ("settings", "limits", "senders", "identify", "by_peers")
-
-    def __init__(self, settings: Settings) -> None:
-        # Weak, and forgotten with the settings (replaced on reload; one per test).
-        self.settings = weakref.ref(settings)
-        weakref.finalize(settings, _SHARED.pop, id(settings), None)
-        senders = _SENDER_MAPS.get(settings.auth_senders)
-        if senders is None:
-            senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
-        self.senders = senders
-        self.limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
-                                     settings.auth_failure_window)
-        self.identify = self._identify  # one bound method, shared
-        #: The server's count of sessions per address (one per server) -> its surroundings.
-        self.by_peers: dict[Callable[[str], int], Surroundings] = {}
-
-    def _identify(self, connection: Connection, logger: logging.LoggerAdapter[logging.Logger]) -> None:
-        settings = self.settings()
-        assert settings is not None  # a session holds its settings
-        identify(connection, settings, logger)
-
-
-_SENDER_MAPS: dict[str, SenderMap] = {}  #: [auth] senders path -> its map (one per process)
-#: id(settings) -> the parts every session of those settings shares.
-_SHARED: dict[int, _Shared] = {}
 
 
 class _HookActivity:
