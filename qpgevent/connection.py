@@ -27,7 +27,7 @@ def _new_id() -> str:
     return f"{os.getpid():x}.{next(_ids):x}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # slotted: idle sessions by the thousand
 class Connection:
     remote_ip: str
     remote_port: int

@@ -76,13 +76,18 @@ class Result:
         return f"{self.outcome}:{','.join(words)}" if words else self.outcome
 
 
+_NONE_YET: dict[str, Result] = {}  #: every Results' dict before its first result: never written
+
+
 class Results:
     """The results of one connection or one transaction, by plugin name, in recording order."""
 
     __slots__ = ("_by_plugin",)
 
     def __init__(self) -> None:
-        self._by_plugin: dict[str, Result] = {}
+        # Shared and empty until the first result: most connections' results stay empty
+        # for long (idle sessions by the thousand); ``add`` makes the connection's own.
+        self._by_plugin: dict[str, Result] = _NONE_YET
 
     def add(self, plugin: Any, *, pass_: str | list[str] | None = None, fail: str | list[str] | None = None,
             skip: str | list[str] | None = None, err: str | list[str] | None = None,
@@ -91,6 +96,8 @@ class Results:
         name = plugin if isinstance(plugin, str) else plugin.name
         result = self._by_plugin.get(name)
         if result is None:
+            if self._by_plugin is _NONE_YET:
+                self._by_plugin = {}
             result = self._by_plugin[name] = Result(name)
         for words, given in ((result.passed, pass_), (result.fail, fail), (result.skip, skip), (result.err, err)):
             for word in [given] if isinstance(given, str) else given or ():

@@ -67,6 +67,18 @@ class Limits:
     nul_bytes: str = "reject"  #: NULs in message text: reject, strip or accept (wire.DataReader)
 
 
+#: Limits in use -> themselves: sessions with equal limits share one object.
+_LIMITS: dict[Limits, Limits] = {}
+_NONE: Mapping[str, "ParameterSyntax"] = {}  #: no parameters declared (shared, never written)
+
+
+def _shared(limits: Limits) -> Limits:
+    """The one ``Limits`` object equal to ``limits`` (a frozen value: sharing it is safe)."""
+    if len(_LIMITS) > 64:  # settings reloaded many times over: forget the old ones
+        _LIMITS.clear()
+    return _LIMITS.setdefault(limits, limits)
+
+
 #: A parameter's value syntax (matched whole), or None: the keyword takes no value.
 ParameterSyntax = re.Pattern[str] | None
 #: Rewrites a command's argument before it is parsed (the ``*_parse`` hooks): the new
@@ -81,16 +93,24 @@ class SmtpProtocol:
     beyond the core's, with their syntax; any other still gets 555. ``parse``: called as
     ``parse(verb, argument)`` for HELO, EHLO, MAIL, RCPT and AUTH once they are in
     sequence, before their argument is parsed.
+
+    Slotted, and its limits shared by every session with the same ones (``_shared``):
+    an idle session's bytes are mostly its objects (docs/benchmarks.md, "idle").
     """
+
+    __slots__ = ("limits", "lmtp", "_mail_parameters", "_rcpt_parameters", "_argument_hook", "state", "esmtp",
+                 "smtputf8", "bad_commands", "junk_commands", "recipients_tried", "recipients_accepted",
+                 "authenticated", "_framer", "_in_auth", "_data", "binarymime", "_chunk", "_chunked",
+                 "_chunk_problem", "_pending", "_end_ready", "_eof")
 
     def __init__(self, limits: Limits = Limits(), *,
                  mail_parameters: Mapping[str, ParameterSyntax] | None = None,
                  rcpt_parameters: Mapping[str, ParameterSyntax] | None = None,
                  parse: ArgumentHook | None = None, lmtp: bool = False) -> None:
-        self.limits = limits
+        self.limits = limits = _shared(limits)
         self.lmtp = lmtp  #: LMTP (RFC 2033): LHLO is the greeting verb; HELO and EHLO are unknown
-        self._declared: dict[type[Command], Mapping[str, ParameterSyntax]] = {
-            Mail: mail_parameters or {}, Rcpt: rcpt_parameters or {}}
+        self._mail_parameters: Mapping[str, ParameterSyntax] = mail_parameters or _NONE
+        self._rcpt_parameters: Mapping[str, ParameterSyntax] = rcpt_parameters or _NONE
         self._argument_hook = parse
         self.state = State.NEED_HELLO
         self.esmtp = False  #: the client said EHLO, so extensions are on
@@ -468,10 +488,10 @@ class SmtpProtocol:
                 why = dsn_request.problem(key, value)  # RFC 3461 4: 501 5.5.4 for a bad one
                 if why is not None:
                     return Canned.SYNTAX.with_text(why)
-            elif key not in self._declared[kind]:
+            elif key not in (declared := self._mail_parameters if kind is Mail else self._rcpt_parameters):
                 return Canned.UNKNOWN_PARAMETER  # RFC 5321 4.1.1.11
             else:  # a plugin's: its declared syntax, matched whole
-                syntax = self._declared[kind][key]
+                syntax = declared[key]
                 if (value is not None) if syntax is None else (value is None or not syntax.fullmatch(value)):
                     return Canned.SYNTAX
         return None

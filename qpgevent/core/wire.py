@@ -35,6 +35,8 @@ class BareLineEnding:
 class CommandFramer:
     """Cuts command lines out of a byte buffer, CRLF-terminated and length-limited."""
 
+    __slots__ = ("max_line", "buffer", "_discarding")  # one per session
+
     def __init__(self, max_line: int = 512) -> None:
         self.max_line = max_line  #: octets, CRLF included (RFC 5321 4.5.3.1.4)
         self.buffer = bytearray()

@@ -35,6 +35,8 @@ from .dialogue import Dialogue
 class Authentication:
     """The AUTH command in one conversation: the exchange in progress, its end."""
 
+    __slots__ = ("exchange",)  # one per session, idle ones too
+
     def __init__(self) -> None:
         self.exchange: sasl.Exchange | None = None
 

@@ -18,6 +18,8 @@ This module imports nothing that does I/O (tests/unit/test_layers.py checks it).
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
@@ -50,18 +52,23 @@ OTHERS_TURN = Wait(0.0)
 class Conversation:
     """One client's SMTP dialogue: bytes in, replies and requests out."""
 
-    #: The client ended the session with QUIT (it expects nothing after our 221).
-    client_quit = False
+    # Slotted: idle sessions by the thousand (docs/benchmarks.md, "idle").
+    __slots__ = ("runner", "settings", "listen", "tls_offered", "surroundings", "counters", "session", "log",
+                 "protocol", "auth", "mail", "tally", "out", "copies", "_request", "_heard", "trace", "client_quit",
+                 "__weakref__")
 
     def __init__(self, connection: Connection, runner: HookRunner, settings: Settings, *,
                  listen: Listen | None = None, tls: bool = False,
-                 surroundings: Surroundings | None = None) -> None:
+                 surroundings: Surroundings | None = None,
+                 wait_for_input: Callable[[float], bool] | None = None) -> None:
         self.runner, self.settings = runner, settings
         self.listen = listen or Listen("", 0)  #: this listener's policy (implicit TLS, submission...)
         self.tls_offered = tls
         self.surroundings = surroundings = surroundings or Surroundings()
         self.counters = surroundings.counters
-        self.session = Session(self, connection, settings, surroundings.peers, surroundings.wait_for_input)
+        # wait_for_input: this session's own, when the surroundings are shared by many.
+        self.session = Session(self, connection, settings, surroundings.peers,
+                               wait_for_input or surroundings.wait_for_input)
         self.log = self.session.log
         extensions = runner.extensions
         self.protocol = SmtpProtocol(limits_of(settings), mail_parameters=extensions.mail_parameters,
@@ -75,6 +82,8 @@ class Conversation:
         self.copies = 1
         self._request: Request | Wait | None = None
         self._heard = False  #: the client has sent something
+        #: The client ended the session with QUIT (it expects nothing after our 221).
+        self.client_quit = False
         #: The protocol trace ([logging] trace, trace_clients), None when this session is not traced.
         self.trace: Trace | None = trace_for(self.session)
 
@@ -300,7 +309,8 @@ class Conversation:
         self.send(event.reply)
 
     def on_hello(self, command: Helo | Ehlo) -> None:
-        verb = command.verb.lower()  # LHLO (LMTP) asks the ehlo hooks and answers as EHLO does
+        # LHLO (LMTP) asks the ehlo hooks and answers as EHLO does; interned: each session keeps it.
+        verb = sys.intern(command.verb.lower())
         if self.ask("ehlo" if verb == "lhlo" else verb, command.domain).outcome is not Outcome.PROCEED:
             return
         self.reset_transaction()  # RFC 5321 4.1.4: a new HELO/EHLO is like RSET, plus a new greeting

@@ -54,6 +54,8 @@ _WARNED: set[str] = set()  #: plugins told already that (OK, path) at *_pre is d
 class MailTransaction:
     """The transaction commands of one conversation."""
 
+    __slots__ = ("refusal", "owed")  # one per session, idle ones too
+
     def __init__(self) -> None:
         #: The reply the end of this message gets instead of queueing (data_headers_end refused).
         self.refusal: Reply | None = None

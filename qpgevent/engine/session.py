@@ -44,7 +44,7 @@ class SessionLogger(logging.LoggerAdapter[logging.Logger]):
     """Attaches ``conn=<id>`` (and ``txn=<id>`` inside a transaction) to every record."""
 
     def __init__(self, logger: logging.Logger, session: Any) -> None:
-        super().__init__(logger, {})
+        super().__init__(logger, _NO_EXTRA)  # shared: process() makes each record's extra
         self.session = session
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -52,6 +52,7 @@ class SessionLogger(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+_NO_EXTRA: dict[str, Any] = {}  #: SessionLogger's ``extra``, never read nor written
 _AUTH = re.compile(r"(?i)^(\s*AUTH\s+\S+)(\s+\S.*)?$")
 
 
@@ -82,6 +83,10 @@ class Speaker(Protocol):
 
 class Session:
     """What a hook gets as ``session``: this connection, its transaction, ways to answer."""
+
+    # Slotted (idle sessions by the thousand); what a plugin keeps goes in ``notes``.
+    __slots__ = ("connection", "settings", "log", "hook_running", "_conversation", "_transaction", "_peers",
+                 "_wait_for_input", "_rewritten", "_rewriting", "auth_step", "auth_challenge", "__weakref__")
 
     def __init__(self, conversation: Speaker, connection: Connection, settings: Settings,
                  peers: Callable[[str], int], wait_for_input: Callable[[float], bool] | None) -> None:

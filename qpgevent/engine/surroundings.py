@@ -3,9 +3,11 @@
 The engine sits below the back ends and the server in the layers, so the conversation
 cannot reach for the resolver, the shared store or the metrics itself. The server (and
 the dry run, the harness) hands it a ``Surroundings`` built from them
-(``qpgevent.server.driver.surroundings``); a conversation made without one still runs
+(``qpgevent.server.surroundings``); a conversation made without one still runs
 (tests of the engine alone): it looks nothing up, counts nothing, limits no AUTH
 failures, and lets an authenticated user send only as itself.
+
+Slotted and shared: thousands of idle sessions each hold one (docs/benchmarks.md, "idle").
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ def _one(ip: str) -> int:
     return 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Surroundings:
+    """The same for every session of a server, and shared (``server.surroundings``); a
+    session's own ``wait_for_input`` goes to its ``Conversation`` beside it."""
+
     #: Sets ``remote_host`` / ``remote_info`` before the connect hook (reverse DNS, ident),
     #: logging what it found through the session's logger.
     identify: Callable[[Connection, logging.LoggerAdapter[logging.Logger]], None] = _no_lookup

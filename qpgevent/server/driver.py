@@ -16,7 +16,6 @@ import contextvars
 import logging
 import socket
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +25,7 @@ import gevent.socket
 import gevent.ssl
 
 from ..backends import dns, metrics, scoreboard
-from ..backends.auth import FailureLimiter, SenderMap
 from ..backends.log import bind_session
-from ..backends.services import identify
 from ..config import Listen, Settings
 from ..connection import Connection
 from ..core.codes import Verdict
@@ -37,8 +34,8 @@ from ..engine.conversation import Conversation
 from ..engine.dialogue import CLOSE, FLUSH, READ, START_TLS
 from ..engine.hooks import HookRunner
 from ..engine.session import Session
-from ..engine.surroundings import Surroundings
 from .parking import Parking, Pause
+from .surroundings import surroundings  # and for whoever imports it from here (dryrun, testing)
 from .tls import HandshakeFailed, TlsContexts, describe
 
 log = logging.getLogger("qpgevent.session")
@@ -60,6 +57,10 @@ class _Parked(Exception):
 class Driver:
     """Runs one connection's conversation over its socket."""
 
+    # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
+    __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "__weakref__")
+
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
                  listen: Listen | None = None, tls: TlsContexts | None = None,
@@ -72,14 +73,11 @@ class Driver:
         self.listen = listen or Listen("", 0)
         #: When to park while waiting for a command (None: never); see qpgevent.parking.
         self.parking = parking
-        driver = weakref.ref(self)  # weak: no cycle through the conversation (freed at once, not by the GC)
-
-        def wait_for_input(seconds: float) -> bool:
-            alive = driver()
-            return alive is not None and alive._wait_for_input(seconds)
-
+        #: Our socket, for the session's wait_for_input (earlytalker): it holds the socket, not
+        #: us, so there is no cycle through the conversation (freed at once, not by the GC).
+        self._input = _Input(sock)
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
-                                         surroundings=surroundings(settings, peers, wait_for_input))
+                                         surroundings=surroundings(settings, peers), wait_for_input=self._input)
         self.session: Session = self.conversation.session
         #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
         self._raw: _socket.socket | None = _raw_socket(sock)
@@ -297,7 +295,7 @@ class Driver:
         assert self.tls is not None
         try:
             self._raw = None  # from now on bytes go through TLS
-            self.sock = self.tls.handshake(self.sock)
+            self.sock = self._input.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
             if self.conversation.trace is not None:
@@ -344,28 +342,17 @@ class Driver:
         self.conversation.end()
 
 
-def surroundings(settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
-                 wait_for_input: Callable[[float], bool] | None = None) -> Surroundings:
-    """What a conversation of this server gets from the back ends: look-ups, limits, counts."""
-    senders = _SENDER_MAPS.get(settings.auth_senders)
-    if senders is None:
-        senders = _SENDER_MAPS[settings.auth_senders] = SenderMap(settings.auth_senders)
-    made = _FOR_SETTINGS.get(id(settings))
-    if made is None or made[0] is not settings:  # made once per settings: they hold no session's state
-        limits = FailureLimiter(settings.auth_max_failures_ip, settings.auth_max_failures_user,
-                                settings.auth_failure_window)
-        if len(_FOR_SETTINGS) >= 8:  # settings of reloads long gone
-            _FOR_SETTINGS.clear()
-        made = _FOR_SETTINGS[id(settings)] = (
-            settings, limits, lambda connection, logger: identify(connection, settings, logger))
-    _, limits, identify_client = made
-    return Surroundings(identify=identify_client, peers=peers, wait_for_input=wait_for_input, counters=metrics,
-                        limits=limits, senders=senders)
 
+class _Input:
+    """A session's socket, for its ``wait_for_input``; ``sock`` changes after STARTTLS."""
 
-_SENDER_MAPS: dict[str, SenderMap] = {}  #: [auth] senders path -> its map (one per process)
-#: id(settings) -> (those settings, their AUTH failure limiter, their identify function).
-_FOR_SETTINGS: dict[int, tuple[Settings, FailureLimiter, Callable[[Connection, Any], None]]] = {}
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def __call__(self, seconds: float) -> bool:  # callable itself: no bound method kept per session
+        return has_input(self.sock, seconds)
 
 
 class _HookActivity:

@@ -229,6 +229,8 @@ class SmtpServer:
         self.counters: Counters = counters if counters is not None else LocalCounters()
         #: Stress mode: idle sessions shed and timeouts shortened near max_connections.
         self.shedder = Shedder(self, settings, self.counters)
+        #: Bound once, not per session: every driver holds them (an idle session's bytes count).
+        self._peers, self._command_timeout = self.counters.count, self.shedder.command_timeout
         # Room above the limit so that refusals are answered rather than left queued.
         self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
         #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
@@ -305,9 +307,8 @@ class SmtpServer:
             self.sessions.discard(greenlet)
             return False
         lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
-        driver = Driver(sock, connection, self.runner_for(listen), self.settings, self.counters.count,
-                        listen=listen, tls=self.tls, parking=self.parking,
-                        command_timeout=self.shedder.command_timeout)
+        driver = Driver(sock, connection, self.runner_for(listen), self.settings, self._peers,
+                        listen=listen, tls=self.tls, parking=self.parking, command_timeout=self._command_timeout)
         return self._serve(driver, lease, greenlet, driver.run)
 
     def runner_for(self, listen: Listen | None) -> HookRunner:

@@ -109,6 +109,8 @@ class Counters(Protocol):
 
 
 class LocalLease:
+    __slots__ = ("_counters", "_key", "_released")  # one per session, as SharedLease
+
     def __init__(self, counters: LocalCounters) -> None:
         self._counters, self._key, self._released = counters, PENDING, False
 

@@ -125,7 +125,7 @@ class Shedder:
         taken = self.server.parking.take(driver)
         if taken is None:
             return False
-        pause, (lease,) = taken
+        pause, lease = taken
         lease.release()  # the place is free now, for the count that decides the next one
         metrics.session_shed()
         parking = self.server.parking

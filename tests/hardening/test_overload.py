@@ -152,7 +152,10 @@ def test_2000_idle_connections_do_not_stop_a_new_client(tmp_path):
         # At most 1000 places: the other clients were refused or shed, and each was told so.
         closed = [c for c in clients if c.done.is_set()]
         assert len(closed) >= 1000
-        assert sum(c.shed for c in clients) >= 100, "the idle sessions were refused, not shed"
+        # Shed, not only refused: the sessions that hold the host's 1,000 places park (after
+        # park_after) and the shedder takes the host down to its mark (stress_at 90%: 900).
+        # Clients that arrive faster than sessions park find them not yet idle: refused.
+        wait_until(lambda: sum(c.shed for c in clients) >= 100, 60, "100 idle sessions to be shed")
         assert closed_without_421(clients) == []
     finally:
         for client in clients:
