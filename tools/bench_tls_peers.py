@@ -134,7 +134,11 @@ def start(name: str, folder: Path, cert: Path, key: Path, args: argparse.Namespa
 
     def text() -> str:
         return log_path.read_text(encoding="utf-8", errors="replace")
-    benchlib.wait_greeting(port, process, text)
+    try:
+        benchlib.wait_greeting(port, process, text)
+    except BaseException:
+        benchlib.stop_process(process)  # a failed start leaves no server behind
+        raise
     return Server(name, port, process.pid, lambda: benchlib.stop_process(process), text)
 
 

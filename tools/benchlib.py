@@ -176,7 +176,13 @@ class QpgeventServer:
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        greeting = wait_greeting(self.port, self.process, self.log, timeout)
+        """Wait for the 220 greeting; if it does not come, stop the server (no process is left
+        behind by a run that failed) and raise BenchError."""
+        try:
+            greeting = wait_greeting(self.port, self.process, self.log, timeout)
+        except BaseException:
+            self.stop()
+            raise
         match = GREETING_VERSION.search(greeting)
         self.version = match.group(1) if match else "?"
 
