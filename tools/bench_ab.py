@@ -3,15 +3,15 @@
 
 Usage:
     tools/bench_ab.py --before-python P [--python Q] [--workers 2] [--rounds 3] [--messages 5000]
-                      [--concurrency 100,500] [--size 2048] [--queue maildir|discard]
+                      [--concurrency 100,500] [--size 2048] [--queue maildir|maildir-fsync|discard]
 
 ``tools/bench --servers qpgevent,qpgevent-before`` runs the two servers in turn (A B A B):
 on a machine shared with other jobs, the load moves between one run and the next. Here
 each round drives both servers at the same time, one smtp-source each, so whatever the
 machine does hits both alike; it prints messages/second and server CPU seconds per 1000
 messages of each, and after/before ratios round by round, then their medians. Both
-servers: rcpt_ok + queue/maildir without fsync (or ``--queue discard``), no reverse DNS
-(as tools/bench). They
+servers: rcpt_ok + queue/maildir without fsync (or ``--queue discard``, or ``--queue
+maildir-fsync``: with fsync, the default), no reverse DNS (as tools/bench). They
 share the 2 cores with both clients, so absolute rates are lower than tools/bench's.
 """
 
@@ -29,6 +29,7 @@ import benchlib  # noqa: E402
 
 PLUGINS = {
     "maildir": "  [[rcpt_ok]]\n    domains = example.test\n  [[queue/maildir]]\n    path = Maildir\n    fsync = no\n",
+    "maildir-fsync": "  [[rcpt_ok]]\n    domains = example.test\n  [[queue/maildir]]\n    path = Maildir\n",
     "discard": "  [[rcpt_ok]]\n    domains = example.test\n  [[queue/discard]]\n",
 }
 
@@ -43,7 +44,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=benchlib.number_list("concurrency"), default=[100, 500])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--queue", choices=sorted(PLUGINS), default="maildir",
-                        help="queue/maildir without fsync (default), or queue/discard")
+                        help="queue/maildir without fsync (default), queue/discard, or maildir-fsync (fsync on)")
     parser.add_argument("--smtp-source", default="/usr/sbin/smtp-source")
     parser.add_argument("--workdir", default=None, help="where the servers' folders go (default: /tmp)")
     args = parser.parse_args()

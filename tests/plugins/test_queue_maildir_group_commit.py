@@ -144,3 +144,17 @@ def test_a_timeout_while_waiting_for_the_fsync_takes_the_message_back(make_serve
         wait_until(lambda: not maildir_messages(server.maildir), 30, "both messages taken back")
     assert trace.of("fsync"), "the fsync was under way when the timeout struck"
     assert os.listdir(server.maildir / "tmp") == []
+
+
+def test_a_timeout_while_the_files_are_fsynced_leaves_nothing(make_server, tmp_path):
+    """The hook's timeout strikes during each message's own fsync (every fsync takes 3 s): the
+    lone session's whole delivery is in a worker thread, the others' file fsync only (their
+    writes and rename are the greenlet's). Each gets 451; nothing stays in new/ or tmp/."""
+    server = make_server("[[rcpt_ok]]\n  domains = example.test\n"
+                         "[[queue/maildir]]\n  path = Maildir\n  timeout = 1\n")
+    with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", inject=["fsync:delay_exit=3000000"]) as trace:
+        replies = burst(server, range(4))
+        assert {code for code, _ in replies.values()} == {451}
+        wait_until(lambda: not maildir_messages(server.maildir) and not os.listdir(server.maildir / "tmp"),
+                   30, "every message taken back")
+    assert any("/tmp/" in c.args for c in trace.of("fsync")), "the files' fsyncs were under way"
