@@ -270,11 +270,16 @@ class SmtpServer:
 
     def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
         # A place under max_connections first (on every worker: the count is the host's),
-        # before anything else is spent on the client.
+        # before anything else is spent on the client; counted for its address in the same
+        # step, unless a trusted proxy's header is to name the real client.
+        ip = normalize_ip(address[0])
+        trusted = self.settings.proxy_trusted
+        proxied = bool(trusted) and ip_in(ip, list(trusted))
+        known = None if proxied else ip
         try:
-            lease = self.counters.acquire(self.settings.max_connections)
+            lease = self.counters.acquire(self.settings.max_connections, known)
             if lease is None and self.shedder.check():  # no place: make room if we can, at once
-                lease = self.counters.acquire(self.settings.max_connections)
+                lease = self.counters.acquire(self.settings.max_connections, known)
         except BaseException:
             sock.close()  # our listener leaves the closing to us (_Listener)
             raise
@@ -285,28 +290,29 @@ class SmtpServer:
             return
         parked = False
         try:
-            parked = self._handle(sock, address, lease, listen)
+            parked = self._handle(sock, ip, address[1], lease, listen, proxied)
         finally:
             if not parked:
                 lease.release()
                 sock.close()  # closed already when a session ran; not when a header failed
 
-    def _handle(self, sock: socket.socket, address: Any, lease: Lease, listen: Listen | None = None) -> bool:
+    def _handle(self, sock: socket.socket, ip: str, port: int, lease: Lease, listen: Listen | None,
+                proxied: bool) -> bool:
         """Serve the connection; True if its session parked (it holds ``lease`` still)."""
         self.services.bind()  # this greenlet's context: the plugins of this session use our services
         local = sock.getsockname()
-        connection = Connection(normalize_ip(address[0]), address[1], normalize_ip(local[0]), local[1])
+        connection = Connection(ip, port, normalize_ip(local[0]), local[1])
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
-        trusted = self.settings.proxy_trusted
-        if trusted and ip_in(connection.remote_ip, list(trusted)) and not self._proxied(sock, connection):
+        if proxied and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
             return False
         if steering.refused_as_blocked(self, sock, connection):
             self.sessions.discard(greenlet)
             return False
-        lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
+        if proxied:
+            lease.set_ip(connection.remote_ip)  # from now on, counted for the client the header named
         driver = Driver(sock, connection, self.runner_for(listen), self.settings, self._peers,
                         listen=listen, tls=self.tls, parking=self.parking, command_timeout=self._command_timeout)
         return self._serve(driver, lease, greenlet, driver.run)
