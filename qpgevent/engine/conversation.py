@@ -112,7 +112,12 @@ class Conversation:
         self._greet(self._banner())
 
     def _banner(self) -> Reply:
-        return reply(220, None, f"{self.me} {self.settings.banner or f'ESMTP qpgevent {__version__} ready'}")
+        """The 220 greeting: made once per settings, so its bytes too (``Reply.to_bytes``)."""
+        global _last_banner
+        if _last_banner[0] is not self.settings:
+            text = f"{self.me} {self.settings.banner or f'ESMTP qpgevent {__version__} ready'}"
+            _last_banner = (self.settings, reply(220, None, text))
+        return _last_banner[1]
 
     def _greet(self, greeting: Reply) -> None:
         self.tally.last_reply = greeting.code  # a client that only read the banner was told 220
@@ -431,6 +436,7 @@ def limits_of(settings: Settings) -> Limits:
 
 
 _last_limits: tuple[Settings | None, Limits] = (None, Limits())  #: the settings limits_of last saw, and theirs
+_last_banner: tuple[Settings | None, Reply] = (None, Canned.OK)  #: the settings _banner last saw, and theirs
 
 
 #: The hooks that may rewrite (or refuse) a command's argument before it is parsed.
