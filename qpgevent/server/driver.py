@@ -59,7 +59,8 @@ class Driver:
 
     # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
     __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
-                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "__weakref__")
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "_answered",
+                 "__weakref__")
 
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
@@ -81,6 +82,8 @@ class Driver:
         self.session: Session = self.conversation.session
         #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
         self._raw: _socket.socket | None = _raw_socket(sock)
+        #: We wrote a reply since the last read: the client is most likely still reading it (see _read).
+        self._answered = False
         self._timers: dict[float, _Timer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
@@ -223,15 +226,15 @@ class Driver:
             if self.sock.timeout is not None:
                 self.sock.settimeout(None)
             with gevent.Timeout(left, TimeoutError):
-                return self.sock.recv(READ_SIZE)
+                return self._read()
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
         # (A plain socket has no ``pending``: asking gevent's would raise and catch an AttributeError.)
         if after is None or after >= timeout or (self._raw is None and getattr(sock, "pending", _nothing)()):
-            return self._within(timeout, sock.recv, READ_SIZE)
+            return self._within(timeout, self._read)
         try:
-            return self._within(after, sock.recv, READ_SIZE)
+            return self._within(after, self._read)
         except TimeoutError:
             if parking is None or parking.after is None:
                 # The server began to stop while we waited: an idle session ends now;
@@ -239,9 +242,28 @@ class Driver:
                 if self._idle_while_stopping():
                     self._shut_down()
                     raise SessionClosed from None
-                return self._within(timeout - after, sock.recv, READ_SIZE)
+                return self._within(timeout - after, self._read)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _read(self) -> bytes:
+        """The client's next bytes, waiting for them as gevent's ``recv`` does, in the other order
+        right after a reply on a plain socket: wait for input, then take it.
+
+        The client has seldom answered a reply we have just written, and gevent's ``recv``
+        tries first: a failed system call and an exception per command, before the wait.
+        """
+        sock, raw = self.sock, self._raw
+        reader = getattr(sock, "_read_event", None)  # (None if closed meanwhile: recv says so)
+        if raw is None or not self._answered or reader is None:
+            return sock.recv(READ_SIZE)
+        self._answered = False
+        while True:
+            sock._wait(reader)  # the socket's own input watcher, as its recv waits on
+            try:
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                pass  # woken with nothing to read after all: wait again
 
     def _time_left(self, timeout: float) -> float:
         """Seconds this wait may take: to the session's end, and to the request's deadline.
@@ -324,6 +346,7 @@ class Driver:
             raise SessionClosed from None
         out.clear()
         self._request_started = None  # we answered: what the client sends next is a new request
+        self._answered = True
 
     def _last_words(self, words: Reply) -> None:
         """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""
