@@ -171,7 +171,7 @@ class HookRunner:
         self.plugins = plugins
         self.default_timeout = default_timeout
         #: Makes the timer of one plugin call (the server's: a ``gevent.Timeout`` raised in the
-        #: caller's greenlet when the time is up, server/plugin_timer.py). None: no time limit.
+        #: caller's greenlet when the time is up, server/timers.py). None: no time limit.
         self._timeout = timeout
         self.observers: list[HookObserver] = []
         #: What the plugins add to the dialogue (EHLO keywords, parameters, verbs, SASL mechanisms).

@@ -36,6 +36,7 @@ from ..engine.hooks import HookRunner
 from ..engine.session import Session
 from .parking import Parking, Pause
 from .surroundings import surroundings  # and for whoever imports it from here (dryrun, testing)
+from .timers import WaitTimer
 from .tls import HandshakeFailed, TlsContexts, describe
 
 log = logging.getLogger("qpgevent.session")
@@ -84,7 +85,7 @@ class Driver:
         self._raw: _socket.socket | None = _raw_socket(sock)
         #: We wrote a reply since the last read: the client is most likely still reading it (see _read).
         self._answered = False
-        self._timers: dict[float, _Timer] | None = None  #: see _within
+        self._timers: dict[float, WaitTimer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
         #: The request being read (since our last reply): when it began, octets so far
@@ -287,7 +288,7 @@ class Driver:
         One reusable timer per session and duration, on a socket without a timeout of its
         own: gevent's socket timeouts make a new timer for every wait, which costs more
         than the wait itself (docs/benchmarks.md, "Profile"). Each wait gets the whole
-        period (RFC 5321 4.5.3.2), see ``_Timer``.
+        period (RFC 5321 4.5.3.2), see ``WaitTimer``.
         """
         if self.sock.timeout is not None:  # set by the TLS handshake, or new after STARTTLS
             self.sock.settimeout(None)
@@ -296,7 +297,7 @@ class Driver:
             timers = self._timers = {}
         timer = timers.get(seconds)
         if timer is None:
-            timer = timers[seconds] = _Timer.take(seconds)
+            timer = timers[seconds] = WaitTimer.take(seconds)
         timer.start()
         try:
             return call(*args)
@@ -391,62 +392,6 @@ class _HookActivity:
 
 
 HOOK_ACTIVITY = _HookActivity()
-
-
-class _Timer:
-    """A reusable timeout that gives every wait its whole period.
-
-    Not a ``gevent.Timeout`` started again: libev's stop keeps the time left and a new
-    start resumes it, so a timer reused across waits counted their total (a steady upload
-    cut at ``data_timeout``). A repeating loop timer re-armed with ``again`` starts from
-    the full period each time.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.loop = gevent.get_hub().loop
-        self.timer = self.loop.timer(seconds, seconds, priority=-1)
-
-    @classmethod
-    def take(cls, seconds: float) -> _Timer:
-        """A spare timer of this duration on this thread's loop, or a new one: a session
-        needs two or three, and making a loop watcher costs more than reusing one."""
-        spare = _SPARE_TIMERS.get(seconds)
-        if spare:
-            loop = gevent.get_hub().loop
-            while spare:
-                timer = spare.pop()
-                if timer.loop is loop:
-                    return timer
-                timer.close()
-        return cls(seconds)
-
-    def release(self) -> None:
-        """The session is done with it (ended, or parked): stopped, kept for another."""
-        self.timer.stop()
-        spare = _SPARE_TIMERS.setdefault(self.seconds, [])
-        if len(spare) < SPARE_TIMERS:
-            spare.append(self)
-        else:
-            self.close()
-
-    def start(self) -> None:
-        self.timer.again(self._expired, gevent.getcurrent(), update=True)
-
-    def cancel(self) -> None:
-        self.timer.stop()
-
-    def close(self) -> None:
-        self.timer.close()
-
-    def _expired(self, waiter: Any) -> None:
-        self.timer.stop()  # it repeats: once is all we want
-        waiter.throw(TimeoutError)
-
-
-#: Stopped timers kept for the next sessions, per duration (at most SPARE_TIMERS each).
-_SPARE_TIMERS: dict[float, list[_Timer]] = {}
-SPARE_TIMERS = 256
 
 
 def _nothing() -> int:

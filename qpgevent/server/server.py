@@ -47,8 +47,9 @@ from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from ..engine.session import Session
 from .driver import Driver
-from . import plugin_timer, steering
+from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
+from .timers import take_plugin_timeout
 from .tls import TlsContexts
 
 log = logging.getLogger("qpgevent.server")
@@ -216,9 +217,9 @@ class SmtpServer:
         #: Its resolver and store, current in each of its sessions: given, or the ones made
         #: current where it is built (configure_services), or built from its settings.
         self.services = services or current_services() or Services.from_settings(settings)
-        self.runner = HookRunner(plugins, settings.plugin_timeout, timeout=plugin_timer.take)
+        self.runner = HookRunner(plugins, settings.plugin_timeout, timeout=take_plugin_timeout)
         #: [listeners]: (listener, its runner, its own plugins) where its chain is not [plugins].
-        self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=plugin_timer.take), own)
+        self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=take_plugin_timeout), own)
                        for listen, chain, own in listener_chains(settings, plugins)]
         self.servers: list[StreamServer] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.

@@ -1,4 +1,4 @@
-"""The plugin call timer the server gives its hook runners (qpgevent/server/plugin_timer.py).
+"""The plugin call timer the server gives its hook runners (qpgevent/server/timers.py).
 
 Timers are kept between calls and re-armed: these tests check that a kept timer still
 gives each call its whole period (a timer that fired, restarted as libev would, fires again
@@ -15,7 +15,8 @@ import pytest
 from qpgevent.core.codes import OK, ReturnCode
 from qpgevent.engine.hooks import HookRunner
 from qpgevent.plugin import Plugin
-from qpgevent.server import plugin_timer
+from qpgevent.server import timers
+from qpgevent.server.timers import PluginTimeout, take_plugin_timeout
 
 PERIOD = 0.5
 
@@ -46,7 +47,7 @@ class _Nested(Plugin):
 
 
 def _runner(*plugins: Plugin, seconds: float = PERIOD) -> HookRunner:
-    return HookRunner(list(plugins), default_timeout=seconds, timeout=plugin_timer.take)
+    return HookRunner(list(plugins), default_timeout=seconds, timeout=take_plugin_timeout)
 
 
 def test_a_call_that_waits_past_its_time_answers_plugin_timeout() -> None:
@@ -59,10 +60,10 @@ def test_the_call_after_a_timed_out_one_has_its_whole_period() -> None:
     # The second call waits 0.6 of the period on the very timer that fired for the first.
     runner = _runner(_Waits([30, PERIOD * 0.6, PERIOD * 0.6, 30]))
     assert runner.run("mail", None, "a@b.test", {}).message == ("plugin timeout",)
-    spare = plugin_timer._SPARES[PERIOD][-1]
+    spare = timers._SPARES[PluginTimeout, PERIOD][-1]
     assert spare.__traceback__ is None  # what it raised through is forgotten
     assert runner.run("mail", None, "a@b.test", {}).code is OK
-    assert plugin_timer._SPARES[PERIOD][-1] is spare  # kept and re-armed, not made anew
+    assert timers._SPARES[PluginTimeout, PERIOD][-1] is spare  # kept and re-armed, not made anew
     assert runner.run("mail", None, "a@b.test", {}).code is OK  # twice 0.6: each call its own period
     assert runner.run("mail", None, "a@b.test", {}).message == ("plugin timeout",)  # and it still fires
 
