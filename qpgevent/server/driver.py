@@ -60,8 +60,7 @@ class Driver:
 
     # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
     __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
-                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "_answered",
-                 "__weakref__")
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "__weakref__")
 
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
@@ -83,8 +82,6 @@ class Driver:
         self.session: Session = self.conversation.session
         #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
         self._raw: _socket.socket | None = _raw_socket(sock)
-        #: We wrote a reply since the last read: the client is most likely still reading it (see _read).
-        self._answered = False
         self._timers: dict[float, WaitTimer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
@@ -248,23 +245,28 @@ class Driver:
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
 
     def _read(self) -> bytes:
-        """The client's next bytes, waiting for them as gevent's ``recv`` does, in the other order
-        right after a reply on a plain socket: wait for input, then take it.
+        """The client's next bytes: on a plain socket, what gevent's ``recv`` does without its
+        Python wrapper (which catches, inspects and clears the EAGAIN of every read that
+        must wait): take what the OS socket has, else wait on the gevent socket's own input
+        watcher, and take it then.
 
-        The client has seldom answered a reply we have just written, and gevent's ``recv``
-        tries first: a failed system call and an exception per command, before the wait.
+        Not "wait first": the client has often answered by the time we read (nearly always
+        at valgrind's pace), and a wait for input already there costs a turn of the loop
+        (docs/benchmarks.md, "Round three").
         """
-        sock, raw = self.sock, self._raw
-        reader = getattr(sock, "_read_event", None)  # (None if closed meanwhile: recv says so)
-        if raw is None or not self._answered or reader is None:
-            return sock.recv(READ_SIZE)
-        self._answered = False
+        raw = self._raw
+        if raw is None:
+            return self.sock.recv(READ_SIZE)
         while True:
-            sock._wait(reader)  # the socket's own input watcher, as its recv waits on
             try:
                 return raw.recv(READ_SIZE)
             except BlockingIOError:
-                pass  # woken with nothing to read after all: wait again
+                pass
+            sock = self.sock
+            reader = sock._read_event
+            if reader is None:  # closed meanwhile: recv says so
+                return sock.recv(READ_SIZE)
+            sock._wait(reader)
 
     def _time_left(self, timeout: float) -> float:
         """Seconds this wait may take: to the session's end, and to the request's deadline.
@@ -347,7 +349,6 @@ class Driver:
             raise SessionClosed from None
         out.clear()
         self._request_started = None  # we answered: what the client sends next is a new request
-        self._answered = True
 
     def _last_words(self, words: Reply) -> None:
         """We must go now (server stopping, or a bug): say so if we can, queued replies dropped."""

@@ -156,15 +156,16 @@ def close_after_quit(sock: socket.socket) -> None:
 
     Such a client reads our 221 and closes; there is nothing to drain, and waiting for its
     FIN costs a turn of the loop per connection. A client that did send more (or a TLS
-    socket, which cannot peek) is closed gracefully, as any other.
+    socket, which cannot peek) is closed gracefully, as any other. One that reset the
+    connection (smtp-source closes so, without reading our 221) has nothing left to save.
     """
     try:
         sock.settimeout(0)
         if sock.recv(1, socket.MSG_PEEK):
             close_gracefully(sock)
             return
-    except BlockingIOError:
-        pass  # nothing unread: a close sends FIN, never RST
+    except (BlockingIOError, ConnectionResetError):
+        pass  # nothing unread (a close sends FIN, never RST), or the client is gone
     except (OSError, ValueError):  # ValueError: an SSLSocket refuses flags
         close_gracefully(sock)
         return
