@@ -410,6 +410,12 @@ _NO_RULES: dict[ReturnCode, Answer] = {}
 _GO_ON = _NOTHING_TO_SAY[P]
 
 
+def settled_answer(hook: str, code: ReturnCode) -> Answer | None:
+    """``answer(hook, Verdict(code))`` when it is the same whatever the fields (made once), else None."""
+    made = _DEFAULT_ANSWERS.get(hook, _NO_RULES).get(code, _GO_ON)
+    return made if isinstance(made, Answer) else None
+
+
 def _may_use_code(code: int, rule: Rule) -> bool:
     """A plugin may pick its own failure code within the class the verdict fixed.
 
