@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .codes import ReturnCode, Verdict
 
@@ -38,6 +38,9 @@ class Reply:
     text: tuple[str, ...] = ("OK",)
     enhanced: str | None = None
     close: bool = False
+    #: Its bytes with enhanced codes, once made: a reply kept for reuse (the canned ones, the
+    #: reply table's cells, a listener's greeting) is encoded once, not once per message.
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_positive(self) -> bool:
@@ -47,23 +50,49 @@ class Reply:
         # RFC 2034 3: the enhanced code follows the reply code on every line, but only
         # on 2xx, 4xx and 5xx replies (never on 354 or the 220 greeting, which we build
         # without one).
-        prefix = ""
-        if enhanced_codes and self.enhanced and self.code // 100 in (2, 4, 5):
-            prefix = self.enhanced + " "
-        if len(self.text) == 1:  # most replies: one line, no list to build
-            line = self.text[0]
-            if _UNPRINTABLE.search(line):
+        if not enhanced_codes and self.enhanced is not None:
+            return self._encode("")
+        wire = self._wire
+        if wire is None:
+            enhanced = self.enhanced
+            wire = self._encode(enhanced + " " if enhanced and self.code // 100 in (2, 4, 5) else "")
+            object.__setattr__(self, "_wire", wire)  # frozen for its fields; this is a cache
+        return wire
+
+    def _encode(self, prefix: str) -> bytes:
+        text = self.text
+        if len(text) == 1:  # most replies: one line, no list to build
+            line = text[0]
+            if not line.isprintable() and _UNPRINTABLE.search(line):  # isprintable: cheaper, stricter
                 line = _UNPRINTABLE.sub("?", line)
             return f"{self.code} {prefix}{line}\r\n".encode("utf-8", "replace")
-        lines = [_UNPRINTABLE.sub("?", line) for line in self.text] or [""]
-        out = []
-        for i, line in enumerate(lines):
-            separator = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{separator}{prefix}{line}\r\n")
-        return "".join(out).encode("utf-8", "replace")
+        if not text:
+            return f"{self.code} {prefix}\r\n".encode("utf-8", "replace")
+        # The lines after the first are the same reply after reply (EHLO's keywords, a
+        # plugin's fixed text): made once (_TAILS), the first line each time.
+        key = (self.code, prefix, text[1:])
+        tail = _TAILS.get(key)
+        if tail is None:
+            tail = _lines(self.code, prefix, text[1:])
+            if len(_TAILS) >= _TAILS_KEPT:
+                _TAILS.clear()
+            _TAILS[key] = tail
+        return f"{self.code}-{prefix}{_UNPRINTABLE.sub('?', text[0])}\r\n".encode("utf-8", "replace") + tail
 
     def with_text(self, *lines: str) -> Reply:
         return Reply(self.code, tuple(lines), self.enhanced, self.close)
+
+
+def _lines(code: int, prefix: str, text: tuple[str, ...]) -> bytes:
+    """The lines of a reply that come after its first: ``code-``, and ``code `` on the last."""
+    last = len(text) - 1
+    return "".join(f"{code}{' ' if i == last else '-'}{prefix}{_UNPRINTABLE.sub('?', line)}\r\n"
+                   for i, line in enumerate(text)).encode("utf-8", "replace")
+
+
+#: (code, enhanced prefix, the lines after the first) -> their bytes; cleared when it grows past _TAILS_KEPT.
+_TAILS: dict[tuple[int, str, tuple[str, ...]], bytes] = {}
+_TAILS_KEPT = 256
 
 
 def reply(code: int, enhanced: str | None, *text: str, close: bool = False) -> Reply:
@@ -379,6 +408,12 @@ def _default_answer(hook: str, code: ReturnCode) -> Answer | Rule:
 _DEFAULT_ANSWERS = {hook: {code: _default_answer(hook, code) for code in ReturnCode} for hook in REPLY_TABLE}
 _NO_RULES: dict[ReturnCode, Answer] = {}
 _GO_ON = _NOTHING_TO_SAY[P]
+
+
+def settled_answer(hook: str, code: ReturnCode) -> Answer | None:
+    """``answer(hook, Verdict(code))`` when it is the same whatever the fields (made once), else None."""
+    made = _DEFAULT_ANSWERS.get(hook, _NO_RULES).get(code, _GO_ON)
+    return made if isinstance(made, Answer) else None
 
 
 def _may_use_code(code: int, rule: Rule) -> bool:

@@ -25,17 +25,17 @@ from typing import Any
 from .. import __version__
 from ..config import Listen, Settings
 from ..connection import Connection, host_port
-from ..core.codes import OK, ReturnCode, Verdict
+from ..core.codes import DECLINED_VERDICT, OK, ReturnCode, Verdict
 from ..core.help import CORE_HELP, verb_list
 from ..core.help import about as help_about
 from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, ChunkEnd, Command, Ehlo, Helo, Limits,
                              Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
                              Starttls, State, Unknown, Vrfy, Data, Help)
 from ..core.proxy import looks_like_header
-from ..core.reply import INTERNAL_ERROR, Answer, Canned, Outcome, Reply, answer, reply
+from ..core.reply import INTERNAL_ERROR, Answer, Canned, Outcome, Reply, answer, reply, settled_answer
 from .authentication import Authentication
 from .dialogue import CLOSE, FLUSH, READ, START_TLS, Asked, Request, Wait
-from .hooks import HookRunner
+from .hooks import HOOKS, HookRunner
 from .mail import MailTransaction
 from .session import Session, Tally, describe, redact, summary_text
 from .surroundings import Surroundings
@@ -112,7 +112,12 @@ class Conversation:
         self._greet(self._banner())
 
     def _banner(self) -> Reply:
-        return reply(220, None, f"{self.me} {self.settings.banner or f'ESMTP qpgevent {__version__} ready'}")
+        """The 220 greeting: made once per settings, so its bytes too (``Reply.to_bytes``)."""
+        global _last_banner
+        if _last_banner[0] is not self.settings:
+            text = f"{self.me} {self.settings.banner or f'ESMTP qpgevent {__version__} ready'}"
+            _last_banner = (self.settings, reply(220, None, text))
+        return _last_banner[1]
 
     def _greet(self, greeting: Reply) -> None:
         self.tally.last_reply = greeting.code  # a client that only read the banner was told 220
@@ -236,6 +241,12 @@ class Conversation:
         """``decide`` and ``answer`` (inlined: every command passes here); send the reply
         unless the command goes on (then the caller sends it)."""
         verdict = self.runner.run(hook, self.session, *args)
+        if verdict is DECLINED_VERDICT:  # no plugin decided (most hooks): the table's answer
+            settled = _DECLINED.get(hook)
+            if settled is not None:
+                if settled.reply is not None and settled.outcome is not Outcome.PROCEED:
+                    self.send(settled.reply)
+                return settled
         result = answer(hook, verdict, me=self.settings.me, **fields)
         if result.outcome is Outcome.ANSWERED:
             result = self.answer(hook, verdict, **fields)
@@ -431,8 +442,12 @@ def limits_of(settings: Settings) -> Limits:
 
 
 _last_limits: tuple[Settings | None, Limits] = (None, Limits())  #: the settings limits_of last saw, and theirs
+_last_banner: tuple[Settings | None, Reply] = (None, Canned.OK)  #: the settings _banner last saw, and theirs
 
 
+#: Hook -> what ``ask`` comes to when no plugin decided, where that needs no fields: made once.
+_DECLINED = {hook: Asked(settled.outcome, settled.reply, DECLINED_VERDICT) for hook in HOOKS
+             if (settled := settled_answer(hook, ReturnCode.DECLINED)) is not None}
 #: The hooks that may rewrite (or refuse) a command's argument before it is parsed.
 _PARSE_HOOKS = {"HELO": "helo_parse", "EHLO": "ehlo_parse", "LHLO": "ehlo_parse", "MAIL": "mail_parse", "RCPT": "rcpt_parse",
                 "AUTH": "auth_parse"}

@@ -136,7 +136,8 @@ HOOKS: dict[str, HookSpec] = {spec.name: spec for spec in (
 
 
 class Timer(Protocol):
-    """One plugin call's time limit: raises itself in the caller once started and expired."""
+    """One plugin call's time limit: raises itself in the caller once started and expired.
+    ``close`` ends the call's use of it (the server keeps it for a later call)."""
 
     def start(self) -> None: ...
 
@@ -169,8 +170,8 @@ class HookRunner:
                  timeout: Callable[[float], Timer] | None = None) -> None:
         self.plugins = plugins
         self.default_timeout = default_timeout
-        #: Makes the timer of one plugin call (the server's is ``gevent.Timeout``: raised in
-        #: the caller's greenlet when the time is up). None: no time limit (the engine alone).
+        #: Makes the timer of one plugin call (the server's: a ``gevent.Timeout`` raised in the
+        #: caller's greenlet when the time is up, server/timers.py). None: no time limit.
         self._timeout = timeout
         self.observers: list[HookObserver] = []
         #: What the plugins add to the dialogue (EHLO keywords, parameters, verbs, SASL mechanisms).

@@ -36,6 +36,7 @@ from ..engine.hooks import HookRunner
 from ..engine.session import Session
 from .parking import Parking, Pause
 from .surroundings import surroundings  # and for whoever imports it from here (dryrun, testing)
+from .timers import WaitTimer
 from .tls import HandshakeFailed, TlsContexts, describe
 
 log = logging.getLogger("qpgevent.session")
@@ -81,7 +82,7 @@ class Driver:
         self.session: Session = self.conversation.session
         #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
         self._raw: _socket.socket | None = _raw_socket(sock)
-        self._timers: dict[float, _Timer] | None = None  #: see _within
+        self._timers: dict[float, WaitTimer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
         #: The request being read (since our last reply): when it began, octets so far
@@ -223,15 +224,15 @@ class Driver:
             if self.sock.timeout is not None:
                 self.sock.settimeout(None)
             with gevent.Timeout(left, TimeoutError):
-                return self.sock.recv(READ_SIZE)
+                return self._read()
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
         # (A plain socket has no ``pending``: asking gevent's would raise and catch an AttributeError.)
         if after is None or after >= timeout or (self._raw is None and getattr(sock, "pending", _nothing)()):
-            return self._within(timeout, sock.recv, READ_SIZE)
+            return self._within(timeout, self._read)
         try:
-            return self._within(after, sock.recv, READ_SIZE)
+            return self._within(after, self._read)
         except TimeoutError:
             if parking is None or parking.after is None:
                 # The server began to stop while we waited: an idle session ends now;
@@ -239,9 +240,33 @@ class Driver:
                 if self._idle_while_stopping():
                     self._shut_down()
                     raise SessionClosed from None
-                return self._within(timeout - after, sock.recv, READ_SIZE)
+                return self._within(timeout - after, self._read)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
+
+    def _read(self) -> bytes:
+        """The client's next bytes: on a plain socket, what gevent's ``recv`` does without its
+        Python wrapper (which catches, inspects and clears the EAGAIN of every read that
+        must wait): take what the OS socket has, else wait on the gevent socket's own input
+        watcher, and take it then.
+
+        Not "wait first": the client has often answered by the time we read (nearly always
+        at valgrind's pace), and a wait for input already there costs a turn of the loop
+        (docs/benchmarks.md, "Round three").
+        """
+        raw = self._raw
+        if raw is None:
+            return self.sock.recv(READ_SIZE)
+        while True:
+            try:
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                pass
+            sock = self.sock
+            reader = sock._read_event
+            if reader is None:  # closed meanwhile: recv says so
+                return sock.recv(READ_SIZE)
+            sock._wait(reader)
 
     def _time_left(self, timeout: float) -> float:
         """Seconds this wait may take: to the session's end, and to the request's deadline.
@@ -265,7 +290,7 @@ class Driver:
         One reusable timer per session and duration, on a socket without a timeout of its
         own: gevent's socket timeouts make a new timer for every wait, which costs more
         than the wait itself (docs/benchmarks.md, "Profile"). Each wait gets the whole
-        period (RFC 5321 4.5.3.2), see ``_Timer``.
+        period (RFC 5321 4.5.3.2), see ``WaitTimer``.
         """
         if self.sock.timeout is not None:  # set by the TLS handshake, or new after STARTTLS
             self.sock.settimeout(None)
@@ -274,7 +299,7 @@ class Driver:
             timers = self._timers = {}
         timer = timers.get(seconds)
         if timer is None:
-            timer = timers[seconds] = _Timer.take(seconds)
+            timer = timers[seconds] = WaitTimer.take(seconds)
         timer.start()
         try:
             return call(*args)
@@ -368,62 +393,6 @@ class _HookActivity:
 
 
 HOOK_ACTIVITY = _HookActivity()
-
-
-class _Timer:
-    """A reusable timeout that gives every wait its whole period.
-
-    Not a ``gevent.Timeout`` started again: libev's stop keeps the time left and a new
-    start resumes it, so a timer reused across waits counted their total (a steady upload
-    cut at ``data_timeout``). A repeating loop timer re-armed with ``again`` starts from
-    the full period each time.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.loop = gevent.get_hub().loop
-        self.timer = self.loop.timer(seconds, seconds, priority=-1)
-
-    @classmethod
-    def take(cls, seconds: float) -> _Timer:
-        """A spare timer of this duration on this thread's loop, or a new one: a session
-        needs two or three, and making a loop watcher costs more than reusing one."""
-        spare = _SPARE_TIMERS.get(seconds)
-        if spare:
-            loop = gevent.get_hub().loop
-            while spare:
-                timer = spare.pop()
-                if timer.loop is loop:
-                    return timer
-                timer.close()
-        return cls(seconds)
-
-    def release(self) -> None:
-        """The session is done with it (ended, or parked): stopped, kept for another."""
-        self.timer.stop()
-        spare = _SPARE_TIMERS.setdefault(self.seconds, [])
-        if len(spare) < SPARE_TIMERS:
-            spare.append(self)
-        else:
-            self.close()
-
-    def start(self) -> None:
-        self.timer.again(self._expired, gevent.getcurrent(), update=True)
-
-    def cancel(self) -> None:
-        self.timer.stop()
-
-    def close(self) -> None:
-        self.timer.close()
-
-    def _expired(self, waiter: Any) -> None:
-        self.timer.stop()  # it repeats: once is all we want
-        waiter.throw(TimeoutError)
-
-
-#: Stopped timers kept for the next sessions, per duration (at most SPARE_TIMERS each).
-_SPARE_TIMERS: dict[float, list[_Timer]] = {}
-SPARE_TIMERS = 256
 
 
 def _nothing() -> int:

@@ -49,6 +49,7 @@ from ..engine.session import Session
 from .driver import Driver
 from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
+from .timers import take_plugin_timeout
 from .tls import TlsContexts
 
 log = logging.getLogger("qpgevent.server")
@@ -155,15 +156,16 @@ def close_after_quit(sock: socket.socket) -> None:
 
     Such a client reads our 221 and closes; there is nothing to drain, and waiting for its
     FIN costs a turn of the loop per connection. A client that did send more (or a TLS
-    socket, which cannot peek) is closed gracefully, as any other.
+    socket, which cannot peek) is closed gracefully, as any other. One that reset the
+    connection (smtp-source closes so, without reading our 221) has nothing left to save.
     """
     try:
         sock.settimeout(0)
         if sock.recv(1, socket.MSG_PEEK):
             close_gracefully(sock)
             return
-    except BlockingIOError:
-        pass  # nothing unread: a close sends FIN, never RST
+    except (BlockingIOError, ConnectionResetError):
+        pass  # nothing unread (a close sends FIN, never RST), or the client is gone
     except (OSError, ValueError):  # ValueError: an SSLSocket refuses flags
         close_gracefully(sock)
         return
@@ -216,9 +218,9 @@ class SmtpServer:
         #: Its resolver and store, current in each of its sessions: given, or the ones made
         #: current where it is built (configure_services), or built from its settings.
         self.services = services or current_services() or Services.from_settings(settings)
-        self.runner = HookRunner(plugins, settings.plugin_timeout, timeout=gevent.Timeout)
+        self.runner = HookRunner(plugins, settings.plugin_timeout, timeout=take_plugin_timeout)
         #: [listeners]: (listener, its runner, its own plugins) where its chain is not [plugins].
-        self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=gevent.Timeout), own)
+        self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=take_plugin_timeout), own)
                        for listen, chain, own in listener_chains(settings, plugins)]
         self.servers: list[StreamServer] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.
@@ -270,11 +272,16 @@ class SmtpServer:
 
     def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
         # A place under max_connections first (on every worker: the count is the host's),
-        # before anything else is spent on the client.
+        # before anything else is spent on the client; counted for its address in the same
+        # step, unless a trusted proxy's header is to name the real client.
+        ip = normalize_ip(address[0])
+        trusted = self.settings.proxy_trusted
+        proxied = bool(trusted) and ip_in(ip, list(trusted))
+        known = None if proxied else ip
         try:
-            lease = self.counters.acquire(self.settings.max_connections)
+            lease = self.counters.acquire(self.settings.max_connections, known)
             if lease is None and self.shedder.check():  # no place: make room if we can, at once
-                lease = self.counters.acquire(self.settings.max_connections)
+                lease = self.counters.acquire(self.settings.max_connections, known)
         except BaseException:
             sock.close()  # our listener leaves the closing to us (_Listener)
             raise
@@ -285,28 +292,29 @@ class SmtpServer:
             return
         parked = False
         try:
-            parked = self._handle(sock, address, lease, listen)
+            parked = self._handle(sock, ip, address[1], lease, listen, proxied)
         finally:
             if not parked:
                 lease.release()
                 sock.close()  # closed already when a session ran; not when a header failed
 
-    def _handle(self, sock: socket.socket, address: Any, lease: Lease, listen: Listen | None = None) -> bool:
+    def _handle(self, sock: socket.socket, ip: str, port: int, lease: Lease, listen: Listen | None,
+                proxied: bool) -> bool:
         """Serve the connection; True if its session parked (it holds ``lease`` still)."""
         self.services.bind()  # this greenlet's context: the plugins of this session use our services
         local = sock.getsockname()
-        connection = Connection(normalize_ip(address[0]), address[1], normalize_ip(local[0]), local[1])
+        connection = Connection(ip, port, normalize_ip(local[0]), local[1])
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
-        trusted = self.settings.proxy_trusted
-        if trusted and ip_in(connection.remote_ip, list(trusted)) and not self._proxied(sock, connection):
+        if proxied and not self._proxied(sock, connection):
             self.sessions.discard(greenlet)
             return False
         if steering.refused_as_blocked(self, sock, connection):
             self.sessions.discard(greenlet)
             return False
-        lease.set_ip(connection.remote_ip)  # from now on, counted for this client address
+        if proxied:
+            lease.set_ip(connection.remote_ip)  # from now on, counted for the client the header named
         driver = Driver(sock, connection, self.runner_for(listen), self.settings, self._peers,
                         listen=listen, tls=self.tls, parking=self.parking, command_timeout=self._command_timeout)
         return self._serve(driver, lease, greenlet, driver.run)

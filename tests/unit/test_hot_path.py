@@ -93,3 +93,20 @@ def test_limits_are_made_once_per_settings_and_follow_new_ones(tmp_path):
     changed = dataclasses.replace(settings, max_recipients=settings.max_recipients + 7)
     assert limits_of(changed).max_recipients == settings.max_recipients + 7
     assert limits_of(settings) == first and limits_of(settings) is not first
+
+
+def test_a_hook_no_plugin_decided_is_answered_as_the_table_says():
+    # ask's shortcut (the answer made once per hook) against answer() on the long way, for
+    # every hook, with the fields a caller may give.
+    from qpgevent.core.reply import answer
+    from qpgevent.engine.conversation import _DECLINED
+    for hook in HOOKS:
+        long_way = answer(hook, DECLINED_VERDICT, me="mx.example.test", address="<a@b.test>")
+        settled = _DECLINED.get(hook)
+        if settled is None:  # its text has fields to fill in: always the long way
+            assert long_way.reply is not None and "{" not in str(long_way.reply.text), hook
+            continue
+        assert (settled.outcome, settled.reply, settled.verdict) == (long_way.outcome, long_way.reply,
+                                                                      DECLINED_VERDICT), hook
+    assert {"pre_connection", "connect", "helo", "data", "data_post", "queue_pre", "queue"} <= _DECLINED.keys()
+    assert not {"mail", "quit"} & _DECLINED.keys()  # "{address}", "{me}"

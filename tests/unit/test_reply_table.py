@@ -304,6 +304,33 @@ def test_control_characters_cannot_break_the_line(char: str) -> None:
     assert not any(b < 0x20 or b == 0x7F for b in body), data
 
 
+@pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\x7f"], ids=lambda c: f"{ord(c):#04x}")
+def test_control_characters_are_replaced_in_every_line_however_often_it_is_sent(char: str) -> None:
+    # The later lines of a reply are encoded once and kept (EHLO's keywords): the kept bytes
+    # are cleaned as the first were, and a reply with other lines gets its own.
+    tail = (f"KEYWORD{char}250 injected", "LAST")
+    for first in ("mx Hi there", f"mx Hi{char}250 forged", "mx Hi there"):
+        data = Reply(250, (first, *tail), "2.0.0").to_bytes()
+        assert data.count(b"\r\n") == 3 and data.endswith(b"250 2.0.0 LAST\r\n"), data
+        assert b"250-2.0.0 KEYWORD?250 injected\r\n" in data
+        assert not any(b < 0x20 or b == 0x7F for b in data.replace(b"\r\n", b"")), data
+    assert Reply(250, ("mx", "OTHER", "LAST"), "2.0.0").to_bytes() == (
+        b"250-2.0.0 mx\r\n250-2.0.0 OTHER\r\n250 2.0.0 LAST\r\n")
+    assert Reply(451, ("mx", *tail), "4.3.0").to_bytes().startswith(b"451-4.3.0 mx\r\n451-4.3.0 KEYWORD?")
+
+
+def test_a_reply_sent_again_gives_the_same_bytes_each_way() -> None:
+    # Its bytes are kept once made: asking without enhanced codes must not get the kept ones.
+    for sent in (Canned.OK, Reply(250, ("mx Hi", "PIPELINING"), "2.0.0"), Reply(220, ("mx ready",))):
+        with_codes, without = sent.to_bytes(), sent.to_bytes(enhanced_codes=False)
+        assert sent.to_bytes() == with_codes and sent.to_bytes(enhanced_codes=False) == without
+        assert (with_codes == without) == (sent.enhanced is None)
+    assert Canned.OK.to_bytes() == b"250 2.0.0 OK\r\n" and Canned.OK.to_bytes(False) == b"250 OK\r\n"
+    fresh = Reply(250, ("OK",), "2.0.0")
+    assert fresh == Canned.OK and hash(fresh) == hash(Canned.OK)  # the kept bytes are no part of the value
+    assert repr(fresh) == "Reply(code=250, text=('OK',), enhanced='2.0.0', close=False)"
+
+
 def test_plugin_newlines_become_lines_that_each_carry_the_code() -> None:
     # A plugin (or an attacker-controlled string it echoes) cannot forge a reply of its own.
     sent = answer("rcpt", Verdict(ReturnCode.DENY, ("no\r\n250 2.1.5 ok, relaying",))).reply

@@ -111,3 +111,22 @@ def test_local_counters_match():
     a.release()
     a.release()
     assert counters.count("192.0.2.1") == 1 and counters.acquire(2) is not None
+
+
+def test_an_address_known_at_accept_is_counted_as_the_place_is_taken(table):
+    # One locked step for both (the server's usual case: no PROXY header to read first).
+    one, two = two_workers(table)
+    for counters, other in ((one, two), (LocalCounters(), None)):
+        a = counters.acquire(3, "192.0.2.7")
+        b = counters.acquire(3, "::ffff:192.0.2.7")
+        assert a is not None and b is not None
+        assert counters.count("192.0.2.7") == 2 and counters.sessions() == 2
+        if other is not None:
+            assert other.count("192.0.2.7") == 2  # on every worker
+        assert counters.acquire(3, "192.0.2.8") is not None
+        assert counters.acquire(3, "192.0.2.9") is None  # the limit holds as before
+        assert counters.count("192.0.2.9") == 0  # a refused place counts for nobody
+        a.release()
+        assert counters.count("192.0.2.7") == 1 and counters.count("192.0.2.8") == 1
+        b.set_ip("198.51.100.1")  # a later set_ip still moves it
+        assert counters.count("192.0.2.7") == 0 and counters.count("198.51.100.1") == 1
