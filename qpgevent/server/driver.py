@@ -400,8 +400,11 @@ def _nothing() -> int:
 
 
 def _raw_socket(sock: Any) -> _socket.socket | None:
-    """The non-blocking OS socket inside a plain gevent socket; None for anything else (TLS)."""
-    if isinstance(sock, gevent.socket.socket) and not isinstance(sock, gevent.ssl.SSLSocket):
+    """The non-blocking OS socket inside a plain gevent socket; None for anything else (TLS),
+    or for a gevent whose socket no longer has the private parts ``_read`` waits with (then
+    every read and write takes gevent's public path)."""
+    if (isinstance(sock, gevent.socket.socket) and not isinstance(sock, gevent.ssl.SSLSocket)
+            and hasattr(sock, "_wait") and hasattr(sock, "_read_event")):
         raw = getattr(sock, "_sock", None)  # a _socket.socket: with monkey-patching, socket.socket is gevent's
         if isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0:
             return raw
