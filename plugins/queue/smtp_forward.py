@@ -30,7 +30,9 @@ Options:
                     separated; ``.example.test`` covers subdomains, ``*`` the rest; IPv6
                     in brackets. E.g. ``routes = example.test:127.0.0.1:2526, *:smarthost:25``.
                     Failover: ``*:mx1:25|mx2:25`` opens new connections to the first of
-                    them that answers (connect, greeting, EHLO, STARTTLS)
+                    them that answers (connect, greeting, EHLO, STARTTLS). Host names are
+                    looked up through ``[dns]``'s servers (then the system's resolver,
+                    for names only /etc/hosts knows)
   callahead         check each recipient with the next hop at RCPT time (default no)
   helo              our name in EHLO (default: [server] me)
   starttls          auto: use it when offered (default); required: refuse to talk

@@ -14,17 +14,21 @@ Owns the routing of the outbound queue: ``destination(domain, ...)`` gives a ``R
 - A null MX (a single ``0 .``, RFC 7505): the domain accepts no mail, a permanent
   failure (5.1.10); MX hosts whose names do not resolve are skipped.
 - A DNS that cannot answer now: a temporary failure (the message is deferred).
+
+And ``addresses_of(host)``: where to dial a hop named by host name (a static route's, a
+relay plugin's), through the same resolver as the MX hosts.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Callable
 
 from . import dns
 from .relay_routes import Hop, Route, route_for
 
-__all__ = ["RoutingError", "destination"]
+__all__ = ["RoutingError", "addresses_of", "destination"]
 
 
 class RoutingError(Exception):
@@ -88,3 +92,25 @@ def _addresses(resolver: dns.Resolver, host: str, families: str) -> list[str]:
     if families == "ipv6":
         return resolver.aaaa(host)
     return resolver.addresses(host)
+
+
+def addresses_of(host: str) -> list[str]:
+    """Where to dial a hop named ``host``: its addresses from qpgevent's resolver (``[dns]``'s
+    servers, which find the MX hosts too), else ``host`` itself for the system's resolver
+    (names only /etc/hosts knows). Addresses, unix sockets and ``localhost`` (RFC 6761 6.3:
+    never sent to the DNS) go as they are."""
+    bare = host.lower().rstrip(".")
+    if host.startswith("/") or _is_address(host) or bare == "localhost" or bare.endswith(".localhost"):
+        return [host]
+    try:
+        return dns.current().addresses(host) or [host]
+    except dns.TemporaryFailure:
+        return [host]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..core.address import Address
 from ..core.dsn_request import mail_parameters, rcpt_parameters, xtext
+from .mxroute import addresses_of
 from .relay_routes import ConfigurationError, Hop
 
 _EOL = re.compile(rb"\r\n|\n|\r")
@@ -208,17 +209,15 @@ class Downstream:
         options, hop = self.options, self.hop
         smtp_class = smtplib.LMTP if options.lmtp else smtplib.SMTP
         with self._failures("connect"):
-            # Host given to the constructor: smtplib keeps it as the TLS server name.
-            smtp = smtp_class(hop.host, hop.port, local_hostname=options.helo or None,
-                              timeout=options.connect_timeout)
+            smtp = self._connect(smtp_class)
             self.smtp = smtp
             smtp.sock.settimeout(options.command_timeout)
             if not hop.is_unix:
                 # Commands and the final dot are small writes that wait for a reply: with
                 # Nagle's algorithm each could sit out the peer's delayed ACK (~40 ms).
                 smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if hop.name:
-                smtp._host = hop.name  # the TLS server name (SNI, certificate check), not the address
+            # The TLS server name (SNI, certificate check): the name, never the address dialled.
+            smtp._host = hop.name or hop.host
             self._hello()
             if options.starttls != "off" and not hop.is_unix and smtp.has_extn("starttls"):
                 try:
@@ -239,6 +238,20 @@ class Downstream:
                     options.tls_failed(hop, None)
                 raise TlsFailure(f"{hop.where} does not offer STARTTLS (starttls = required)")
         return self
+
+    def _connect(self, smtp_class: type[smtplib.SMTP]) -> smtplib.SMTP:
+        """Connected and greeted: each address of the hop in turn, until one answers."""
+        *others, last = addresses_of(self.hop.host)
+        for address in others:
+            try:
+                return self._dial(smtp_class, address)
+            except OSError:
+                continue
+        return self._dial(smtp_class, last)
+
+    def _dial(self, smtp_class: type[smtplib.SMTP], address: str) -> smtplib.SMTP:
+        return smtp_class(address, self.hop.port, local_hostname=self.options.helo or None,
+                          timeout=self.options.connect_timeout)
 
     def _hello(self) -> None:
         assert self.smtp is not None
