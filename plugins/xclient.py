@@ -11,8 +11,11 @@ sees is that upstream. The upstream can tell us who the real client is:
   authenticated one (``notes["auth_user"]``, ``auth_method`` ``XCLIENT``, a relay client).
   Every attribute given (``PROTO``, ``HELO``... too) is kept, by lower-case name, in
   ``connection.notes["xclient"]``; the upstream's own address in
-  ``connection.notes["xclient_upstream"]``. The connect hook is not asked again: plugins
-  that judge the client at connect (dnsbl...) judged the upstream.
+  ``connection.notes["xclient_upstream"]``. It is a new client, as in Postfix: the
+  upstream's session ends for the plugins (the disconnect hook), nothing they noted or
+  decided about the upstream carries over (a relay client, a whitelisted host: only LOGIN
+  makes the new client a relay client), and the pre_connection and connect hooks judge the
+  new client (dnsbl, hosts_allow, relay...); their refusal is the reply to XCLIENT.
 * ``XFORWARD attr=value ...`` (Postfix's XFORWARD_README) records the original client of
   the next message only: ``NAME``, ``ADDR``, ``PORT``, ``PROTO``, ``HELO``, ``IDENT`` and
   ``SOURCE`` are moved at MAIL into ``transaction.notes["xforward"]`` (lower-case names,
@@ -65,8 +68,9 @@ class Xclient(Plugin):
 
     def hook_connect(self, session):
         notes = session.connection.notes
-        allowed = [verb for verb, hosts in self.hosts.items() if ip_in(session.connection.remote_ip, hosts)]
-        notes["xclient_allowed"] = allowed
+        # Judged once, by the upstream's address: the client XCLIENT names inherits it.
+        allowed = notes.setdefault("xclient_allowed", [
+            verb for verb, hosts in self.hosts.items() if ip_in(session.connection.remote_ip, hosts)])
         capabilities = notes.setdefault("capabilities", [])
         capabilities += [f"{verb} {' '.join(ATTRIBUTES[verb])}" for verb in allowed]
         return DECLINED
@@ -85,16 +89,16 @@ class Xclient(Plugin):
         if verb == "XFORWARD":
             session.connection.notes.setdefault("xforward", {}).update(attributes)
             return OK, "2.0.0 Ok"
-        problem = self.become(session.connection, attributes)
-        if problem:
-            return DENY, f"501 5.5.4 Bad XCLIENT attribute: {problem}"
-        self.log.info("XCLIENT from %s: the client is now %s", session.connection.notes["xclient_upstream"],
-                      session.connection.peer)
-        session.restart()
+        client = self.new_client(session.connection, attributes)
+        if isinstance(client, str):
+            return DENY, f"501 5.5.4 Bad XCLIENT attribute: {client}"
+        self.log.info("XCLIENT from %s: the client is now %s", client.notes["xclient_upstream"], client.peer)
+        session.restart(client)
         return DONE
 
-    def become(self, connection, attributes):
-        """Take the client attributes XCLIENT gave; a problem's description, or None."""
+    def new_client(self, connection, attributes):
+        """The client XCLIENT describes (the upstream's values for what it leaves out), or a
+        description of what is wrong."""
         ports = {}
         for name in ("PORT", "DESTPORT"):
             if attributes.get(name.lower()):
@@ -110,19 +114,20 @@ class Xclient(Plugin):
                     addresses[name] = str(ipaddress.ip_address(value))
                 except ValueError:
                     return f"{name}={value}"
-        notes = connection.notes
-        notes.setdefault("xclient_upstream", connection.peer)
-        notes.setdefault("xclient", {}).update(attributes)
-        connection.remote_ip = addresses.get("ADDR", connection.remote_ip)
-        connection.remote_port = ports.get("PORT", connection.remote_port)
-        connection.local_ip = addresses.get("DESTADDR", connection.local_ip)
-        connection.local_port = ports.get("DESTPORT", connection.local_port)
-        if "name" in attributes:
-            connection.remote_host = attributes.get("name")
+        old = connection.notes
+        client = connection.successor(
+            remote_ip=addresses.get("ADDR", connection.remote_ip),
+            remote_port=ports.get("PORT", connection.remote_port),
+            local_ip=addresses.get("DESTADDR", connection.local_ip),
+            local_port=ports.get("DESTPORT", connection.local_port),
+            remote_host=attributes.get("name") if "name" in attributes else connection.remote_host)
+        client.notes.update(xclient_upstream=old.get("xclient_upstream", connection.peer),
+                            xclient={**old.get("xclient", {}), **attributes},
+                            xclient_allowed=old.get("xclient_allowed", []))
         if attributes.get("login"):
-            notes["auth_user"], notes["auth_method"] = attributes["login"], "XCLIENT"
-            connection.relay_client = True
-        return None
+            client.notes["auth_user"], client.notes["auth_method"] = attributes["login"], "XCLIENT"
+            client.relay_client = True
+        return client
 
     def hook_mail(self, session, sender, params):
         forwarded = session.connection.notes.pop("xforward", None)

@@ -69,6 +69,14 @@ class Connection:
             self.reset()
         return twin
 
+    def successor(self, **attributes: Any) -> Connection:
+        """Another client on this stream (XCLIENT): the given attributes, this one's
+        encryption, proxy and id; no HELO, no notes, no results, not a relay client."""
+        return Connection(**{"remote_ip": self.remote_ip, "remote_port": self.remote_port,
+                             "local_ip": self.local_ip, "local_port": self.local_port, "tls": self.tls,
+                             "proxy_ip": self.proxy_ip, "proxy_port": self.proxy_port, "id": self.id,
+                             **attributes})
+
     def reset(self) -> None:
         self.notes = {}
         self.results = Results()

@@ -104,12 +104,18 @@ class Conversation:
             via = f" via proxy {host_port(connection.proxy_ip, connection.proxy_port)}" if connection.proxy_ip else ""
             self.log.info("connect from %s to %s%s", connection.peer,
                           host_port(connection.local_ip, connection.local_port), via)
+        self._judge_client(identify=True)
+
+    def _judge_client(self, identify: bool) -> bool:
+        """pre_connection, connect: whether they let the client in (else they answered)."""
         if self.ask("pre_connection").outcome is Outcome.CLOSE:
-            return
-        self.surroundings.identify(connection, self.log)  # remote_host, remote_info, for the connect hook
+            return False
+        if identify:
+            self.surroundings.identify(self.session.connection, self.log)  # remote_host, remote_info, for connect
         if self.ask("connect").outcome in (Outcome.CLOSE, Outcome.ANSWERED):
-            return
+            return False
         self._greet(self._banner())
+        return True
 
     def _banner(self) -> Reply:
         """The 220 greeting: made once per settings, so its bytes too (``Reply.to_bytes``)."""
@@ -120,6 +126,9 @@ class Conversation:
         return _last_banner[1]
 
     def _greet(self, greeting: Reply) -> None:
+        if self.protocol.awaiting_reply:  # the reply to the command that restarted the session
+            self.send(greeting)
+            return
         self.tally.last_reply = greeting.code  # a client that only read the banner was told 220
         out = self.protocol.greeting(greeting)
         if self.trace is not None:
@@ -192,15 +201,20 @@ class Conversation:
         if self.trace is not None:
             self.trace.note(f"TLS handshake done: {details.get('tls_version')} {details.get('tls_cipher')}")
 
-    def restart(self) -> None:
-        """A plugin replaced the client's attributes (XCLIENT): the session starts over on this
-        stream, with a new 220 as the reply to the command; HELO/EHLO must be said again."""
+    def restart(self, client: Connection) -> None:
+        """A plugin says ``client`` speaks on this stream now (XCLIENT): the old client's
+        session ends for the plugins (disconnect), the new one is judged as at connect (what
+        was noted of the old one does not carry over), and their answer, a new 220 or a
+        refusal, is the reply to the command; HELO/EHLO must be said again. What STARTTLS
+        noted (``tls_*``) stays: the stream is still encrypted."""
         self.reset_transaction()
         self.auth.exchange = None
-        connection = self.session.connection
-        connection.hello = connection.hello_host = None
+        self.runner.notify("disconnect", self.session)
+        old = self.session.connection
+        client.notes.update({key: value for key, value in old.notes.items() if key.startswith("tls_")})
+        self.session.connection = client
         self.protocol.restart()
-        self.send(self._banner())
+        self._judge_client(identify=False)  # the upstream named the client (XCLIENT NAME)
 
     def last_words(self, words: Reply) -> bytes:
         """We must go now (server stopping, a kick, or a bug): what to say; queued replies

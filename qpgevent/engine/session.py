@@ -78,7 +78,7 @@ class Speaker(Protocol):
 
     def has_input(self) -> bool: ...
 
-    def restart(self) -> None: ...
+    def restart(self, client: Connection) -> None: ...
 
 
 class Session:
@@ -147,11 +147,13 @@ class Session:
         self.auth_challenge = data
         return ReturnCode.DONE
 
-    def restart(self) -> None:
-        """From the ``command`` hook: start the session over on this stream, as Postfix does
-        after XCLIENT. The plugin has changed ``connection``'s attributes first; the reply is
-        a new 220 greeting (return DONE), and the client must say HELO/EHLO again."""
-        self._speaker().restart()
+    def restart(self, client: Connection) -> None:
+        """From the ``command`` hook: ``client`` (``connection.successor(...)``) speaks on this
+        stream now, as after Postfix's XCLIENT. The old client's session ends for the plugins
+        (the disconnect hook), the new one is judged as at connect (pre_connection, connect);
+        their answer, a new 220 or a refusal, is the reply (return DONE), and the client must
+        say HELO/EHLO again."""
+        self._speaker().restart(client)
 
     def rewrite_sender(self, path: str) -> None:
         """At ``mail_pre``: take ``path`` ("<a@b>") instead of what the client wrote."""

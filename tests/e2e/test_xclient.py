@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import smtplib
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,35 @@ def test_xclient_login_makes_an_authenticated_relay_client_and_waits_for_the_tra
         deliver(client)
     message = only_message(server)
     assert b"(unknown [192.0.2.9])" in message and b"(authenticated as alice)" in message
+
+
+def test_xclient_names_a_new_client_judged_afresh_at_connect(make_server):
+    # The upstream is a relay client and whitelisted; neither carries over to the clients it
+    # names. hosts_allow refuses 198.51.100.0/24 at connect: XCLIENT naming one gets that refusal.
+    server = make_server(plugins() + "[[relay]]\n  clients = 127.0.0.1\n[[whitelist]]\n  hosts = 127.0.0.1\n"
+                         "[[hosts_allow]]\n  rules = 198.51.100.0/24 DENY listed here\n[[show_notes]]\n[[recorder]]\n",
+                         plugin_dirs=PLUGIN_DIR)
+    events = sys.modules["qpgevent_plugins.recorder"].EVENTS  # the test plugin as the loader imported it
+    events.clear()
+    with raw_session(server, "127.0.0.1") as client:
+        ehlo(client)
+        assert client.command("HELP whitelisthost") == (214, "2.0.0 whitelisthost=True")
+        assert client.command("MAIL FROM:<a@client.test>")[0] == 250
+        assert client.command("RCPT TO:<someone@elsewhere.test>")[0] == 250  # the upstream may relay
+        assert client.command("RSET")[0] == 250
+        assert client.command("XCLIENT ADDR=192.0.2.7 NAME=[UNAVAILABLE]")[0] == 220
+        # The upstream's session ended for the plugins (a milter or policy server would have
+        # been told); the new client's is on.
+        assert [event for event in events if event[0] == "disconnect"]
+        offered = ehlo(client)
+        assert "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT" in offered  # still the upstream's right
+        assert client.command("HELP whitelisthost") == (214, "2.0.0 whitelisthost=None")
+        assert client.command("MAIL FROM:<a@client.test>")[0] == 250
+        assert client.command("RCPT TO:<someone@elsewhere.test>")[0] == 550  # 192.0.2.7 may not relay
+        assert client.command("RSET")[0] == 250
+        code, text = client.command("XCLIENT ADDR=198.51.100.9")
+        assert (code, text) == (554, "5.7.1 listed here")
+        assert client.is_closed_by_server()
 
 
 def test_xforward_describes_the_next_message_only(make_server):
