@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="qpg-bench-cluster-"))
     cluster = build(folder)
-    prefix = tuple(cluster.lab.command("client", []))
+    prefix = tuple(cluster.lab.command("client"))
     results: dict[int, list[float]] = {}
     try:
         with cluster.lab.inside("client"):

@@ -8,7 +8,8 @@ Nothing is created in the host's own namespace.
 
 A lab address dialled from the host's namespace does not fail: it follows the default
 route off the machine. So nothing here dials from there: daemons run inside a host
-(``NetLab.command(host, argv)``: ``ip netns exec``), and the test process itself moves
+(``NetLab.command(host, *argv)``: ``ip netns exec``), sockets are made inside a host
+(``NetLab.socket``, ``connect``), and the test process itself moves
 into a host for the time a test talks to the lab (``with lab.inside("client"):``; every
 greenlet's sockets are then made in that host, as the process has one thread).
 Addresses: 198.18.0.0/24 and 2001:db8::/64 only (benchmarking and documentation ranges).
@@ -22,14 +23,16 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 __all__ = ["NetLab", "sweep"]
 
 CLONE_NEWNET = 0x40000000
 PREFIX = "qn"
+Socket = socket.socket  # NetLab.socket hides the module's name inside the class
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -117,9 +120,37 @@ class NetLab:
             _ip("-n", namespace, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
             _ip("-n", namespace, "link", "set", "eth0", "up")
 
-    def command(self, host: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` run inside ``host`` (``ip`` execs it: a Popen's pid is the command's own)."""
+    def command(self, host: str, *argv: str) -> list[str]:
+        """``argv`` run inside ``host`` (``ip`` execs it: a Popen's pid is the command's own);
+        with no ``argv``, the prefix that runs a command there."""
         return ["ip", "netns", "exec", self.ns(host), *argv]
+
+    def socket(self, host: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> Socket:
+        """A socket made inside ``host``: it stays there, whatever namespace uses it after."""
+        with self.inside(host):
+            return socket.socket(family, kind)
+
+    def connect(self, host: str, address: str, port: int, timeout: float = 5.0) -> Socket:
+        """A TCP connection from ``host`` to ``address``:``port``."""
+        sock = self.socket(host, socket.AF_INET6 if ":" in address else socket.AF_INET)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def greeting(self, host: str, address: str, port: int) -> bytes | None:
+        """The first line an SMTP server at ``address``:``port`` says to ``host``; None when it
+        cannot be reached (a readiness check)."""
+        try:
+            with self.connect(host, address, port) as sock:
+                line = sock.makefile("rb").readline(512)
+                sock.sendall(b"QUIT\r\n")
+                return line
+        except OSError:
+            return None
 
     @contextlib.contextmanager
     def inside(self, host: str) -> Iterator[None]:

@@ -1,10 +1,8 @@
 """A small "internet" for tests and benchmarks: network namespaces on one bridge, DNS, Postfix MXs.
 
-``NetLab`` makes one namespace per host (``qn-<pid>-<name>``, as
-/work/shared/recipes/netns-hosts.md describes), each with an address in 198.18.0.0/24 and
-2001:db8::/64, all on a bridge in a switch namespace; nothing is created in the host's
-namespace, and nothing in the test process dials a lab address from it: sockets are made
-inside a host (``NetLab.socket``), daemons run there (``NetLab.command``).
+The hosts are ``qpgevent.testing.netlab``'s ``NetLab`` (one network namespace each, on a
+bridge; nothing in the test process dials a lab address from the host's namespace: sockets
+are made inside a host, ``NetLab.socket``, daemons run there, ``NetLab.command``).
 
 ``LabDns`` is a validating unbound in front of NSD serving the test zones on port 53 of
 one host (some zones signed); ``LabPostfix`` is the project's private Postfix
@@ -15,13 +13,11 @@ Needs root (namespaces). Runtime code never imports this module.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -36,108 +32,9 @@ import gevent
 
 from qpgevent.testing import wait_until
 from qpgevent.testing.mta import Postfix, private_folder
+from qpgevent.testing.netlab import NetLab, sweep
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-def sweep() -> None:
-    """Remove the labs of test runs that died without cleaning up."""
-    names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
-    for run in {n.split("-")[1] for n in names if n.startswith("qn-") and n.split("-")[1].isdigit()}:
-        if not os.path.exists(f"/proc/{run}"):
-            for name in [n for n in names if n.startswith(f"qn-{run}-")]:
-                _delete_namespace(name)
-
-
-def _delete_namespace(name: str) -> None:
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signum)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 2
-        while pids and time.monotonic() < deadline:
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-            time.sleep(0.05)  # polling other processes' exit
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
-
-
-class NetLab:
-    def __init__(self, hosts: dict[str, tuple[str, str]]) -> None:
-        self.run = os.getpid()
-        self.hosts = hosts
-        self.switch = f"qn-{self.run}-sw"
-        try:
-            _ip("netns", "add", self.switch)
-            _ip("-n", self.switch, "link", "set", "lo", "up")
-            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.switch, "link", "set", "br0", "up")
-            for i, (name, (v4, v6)) in enumerate(hosts.items(), 1):
-                ns = self.ns(name)
-                _ip("netns", "add", ns)
-                _ip("-n", ns, "link", "set", "lo", "up")
-                _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-                _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
-                _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", "eth0")
-                _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
-                _ip("-n", ns, "link", "set", "eth0", "up")
-        except BaseException:
-            self.close()
-            raise
-
-    def ns(self, host: str) -> str:
-        return f"qn-{self.run}-{host}"
-
-    def command(self, host: str, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(host), *argv]
-
-    def socket(self, host: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
-        """A socket made inside ``host`` (only this thread visits the namespace, briefly)."""
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.ns(host)}", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns into the lab")
-            try:
-                return socket.socket(family, kind)
-            finally:
-                if _libc.setns(own, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back")
-        finally:
-            os.close(own)
-            os.close(target)
-
-    def connect(self, host: str, address: str, port: int, timeout: float = 5.0) -> socket.socket:
-        sock = self.socket(host, socket.AF_INET6 if ":" in address else socket.AF_INET)
-        sock.settimeout(timeout)
-        try:
-            sock.connect((address, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def greeting(self, host: str, address: str, port: int) -> bytes | None:
-        try:
-            with self.connect(host, address, port) as sock:
-                line = sock.makefile("rb").readline(512)
-                sock.sendall(b"QUIT\r\n")
-                return line
-        except OSError:
-            return None
-
-    def close(self) -> None:
-        for name in sorted(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
-            if name.startswith(f"qn-{self.run}-"):
-                _delete_namespace(name)
+__all__ = ["LabDns", "LabPostfix", "NetLab", "PolicyServer", "lab_smtp", "sweep"]
 
 
 def lab_smtp(lab: NetLab, host: str, address: str, port: int = 25) -> smtplib.SMTP:

@@ -98,7 +98,7 @@ class Host:
         return self.folder / "Maildir"
 
     def start(self) -> None:
-        self.process = ServerProcess(self.ini, prefix=self.lab.command(self.name, []), ready_timeout=60)
+        self.process = ServerProcess(self.ini, prefix=self.lab.command(self.name), ready_timeout=60)
 
     def messages(self) -> list[bytes]:
         return [path.read_bytes() for path in (self.maildir / "new").glob("*")] if (self.maildir / "new").is_dir() else []
@@ -151,7 +151,7 @@ def build(folder: Path) -> Cluster:
     try:
         with lab.inside("client"):
             sentinels = LoopbackSentinels(host=HOSTS["redis"][0], ports=REDIS_PORTS,
-                                          prefix=tuple(lab.command("redis", [])))
+                                          prefix=tuple(lab.command("redis")))
         hosts = {}
         for name in MX_HOSTS:
             address = HOSTS[name][0]
@@ -171,7 +171,7 @@ def build(folder: Path) -> Cluster:
         config = folder / "haproxy.cfg"
         config.write_text(HAPROXY.format(folder=folder, lb=LB, admin=ADMIN_PORT, servers=servers))
         with open(folder / "haproxy.log", "wb") as log:
-            cluster.haproxy = subprocess.Popen(lab.command("lb", ["haproxy", "-db", "-f", str(config)]),
+            cluster.haproxy = subprocess.Popen(lab.command("lb", "haproxy", "-db", "-f", str(config)),
                                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: (folder / "admin.sock").exists(), 20, "HAProxy's stats socket")
         cluster.wait_states({name: "UP" for name in MX_HOSTS})
