@@ -106,7 +106,8 @@ class Authentication:
         session = conversation.session
         session.auth_step, session.auth_challenge = exchange.steps, None
         verdict = conversation.decide("auth_sasl", exchange.mechanism, response, only=exchange.owner)
-        challenge, session.auth_challenge = session.auth_challenge, None
+        challenge: bytes | None = session.auth_challenge  # annotated: mypyc would infer None
+        session.auth_challenge = None
         if verdict.code is ReturnCode.DONE and challenge is not None and not verdict.internal_error:
             if exchange.steps < sasl.MAX_STEPS:
                 exchange.steps, exchange.owner = exchange.steps + 1, verdict.plugin
