@@ -1,5 +1,6 @@
 """qpgevent packaging: the single source of metadata."""
 
+import os
 import re
 from pathlib import Path
 
@@ -7,6 +8,30 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "qpgevent" / "__init__.py").read_text()).group(1)
+
+# The optional compiled build (docs/architecture.md, "Compiled core"): QPGEVENT_MYPYC=1 compiles
+# these pure modules with mypyc; the .py files stay the source, and the default build is pure.
+# Chosen by the profile (the per-command path), and none is a class plugins subclass or add
+# attributes to: mypyc classes refuse both. engine/conversation.py and engine/session.py stay
+# out: they are weakly referenced, which mypyc classes do not allow.
+MYPYC_MODULES = [  # a literal: tests/unit/test_compiled.py reads it
+    "qpgevent/core/address.py", "qpgevent/core/arguments.py", "qpgevent/core/chunking.py", "qpgevent/core/codes.py",
+    "qpgevent/core/dsn_request.py", "qpgevent/core/events.py", "qpgevent/core/headers.py",
+    "qpgevent/core/protocol.py", "qpgevent/core/reply.py", "qpgevent/core/wire.py",
+    "qpgevent/engine/authentication.py", "qpgevent/engine/dialogue.py", "qpgevent/engine/extensions.py",
+    "qpgevent/engine/hooks.py", "qpgevent/engine/mail.py", "qpgevent/engine/received.py",
+    "qpgevent/engine/sasl.py", "qpgevent/engine/trace.py",
+]
+
+
+def compiled_modules() -> list:
+    """The extension modules of the compiled build, or none (the default, pure build)."""
+    if os.environ.get("QPGEVENT_MYPYC") != "1":
+        return []
+    from mypyc.build import mypycify  # a build requirement of the compiled build only
+
+    return mypycify(MYPYC_MODULES, opt_level="3")
+
 
 setup(
     name="qpgevent",
@@ -39,6 +64,7 @@ setup(
     entry_points={"console_scripts": ["qpgevent = qpgevent.__main__:main"],
                   # The fixtures of qpgevent.testing for plugin packages' own tests.
                   "pytest11": ["qpgevent = qpgevent.testing.pytest_plugin"]},
+    ext_modules=compiled_modules(),
     license="MIT",
     classifiers=["Programming Language :: Python :: 3", "Topic :: Communications :: Email :: Mail Transport Agents"],
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
 from .codes import ReturnCode, Verdict
 
@@ -101,66 +102,69 @@ def reply(code: int, enhanced: str | None, *text: str, close: bool = False) -> R
 
 # Replies the core gives on its own, outside any hook.
 class Canned:
-    """The core's own replies (not decided by plugins). Text for humans, codes for RFCs."""
+    """The core's own replies (not decided by plugins). Text for humans, codes for RFCs.
 
-    COMMAND_TOO_LONG = reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4
-    TEXT_LINE_TOO_LONG = reply(500, "5.5.2", "Message line too long")  # 4.5.3.1.6
-    BARE_LINE_ENDING = reply(
+    ``Final``: class constants, not instance attributes (the compiled build needs it said).
+    """
+
+    COMMAND_TOO_LONG: Final = reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4
+    TEXT_LINE_TOO_LONG: Final = reply(500, "5.5.2", "Message line too long")  # 4.5.3.1.6
+    BARE_LINE_ENDING: Final = reply(
         550, "5.6.0",
         "Message refused: bare LF or CR line ending; SMTP uses CRLF (RFC 5321 2.3.8)",
     )
-    NUL_IN_TEXT = reply(550, "5.6.0", "Message refused: NUL character in message text (RFC 5322 4.1)")
-    BARE_LF_IN_COMMAND = reply(500, "5.5.2", "Command lines must end with CRLF")
-    NOT_UTF8 = reply(500, "5.5.2", "Syntax error: command is not valid UTF-8")
-    UNRECOGNIZED = reply(500, "5.5.1", "Unrecognized command")
-    SYNTAX = reply(501, "5.5.4", "Syntax error in parameters or arguments")
-    HELO_NEEDS_DOMAIN = reply(501, "5.5.4", "HELO/EHLO requires a domain or address")
-    SAY_HELLO_FIRST = reply(503, "5.5.1", "please say hello first ...")
-    NESTED_MAIL = reply(503, "5.5.1", "Nested MAIL command")
-    MAIL_FIRST = reply(503, "5.5.1", "MAIL first")
-    RCPT_FIRST = reply(503, "5.5.1", "RCPT first")
-    NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")  # RFC 2920 3.1
-    BAD_SENDER = reply(501, "5.1.7", "could not parse your mail from command")
-    BAD_RECIPIENT = reply(501, "5.1.3", "could not parse recipient")
-    UNKNOWN_PARAMETER = reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
-    NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")  # RFC 6531 3.4
-    BAD_BODY = reply(501, "5.5.4", "BODY must be 7BIT, 8BITMIME or BINARYMIME")
+    NUL_IN_TEXT: Final = reply(550, "5.6.0", "Message refused: NUL character in message text (RFC 5322 4.1)")
+    BARE_LF_IN_COMMAND: Final = reply(500, "5.5.2", "Command lines must end with CRLF")
+    NOT_UTF8: Final = reply(500, "5.5.2", "Syntax error: command is not valid UTF-8")
+    UNRECOGNIZED: Final = reply(500, "5.5.1", "Unrecognized command")
+    SYNTAX: Final = reply(501, "5.5.4", "Syntax error in parameters or arguments")
+    HELO_NEEDS_DOMAIN: Final = reply(501, "5.5.4", "HELO/EHLO requires a domain or address")
+    SAY_HELLO_FIRST: Final = reply(503, "5.5.1", "please say hello first ...")
+    NESTED_MAIL: Final = reply(503, "5.5.1", "Nested MAIL command")
+    MAIL_FIRST: Final = reply(503, "5.5.1", "MAIL first")
+    RCPT_FIRST: Final = reply(503, "5.5.1", "RCPT first")
+    NO_VALID_RECIPIENTS: Final = reply(554, "5.5.1", "No valid recipients")  # RFC 2920 3.1
+    BAD_SENDER: Final = reply(501, "5.1.7", "could not parse your mail from command")
+    BAD_RECIPIENT: Final = reply(501, "5.1.3", "could not parse recipient")
+    UNKNOWN_PARAMETER: Final = reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
+    NEEDS_SMTPUTF8: Final = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")  # RFC 6531 3.4
+    BAD_BODY: Final = reply(501, "5.5.4", "BODY must be 7BIT, 8BITMIME or BINARYMIME")
     # RFC 3030: a BDAT whose size we cannot read leaves the stream out of step: 501, then close.
-    BAD_BDAT = reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
-    BDAT_LOST = reply(421, "4.5.0", "Cannot tell where that BDAT chunk ends; closing connection", close=True)
-    DATA_AFTER_BDAT = reply(503, "5.5.1", "DATA not allowed after BDAT")  # RFC 3030 2
-    BINARYMIME_NEEDS_BDAT = reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")  # RFC 3030 3
-    RCPT_AFTER_BDAT = reply(503, "5.5.1", "RCPT not allowed after BDAT")
-    BAD_SIZE = reply(501, "5.5.4", "SIZE must be a number")
-    TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")  # RFC 1870
-    HEADER_TOO_BIG = reply(552, "5.3.4", "Message header exceeds fixed maximum size")  # [limits] max_header_size
-    TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")  # RFC 5321 4.5.3.1.10
-    TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection", close=True)
-    TOO_MANY_CONNECTIONS = reply(421, "4.3.2", "Too many connections, try again later", close=True)
-    TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection", close=True)
-    SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down, try again later", close=True)
-    INCOMPLETE_DATA = reply(451, "4.3.0", "Incomplete DATA")
-    NO_ARGUMENTS = reply(501, "5.5.4", "No parameters allowed")
-    SAY_EHLO_FIRST = reply(503, "5.5.1", "EHLO first")
-    NOT_IN_TRANSACTION = reply(503, "5.5.1", "Not inside a mail transaction; RSET first")
+    BAD_BDAT: Final = reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
+    BDAT_LOST: Final = reply(421, "4.5.0", "Cannot tell where that BDAT chunk ends; closing connection", close=True)
+    DATA_AFTER_BDAT: Final = reply(503, "5.5.1", "DATA not allowed after BDAT")  # RFC 3030 2
+    BINARYMIME_NEEDS_BDAT: Final = reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")  # RFC 3030 3
+    RCPT_AFTER_BDAT: Final = reply(503, "5.5.1", "RCPT not allowed after BDAT")
+    BAD_SIZE: Final = reply(501, "5.5.4", "SIZE must be a number")
+    TOO_BIG: Final = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")  # RFC 1870
+    HEADER_TOO_BIG: Final = reply(552, "5.3.4", "Message header exceeds fixed maximum size")  # [limits] max_header_size
+    TOO_MANY_RECIPIENTS: Final = reply(452, "4.5.3", "Too many recipients")  # RFC 5321 4.5.3.1.10
+    TOO_MANY_ERRORS: Final = reply(421, "4.7.0", "Too many errors, closing connection", close=True)
+    TOO_MANY_CONNECTIONS: Final = reply(421, "4.3.2", "Too many connections, try again later", close=True)
+    TIMEOUT: Final = reply(421, "4.4.2", "Timeout, closing connection", close=True)
+    SHUTTING_DOWN: Final = reply(421, "4.3.2", "Service shutting down, try again later", close=True)
+    INCOMPLETE_DATA: Final = reply(451, "4.3.0", "Incomplete DATA")
+    NO_ARGUMENTS: Final = reply(501, "5.5.4", "No parameters allowed")
+    SAY_EHLO_FIRST: Final = reply(503, "5.5.1", "EHLO first")
+    NOT_IN_TRANSACTION: Final = reply(503, "5.5.1", "Not inside a mail transaction; RSET first")
     # STARTTLS (RFC 3207) and AUTH (RFC 4954); secrets never appear in these.
-    READY_FOR_TLS = reply(220, "2.0.0", "Ready to start TLS")
-    TLS_NOT_OFFERED = reply(502, "5.5.1", "STARTTLS not offered here")
-    TLS_UNAVAILABLE = reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 4
-    ALREADY_TLS = reply(503, "5.5.1", "Already in TLS")
-    AUTH_NOT_OFFERED = reply(503, "5.5.1", "AUTH not offered here")
-    ENCRYPTION_REQUIRED = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
-    UNKNOWN_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
-    ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Already authenticated")
-    AUTH_CANCELLED = reply(501, "5.7.0", "Authentication cancelled")
-    BAD_BASE64 = reply(501, "5.5.2", "Cannot decode response (base64)")
-    BAD_CREDENTIALS = reply(535, "5.7.8", "Authentication credentials invalid")
-    AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
-    REQUIRETLS_WITHOUT_TLS = reply(530, "5.7.10", "REQUIRETLS needs a TLS session: STARTTLS first")  # RFC 8689
-    TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0", "Too many failed authentications, closing connection", close=True)
-    SENDER_NOT_YOURS = reply(553, "5.7.1", "Sender address not owned by the authenticated user")
-    OK = reply(250, "2.0.0", "OK")
-    GO_AHEAD = reply(354, None, "go ahead")
+    READY_FOR_TLS: Final = reply(220, "2.0.0", "Ready to start TLS")
+    TLS_NOT_OFFERED: Final = reply(502, "5.5.1", "STARTTLS not offered here")
+    TLS_UNAVAILABLE: Final = reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 4
+    ALREADY_TLS: Final = reply(503, "5.5.1", "Already in TLS")
+    AUTH_NOT_OFFERED: Final = reply(503, "5.5.1", "AUTH not offered here")
+    ENCRYPTION_REQUIRED: Final = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+    UNKNOWN_MECHANISM: Final = reply(504, "5.5.4", "Unrecognized authentication type")
+    ALREADY_AUTHENTICATED: Final = reply(503, "5.5.1", "Already authenticated")
+    AUTH_CANCELLED: Final = reply(501, "5.7.0", "Authentication cancelled")
+    BAD_BASE64: Final = reply(501, "5.5.2", "Cannot decode response (base64)")
+    BAD_CREDENTIALS: Final = reply(535, "5.7.8", "Authentication credentials invalid")
+    AUTH_REQUIRED: Final = reply(530, "5.7.0", "Authentication required")
+    REQUIRETLS_WITHOUT_TLS: Final = reply(530, "5.7.10", "REQUIRETLS needs a TLS session: STARTTLS first")  # RFC 8689
+    TOO_MANY_AUTH_FAILURES: Final = reply(421, "4.7.0", "Too many failed authentications, closing connection", close=True)
+    SENDER_NOT_YOURS: Final = reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+    OK: Final = reply(250, "2.0.0", "OK")
+    GO_AHEAD: Final = reply(354, None, "go ahead")
 
 
 INTERNAL_ERROR = reply(451, "4.3.0", "Internal error, try again later")

@@ -37,6 +37,7 @@ from ..core.protocol import Bdat, ChunkEnd, Data, Mail, MessageData, MessageEnd,
 from ..core.reply import INTERNAL_ERROR, Canned, Outcome, Reply, reply
 from .dialogue import Asked, Dialogue
 from .received import received_line
+from .session import Session
 
 
 def _with_dsn(recipient: Address, params: dict[str, str | None]) -> Address:
@@ -147,8 +148,9 @@ class MailTransaction:
             session._rewriting = None
         if asked.outcome is not Outcome.PROCEED:
             return None
-        if session._rewritten is not None:
-            return session._rewritten
+        rewritten = _rewritten(session)
+        if rewritten is not None:
+            return rewritten
         verdict = asked.verdict
         if verdict.code is OK and verdict.message:
             if verdict.plugin not in _WARNED:
@@ -319,3 +321,10 @@ class MailTransaction:
         if verdict.code is OK and verdict.message:
             return "\n\t".join(text.strip() for text in verdict.message)
         return line
+
+
+def _rewritten(session: Session) -> str | None:
+    """The path ``rewrite_sender`` / ``rewrite_recipient`` set while the hook ran. Read in a
+    function of its own: right after ``_pre`` set it to None, mypy takes it for None still (it
+    does not see the plugin's call change it), and the compiled build would enforce that."""
+    return session._rewritten
