@@ -26,13 +26,14 @@ from .. import __version__
 from ..config import Listen, Settings
 from ..connection import Connection, host_port
 from ..core.codes import DECLINED_VERDICT, OK, ReturnCode, Verdict
-from ..core.help import CORE_HELP, verb_list
+from ..core.help import verb_list
 from ..core.help import about as help_about
 from ..core.protocol import (CONNECTION_CLOSED, NEED_DATA, Auth, AuthResponse, Bdat, ChunkEnd, Command, Ehlo, Helo, Limits,
                              Mail, MessageData, MessageEnd, Noop, Quit, Rcpt, Rejected, Rset, SmtpProtocol,
                              Starttls, State, Unknown, Vrfy, Data, Help)
 from ..core.proxy import looks_like_header
 from ..core.reply import INTERNAL_ERROR, Answer, Canned, Outcome, Reply, answer, reply, settled_answer
+from . import offers
 from .authentication import Authentication
 from .dialogue import CLOSE, FLUSH, READ, START_TLS, Asked, Request, Wait
 from .hooks import HOOKS, HookRunner
@@ -345,23 +346,7 @@ class Conversation:
         if verb == "helo":
             self.send(reply(250, None, first + "; I am so happy to meet you."))
         else:
-            self.send(reply(250, None, first, *self.extensions()))
-
-    def extensions(self) -> list[str]:
-        """The EHLO keywords we offer (RFC 5321 4.1.1.1), plus the ones plugins add."""
-        size = self.settings.max_message_size
-        offered = ["PIPELINING", f"SIZE {size}" if size else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES",
-                   "CHUNKING", "BINARYMIME", "SMTPUTF8", "DSN"]  # RFC 3030: BDAT, and BODY=BINARYMIME with it
-        if self.tls_offered and not self.session.connection.tls:
-            offered.append("STARTTLS")
-        if self.session.connection.tls:
-            offered.append("REQUIRETLS")  # RFC 8689 4: only inside TLS
-        mechanisms = self.auth.mechanisms(self)
-        if mechanisms and not self.protocol.authenticated:
-            offered.append("AUTH " + " ".join(mechanisms))
-        offered += self.runner.extensions.keywords
-        offered += list(self.session.connection.notes.get("capabilities", ()))
-        return offered
+            self.send(reply(250, None, first, *offers.ehlo_keywords(self, self.auth.mechanisms(self))))
 
     def on_starttls(self, command: Starttls) -> None:
         if not self.tls_offered:
@@ -394,23 +379,10 @@ class Conversation:
             if result.reply is not None:
                 self.send(result.reply)
             return
-        texts = {verb: CORE_HELP[verb] for verb in self.supported_verbs() if verb in CORE_HELP}
-        texts.update(self.runner.extensions.help_texts)
-        for verb in self.runner.extensions.verbs - texts.keys():
-            texts[verb] = f"{verb}: a command added by a plugin"
         words = command.argument.split()  # "HELP MAIL FROM": the verb is the first word
-        self.send(help_about(words[0], texts) if words else verb_list(self.supported_verbs()))
-
-    def supported_verbs(self) -> list[str]:
-        """The verbs this session answers: the core's it offers now, then the plugins'."""
-        verbs = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "VRFY", "NOOP", "HELP", "QUIT"]
-        if self.tls_offered and not self.session.connection.tls:
-            verbs.append("STARTTLS")
-        if self.auth.mechanisms(self) and not self.protocol.authenticated:
-            verbs.append("AUTH")
-        if self.runner.has("expn"):
-            verbs.append("EXPN")
-        return verbs + sorted(self.runner.extensions.verbs)
+        mechanisms = self.auth.mechanisms(self)
+        self.send(help_about(words[0], offers.help_texts(self, mechanisms)) if words
+                  else verb_list(offers.verbs(self, mechanisms)))
 
     def on_quit(self, command: Quit) -> None:
         self.client_quit = True

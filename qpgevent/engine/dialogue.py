@@ -55,6 +55,7 @@ class Dialogue(Protocol):
     settings: Settings
     listen: Listen
     copies: int  #: how many times ``send`` writes its reply (LMTP: once per recipient)
+    tls_offered: bool  #: STARTTLS can be offered ([tls] has a certificate)
     runner: HookRunner
     session: Session
     protocol: SmtpProtocol
