@@ -1,7 +1,8 @@
 """The listening side: sockets, one greenlet per connection, the connection limit, stop.
 
-Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
-``Connection`` and a ``Driver`` (its conversation over the socket) in its own greenlet; a session idle past ``[limits]
+Accepts on each listen address (``qpgevent.server.listener``). Each accepted socket gets a
+``Connection`` and a ``Driver`` (its conversation over the socket) in a greenlet of its own
+while it runs (one of the listener's crew, which serves one connection after another); a session idle past ``[limits]
 park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``), and gets a
 new one when its client speaks. Beyond ``max_connections`` a
 client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
@@ -30,8 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.pool import Pool
-from gevent.server import StreamServer
 
 from ..backends import metrics
 from ..backends.services import Services
@@ -47,6 +46,7 @@ from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from ..engine.session import Session
 from .driver import Driver
+from .listener import Crew, Listener
 from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
 from .timers import take_plugin_timeout
@@ -203,14 +203,6 @@ def read_proxy_header(sock: socket.socket, timeout: float) -> proxy.ProxyHeader:
             return parsed[0]
 
 
-class _Listener(StreamServer):
-    """A StreamServer that leaves the closing to ``handle``: the socket of a parked
-    session outlives the greenlet it was accepted in."""
-
-    def do_close(self, sock: socket.socket, *args: Any) -> None:
-        pass
-
-
 class SmtpServer:
     def __init__(self, settings: Settings, plugins: list[Plugin], counters: Counters | None = None,
                  services: Services | None = None) -> None:
@@ -222,9 +214,9 @@ class SmtpServer:
         #: [listeners]: (listener, its runner, its own plugins) where its chain is not [plugins].
         self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=take_plugin_timeout), own)
                        for listen, chain, own in listener_chains(settings, plugins)]
-        self.servers: list[StreamServer] = []
+        self.servers: list[Listener] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.
-        self.sessions: set[gevent.Greenlet | Session] = set()
+        self.sessions: set[Any] = set()
         #: Sessions idle past [limits] park_after wait here, without a greenlet.
         self.parking = Parking(settings.park_after, self._resume)
         #: Sessions open, in all and per client address: this process's, or the host's.
@@ -233,13 +225,15 @@ class SmtpServer:
         self.shedder = Shedder(self, settings, self.counters)
         #: Bound once, not per session: every driver holds them (an idle session's bytes count).
         self._peers, self._command_timeout = self.counters.count, self.shedder.command_timeout
-        # Room above the limit so that refusals are answered rather than left queued.
-        self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
+        # Room above the limit so that refusals are answered rather than left queued. A
+        # greenlet of the crew runs ``handle``, which closes the socket (that of a parked
+        # session outlives the run it was accepted in).
+        self.crew = Crew(self.handle, settings.max_connections + max(16, settings.max_connections // 8))
         #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
         self.tls = TlsContexts(settings) if settings.tls_certificate else None
         #: Addresses the operator blocked ([store]), and the greenlet of each session by conn id.
         self.blocks = steering.block_list(self.services)
-        self.holding: dict[str, gevent.Greenlet] = {}
+        self.holding: dict[str, Any] = {}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -265,7 +259,7 @@ class SmtpServer:
         else:
             policies = [_policy_of(sock, listens) for sock in sockets]
         for sock, listen in zip(sockets, policies):
-            server = _Listener(sock, lambda s, a, listen=listen: self.handle(s, a, listen), spawn=self._pool)
+            server = Listener(sock, self.crew, listen)
             server.start()
             self.servers.append(server)
         self.shedder.start()
@@ -337,7 +331,7 @@ class SmtpServer:
         self.sessions.add(greenlet)
         self._serve(driver, lease, greenlet, part)
 
-    def _serve(self, driver: Driver, lease: Lease, greenlet: gevent.Greenlet,
+    def _serve(self, driver: Driver, lease: Lease, greenlet: Any,
                part: Callable[[], Pause | None]) -> bool:
         """Run ``part`` of the session; then close the connection, or park the session (True)."""
         pause = None
@@ -358,6 +352,20 @@ class SmtpServer:
             return False
         self.sessions.add(driver.session)  # a parked session is held by itself, not a greenlet
         self.parking.park(driver, pause, lease)
+        return True
+
+    def end_session(self, conn_id: str, error: BaseException) -> bool:
+        """Raise ``error`` in the greenlet serving session ``conn_id`` at its next turn, if it
+        serves it still then (a greenlet of the crew goes on to other connections); whether
+        a greenlet serves it now."""
+        greenlet = self.holding.get(conn_id)
+        if greenlet is None:
+            return False
+
+        def deliver() -> None:
+            if self.holding.get(conn_id) is greenlet is not None:
+                greenlet.throw(error)
+        gevent.get_hub().loop.run_callback(deliver)
         return True
 
     def _proxied(self, sock: socket.socket, connection: Connection) -> bool:
@@ -413,14 +421,18 @@ class SmtpServer:
         self.stop_accepting()
         self.shedder.stop()
         self.parking.stop_parking()  # parked sessions wake: idle ones say 421, the rest wait in greenlets
-        # Every greenlet of the pool, not only self.sessions: a connection accepted just
-        # before the close may not have started its greenlet yet, and is in flight too.
-        in_flight = list(self._pool) + list(self.parking.resumed)
-        if in_flight:
-            log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(in_flight))
-            gevent.wait(in_flight, timeout=timeout)
-        in_flight = list(self._pool) + list(self.parking.resumed)
-        if in_flight:
-            log.info("stopping: closing %d session(s) still open", len(in_flight))
-            gevent.killall(in_flight, block=True, timeout=5)
+        # Every session in a greenlet: the crew's (each from its accept on), and those woken from parking.
+        resumed = self.parking.resumed
+        if self.crew.busy or resumed:
+            log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(self.crew.busy) + len(resumed))
+            deadline = time.monotonic() + timeout
+            self.crew.join(timeout)
+            if resumed:
+                gevent.wait(list(resumed), timeout=max(0.0, deadline - time.monotonic()))
+        if self.crew.busy or resumed:
+            log.info("stopping: closing %d session(s) still open", len(self.crew.busy) + len(resumed))
+            self.crew.kill()
+            gevent.killall(list(resumed), block=True, timeout=5)
+            self.crew.join(5)
+        self.crew.close()
         self.servers = []
