@@ -95,6 +95,11 @@ class Driver:
             runner.observe(HOOK_ACTIVITY)
 
     @property
+    def raw(self) -> _socket.socket | None:
+        """The OS socket under a plain gevent socket (None under TLS): not blocking."""
+        return self._raw
+
+    @property
     def client_quit(self) -> bool:
         return self.conversation.client_quit
 

@@ -22,6 +22,7 @@ session) sees that client. A bad header, or none in ``[proxy] timeout``, gets 42
 
 from __future__ import annotations
 
+import _socket
 import errno
 import ipaddress
 import logging
@@ -151,7 +152,7 @@ def close_gracefully(sock: socket.socket, linger: float = 1.0) -> None:
         sock.close()
 
 
-def close_after_quit(sock: socket.socket) -> None:
+def close_after_quit(sock: socket.socket, raw: _socket.socket | None = None) -> None:
     """Close a connection whose client said QUIT: at once, if it sent nothing more.
 
     Such a client reads our 221 and closes; there is nothing to drain, and waiting for its
@@ -160,8 +161,12 @@ def close_after_quit(sock: socket.socket) -> None:
     connection (smtp-source closes so, without reading our 221) has nothing left to save.
     """
     try:
-        sock.settimeout(0)
-        if sock.recv(1, socket.MSG_PEEK):
+        if raw is not None:  # the OS socket under a plain gevent socket: not blocking already
+            peeked = raw.recv(1, socket.MSG_PEEK)
+        else:
+            sock.settimeout(0)
+            peeked = sock.recv(1, socket.MSG_PEEK)
+        if peeked:
             close_gracefully(sock)
             return
     except (BlockingIOError, ConnectionResetError):
@@ -170,6 +175,15 @@ def close_after_quit(sock: socket.socket) -> None:
         close_gracefully(sock)
         return
     sock.close()
+
+
+def _fixed_local_address(sock: socket.socket) -> tuple[str, int] | None:
+    """The local address of every connection a listener accepts: its own, unless it listens
+    on every address of the host (then each connection's is asked: a system call each)."""
+    address = sock.getsockname()
+    if ipaddress.ip_address(address[0]).is_unspecified:
+        return None
+    return normalize_ip(address[0]), address[1]
 
 
 def read_proxy_header(sock: socket.socket, timeout: float) -> proxy.ProxyHeader:
@@ -259,12 +273,15 @@ class SmtpServer:
         else:
             policies = [_policy_of(sock, listens) for sock in sockets]
         for sock, listen in zip(sockets, policies):
-            server = Listener(sock, self.crew, listen)
+            server = Listener(sock, self.crew, listen, _fixed_local_address(sock))
             server.start()
             self.servers.append(server)
         self.shedder.start()
 
-    def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
+    def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None,
+               local: tuple[str, int] | None = None) -> None:
+        """Serve a connection just accepted from ``address`` (``local``: our address, when the
+        listener's tells it; else the socket is asked)."""
         # A place under max_connections first (on every worker: the count is the host's),
         # before anything else is spent on the client; counted for its address in the same
         # step, unless a trusted proxy's header is to name the real client.
@@ -277,41 +294,41 @@ class SmtpServer:
             if lease is None and self.shedder.check():  # no place: make room if we can, at once
                 lease = self.counters.acquire(self.settings.max_connections, known)
         except BaseException:
-            sock.close()  # our listener leaves the closing to us (_Listener)
+            sock.close()  # our listener leaves the closing to us
             raise
         if lease is None:
             log.warning("refused %s: %d sessions already", address[0], self.settings.max_connections)
             metrics.connection_refused("max_connections")
             self._refuse(sock)
             return
-        parked = False
         try:
-            parked = self._handle(sock, ip, address[1], lease, listen, proxied)
-        finally:
-            if not parked:
-                lease.release()
-                sock.close()  # closed already when a session ran; not when a header failed
+            self._handle(sock, ip, address[1], lease, listen, proxied, local)
+        except BaseException:  # else released and closed where the session ended, or it parked
+            lease.release()
+            sock.close()
+            raise
 
     def _handle(self, sock: socket.socket, ip: str, port: int, lease: Lease, listen: Listen | None,
-                proxied: bool) -> bool:
-        """Serve the connection; True if its session parked (it holds ``lease`` still)."""
+                proxied: bool, local: tuple[str, int] | None) -> None:
+        """Serve the connection: on return, ``lease`` is released and ``sock`` closed, or the session parked."""
         self.services.bind()  # this greenlet's context: the plugins of this session use our services
-        local = sock.getsockname()
-        connection = Connection(ip, port, normalize_ip(local[0]), local[1])
+        if local is None:
+            address = sock.getsockname()
+            local = (normalize_ip(address[0]), address[1])
+        connection = Connection(ip, port, *local)
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
-        if proxied and not self._proxied(sock, connection):
+        # Either refusal closes the socket.
+        if (proxied and not self._proxied(sock, connection)) or steering.refused_as_blocked(self, sock, connection):
             self.sessions.discard(greenlet)
-            return False
-        if steering.refused_as_blocked(self, sock, connection):
-            self.sessions.discard(greenlet)
-            return False
+            lease.release()
+            return
         if proxied:
             lease.set_ip(connection.remote_ip)  # from now on, counted for the client the header named
         driver = Driver(sock, connection, self.runner_for(listen), self.settings, self._peers,
                         listen=listen, tls=self.tls, parking=self.parking, command_timeout=self._command_timeout)
-        return self._serve(driver, lease, greenlet, driver.run)
+        self._serve(driver, lease, greenlet, driver.run)
 
     def runner_for(self, listen: Listen | None) -> HookRunner:
         """The hook runner of ``listen``'s plugin chain ([listeners]), else [plugins]'."""
@@ -346,7 +363,10 @@ class SmtpServer:
             if pause is None:
                 lease.release()  # the session is over, even if the close lingers
                 # The TLS socket after STARTTLS.
-                (close_after_quit if driver.client_quit else close_gracefully)(driver.sock)
+                if driver.client_quit:
+                    close_after_quit(driver.sock, driver.raw)
+                else:
+                    close_gracefully(driver.sock)
                 driver.conversation.runner.notify("post_connection", driver.session)
         if pause is None:
             return False
