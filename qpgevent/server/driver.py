@@ -230,14 +230,21 @@ class Driver:
                 self.sock.settimeout(None)
             with gevent.Timeout(left, TimeoutError):
                 return self._read()
+        raw = self._raw
+        if raw is not None:
+            try:  # the client has often answered already: then no timer is armed for the wait
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                pass
+        read = self._read if raw is None else self._wait_and_read
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
         # (A plain socket has no ``pending``: asking gevent's would raise and catch an AttributeError.)
-        if after is None or after >= timeout or (self._raw is None and getattr(sock, "pending", _nothing)()):
-            return self._within(timeout, self._read)
+        if after is None or after >= timeout or (raw is None and getattr(sock, "pending", _nothing)()):
+            return self._within(timeout, read)
         try:
-            return self._within(after, self._read)
+            return self._within(after, read)
         except TimeoutError:
             if parking is None or parking.after is None:
                 # The server began to stop while we waited: an idle session ends now;
@@ -245,7 +252,7 @@ class Driver:
                 if self._idle_while_stopping():
                     self._shut_down()
                     raise SessionClosed from None
-                return self._within(timeout - after, self._read)
+                return self._within(timeout - after, read)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
 
@@ -262,16 +269,25 @@ class Driver:
         raw = self._raw
         if raw is None:
             return self.sock.recv(READ_SIZE)
+        try:
+            return raw.recv(READ_SIZE)
+        except BlockingIOError:
+            return self._wait_and_read()
+
+    def _wait_and_read(self) -> bytes:
+        """``_read`` when the OS socket had nothing a moment ago: wait for input, then take it."""
+        raw = self._raw
+        assert raw is not None
         while True:
-            try:
-                return raw.recv(READ_SIZE)
-            except BlockingIOError:
-                pass
             sock = self.sock
             reader = sock._read_event
             if reader is None:  # closed meanwhile: recv says so
                 return sock.recv(READ_SIZE)
             sock._wait(reader)
+            try:
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                pass
 
     def _time_left(self, timeout: float) -> float:
         """Seconds this wait may take: to the session's end, and to the request's deadline.
