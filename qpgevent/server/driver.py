@@ -358,7 +358,12 @@ class Driver:
             # gevent's sendall (which asks the kernel for SO_SNDBUF on every call) or a timer.
             # What does not fit waits for the client with the usual per-wait timeout.
             raw = self._raw
-            sent = _send_now(raw, out) if raw is not None else 0
+            sent = 0
+            if raw is not None:
+                try:
+                    sent = raw.send(out)
+                except BlockingIOError:
+                    pass  # the kernel's buffer is full
             if sent < len(out):
                 # Sent as a copy: gevent's sendall holds a view of what it sends, and on a
                 # failed write the exception's traceback (kept by whoever keeps the log
@@ -430,14 +435,6 @@ def _raw_socket(sock: Any) -> _socket.socket | None:
         if isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0:
             return raw
     return None
-
-
-def _send_now(raw: _socket.socket, data: bytearray) -> int:
-    """Octets of ``data`` the kernel took at once (0 when its buffer is full)."""
-    try:
-        return raw.send(data)
-    except BlockingIOError:
-        return 0
 
 
 #: The real poll: asking without waiting must not yield. Not select: it fails on a
