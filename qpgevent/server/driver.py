@@ -60,7 +60,7 @@ class Driver:
 
     # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
     __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
-                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "__weakref__")
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "raw", "__weakref__")
 
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
@@ -80,8 +80,9 @@ class Driver:
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
                                          surroundings=surroundings(settings, peers), wait_for_input=self._input)
         self.session: Session = self.conversation.session
-        #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
-        self._raw: _socket.socket | None = _raw_socket(sock)
+        #: The OS socket under a plain gevent socket, not blocking: for reads and sends that
+        #: never wait, and the peek after QUIT (None under TLS).
+        self.raw: _socket.socket | None = _raw_socket(sock)
         self._timers: dict[float, WaitTimer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
@@ -93,11 +94,6 @@ class Driver:
             runner.observe(metrics.HOOK_METRICS)
         if scoreboard.active():
             runner.observe(HOOK_ACTIVITY)
-
-    @property
-    def raw(self) -> _socket.socket | None:
-        """The OS socket under a plain gevent socket (None under TLS): not blocking."""
-        return self._raw
 
     @property
     def client_quit(self) -> bool:
@@ -230,7 +226,7 @@ class Driver:
                 self.sock.settimeout(None)
             with gevent.Timeout(left, TimeoutError):
                 return self._read()
-        raw = self._raw
+        raw = self.raw
         if raw is not None:
             try:  # the client has often answered already: then no timer is armed for the wait
                 return raw.recv(READ_SIZE)
@@ -266,7 +262,7 @@ class Driver:
         at valgrind's pace), and a wait for input already there costs a turn of the loop
         (docs/benchmarks.md, "Round three").
         """
-        raw = self._raw
+        raw = self.raw
         if raw is None:
             return self.sock.recv(READ_SIZE)
         try:
@@ -276,7 +272,7 @@ class Driver:
 
     def _wait_and_read(self) -> bytes:
         """``_read`` when the OS socket had nothing a moment ago: wait for input, then take it."""
-        raw = self._raw
+        raw = self.raw
         assert raw is not None
         while True:
             sock = self.sock
@@ -340,7 +336,7 @@ class Driver:
         """Handshake on our socket; the conversation then forgets what was said before."""
         assert self.tls is not None
         try:
-            self._raw = None  # from now on bytes go through TLS
+            self.raw = None  # from now on bytes go through TLS
             self.sock = self._input.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
@@ -357,7 +353,7 @@ class Driver:
             # Most replies fit the socket's buffer: one send() on the plain socket, without
             # gevent's sendall (which asks the kernel for SO_SNDBUF on every call) or a timer.
             # What does not fit waits for the client with the usual per-wait timeout.
-            raw = self._raw
+            raw = self.raw
             sent = 0
             if raw is not None:
                 try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import ipaddress
 import logging
 import sys
 from collections.abc import Callable
@@ -131,6 +132,15 @@ class Crew:
         self._closed = True
         for worker in self._spare:
             self.hub.loop.run_callback(worker.throw, gevent.GreenletExit())
+
+
+def fixed_local_address(sock: Any) -> tuple[str, int] | None:
+    """The local address of every connection a listening socket accepts: its own, unless it
+    listens on every address of the host (then each connection's is asked: a system call)."""
+    address = sock.getsockname()
+    if ipaddress.ip_address(address[0]).is_unspecified:
+        return None
+    return address[0], address[1]
 
 
 class Listener:

@@ -47,7 +47,7 @@ from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from ..engine.session import Session
 from .driver import Driver
-from .listener import Crew, Listener
+from .listener import Crew, Listener, fixed_local_address
 from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
 from .timers import take_plugin_timeout
@@ -177,15 +177,6 @@ def close_after_quit(sock: socket.socket, raw: _socket.socket | None = None) -> 
     sock.close()
 
 
-def _fixed_local_address(sock: socket.socket) -> tuple[str, int] | None:
-    """The local address of every connection a listener accepts: its own, unless it listens
-    on every address of the host (then each connection's is asked: a system call each)."""
-    address = sock.getsockname()
-    if ipaddress.ip_address(address[0]).is_unspecified:
-        return None
-    return normalize_ip(address[0]), address[1]
-
-
 def read_proxy_header(sock: socket.socket, timeout: float) -> proxy.ProxyHeader:
     """Read one PROXY header off ``sock`` within ``timeout`` seconds, and not one octet more.
 
@@ -273,7 +264,7 @@ class SmtpServer:
         else:
             policies = [_policy_of(sock, listens) for sock in sockets]
         for sock, listen in zip(sockets, policies):
-            server = Listener(sock, self.crew, listen, _fixed_local_address(sock))
+            server = Listener(sock, self.crew, listen, fixed_local_address(sock))
             server.start()
             self.servers.append(server)
         self.shedder.start()
@@ -312,10 +303,8 @@ class SmtpServer:
                 proxied: bool, local: tuple[str, int] | None) -> None:
         """Serve the connection: on return, ``lease`` is released and ``sock`` closed, or the session parked."""
         self.services.bind()  # this greenlet's context: the plugins of this session use our services
-        if local is None:
-            address = sock.getsockname()
-            local = (normalize_ip(address[0]), address[1])
-        connection = Connection(ip, port, *local)
+        address = local or sock.getsockname()
+        connection = Connection(ip, port, normalize_ip(address[0]), address[1])
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
