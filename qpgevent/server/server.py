@@ -1,11 +1,12 @@
-"""The listening side: sockets, one greenlet per connection, the connection limit, stop.
+"""The listening side: sockets, a greenlet for each connection, the connection limit, stop.
 
 Accepts on each listen address (``qpgevent.server.listener``). Each accepted socket gets a
 ``Connection`` and a ``Driver`` (its conversation over the socket) in a greenlet of its own
-while it runs (one of the listener's crew, which serves one connection after another); a session idle past ``[limits]
-park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``), and gets a
-new one when its client speaks. Beyond ``max_connections`` a
-client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
+while it runs (one of the crew's, which serve one connection after another); a session idle
+past ``[limits] park_after`` gives its greenlet up and waits parked
+(``qpgevent.server.parking``), and gets a new one when its client speaks. Beyond
+``max_connections`` a client gets ``421 4.3.2`` and is closed at once, never left hanging
+in the backlog.
 Near ``max_connections`` the host is in stress, and idle sessions are shed to keep
 places for newcomers (``qpgevent.server.shedding``). ``stop`` stops accepting, gives
 sessions in flight up to ``shutdown_timeout`` to end, then closes the rest with 421.
