@@ -60,7 +60,7 @@ class Driver:
 
     # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
     __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
-                 "session", "_timers", "_ends", "_request_started", "_request_octets", "_raw", "__weakref__")
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "raw", "__weakref__")
 
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
@@ -80,8 +80,9 @@ class Driver:
         self.conversation = Conversation(connection, runner, settings, listen=self.listen, tls=tls is not None,
                                          surroundings=surroundings(settings, peers), wait_for_input=self._input)
         self.session: Session = self.conversation.session
-        #: The OS socket under a plain gevent socket, for a send that never waits (None under TLS).
-        self._raw: _socket.socket | None = _raw_socket(sock)
+        #: The OS socket under a plain gevent socket, not blocking: for reads and sends that
+        #: never wait, and the peek after QUIT (None under TLS).
+        self.raw: _socket.socket | None = _raw_socket(sock)
         self._timers: dict[float, WaitTimer] | None = None  #: see _within
         #: [limits] session_timeout: when the session must end, however busy.
         self._ends = time.monotonic() + settings.session_timeout
@@ -225,14 +226,21 @@ class Driver:
                 self.sock.settimeout(None)
             with gevent.Timeout(left, TimeoutError):
                 return self._read()
+        raw = self.raw
+        if raw is not None:
+            try:  # the client has often answered already: then no timer is armed for the wait
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                pass
+        read = self._read if raw is None else self._wait_and_read
         parking = self.parking
         after = parking.after if parking is not None and not in_data else None
         sock = self.sock
         # (A plain socket has no ``pending``: asking gevent's would raise and catch an AttributeError.)
-        if after is None or after >= timeout or (self._raw is None and getattr(sock, "pending", _nothing)()):
-            return self._within(timeout, self._read)
+        if after is None or after >= timeout or (raw is None and getattr(sock, "pending", _nothing)()):
+            return self._within(timeout, read)
         try:
-            return self._within(after, self._read)
+            return self._within(after, read)
         except TimeoutError:
             if parking is None or parking.after is None:
                 # The server began to stop while we waited: an idle session ends now;
@@ -240,7 +248,7 @@ class Driver:
                 if self._idle_while_stopping():
                     self._shut_down()
                     raise SessionClosed from None
-                return self._within(timeout - after, self._read)
+                return self._within(timeout - after, read)
             self._drop_timers()  # a parked session keeps as little as it can
             raise _Parked(Pause(contextvars.copy_context(), timeout - after)) from None
 
@@ -254,19 +262,28 @@ class Driver:
         at valgrind's pace), and a wait for input already there costs a turn of the loop
         (docs/benchmarks.md, "Round three").
         """
-        raw = self._raw
+        raw = self.raw
         if raw is None:
             return self.sock.recv(READ_SIZE)
+        try:
+            return raw.recv(READ_SIZE)
+        except BlockingIOError:
+            return self._wait_and_read()
+
+    def _wait_and_read(self) -> bytes:
+        """``_read`` when the OS socket had nothing a moment ago: wait for input, then take it."""
+        raw = self.raw
+        assert raw is not None
         while True:
-            try:
-                return raw.recv(READ_SIZE)
-            except BlockingIOError:
-                pass
             sock = self.sock
             reader = sock._read_event
             if reader is None:  # closed meanwhile: recv says so
                 return sock.recv(READ_SIZE)
             sock._wait(reader)
+            try:
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                pass
 
     def _time_left(self, timeout: float) -> float:
         """Seconds this wait may take: to the session's end, and to the request's deadline.
@@ -319,7 +336,7 @@ class Driver:
         """Handshake on our socket; the conversation then forgets what was said before."""
         assert self.tls is not None
         try:
-            self._raw = None  # from now on bytes go through TLS
+            self.raw = None  # from now on bytes go through TLS
             self.sock = self._input.sock = self.tls.handshake(self.sock)
         except HandshakeFailed as error:
             self.session.log.info("TLS handshake failed: %s", error)
@@ -336,8 +353,13 @@ class Driver:
             # Most replies fit the socket's buffer: one send() on the plain socket, without
             # gevent's sendall (which asks the kernel for SO_SNDBUF on every call) or a timer.
             # What does not fit waits for the client with the usual per-wait timeout.
-            raw = self._raw
-            sent = _send_now(raw, out) if raw is not None else 0
+            raw = self.raw
+            sent = 0
+            if raw is not None:
+                try:
+                    sent = raw.send(out)
+                except BlockingIOError:
+                    pass  # the kernel's buffer is full
             if sent < len(out):
                 # Sent as a copy: gevent's sendall holds a view of what it sends, and on a
                 # failed write the exception's traceback (kept by whoever keeps the log
@@ -409,14 +431,6 @@ def _raw_socket(sock: Any) -> _socket.socket | None:
         if isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0:
             return raw
     return None
-
-
-def _send_now(raw: _socket.socket, data: bytearray) -> int:
-    """Octets of ``data`` the kernel took at once (0 when its buffer is full)."""
-    try:
-        return raw.send(data)
-    except BlockingIOError:
-        return 0
 
 
 #: The real poll: asking without waiting must not yield. Not select: it fails on a

@@ -1,10 +1,12 @@
-"""The listening side: sockets, one greenlet per connection, the connection limit, stop.
+"""The listening side: sockets, a greenlet for each connection, the connection limit, stop.
 
-Builds a gevent ``StreamServer`` per listen address. Each accepted socket gets a
-``Connection`` and a ``Driver`` (its conversation over the socket) in its own greenlet; a session idle past ``[limits]
-park_after`` gives its greenlet up and waits parked (``qpgevent.server.parking``), and gets a
-new one when its client speaks. Beyond ``max_connections`` a
-client gets ``421 4.3.2`` and is closed at once, never left hanging in the backlog.
+Accepts on each listen address (``qpgevent.server.listener``). Each accepted socket gets a
+``Connection`` and a ``Driver`` (its conversation over the socket) in a greenlet of its own
+while it runs (one of the crew's, which serve one connection after another); a session idle
+past ``[limits] park_after`` gives its greenlet up and waits parked
+(``qpgevent.server.parking``), and gets a new one when its client speaks. Beyond
+``max_connections`` a client gets ``421 4.3.2`` and is closed at once, never left hanging
+in the backlog.
 Near ``max_connections`` the host is in stress, and idle sessions are shed to keep
 places for newcomers (``qpgevent.server.shedding``). ``stop`` stops accepting, gives
 sessions in flight up to ``shutdown_timeout`` to end, then closes the rest with 421.
@@ -21,6 +23,7 @@ session) sees that client. A bad header, or none in ``[proxy] timeout``, gets 42
 
 from __future__ import annotations
 
+import _socket
 import errno
 import ipaddress
 import logging
@@ -30,8 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.pool import Pool
-from gevent.server import StreamServer
 
 from ..backends import metrics
 from ..backends.services import Services
@@ -47,6 +48,7 @@ from ..plugin import Plugin, ip_in
 from ..core.reply import Canned, Reply, reply
 from ..engine.session import Session
 from .driver import Driver
+from .listener import Crew, Listener, fixed_local_address
 from . import steering
 from .shared_counters import Counters, Lease, LocalCounters
 from .timers import take_plugin_timeout
@@ -151,7 +153,7 @@ def close_gracefully(sock: socket.socket, linger: float = 1.0) -> None:
         sock.close()
 
 
-def close_after_quit(sock: socket.socket) -> None:
+def close_after_quit(sock: socket.socket, raw: _socket.socket | None = None) -> None:
     """Close a connection whose client said QUIT: at once, if it sent nothing more.
 
     Such a client reads our 221 and closes; there is nothing to drain, and waiting for its
@@ -160,8 +162,12 @@ def close_after_quit(sock: socket.socket) -> None:
     connection (smtp-source closes so, without reading our 221) has nothing left to save.
     """
     try:
-        sock.settimeout(0)
-        if sock.recv(1, socket.MSG_PEEK):
+        if raw is not None:  # the OS socket under a plain gevent socket: not blocking already
+            peeked = raw.recv(1, socket.MSG_PEEK)
+        else:
+            sock.settimeout(0)
+            peeked = sock.recv(1, socket.MSG_PEEK)
+        if peeked:
             close_gracefully(sock)
             return
     except (BlockingIOError, ConnectionResetError):
@@ -203,14 +209,6 @@ def read_proxy_header(sock: socket.socket, timeout: float) -> proxy.ProxyHeader:
             return parsed[0]
 
 
-class _Listener(StreamServer):
-    """A StreamServer that leaves the closing to ``handle``: the socket of a parked
-    session outlives the greenlet it was accepted in."""
-
-    def do_close(self, sock: socket.socket, *args: Any) -> None:
-        pass
-
-
 class SmtpServer:
     def __init__(self, settings: Settings, plugins: list[Plugin], counters: Counters | None = None,
                  services: Services | None = None) -> None:
@@ -222,9 +220,9 @@ class SmtpServer:
         #: [listeners]: (listener, its runner, its own plugins) where its chain is not [plugins].
         self.chains = [(listen, HookRunner(chain, settings.plugin_timeout, timeout=take_plugin_timeout), own)
                        for listen, chain, own in listener_chains(settings, plugins)]
-        self.servers: list[StreamServer] = []
+        self.servers: list[Listener] = []
         #: What holds a connection now: the greenlet serving it, or the session if parked.
-        self.sessions: set[gevent.Greenlet | Session] = set()
+        self.sessions: set[Any] = set()
         #: Sessions idle past [limits] park_after wait here, without a greenlet.
         self.parking = Parking(settings.park_after, self._resume)
         #: Sessions open, in all and per client address: this process's, or the host's.
@@ -233,13 +231,15 @@ class SmtpServer:
         self.shedder = Shedder(self, settings, self.counters)
         #: Bound once, not per session: every driver holds them (an idle session's bytes count).
         self._peers, self._command_timeout = self.counters.count, self.shedder.command_timeout
-        # Room above the limit so that refusals are answered rather than left queued.
-        self._pool = Pool(settings.max_connections + max(16, settings.max_connections // 8))
+        # Room above the limit so that refusals are answered rather than left queued. A
+        # greenlet of the crew runs ``handle``, which closes the socket (that of a parked
+        # session outlives the run it was accepted in).
+        self.crew = Crew(self.handle, settings.max_connections + max(16, settings.max_connections // 8))
         #: [tls]: the certificates (None: no STARTTLS, no implicit TLS); a load error is a ConfigError.
         self.tls = TlsContexts(settings) if settings.tls_certificate else None
         #: Addresses the operator blocked ([store]), and the greenlet of each session by conn id.
         self.blocks = steering.block_list(self.services)
-        self.holding: dict[str, gevent.Greenlet] = {}
+        self.holding: dict[str, Any] = {}
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -265,12 +265,15 @@ class SmtpServer:
         else:
             policies = [_policy_of(sock, listens) for sock in sockets]
         for sock, listen in zip(sockets, policies):
-            server = _Listener(sock, lambda s, a, listen=listen: self.handle(s, a, listen), spawn=self._pool)
+            server = Listener(sock, self.crew, listen, fixed_local_address(sock))
             server.start()
             self.servers.append(server)
         self.shedder.start()
 
-    def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None) -> None:
+    def handle(self, sock: socket.socket, address: Any, listen: Listen | None = None,
+               local: tuple[str, int] | None = None) -> None:
+        """Serve a connection just accepted from ``address`` (``local``: our address, when the
+        listener's tells it; else the socket is asked)."""
         # A place under max_connections first (on every worker: the count is the host's),
         # before anything else is spent on the client; counted for its address in the same
         # step, unless a trusted proxy's header is to name the real client.
@@ -283,41 +286,39 @@ class SmtpServer:
             if lease is None and self.shedder.check():  # no place: make room if we can, at once
                 lease = self.counters.acquire(self.settings.max_connections, known)
         except BaseException:
-            sock.close()  # our listener leaves the closing to us (_Listener)
+            sock.close()  # our listener leaves the closing to us
             raise
         if lease is None:
             log.warning("refused %s: %d sessions already", address[0], self.settings.max_connections)
             metrics.connection_refused("max_connections")
             self._refuse(sock)
             return
-        parked = False
         try:
-            parked = self._handle(sock, ip, address[1], lease, listen, proxied)
-        finally:
-            if not parked:
-                lease.release()
-                sock.close()  # closed already when a session ran; not when a header failed
+            self._handle(sock, ip, address[1], lease, listen, proxied, local)
+        except BaseException:  # else released and closed where the session ended, or it parked
+            lease.release()
+            sock.close()
+            raise
 
     def _handle(self, sock: socket.socket, ip: str, port: int, lease: Lease, listen: Listen | None,
-                proxied: bool) -> bool:
-        """Serve the connection; True if its session parked (it holds ``lease`` still)."""
+                proxied: bool, local: tuple[str, int] | None) -> None:
+        """Serve the connection: on return, ``lease`` is released and ``sock`` closed, or the session parked."""
         self.services.bind()  # this greenlet's context: the plugins of this session use our services
-        local = sock.getsockname()
-        connection = Connection(ip, port, normalize_ip(local[0]), local[1])
+        address = local or sock.getsockname()
+        connection = Connection(ip, port, normalize_ip(address[0]), address[1])
         greenlet = gevent.getcurrent()
         self.sessions.add(greenlet)
         # The header comes before the per-IP count and pre_connection: they must see the client.
-        if proxied and not self._proxied(sock, connection):
+        # Either refusal closes the socket.
+        if (proxied and not self._proxied(sock, connection)) or steering.refused_as_blocked(self, sock, connection):
             self.sessions.discard(greenlet)
-            return False
-        if steering.refused_as_blocked(self, sock, connection):
-            self.sessions.discard(greenlet)
-            return False
+            lease.release()
+            return
         if proxied:
             lease.set_ip(connection.remote_ip)  # from now on, counted for the client the header named
         driver = Driver(sock, connection, self.runner_for(listen), self.settings, self._peers,
                         listen=listen, tls=self.tls, parking=self.parking, command_timeout=self._command_timeout)
-        return self._serve(driver, lease, greenlet, driver.run)
+        self._serve(driver, lease, greenlet, driver.run)
 
     def runner_for(self, listen: Listen | None) -> HookRunner:
         """The hook runner of ``listen``'s plugin chain ([listeners]), else [plugins]'."""
@@ -337,7 +338,7 @@ class SmtpServer:
         self.sessions.add(greenlet)
         self._serve(driver, lease, greenlet, part)
 
-    def _serve(self, driver: Driver, lease: Lease, greenlet: gevent.Greenlet,
+    def _serve(self, driver: Driver, lease: Lease, greenlet: Any,
                part: Callable[[], Pause | None]) -> bool:
         """Run ``part`` of the session; then close the connection, or park the session (True)."""
         pause = None
@@ -352,12 +353,29 @@ class SmtpServer:
             if pause is None:
                 lease.release()  # the session is over, even if the close lingers
                 # The TLS socket after STARTTLS.
-                (close_after_quit if driver.client_quit else close_gracefully)(driver.sock)
+                if driver.client_quit:
+                    close_after_quit(driver.sock, driver.raw)
+                else:
+                    close_gracefully(driver.sock)
                 driver.conversation.runner.notify("post_connection", driver.session)
         if pause is None:
             return False
         self.sessions.add(driver.session)  # a parked session is held by itself, not a greenlet
         self.parking.park(driver, pause, lease)
+        return True
+
+    def end_session(self, conn_id: str, error: BaseException) -> bool:
+        """Raise ``error`` in the greenlet serving session ``conn_id`` at its next turn, if it
+        serves it still then (a greenlet of the crew goes on to other connections); whether
+        a greenlet serves it now."""
+        greenlet = self.holding.get(conn_id)
+        if greenlet is None:
+            return False
+
+        def deliver() -> None:
+            if self.holding.get(conn_id) is greenlet is not None:
+                greenlet.throw(error)
+        gevent.get_hub().loop.run_callback(deliver)
         return True
 
     def _proxied(self, sock: socket.socket, connection: Connection) -> bool:
@@ -413,14 +431,18 @@ class SmtpServer:
         self.stop_accepting()
         self.shedder.stop()
         self.parking.stop_parking()  # parked sessions wake: idle ones say 421, the rest wait in greenlets
-        # Every greenlet of the pool, not only self.sessions: a connection accepted just
-        # before the close may not have started its greenlet yet, and is in flight too.
-        in_flight = list(self._pool) + list(self.parking.resumed)
-        if in_flight:
-            log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(in_flight))
-            gevent.wait(in_flight, timeout=timeout)
-        in_flight = list(self._pool) + list(self.parking.resumed)
-        if in_flight:
-            log.info("stopping: closing %d session(s) still open", len(in_flight))
-            gevent.killall(in_flight, block=True, timeout=5)
+        # Every session in a greenlet: the crew's (each from its accept on), and those woken from parking.
+        resumed = self.parking.resumed
+        if self.crew.busy or resumed:
+            log.info("stopping: waiting up to %ss for %d session(s)", timeout, len(self.crew.busy) + len(resumed))
+            deadline = time.monotonic() + timeout
+            self.crew.join(timeout)
+            if resumed:
+                gevent.wait(list(resumed), timeout=max(0.0, deadline - time.monotonic()))
+        if self.crew.busy or resumed:
+            log.info("stopping: closing %d session(s) still open", len(self.crew.busy) + len(resumed))
+            self.crew.kill()
+            gevent.killall(list(resumed), block=True, timeout=5)
+            self.crew.join(5)
+        self.crew.close()
         self.servers = []

@@ -137,8 +137,7 @@ class WorkerControls:
             log.info("kick: no session conn=%s in this worker (ended already?)", conn_id)
             return False
         log.warning("conn=%s kicked by the operator%s: closing with 421", conn_id, " (was parked)" if parked else "")
-        greenlet.kill(Kicked(last_words), block=False)
-        return True
+        return server.end_session(conn_id, Kicked(last_words))
 
 
 def start_worker(server: Any, run_dir: str | None) -> WorkerControls | None:
