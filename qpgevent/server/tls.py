@@ -10,7 +10,8 @@ renew certificates without a restart. A file that fails to load is logged and th
 previous contexts stay. ``handshake`` wraps an accepted socket, within a timeout.
 
 Under ``gevent.monkey`` the ``ssl`` module is gevent's: handshakes yield to other
-sessions instead of blocking the process.
+sessions instead of blocking the process. Its sockets are ``_TlsSocket``: gevent's, with a
+``sendall`` that hands OpenSSL each batch of replies at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import socket
 import ssl
 import time
 from typing import Any
+
+import gevent.ssl
 
 from ..config import Settings
 from ..core.errors import ConfigError
@@ -103,7 +106,28 @@ class TlsContexts:
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         context.load_cert_chain(cert, key or None)
+        if isinstance(context, gevent.ssl.SSLContext):  # always, but under monkey-patching
+            context.sslsocket_class = _TlsSocket
         return context
+
+
+class _TlsSocket(gevent.ssl.SSLSocket):
+    """gevent's TLS socket, whose ``sendall`` is one ``send``.
+
+    gevent's ``sendall`` asks the kernel for SO_SNDBUF and cuts the data into chunks on every
+    call, then sends each chunk: a tenth of a worker's time in a TLS session (py-spy,
+    docs/benchmarks.md). OpenSSL as CPython sets it up (no partial writes) takes all of the
+    data in one write; when the socket is full it wants the very same data again, which
+    ``send`` gives it, waiting for the socket (under the socket's timeout, or the driver's).
+    """
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if flags or self._sslobj is None:
+            super().sendall(data, flags)
+            return
+        sent = self.send(data)
+        if sent < len(data):  # only with partial writes, which CPython does not turn on
+            super().sendall(memoryview(data)[sent:])
 
 
 def _no_delay(sock: socket.socket) -> None:

@@ -39,3 +39,9 @@ def test_bench_tls_peers_refuses_an_unknown_server():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown servers ['exim']" in result.stderr
+
+
+def test_bench_instructions_refuses_messages_that_do_not_split_into_sessions():
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_instructions.py"), "--tls",
+                             "--messages", "5,14", "--concurrency", "2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "multiple of --concurrency" in result.stderr
