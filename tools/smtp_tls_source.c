@@ -144,24 +144,25 @@ static int say(struct conn *c, enum state next, const char *text, size_t len) {
     return flush(c);
 }
 
-static void handshake(struct conn *c) {
+/* Go on with the handshake, then EHLO: -1 when the connection failed (and is gone), else 0. */
+static int handshake(struct conn *c) {
     ERR_clear_error();
     int result = SSL_do_handshake(c->ssl);
-    if (result == 1) {
-        say(c, EHLO_TLS, ehlo, sizeof ehlo - 1);
-        return;
-    }
+    if (result == 1) return say(c, EHLO_TLS, ehlo, sizeof ehlo - 1) < 0 ? -1 : 0;
     int error = SSL_get_error(c->ssl, result);
-    if (error == SSL_ERROR_WANT_READ)
+    if (error == SSL_ERROR_WANT_READ) {
         watch(c, EPOLLIN);
-    else if (error == SSL_ERROR_WANT_WRITE)
-        watch(c, EPOLLIN | EPOLLOUT);
-    else {
-        long verify = SSL_get_verify_result(c->ssl);
-        char reason[160];
-        ERR_error_string_n(ERR_peek_error(), reason, sizeof reason);
-        finish(c, "TLS handshake failed: %s (certificate: %s)", reason, X509_verify_cert_error_string(verify));
+        return 0;
     }
+    if (error == SSL_ERROR_WANT_WRITE) {
+        watch(c, EPOLLIN | EPOLLOUT);
+        return 0;
+    }
+    long verify = SSL_get_verify_result(c->ssl);
+    char reason[160];
+    ERR_error_string_n(ERR_peek_error(), reason, sizeof reason);
+    finish(c, "TLS handshake failed: %s (certificate: %s)", reason, X509_verify_cert_error_string(verify));
+    return -1;
 }
 
 /* A complete reply with this code arrived: check it, say what comes next. 0 when the connection goes on. */
@@ -186,8 +187,7 @@ static int answer(struct conn *c, int code, const char *line) {
         SSL_set_connect_state(c->ssl);
         /* Verified as smtplib connecting to 127.0.0.1 does: the address, in the subjectAltName, no SNI. */
         X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), "127.0.0.1");
-        handshake(c);
-        return c->state == HANDSHAKE || c->state == EHLO_TLS ? 0 : -1;
+        return handshake(c);
     case EHLO_TLS:
         return say(c, MAIL, mail_from, strlen(mail_from)) < 0 ? -1 : 0;
     case MAIL:
@@ -249,7 +249,7 @@ static void receive(struct conn *c) {
                 /* Replies are not pipelined: a complete one is the last thing in the buffer. */
                 c->in_len -= (size_t)(next - c->in);
                 memmove(c->in, next, c->in_len);
-                if (answer(c, code, line) < 0 || c->state == HANDSHAKE) return;
+                if (answer(c, code, line) < 0 || c->state == HANDSHAKE) return; /* the handshake reads now */
                 line = c->in;
                 continue;
             }
