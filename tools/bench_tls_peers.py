@@ -5,7 +5,7 @@ Usage:
     tools/bench_tls_peers.py [--servers qpgevent,haraka,haraka2,postfix] [--concurrency 100]
                              [--sessions 1000] [--messages 2000] [--per-connection 10]
                              [--size 2048] [--rounds 3] [--clients 2] [--workers 2]
-                             [--haraka PATH] [--python PYTHON] [--workdir DIR]
+                             [--client python|c] [--haraka PATH] [--python PYTHON] [--workdir DIR]
 
 What it runs, all on this machine, over loopback:
 
@@ -19,12 +19,17 @@ What it runs, all on this machine, over loopback:
                smtpd_tls_cert_file / smtpd_tls_key_file, security level may; cleanup fsyncs
                each message into its queue before the 250, virtual(8) delivers after it
                (it cannot discard: its rate is the accept rate of a durable queue)
-  client       --clients separate processes (so the client's TLS work is not bound to one
-               core by the GIL), each a gevent pool of smtplib clients, their share of
-               --concurrency at once; each client connects, EHLO, STARTTLS (TLS 1.3, the
-               certificate verified against the file, no session resumption: every
-               connection pays a full handshake), EHLO again, sends its messages, QUIT.
-               The processes start, get ready, and are told to go at the same moment.
+  client       --clients separate processes, each with its share of --concurrency at once;
+               each session connects, EHLO, STARTTLS (TLS 1.3, the certificate verified
+               against the file, no session resumption: every connection pays a full
+               handshake), EHLO again, sends its messages (MAIL, RCPT, DATA, each waiting
+               for its reply), QUIT. The processes start, get ready, and are told to go at
+               the same moment. --client python: each process a gevent pool of smtplib
+               clients (a process per core, so its TLS work is not bound to one core by
+               the GIL). --client c: tools/smtp_tls_source.c, one epoll loop over
+               non-blocking OpenSSL, built at run time with cc (Debian: gcc libssl-dev);
+               it costs a fraction of smtplib's CPU per message, so the servers, not the
+               client, set the rates.
 
 Two measures per server, at each --concurrency:
 
@@ -144,6 +149,8 @@ def start(name: str, folder: Path, cert: Path, key: Path, args: argparse.Namespa
 
 # -- the client processes ------------------------------------------------------------------------
 
+# Both clients take PORT CAFILE CONNECTIONS PER_CONNECTION CONCURRENCY SIZE, print "ready", wait
+# for a line, and print "done FAILURES MESSAGES FIRST-ERROR" (see parse_done).
 CLIENT = r'''
 from gevent import monkey; monkey.patch_all()
 import smtplib, ssl, sys, gevent
@@ -151,21 +158,46 @@ from gevent.pool import Pool
 port, cafile, connections, per_connection, concurrency, size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 context = ssl.create_default_context(cafile=cafile)
 body = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
-failures = []
+failures, accepted = [], [0]
 def client(_):
     try:
         with smtplib.SMTP("127.0.0.1", int(port), local_hostname="client.test", timeout=120) as smtp:
             smtp.starttls(context=context)
             for _ in range(per_connection):
                 smtp.sendmail("sender@client.test", ["someone@example.test"], body)
+                accepted[0] += 1
     except Exception as error:
-        failures.append(repr(error))
+        failures.append(repr(error).replace("\n", " "))
 print("ready", flush=True)
 sys.stdin.readline()
 pool = Pool(concurrency)
 gevent.joinall([pool.spawn(client, i) for i in range(connections)])
-print(f"done {len(failures)} {failures[:1]}", flush=True)
+print(f"done {len(failures)} {accepted[0]} {failures[0] if failures else '-'}", flush=True)
 '''
+C_CLIENT = Path(__file__).resolve().parent / "smtp_tls_source.c"
+
+
+def build_c_client(folder: Path) -> Path:
+    """Compile tools/smtp_tls_source.c into ``folder``; BenchError (saying what to install) if it fails."""
+    program = folder / "smtp_tls_source"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise benchlib.BenchError("--client c needs a C compiler (Debian: apt-get install gcc libssl-dev)")
+    built = subprocess.run([compiler, "-O2", "-o", str(program), str(C_CLIENT), "-lssl", "-lcrypto"],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        raise benchlib.BenchError(f"cannot build {C_CLIENT.name} (Debian: apt-get install gcc libssl-dev):\n"
+                                  f"{built.stderr.strip()}")
+    return program
+
+
+def parse_done(line: str) -> tuple[int, int, str] | None:
+    """A client's last line, "done FAILURES MESSAGES FIRST-ERROR", as (failures, messages, first
+    error or ""); None for anything else (a client that died says nothing or something else)."""
+    words = line.rstrip("\n").split(" ", 3)
+    if len(words) != 4 or words[0] != "done" or not words[1].isdigit() or not words[2].isdigit():
+        return None
+    return int(words[1]), int(words[2]), "" if words[3] == "-" else words[3]
 
 
 def children_cpu_seconds() -> float:
@@ -179,10 +211,11 @@ def run_clients(args: argparse.Namespace, server: Server, cafile: Path, connecti
     messages, split over the client processes, all told to go at once. BenchError if any failed."""
     processes = []
     cpu = children_cpu_seconds()
+    program = [str(args.c_program)] if args.client == "c" else [args.python, "-c", CLIENT]
     for index in range(args.clients):
         share = connections // args.clients + (index < connections % args.clients)
         processes.append(subprocess.Popen(
-            [args.python, "-c", CLIENT, str(server.port), str(cafile), str(share), str(per_connection),
+            [*program, str(server.port), str(cafile), str(share), str(per_connection),
              str(max(1, concurrency // args.clients)), str(args.size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     try:
@@ -193,7 +226,7 @@ def run_clients(args: argparse.Namespace, server: Server, cafile: Path, connecti
         for process in processes:
             process.stdin.write("go\n")
             process.stdin.flush()
-        answers = [process.stdout.readline().split(" ", 2) for process in processes]
+        answers = [process.stdout.readline() for process in processes]
         seconds = time.perf_counter() - started
     finally:
         for process in processes:
@@ -204,9 +237,11 @@ def run_clients(args: argparse.Namespace, server: Server, cafile: Path, connecti
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-    failed = [answer for answer in answers if answer[0] != "done" or answer[1] != "0"]
-    if failed:
-        raise benchlib.BenchError(f"{server.name}: client failures: {failed}\n{benchlib.tail(server.log())}")
+    done = [parse_done(answer) for answer in answers]
+    sent = sum(each[1] for each in done if each)
+    if None in done or any(each[0] for each in done if each) or sent != connections * per_connection:
+        raise benchlib.BenchError(f"{server.name}: {sent} of {connections * per_connection} messages accepted; "
+                                  f"the clients said {answers}\n{benchlib.tail(server.log())}")
     return seconds, children_cpu_seconds() - cpu
 
 
@@ -288,6 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers (default %(default)s)")
     parser.add_argument("--clients", type=int, default=2, help="client processes (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="qpgevent's worker processes (default %(default)s)")
+    parser.add_argument("--client", choices=("python", "c"), default="python",
+                        help="the client: smtplib in gevent, or tools/smtp_tls_source.c (default %(default)s)")
     parser.add_argument("--haraka", default=shutil.which("haraka") or "/tmp/haraka-install/node_modules/.bin/haraka",
                         help="the haraka program (default %(default)s)")
     parser.add_argument("--python", default=str(benchrun.REPO / ".venv/bin/python")
@@ -320,12 +357,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(temp)
             folder.chmod(0o755)
             cert, key = make_certificate(folder)
+            args.c_program = build_c_client(folder) if args.client == "c" else None
             try:
                 for name in args.servers:
                     servers.append(start(name, folder / name, cert, key, args))
                 load = os.getloadavg()
-                print(f"# {', '.join(s.name for s in servers)}; RSA-2048 certificate; {args.clients} client "
-                      f"processes; {args.size} octet messages; qpgevent {args.workers} workers; load average "
+                print(f"# {', '.join(s.name for s in servers)}; RSA-2048 certificate; {args.clients} {args.client} "
+                      f"client processes; {args.size} octet messages; qpgevent {args.workers} workers; load average "
                       f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
                 cells = []
                 for concurrency in args.concurrency:

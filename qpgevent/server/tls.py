@@ -10,7 +10,8 @@ renew certificates without a restart. A file that fails to load is logged and th
 previous contexts stay. ``handshake`` wraps an accepted socket, within a timeout.
 
 Under ``gevent.monkey`` the ``ssl`` module is gevent's: handshakes yield to other
-sessions instead of blocking the process.
+sessions instead of blocking the process. Its sockets are ``_TlsSocket``: gevent's, with a
+``sendall`` that hands OpenSSL each batch of replies at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import socket
 import ssl
 import time
 from typing import Any
+
+import gevent.ssl
 
 from ..config import Settings
 from ..core.errors import ConfigError
@@ -63,6 +66,7 @@ class TlsContexts:
 
     def handshake(self, sock: socket.socket) -> ssl.SSLSocket:
         """Wrap ``sock`` server side and complete the handshake, or raise HandshakeFailed."""
+        _no_delay(sock)
         tls_sock = self.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         tls_sock.settimeout(self.settings.tls_handshake_timeout)
         try:
@@ -102,7 +106,40 @@ class TlsContexts:
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         context.load_cert_chain(cert, key or None)
+        if isinstance(context, gevent.ssl.SSLContext):  # always, but under monkey-patching
+            context.sslsocket_class = _TlsSocket
         return context
+
+
+class _TlsSocket(gevent.ssl.SSLSocket):
+    """gevent's TLS socket, whose ``sendall`` is one ``send``.
+
+    gevent's ``sendall`` asks the kernel for SO_SNDBUF and cuts the data into chunks on every
+    call, then sends each chunk: a tenth of a worker's time in a TLS session (py-spy,
+    docs/benchmarks.md). OpenSSL as CPython sets it up (no partial writes) takes all of the
+    data in one write; when the socket is full it wants the very same data again, which
+    ``send`` gives it, waiting for the socket (under the socket's timeout, or the driver's).
+    """
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if flags or self._sslobj is None:
+            super().sendall(data, flags)
+            return
+        sent = self.send(data)
+        if sent < len(data):  # only with partial writes, which CPython does not turn on
+            super().sendall(memoryview(data)[sent:])
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """Send each write at once (TCP_NODELAY). A TLS 1.3 server writes twice in a row, its session
+    tickets after the handshake and then the reply to EHLO; with Nagle's algorithm the reply
+    waits for the client's ACK of the tickets, which the client delays (40 ms on Linux) as it
+    has nothing to send: every STARTTLS session would idle that long. The driver writes each
+    batch of replies at once, so no small writes are split by this."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not TCP (a UNIX socket in tests): nothing to do
+        pass
 
 
 def _chooser(by_name: dict[str, ssl.SSLContext]) -> Any:

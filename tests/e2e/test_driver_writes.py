@@ -68,20 +68,41 @@ def read_replies(sock: socket.socket, count: int) -> list[list[bytes]]:
     return replies
 
 
+def pipeline_bigs_reading_slowly(sock: socket.socket) -> None:
+    """EHLO, BIGS XBIG commands and QUIT pipelined on ``sock`` while its replies are read in
+    small pieces: each comes whole and in order."""
+    commands = b"EHLO client.example.test\r\n" + b"".join(b"XBIG %d\r\n" % n for n in range(BIGS))
+    sender = gevent.spawn(sock.sendall, commands + b"QUIT\r\n")
+    replies = read_replies(sock, BIGS + 2)
+    sender.get(timeout=30)
+    assert replies[0][-1].startswith(b"250 ")
+    for number, reply in enumerate(replies[1:-1]):
+        assert reply == [b"250%s2.0.0 %d line %05d " % (b"-" if line < LINES - 1 else b" ", number, line)
+                         + b"x" * 80 for line in range(LINES)]
+    assert replies[-1][0].startswith(b"221 2.0.0 ")
+
+
+def pipeline_until_blocked(sock: socket.socket) -> None:
+    """Pipeline XBIG on ``sock`` until our own send blocks: the server stopped reading because
+    its replies cannot be written, and we read none of them."""
+    sock.settimeout(0.5)
+    sock.sendall(b"EHLO client.example.test\r\n")
+    bigs = b"XBIG 1\r\n" * 100
+    sent_for = time.monotonic()
+    try:
+        while time.monotonic() - sent_for < 20:
+            sock.sendall(bigs)
+    except TimeoutError:
+        pass
+    assert time.monotonic() - sent_for < 20, "the server read everything: the test did not block it"
+
+
 def test_a_slow_reader_gets_every_pipelined_reply_whole_and_in_order(make_server, tmp_path):
     server = big_server(make_server, tmp_path)
     sock = small_client(server.port)
     try:
         assert read_replies(sock, 1)[0][0].startswith(b"220 ")
-        commands = b"EHLO client.example.test\r\n" + b"".join(b"XBIG %d\r\n" % n for n in range(BIGS))
-        sender = gevent.spawn(sock.sendall, commands + b"QUIT\r\n")
-        replies = read_replies(sock, BIGS + 2)
-        sender.get(timeout=30)
-        assert replies[0][-1].startswith(b"250 ")
-        for number, reply in enumerate(replies[1:-1]):
-            assert reply == [b"250%s2.0.0 %d line %05d " % (b"-" if line < LINES - 1 else b" ", number, line)
-                             + b"x" * 80 for line in range(LINES)]
-        assert replies[-1][0].startswith(b"221 2.0.0 ")
+        pipeline_bigs_reading_slowly(sock)
         assert sock.recv(100) == b""
     finally:
         sock.close()
@@ -91,18 +112,7 @@ def test_a_client_that_stops_reading_is_cut_off_at_command_timeout(make_server, 
     server = big_server(make_server, tmp_path, command_timeout=1.0)
     sock = small_client(server.port)
     try:
-        # Pipeline until our own send blocks: the server stopped reading because its replies
-        # cannot be written, and we read none of them.
-        sock.settimeout(0.5)
-        sock.sendall(b"EHLO client.example.test\r\n")
-        bigs = b"XBIG 1\r\n" * 100
-        sent_for = time.monotonic()
-        try:
-            while time.monotonic() - sent_for < 20:
-                sock.sendall(bigs)
-        except TimeoutError:
-            pass
-        assert time.monotonic() - sent_for < 20, "the server read everything: the test did not block it"
+        pipeline_until_blocked(sock)
         # Past command_timeout (the wait for the client to take our replies) the session ends.
         wait_until(lambda: not server.server.sessions, 15, "the session of a client that does not read ended")
     finally:

@@ -73,15 +73,16 @@ def test_bench_ab_takes_the_discard_queue(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bench_instructions_counts_a_worker_under_callgrind(tmp_path):
+@pytest.mark.parametrize("tls", [[], ["--tls"]])  # --tls: in STARTTLS sessions of the C client, 2 each
+def test_bench_instructions_counts_a_worker_under_callgrind(tmp_path, tls):
     # valgrind comes with tools/install-test-deps. Two short server lives, one worker each.
     tool = REPO / "tools" / "bench_instructions.py"
     result = subprocess.run(
-        [sys.executable, str(tool), "--python", sys.executable, "--messages", "3,13", "--concurrency", "2",
-         "--size", "300", "--smtp-source", SMTP_SOURCE, "--workdir", str(tmp_path)],
+        [sys.executable, str(tool), "--python", sys.executable, "--messages", "4,14", "--concurrency", "2",
+         "--size", "300", "--smtp-source", SMTP_SOURCE, "--workdir", str(tmp_path), *tls],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    match = re.search(r"^after: ([\d,]+) instructions for 3 messages, ([\d,]+) for 13: ([\d,]+) per message$",
+    match = re.search(r"^after: ([\d,]+) instructions for 4 messages, ([\d,]+) for 14: ([\d,]+) per message$",
                       result.stdout, re.MULTILINE)
     assert match, result.stdout
     fewer, more, each = (int(group.replace(",", "")) for group in match.groups())
