@@ -22,9 +22,21 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: This process's id, in hex: asked once, and again in a forked child (not a system call per connection).
+_pid = f"{os.getpid():x}"
+
+
+def _forked() -> None:
+    global _pid
+    _pid = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _new_id() -> str:
     # pid + counter: unique across the workers of one host, short enough for every log line.
-    return f"{os.getpid():x}.{next(_ids):x}"
+    return f"{_pid}.{next(_ids):x}"
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)  # slotted: idle sessions by the thousand
