@@ -1,0 +1,168 @@
+"""fsync without a worker thread: the kernel runs it (Linux AIO) and the event loop hears back.
+
+A Python worker thread hands the GIL back and forth around each of its system calls, and each
+hand-over is futex calls in both threads: the trip of one fsync to gevent's threadpool cost
+about 24 futex calls per message (docs/benchmarks.md). Linux (4.18 on) runs an fsync handed
+to ``io_submit`` (``IOCB_CMD_FSYNC``, ``IOCB_CMD_FDSYNC``) on a kernel worker, the same
+``vfs_fsync`` as the system call, and counts its completion on an eventfd the loop watches. So
+a greenlet submits (one system call that does not wait for the disk), waits, and is woken
+when the disk has the data; no thread of ours takes part, and fsyncs submitted together run
+side by side (ext4 commits them in one journal transaction).
+
+``fsync(fd)`` / ``fdatasync(fd)``, from a greenlet of the main thread's loop: return once the file's data (and, for fsync, all its
+metadata) is on disk; raise the ``OSError`` the kernel's fsync returned. Where Linux AIO is not
+to be had (another system, a seccomp filter refusing ``io_setup``, the system's
+``fs.aio-max-nr`` used up, a file system without it), or the ring of submissions is full,
+the same call runs in a worker thread instead: slower, never less safe.
+
+If the waiting greenlet is interrupted (the hook's timeout), the fsync still completes in the
+kernel, which holds its own reference to the file: the caller may close the descriptor.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+from typing import Any
+
+import gevent
+from gevent.event import AsyncResult
+
+from ..plugin import run_blocking
+
+__all__ = ["fsync", "fdatasync", "available"]
+
+_EVENTS = 1024  #: submissions in flight per process; beyond, a worker thread fsyncs
+_CMD_FSYNC, _CMD_FDSYNC = 2, 3
+_FLAG_RESFD = 1
+#: x86-64 and aarch64 numbers of io_setup, io_submit, io_getevents (the generic table's on arm64).
+_SYSCALLS = {"x86_64": (206, 209, 208), "aarch64": (0, 2, 4)}
+#: Refusals that mean "no AIO fsync here", not "the disk failed": the thread does it instead.
+_UNSUPPORTED = {errno.EAGAIN, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOMEM}
+
+
+class _Iocb(ctypes.Structure):
+    """``struct iocb`` of <linux/aio_abi.h> (little-endian layout)."""
+    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
+                ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
+                ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+
+
+class _Event(ctypes.Structure):
+    """``struct io_event``."""
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
+                ("res2", ctypes.c_int64)]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("seconds", ctypes.c_long), ("nanoseconds", ctypes.c_long)]
+
+
+class _Ring:
+    """One process's AIO context, its eventfd, and the greenlets waiting on it."""
+
+    def __init__(self, numbers: tuple[int, int, int]) -> None:
+        self._setup, self._submit, self._getevents = numbers
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._context = ctypes.c_ulong(0)
+        if self._libc.syscall(self._setup, _EVENTS, ctypes.byref(self._context)) != 0:
+            raise OSError(ctypes.get_errno(), "io_setup")
+        self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # One iocb, reused: the kernel copies it in io_submit.
+        self._iocb = _Iocb(flags=_FLAG_RESFD, resfd=self._eventfd)
+        self._list = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
+        self._events = (_Event * 64)()
+        self._now = _Timespec(0, 0)  # io_getevents takes what has completed, never waits
+        self._waiting: dict[int, AsyncResult] = {}
+        self._ids = itertools.count(1)
+        self.loop: Any = None
+        self.watch()
+
+    def watch(self) -> None:
+        """Watch the eventfd from this thread's event loop (again, if the hub was replaced)."""
+        self.loop = gevent.get_hub().loop
+        self._watcher = self.loop.io(self._eventfd, 1)
+        self._watcher.start(self._reap)
+
+    def sync(self, fd: int, opcode: int) -> None:
+        if len(self._waiting) >= _EVENTS:
+            return _in_thread(fd, opcode)
+        key = next(self._ids)
+        self._iocb.data, self._iocb.opcode, self._iocb.fildes = key, opcode, fd
+        if self._libc.syscall(self._submit, self._context, 1, self._list) != 1:
+            error = ctypes.get_errno()
+            if error in _UNSUPPORTED:
+                return _in_thread(fd, opcode)
+            raise OSError(error, os.strerror(error))
+        done = self._waiting[key] = AsyncResult()
+        try:
+            done.get()
+        finally:
+            # Interrupted: forget it (its completion is still reaped, and dropped).
+            self._waiting.pop(key, None)
+
+    def _reap(self) -> None:
+        """In the hub: the eventfd counted completions; hand each to its waiter."""
+        try:
+            os.eventfd_read(self._eventfd)
+        except BlockingIOError:
+            return
+        while True:
+            count = self._libc.syscall(self._getevents, self._context, 0, len(self._events), self._events,
+                                       ctypes.byref(self._now))
+            if count <= 0:
+                return
+            for event in self._events[:count]:
+                waiter = self._waiting.pop(event.data, None)
+                if waiter is None:
+                    continue
+                if event.res < 0:
+                    waiter.set_exception(OSError(-event.res, os.strerror(-event.res)))
+                else:
+                    waiter.set(None)
+            if count < len(self._events):
+                return
+
+
+def _in_thread(fd: int, opcode: int) -> None:
+    run_blocking(os.fdatasync if opcode == _CMD_FDSYNC else os.fsync, fd)
+
+
+_rings: dict[int, _Ring | None] = {}  # by process id: a forked child cannot use its parent's
+
+
+def _ring() -> _Ring | None:
+    pid = os.getpid()
+    if pid not in _rings:
+        numbers = _SYSCALLS.get(os.uname().machine)
+        try:
+            _rings[pid] = _Ring(numbers) if numbers and hasattr(os, "eventfd") else None
+        except OSError:
+            _rings[pid] = None
+    ring = _rings[pid]
+    if ring is not None and ring.loop is not gevent.get_hub().loop:
+        ring.watch()
+    return ring
+
+
+def available() -> bool:
+    """Whether this process fsyncs through the kernel's AIO (else in worker threads)."""
+    return _ring() is not None
+
+
+def fsync(fd: int) -> None:
+    """fsync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
+    ring = _ring()
+    if ring is None:
+        return _in_thread(fd, _CMD_FSYNC)
+    return ring.sync(fd, _CMD_FSYNC)
+
+
+def fdatasync(fd: int) -> None:
+    """fdatasync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
+    ring = _ring()
+    if ring is None:
+        return _in_thread(fd, _CMD_FDSYNC)
+    return ring.sync(fd, _CMD_FDSYNC)
