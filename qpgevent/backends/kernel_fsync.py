@@ -86,6 +86,11 @@ class _Ring:
         self._watcher = self.loop.io(self._eventfd, 1)
         self._watcher.start(self._reap)
 
+    def abandon(self) -> None:
+        """In a forked child: let go of the parent's eventfd (the AIO context is not ours)."""
+        self._watcher.stop()
+        os.close(self._eventfd)
+
     def sync(self, fd: int, opcode: int) -> None:
         if len(self._waiting) >= _EVENTS:
             return _in_thread(fd, opcode)
@@ -130,21 +135,35 @@ def _in_thread(fd: int, opcode: int) -> None:
     run_blocking(os.fdatasync if opcode == _CMD_FDSYNC else os.fsync, fd)
 
 
-_rings: dict[int, _Ring | None] = {}  # by process id: a forked child cannot use its parent's
+_UNSET: Any = object()
+#: This process's ring, None where AIO is not to be had, _UNSET until first used. A forked
+#: child cannot use its parent's AIO context: it sets up its own.
+_here: _Ring | None = _UNSET
+
+
+def _forget_the_parents() -> None:
+    global _here
+    if _here is not None and _here is not _UNSET:
+        # The eventfd is the parent's too: a child still watching it would read the parent's
+        # completions away (and leave its greenlets waiting for ever).
+        _here.abandon()
+    _here = _UNSET
+
+
+os.register_at_fork(after_in_child=_forget_the_parents)
 
 
 def _ring() -> _Ring | None:
-    pid = os.getpid()
-    if pid not in _rings:
+    global _here
+    if _here is _UNSET:
         numbers = _SYSCALLS.get(os.uname().machine)
         try:
-            _rings[pid] = _Ring(numbers) if numbers and hasattr(os, "eventfd") else None
+            _here = _Ring(numbers) if numbers and hasattr(os, "eventfd") else None
         except OSError:
-            _rings[pid] = None
-    ring = _rings[pid]
-    if ring is not None and ring.loop is not gevent.get_hub().loop:
-        ring.watch()
-    return ring
+            _here = None
+    if _here is not None and _here.loop is not gevent.get_hub().loop:
+        _here.watch()
+    return _here
 
 
 def available() -> bool:

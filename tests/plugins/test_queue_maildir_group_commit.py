@@ -33,7 +33,7 @@ COMPLETED = re.compile(r"\{data=(0x[0-9a-f]+|0), obj=[^,]+, res=(-?\d+)")
 @pytest.fixture
 def threads_only(monkeypatch):
     """As where Linux AIO is refused: every fsync is the system call, in a worker thread."""
-    monkeypatch.setitem(kernel_fsync._rings, os.getpid(), None)
+    monkeypatch.setattr(kernel_fsync, "_here", None)
 
 
 def message(number: int) -> bytes:

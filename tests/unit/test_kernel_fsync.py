@@ -10,6 +10,7 @@ import errno
 import os
 
 import gevent
+import gevent.socket
 import pytest
 
 from qpgevent.backends import kernel_fsync
@@ -93,7 +94,7 @@ def test_a_waiter_interrupted_before_the_completion_leaves_nothing_behind(tmp_pa
 
 
 def test_without_aio_a_worker_thread_fsyncs(tmp_path, monkeypatch):
-    monkeypatch.setitem(kernel_fsync._rings, os.getpid(), None)  # as where io_setup is refused
+    monkeypatch.setattr(kernel_fsync, "_here", None)  # as where io_setup is refused
     assert not kernel_fsync.available()
     fd = written(tmp_path / "m")
     try:
@@ -106,16 +107,34 @@ def test_without_aio_a_worker_thread_fsyncs(tmp_path, monkeypatch):
     assert all(c.result == 0 and c.pid != os.getpid() for c in trace.calls)
 
 
-def test_a_child_process_gets_a_ring_of_its_own(tmp_path):
-    """A forked worker cannot use its parent's AIO context: it sets up its own."""
-    kernel_fsync.available()  # the parent's ring exists
+def test_a_child_process_gets_a_ring_of_its_own_and_leaves_the_parents_alone(tmp_path):
+    """A forked worker cannot use its parent's AIO context: it sets up its own, and lets go of
+    the parent's eventfd, which would otherwise wake it (and not the parent) for the parent's
+    completions. The child lives on while the parent fsyncs: each fsync still returns."""
+    assert kernel_fsync.available()
+    parents = kernel_fsync._here
+    go_on, done = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: exit status 0 only if its own fsync went through AIO
         try:
+            os.close(done)
             fd = written(tmp_path / "child")
             kernel_fsync.fsync(fd)
-            os._exit(0 if kernel_fsync._rings.get(os.getpid()) is not None else 1)
+            ok = kernel_fsync._here not in (None, parents)
+            gevent.socket.wait_read(go_on, 60)  # until the parent is through
+            os._exit(0 if ok else 1)
         except BaseException:
             os._exit(2)
+    os.close(go_on)
+    try:
+        for n in range(20):
+            fd = written(tmp_path / f"parent{n}")
+            try:
+                gevent.with_timeout(30, kernel_fsync.fsync, fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.write(done, b".")
+        os.close(done)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
