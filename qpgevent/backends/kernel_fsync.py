@@ -2,18 +2,19 @@
 
 A Python worker thread hands the GIL back and forth around each of its system calls, and each
 hand-over is futex calls in both threads: the trip of one fsync to gevent's threadpool cost
-about 24 futex calls per message (docs/benchmarks.md). Linux (4.18 on) runs an fsync handed
+about 30 futex calls per message (docs/benchmarks.md). Linux (4.18 on) runs an fsync handed
 to ``io_submit`` (``IOCB_CMD_FSYNC``, ``IOCB_CMD_FDSYNC``) on a kernel worker, the same
 ``vfs_fsync`` as the system call, and counts its completion on an eventfd the loop watches. So
 a greenlet submits (one system call that does not wait for the disk), waits, and is woken
 when the disk has the data; no thread of ours takes part, and fsyncs submitted together run
 side by side (ext4 commits them in one journal transaction).
 
-``fsync(fd)`` / ``fdatasync(fd)``, from a greenlet of the main thread's loop: return once the file's data (and, for fsync, all its
-metadata) is on disk; raise the ``OSError`` the kernel's fsync returned. Where Linux AIO is not
-to be had (another system, a seccomp filter refusing ``io_setup``, the system's
-``fs.aio-max-nr`` used up, a file system without it), or the ring of submissions is full,
-the same call runs in a worker thread instead: slower, never less safe.
+``fsync(fd)`` / ``fdatasync(fd)``, from a greenlet: return once the file's data (and, for
+fsync, all its metadata) is on disk; raise the ``OSError`` the kernel's fsync returned. Where
+Linux AIO is not to be had (another system, a seccomp filter refusing ``io_setup``, the
+system's ``fs.aio-max-nr`` used up, a file system without it) or the ring of submissions is
+full, the same call runs in a worker thread instead: slower, never less safe. A caller in
+another thread than the loop that set the ring up (a worker thread itself) fsyncs right there.
 
 If the waiting greenlet is interrupted (the hook's timeout), the fsync still completes in the
 kernel, which holds its own reference to the file: the caller may close the descriptor.
@@ -36,6 +37,7 @@ __all__ = ["fsync", "fdatasync", "available"]
 _EVENTS = 1024  #: submissions in flight per process; beyond, a worker thread fsyncs
 _CMD_FSYNC, _CMD_FDSYNC = 2, 3
 _FLAG_RESFD = 1
+_SYSTEM_CALLS = {_CMD_FSYNC: os.fsync, _CMD_FDSYNC: os.fdatasync}
 #: x86-64 and aarch64 numbers of io_setup, io_submit, io_getevents (the generic table's on arm64).
 _SYSCALLS = {"x86_64": (206, 209, 208), "aarch64": (0, 2, 4)}
 #: Refusals that mean "no AIO fsync here", not "the disk failed": the thread does it instead.
@@ -77,11 +79,8 @@ class _Ring:
         self._now = _Timespec(0, 0)  # io_getevents takes what has completed, never waits
         self._waiting: dict[int, AsyncResult] = {}
         self._ids = itertools.count(1)
-        self.loop: Any = None
-        self.watch()
-
-    def watch(self) -> None:
-        """Watch the eventfd from this thread's event loop (again, if the hub was replaced)."""
+        #: The loop that hears the completions: a greenlet of another loop (another thread's
+        #: hub) cannot wait on this one's results, and fsyncs in a thread instead.
         self.loop = gevent.get_hub().loop
         self._watcher = self.loop.io(self._eventfd, 1)
         self._watcher.start(self._reap)
@@ -117,6 +116,8 @@ class _Ring:
         while True:
             count = self._libc.syscall(self._getevents, self._context, 0, len(self._events), self._events,
                                        ctypes.byref(self._now))
+            if count < 0 and ctypes.get_errno() == errno.EINTR:
+                continue  # the counter is read: what completed must be taken now, or never
             if count <= 0:
                 return
             for event in self._events[:count]:
@@ -132,7 +133,7 @@ class _Ring:
 
 
 def _in_thread(fd: int, opcode: int) -> None:
-    run_blocking(os.fdatasync if opcode == _CMD_FDSYNC else os.fsync, fd)
+    run_blocking(_SYSTEM_CALLS[opcode], fd)
 
 
 _UNSET: Any = object()
@@ -161,8 +162,6 @@ def _ring() -> _Ring | None:
             _here = _Ring(numbers) if numbers and hasattr(os, "eventfd") else None
         except OSError:
             _here = None
-    if _here is not None and _here.loop is not gevent.get_hub().loop:
-        _here.watch()
     return _here
 
 
@@ -173,15 +172,19 @@ def available() -> bool:
 
 def fsync(fd: int) -> None:
     """fsync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
-    ring = _ring()
-    if ring is None:
-        return _in_thread(fd, _CMD_FSYNC)
-    return ring.sync(fd, _CMD_FSYNC)
+    return _sync(fd, _CMD_FSYNC)
 
 
 def fdatasync(fd: int) -> None:
     """fdatasync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
+    return _sync(fd, _CMD_FDSYNC)
+
+
+def _sync(fd: int, opcode: int) -> None:
     ring = _ring()
     if ring is None:
-        return _in_thread(fd, _CMD_FDSYNC)
-    return ring.sync(fd, _CMD_FDSYNC)
+        return _in_thread(fd, opcode)
+    if ring.loop is not gevent.get_hub().loop:
+        # Another thread (its completions would be heard by the ring's loop, not this one's).
+        return _SYSTEM_CALLS[opcode](fd)
+    return ring.sync(fd, opcode)

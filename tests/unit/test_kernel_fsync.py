@@ -107,6 +107,21 @@ def test_without_aio_a_worker_thread_fsyncs(tmp_path, monkeypatch):
     assert all(c.result == 0 and c.pid != os.getpid() for c in trace.calls)
 
 
+def test_a_caller_in_another_thread_fsyncs_there(tmp_path):
+    """The completions are heard by the loop that set up the ring: a caller in a thread of its
+    own cannot wait on them, and fsyncs right there (it blocks only its own thread)."""
+    assert kernel_fsync.available()
+    fd = written(tmp_path / "m")
+    try:
+        with traced(os.getpid(), ["fsync", "io_submit"], tmp_path / "strace.out") as trace:
+            gevent.get_hub().threadpool.apply(kernel_fsync.fsync, (fd,))
+    finally:
+        os.close(fd)
+    assert trace.of("io_submit") == []
+    (call,) = trace.of("fsync")
+    assert call.result == 0 and call.pid != os.getpid()
+
+
 def test_a_child_process_gets_a_ring_of_its_own_and_leaves_the_parents_alone(tmp_path):
     """A forked worker cannot use its parent's AIO context: it sets up its own, and lets go of
     the parent's eventfd, which would otherwise wake it (and not the parent) for the parent's
