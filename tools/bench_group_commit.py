@@ -6,8 +6,9 @@ Usage:
                                 [--python PYTHON] [--size 2048] [--timeout 600]
 
 For each concurrency, the qpgevent command (``--workers``, rcpt_ok + queue/maildir with its
-default ``fsync = yes``) runs under ``strace --seccomp-bpf -f -e trace=fsync`` (only fsync
-calls stop the server, so the rest runs at full speed), and Postfix's smtp-source sends
+default ``fsync = yes``) runs under ``strace --seccomp-bpf -f -e trace=fsync,io_submit`` (only
+those calls stop the server, so the rest runs at full speed; an fsync is either the system
+call, in a worker thread, or handed to the kernel with Linux AIO's io_submit: both count), and Postfix's smtp-source sends
 ``--messages`` messages (a sixth of it at concurrency 1). The table gives, per concurrency,
 the messages in ``Maildir/new`` (must be all of them, else exit status 1), the fsyncs of
 message files (one each) and of the ``new/`` folder (one per shared batch: fewer than the
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import benchlib  # noqa: E402
 from benchlib import BenchError  # noqa: E402
 from qpgevent.testing.syscalls import parse  # noqa: E402
+AIO_FSYNC = re.compile(r"aio_lio_opcode=IOCB_CMD_FD?SYNC, aio_fildes=\d+(<[^>]*)>")
 HEADER = (f"{'concurrency':>11} {'messages':>8} {'in new/':>8} {'file fsyncs':>11} {'new/ fsyncs':>11} "
           f"{'new/ fsyncs/message':>19} {'msg/s (traced)':>14}")
 
@@ -48,7 +50,7 @@ def one_concurrency(args, concurrency: int, temp: Path) -> tuple[int, int, int, 
                    encoding="utf-8")
     trace, log = folder / "strace.out", folder / "server.log"
     with open(log, "wb") as output:
-        strace = subprocess.Popen(["strace", "--seccomp-bpf", "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace),
+        strace = subprocess.Popen(["strace", "--seccomp-bpf", "-f", "-qq", "-y", "-e", "trace=fsync,io_submit", "-o", str(trace),
                                    args.python, "-m", "qpgevent", "-c", str(ini), "--listen", f"127.0.0.1:{port}",
                                    "--workers", str(args.workers), "--log-level", "warning"],
                                   cwd=folder, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
@@ -64,7 +66,10 @@ def one_concurrency(args, concurrency: int, temp: Path) -> tuple[int, int, int, 
         except subprocess.TimeoutExpired:
             strace.kill()
             strace.wait(10)
-    done = [call.args for call in parse(trace.read_text()) if call.result == 0]
+    calls = parse(trace.read_text())
+    done = [call.args for call in calls if call.name == "fsync" and call.result == 0]
+    done += [f"{path}>" for call in calls if call.name == "io_submit" and call.result == 1
+             for path in AIO_FSYNC.findall(call.args)]
     folder_syncs = sum(1 for args in done if args.endswith("/Maildir/new>"))
     file_syncs = sum(1 for args in done if re.search(r"/Maildir/tmp/[^/>]+>$", args))
     delivered = benchlib.count_files(folder / "Maildir" / "new")

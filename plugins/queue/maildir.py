@@ -12,6 +12,11 @@ that covers its file, and a lone session waits for nobody. If that fsync fails, 
 message it was to cover is taken back out of ``new/`` and refused with 451, so that the
 retries deliver each message once.
 
+On Linux the fsyncs of a small message (up to 256 KiB, one Maildir) are handed to the
+kernel (Linux AIO: the kernel runs the same fsync and tells the event loop when it is done),
+not to a worker thread, whose hand-overs of the interpreter lock cost more CPU than the fsync
+itself; elsewhere, or where the system refuses AIO, worker threads do them, as before.
+
 The file holds ``Return-Path: <sender>`` (RFC 5321 4.4: added at final delivery), then
 the message as received, our Received header on top, CRLF line endings as sent.
 
@@ -110,7 +115,7 @@ class Maildir(Plugin):
             self._remove_stale_tmp(os.path.join(root, "tmp"))
         self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self.folders = disk.FolderSync()
-        self._storing = 0  #: deliveries under way in this worker (a lone one takes one thread trip)
+        self._storing = 0  #: deliveries under way in this worker (without AIO a lone one takes one thread trip)
 
     def hook_rcpt(self, session, recipient, params):
         if not self.pattern or self.config["create"]:
@@ -189,7 +194,8 @@ class Maildir(Plugin):
     def _store_now(self, transaction, name, batches):
         try:
             if (self.config["fsync"] and transaction.data_size <= INLINE_BYTES and _one_file(batches)
-                    and self._storing > 1):
+                    and (disk.without_threads() or self._storing > 1)):
+                # Without AIO, a lone delivery is cheaper in one trip to a thread (below).
                 (mailboxes, prefix), = batches
                 delivered, unsynced = self._deliver_small(transaction, name, mailboxes[0], prefix)
             elif self.config["fsync"] or transaction.data_size > INLINE_BYTES:
@@ -225,17 +231,17 @@ class Maildir(Plugin):
             raise
 
     def _deliver_small(self, transaction, name, mailbox, prefix):
-        """One small message into one Maildir, durably, with one system call in a thread,
-        when other deliveries are under way (a lone one goes the one-trip way, _deliver_all).
+        """One small message into one Maildir, durably, from the session's greenlet.
 
         A worker thread hands the GIL back and forth around every system call it makes,
         and each hand-over is futex calls on both sides: the whole delivery in a thread
-        (stat, open, writes, fsync, close, rename, stat) cost about 60 futex calls per
-        message at concurrency 100, 24 like this. So the writes land in the page cache
-        from the greenlet (microseconds, as with fsync off), only the fsync waits in a
-        thread, and the rename follows from the greenlet: the order is the Maildir's, file
-        fsynced, then renamed, then ``new/`` fsynced (with the sessions that finish
-        alongside) before the 250. The new/ paths, and the folders left to fsync.
+        cost about 60 futex calls per message at concurrency 100, the fsync alone in a
+        thread 24. So the writes land in the page cache from the greenlet (microseconds,
+        as with fsync off), the fsync is handed to the kernel (``disk.fsync_file``: Linux
+        AIO, no thread of ours; a worker thread where that is not to be had), and the
+        rename follows from the greenlet: the order is the Maildir's, file fsynced, then
+        renamed, then ``new/`` fsynced (with the sessions that finish alongside) before
+        the 250. The new/ paths, and the folders left to fsync.
         """
         if not os.path.isdir(os.path.join(mailbox, "new")):
             if not self.config["create"]:
@@ -244,7 +250,10 @@ class Maildir(Plugin):
         tmp, target = os.path.join(mailbox, "tmp", name), os.path.join(mailbox, "new", name)
         fd = self._write(tmp, transaction, prefix, keep_open=True)
         try:
-            run_blocking(_fsync_and_close, fd)
+            try:
+                disk.fsync_file(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, target)
         except BaseException:
             # Failed, or the hook's timeout gave up on the thread (it closes the file
@@ -389,13 +398,6 @@ def _take_back(delivered):
 def _one_file(batches):
     """One Maildir, one file: no links, no copies of its own."""
     return len(batches) == 1 and len(batches[0][0]) == 1
-
-
-def _fsync_and_close(fd):
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd, data):

@@ -10,12 +10,16 @@ the caller's entries are made:
   lone session pays what it always paid: one trip to a worker thread, no waiting, no timer.
 - ``FolderSync.fsync(folders)``, from the session's greenlet, for the folders that were not
   done alone: join the next shared fsync of each folder and return when it has completed.
-  Nobody's fsync gathering: one starts at once (in a worker thread), once the sessions woken
+  Nobody's fsync gathering: one starts at once (``fsync_file``), once the sessions woken
   in the same loop tick have joined. An fsync running: new callers gather into the next one,
   which starts as soon as the running one returns. A burst of N sessions costs a few fsyncs.
 
 A failed fsync raises its ``OSError`` in every caller it was to cover (each then takes its
 entries back and answers 4xx); the next batch tries again.
+
+``fsync_file(fd)``, from a greenlet: fsync a file through the kernel's AIO where Linux allows
+(``kernel_fsync``: no worker thread, whose GIL hand-overs cost more CPU than the fsync), in a
+worker thread elsewhere; ``without_threads()`` says which.
 
 ``run_blocking_undoable(function, undo, *args)`` is ``run_blocking`` for work that must be
 taken back when its caller gives up on it (the hook's timeout): the thread cannot be stopped,
@@ -36,8 +40,9 @@ from gevent import monkey
 from gevent.event import AsyncResult
 
 from ..plugin import run_blocking
+from . import kernel_fsync
 
-__all__ = ["FolderSync", "fsync_folder", "run_blocking_undoable"]
+__all__ = ["FolderSync", "fsync_file", "fsync_folder", "run_blocking_undoable", "without_threads"]
 
 #: A lock of the operating system (gevent's would switch greenlets): worker threads take it.
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
@@ -89,7 +94,7 @@ class FolderSync:
             while state.next is not None:
                 batch, state.next = state.next, None
                 try:
-                    run_blocking(fsync_folder, state.folder)
+                    _fsync_folder_in_loop(state.folder)
                 except OSError as error:
                     batch.set_exception(error)
                 else:
@@ -147,6 +152,25 @@ def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool,
         return False, function(*args)
     except Exception as error:
         return True, error
+
+
+def fsync_file(fd: int) -> None:
+    """From a greenlet: fsync ``fd``, through the kernel's AIO where it can (no thread)."""
+    kernel_fsync.fsync(fd)
+
+
+def without_threads() -> bool:
+    """Whether ``fsync_file`` and the shared folder fsyncs run without worker threads here."""
+    return kernel_fsync.available()
+
+
+def _fsync_folder_in_loop(folder: str) -> None:
+    """From a greenlet: ``fsync_folder``, the fsync through ``fsync_file``."""
+    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync_file(directory)
+    finally:
+        os.close(directory)
 
 
 def fsync_folder(folder: str) -> None:
