@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import wait_until
 
-__all__ = ["Call", "Trace", "traced"]
+__all__ = ["Call", "Sync", "Trace", "syncs", "traced"]
 
 _PID = re.compile(r"^(\d+)\s+(.*)$")
 _WHOLE = re.compile(r"^(\w+)\((.*)\)\s+=\s+(-?\d+|\?)(.*)$")
@@ -83,6 +83,35 @@ def parse(text: str) -> list[Call]:
         calls.append(Call(_base(name), args, -1 if result == "?" else int(result), note.strip(),
                           start, position, pid))
     return calls
+
+
+@dataclass(frozen=True)
+class Sync:
+    """One fsync or fdatasync, made as the system call or handed to the kernel (Linux AIO)."""
+    path: str  #: the file or folder synced
+    start: int  #: position of the system call, or of the io_submit that handed it over
+    done: int  #: position of the system call's return, or of the io_getevents that read its completion
+    result: int  #: 0, or the negative errno (-1 for a failed system call)
+
+
+_SYSCALL_PATH = re.compile(r"^\d+<([^>]*)>")
+_SUBMITTED = re.compile(r"aio_data=(0x[0-9a-f]+|0), aio_lio_opcode=IOCB_CMD_FD?SYNC, aio_fildes=\d+<([^>]*)>")
+_COMPLETED = re.compile(r"\{data=(0x[0-9a-f]+|0), obj=[^,]+, res=(-?\d+)")
+
+
+def syncs(trace: Trace) -> list[Sync]:
+    """Every fsync of the trace that is over (trace fsync, fdatasync, io_submit and io_getevents)."""
+    found = []
+    for call in trace.of("fsync") + trace.of("fdatasync"):
+        if (path := _SYSCALL_PATH.match(call.args)) is not None:
+            found.append(Sync(path.group(1), call.start, call.end, call.result))
+    completed = {data: (call, int(res)) for call in trace.of("io_getevents") for data, res in _COMPLETED.findall(call.args)}
+    for call in trace.of("io_submit"):
+        for data, path in _SUBMITTED.findall(call.args):
+            if data in completed:
+                reaped, result = completed.pop(data)
+                found.append(Sync(path, call.start, reaped.end, result))
+    return sorted(found, key=lambda sync: sync.done)
 
 
 def _all_threads_traced(pid: int) -> bool:

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from qpgevent.backends import kernel_fsync
 from qpgevent.core.errors import PluginLoadError
 from qpgevent.testing import RawClient, maildir_messages
 
@@ -389,7 +390,10 @@ def _traced() -> bool:
     ("yes", ["fsync", "rename", "fsync"]),
     ("no", ["rename"]),
 ])
-def test_maildir_fsync_option(make_server, fsync, expected):
+def test_maildir_fsync_option(make_server, fsync, expected, monkeypatch):
+    # The fsync system calls of the worker-thread path (Linux AIO off): the kernel's own path
+    # (io_submit) is traced in test_queue_maildir_group_commit.py.
+    monkeypatch.setattr(kernel_fsync, "_here", None)
     server = make_server(f"[[rcpt_ok]]\n  domains = example.test\n{MAILDIR}  fsync = {fsync}\n")
     assert durability_syscalls(server) == expected
     assert len(maildir_messages(server.maildir)) == 1

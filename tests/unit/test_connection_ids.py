@@ -21,7 +21,7 @@ def test_a_forked_worker_names_itself_not_its_parent():
         os.write(write_end, Connection("192.0.2.1", 25).id.encode())
         os._exit(0)
     os.close(write_end)
+    os.waitpid(child, 0)  # cooperative (gevent's); its few bytes wait in the pipe meanwhile
     with os.fdopen(read_end, "rb") as pipe:
         child_id = pipe.read().decode()
-    os.waitpid(child, 0)
     assert child_id.split(".")[0] == f"{child:x}"
