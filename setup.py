@@ -45,7 +45,9 @@ setup(
               *(f"qpgevent.plugins{name}" for name in ("", ".queue", ".auth", ".virus"))],
     package_dir={"qpgevent.plugins": "plugins"},
     package_data={"qpgevent": ["configspec.ini", "py.typed"]},
-    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6", "prometheus-client>=0.20"],
+    # caio: Linux AIO for the fsyncs of queue/maildir (backends/kernel_fsync.py).
+    install_requires=["gevent>=24.2", "configobj>=5.0.8", "dnspython[idna]>=2.6", "prometheus-client>=0.20",
+                      "caio>=0.12.10"],
     # [store] backend = redis needs the Redis client; the embedded store needs nothing more.
     # locust: loadtest/locustfile.py, and tests/loadtest runs it (skipped when it is missing).
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "selenium>=4.20", "redis>=5",

@@ -7,7 +7,9 @@ to ``io_submit`` (``IOCB_CMD_FSYNC``, ``IOCB_CMD_FDSYNC``) on a kernel worker, t
 ``vfs_fsync`` as the system call, and counts its completion on an eventfd the loop watches. So
 a greenlet submits (one system call that does not wait for the disk), waits, and is woken
 when the disk has the data; no thread of ours takes part, and fsyncs submitted together run
-side by side (ext4 commits them in one journal transaction).
+side by side (ext4 commits them in one journal transaction). The system calls are caio's
+(``caio.linux_aio``: its ``Context`` is the AIO context and the eventfd, its ``Operation`` one
+fsync); this module watches the eventfd from the gevent loop and wakes the waiting greenlets.
 
 ``fsync(fd)`` / ``fdatasync(fd)``, from a greenlet: return once the file's data (and, for
 fsync, all its metadata) is on disk; raise the ``OSError`` the kernel's fsync returned. Where
@@ -21,10 +23,9 @@ kernel, which holds its own reference to the file: the caller may close the desc
 """
 from __future__ import annotations
 
-import ctypes
 import errno
-import itertools
 import os
+import weakref
 from typing import Any
 
 import gevent
@@ -32,122 +33,115 @@ from gevent.event import AsyncResult
 
 from ..plugin import run_blocking
 
+try:
+    from caio import linux_aio
+except ImportError:  # not Linux, or caio's probe of io_setup was refused
+    linux_aio = None  # type: ignore[assignment]
+
 __all__ = ["fsync", "fdatasync", "available"]
 
 _EVENTS = 1024  #: submissions in flight per process; beyond, a worker thread fsyncs
-_CMD_FSYNC, _CMD_FDSYNC = 2, 3
-_FLAG_RESFD = 1
-_SYSTEM_CALLS = {_CMD_FSYNC: os.fsync, _CMD_FDSYNC: os.fdatasync}
-#: x86-64 and aarch64 numbers of io_setup, io_submit, io_getevents (the generic table's on arm64).
-_SYSCALLS = {"x86_64": (206, 209, 208), "aarch64": (0, 2, 4)}
-#: Refusals that mean "no AIO fsync here", not "the disk failed": the thread does it instead.
-_UNSUPPORTED = {errno.EAGAIN, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOMEM}
-
-
-class _Iocb(ctypes.Structure):
-    """``struct iocb`` of <linux/aio_abi.h> (little-endian layout)."""
-    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
-                ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
-                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
-                ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
-
-
-class _Event(ctypes.Structure):
-    """``struct io_event``."""
-    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
-                ("res2", ctypes.c_int64)]
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("seconds", ctypes.c_long), ("nanoseconds", ctypes.c_long)]
+_BATCH = 64  #: completions taken back per io_getevents
+_SYSTEM_CALLS = {"fsync": os.fsync, "fdsync": os.fdatasync}
+#: io_submit's refusals that caio raises as SystemError(errno, text) and that mean "no AIO
+#: fsync here", not "the disk failed": the thread does it instead. (EAGAIN, a full ring, comes
+#: as OverflowError; EINVAL and EBADF as ValueError.)
+_UNSUPPORTED = {errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOMEM}
+#: caio hands an operation's callback the kernel's result as an unsigned 64-bit number:
+#: a failed fsync's -errno arrives as 2**64 - errno.
+_FAILED = 2**63
 
 
 class _Ring:
-    """One process's AIO context, its eventfd, and the greenlets waiting on it."""
+    """One process's AIO context (caio's, with its eventfd) and the greenlets waiting on it."""
 
-    def __init__(self, numbers: tuple[int, int, int]) -> None:
-        self._setup, self._submit, self._getevents = numbers
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._context = ctypes.c_ulong(0)
-        if self._libc.syscall(self._setup, _EVENTS, ctypes.byref(self._context)) != 0:
-            raise OSError(ctypes.get_errno(), "io_setup")
-        self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # One iocb, reused: the kernel copies it in io_submit.
-        self._iocb = _Iocb(flags=_FLAG_RESFD, resfd=self._eventfd)
-        self._list = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
-        self._events = (_Event * 64)()
-        self._now = _Timespec(0, 0)  # io_getevents takes what has completed, never waits
-        self._waiting: dict[int, AsyncResult] = {}
-        self._ids = itertools.count(1)
+    def __init__(self) -> None:
+        self.context = linux_aio.Context(_EVENTS)
+        # caio makes its eventfd inheritable: a program this process execs must not get it.
+        os.set_inheritable(self.context.fileno, False)
+        self.waiting = 0  #: greenlets waiting for their completion
         #: The loop that hears the completions: a greenlet of another loop (another thread's
         #: hub) cannot wait on this one's results, and fsyncs in a thread instead.
         self.loop = gevent.get_hub().loop
-        self._watcher = self.loop.io(self._eventfd, 1)
+        self._watcher = self.loop.io(self.context.fileno, 1)
         self._watcher.start(self._reap)
 
     def abandon(self) -> None:
-        """In a forked child: let go of the parent's eventfd (the AIO context is not ours)."""
-        self._watcher.stop()
-        os.close(self._eventfd)
+        """In a forked child: stop watching the parent's eventfd (the AIO context is not ours)."""
+        self._watcher.close()
 
-    def sync(self, fd: int, opcode: int) -> None:
-        if len(self._waiting) >= _EVENTS:
-            return _in_thread(fd, opcode)
-        key = next(self._ids)
-        self._iocb.data, self._iocb.opcode, self._iocb.fildes = key, opcode, fd
-        if self._libc.syscall(self._submit, self._context, 1, self._list) != 1:
-            error = ctypes.get_errno()
-            if error in _UNSUPPORTED:
-                return _in_thread(fd, opcode)
-            raise OSError(error, os.strerror(error))
-        done = self._waiting[key] = AsyncResult()
+    def sync(self, fd: int, kind: str) -> None:
+        if self.waiting >= _EVENTS:
+            return _in_thread(fd, kind)
+        operation = getattr(linux_aio.Operation, kind)(fd)
+        done = AsyncResult()
+        operation.set_callback(done.set)
         try:
-            done.get()
+            if self.context.submit(operation) != 1:
+                return _in_thread(fd, kind)
+        except (OverflowError, ValueError):
+            # Refused: the ring is full, or no AIO fsync for this descriptor (a pipe: EINVAL)
+            # or no such descriptor (EBADF): the system call runs it or gives fsync's own answer.
+            return _in_thread(fd, kind)
+        except SystemError as refused:
+            code = refused.args[0] if refused.args and isinstance(refused.args[0], int) else None
+            if code is None:
+                raise
+            if code in _UNSUPPORTED:
+                return _in_thread(fd, kind)
+            raise OSError(code, os.strerror(code)) from None
+        self.waiting += 1
+        try:
+            result = done.get()
         finally:
-            # Interrupted: forget it (its completion is still reaped, and dropped).
-            self._waiting.pop(key, None)
+            # Interrupted: its completion is still reaped, and set on a result nobody reads.
+            self.waiting -= 1
+        if result >= _FAILED:
+            code = 2**64 - result
+            raise OSError(code, os.strerror(code))
 
     def _reap(self) -> None:
-        """In the hub: the eventfd counted completions; hand each to its waiter."""
+        """In the hub: the eventfd counted completions; caio hands each to its waiter."""
         try:
-            os.eventfd_read(self._eventfd)
+            self.context.poll()
         except BlockingIOError:
             return
         while True:
-            count = self._libc.syscall(self._getevents, self._context, 0, len(self._events), self._events,
-                                       ctypes.byref(self._now))
-            if count < 0 and ctypes.get_errno() == errno.EINTR:
-                continue  # the counter is read: what completed must be taken now, or never
-            if count <= 0:
-                return
-            for event in self._events[:count]:
-                waiter = self._waiting.pop(event.data, None)
-                if waiter is None:
-                    continue
-                if event.res < 0:
-                    waiter.set_exception(OSError(-event.res, os.strerror(-event.res)))
-                else:
-                    waiter.set(None)
-            if count < len(self._events):
+            try:
+                taken = self.context.process_events(_BATCH)
+            except SystemError as error:
+                if error.args[:1] == (errno.EINTR,):
+                    continue  # the counter is read: what completed must be taken now, or never
+                raise
+            if taken < _BATCH:
                 return
 
 
-def _in_thread(fd: int, opcode: int) -> None:
-    run_blocking(_SYSTEM_CALLS[opcode], fd)
+def _in_thread(fd: int, kind: str) -> None:
+    run_blocking(_SYSTEM_CALLS[kind], fd)
 
 
 _UNSET: Any = object()
 #: This process's ring, None where AIO is not to be had, _UNSET until first used. A forked
 #: child cannot use its parent's AIO context: it sets up its own.
 _here: _Ring | None = _UNSET
+#: In a forked child, the parent's context if something still holds it (a greenlet waiting on
+#: it, or caio itself, which holds an operation and its context until its completion is
+#: reaped: never, in the child). Kept for good: caio's context, once let go of, destroys its
+#: AIO context by number, and the child's own ring may have been given that same number.
+_parents: list[Any] = []
 
 
 def _forget_the_parents() -> None:
     global _here
-    if _here is not None and _here is not _UNSET:
+    if isinstance(_here, _Ring):
         # The eventfd is the parent's too: a child still watching it would read the parent's
         # completions away (and leave its greenlets waiting for ever).
         _here.abandon()
+        context = weakref.ref(_here.context)
+        _here = _UNSET  # nothing else holding it: caio closes the eventfd now (io_destroy: EINVAL)
+        if context() is not None:
+            _parents.append(context())
     _here = _UNSET
 
 
@@ -157,10 +151,9 @@ os.register_at_fork(after_in_child=_forget_the_parents)
 def _ring() -> _Ring | None:
     global _here
     if _here is _UNSET:
-        numbers = _SYSCALLS.get(os.uname().machine)
         try:
-            _here = _Ring(numbers) if numbers and hasattr(os, "eventfd") else None
-        except OSError:
+            _here = _Ring() if linux_aio is not None else None
+        except (SystemError, OSError):  # io_setup or the eventfd refused
             _here = None
     return _here
 
@@ -172,19 +165,19 @@ def available() -> bool:
 
 def fsync(fd: int) -> None:
     """fsync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
-    return _sync(fd, _CMD_FSYNC)
+    return _sync(fd, "fsync")
 
 
 def fdatasync(fd: int) -> None:
     """fdatasync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
-    return _sync(fd, _CMD_FDSYNC)
+    return _sync(fd, "fdsync")
 
 
-def _sync(fd: int, opcode: int) -> None:
+def _sync(fd: int, kind: str) -> None:
     ring = _ring()
     if ring is None:
-        return _in_thread(fd, opcode)
+        return _in_thread(fd, kind)
     if ring.loop is not gevent.get_hub().loop:
         # Another thread (its completions would be heard by the ring's loop, not this one's).
-        return _SYSTEM_CALLS[opcode](fd)
-    return ring.sync(fd, opcode)
+        return _SYSTEM_CALLS[kind](fd)
+    return ring.sync(fd, kind)

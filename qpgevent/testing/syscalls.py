@@ -105,12 +105,16 @@ def syncs(trace: Trace) -> list[Sync]:
     for call in trace.of("fsync") + trace.of("fdatasync"):
         if (path := _SYSCALL_PATH.match(call.args)) is not None:
             found.append(Sync(path.group(1), call.start, call.end, call.result))
-    completed = {data: (call, int(res)) for call in trace.of("io_getevents") for data, res in _COMPLETED.findall(call.args)}
-    for call in trace.of("io_submit"):
+    # A submission's data is the operation's address (caio): reused once it is reaped, so
+    # each submission takes the first completion of its value read back after it.
+    completions = [(call, data, int(res)) for call in trace.of("io_getevents")
+                   for data, res in _COMPLETED.findall(call.args)]
+    for call in sorted(trace.of("io_submit"), key=lambda submitted: submitted.start):
         for data, path in _SUBMITTED.findall(call.args):
-            if data in completed:
-                reaped, result = completed.pop(data)
-                found.append(Sync(path, call.start, reaped.end, result))
+            match = next((c for c in completions if c[1] == data and c[0].end > call.start), None)
+            if match is not None:
+                completions.remove(match)
+                found.append(Sync(path, call.start, match[0].end, match[2]))
     return sorted(found, key=lambda sync: sync.done)
 
 

@@ -176,16 +176,21 @@ def test_a_timeout_while_the_files_are_fsynced_leaves_nothing(make_server, tmp_p
 
 def kernel_fsyncs(trace):
     """Each fsync handed to the kernel: (path, its io_submit call, the io_getevents call that
-    read its completion back or None, the completion's result or the submission's error)."""
-    submitted = {data: (path, call) for call in trace.of("io_submit") for data, path in SUBMITTED.findall(call.args)}
-    completed = {data: (call, int(res)) for call in trace.of("io_getevents") for data, res in COMPLETED.findall(call.args)}
+    read its completion back or None, the completion's result or the submission's error).
+    A submission's data (caio's: its operation's address) is used again once it is reaped:
+    its completion is the first one with that data read back after it was submitted."""
+    completions = sorted(((call, data, int(res)) for call in trace.of("io_getevents")
+                          for data, res in COMPLETED.findall(call.args)), key=lambda c: c[0].end)
     syncs = []
-    for data, (path, call) in submitted.items():
-        if call.result != 1:
-            syncs.append((path, call, None, call.error))
-        else:
-            reaped, result = completed.get(data, (None, None))
-            syncs.append((path, call, reaped, result))
+    for call in sorted(trace.of("io_submit"), key=lambda c: c.start):
+        for data, path in SUBMITTED.findall(call.args):
+            if call.result != 1:
+                syncs.append((path, call, None, call.error))
+                continue
+            mine = next((c for c in completions if c[1] == data and c[0].end > call.end), None)
+            if mine is not None:
+                completions.remove(mine)
+            syncs.append((path, call, mine and mine[0], mine and mine[2]))
     return syncs
 
 

@@ -7,7 +7,9 @@ which thread (the point of the module: none of them in a worker thread).
 from __future__ import annotations
 
 import errno
+import gc
 import os
+import weakref
 
 import gevent
 import gevent.socket
@@ -85,7 +87,7 @@ def test_a_waiter_interrupted_before_the_completion_leaves_nothing_behind(tmp_pa
     waiter.kill(block=True)
     os.close(fd)
     ring = kernel_fsync._ring()
-    assert ring is not None and ring._waiting == {}
+    assert ring is not None and ring.waiting == 0
     fd = written(tmp_path / "next")
     try:
         gevent.with_timeout(30, kernel_fsync.fsync, fd)
@@ -153,3 +155,58 @@ def test_a_child_process_gets_a_ring_of_its_own_and_leaves_the_parents_alone(tmp
         os.close(done)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def in_child(work) -> int:
+    """Fork; the child runs ``work`` and exits 0 if it returned true. Its process id."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if work() else 1)
+        except BaseException:
+            os._exit(2)
+    return pid
+
+
+def test_a_child_never_destroys_an_aio_context_once_it_has_its_own(tmp_path):
+    """caio's context, once let go of, closes its eventfd and destroys its AIO context by
+    number: in a child that number is no context of its own (io_destroy: EINVAL), unless the
+    child's own ring was given the same one. So a child lets go of the parent's context at the
+    fork, before it sets up its own (the parent's eventfd closed there); if anything still holds
+    it then (here a list the child empties once its own ring is up; in a server, an fsync in
+    flight: caio holds it and its context until its completion is reaped, which in the child
+    it never is), the child keeps it for good, and never destroys it."""
+    assert kernel_fsync.available()
+    parents = weakref.ref(kernel_fsync._here)  # (a reference would keep it in the child)
+    eventfd = f"{kernel_fsync._here.context.fileno}<anon_inode:[eventfd"
+    fd = written(tmp_path / "m")
+    held = []
+
+    def fsync_on_a_ring_of_its_own():
+        kernel_fsync.fsync(fd)
+        held.clear()  # the last other reference to the parent's ring, if any, goes now
+        gc.collect()
+        return kernel_fsync._here is not None and kernel_fsync._here is not parents()
+
+    try:
+        with traced(os.getpid(), ["close", "io_setup", "io_destroy"], tmp_path / "strace.out") as trace:
+            gc.collect()  # earlier tests' tracebacks hold frames of the ring's: it would be kept
+            quiet = in_child(fsync_on_a_ring_of_its_own)
+            held.append(parents())
+            kept = in_child(fsync_on_a_ring_of_its_own)
+            held.clear()
+            waiter = gevent.spawn(kernel_fsync.fsync, fd)
+            gevent.sleep(0)  # submitted, not yet reaped: in flight when the child is forked
+            busy = in_child(fsync_on_a_ring_of_its_own)
+            waiter.get(timeout=30)
+            statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in (quiet, kept, busy)]
+    finally:
+        os.close(fd)
+    assert statuses == [0, 0, 0]
+    for pid in quiet, kept, busy:
+        (own,) = [c for c in trace.of("io_setup") if c.pid == pid and c.result == 0]
+        assert all(c.end < own.start for c in trace.of("io_destroy") if c.pid == pid)
+    assert [c.result for c in trace.of("close") if c.pid == quiet and c.args.startswith(eventfd)] == [0]
+    for pid in kept, busy:
+        assert [c for c in trace.of("io_destroy") if c.pid == pid] == []
+        assert [c for c in trace.of("close") if c.pid == pid and c.args.startswith(eventfd)] == []
