@@ -83,7 +83,9 @@ class Crew:
                 contextvars.Context().run(self.handle, *args)
             except gevent.GreenletExit:
                 pass  # ended by the server (kill, throw): the session is over
-            except Exception:  # a Greenlet would report it so, and die; we serve on
+            # A Greenlet would report it so, and die; we serve on. gevent.Timeout too: one a
+            # plugin left running in an earlier session of this greenlet can land here.
+            except (Exception, gevent.Timeout):
                 self.hub.handle_error(me, *sys.exc_info())
             finally:
                 busy.discard(me)
@@ -94,12 +96,28 @@ class Crew:
             if self._closed or len(spare) >= self.spares:
                 return
             spare.append(me)
-            try:
-                args = switch()
-            except gevent.GreenletExit:  # ended while spare: the server stops
-                if me in spare:
-                    spare.remove(me)
+            waiting = self._next_connection(me, switch)
+            if waiting is None:
                 return
+            args = waiting
+
+    def _next_connection(self, me: greenlet, switch: Callable[[], Any]) -> tuple[Any, ...] | None:
+        """Wait as a spare for the next connection's arguments; None once the server ends
+        this greenlet (GreenletExit). Any other exception thrown in meanwhile was meant for
+        a session that has ended: a timer its plugin left armed (``gevent.Timeout`` started
+        and never cancelled), which would have hit a dead greenlet before greenlets outlived
+        their connection. It is logged and dropped: letting it kill the spare would leave a
+        dead greenlet in the list, and the next connection handed to it would be lost."""
+        while True:
+            try:
+                return switch()
+            except gevent.GreenletExit:
+                if me in self._spare:
+                    self._spare.remove(me)
+                return None
+            except BaseException as stray:  # gevent.Timeout is a BaseException
+                log.warning("dropped %r: thrown between sessions, meant for one that ended "
+                            "(a plugin's timer left running?)", stray)
 
     def _room(self) -> None:
         paused, self._paused = self._paused, []

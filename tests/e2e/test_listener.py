@@ -3,8 +3,9 @@
 A greenlet serves one connection after another, each in a fresh context; at most
 ``capacity`` at once (the kernel queues the rest until one ends); at most ``spares`` wait
 between connections; a session that raises does not stop the serving; a worker out of
-descriptors pauses accepting and serves again once it has some; and the operator's kick of a
-session that ended never reaches the next connection its greenlet took.
+descriptors pauses accepting and serves again once it has some; the operator's kick of a
+session that ended never reaches the next connection its greenlet took; and a timer a session
+left running, firing after it ended, costs no later connection.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ class Harness:
     """A Listener and its Crew on a loopback socket; ``handle`` says "ok <n>" and holds the
     connection until the client closes."""
 
-    def __init__(self, capacity: int = 100, spares: int = 8, fail_first: bool = False) -> None:
+    def __init__(self, capacity: int = 100, spares: int = 8, fail_first: bool = False,
+                 timer_seconds: float | None = None) -> None:
         self.records: list[tuple[object, str | None]] = []
         self.fail_first = fail_first
+        self.timer_seconds = timer_seconds  #: each session starts a gevent.Timeout and never cancels it
+        self.timers: list[gevent.Timeout] = []
         self.crew = Crew(self.handle, capacity, spares)
         sock = gevent.socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -46,6 +50,8 @@ class Harness:
             SEEN.set(f"session {len(self.records)}")  # the next session must not see it
             if self.fail_first and len(self.records) == 1:
                 raise RuntimeError("a bug in a session")
+            if self.timer_seconds is not None:  # a plugin's mistake: started, never cancelled
+                self.timers.append(gevent.Timeout.start_new(self.timer_seconds))
             sock.sendall(f"ok {len(self.records)}\r\n".encode())
             while sock.recv(100):
                 pass
@@ -167,3 +173,34 @@ def test_out_of_descriptors_the_worker_pauses_accepting_then_serves_again(tmp_pa
         for client in clients:
             client.close()
         server.terminate()
+
+
+def test_a_timer_left_running_by_an_ended_session_costs_no_later_connection(harness):
+    # Fired while its greenlet waits as a spare: dropped, and the spare serves the next client.
+    served = harness(spares=1, timer_seconds=1)
+    with served.connect() as client:
+        assert greeting(client) == b"ok 1\r\n"
+    wait_until(lambda: not served.crew.busy, 10, "the session ended")
+    wait_until(lambda: not served.timers[0].pending, 10, "its timer fired")
+    served.timer_seconds = None
+    with served.connect() as client:
+        assert greeting(client) == b"ok 2\r\n"
+    assert served.records[0][0] is served.records[1][0]
+
+
+def test_a_timer_that_lands_in_a_later_session_ends_that_one_and_the_greenlet_serves_on(harness):
+    # Fired into the next session of its greenlet: that session ends (its socket closes), as if
+    # its own code had raised; the greenlet is not lost with it.
+    served = harness(spares=1, timer_seconds=2)  # the second client is served well before
+    with served.connect() as client:
+        assert greeting(client) == b"ok 1\r\n"
+    wait_until(lambda: not served.crew.busy, 10, "the first session ended")
+    served.timer_seconds = None
+    second = served.connect()
+    with second:
+        assert greeting(second) == b"ok 2\r\n"
+        second.settimeout(30)
+        assert second.recv(100) == b""  # the first session's timer ended the second
+    with served.connect() as client:
+        assert greeting(client) == b"ok 3\r\n"
+    assert served.records[0][0] is served.records[1][0] is served.records[2][0]
