@@ -30,9 +30,12 @@ import re
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.session import SessionLogger, redact, session_ids  # noqa: F401 (their home is the engine)
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(context)s%(message)s"
 #: Syslog adds its own time stamp and host; we add the program name and pid (RFC 3164 TAG).
@@ -160,6 +163,13 @@ def configure(level: str = "info", path: str = "", format: str = "text", syslog:
     root.setLevel(level.upper())
     root.propagate = False
     logging.getLogger("qpgevent.trace").setLevel(logging.DEBUG if trace else logging.NOTSET)
+
+
+def configure_from(settings: Settings, level: str | None = None) -> None:
+    """``configure`` as ``settings``' ``[logging]`` says; ``level`` (``--log-level``) overrides its level."""
+    configure(level or settings.log_level, settings.log_file, settings.log_format, settings.log_syslog,
+              settings.log_syslog_facility, settings.log_syslog_address,
+              trace=settings.log_trace or bool(settings.log_trace_clients))
 
 
 def reopen() -> int:

@@ -132,16 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Logging first, so what plugins say while they set up goes where the rest goes.
         try:
-            log_module.configure(args.log_level or settings.log_level, settings.log_file, settings.log_format,
-                                 settings.log_syslog, settings.log_syslog_facility, settings.log_syslog_address,
-                                 trace=settings.log_trace or bool(settings.log_trace_clients))
+            log_module.configure_from(settings, args.log_level)
         except OSError as error:
             key = "file" if error.filename or not settings.log_syslog else "syslog_address"
             raise ConfigError(f"{settings.path}: [logging] {key}: cannot open: {error.strerror}") from None
         # The master checks who we run as, binds, loads the plugins (the resolver first),
         # forks the workers and supervises them until TERM/INT.
         try:
-            return Master(settings, listen_override=args.listen, workers_override=args.workers).run()
+            return Master(settings, listen_override=args.listen, workers_override=args.workers,
+                          log_level_override=args.log_level).run()
         except StartError:
             # The master binds before it loads the plugins (as root it must: it drops root in
             # between). A mistake in a plugin is what the operator must fix first, and a busy

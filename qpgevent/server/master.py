@@ -90,10 +90,11 @@ KILL_GRACE = 10.0  #: seconds past shutdown_timeout before a stopping worker is 
 
 class Master(Reloading):
     def __init__(self, settings: Settings, listen_override: list[str] | None = None,
-                 workers_override: int | None = None) -> None:
+                 workers_override: int | None = None, log_level_override: str | None = None) -> None:
         self.settings = settings
         self.listen_override = listen_override
         self.workers_override = workers_override
+        self.log_level_override = log_level_override  #: --log-level: kept over [logging] level at a reload
         self.pid = os.getpid()
         self.listeners: list[socket.socket] = []
         self.workers: dict[int, Worker] = {}  #: pid -> worker, every live one

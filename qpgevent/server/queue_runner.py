@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         privileges.die_with_parent(args.parent)
     try:
         settings = config_module.load(args.config)
-        log_module.configure(args.log_level or settings.log_level, settings.log_file, settings.log_format,
-                             settings.log_syslog, settings.log_syslog_facility, settings.log_syslog_address)
+        log_module.configure_from(settings, args.log_level)
         configure_services(settings)
         if settings.admin_listen is not None:
             metrics.init(admin.metrics_dir(settings))  # the master's folder, not cleared: it is in use

@@ -5,9 +5,12 @@ it and keeps the running workers. Else it forks a new generation of workers with
 config, and once all of them serve, TERMs the old ones, which drain as at a stop (``master``). The listening sockets never
 close, so no connection is refused; old workers finish what they accepted. The listen
 addresses and user/group cannot change on a reload (we are no longer root to bind
-port 25): a change is logged and needs a restart. Once the new workers serve, the queue
-runner is replaced too (``queue_runner.on_reload``: the old one finishes its deliveries in
-flight first).
+port 25): a change is logged and needs a restart. ``[logging]`` is set up again in the
+master when it changed, just before the new workers fork, so they and the next queue runner
+inherit it (the old workers log as before while they drain); a log file or syslog socket
+that cannot be opened fails the reload like any config mistake. Once the new workers serve,
+the queue runner is replaced too (``queue_runner.on_reload``: the old one finishes its
+deliveries in flight first).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import logging
 
 from .. import config as config_module
+from ..backends import log as log_module
 from ..backends.services import configure_services
 from ..config import Settings
 from ..core.errors import ConfigError
@@ -34,11 +38,10 @@ FIXED_AT_START = {
     "admin_listen": "[admin] listen", "admin_token": "[admin] token", "admin_run_dir": "[admin] run_dir",
     "admin_refresh": "[admin] refresh", "admin_max_connections": "[admin] max_connections",
     "admin_timeout": "[admin] timeout",
-    # Logging is set up once, in the master, before the workers inherit it.
-    "log_level": "[logging] level", "log_file": "[logging] file", "log_format": "[logging] format",
-    "log_syslog": "[logging] syslog", "log_syslog_facility": "[logging] syslog_facility",
-    "log_syslog_address": "[logging] syslog_address",
 }
+#: The settings of ``[logging]``: set up again in the master when one changes.
+LOGGING = ("log_level", "log_file", "log_format", "log_syslog", "log_syslog_facility",
+           "log_syslog_address", "log_trace", "log_trace_clients")
 
 
 class Reloading:
@@ -47,6 +50,7 @@ class Reloading:
     settings: Settings
     listen_override: list[str] | None
     workers_override: int | None
+    log_level_override: str | None
     workers: dict[int, Worker]
     current: Generation | None
     pending: Generation | None  #: a reload whose workers are starting
@@ -91,9 +95,25 @@ class Reloading:
                       "them (the session table, sized at start, holds %d); that takes a restart",
                       generation.size, self.table.rows)
             return
+        if not self._set_up_logging(settings):
+            return
         self.pending = generation
         for slot in range(generation.size):
             self._spawn(generation, slot)
+
+    def _set_up_logging(self, settings: Settings) -> bool:
+        """Log as the new ``[logging]`` says, if it changed (new workers fork after this and
+        inherit it); False, logged, when its file or syslog socket cannot be opened: the
+        reload fails then, and logging stays as it was."""
+        if all(getattr(settings, name) == getattr(self.settings, name) for name in LOGGING):
+            return True
+        try:
+            log_module.configure_from(settings, self.log_level_override)
+        except (OSError, ValueError) as error:
+            log.error("reload failed, the running workers stay: [logging]: %s", error)
+            return False
+        log.info("reload: [logging] set up again")
+        return True
 
     def _keep_fixed_settings(self, settings: Settings) -> Settings:
         """``settings`` with what a reload cannot change (sockets, identity) as at start."""
