@@ -12,6 +12,13 @@ that covers its file, and a lone session waits for nobody. If that fsync fails, 
 message it was to cover is taken back out of ``new/`` and refused with 451, so that the
 retries deliver each message once.
 
+A disk that holds an fsync past the hook's ``timeout`` (a sick disk, a stalled network file
+system): a message still in ``tmp/`` gets its 451 at once and never enters ``new/``, not
+even once the disk lets the fsync go (its file is removed then), and the other sessions are
+served meanwhile; a message already renamed into ``new/`` (its fsync of ``new/`` held) is
+taken back out before its 451, which therefore waits for the disk. No 451 is sent while the
+message is in ``new/``.
+
 On Linux the fsyncs of a small message (up to 256 KiB, one Maildir) are handed to the
 kernel (Linux AIO: the kernel runs the same fsync and tells the event loop when it is done),
 not to a worker thread, whose hand-overs of the interpreter lock cost more CPU than the fsync
