@@ -23,6 +23,7 @@ worker threads (as where AIO is refused). The rules every test checks:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import smtplib
 import time
@@ -35,6 +36,7 @@ from hardening_helpers import client_in_data
 from qpgevent.backends import kernel_fsync
 from qpgevent.testing import wait_until
 from qpgevent.testing.faulty_disk import FaultyDisk
+from qpgevent.testing.syscalls import traced
 
 PLUGINS = "[[rcpt_ok]]\n  domains = example.test\n[[queue/maildir]]\n  path = Maildir\n  timeout = 1\n"
 HELD = 20  #: seconds the disk holds an fsync at most: the tests let it go sooner (heal)
@@ -114,7 +116,15 @@ def moved_into_new(disk, path: str) -> list:
             and e.target.startswith("/new/")]
 
 
-def test_a_file_fsync_held_past_the_timeout_gets_4xx_and_never_enters_new(disk, server):
+def nothing_went_wrong_but_the_timeouts(caplog, capfd):
+    """No error logged but the hook's timeouts, no traceback printed (gevent's pool and hub
+    print what escapes them): a late completion broke nothing."""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [e for e in errors if "timed out" not in e] == [], errors
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_file_fsync_held_past_the_timeout_gets_4xx_and_never_enters_new(disk, server, caplog, capfd):
     disk.slow("/tmp/*", HELD, times=1)
     assert send(server, 1)[0] == 451
     (held,) = disk.held()  # the kernel is still at it: the 4xx did not wait for the disk
@@ -130,6 +140,7 @@ def test_a_file_fsync_held_past_the_timeout_gets_4xx_and_never_enters_new(disk, 
     assert send(server, 3)[0] == 250
     assert moved_into_new(disk, held) == []  # not even for a moment
     assert delivered(disk) == [2, 3] and in_folder(disk, "tmp") == []
+    nothing_went_wrong_but_the_timeouts(caplog, capfd)
 
 
 def test_b_a_file_fsync_failing_at_completion_gets_4xx_and_never_enters_new(disk, server):
@@ -141,6 +152,20 @@ def test_b_a_file_fsync_failing_at_completion_gets_4xx_and_never_enters_new(disk
     assert in_folder(disk, "new") == [] and in_folder(disk, "tmp") == []
     assert send(server, 1)[0] == 250  # the retry, on a healthy disk: delivered once
     assert delivered(disk) == [1]
+
+
+def test_with_aio_the_disk_error_arrives_with_the_completion(disk, make_server, tmp_path):
+    """What strace's injection cannot do: io_submit takes the fsync (returns 1), the kernel runs
+    it, and the EIO comes back in the completion that io_getevents reads."""
+    assert kernel_fsync.available()
+    server = make_server(PLUGINS)  # (after the disk is mounted: the argument order)
+    disk.fail("/tmp/*", times=1)
+    with traced(os.getpid(), ["io_submit", "io_getevents", "fsync"], tmp_path / "strace.out") as trace:
+        assert send(server, 1) == REFUSED
+    submitted = [c for c in trace.of("io_submit") if "/tmp/" in c.args]
+    assert submitted and all(c.result == 1 for c in submitted)  # taken, not refused
+    assert any(f"res={-errno.EIO}" in c.args for c in trace.of("io_getevents"))
+    assert trace.of("fsync") == []  # no thread's fsync system call took part
 
 
 def test_c_a_failed_fsync_of_new_takes_the_message_back_out_before_the_4xx(disk, server):
@@ -170,7 +195,7 @@ def test_c_an_fsync_of_new_slower_than_the_timeout_answers_4xx_once_the_message_
     assert delivered(disk) == [2]
 
 
-def test_a_burst_whose_file_fsyncs_are_held_gets_4xx_and_nothing_enters_new(disk, server):
+def test_a_burst_whose_file_fsyncs_are_held_gets_4xx_and_nothing_enters_new(disk, server, caplog, capfd):
     disk.slow("/tmp/*", HELD)
     assert set(burst(server, range(BURST)).values()) == {451}
     assert len(disk.held()) == BURST and in_folder(disk, "new") == []
@@ -179,6 +204,7 @@ def test_a_burst_whose_file_fsyncs_are_held_gets_4xx_and_nothing_enters_new(disk
     assert [e for e in disk.events() if e.call in ("rename", "link")] == []
     assert set(burst(server, range(BURST)).values()) == {250}  # the retries, on a healthy disk
     assert delivered(disk) == list(range(BURST))
+    nothing_went_wrong_but_the_timeouts(caplog, capfd)
 
 
 def test_c_a_failed_fsync_of_new_refuses_the_burst_it_covered_and_no_other(disk, server):
