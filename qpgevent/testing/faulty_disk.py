@@ -146,7 +146,7 @@ class FaultyDisk:
         self.heal()
         # Asked even when the mount looks gone: a mount whose daemon died answers ENOTCONN.
         unmounted = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True).returncode == 0
-        if not unmounted and self._mounted():
+        if not unmounted and self.is_mounted():
             # Still in use (a file left open): detach it now.
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
         if self.process is not None:
@@ -161,7 +161,8 @@ class FaultyDisk:
                 self.process.wait(timeout=30)
             self.process = None
 
-    def _mounted(self) -> bool:
+    def is_mounted(self) -> bool:
+        """Whether the mount table still has it (however its daemon is)."""
         with open("/proc/self/mounts") as mounts:
             return any(line.split()[1] == str(self.mountpoint) for line in mounts)
 

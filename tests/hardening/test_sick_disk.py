@@ -8,7 +8,7 @@ threads) or handed it to the kernel with Linux AIO (then the error arrives with 
 completion). The daemon also logs every rename, link and unlink it is asked for, so the
 tests see whether a message ever entered ``new/``, not only whether it is there at the end.
 
-Each test runs both ways the server fsyncs (``fsync_way``): Linux AIO (the default here) and
+The tests run both ways the server fsyncs (``fsync_way``): Linux AIO (the default here) and
 worker threads (as where AIO is refused). The rules every test checks:
 
 - a message whose fsync is held past the queue hook's timeout gets 4xx and is never renamed
@@ -236,3 +236,16 @@ def test_an_interrupted_fsync_leaves_its_cleanup_until_the_disk_is_done(disk, fs
     (done,) = [e for e in disk.events() if e.call == "fsync"]
     assert done.error == 0
     os.close(fd)
+
+
+def test_the_disk_unmounts_and_its_daemon_ends_even_with_a_file_left_open(tmp_path):
+    disk = FaultyDisk(tmp_path / "disk", tmp_path / "mount", tmp_path / "faults")
+    with disk:
+        fd = os.open(disk.mountpoint / "left open", os.O_WRONLY | os.O_CREAT, 0o600)
+        daemon = disk.process
+    try:
+        assert not disk.is_mounted()
+        assert daemon is not None and daemon.poll() is not None
+    finally:
+        with pytest.raises(OSError):  # its file system is gone: ENOTCONN
+            os.close(fd)
