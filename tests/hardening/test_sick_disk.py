@@ -66,18 +66,20 @@ def server(disk, fsync_way, make_server):
     return make_server(PLUGINS)
 
 
-def message(number: int) -> bytes:
-    return f"Subject: {number}\r\n\r\nmessage {number}\r\n".encode()
+def message(number: int, size: int = 0) -> bytes:
+    """Message ``number``, with ``size`` octets of text lines before its last line if asked."""
+    filler = (b"y" * 78 + b"\r\n") * (size // 80)
+    return f"Subject: {number}\r\n\r\n".encode() + filler + f"message {number}\r\n".encode()
 
 
-def send(server, number: int) -> tuple[int, bytes]:
+def send(server, number: int, size: int = 0) -> tuple[int, bytes]:
     """One message in a session of its own: the reply to its end of data."""
     with smtplib.SMTP(server.host, server.port, local_hostname="client.example.test", timeout=120) as smtp:
         smtp.ehlo()
         assert smtp.mail("a@client.test")[0] == 250
         assert smtp.rcpt("bob@example.test")[0] == 250
         assert smtp.docmd("DATA")[0] == 354
-        smtp.send(message(number) + b".\r\n")
+        smtp.send(message(number, size) + b".\r\n")
         return smtp.getreply()
 
 
@@ -141,6 +143,18 @@ def test_a_file_fsync_held_past_the_timeout_gets_4xx_and_never_enters_new(disk, 
     assert moved_into_new(disk, held) == []  # not even for a moment
     assert delivered(disk) == [2, 3] and in_folder(disk, "tmp") == []
     nothing_went_wrong_but_the_timeouts(caplog, capfd)
+
+
+def test_a_large_message_held_past_the_timeout_gets_4xx_and_never_enters_new(disk, server):
+    """Past 256 KiB a message is delivered in a worker thread, however the server fsyncs."""
+    disk.slow("/tmp/*", HELD, times=1)
+    assert send(server, 1, size=300_000)[0] == 451
+    (held,) = disk.held()
+    disk.heal()
+    wait_until(lambda: not disk.held() and in_folder(disk, "tmp") == [], 30, "the late fsync done, tmp/ emptied")
+    assert moved_into_new(disk, held) == [] and in_folder(disk, "new") == []
+    assert send(server, 1, size=300_000)[0] == 250
+    assert delivered(disk) == [1]
 
 
 def test_b_a_file_fsync_failing_at_completion_gets_4xx_and_never_enters_new(disk, server):
