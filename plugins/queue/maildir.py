@@ -258,11 +258,12 @@ class Maildir(Plugin):
         tmp, target = os.path.join(mailbox, "tmp", name), os.path.join(mailbox, "new", name)
         fd = self._write(tmp, transaction, prefix, keep_open=True)
         try:
-            # Interrupted (the hook's timeout) while a sick disk holds the fsync: the file is
-            # closed and removed once the kernel is done with it (before, both could block the
-            # whole process on the file's lock). It is only in tmp/: the client hears 4xx at once.
+            # Interrupted (the hook's timeout, a BaseException) while a sick disk holds the
+            # fsync: the file is closed and removed once the kernel is done with it (before,
+            # both could block the whole process on the file's lock). It is only in tmp/: the
+            # client hears 4xx at once.
             disk.fsync_file(fd, abandoned=lambda: _close_and_remove(fd, tmp))
-        except OSError:
+        except Exception:  # the fsync failed (or never started): nothing holds the file
             _close_and_remove(fd, tmp)
             raise
         try:
