@@ -54,6 +54,9 @@ setup(
                              "locust>=2.20", "trustme>=1.1", "dkimpy>=1.1", "pyspf>=2.0.14", "ldap3>=2.9",
                              "cryptography>=42",  # queue/outbound's DANE-TA checks (the "outbound" extra)
                              "hypothesis>=6.100",  # tests/hardening: the fuzzers of the sans-I/O core
+                             # testing/faulty_disk.py: the FUSE file system of tests/hardening/test_sick_disk.py
+                             # (ctypes over Debian's libfuse3; tools/install-test-deps installs fuse3)
+                             "mfusepy>=3.1",
                              "mypy>=1.10"],  # .ci/run type-checks the package (mypy.ini)
                     # sender_permitted_from needs pyspf, dkim needs dkimpy: only those plugins.
                     "auth": ["dkimpy>=1.1", "pyspf>=2.0.14"],

@@ -12,6 +12,13 @@ that covers its file, and a lone session waits for nobody. If that fsync fails, 
 message it was to cover is taken back out of ``new/`` and refused with 451, so that the
 retries deliver each message once.
 
+A disk that holds an fsync past the hook's ``timeout`` (a sick disk, a stalled network file
+system): a message still in ``tmp/`` gets its 451 at once and never enters ``new/``, not
+even once the disk lets the fsync go (its file is removed then), and the other sessions are
+served meanwhile; a message already renamed into ``new/`` (its fsync of ``new/`` held) is
+taken back out before its 451, which therefore waits for the disk. No 451 is sent while the
+message is in ``new/``.
+
 On Linux the fsyncs of a small message (up to 256 KiB, one Maildir) are handed to the
 kernel (Linux AIO: the kernel runs the same fsync and tells the event loop when it is done),
 not to a worker thread, whose hand-overs of the interpreter lock cost more CPU than the fsync
@@ -199,8 +206,9 @@ class Maildir(Plugin):
                 (mailboxes, prefix), = batches
                 delivered, unsynced = self._deliver_small(transaction, name, mailboxes[0], prefix)
             elif self.config["fsync"] or transaction.data_size > INLINE_BYTES:
-                # The hook's timeout may give up on the thread: then what it delivered is
-                # taken back once it is done (never both a 4xx and a delivery).
+                # The hook's timeout may give up on the thread: before the rename into new/
+                # the thread stops there; after it, the 4xx waits until the message is taken
+                # back out (never both a 4xx and a delivery).
                 delivered, unsynced = disk.run_blocking_undoable(self._deliver_all, _take_back_delivery,
                                                                  transaction, name, batches)
             else:
@@ -250,16 +258,19 @@ class Maildir(Plugin):
         tmp, target = os.path.join(mailbox, "tmp", name), os.path.join(mailbox, "new", name)
         fd = self._write(tmp, transaction, prefix, keep_open=True)
         try:
-            try:
-                disk.fsync_file(fd)
-            finally:
-                os.close(fd)
+            # Interrupted (the hook's timeout, a BaseException) while a sick disk holds the
+            # fsync: the file is closed and removed once the kernel is done with it (before,
+            # both could block the whole process on the file's lock). It is only in tmp/: the
+            # client hears 4xx at once.
+            disk.fsync_file(fd, abandoned=lambda: _close_and_remove(fd, tmp))
+        except Exception:  # the fsync failed (or never started): nothing holds the file
+            _close_and_remove(fd, tmp)
+            raise
+        try:
+            os.close(fd)
             os.rename(tmp, target)
         except BaseException:
-            # Failed, or the hook's timeout gave up on the thread (it closes the file
-            # itself): nothing is in new/, the client hears 4xx.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _remove(tmp)
             raise
         return [target], [os.path.join(mailbox, "new")]
 
@@ -291,6 +302,9 @@ class Maildir(Plugin):
         self._write(first, transaction, prefix)
         delivered = []
         try:
+            # Past here the message can be seen in new/: a hook that timed out meanwhile stops
+            # us here (disk.Abandoned), or waits for us and the take-back before its 4xx.
+            disk.point_of_no_return()
             # Hard links into all new/ folders but the last, and a rename into the last:
             # with one Maildir, that is the classic tmp/ -> new/ rename.
             for i, mailbox in enumerate(mailboxes):
@@ -391,8 +405,19 @@ def _take_back(delivered):
     """The client will hear 4xx and retry: take back what the first recipients got, so
     no one has the message twice (never both a 4xx and a delivery)."""
     for target in delivered:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
+        _remove(target)
+
+
+def _remove(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _close_and_remove(fd, path):
+    try:
+        os.close(fd)
+    finally:
+        _remove(path)
 
 
 def _one_file(batches):

@@ -17,13 +17,18 @@ the caller's entries are made:
 A failed fsync raises its ``OSError`` in every caller it was to cover (each then takes its
 entries back and answers 4xx); the next batch tries again.
 
-``fsync_file(fd)``, from a greenlet: fsync a file through the kernel's AIO where Linux allows
-(``kernel_fsync``: no worker thread, whose GIL hand-overs cost more CPU than the fsync), in a
-worker thread elsewhere; ``without_threads()`` says which.
+``fsync_file(fd, abandoned)``, from a greenlet: fsync a file through the kernel's AIO where
+Linux allows (``kernel_fsync``: no worker thread, whose GIL hand-overs cost more CPU than the
+fsync), in a worker thread elsewhere; ``without_threads()`` says which. A caller interrupted
+meanwhile leaves its cleanup (``abandoned``) to run once the kernel is done with the file.
 
 ``run_blocking_undoable(function, undo, *args)`` is ``run_blocking`` for work that must be
-taken back when its caller gives up on it (the hook's timeout): the thread cannot be stopped,
-so ``undo(result)`` runs once it has finished.
+taken back when its caller gives up on it (the hook's timeout): the thread cannot be stopped.
+The work calls ``point_of_no_return()`` just before the first step others may see (a rename
+into ``new/``). A caller that gives up before it goes on at once, and the work stops there
+(``Abandoned``), having cleaned up after itself; a caller that gives up after it waits for the
+work to end and for ``undo(result)``, so that its 4xx is never sent while the work can be seen.
+Work that never calls it is taken back (``undo``) once it has finished, unwaited.
 
 Used by queue/maildir for its ``new/`` folders; any plugin that renames files into place
 can use it the same way.
@@ -42,10 +47,13 @@ from gevent.event import AsyncResult
 from ..plugin import run_blocking
 from . import kernel_fsync
 
-__all__ = ["FolderSync", "fsync_file", "fsync_folder", "run_blocking_undoable", "without_threads"]
+__all__ = ["Abandoned", "FolderSync", "fsync_file", "fsync_folder", "point_of_no_return",
+           "run_blocking_undoable", "without_threads"]
 
 #: A lock of the operating system (gevent's would switch greenlets): worker threads take it.
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
+#: Per worker thread (the operating system's, not gevent's greenlet-local): the job it runs.
+_job = monkey.get_original("_thread", "_local")()
 
 
 class FolderSync:
@@ -118,33 +126,96 @@ class _Folder:
         self.committer: gevent.Greenlet | None = None
 
 
-def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], Any], *args: Any) -> Any:
-    """``run_blocking(function, *args)``; if the caller is interrupted first, ``undo(result)`` once it returns.
+class Abandoned(Exception):
+    """Raised in the worker thread by ``point_of_no_return()``: its caller has given up."""
 
+
+class _Commitment:
+    """Whether an undoable job has passed its point of no return, or its caller gave up first."""
+
+    def __init__(self) -> None:
+        self._lock = _allocate_lock()  # held for a flag, never during I/O (the loop's thread takes it)
+        self.committed = self.abandoned = False
+
+    def commit(self) -> None:
+        with self._lock:
+            if self.abandoned:
+                raise Abandoned("the caller gave up")
+            self.committed = True
+
+    def abandon(self) -> bool:
+        """Give up on the job: True if it had not passed its point of no return (it stops there)."""
+        with self._lock:
+            self.abandoned = not self.committed
+            return self.abandoned
+
+
+def point_of_no_return() -> None:
+    """In the work of ``run_blocking_undoable``, before the first step others may see: raise
+    ``Abandoned`` if the caller has given up (stop, clean up: nothing will be undone); else, from
+    here on, a caller that gives up waits for the work and its undo. Elsewhere: nothing."""
+    commitment = getattr(_job, "commitment", None)
+    if commitment is not None:
+        commitment.commit()
+
+
+def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], Any], *args: Any) -> Any:
+    """``run_blocking(function, *args)``; a caller interrupted first never leaves its work seen.
+
+    Interrupted before the work's ``point_of_no_return()``: the work stops there, and the
+    interruption goes on at once. After it: the interruption waits until the work has ended
+    and ``undo(result)`` has run. Work that never calls it: ``undo(result)`` once it returns.
     As in ``run_blocking``, what ``function`` raises is raised in the caller only: the pool's
     own handler would print it with a traceback (a full disk is an answer, not a crash).
     """
     pool = gevent.get_hub().threadpool
-    job = pool.spawn(_outcome, function, args)
+    commitment = _Commitment()
+    job = pool.spawn(_committing, commitment, function, args)
     try:
         failed, value = job.get()
     except BaseException:
-        def take_back(done: Any) -> None:
-            # A greenlet of its own waits for a thread: a link runs in the hub, where nothing
-            # may wait, not even for a free thread of a busy pool (the undo was lost there).
-            if done.successful() and not done.value[0]:
-                gevent.spawn(pool.apply, undo, (done.value[1],))
-
-        # The job may have ended in the same turn of the loop as the interruption: then it
-        # is done already, and what it delivered is taken back all the same.
-        if job.ready():
-            take_back(job)
-        else:
-            job.rawlink(take_back)
+        if not commitment.abandon():
+            # Past its point of no return (a file renamed into new/): the caller's 4xx must not
+            # go out while that can be seen, or a crash before the undo, and the client's
+            # retry, deliver it twice. So the caller waits for the disk, however sick.
+            try:
+                failed, value = job.get()
+                if not failed:
+                    pool.apply(_outcome, (undo, (value,)))
+            except BaseException:  # interrupted again (the server stopping): undo when done
+                _undo_when_done(job, undo)
+                raise
+            raise
+        _undo_when_done(job, undo)
         raise
     if failed:
         raise value
     return value
+
+
+def _undo_when_done(job: Any, undo: Callable[[Any], Any]) -> None:
+    pool = gevent.get_hub().threadpool
+
+    def take_back(done: Any) -> None:
+        # A greenlet of its own waits for a thread: a link runs in the hub, where nothing
+        # may wait, not even for a free thread of a busy pool (the undo was lost there).
+        if done.successful() and not done.value[0]:
+            gevent.spawn(pool.apply, undo, (done.value[1],))
+
+    # The job may have ended in the same turn of the loop as the interruption: then it
+    # is done already, and what it delivered is taken back all the same.
+    if job.ready():
+        take_back(job)
+    else:
+        job.rawlink(take_back)
+
+
+def _committing(commitment: _Commitment, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    _job.commitment = commitment
+    try:
+        return _outcome(function, args)
+    finally:
+        _job.commitment = None
 
 
 def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
@@ -154,9 +225,15 @@ def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool,
         return True, error
 
 
-def fsync_file(fd: int) -> None:
-    """From a greenlet: fsync ``fd``, through the kernel's AIO where it can (no thread)."""
-    kernel_fsync.fsync(fd)
+def fsync_file(fd: int, abandoned: Callable[[], Any] | None = None) -> None:
+    """From a greenlet: fsync ``fd``, through the kernel's AIO where it can (no thread).
+
+    ``abandoned``: the caller's cleanup of the file (close it, remove it) should it be
+    interrupted (the hook's timeout) while the fsync runs; it is spawned once that fsync has
+    ended, not before: on a sick disk, closing or removing a file whose fsync runs may wait
+    for it (a FUSE file system holds the file's lock, and an unlink the folder's meanwhile).
+    """
+    kernel_fsync.fsync(fd, abandoned)
 
 
 def without_threads() -> bool:

@@ -19,13 +19,17 @@ full, the same call runs in a worker thread instead: slower, never less safe. A 
 another thread than the loop that set the ring up (a worker thread itself) fsyncs right there.
 
 If the waiting greenlet is interrupted (the hook's timeout), the fsync still completes in the
-kernel, which holds its own reference to the file: the caller may close the descriptor.
+kernel (or the thread), which holds its own reference to the file. The caller may close the
+descriptor, but on a sick disk closing or removing the file may wait for that fsync (a FUSE
+file system holds the file's lock meanwhile): ``fsync(fd, abandoned)`` spawns the caller's
+``abandoned()`` cleanup once the fsync has ended instead (at once if it never started).
 """
 from __future__ import annotations
 
 import errno
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -39,6 +43,8 @@ except ImportError:  # not Linux, or caio's probe of io_setup was refused
     linux_aio = None  # type: ignore[assignment]
 
 __all__ = ["fsync", "fdatasync", "available"]
+
+_Cleanup = Callable[[], Any] | None  #: what to do with the file once an interrupted fsync has ended
 
 _EVENTS = 1024  #: submissions in flight per process; beyond, a worker thread fsyncs
 _BATCH = 64  #: completions taken back per io_getevents
@@ -70,31 +76,34 @@ class _Ring:
         """In a forked child: stop watching the parent's eventfd (the AIO context is not ours)."""
         self._watcher.close()
 
-    def sync(self, fd: int, kind: str) -> None:
+    def sync(self, fd: int, kind: str, abandoned: _Cleanup) -> None:
         if self.waiting >= _EVENTS:
-            return _in_thread(fd, kind)
+            return _in_thread(fd, kind, abandoned)
         operation = getattr(linux_aio.Operation, kind)(fd)
         done = AsyncResult()
         operation.set_callback(done.set)
         try:
             if self.context.submit(operation) != 1:
-                return _in_thread(fd, kind)
+                return _in_thread(fd, kind, abandoned)
         except (OverflowError, ValueError):
             # Refused: the ring is full, or no AIO fsync for this descriptor (a pipe: EINVAL)
             # or no such descriptor (EBADF): the system call runs it or gives fsync's own answer.
-            return _in_thread(fd, kind)
+            return _in_thread(fd, kind, abandoned)
         except SystemError as refused:
             code = refused.args[0] if refused.args and isinstance(refused.args[0], int) else None
             if code is None:
                 raise
             if code in _UNSUPPORTED:
-                return _in_thread(fd, kind)
+                return _in_thread(fd, kind, abandoned)
             raise OSError(code, os.strerror(code)) from None
         self.waiting += 1
         try:
             result = done.get()
-        finally:
+        except BaseException:
             # Interrupted: its completion is still reaped, and set on a result nobody reads.
+            _when_done(done, abandoned)
+            raise
+        finally:
             self.waiting -= 1
         if result >= _FAILED:
             code = 2**64 - result
@@ -117,8 +126,37 @@ class _Ring:
                 return
 
 
-def _in_thread(fd: int, kind: str) -> None:
-    run_blocking(_SYSTEM_CALLS[kind], fd)
+def _in_thread(fd: int, kind: str, abandoned: _Cleanup = None) -> None:
+    if abandoned is None:
+        run_blocking(_SYSTEM_CALLS[kind], fd)
+        return
+    try:
+        job = gevent.get_hub().threadpool.spawn(_error_of, _SYSTEM_CALLS[kind], fd)
+    except BaseException:
+        gevent.spawn(abandoned)  # interrupted while waiting for a free thread: no fsync started
+        raise
+    try:
+        error = job.get()
+    except BaseException:
+        _when_done(job, abandoned)
+        raise
+    if error is not None:
+        raise error
+
+
+def _error_of(call: Callable[[int], None], fd: int) -> OSError | None:
+    """In a worker thread: the call's OSError, returned (raised, the pool would print it)."""
+    try:
+        call(fd)
+    except OSError as error:
+        return error
+    return None
+
+
+def _when_done(pending: Any, abandoned: _Cleanup) -> None:
+    """Spawn ``abandoned()`` once ``pending`` (a completion, a thread's job) is set."""
+    if abandoned is not None:
+        pending.rawlink(lambda _: gevent.spawn(abandoned))
 
 
 _UNSET: Any = object()
@@ -163,21 +201,22 @@ def available() -> bool:
     return _ring() is not None
 
 
-def fsync(fd: int) -> None:
-    """fsync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
-    return _sync(fd, "fsync")
+def fsync(fd: int, abandoned: _Cleanup = None) -> None:
+    """fsync ``fd`` from a greenlet, without a thread where Linux AIO allows; if interrupted,
+    ``abandoned()`` is spawned once the fsync has ended."""
+    return _sync(fd, "fsync", abandoned)
 
 
-def fdatasync(fd: int) -> None:
+def fdatasync(fd: int, abandoned: _Cleanup = None) -> None:
     """fdatasync ``fd`` from a greenlet, without a thread where Linux AIO allows."""
-    return _sync(fd, "fdsync")
+    return _sync(fd, "fdsync", abandoned)
 
 
-def _sync(fd: int, kind: str) -> None:
+def _sync(fd: int, kind: str, abandoned: _Cleanup) -> None:
     ring = _ring()
     if ring is None:
-        return _in_thread(fd, kind)
+        return _in_thread(fd, kind, abandoned)
     if ring.loop is not gevent.get_hub().loop:
         # Another thread (its completions would be heard by the ring's loop, not this one's).
         return _SYSTEM_CALLS[kind](fd)
-    return ring.sync(fd, kind)
+    return ring.sync(fd, kind, abandoned)
