@@ -43,7 +43,8 @@ def load_all(path: Path):
     return settings, load_plugins(settings)
 
 
-#: id -> (ini lines, the text of the line the error must point at, words it must contain)
+#: id -> (ini lines, the text of the line the error must point at, words it must contain). The
+#: text is the line's own (``key = value``), not a word the checkout's path could hold too.
 CASES = {
     "unknown plugin": (
         HEAD + ["[plugins]", "  [[rcpt_ok]]", "  [[no_such_plugin]]"],
@@ -65,17 +66,17 @@ CASES = {
                               f"{PLUGIN_DIR / 'bad_signature.py'}:{def_line('bad_signature', 'def hook_mail')}"]),
     "bad option type": (
         HEAD + ["[plugins]", "  [[queue/maildir]]", "    path = Maildir", "    fsync = maybe"],
-        "fsync", ["[[queue/maildir]]", "fsync", "maybe"]),
+        "fsync = maybe", ["[[queue/maildir]]", "fsync", "maybe"]),
     "bad standard option type": (
         HEAD + ["[plugins]", "  [[rcpt_ok]]", "    domains = example.test", "    timeout = soon"],
-        "timeout", ["[[rcpt_ok]]", "timeout", "soon"]),
+        "timeout = soon", ["[[rcpt_ok]]", "timeout", "soon"]),
     "unknown option": (
         HEAD + ["[plugins]", "  [[rcpt_ok]]", "    domains = example.test", "    domian = other.test"],
-        "domian", ["[[rcpt_ok]]", "domian", "unknown option"]),
+        "domian = other.test", ["[[rcpt_ok]]", "domian", "unknown option"]),
     "unknown option in a second instance": (
         HEAD + ["[plugins]", "  [[rcpt_ok]]", "    domains = a.test",
                 "  [[rcpt_ok:2]]", "    domains = b.test", "    domian = c.test"],
-        "domian", ["[[rcpt_ok:2]]", "domian", "unknown option"]),
+        "domian = c.test", ["[[rcpt_ok:2]]", "domian", "unknown option"]),
     "missing required option": (
         HEAD + ["[plugins]", "  [[rcpt_ok]]", "  [[returns]]", "    hook = mail"],
         "[[returns]]", ["[[returns]]", "code", "missing"]),
@@ -84,13 +85,13 @@ CASES = {
         "max_conections", ["[limits]", "max_conections", "unknown key"]),
     "wrong type in server": (
         HEAD + ["  size_threshold = big", "[plugins]"],
-        "size_threshold", ["[server]", "size_threshold", "big"]),
+        "size_threshold = big", ["[server]", "size_threshold", "big"]),
     "value out of range": (
         HEAD + ["[limits]", "  max_command_line = 100", "[plugins]"],
         "max_command_line", ["[limits]", "max_command_line", "too small"]),
     "bad listen": (
         ["[server]", "  me = mx.example.test", "  listen = nowhere", "[plugins]"],
-        "listen", ["[server]", "listen", "nowhere"]),
+        "listen = nowhere", ["[server]", "listen", "nowhere"]),
     "unknown section": (
         HEAD + ["[limts]", "  max_connections = 10", "[plugins]"],
         "[limts]", ["limts", "unknown section"]),
