@@ -9,8 +9,9 @@ in ``new/`` or the whole message; a half-written file can only ever be in ``tmp/
 Sessions that finish together share the fsync of ``new/`` (group commit): one fsync
 covers every message renamed in before it began, each client is answered after the fsync
 that covers its file, and a lone session waits for nobody. If that fsync fails, every
-message it was to cover is taken back out of ``new/`` and refused with 451, so that the
-retries deliver each message once.
+message it was to cover is taken back out of ``new/`` (and ``new/`` fsynced again, so that a
+crash cannot bring it back) and refused with 451, so that the retries deliver each message
+once.
 
 A disk that holds an fsync past the hook's ``timeout`` (a sick disk, a stalled network file
 system): a message still in ``tmp/`` gets its 451 at once and never enters ``new/``, not
@@ -81,6 +82,7 @@ Example::
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import re
 import socket
@@ -89,6 +91,7 @@ import time
 from qpgevent import disk
 from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
 
+log = logging.getLogger("qpgevent.plugin.queue/maildir")
 STALE_TMP_SECONDS = 36 * 3600
 #: With fsync = no, messages up to this size are written without a worker thread.
 INLINE_BYTES = 256 * 1024
@@ -234,8 +237,13 @@ class Maildir(Plugin):
             self.folders.fsync(folders)
         except BaseException:
             # A failed fsync, or the hook's timeout: the client will hear 4xx, so the
-            # message must not stay where a crash could not take it back.
-            run_blocking(_take_back, delivered)
+            # message must not stay where a crash could bring it back. The fsync after
+            # the take-back is shared too, with the others taken back alongside.
+            run_blocking(_take_back, delivered, False)
+            try:
+                self.folders.fsync(folders)
+            except OSError as error:
+                self.log.error("taking back %s: the fsync of new/ failed: %s", os.path.basename(delivered[0]), error)
             raise
 
     def _deliver_small(self, transaction, name, mailbox, prefix):
@@ -284,7 +292,7 @@ class Maildir(Plugin):
                 delivered += paths
                 unsynced += folders
         except BaseException:
-            _take_back(delivered)
+            _take_back(delivered, self.config["fsync"])
             raise
         return delivered, unsynced
 
@@ -321,7 +329,7 @@ class Maildir(Plugin):
                 unsynced = [folder for folder in dict.fromkeys(os.path.dirname(t) for t in delivered)
                             if not self.folders.fsync_if_alone(folder)]
         except BaseException:
-            _take_back(delivered)
+            _take_back(delivered, self.config["fsync"])
             raise
         finally:
             if os.path.lexists(first):
@@ -401,11 +409,21 @@ def _take_back_delivery(result):
     _take_back(result[0])
 
 
-def _take_back(delivered):
+def _take_back(delivered, durable=True):
     """The client will hear 4xx and retry: take back what the first recipients got, so
-    no one has the message twice (never both a 4xx and a delivery)."""
+    no one has the message twice (never both a 4xx and a delivery). ``durable``: the new/
+    folders are fsynced after, so that a crash cannot bring a taken-back file back after
+    its 4xx (the retry would be a second copy). If that fsync fails too, nothing more can
+    be done: it is logged, and the 4xx goes out."""
     for target in delivered:
         _remove(target)
+    if not durable:
+        return
+    for folder in dict.fromkeys(os.path.dirname(target) for target in delivered):
+        try:
+            disk.fsync_folder(folder)
+        except OSError as error:
+            log.error("taking back from %s: its fsync failed: %s", folder, error)
 
 
 def _remove(path):

@@ -182,15 +182,18 @@ def test_with_aio_the_disk_error_arrives_with_the_completion(disk, make_server, 
     assert trace.of("fsync") == []  # no thread's fsync system call took part
 
 
-def test_c_a_failed_fsync_of_new_takes_the_message_back_out_before_the_4xx(disk, server):
+def test_c_a_failed_fsync_of_new_takes_the_message_back_out_for_good_before_the_4xx(disk, server):
     disk.fail("/new", call="fsyncdir", times=1)
     assert send(server, 1) == REFUSED
+    answered = time.time()
     events = disk.events()
-    (failed,) = [e for e in events if e.call == "fsyncdir"]
+    failed, *after = [e for e in events if e.call == "fsyncdir"]
     assert failed.error == errno.EIO
     (renamed,) = [e for e in events if e.call == "rename" and e.target.startswith("/new/")]
     (taken_back,) = [e for e in events if e.call == "unlink" and e.path == renamed.target]
     assert renamed.ended <= failed.started and failed.ended <= taken_back.started  # the Maildir's order
+    # ... and new/ is fsynced again before the 4xx: a crash cannot bring the file back.
+    assert [e.error for e in after if taken_back.ended <= e.started and e.ended <= answered] == [0]
     assert in_folder(disk, "new") == [] and in_folder(disk, "tmp") == []
     assert send(server, 1)[0] == 250
     assert delivered(disk) == [1]
