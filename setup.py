@@ -11,16 +11,19 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "qpgevent" / "__init__.p
 
 # The optional compiled build (docs/architecture.md, "Compiled core"): QPGEVENT_MYPYC=1 compiles
 # these pure modules with mypyc; the .py files stay the source, and the default build is pure.
-# Chosen by the profile (the per-command path), and none is a class plugins subclass or add
-# attributes to: mypyc classes refuse both. engine/conversation.py and engine/session.py stay
-# out: they are weakly referenced, which mypyc classes do not allow.
+# Chosen by the profile: the per-command path, and server/driver.py that drives it over the
+# socket. None is a class plugins subclass or add attributes to: mypyc classes refuse both.
+# engine/session.py stays out: plugins hold sessions weakly (auth/dovecot's WeakKeyDictionary,
+# the session logger), which mypyc classes do not allow. Nothing holds a Conversation or a
+# Driver weakly (Conversation.end breaks the cycle with its session: tests/unit/test_session_lifetime.py).
 MYPYC_MODULES = [  # a literal: tests/unit/test_compiled.py reads it
     "qpgevent/core/address.py", "qpgevent/core/arguments.py", "qpgevent/core/chunking.py", "qpgevent/core/codes.py",
     "qpgevent/core/dsn_request.py", "qpgevent/core/events.py", "qpgevent/core/headers.py",
     "qpgevent/core/protocol.py", "qpgevent/core/reply.py", "qpgevent/core/wire.py",
-    "qpgevent/engine/authentication.py", "qpgevent/engine/dialogue.py", "qpgevent/engine/extensions.py",
-    "qpgevent/engine/hooks.py", "qpgevent/engine/mail.py", "qpgevent/engine/received.py",
-    "qpgevent/engine/sasl.py", "qpgevent/engine/trace.py",
+    "qpgevent/engine/authentication.py", "qpgevent/engine/conversation.py", "qpgevent/engine/dialogue.py",
+    "qpgevent/engine/extensions.py", "qpgevent/engine/hooks.py", "qpgevent/engine/mail.py",
+    "qpgevent/engine/received.py", "qpgevent/engine/sasl.py", "qpgevent/engine/trace.py",
+    "qpgevent/server/driver.py",
 ]
 
 

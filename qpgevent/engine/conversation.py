@@ -55,8 +55,7 @@ class Conversation:
 
     # Slotted: idle sessions by the thousand (docs/benchmarks.md, "idle").
     __slots__ = ("runner", "settings", "listen", "tls_offered", "surroundings", "counters", "session", "log",
-                 "protocol", "auth", "mail", "tally", "out", "copies", "_request", "_heard", "trace", "client_quit",
-                 "__weakref__")
+                 "protocol", "auth", "mail", "tally", "out", "copies", "_request", "_heard", "trace", "client_quit")
 
     def __init__(self, connection: Connection, runner: HookRunner, settings: Settings, *,
                  listen: Listen | None = None, tls: bool = False,
@@ -232,12 +231,15 @@ class Conversation:
 
     def end(self) -> None:
         """The dialogue is over: drop the transaction, tell the plugins, log the summary."""
-        self.reset_transaction()
-        self.runner.notify("disconnect", self.session)
-        if self.log.isEnabledFor(logging.INFO):  # the line is dear to make, and often not kept
-            summary = self.tally.summary(self.session, self.protocol.bad_commands)
-            self.log.info("disconnect: %s", " ".join(f"{key}={summary_text(value)}" for key, value in summary.items()),
-                          extra={"fields": summary})
+        try:
+            self.reset_transaction()
+            self.runner.notify("disconnect", self.session)
+            if self.log.isEnabledFor(logging.INFO):  # the line is dear to make, and often not kept
+                summary = self.tally.summary(self.session, self.protocol.bad_commands)
+                self.log.info("disconnect: %s", " ".join(f"{key}={summary_text(value)}" for key, value in summary.items()),
+                              extra={"fields": summary})
+        finally:
+            self.session.detach()  # the session's reference back to us: no cycle outlives the session
 
     # -- asking the plugins: the one path ------------------------------------------
     def decide(self, hook: str, *args: Any, only: str | None = None) -> Verdict:

@@ -92,12 +92,14 @@ class Session:
                  peers: Callable[[str], int], wait_for_input: Callable[[float], bool] | None) -> None:
         self.connection: Connection = connection  #: a new one after STARTTLS (RFC 3207 4.2)
         self.settings: Settings = settings
-        self.log: SessionLogger = SessionLogger(log, weakref.proxy(self))  # weak: see _conversation
+        self.log: SessionLogger = SessionLogger(log, weakref.proxy(self))  # weak: no cycle through the logger
         #: "hook (plugin)" while a plugin runs (the live scoreboard shows it)
         self.hook_running: str | None = None
-        # Weak: the conversation holds the session; a cycle would keep every object of the
-        # connection alive until the garbage collector runs, instead of freeing it at once.
-        self._conversation = weakref.ref(conversation)
+        # The conversation holds the session and the session its conversation: a cycle, which
+        # the conversation's ``end`` breaks (``detach``) so that every object of the connection
+        # is freed at once, not by the garbage collector. Not a weak reference: the compiled
+        # build's Conversation (a mypyc class) cannot be weakly referenced.
+        self._conversation: Speaker | None = conversation
         self._transaction: Transaction | None = None
         self._peers = peers
         self._wait_for_input = wait_for_input
@@ -184,8 +186,12 @@ class Session:
         """This session's row on the live scoreboard (``qpgevent.scoreboard``)."""
         return self._speaker().status()
 
+    def detach(self) -> None:
+        """The conversation is over (its ``end``): let go of it, which breaks the cycle."""
+        self._conversation = None
+
     def _speaker(self) -> Speaker:
-        conversation = self._conversation()
+        conversation = self._conversation
         if conversation is None:
             raise RuntimeError("this session's conversation is over")
         return conversation

@@ -60,7 +60,7 @@ class Driver:
 
     # Slotted: a parked session is mostly its objects (docs/benchmarks.md, "idle").
     __slots__ = ("sock", "settings", "command_timeout", "tls", "listen", "parking", "_input", "conversation",
-                 "session", "_timers", "_ends", "_request_started", "_request_octets", "raw", "__weakref__")
+                 "session", "_timers", "_ends", "_request_started", "_request_octets", "raw")
 
     def __init__(self, sock: socket.socket, connection: Connection, runner: HookRunner,
                  settings: Settings, peers: Callable[[str], int] = lambda ip: 1,
