@@ -34,8 +34,8 @@ Work that never calls it is taken back (``undo``) once it has finished, unwaited
 rootless containers often run; sshfs; virtiofs). There the kernel holds a folder's lock while
 its fsync runs (``fuse_dir_fsync``), so a create in it or a rename into it waits for that
 fsync, however sick the disk: work that may meet such a wait belongs in a worker thread, never
-in the event loop, where it would stall every session of the process. A disk file system
-(ext4, XFS) fsyncs without that lock. One ``statfs`` per call: ask once per folder.
+in the event loop, where it would stall every session of the process (ext4 fsyncs without
+that lock). One ``statfs`` per call: ask once per folder.
 
 Used by queue/maildir for its ``new/`` folders; any plugin that renames files into place
 can use it the same way.

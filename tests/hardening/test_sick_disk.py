@@ -331,6 +331,8 @@ def test_a_folder_on_the_faulty_disk_is_on_fuse_and_tmp_path_is_not(disk, tmp_pa
     assert not disk_backend.on_fuse(str(disk.backing / "new"))  # the same folder, beside the mount
     assert not disk_backend.on_fuse(str(tmp_path))
     assert not disk_backend.on_fuse(str(tmp_path / "not" / "made" / "yet"))
+    (tmp_path / "a file").write_text("")
+    assert disk_backend.on_fuse(str(tmp_path / "a file" / "new"))  # cannot be asked (ENOTDIR): the safe side
 
 
 def test_a_maildir_off_fuse_is_checked_once_and_delivered_through_the_kernel(make_server, tmp_path):
