@@ -24,6 +24,10 @@ On Linux the fsyncs of a small message (up to 256 KiB, one Maildir) are handed t
 kernel (Linux AIO: the kernel runs the same fsync and tells the event loop when it is done),
 not to a worker thread, whose hand-overs of the interpreter lock cost more CPU than the fsync
 itself; elsewhere, or where the system refuses AIO, worker threads do them, as before.
+Not on a FUSE file system (fuse-overlayfs, as rootless containers often run on; sshfs;
+virtiofs: checked once per Maildir): there the kernel locks ``new/`` while its fsync runs,
+and a rename into it waits, so a worker thread writes, fsyncs and renames each message, and
+a disk that holds that fsync stalls the sessions waiting for it, never the others.
 
 The file holds ``Return-Path: <sender>`` (RFC 5321 4.4: added at final delivery), then
 the message as received, our Received header on top, CRLF line endings as sent.
@@ -81,6 +85,7 @@ Example::
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -125,6 +130,8 @@ class Maildir(Plugin):
             self._remove_stale_tmp(os.path.join(root, "tmp"))
         self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self.folders = disk.FolderSync()
+        #: Per Maildir, once: whether the event loop may create and rename in it (not on FUSE).
+        self._loop_may_rename = functools.lru_cache(maxsize=4096)(lambda mailbox: not disk.on_fuse(mailbox))
         self._storing = 0  #: deliveries under way in this worker (without AIO a lone one takes one thread trip)
 
     def hook_rcpt(self, session, recipient, params):
@@ -204,8 +211,10 @@ class Maildir(Plugin):
     def _store_now(self, transaction, name, batches):
         try:
             if (self.config["fsync"] and transaction.data_size <= INLINE_BYTES and _one_file(batches)
-                    and (disk.without_threads() or self._storing > 1)):
-                # Without AIO, a lone delivery is cheaper in one trip to a thread (below).
+                    and (disk.without_threads() or self._storing > 1)
+                    and self._loop_may_rename(batches[0][0][0])):
+                # Without AIO, a lone delivery is cheaper in one trip to a thread (below); on
+                # FUSE a rename into new/ may wait for the disk: a thread does every delivery.
                 (mailboxes, prefix), = batches
                 delivered, unsynced = self._deliver_small(transaction, name, mailboxes[0], prefix)
             elif self.config["fsync"] or transaction.data_size > INLINE_BYTES:

@@ -30,12 +30,23 @@ into ``new/``). A caller that gives up before it goes on at once, and the work s
 work to end and for ``undo(result)``, so that its 4xx is never sent while the work can be seen.
 Work that never calls it is taken back (``undo``) once it has finished, unwaited.
 
+``on_fuse(folder)``: whether the folder is on a FUSE file system (fuse-overlayfs, on which
+rootless containers often run; sshfs; virtiofs). There the kernel holds a folder's lock while
+its fsync runs (``fuse_dir_fsync``), so a create in it or a rename into it waits for that
+fsync, however sick the disk: work that may meet such a wait belongs in a worker thread, never
+in the event loop, where it would stall every session of the process (ext4 fsyncs without
+that lock). One ``statfs`` per call: ask once per folder.
+
 Used by queue/maildir for its ``new/`` folders; any plugin that renames files into place
 can use it the same way.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import platform
+import sys
 from collections.abc import Callable, Iterable
 
 from typing import Any
@@ -47,7 +58,7 @@ from gevent.event import AsyncResult
 from ..plugin import run_blocking
 from . import kernel_fsync
 
-__all__ = ["Abandoned", "FolderSync", "fsync_file", "fsync_folder", "point_of_no_return",
+__all__ = ["Abandoned", "FolderSync", "fsync_file", "fsync_folder", "on_fuse", "point_of_no_return",
            "run_blocking_undoable", "without_threads"]
 
 #: A lock of the operating system (gevent's would switch greenlets): worker threads take it.
@@ -257,3 +268,33 @@ def fsync_folder(folder: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+#: statfs's f_type of every FUSE mount (fuse, fuseblk, fuse.<subtype>, virtiofs): linux/magic.h.
+FUSE_SUPER_MAGIC = 0x65735546
+
+
+class _StatFs(ctypes.Structure):
+    # Linux's struct statfs begins with f_type, a long (an unsigned int on s390x); the rest,
+    # up to 120 octets, is room we do not read.
+    _fields_ = [("f_type", ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long),
+                ("rest", ctypes.c_char * 256)]
+
+
+def on_fuse(folder: str) -> bool:
+    """Whether ``folder`` (or, not made yet, the folder it would be made in) is on FUSE.
+
+    statfs's ``f_type`` says it; ``os.statvfs`` has no such field, hence ctypes. A folder
+    whose file system cannot be asked (the call refused, the mount's daemon gone) counts as
+    FUSE: the worker thread is never less safe, only slower. Linux only: elsewhere, False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = os.path.abspath(folder)
+    answer = _StatFs()
+    while libc.statfs(os.fsencode(path), ctypes.byref(answer)) != 0:
+        if ctypes.get_errno() != errno.ENOENT or os.path.dirname(path) == path:
+            return True
+        path = os.path.dirname(path)
+    return bool(answer.f_type == FUSE_SUPER_MAGIC)

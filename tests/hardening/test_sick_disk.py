@@ -9,7 +9,10 @@ completion). The daemon also logs every rename, link and unlink it is asked for,
 tests see whether a message ever entered ``new/``, not only whether it is there at the end.
 
 The tests run both ways the server fsyncs (``fsync_way``): Linux AIO (the default here) and
-worker threads (as where AIO is refused). The rules every test checks:
+worker threads (as where AIO is refused); and both ways it delivers (``seen_as``): as on FUSE,
+which this disk is (a worker thread writes, fsyncs and renames), and as on a disk file system
+(told so: the event loop writes and renames, the fsyncs go to the kernel or a thread), so
+that the way ext4 is served meets the sick disk too. The rules every test checks:
 
 - a message whose fsync is held past the queue hook's timeout gets 4xx and is never renamed
   into ``new/``, not then, not once the disk lets the fsync go; ``tmp/`` is emptied; the server
@@ -17,7 +20,9 @@ worker threads (as where AIO is refused). The rules every test checks:
   the late completion changes nothing;
 - a file fsync that fails with EIO gets 4xx, and the message never enters ``new/``;
 - a failed or timed-out fsync of ``new/`` gets 4xx only once the message is out of ``new/``
-  again (the client will retry: left there, it would be delivered twice).
+  again (the client will retry: left there, it would be delivered twice);
+- on FUSE, an fsync of ``new/`` held stalls no other session: the kernel locks the folder
+  meanwhile, and a rename into it waits in a worker thread, never in the event loop.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import gevent.event
 import pytest
 
 from hardening_helpers import client_in_data
+from qpgevent.backends import disk as disk_backend
 from qpgevent.backends import kernel_fsync
-from qpgevent.testing import wait_until
+from qpgevent.testing import RawClient, wait_until
 from qpgevent.testing.faulty_disk import FaultyDisk
 from qpgevent.testing.syscalls import traced
 
@@ -54,6 +60,13 @@ def fsync_way(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["fuse", "as-on-disk"])
+def seen_as(request, monkeypatch):
+    if request.param == "as-on-disk":
+        monkeypatch.setattr(disk_backend, "on_fuse", lambda folder: False)  # as ext4 is seen
+    return request.param
+
+
 @pytest.fixture
 def disk(tmp_path):
     with FaultyDisk(tmp_path / "disk", tmp_path / "Maildir", tmp_path / "faults") as disk:
@@ -61,7 +74,7 @@ def disk(tmp_path):
 
 
 @pytest.fixture
-def server(disk, fsync_way, make_server):
+def server(disk, fsync_way, seen_as, make_server):
     """The server with its Maildir on ``disk`` (mounted before it starts, unmounted after it stops)."""
     return make_server(PLUGINS)
 
@@ -168,10 +181,12 @@ def test_b_a_file_fsync_failing_at_completion_gets_4xx_and_never_enters_new(disk
     assert delivered(disk) == [1]
 
 
-def test_with_aio_the_disk_error_arrives_with_the_completion(disk, make_server, tmp_path):
+def test_with_aio_the_disk_error_arrives_with_the_completion(disk, make_server, tmp_path, monkeypatch):
     """What strace's injection cannot do: io_submit takes the fsync (returns 1), the kernel runs
-    it, and the EIO comes back in the completion that io_getevents reads."""
+    it, and the EIO comes back in the completion that io_getevents reads. (The file's fsync
+    goes to the kernel where the loop writes the file: on a disk file system.)"""
     assert kernel_fsync.available()
+    monkeypatch.setattr(disk_backend, "on_fuse", lambda folder: False)
     server = make_server(PLUGINS)  # (after the disk is mounted: the argument order)
     disk.fail("/tmp/*", times=1)
     with traced(os.getpid(), ["io_submit", "io_getevents", "fsync"], tmp_path / "strace.out") as trace:
@@ -236,6 +251,47 @@ def test_c_a_failed_fsync_of_new_refuses_the_burst_it_covered_and_no_other(disk,
     assert delivered(disk) == list(range(BURST))
 
 
+def threads_in_uninterruptible_sleep() -> int:
+    """This process's threads asleep in the kernel with state ``D``: waiting for a lock of
+    the file system (a rename into a folder being fsynced), not for a futex or a socket
+    (``S``). A test cannot look while its own thread is the one waiting: the loop would be."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as stat:
+                count += stat.read().rsplit(")", 1)[1].split()[0] == "D"
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return count
+
+
+def test_a_held_fsync_of_new_stalls_no_other_session(disk, fsync_way, make_server, caplog, capfd):
+    """FUSE (fuse-overlayfs, as rootless containers run on) locks a folder while its fsync
+    runs: a rename into new/ then waits for the disk. A worker thread must do that wait, never
+    the event loop, or every session of the worker stalls with it. (Failed on main at 86dbd8d,
+    both ways: the hub monitor saw the loop in os.rename.)"""
+    server = make_server(PLUGINS.replace("timeout = 1", "timeout = 120"))  # slow, not past the timeout
+    disk.slow("/new", HELD, call="fsyncdir", times=1)
+    watcher = RawClient(server)  # a third client, connected before the disk is held
+    try:
+        assert watcher.reply()[0] == 220 and watcher.command("EHLO watcher.test")[0] == 250
+        first = gevent.spawn(send, server, 1)
+        wait_until(lambda: disk.held() == ["/new"], 30, "the first message's fsync of new/ held")
+        asleep = threads_in_uninterruptible_sleep()
+        second = gevent.spawn(send, server, 2)
+        wait_until(lambda: threads_in_uninterruptible_sleep() > asleep, 30,
+                   "the second message's rename into new/ waiting for the held fsync, in a thread")
+        assert watcher.command("NOOP")[0] == 250  # the loop answers meanwhile
+        assert disk.held() == ["/new"] and not first.ready() and not second.ready()
+        disk.heal()
+        assert first.get(timeout=60)[0] == 250 and second.get(timeout=60)[0] == 250
+        assert watcher.command("QUIT")[0] == 221
+    finally:
+        watcher.close()
+    assert delivered(disk) == [1, 2] and in_folder(disk, "tmp") == []
+    nothing_went_wrong_but_the_timeouts(caplog, capfd)
+
+
 def test_an_interrupted_fsync_leaves_its_cleanup_until_the_disk_is_done(disk, fsync_way):
     """``kernel_fsync.fsync(fd, abandoned)``, as disk.fsync_file and queue/maildir use it: the
     caller's cleanup (closing, removing the file) may wait for the fsync on a sick disk, so it
@@ -266,3 +322,26 @@ def test_the_disk_unmounts_and_its_daemon_ends_even_with_a_file_left_open(tmp_pa
     finally:
         with pytest.raises(OSError):  # its file system is gone: ENOTCONN
             os.close(fd)
+
+
+def test_a_folder_on_the_faulty_disk_is_on_fuse_and_tmp_path_is_not(disk, tmp_path):
+    (disk.mountpoint / "new").mkdir()
+    assert disk_backend.on_fuse(str(disk.mountpoint / "new"))
+    assert disk_backend.on_fuse(str(disk.mountpoint / "not" / "made" / "yet"))  # where it would be made
+    assert not disk_backend.on_fuse(str(disk.backing / "new"))  # the same folder, beside the mount
+    assert not disk_backend.on_fuse(str(tmp_path))
+    assert not disk_backend.on_fuse(str(tmp_path / "not" / "made" / "yet"))
+    (tmp_path / "a file").write_text("")
+    assert disk_backend.on_fuse(str(tmp_path / "a file" / "new"))  # cannot be asked (ENOTDIR): the safe side
+
+
+def test_a_maildir_off_fuse_is_checked_once_and_delivered_through_the_kernel(make_server, tmp_path):
+    """The fast path stays as it was on a disk file system: one statfs for the Maildir, not
+    one per message, and each message's fsync handed to the kernel (no thread's fsync)."""
+    assert kernel_fsync.available() and not disk_backend.on_fuse(str(tmp_path))
+    server = make_server(PLUGINS)
+    with traced(os.getpid(), ["statfs", "io_submit", "fsync"], tmp_path / "strace.out") as trace:
+        assert [send(server, number)[0] for number in range(3)] == [250] * 3
+    assert len([c for c in trace.of("statfs") if "Maildir" in c.args]) == 1
+    assert len([c for c in trace.of("io_submit") if "Maildir/tmp/" in c.args]) == 3
+    assert trace.of("fsync") == []
