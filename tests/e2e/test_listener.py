@@ -191,7 +191,7 @@ def test_a_timer_left_running_by_an_ended_session_costs_no_later_connection(harn
 def test_a_timer_that_lands_in_a_later_session_ends_that_one_and_the_greenlet_serves_on(harness):
     # Fired into the next session of its greenlet: that session ends (its socket closes), as if
     # its own code had raised; the greenlet is not lost with it.
-    served = harness(spares=1, timer_seconds=2)  # the second client is served well before
+    served = harness(spares=1, timer_seconds=5)  # the second client is served well before, even loaded
     with served.connect() as client:
         assert greeting(client) == b"ok 1\r\n"
     wait_until(lambda: not served.crew.busy, 10, "the first session ended")
