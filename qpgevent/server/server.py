@@ -285,6 +285,8 @@ class SmtpServer:
             lease = self.counters.acquire(self.settings.max_connections, known)
             if lease is None and self.shedder.check():  # no place: make room if we can, at once
                 lease = self.counters.acquire(self.settings.max_connections, known)
+            if lease is None:  # nothing of ours to shed: another worker may have some
+                lease = self.shedder.wait_for_room(lambda: self.counters.acquire(self.settings.max_connections, known))
         except BaseException:
             sock.close()  # our listener leaves the closing to us
             raise

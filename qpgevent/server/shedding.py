@@ -18,12 +18,20 @@ stress_command_timeout`` and no session waits parked longer than that, so idle s
 that cannot be shed (in a transaction, authenticated) still let go of their places soon.
 A session that waits in a greenlet when stress begins keeps that wait's timeout; its next
 one is short.
+
+A client that finds no place, on a worker with nothing left to shed, is not refused at
+once while the host is in stress: the idle sessions may be another worker's, shed at its
+next look (every ``TICK``), or this worker's own, about to park. It waits for a place, at
+most ``ROOM_WAIT`` seconds, and no more of them at once than the reserve (the places kept
+for newcomers, ``core.stress.reserve``): a flood of newcomers past that is refused at once,
+so the waits cannot pile up descriptors.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 import gevent
 
@@ -32,11 +40,12 @@ from ..config import Settings
 from ..core import stress
 from ..core.reply import Reply, reply
 from .driver import has_input
-from .shared_counters import Counters
+from .shared_counters import Counters, Lease
 
 log = logging.getLogger("qpgevent.server")
 
 TICK = 0.1  #: seconds between two looks at the host's count (a lock and a sum: microseconds)
+ROOM_WAIT = 1.0  #: seconds a newcomer that finds no place waits for one, in stress (ten looks)
 
 
 
@@ -66,6 +75,9 @@ class Shedder:
         self.normal_timeout, self.stress_timeout = settings.command_timeout, settings.stress_command_timeout
         self.last_words = shed_reply(settings.me)
         self._watcher: gevent.Greenlet | None = None
+        #: Newcomers that may wait for a place at once (the reserve), and those waiting now.
+        self.room_waiters = stress.reserve(settings.max_connections, settings.stress_at)
+        self.waiting = 0
 
     @property
     def stressed(self) -> bool:
@@ -120,6 +132,26 @@ class Shedder:
                 shed += 1
                 sessions = self.counters.sessions()  # the other workers may be shedding too
         return shed
+
+    def wait_for_room(self, acquire: Callable[[], Lease | None]) -> Lease | None:
+        """For a newcomer that found no place even after this worker's ``check``: in stress,
+        ``acquire`` again after each tick, for ``ROOM_WAIT`` seconds at most, while other
+        workers shed (and our own idle sessions park). None, at once, out of stress or when
+        the reserve's worth of newcomers already waits; else None once the wait is over."""
+        if not self.gauge.stressed or self.waiting >= self.room_waiters:
+            return None
+        self.waiting += 1
+        try:
+            deadline = time.monotonic() + ROOM_WAIT
+            while time.monotonic() < deadline:
+                gevent.sleep(TICK / 2)
+                lease = acquire()
+                if lease is not None:
+                    return lease
+                self.check()  # our own sessions may have parked meanwhile
+            return None
+        finally:
+            self.waiting -= 1
 
     def _shed(self, driver: Any) -> bool:
         taken = self.server.parking.take(driver)

@@ -23,6 +23,7 @@ import gevent
 import gevent.event
 import gevent.lock
 
+from qpgevent.server import shedding
 from qpgevent.server.driver import has_input
 from qpgevent.testing import DEFAULT_PLUGINS, RawClient, ServerProcess, maildir_messages, wait_until, write_ini
 
@@ -283,6 +284,56 @@ def test_a_client_that_finds_no_place_makes_room_by_shedding_the_longest_idle(ma
             assert client.command("NOOP")[0] == 250
     finally:
         for client in clients:
+            client.close()
+
+
+def busy_server(make_server, monkeypatch, room_wait: float):
+    """Ten places (a reserve of one), each held by a client in a transaction (never shed),
+    and no periodic look: no place will be made but by a client leaving."""
+    monkeypatch.setattr(shedding, "ROOM_WAIT", room_wait)
+    server = make_server(max_connections=10, park_after=0.05, stress_command_timeout=100)
+    server.server.shedder.stop()
+    clients = [RawClient(server) for _ in range(10)]
+    for client in clients:
+        assert client.reply()[0] == 220
+        assert client.command("EHLO c.test")[0] == 250
+        assert client.command("MAIL FROM:<a@c.test>")[0] == 250
+    return server, clients
+
+
+def test_a_newcomer_with_nothing_to_shed_waits_for_a_place_one_more_is_refused_at_once(make_server, monkeypatch):
+    # Under a master, the idle sessions may be another worker's, shed at its next look: the
+    # newcomer waits for that rather than get 421 while the host has idle sessions to spare.
+    server, clients = busy_server(make_server, monkeypatch, room_wait=60)
+    waiting = RawClient(server)
+    try:
+        wait_until(lambda: server.server.shedder.waiting == 1, 10, "the newcomer to wait for a place")
+        # The reserve (one place) is how many may wait at once: the next is refused now.
+        refused = RawClient(server)
+        code, text = refused.reply()
+        assert (code, text) == (421, "4.3.2 Too many connections, try again later")
+        assert refused.is_closed_by_server()
+        assert not has_input(waiting.sock)  # still waiting, not refused
+        assert clients[0].command("QUIT")[0] == 221
+        assert waiting.reply()[0] == 220  # the place that client left
+        assert waiting.command("EHLO new.test")[0] == 250
+    finally:
+        for client in (*clients, waiting):
+            client.close()
+
+
+def test_a_newcomer_waits_for_a_place_at_most_room_wait_then_gets_421(make_server, monkeypatch):
+    server, clients = busy_server(make_server, monkeypatch, room_wait=0.3)
+    newcomer = RawClient(server)
+    try:
+        code, text = newcomer.reply()
+        assert (code, text) == (421, "4.3.2 Too many connections, try again later")
+        assert newcomer.is_closed_by_server()
+        assert server.server.shedder.waiting == 0
+        for client in clients:  # untouched by the wait
+            assert client.command("RCPT TO:<bob@example.test>")[0] == 250
+    finally:
+        for client in (*clients, newcomer):
             client.close()
 
 
