@@ -8,7 +8,8 @@ addresses and user/group cannot change on a reload (we are no longer root to bin
 port 25): a change is logged and needs a restart. ``[logging]`` is set up again in the
 master when it changed, just before the new workers fork, so they and the next queue runner
 inherit it (the old workers log as before while they drain); a log file or syslog socket
-that cannot be opened fails the reload like any config mistake. Once the new workers serve,
+that cannot be opened fails the reload like any config mistake. If the new workers then die
+before serving, the master logs as before again. Once the new workers serve,
 the queue runner is replaced too (``queue_runner.on_reload``: the old one finishes its
 deliveries in flight first).
 """
@@ -42,6 +43,10 @@ FIXED_AT_START = {
 #: The settings of ``[logging]``: set up again in the master when one changes.
 LOGGING = ("log_level", "log_file", "log_format", "log_syslog", "log_syslog_facility",
            "log_syslog_address", "log_trace", "log_trace_clients")
+
+
+def logging_changed(new: Settings, old: Settings) -> bool:
+    return any(getattr(new, name) != getattr(old, name) for name in LOGGING)
 
 
 class Reloading:
@@ -105,7 +110,7 @@ class Reloading:
         """Log as the new ``[logging]`` says, if it changed (new workers fork after this and
         inherit it); False, logged, when its file or syslog socket cannot be opened: the
         reload fails then, and logging stays as it was."""
-        if all(getattr(settings, name) == getattr(self.settings, name) for name in LOGGING):
+        if not logging_changed(settings, self.settings):
             return True
         try:
             log_module.configure_from(settings, self.log_level_override)
@@ -114,6 +119,19 @@ class Reloading:
             return False
         log.info("reload: [logging] set up again")
         return True
+
+    def _restore_logging(self, failed: Settings) -> None:
+        """After a reload that failed once its ``[logging]`` was applied: log as the running
+        workers' config says again, so that the master's lines look like theirs and a later
+        reload of the same ``[logging]`` applies it anew."""
+        if not logging_changed(failed, self.settings):
+            return
+        try:
+            log_module.configure_from(self.settings, self.log_level_override)
+        except (OSError, ValueError) as error:  # opened at start, but may be gone since
+            log.error("reload failed: [logging] could not be set back as it was: %s", error)
+            return
+        log.info("reload: [logging] set back as it was")
 
     def _keep_fixed_settings(self, settings: Settings) -> Settings:
         """``settings`` with what a reload cannot change (sockets, identity) as at start."""
@@ -152,6 +170,7 @@ class Reloading:
         for worker in self.workers.values():
             if worker.generation is generation:
                 self._ask_to_stop(worker)
+        self._restore_logging(generation.settings)
         if self.reload_again:
             self.reload_again = False
             self._reload()
