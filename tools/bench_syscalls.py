@@ -17,6 +17,7 @@ before/after), as tools/bench_ab.py does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -61,6 +63,36 @@ def measure(args, temp: Path) -> int:
 
 
 def one_run(args, concurrency: int, folder: Path) -> dict[str, tuple[int, int]]:
+    strace = None
+    with running_server(args, folder) as (port, workers):
+        summary = folder / "strace.txt"
+        try:
+            strace = subprocess.Popen(["strace", "-c", "-f", "-qq", "-o", str(summary),
+                                       *(f"-p{worker}" for worker in workers)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 20
+            while not all(map(_traced, workers)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            benchlib.run_smtp_source(args.smtp_source, port, concurrency, args.messages, args.size, args.timeout)
+            strace.send_signal(signal.SIGINT)  # detach: it writes the summary
+            strace.wait(60)
+        finally:
+            if strace is not None and strace.poll() is None:
+                strace.kill()
+                strace.wait(10)
+    counts = {}
+    for line in summary.read_text().splitlines():
+        row = ROW.match(line)
+        if row and row.group(3) != "total":
+            counts[row.group(3)] = int(row.group(1)), int(row.group(2) or 0)
+    return counts
+
+
+@contextlib.contextmanager
+def running_server(args, folder: Path) -> Iterator[tuple[int, list[int]]]:
+    """``python -m qpgevent`` in ``folder`` as ``args`` say (--python, --workers, --queue,
+    --fsync, --log-level): its port and its workers' pids, once it greets. Stopped after, and
+    then every message sent must be in ``Maildir/new`` (maildir queue)."""
     folder.mkdir()
     port = benchlib.free_port()
     ini = folder / "qpsmtpd.ini"
@@ -74,34 +106,14 @@ def one_run(args, concurrency: int, folder: Path) -> dict[str, tuple[int, int]]:
         server = subprocess.Popen([args.python, "-m", "qpgevent", "-c", str(ini), "--listen", f"127.0.0.1:{port}",
                                    "--workers", str(args.workers), "--log-level", args.log_level], cwd=folder,
                                   stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
-    strace = None
     try:
         benchlib.wait_greeting(port, server, lambda: log.read_text(errors="replace"))
-        workers = _workers(server.pid, args.workers)
-        summary = folder / "strace.txt"
-        strace = subprocess.Popen(["strace", "-c", "-f", "-qq", "-o", str(summary),
-                                   *(f"-p{worker}" for worker in workers)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not all(map(_traced, workers)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        benchlib.run_smtp_source(args.smtp_source, port, concurrency, args.messages, args.size, args.timeout)
-        strace.send_signal(signal.SIGINT)  # detach: it writes the summary
-        strace.wait(60)
+        yield port, _workers(server.pid, args.workers)
     finally:
-        if strace is not None and strace.poll() is None:
-            strace.kill()
-            strace.wait(10)
         benchlib.stop_process(server)
     delivered = benchlib.count_files(folder / "Maildir" / "new") if args.queue == "maildir" else args.messages
     if delivered != args.messages:
         raise benchlib.BenchError(f"{args.messages} messages sent, {delivered} in Maildir/new")
-    counts = {}
-    for line in summary.read_text().splitlines():
-        row = ROW.match(line)
-        if row and row.group(3) != "total":
-            counts[row.group(3)] = int(row.group(1)), int(row.group(2) or 0)
-    return counts
 
 
 def _workers(master: int, count: int) -> list[int]:
