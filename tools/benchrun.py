@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchlib import BenchError
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPIENT_USER, DOMAIN = "someone", "example.test"
 #: A lab host of its own, addresses from the benchmarking range (unused: the runs use its loopback).
@@ -33,8 +35,15 @@ LAB_HOST = {"bench": ("198.18.0.2", "2001:db8::2")}
 
 
 def _test_kit() -> None:
+    """qpgevent's test kit importable: the repository on the path, and its dependencies there."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    try:
+        import gevent  # noqa: F401 - the test kit's first need
+    except ImportError:
+        raise BenchError(f"Postfix and --netns come from qpgevent's test kit, which needs gevent: "
+                                  f"run this tool with the virtualenv's Python ({REPO}/.venv/bin/python "
+                                  f"{sys.argv[0]} ...)") from None
 
 
 @contextlib.contextmanager
