@@ -94,7 +94,7 @@ import socket
 import time
 
 from qpgevent import disk
-from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin
 
 log = logging.getLogger("qpgevent.plugin.queue/maildir")
 STALE_TMP_SECONDS = 36 * 3600
@@ -248,7 +248,7 @@ class Maildir(Plugin):
             # A failed fsync, or the hook's timeout: the client will hear 4xx, so the
             # message must not stay where a crash could bring it back. The fsync after
             # the take-back is shared too, with the others taken back alongside.
-            run_blocking(_take_back, delivered, False)
+            disk.run_blocking(_take_back, delivered, False)
             try:
                 self.folders.fsync(folders)
             except OSError as error:
