@@ -227,6 +227,10 @@ def _undo_when_done(job: Any, undo: Callable[[Any], Any]) -> None:
 
 
 def _committing(commitment: _Commitment, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    if commitment.abandoned:
+        # Its caller gave up before a thread took the job: not a byte written (on a sick
+        # disk, the write and its fsync would hold this thread for nothing).
+        return True, Abandoned("the caller gave up before it started")
     _job.commitment = commitment
     try:
         return _outcome(function, args)

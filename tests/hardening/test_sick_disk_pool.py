@@ -117,6 +117,8 @@ def test_more_held_deliveries_than_threads_get_4xx_at_the_timeout_and_the_rest_i
     disk.heal()  # the held fsyncs complete now, late: their deliveries must stop before new/
     wait_until(lambda: not disk.held() and in_folder(disk, "tmp") == [], 60, "the late fsyncs done, tmp/ emptied")
     assert [e for e in disk.events() if e.call in ("rename", "link")] == []  # nothing entered new/, ever
+    # The deliveries that waited for a thread never fsynced: their work never ran once they gave up.
+    assert sorted(e.path for e in disk.events() if e.call == "fsync") == sorted(held)
     assert in_folder(disk, "new") == []
 
     # The threads came back: the next messages are delivered.
