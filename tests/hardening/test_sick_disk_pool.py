@@ -28,7 +28,8 @@ from hardening_helpers import client_in_data
 from qpgevent.backends import disk as disk_backend
 from qpgevent.backends import disk_threads, kernel_fsync
 from qpgevent.testing import RawClient, wait_until
-from test_sick_disk import PLUGINS, delivered, disk, in_folder, message, nothing_went_wrong_but_the_timeouts
+from test_sick_disk import (PLUGINS, delivered, disk, in_folder, message, nothing_went_wrong_but_the_timeouts,
+                            threads_in_uninterruptible_sleep)
 from test_thin_spots import flat_file
 
 __all__ = ["disk"]  # the fixture, shared with test_sick_disk
@@ -40,27 +41,40 @@ PATIENCE = 30  #: seconds a reply may take on a loaded machine: far past the hoo
 USERS = "[[auth/flat_file]]\n  users = users.auth\n"
 
 
+@pytest.fixture
+def pool_server(disk, tmp_path, make_server):
+    """``pool_server()``: the server with its Maildir on ``disk`` (mounted first) and AUTH
+    PLAIN for bob, password "secret" (auth/flat_file hashes it in a worker thread)."""
+    def start():
+        (tmp_path / "users.auth").write_text(f"bob:{flat_file().make_hash('secret', (1 << 4, 1, 1))}\n")
+        return make_server(USERS + PLUGINS, listen="127.0.0.1:0/plainauth", auth_failure_delay=0)
+    return start
+
+
 @pytest.fixture(params=["fuse", "fsync-in-threads"])
-def server(request, disk, tmp_path, monkeypatch, make_server):
-    """The server with its Maildir on ``disk``, every delivery needing a worker thread: on FUSE
-    (a thread writes, fsyncs and renames), or as on a disk file system without Linux AIO (the
-    loop writes and renames, a thread fsyncs). AUTH PLAIN for bob, password "secret"."""
+def server(request, pool_server, monkeypatch):
+    """Every delivery needing a worker thread: on FUSE (a thread writes, fsyncs and renames),
+    or as on a disk file system without Linux AIO (the loop writes and renames, a thread fsyncs)."""
     if request.param == "fsync-in-threads":
         monkeypatch.setattr(kernel_fsync, "_here", None)
         monkeypatch.setattr(disk_backend, "on_fuse", lambda folder: False)
-    (tmp_path / "users.auth").write_text(f"bob:{flat_file().make_hash('secret', (1 << 4, 1, 1))}\n")
-    return make_server(USERS + PLUGINS, listen="127.0.0.1:0/plainauth", auth_failure_delay=0)
+    return pool_server()
 
 
 def end_data_at_once(clients: dict[int, RawClient]) -> dict[int, int]:
     """Each client (in DATA, its text sent) ends its message; the reply code to each. A reply
     later than PATIENCE fails (socket.timeout): it waited for the disk, not for the timeout."""
-    for client in clients.values():
-        client.sock.settimeout(PATIENCE)
-        client.sock.sendall(b".\r\n")
-    readers = {number: gevent.spawn(client.reply) for number, client in clients.items()}
+    readers = end_data(clients, PATIENCE)
     gevent.joinall(readers.values(), raise_error=True)
     return {number: reader.value[0] for number, reader in readers.items()}
+
+
+def end_data(clients: dict[int, RawClient], patience: float) -> dict[int, gevent.Greenlet]:
+    """Each client ends its message: a greenlet each, reading its reply (within ``patience``)."""
+    for client in clients.values():
+        client.sock.settimeout(patience)
+        client.sock.sendall(b".\r\n")
+    return {number: gevent.spawn(client.reply) for number, client in clients.items()}
 
 
 def in_data(server, numbers) -> dict[int, RawClient]:
@@ -129,4 +143,44 @@ def test_more_held_deliveries_than_threads_get_4xx_at_the_timeout_and_the_rest_i
         for client in clients.values():
             client.close()
     assert delivered(disk) == [SESSIONS, SESSIONS + 1] and in_folder(disk, "tmp") == []
+    nothing_went_wrong_but_the_timeouts(caplog, capfd)
+
+
+def test_more_renames_waiting_for_a_held_fsync_of_new_than_threads_stall_no_other_session(
+        disk, pool_server, caplog, capfd):
+    """On FUSE, a rename into new/ waits while the kernel locks it for its fsync: each waits in
+    a thread, past its point of no return, so its 451 waits for the disk (until the message
+    is out of new/ again). With more of them than threads, the sessions that do not deliver
+    are served all the same, and each message is taken back out once the disk lets go."""
+    server = pool_server()
+    disk.slow("/new", HELD, call="fsyncdir", times=1)
+    clients = in_data(server, range(SESSIONS))
+    try:
+        readers = end_data(clients, HELD)
+        wait_until(lambda: disk.held() == ["/new"], PATIENCE, "the first message's fsync of new/ held")
+        wait_until(lambda: threads_in_uninterruptible_sleep() >= THREADS - disk_threads.RESERVED - 1, PATIENCE,
+                   "every other thread disk work may hold waiting to rename into new/")
+        with gevent.Timeout(PATIENCE, AssertionError("a session that does not deliver stalled")):
+            assert a_session_that_does_not_deliver(server) == [220, 250, 235, 250, 250, 250, 250, 221]
+        # The sessions that found no thread free get their 451 at the timeout; the others took
+        # a thread before them, so their timeouts have fired too: they wait for the disk now.
+        wait_until(lambda: any(reader.ready() for reader in readers.values()), PATIENCE, "a first 451")
+        assert disk.held() == ["/new"]  # still: neither the bystander nor those 451s waited for the disk
+        disk.heal()
+        gevent.joinall(readers.values(), raise_error=True)
+        assert {reader.value[0] for reader in readers.values()} == {451}
+    finally:
+        for client in clients.values():
+            client.close()
+    events = disk.events()
+    renamed = {e.target for e in events if e.call == "rename" and e.target.startswith("/new/")}
+    assert renamed and renamed <= {e.path for e in events if e.call == "unlink"}  # each taken back out
+    assert in_folder(disk, "new") == [] and in_folder(disk, "tmp") == []
+
+    clients = in_data(server, [SESSIONS])
+    try:
+        assert end_data_at_once(clients) == {SESSIONS: 250}
+    finally:
+        clients[SESSIONS].close()
+    assert delivered(disk) == [SESSIONS]
     nothing_went_wrong_but_the_timeouts(caplog, capfd)
