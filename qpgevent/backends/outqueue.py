@@ -36,6 +36,8 @@ from typing import Any
 
 import gevent.monkey
 
+from . import disk
+
 __all__ = ["Envelope", "Queue", "QueueError", "Recipient", "State", "new_id"]
 
 #: Message ids: time-ordered, unique across processes (16 hex digits of time, 8 random).
@@ -153,11 +155,20 @@ class Queue:
             os.rename(temporary, self.message_path(envelope.id))
             envelope.size = size
             self.save(envelope, sync_msg=True)
-        except (OSError, QueueError) as error:
+        except (OSError, QueueError, disk.Abandoned) as error:
             for path in (temporary, self.message_path(envelope.id)):
                 _unlink(path)  # no 250 follows: take back what was written
+            if isinstance(error, disk.Abandoned):
+                raise
             raise QueueError(f"cannot queue {envelope.id}: {error}") from None
         return envelope
+
+    def take_back(self, envelope: Envelope) -> None:
+        """Remove a message just enqueued whose client hears 4xx after all, durably: a crash
+        must not bring it back (the client's retry would be a second copy)."""
+        self.remove(envelope.id)
+        if self.fsync:
+            _fsync_dir(self.env)
 
     def save(self, envelope: Envelope, sync_msg: bool = False) -> None:
         """Replace the envelope atomically (tmp, fsync, rename, fsync the folder)."""
@@ -168,13 +179,18 @@ class Queue:
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
+            # Enqueuing for a caller that may give up (disk.run_blocking_undoable): from here on
+            # the runner can see the message; a caller gone by now stops us here (disk.Abandoned).
+            disk.point_of_no_return()
             os.rename(temporary, self.envelope_path(envelope.id))
             if self.fsync:
                 if sync_msg:
                     _fsync_dir(self.msg)
                 _fsync_dir(self.env)
-        except OSError as error:
+        except (OSError, disk.Abandoned) as error:
             _unlink(temporary)
+            if isinstance(error, disk.Abandoned):
+                raise
             raise QueueError(f"cannot write the envelope of {envelope.id}: {error}") from None
 
     def remove(self, message_id: str) -> None:
