@@ -30,9 +30,9 @@ into ``new/``). A caller that gives up before it goes on at once, and the work s
 work to end and for ``undo(result)``, so that its 4xx is never sent while the work can be seen.
 Work that never calls it is taken back (``undo``) once it has finished, unwaited.
 
-Work that may wait on the disk (that, ``run_blocking`` here, the fsyncs in threads) holds at
-most ``disk_threads``' share of the hub's worker threads: a sick disk holding them all would
-stall what never writes to it (gevent's resolver, password hashes).
+Work that may wait on the disk (``run_blocking_undoable``, ``run_blocking`` here, the fsyncs
+in worker threads) holds at most ``disk_threads``' share of the hub's worker threads: a sick
+disk holding them all would stall what never writes to it (gevent's resolver, password hashes).
 
 ``on_fuse(folder)``: whether the folder is on a FUSE file system (fuse-overlayfs, on which
 rootless containers often run; sshfs; virtiofs). There the kernel holds a folder's lock while

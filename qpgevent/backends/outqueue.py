@@ -13,6 +13,10 @@ Durability. ``enqueue`` writes the message into ``tmp/``, fsyncs it, renames it 
 only then does it return, and only then does the plugin answer 250. A message exists
 for the runner when its envelope does; a ``msg/`` file without an envelope is the
 left-over of a crash between the two renames (the client got no 250) and is removed.
+Enqueued for a caller that may give up meanwhile (queue/outbound, in
+``disk.run_blocking_undoable``: its hook's timeout on a sick disk), it stops just before the
+envelope's rename if that caller is gone; ``take_back`` removes, durably, a message whose
+client hears 4xx after all.
 Every change of state (a recipient delivered, failed, deferred) rewrites the envelope
 the same way (tmp, fsync, rename, fsync the folder): a rename is atomic, so a crash
 leaves either the old envelope or the new one, never a torn one.
