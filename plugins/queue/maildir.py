@@ -83,25 +83,16 @@ Example::
       create = no
 """
 
-import contextlib
 import errno
 import functools
-import itertools
-import logging
 import os
 import re
-import socket
-import time
 
-from qpgevent import disk
-from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent import disk, maildir
+from qpgevent.plugin import DECLINED, DENY, DENYSOFT, OK, Plugin
 
-log = logging.getLogger("qpgevent.plugin.queue/maildir")
-STALE_TMP_SECONDS = 36 * 3600
 #: With fsync = no, messages up to this size are written without a worker thread.
 INLINE_BYTES = 256 * 1024
-_deliveries = itertools.count(1)
-_UNSAFE = re.compile(r"[^a-z0-9.\-_+=]")
 _PATTERN = re.compile(r"%(.)")
 
 
@@ -126,9 +117,9 @@ class Maildir(Plugin):
         if not pattern or self.config["create"]:
             os.makedirs(root, mode=0o700, exist_ok=True)
         if not pattern:
-            _make_maildir(root)
-            self._remove_stale_tmp(os.path.join(root, "tmp"))
-        self.host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+            maildir.make(root)
+            maildir.remove_stale_tmp(os.path.join(root, "tmp"))
+        self.host = maildir.this_host()
         self.folders = disk.FolderSync()
         #: Per Maildir, once: whether the event loop may create and rename in it (not on FUSE).
         self._loop_may_rename = functools.lru_cache(maxsize=4096)(lambda mailbox: not disk.on_fuse(mailbox))
@@ -150,12 +141,12 @@ class Maildir(Plugin):
         parts = {"d": domain, "l": local, "u": local.split("+", 1)[0], "%": "%"}
         # Each value is made safe on its own (no "/", no leading dot); the pattern around
         # them is the operator's.
-        relative = _PATTERN.sub(lambda m: "%" if m.group(1) == "%" else _safe(parts[m.group(1)]),
+        relative = _PATTERN.sub(lambda m: "%" if m.group(1) == "%" else maildir.safe_part(parts[m.group(1)]),
                                 self.pattern)
         return os.path.join(self.config["path"], *[p for p in relative.split("/") if p])
 
     def hook_queue(self, session):
-        name = self._unique_name()
+        name = maildir.unique_name(self.host)
         transaction = session.transaction
         failed = transaction.notes.get("recipient_results") or {}
         recipients = [r for r in transaction.recipients or [] if r.address not in failed]
@@ -248,7 +239,7 @@ class Maildir(Plugin):
             # A failed fsync, or the hook's timeout: the client will hear 4xx, so the
             # message must not stay where a crash could bring it back. The fsync after
             # the take-back is shared too, with the others taken back alongside.
-            run_blocking(_take_back, delivered, False)
+            disk.run_blocking(maildir.take_back, delivered, False)
             try:
                 self.folders.fsync(folders)
             except OSError as error:
@@ -271,23 +262,23 @@ class Maildir(Plugin):
         if not os.path.isdir(os.path.join(mailbox, "new")):
             if not self.config["create"]:
                 raise _Missing(mailbox)
-            _make_maildir(mailbox)
+            maildir.make(mailbox)
         tmp, target = os.path.join(mailbox, "tmp", name), os.path.join(mailbox, "new", name)
-        fd = self._write(tmp, transaction, prefix, keep_open=True)
+        fd = maildir.write(tmp, transaction, prefix, self.config["fsync"], keep_open=True)
         try:
             # Interrupted (the hook's timeout, a BaseException) while a sick disk holds the
             # fsync: the file is closed and removed once the kernel is done with it (before,
             # both could block the whole process on the file's lock). It is only in tmp/: the
             # client hears 4xx at once.
-            disk.fsync_file(fd, abandoned=lambda: _close_and_remove(fd, tmp))
+            disk.fsync_file(fd, abandoned=lambda: maildir.close_and_remove(fd, tmp))
         except Exception:  # the fsync failed (or never started): nothing holds the file
-            _close_and_remove(fd, tmp)
+            maildir.close_and_remove(fd, tmp)
             raise
         try:
             os.close(fd)
             os.rename(tmp, target)
         except BaseException:
-            _remove(tmp)
+            maildir.remove(tmp)
             raise
         return [target], [os.path.join(mailbox, "new")]
 
@@ -301,7 +292,7 @@ class Maildir(Plugin):
                 delivered += paths
                 unsynced += folders
         except BaseException:
-            _take_back(delivered, self.config["fsync"])
+            maildir.take_back(delivered, self.config["fsync"])
             raise
         return delivered, unsynced
 
@@ -314,9 +305,9 @@ class Maildir(Plugin):
             if not os.path.isdir(os.path.join(mailbox, "new")):
                 if not self.config["create"]:
                     raise _Missing(mailbox)
-                _make_maildir(mailbox)
+                maildir.make(mailbox)
         first = os.path.join(mailboxes[0], "tmp", name)
-        self._write(first, transaction, prefix)
+        maildir.write(first, transaction, prefix, self.config["fsync"])
         delivered = []
         try:
             # Past here the message can be seen in new/: a hook that timed out meanwhile stops
@@ -338,7 +329,7 @@ class Maildir(Plugin):
                 unsynced = [folder for folder in dict.fromkeys(os.path.dirname(t) for t in delivered)
                             if not self.folders.fsync_if_alone(folder)]
         except BaseException:
-            _take_back(delivered, self.config["fsync"])
+            maildir.take_back(delivered, self.config["fsync"])
             raise
         finally:
             if os.path.lexists(first):
@@ -348,55 +339,16 @@ class Maildir(Plugin):
     def _copy_into(self, mailbox, name, transaction, prefix):
         """A copy of its own for a Maildir we cannot link into (another file system)."""
         tmp = os.path.join(mailbox, "tmp", name)
-        self._write(tmp, transaction, prefix)
+        maildir.write(tmp, transaction, prefix, self.config["fsync"])
         try:
             os.rename(tmp, os.path.join(mailbox, "new", name))
         except BaseException:
             os.unlink(tmp)
             raise
 
-    def _write(self, path, transaction, prefix, keep_open=False):
-        """Write the message into ``path``; fsync it if so configured. ``keep_open``: not
-        fsynced, and its descriptor returned, for the caller to fsync and close."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            sender = transaction.sender.format() if transaction.sender else "<>"
-            chunks = transaction.message_chunks()
-            # Return-Path and the header in one write; the body streams after it.
-            _write_all(fd, f"Return-Path: {sender}\r\n".encode("utf-8") + prefix + next(chunks, b""))
-            for chunk in chunks:
-                _write_all(fd, chunk)
-            if keep_open:
-                return fd
-            if self.config["fsync"]:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-
-    def _unique_name(self):
-        # The Maildir naming convention: time, then what makes it unique on this host.
-        now = time.time()
-        seconds, micros = int(now), int((now % 1) * 1_000_000)
-        return f"{seconds}.M{micros}P{os.getpid()}Q{next(_deliveries)}.{self.host}"
-
-    def _remove_stale_tmp(self, tmp):
-        cutoff = time.time() - STALE_TMP_SECONDS
-        for entry in os.scandir(tmp):
-            if entry.is_file() and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-
 
 class _Missing(Exception):
     """A recipient's Maildir does not exist and may not be created."""
-
-
-def _safe(part):
-    """One path component that can only name a folder under the root."""
-    part = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), part)
-    return "%2E" + part[1:] if part.startswith(".") else (part or "%00")
 
 
 def _looped(transaction):
@@ -409,50 +361,10 @@ def _looped(transaction):
     return None
 
 
-def _make_maildir(root):
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-
-
 def _take_back_delivery(result):
-    _take_back(result[0])
-
-
-def _take_back(delivered, durable=True):
-    """The client will hear 4xx and retry: take back what the first recipients got, so
-    no one has the message twice (never both a 4xx and a delivery). ``durable``: the new/
-    folders are fsynced after, so that a crash cannot bring a taken-back file back after
-    its 4xx (the retry would be a second copy). If that fsync fails too, nothing more can
-    be done: it is logged, and the 4xx goes out."""
-    for target in delivered:
-        _remove(target)
-    if not durable:
-        return
-    for folder in dict.fromkeys(os.path.dirname(target) for target in delivered):
-        try:
-            disk.fsync_folder(folder)
-        except OSError as error:
-            log.error("taking back from %s: its fsync failed: %s", folder, error)
-
-
-def _remove(path):
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _close_and_remove(fd, path):
-    try:
-        os.close(fd)
-    finally:
-        _remove(path)
+    maildir.take_back(result[0])
 
 
 def _one_file(batches):
     """One Maildir, one file: no links, no copies of its own."""
     return len(batches) == 1 and len(batches[0][0]) == 1
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

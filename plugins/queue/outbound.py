@@ -11,7 +11,11 @@ envelope (sender, recipients, per-recipient state, the DSN parameters RET, ENVID
 NOTIFY and ORCPT when the client gave them) are written into ``queue_dir``, each into a
 temporary file, fsynced, renamed into place, and the folders fsynced: only then 250
 (``2.0.0 queued as ID``). If that fails (disk full), the client gets 451 and keeps the
-message. Nothing here checks who may relay: put ``rcpt_ok``/``relay`` (or AUTH) first.
+message. So it does if the disk holds an fsync past the hook's ``timeout`` (a sick disk):
+an envelope not in ``env/`` yet never gets there, not even once the disk lets go (what was
+written is removed then); one already there is taken back out (and ``env/`` fsynced) before
+the 451, which then waits for the disk. Nothing here checks who may relay: put
+``rcpt_ok``/``relay`` (or AUTH) first.
 
 Delivering. For each recipient domain, one SMTP transaction carrying all of its
 recipients, to the route configured for the domain (``routes``), else to its MX hosts in
@@ -109,8 +113,9 @@ Example::
       routes = corp.example:10.0.0.5:25
 """
 
+from qpgevent import disk
 from qpgevent.outqueue import Queue, QueueError, Recipient
-from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin, run_blocking
+from qpgevent.plugin import DECLINED, DENYSOFT, OK, Plugin
 from qpgevent.smtp_client import ClientOptions, ConfigurationError, parse_routes
 from qpgevent.tls_policy import parse_levels
 
@@ -166,9 +171,11 @@ data_timeout = float(min=0.01, default=600)
         connection = session.connection
         client = f"{connection.remote_host or connection.hello_host or 'unknown'} [{connection.remote_ip}]"
         try:
-            envelope = run_blocking(lambda: self.queue.enqueue(
+            # The hook's timeout (a disk that holds the fsyncs) may give up on the thread: before
+            # the envelope enters env/ it stops there; after, the 4xx waits until it is taken back.
+            envelope = disk.run_blocking_undoable(lambda: self.queue.enqueue(
                 sender, recipients, transaction.message_chunks(), ret=transaction.dsn_ret, envid=transaction.dsn_envid,
-                received_from=client, requiretls=transaction.requiretls))
+                received_from=client, requiretls=transaction.requiretls), self.queue.take_back)
         except QueueError as error:
             self.log.error("%s", error)
             return DENYSOFT, "4.3.0 cannot queue the message right now, try again later"

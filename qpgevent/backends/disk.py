@@ -30,6 +30,10 @@ into ``new/``). A caller that gives up before it goes on at once, and the work s
 work to end and for ``undo(result)``, so that its 4xx is never sent while the work can be seen.
 Work that never calls it is taken back (``undo``) once it has finished, unwaited.
 
+Work that may wait on the disk (``run_blocking_undoable``, ``run_blocking`` here, the fsyncs
+in worker threads) holds at most ``disk_threads``' share of the hub's worker threads: a sick
+disk holding them all would stall what never writes to it (gevent's resolver, password hashes).
+
 ``on_fuse(folder)``: whether the folder is on a FUSE file system (fuse-overlayfs, on which
 rootless containers often run; sshfs; virtiofs). There the kernel holds a folder's lock while
 its fsync runs (``fuse_dir_fsync``), so a create in it or a rename into it waits for that
@@ -55,11 +59,15 @@ import gevent
 from gevent import monkey
 from gevent.event import AsyncResult
 
-from ..plugin import run_blocking
-from . import kernel_fsync
+from . import disk_threads, kernel_fsync
+from .disk_threads import outcome as _outcome
 
 __all__ = ["Abandoned", "FolderSync", "fsync_file", "fsync_folder", "on_fuse", "point_of_no_return",
-           "run_blocking_undoable", "without_threads"]
+           "run_blocking", "run_blocking_undoable", "without_threads"]
+
+#: ``run_blocking`` for work that may wait on the disk: it never holds the threads that
+#: ``disk_threads`` keeps for the rest (name look-ups, password hashes).
+run_blocking = disk_threads.run_blocking
 
 #: A lock of the operating system (gevent's would switch greenlets): worker threads take it.
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
@@ -179,9 +187,8 @@ def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], An
     As in ``run_blocking``, what ``function`` raises is raised in the caller only: the pool's
     own handler would print it with a traceback (a full disk is an answer, not a crash).
     """
-    pool = gevent.get_hub().threadpool
     commitment = _Commitment()
-    job = pool.spawn(_committing, commitment, function, args)
+    job = disk_threads.spawn(_committing, commitment, function, args)
     try:
         failed, value = job.get()
     except BaseException:
@@ -192,7 +199,7 @@ def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], An
             try:
                 failed, value = job.get()
                 if not failed:
-                    pool.apply(_outcome, (undo, (value,)))
+                    disk_threads.spawn(_outcome, undo, (value,)).get()
             except BaseException:  # interrupted again (the server stopping): undo when done
                 _undo_when_done(job, undo)
                 raise
@@ -205,13 +212,11 @@ def run_blocking_undoable(function: Callable[..., Any], undo: Callable[[Any], An
 
 
 def _undo_when_done(job: Any, undo: Callable[[Any], Any]) -> None:
-    pool = gevent.get_hub().threadpool
-
     def take_back(done: Any) -> None:
         # A greenlet of its own waits for a thread: a link runs in the hub, where nothing
         # may wait, not even for a free thread of a busy pool (the undo was lost there).
         if done.successful() and not done.value[0]:
-            gevent.spawn(pool.apply, undo, (done.value[1],))
+            gevent.spawn(_apply, undo, done.value[1])
 
     # The job may have ended in the same turn of the loop as the interruption: then it
     # is done already, and what it delivered is taken back all the same.
@@ -222,6 +227,10 @@ def _undo_when_done(job: Any, undo: Callable[[Any], Any]) -> None:
 
 
 def _committing(commitment: _Commitment, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    if commitment.abandoned:
+        # Its caller gave up before a thread took the job: not a byte written (on a sick
+        # disk, the write and its fsync would hold this thread for nothing).
+        return True, Abandoned("the caller gave up before it started")
     _job.commitment = commitment
     try:
         return _outcome(function, args)
@@ -229,11 +238,9 @@ def _committing(commitment: _Commitment, function: Callable[..., Any], args: tup
         _job.commitment = None
 
 
-def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
-    try:
-        return False, function(*args)
-    except Exception as error:
-        return True, error
+def _apply(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in one of the disk's threads; what it raises is raised (and printed)."""
+    return disk_threads.spawn(function, *args).get()
 
 
 def fsync_file(fd: int, abandoned: Callable[[], Any] | None = None) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from ..plugin import run_blocking
+from . import disk_threads
 
 try:
     from caio import linux_aio
@@ -128,10 +128,10 @@ class _Ring:
 
 def _in_thread(fd: int, kind: str, abandoned: _Cleanup = None) -> None:
     if abandoned is None:
-        run_blocking(_SYSTEM_CALLS[kind], fd)
+        disk_threads.run_blocking(_SYSTEM_CALLS[kind], fd)
         return
     try:
-        job = gevent.get_hub().threadpool.spawn(_error_of, _SYSTEM_CALLS[kind], fd)
+        job = disk_threads.spawn(_error_of, _SYSTEM_CALLS[kind], fd)
     except BaseException:
         gevent.spawn(abandoned)  # interrupted while waiting for a free thread: no fsync started
         raise

@@ -13,6 +13,10 @@ Durability. ``enqueue`` writes the message into ``tmp/``, fsyncs it, renames it 
 only then does it return, and only then does the plugin answer 250. A message exists
 for the runner when its envelope does; a ``msg/`` file without an envelope is the
 left-over of a crash between the two renames (the client got no 250) and is removed.
+Enqueued for a caller that may give up meanwhile (queue/outbound, in
+``disk.run_blocking_undoable``: its hook's timeout on a sick disk), it stops just before the
+envelope's rename if that caller is gone; ``take_back`` removes, durably, a message whose
+client hears 4xx after all.
 Every change of state (a recipient delivered, failed, deferred) rewrites the envelope
 the same way (tmp, fsync, rename, fsync the folder): a rename is atomic, so a crash
 leaves either the old envelope or the new one, never a torn one.
@@ -35,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import gevent.monkey
+
+from . import disk
 
 __all__ = ["Envelope", "Queue", "QueueError", "Recipient", "State", "new_id"]
 
@@ -153,11 +159,20 @@ class Queue:
             os.rename(temporary, self.message_path(envelope.id))
             envelope.size = size
             self.save(envelope, sync_msg=True)
-        except (OSError, QueueError) as error:
+        except (OSError, QueueError, disk.Abandoned) as error:
             for path in (temporary, self.message_path(envelope.id)):
                 _unlink(path)  # no 250 follows: take back what was written
+            if isinstance(error, disk.Abandoned):
+                raise
             raise QueueError(f"cannot queue {envelope.id}: {error}") from None
         return envelope
+
+    def take_back(self, envelope: Envelope) -> None:
+        """Remove a message just enqueued whose client hears 4xx after all, durably: a crash
+        must not bring it back (the client's retry would be a second copy)."""
+        self.remove(envelope.id)
+        if self.fsync:
+            _fsync_dir(self.env)
 
     def save(self, envelope: Envelope, sync_msg: bool = False) -> None:
         """Replace the envelope atomically (tmp, fsync, rename, fsync the folder)."""
@@ -168,13 +183,18 @@ class Queue:
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
+            # Enqueuing for a caller that may give up (disk.run_blocking_undoable): from here on
+            # the runner can see the message; a caller gone by now stops us here (disk.Abandoned).
+            disk.point_of_no_return()
             os.rename(temporary, self.envelope_path(envelope.id))
             if self.fsync:
                 if sync_msg:
                     _fsync_dir(self.msg)
                 _fsync_dir(self.env)
-        except OSError as error:
+        except (OSError, disk.Abandoned) as error:
             _unlink(temporary)
+            if isinstance(error, disk.Abandoned):
+                raise
             raise QueueError(f"cannot write the envelope of {envelope.id}: {error}") from None
 
     def remove(self, message_id: str) -> None:

@@ -47,6 +47,7 @@ __all__ = ["FaultyDisk", "DiskEvent"]
 RULES = "rules.json"
 EVENTS = "events.log"
 HELD = "held"  #: a file per fsync being answered, holding its path
+MAX_THREADS = 100  #: the daemon's: far more fsyncs than gevent's pool has threads can be held at once
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,11 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:
                 raise FuseOSError(error)
             return 0
 
-    FUSE(Passthrough(), mountpoint, foreground=True, fsname="faulty_disk", hard_remove=True, use_ino=True)
+    # libfuse answers with at most max_threads threads (10 by default): each held fsync takes
+    # one, and with every one held the daemon would answer nothing else (a create in the loop
+    # waited for it). A sick disk holds what it is asked to hold, and answers the rest.
+    FUSE(Passthrough(), mountpoint, foreground=True, fsname="faulty_disk", hard_remove=True, use_ino=True,
+         max_threads=MAX_THREADS)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ PLUGIN_API = {"qpgevent.plugin", "qpgevent.address", "qpgevent.codes", "qpgevent
               "qpgevent.authresults", "qpgevent.milter_client", "qpgevent.milter_protocol",
               "qpgevent.external", "qpgevent.policy_protocol", "qpgevent.directory", "qpgevent.dovecot",
               "qpgevent.ldap_client", "qpgevent.outqueue", "qpgevent.tls_policy",
-              "qpgevent.results", "qpgevent.session", "qpgevent.disk"}
+              "qpgevent.results", "qpgevent.session", "qpgevent.disk", "qpgevent.maildir"}
 NEVER_FOR_PLUGINS = {"qpgevent.server", "qpgevent.engine", "qpgevent.config", "qpgevent.testing"}
 
 
