@@ -14,7 +14,8 @@ temporary file, fsynced, renamed into place, and the folders fsynced: only then 
 message. So it does if the disk holds an fsync past the hook's ``timeout`` (a sick disk):
 an envelope not in ``env/`` yet never gets there, not even once the disk lets go (what was
 written is removed then); one already there is taken back out (and ``env/`` fsynced) before
-the 451, which then waits for the disk. Nothing here checks who may relay: put
+the 451, which then waits for the disk, and the runner does not try it meanwhile (it tries a
+message only once its client's answer is decided). Nothing here checks who may relay: put
 ``rcpt_ok``/``relay`` (or AUTH) first.
 
 Delivering. For each recipient domain, one SMTP transaction carrying all of its
@@ -175,10 +176,11 @@ data_timeout = float(min=0.01, default=600)
             # the envelope enters env/ it stops there; after, the 4xx waits until it is taken back.
             envelope = disk.run_blocking_undoable(lambda: self.queue.enqueue(
                 sender, recipients, transaction.message_chunks(), ret=transaction.dsn_ret, envid=transaction.dsn_envid,
-                received_from=client, requiretls=transaction.requiretls), self.queue.take_back)
+                received_from=client, requiretls=transaction.requiretls, settling=True), self.queue.take_back)
         except QueueError as error:
             self.log.error("%s", error)
             return DENYSOFT, "4.3.0 cannot queue the message right now, try again later"
+        self.queue.settle(envelope)  # 250 it is: the runner may take it now
         self.queue.kick()
         self.log.info("queued %s for %d recipient(s)", envelope.id, len(recipients))
         return OK, f"2.0.0 queued as {envelope.id}"

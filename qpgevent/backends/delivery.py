@@ -88,6 +88,7 @@ BOUNCE, DOUBLE_BOUNCE = "bounce", "double-bounce"
 REQUIRETLS_DANE = "requiretls-dane"  #: the pool of REQUIRETLS messages to DANE domains
 COMMANDS = ("flush", "hold", "release", "delete", "bounce")
 SCANS_PER_SECOND = 10  #: how often at most a burst of kicks makes the runner list the folder
+UNSETTLED_RETRY = 1.0  #: seconds until a message whose client has no answer yet is looked at again
 REPORT_GRACE = 10.0  #: seconds a stopping runner gives TLS-RPT's turn to finish
 
 
@@ -307,6 +308,9 @@ class Runner:
     # -- one attempt at one message -----------------------------------------------------------
     def attempt(self, message_id: str) -> None:
         try:
+            if not self.queue.settled(message_id):  # its client's answer is not decided yet
+                self.schedule.set(message_id, time.time() + UNSETTLED_RETRY)
+                return
             envelope = self.queue.load(message_id)
         except FileNotFoundError:
             self.schedule.pop(message_id)

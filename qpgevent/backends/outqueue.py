@@ -16,7 +16,11 @@ left-over of a crash between the two renames (the client got no 250) and is remo
 Enqueued for a caller that may give up meanwhile (queue/outbound, in
 ``disk.run_blocking_undoable``: its hook's timeout on a sick disk), it stops just before the
 envelope's rename if that caller is gone; ``take_back`` removes, durably, a message whose
-client hears 4xx after all.
+client hears 4xx after all. Such a caller enqueues ``settling``: the envelope enters ``env/``
+under an exclusive ``flock``, held until the caller's answer is decided (``settle`` after a
+250, ``take_back`` before a 4xx), and the runner does not try a message whose envelope it
+cannot lock (``settled``): a scan that finds it while the fsync of ``env/`` is held by a
+sick disk must not deliver a message whose client will hear 4xx and send it again.
 Every change of state (a recipient delivered, failed, deferred) rewrites the envelope
 the same way (tmp, fsync, rename, fsync the folder): a rename is atomic, so a crash
 leaves either the old envelope or the new one, never a torn one.
@@ -29,6 +33,7 @@ for a ``relayed`` one, its success notice).
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import os
 import secrets
@@ -138,11 +143,14 @@ class Queue:
         self.tmp, self.msg, self.env = (os.path.join(directory, name) for name in ("tmp", "msg", "env"))
         for folder in (self.directory, self.tmp, self.msg, self.env):
             os.makedirs(folder, mode=0o700, exist_ok=True)
+        #: Envelopes of ``settling`` enqueues not decided yet: the descriptor holding each one's flock.
+        self._settling: dict[str, int] = {}
 
     # -- writing ------------------------------------------------------------------
     def enqueue(self, sender: str, recipients: Iterable[Recipient], chunks: Iterable[bytes],
-                **fields: Any) -> Envelope:
-        """Store a message and its envelope durably; the envelope once both are safe."""
+                settling: bool = False, **fields: Any) -> Envelope:
+        """Store a message and its envelope durably; the envelope once both are safe.
+        ``settling``: not for the runner until ``settle`` (or ``take_back``)."""
         envelope = Envelope(id=new_id(), sender=sender, recipients=list(recipients), **fields)
         if not envelope.recipients:
             raise QueueError("a message without recipients cannot be queued")
@@ -158,7 +166,7 @@ class Queue:
                     os.fsync(handle.fileno())
             os.rename(temporary, self.message_path(envelope.id))
             envelope.size = size
-            self.save(envelope, sync_msg=True)
+            self.save(envelope, sync_msg=True, settling=settling)
         except (OSError, QueueError, disk.Abandoned) as error:
             for path in (temporary, self.message_path(envelope.id)):
                 _unlink(path)  # no 250 follows: take back what was written
@@ -173,12 +181,22 @@ class Queue:
         self.remove(envelope.id)
         if self.fsync:
             _fsync_dir(self.env)
+        self.settle(envelope)  # gone for good: a runner waiting on it finds nothing
 
-    def save(self, envelope: Envelope, sync_msg: bool = False) -> None:
+    def settle(self, envelope: Envelope) -> None:
+        """The answer to a ``settling`` enqueue is decided: the runner may take the message."""
+        held = self._settling.pop(envelope.id, None)
+        if held is not None:
+            _close(held)  # the flock goes with the last descriptor of its file
+
+    def save(self, envelope: Envelope, sync_msg: bool = False, settling: bool = False) -> None:
         """Replace the envelope atomically (tmp, fsync, rename, fsync the folder)."""
         temporary = os.path.join(self.tmp, envelope.id + ".json")
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
+                if settling:  # locked before its name is in env/: the runner never sees it unlocked
+                    self._settling[envelope.id] = held = os.dup(handle.fileno())
+                    fcntl.flock(held, fcntl.LOCK_EX)
                 handle.write(envelope.to_json())
                 handle.flush()
                 if self.fsync:
@@ -193,6 +211,7 @@ class Queue:
                 _fsync_dir(self.env)
         except (OSError, disk.Abandoned) as error:
             _unlink(temporary)
+            self.settle(envelope)
             if isinstance(error, disk.Abandoned):
                 raise
             raise QueueError(f"cannot write the envelope of {envelope.id}: {error}") from None
@@ -212,6 +231,21 @@ class Queue:
         """Every queued message, oldest first."""
         names = sorted(name[:-5] for name in os.listdir(self.env) if name.endswith(".json"))
         return names
+
+    def settled(self, message_id: str) -> bool:
+        """Whether the message is the runner's to try: False while the answer to its
+        ``settling`` enqueue is not decided. FileNotFoundError once it is gone (taken back)."""
+        fd = os.open(self.envelope_path(message_id), os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if os.fstat(fd).st_nlink == 0:  # taken back while we waited for the lock
+                raise FileNotFoundError(self.envelope_path(message_id))
+            return True
+        finally:
+            _close(fd)
 
     def load(self, message_id: str) -> Envelope:
         try:

@@ -302,3 +302,39 @@ def test_a_relayed_report_still_due_after_a_crash_is_sent_by_the_next_runner(tmp
     report = email.message_from_bytes(b"".join(queue.message_chunks(notice_id)))
     per_message, block = report.get_payload()[1].get_payload()
     assert per_message["Original-Envelope-Id"] == "E-9" and block["Action"] == "relayed"
+
+
+def test_the_runner_leaves_a_message_alone_until_its_client_has_its_answer(tmp_path):
+    # queue/outbound enqueues "settling": on a sick disk the envelope can be in env/ while the
+    # fsync of env/ is still held, and the client may yet hear 4xx (and send it again).
+    queue = Queue(str(tmp_path), fsync=False)
+    runner = Runner(queue, Options(me="mta.test", routes=parse_routes(["*:127.0.0.1:9"], 25)),
+                    blocking=lambda function, *args, **kwargs: function(*args, **kwargs))
+    envelope = queue.enqueue("s@a.test", [Recipient("r@b.test")], [ORIGINAL], settling=True)
+    runner.scan()  # a periodic scan finds it meanwhile
+    assert Queue(str(tmp_path)).settled(envelope.id) is False  # as the runner's process sees it
+    runner.attempt(envelope.id)
+    assert queue.load(envelope.id).attempts == 0  # not tried
+    assert time.time() < runner.schedule.get(envelope.id) <= time.time() + 5  # but looked at again soon
+    queue.settle(envelope)  # the client got its 250
+    assert Queue(str(tmp_path)).settled(envelope.id) is True
+    runner.attempt(envelope.id)
+    assert queue.load(envelope.id).attempts == 1  # tried (port 9 refuses: deferred)
+
+
+def test_a_settling_message_taken_back_is_gone_for_the_runner(tmp_path):
+    queue = Queue(str(tmp_path), fsync=False)
+    runner = _inline_runner(queue)
+    envelope = queue.enqueue("s@a.test", [Recipient("r@b.test")], [ORIGINAL], settling=True)
+    runner.scan()
+    queue.take_back(envelope)  # the client hears 4xx
+    with pytest.raises(FileNotFoundError):
+        Queue(str(tmp_path)).settled(envelope.id)
+    runner.attempt(envelope.id)
+    assert runner.schedule.get(envelope.id) is None and queue.ids() == []
+
+
+def test_an_enqueue_without_settling_is_the_runners_at_once(tmp_path):
+    queue = Queue(str(tmp_path), fsync=False)
+    envelope = queue.enqueue("s@a.test", [Recipient("r@b.test")], [ORIGINAL])
+    assert Queue(str(tmp_path)).settled(envelope.id) is True
