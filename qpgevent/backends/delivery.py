@@ -71,7 +71,7 @@ from gevent.lock import Semaphore
 from gevent.pool import Pool as GreenletPool
 
 from ..core import dsn
-from . import mxroute, queue_metrics
+from . import disk_threads, mxroute, queue_metrics
 from ..core.address import Address, AddressError
 from .outqueue import Envelope, Queue, QueueError, Recipient, State
 from ..core.schedule import Schedule
@@ -114,8 +114,10 @@ class Options:
 
 
 def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Disk writes (fsync) off the event loop, so that other deliveries go on meanwhile."""
-    return gevent.get_hub().threadpool.apply(functools.partial(function, *args, **kwargs))
+    """Disk writes (fsync) off the event loop, so that other deliveries go on meanwhile; in
+    the disk's share of the threads (``disk_threads``): a sick disk holding them all would
+    stall the name look-ups of every connection to a next hop."""
+    return disk_threads.run_blocking(functools.partial(function, *args, **kwargs))
 
 
 def backoff(attempts: int, minimal: float, maximal: float) -> float:

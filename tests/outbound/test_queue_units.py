@@ -15,6 +15,7 @@ from qpgevent.core.dsn import Failure, bounce, status_of
 from qpgevent.backends.mxroute import RoutingError, destination
 from qpgevent.outqueue import Envelope, Queue, QueueError, Recipient, State
 from qpgevent.smtp_client import parse_routes
+from qpgevent.testing import wait_until
 from qpgevent.testing.dns import LoopbackDns
 
 
@@ -338,3 +339,37 @@ def test_an_enqueue_without_settling_is_the_runners_at_once(tmp_path):
     queue = Queue(str(tmp_path), fsync=False)
     envelope = queue.enqueue("s@a.test", [Recipient("r@b.test")], [ORIGINAL])
     assert Queue(str(tmp_path)).settled(envelope.id) is True
+
+
+def test_the_runners_disk_work_leaves_the_reserved_threads_to_name_lookups(tmp_path):
+    # A sick disk holding every fsync of the runner must not hold the threads that gevent's
+    # resolver needs for each connection to a next hop (even to an IP address).
+    import socket
+
+    import gevent
+    from gevent import monkey
+
+    from qpgevent.backends import disk_threads
+
+    disk_lets_go = monkey.get_original("_thread", "allocate_lock")()  # blocks a real thread, as an fsync
+    disk_lets_go.acquire()
+    started = []
+
+    def held_save() -> str:
+        started.append(1)
+        disk_lets_go.acquire(True, 60)
+        disk_lets_go.release()
+        return "saved"
+
+    runner = Runner(Queue(str(tmp_path), fsync=False), Options(me="mta.test"))  # its own way of writing
+    threads = gevent.get_hub().threadpool.maxsize
+    saves = [gevent.spawn(runner.blocking, held_save) for _ in range(threads)]  # more than there are threads
+    try:
+        share = threads - disk_threads.RESERVED
+        wait_until(lambda: len(started) >= share, 30, "the disk's share of the threads held")
+        with gevent.Timeout(10, AssertionError("a name look-up found no thread")):
+            assert socket.getaddrinfo("127.0.0.1", 25, type=socket.SOCK_STREAM)
+        assert len(started) == share  # the other saves wait for one of the disk's threads
+    finally:
+        disk_lets_go.release()
+    assert [save.get(timeout=30) for save in saves] == ["saved"] * threads
