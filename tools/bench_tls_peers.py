@@ -4,13 +4,15 @@
 Usage:
     tools/bench_tls_peers.py [--servers qpgevent,haraka,haraka2,postfix] [--concurrency 100]
                              [--sessions 1000] [--messages 2000] [--per-connection 10]
-                             [--size 2048] [--rounds 3] [--clients 2] [--workers 2]
+                             [--size 2048] [--rounds 3] [--clients 2] [--workers 2] [--key rsa|ecdsa]
                              [--client python|c] [--haraka PATH] [--python PYTHON] [--workdir DIR]
 
 What it runs, all on this machine, over loopback:
 
-  certificate  one RSA-2048 self-signed certificate from openssl (CN and subjectAltName
-               mx.example.test and IP 127.0.0.1), the same file for every server
+  certificate  one self-signed certificate from openssl (CN and subjectAltName
+               mx.example.test and IP 127.0.0.1), the same file for every server: an
+               RSA-2048 key (--key rsa, as many sites still use) or an ECDSA P-256 key
+               (--key ecdsa, what certbot issues by default since its 2.0)
   qpgevent     ``PYTHON -m qpgevent --workers W``, [tls] certificate, rcpt_ok + queue/discard
   haraka       Haraka (npm) with its tls plugin (tls_key.pem, tls_cert.pem), one process:
                rcpt_to.in_host_list + queue/discard
@@ -76,10 +78,14 @@ DOMAIN = "example.test"
 ALL_SERVERS = ("qpgevent", "haraka", "haraka2", "postfix")
 
 
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """An RSA-2048 self-signed certificate and its key, as many sites still use."""
+KEYS = {"rsa": ["-newkey", "rsa:2048"], "ecdsa": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]}
+KEY_NAMES = {"rsa": "RSA-2048", "ecdsa": "ECDSA P-256"}
+
+
+def make_certificate(folder: Path, kind: str = "rsa") -> tuple[Path, Path]:
+    """A self-signed certificate and its key: RSA-2048 or ECDSA P-256 (``KEYS``)."""
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+    subprocess.run(["openssl", "req", "-x509", *KEYS[kind], "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "2", "-subj", "/CN=mx.example.test",
                     "-addext", "subjectAltName=DNS:mx.example.test,IP:127.0.0.1"],
                    check=True, capture_output=True)
@@ -323,6 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all servers (default %(default)s)")
     parser.add_argument("--clients", type=int, default=2, help="client processes (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="qpgevent's worker processes (default %(default)s)")
+    parser.add_argument("--key", choices=sorted(KEYS), default="rsa", help="the certificate's key (default %(default)s)")
     parser.add_argument("--client", choices=("python", "c"), default="python",
                         help="the client: smtplib in gevent, or tools/smtp_tls_source.c (default %(default)s)")
     parser.add_argument("--haraka", default=shutil.which("haraka") or "/tmp/haraka-install/node_modules/.bin/haraka",
@@ -356,13 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="qpg-bench-tls-peers-", dir=args.workdir) as temp:
             folder = Path(temp)
             folder.chmod(0o755)
-            cert, key = make_certificate(folder)
+            cert, key = make_certificate(folder, args.key)
             args.c_program = build_c_client(folder) if args.client == "c" else None
             try:
                 for name in args.servers:
                     servers.append(start(name, folder / name, cert, key, args))
                 load = os.getloadavg()
-                print(f"# {', '.join(s.name for s in servers)}; RSA-2048 certificate; {args.clients} {args.client} "
+                print(f"# {', '.join(s.name for s in servers)}; {KEY_NAMES[args.key]} certificate; {args.clients} {args.client} "
                       f"client processes; {args.size} octet messages; qpgevent {args.workers} workers; load average "
                       f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
                 cells = []
