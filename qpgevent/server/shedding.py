@@ -135,9 +135,9 @@ class Shedder:
 
     def wait_for_room(self, acquire: Callable[[], Lease | None]) -> Lease | None:
         """For a newcomer that found no place even after this worker's ``check``: in stress,
-        ``acquire`` again after each tick, for ``ROOM_WAIT`` seconds at most, while other
-        workers shed (and our own idle sessions park). None, at once, out of stress or when
-        the reserve's worth of newcomers already waits; else None once the wait is over."""
+        ``acquire`` again twice a tick, for ``ROOM_WAIT`` seconds at most, while other workers
+        shed (and our own idle sessions park, to be shed here). None, at once, out of stress
+        or when the reserve's worth of newcomers already waits; else None once the wait is over."""
         if not self.gauge.stressed or self.waiting >= self.room_waiters:
             return None
         self.waiting += 1
@@ -146,9 +146,10 @@ class Shedder:
             while time.monotonic() < deadline:
                 gevent.sleep(TICK / 2)
                 lease = acquire()
+                if lease is None and self.check():  # our own sessions may have parked meanwhile
+                    lease = acquire()
                 if lease is not None:
                     return lease
-                self.check()  # our own sessions may have parked meanwhile
             return None
         finally:
             self.waiting -= 1
