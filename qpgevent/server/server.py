@@ -287,6 +287,9 @@ class SmtpServer:
                 lease = self.counters.acquire(self.settings.max_connections, known)
             if lease is None:  # nothing of ours to shed: another worker may have some
                 lease = self.shedder.wait_for_room(lambda: self.counters.acquire(self.settings.max_connections, known))
+        except gevent.GreenletExit:  # the server stopping while it waited for a place
+            self._refuse(sock, Canned.SHUTTING_DOWN)
+            return
         except BaseException:
             sock.close()  # our listener leaves the closing to us
             raise

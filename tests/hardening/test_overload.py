@@ -337,6 +337,20 @@ def test_a_newcomer_waits_for_a_place_at_most_room_wait_then_gets_421(make_serve
             client.close()
 
 
+def test_a_newcomer_waiting_for_a_place_when_the_server_stops_gets_421(make_server, monkeypatch):
+    server, clients = busy_server(make_server, monkeypatch, room_wait=60)
+    waiting = RawClient(server)
+    try:
+        wait_until(lambda: server.server.shedder.waiting == 1, 10, "the newcomer to wait for a place")
+        server.server.stop(timeout=0.5)
+        code, text = waiting.reply()
+        assert (code, text) == (421, "4.3.2 Service shutting down, try again later")
+        assert waiting.is_closed_by_server()
+    finally:
+        for client in (*clients, waiting):
+            client.close()
+
+
 def test_input_is_seen_on_a_descriptor_past_1023():
     # A worker with a thousand sessions has such descriptors; select() refuses them
     # (FD_SETSIZE), which made idle sessions unsheddable and broke their 421 at stop.
