@@ -41,15 +41,15 @@ fsync, however sick the disk: work that may meet such a wait belongs in a worker
 in the event loop, where it would stall every session of the process (ext4 fsyncs without
 that lock). One ``statfs`` per call: ask once per folder.
 
-Used by queue/maildir for its ``new/`` folders; any plugin that renames files into place
+``FileSystemSync.sync_file(fd)`` (``filesystem_sync``): the group commit of the new files
+themselves, one ``syncfs`` for the files of a file system that finish together.
+
+Used by queue/maildir for its files and its ``new/`` folders; any plugin that renames files into place
 can use it the same way.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import platform
 import sys
 from collections.abc import Callable, Iterable
 
@@ -61,8 +61,9 @@ from gevent.event import AsyncResult
 
 from . import disk_threads, kernel_fsync
 from .disk_threads import outcome as _outcome
+from .filesystem_sync import FileSystemSync, filesystem_type
 
-__all__ = ["Abandoned", "FolderSync", "fsync_file", "fsync_folder", "on_fuse", "point_of_no_return",
+__all__ = ["Abandoned", "FileSystemSync", "FolderSync", "fsync_file", "fsync_folder", "on_fuse", "point_of_no_return",
            "run_blocking", "run_blocking_undoable", "without_threads"]
 
 #: ``run_blocking`` for work that may wait on the disk: it never holds the threads that
@@ -281,27 +282,22 @@ def fsync_folder(folder: str) -> None:
 FUSE_SUPER_MAGIC = 0x65735546
 
 
-class _StatFs(ctypes.Structure):
-    # Linux's struct statfs begins with f_type, a long (an unsigned int on s390x); the rest,
-    # up to 120 octets, is room we do not read.
-    _fields_ = [("f_type", ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long),
-                ("rest", ctypes.c_char * 256)]
-
-
 def on_fuse(folder: str) -> bool:
     """Whether ``folder`` (or, not made yet, the folder it would be made in) is on FUSE.
 
-    statfs's ``f_type`` says it; ``os.statvfs`` has no such field, hence ctypes. A folder
+    statfs's ``f_type`` says it (``filesystem_sync.filesystem_type``). A folder
     whose file system cannot be asked (the call refused, the mount's daemon gone) counts as
     FUSE: the worker thread is never less safe, only slower. Linux only: elsewhere, False.
     """
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
     path = os.path.abspath(folder)
-    answer = _StatFs()
-    while libc.statfs(os.fsencode(path), ctypes.byref(answer)) != 0:
-        if ctypes.get_errno() != errno.ENOENT or os.path.dirname(path) == path:
+    while True:
+        try:
+            return filesystem_type(path) == FUSE_SUPER_MAGIC
+        except FileNotFoundError:
+            if os.path.dirname(path) == path:
+                return True
+            path = os.path.dirname(path)
+        except OSError:
             return True
-        path = os.path.dirname(path)
-    return bool(answer.f_type == FUSE_SUPER_MAGIC)

@@ -8,6 +8,10 @@ its completion back; the default here) and, where AIO is not to be had, the ``fs
 call in worker threads (``threads_only``). Disk errors are injected by strace (the call
 fails with EIO instead of running): every message the failed fsync was to cover gets 4xx
 and is not in ``new/``; the retries deliver each message once.
+
+Where these tests watch or break fsyncs, the files and ``new/`` are fsynced on their own
+(``syncfs = no``): by default the small messages that finish together share one ``syncfs``
+of their file system for their files and ``new/`` both (tests/plugins/test_queue_maildir_syncfs.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from qpgevent.testing import maildir_messages, wait_until
 from qpgevent.testing.syscalls import traced
 
 BURST = 16
+#: Each file and new/ fsynced on their own: no syncfs of the file system shared by a batch.
+NO_SYNCFS = "[[rcpt_ok]]\n  domains = example.test\n[[queue/maildir]]\n  path = Maildir\n  syncfs = no\n"
 QUEUED = re.compile(r"Queued as ([^\\\s\"]+)")
 SUBMITTED = re.compile(r"aio_data=(0x[0-9a-f]+|0), aio_lio_opcode=IOCB_CMD_FD?SYNC, aio_fildes=\d+<([^>]*)>")
 COMPLETED = re.compile(r"\{data=(0x[0-9a-f]+|0), obj=[^,]+, res=(-?\d+)")
@@ -75,7 +81,7 @@ def sent_replies(trace):
 
 
 def test_a_burst_shares_the_fsyncs_of_new_and_each_250_follows_its_own(make_server, tmp_path, threads_only):
-    server = make_server()
+    server = make_server(NO_SYNCFS)
     new = server.maildir / "new"
     with traced(os.getpid(), ["fsync", "rename", "sendto", "sendmsg"], tmp_path / "strace.out") as trace:
         replies = burst(server, range(BURST))
@@ -108,7 +114,7 @@ def test_a_lone_message_pays_one_fsync_of_new(make_server, tmp_path, threads_onl
 
 
 def test_a_failed_fsync_of_new_refuses_every_message_it_covered(make_server, tmp_path, threads_only):
-    server = make_server()
+    server = make_server(NO_SYNCFS)
     new = server.maildir / "new"
     # Slow as a sick disk (0.2 s), so that the sessions finishing meanwhile gather behind it.
     with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", paths=[new],
@@ -128,7 +134,7 @@ def test_a_failed_fsync_of_new_refuses_every_message_it_covered(make_server, tmp
 
 def test_refused_and_accepted_batches_side_by_side(make_server, tmp_path, threads_only):
     """The first fsync of new/ in each worker thread fails (strace counts per thread), the others work."""
-    server = make_server()
+    server = make_server(NO_SYNCFS)
     new = server.maildir / "new"
     with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", paths=[new],
                 inject=["fsync:error=EIO:when=1"]) as trace:
@@ -145,8 +151,7 @@ def test_refused_and_accepted_batches_side_by_side(make_server, tmp_path, thread
 
 def test_a_timeout_while_waiting_for_the_fsync_takes_the_message_back(make_server, tmp_path, threads_only):
     """The hook's timeout strikes while new/ is still being fsynced: 451, and nothing stays."""
-    server = make_server("[[rcpt_ok]]\n  domains = example.test\n"
-                         "[[queue/maildir]]\n  path = Maildir\n  timeout = 1\n")
+    server = make_server(NO_SYNCFS + "  timeout = 1\n")
     new = server.maildir / "new"
     with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", paths=[new],
                 inject=["fsync:delay_exit=3000000"]) as trace:
@@ -164,12 +169,13 @@ def test_a_timeout_while_the_files_are_fsynced_leaves_nothing(make_server, tmp_p
     writes and rename are the greenlet's). Each gets 451; nothing stays in new/ or tmp/."""
     server = make_server("[[rcpt_ok]]\n  domains = example.test\n"
                          "[[queue/maildir]]\n  path = Maildir\n  timeout = 1\n")
-    with traced(os.getpid(), ["fsync"], tmp_path / "strace.out", inject=["fsync:delay_exit=3000000"]) as trace:
+    with traced(os.getpid(), ["fsync", "syncfs"], tmp_path / "strace.out",
+                inject=["fsync:delay_exit=3000000", "syncfs:delay_exit=3000000"]) as trace:
         replies = burst(server, range(4))
         assert {code for code, _ in replies.values()} == {451}
         wait_until(lambda: not maildir_messages(server.maildir) and not os.listdir(server.maildir / "tmp"),
                    30, "every message taken back")
-    assert any("/tmp/" in c.args for c in trace.of("fsync")), "the files' fsyncs were under way"
+    assert any("/tmp/" in c.args for c in trace.of("fsync") + trace.of("syncfs")), "the files' syncs were under way"
 
 
 # -- the fsyncs handed to the kernel (Linux AIO), the default where the system has it ------
@@ -196,7 +202,7 @@ def kernel_fsyncs(trace):
 
 def test_with_aio_a_burst_is_fsynced_by_the_kernel_in_the_maildir_order(make_server, tmp_path):
     assert kernel_fsync.available()
-    server = make_server()
+    server = make_server(NO_SYNCFS)
     new = server.maildir / "new"
     with traced(os.getpid(), ["fsync", "io_submit", "io_getevents", "rename", "sendto", "sendmsg"],
                 tmp_path / "strace.out") as trace:
@@ -235,8 +241,9 @@ def test_with_aio_a_lone_message_fsyncs_its_file_then_new_from_the_loop(make_ser
 
 def test_with_aio_a_failed_file_fsync_refuses_that_message_only(make_server, tmp_path):
     """The first submission fails with EIO (some message's file): that message gets 451 and
-    leaves nothing in tmp/ or new/; the others get 250; its retry is delivered once."""
-    server = make_server()
+    leaves nothing in tmp/ or new/; the others get 250; its retry is delivered once. (A
+    shared syncfs that fails refuses every message it covered: test_queue_maildir_syncfs.py.)"""
+    server = make_server(NO_SYNCFS)
     with traced(os.getpid(), ["io_submit"], tmp_path / "strace.out", inject=["io_submit:error=EIO:when=1"]) as trace:
         replies = burst(server, range(BURST))
     refused = sorted(n for n, (code, _) in replies.items() if code == 451)
