@@ -290,7 +290,7 @@ class Maildir(Plugin):
             maildir.close_and_remove(fd, tmp)
             raise
         try:
-            os.close(fd)
+            disk.close_file(fd)
             os.rename(tmp, target)
         except BaseException:
             maildir.remove(tmp)

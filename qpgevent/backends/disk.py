@@ -61,10 +61,10 @@ from gevent.event import AsyncResult
 
 from . import disk_threads, kernel_fsync
 from .disk_threads import outcome as _outcome
-from .filesystem_sync import FileSystemSync, filesystem_type
+from .filesystem_sync import FileSystemSync, close_file, filesystem_type
 
-__all__ = ["Abandoned", "FileSystemSync", "FolderSync", "fsync_file", "fsync_folder", "on_fuse", "point_of_no_return",
-           "run_blocking", "run_blocking_undoable", "without_threads"]
+__all__ = ["Abandoned", "FileSystemSync", "FolderSync", "close_file", "fsync_file", "fsync_folder", "on_fuse",
+           "point_of_no_return", "run_blocking", "run_blocking_undoable", "without_threads"]
 
 #: ``run_blocking`` for work that may wait on the disk: it never holds the threads that
 #: ``disk_threads`` keeps for the rest (name look-ups, password hashes).
@@ -266,7 +266,7 @@ def _fsync_folder_in_loop(folder: str) -> None:
     try:
         fsync_file(directory)
     finally:
-        os.close(directory)
+        close_file(directory)
 
 
 def fsync_folder(folder: str) -> None:
@@ -275,7 +275,7 @@ def fsync_folder(folder: str) -> None:
     try:
         os.fsync(directory)
     finally:
-        os.close(directory)
+        close_file(directory)
 
 
 #: statfs's f_type of every FUSE mount (fuse, fuseblk, fuse.<subtype>, virtiofs): linux/magic.h.

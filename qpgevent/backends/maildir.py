@@ -72,10 +72,10 @@ def write(path: str, transaction: Any, prefix: bytes, fsync: bool, keep_open: bo
         if fsync:
             os.fsync(fd)
     except BaseException:
-        os.close(fd)
+        disk.close_file(fd)
         os.unlink(path)
         raise
-    os.close(fd)
+    disk.close_file(fd)
     return None
 
 
@@ -103,7 +103,7 @@ def remove(path: str) -> None:
 
 def close_and_remove(fd: int, path: str) -> None:
     try:
-        os.close(fd)
+        disk.close_file(fd)
     finally:
         remove(path)
 

@@ -174,6 +174,19 @@ def test_a_maildir_on_tmpfs_gets_no_syncfs(make_server, tmp_path, room_to_write)
         subprocess.run(["rm", "-rf", shm], check=True)
 
 
+def test_files_and_folders_are_closed_without_asking_what_they_are(make_server, tmp_path):
+    """gevent's ``os.close`` asks fcntl and fstat whether a descriptor is a socket before
+    closing it: two system calls a message's file and its new/ never need."""
+    server = make_server()
+    with traced(os.getpid(), ["fcntl", "close"], tmp_path / "strace.out") as trace:
+        replies = burst(server, range(4))
+    assert all(code == 250 for code, _ in replies.values()), replies
+    maildir = str(server.maildir)
+    closed = [c for c in trace.of("close") if maildir in c.args]
+    assert len(closed) >= 8  # each message's file, and new/ after the renames into it
+    assert [c.args for c in trace.of("fcntl") if maildir in c.args and "F_GETFD" in c.args] == []
+
+
 @pytest.mark.parametrize(("release", "reports"), [("5.7.19", False), ("5.8.0", True), ("6.18.44-fc-v1300", True),
                                                   ("4.19.0-27-amd64", False), ("", False), ("x.y", False)])
 def test_syncfs_is_shared_only_where_it_reports_a_failed_write(release, reports):
