@@ -23,9 +23,10 @@ batch of several is given one ``syncfs`` in one of the disk's worker threads, wh
 - Linux is 5.8 or later: before, syncfs did not report a failed write (it returned 0, and a
   250 would have followed for a message not on disk);
 - little else waits to be written (the system's ``Dirty`` and ``Writeback`` under
-  ``DIRTY_LIMIT``): syncfs writes others' files too, and the batch would wait for them. A
-  spool on a file system of its own never meets this; a busy shared one sometimes does, and
-  then each file and folder of the batch is fsynced on its own, side by side, as before.
+  ``DIRTY_LIMIT``): syncfs writes others' files on its file system too, and the batch would
+  wait for them. Linux counts these for the whole system, not per file system, so a machine
+  writing much elsewhere turns batches back to fsyncs too: each file and folder of the batch
+  is then fsynced on its own, side by side, as before.
 
 A failed write. syncfs reports a write error of any file of the file system since the
 descriptor it is called on was opened (the file system's error counter: each open file keeps
