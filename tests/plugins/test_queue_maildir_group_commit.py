@@ -46,8 +46,9 @@ def message(number: int) -> bytes:
     return f"Subject: burst {number}\r\nFrom: a@client.test\r\n\r\nmessage {number}\r\n".encode()
 
 
-def burst(server, numbers) -> dict[int, tuple[int, bytes]]:
-    """One session per message, each up to DATA's 354; then every message ends at once."""
+def burst(server, numbers, recipient="bob@example.test") -> dict[int, tuple[int, bytes]]:
+    """One session per message, each up to DATA's 354; then every message ends at once.
+    ``recipient``: "{n}" in it becomes the message's number."""
     ready = [gevent.event.Event() for _ in numbers]
     go = gevent.event.Event()
 
@@ -55,7 +56,7 @@ def burst(server, numbers) -> dict[int, tuple[int, bytes]]:
         with smtplib.SMTP(server.host, server.port, local_hostname="client.example.test", timeout=60) as smtp:
             smtp.ehlo()
             assert smtp.mail("a@client.test")[0] == 250
-            assert smtp.rcpt("bob@example.test")[0] == 250
+            assert smtp.rcpt(recipient.format(n=number))[0] == 250
             assert smtp.docmd("DATA")[0] == 354
             ready.set()
             go.wait()

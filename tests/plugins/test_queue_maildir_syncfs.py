@@ -83,6 +83,20 @@ def test_a_burst_shares_a_syncfs_in_the_maildir_order(make_server, tmp_path, roo
         assert new_synced_before(trace, server.maildir / "new", rename, answered), f"{name}: 250 before new/ was on disk"
 
 
+def test_maildirs_of_their_own_share_the_syncfs_of_their_new_folders(make_server, tmp_path, room_to_write):
+    """One Maildir per recipient (``mailbox = %l``): sixteen messages, sixteen new/ folders. One
+    fsync per folder was sixteen more syncs; joined in one batch, a syncfs covers them all."""
+    server = make_server(plugins("mailbox = %l"))
+    with traced(os.getpid(), CALLS, tmp_path / "strace.out") as trace:
+        replies = burst(server, range(BURST), recipient="user{n}@example.test")
+    assert all(code == 250 for code, _ in replies.values()), replies
+    for number in range(BURST):
+        assert len(maildir_messages(server.maildir / f"user{number}")) == 1
+    folder_syncs = {path for path, submit, reaped, result in kernel_fsyncs(trace) if path.endswith("/new")}
+    syncs = len(trace.of("syncfs")) + len({path for path, _ in syncs_of_files(trace)}) + len(folder_syncs)
+    assert syncs < BURST, f"{syncs} syncs for {BURST} files in {BURST} Maildirs"
+
+
 def test_a_failed_syncfs_refuses_every_message_it_covered(make_server, tmp_path, room_to_write):
     server = make_server()
     # Slow as a sick disk (0.2 s), so that the sessions finishing meanwhile gather behind it.
