@@ -8,14 +8,14 @@ in ``new/`` or the whole message; a half-written file can only ever be in ``tmp/
 
 Sessions that finish together share the fsync of ``new/`` (group commit): one fsync
 covers every message renamed in before it began, each client is answered after the fsync
-that covers its file, and a lone session waits for nobody. The files themselves are
-shared the same way: the small messages that finish together are flushed by one ``syncfs``
-of their file system before any of them is renamed, and their ``new/`` then joins the next
-syncfs, with the files written meanwhile (``syncfs``, below: a flush of the disk's cache per
-batch, not two per message). If that fsync fails, every
+that covers its file, and a lone session waits for nobody. If that fsync fails, every
 message it was to cover is taken back out of ``new/`` (and ``new/`` fsynced again, so that a
 crash cannot bring it back) and refused with 451, so that the retries deliver each message
-once.
+once. The files themselves are shared the same way: the small messages that finish together
+are flushed by one ``syncfs`` of their file system before any of them is renamed, and their
+``new/`` then joins the next syncfs, with the files written meanwhile (``syncfs``, below: a
+flush of the disk's cache per batch, not two per message). A syncfs that fails refuses every
+message it was to cover, as a failed fsync does.
 
 A disk that holds an fsync past the hook's ``timeout`` (a sick disk, a stalled network file
 system): a message still in ``tmp/`` gets its 451 at once and never enters ``new/``, not
