@@ -6,7 +6,10 @@ with the fsync's completion. A FUSE file system can: the kernel hands every fsyn
 (``FUSE_FSYNC``) and of a folder (``FUSE_FSYNCDIR``) to its daemon, whichever way it was
 asked for, and waits for the daemon's answer. The daemon here passes everything through to
 a real folder (``backing``) and, per path pattern, holds an fsync for some seconds first
-(``slow``) or answers it with an error (``fail``, EIO by default).
+(``slow``) or answers it with an error (``fail``, EIO by default). Writes can be failed or
+held the same way (``call="write"``): a loop device whose backing file is here then meets a
+disk whose writes fail, under whatever file system is made on it
+(tests/hardening/test_sick_disk_writes.py).
 
 ``FaultyDisk(backing, mountpoint, control)`` as a context manager mounts it: the daemon runs
 in a process of its own (this module run as a script, with the ``mfusepy`` binding of
@@ -78,7 +81,7 @@ class FaultyDisk:
     def slow(self, pattern: str, seconds: float, call: str = "fsync", times: int | None = None) -> None:
         """Hold each ``call`` of a path matching ``pattern`` (fnmatch) ``seconds``, or until
         ``heal()``, before doing it; the first ``times`` such calls only, if given.
-        ``call``: ``fsync`` (files) or ``fsyncdir`` (folders)."""
+        ``call``: ``fsync`` (files), ``fsyncdir`` (folders) or ``write`` (files)."""
         self._add(call, pattern, seconds, 0, times)
 
     def fail(self, pattern: str, call: str = "fsync", error: int = errno.EIO, delay: float = 0.0,
@@ -93,8 +96,8 @@ class FaultyDisk:
         self._publish()
 
     def _add(self, call: str, pattern: str, delay: float, error: int, times: int | None) -> None:
-        if call not in ("fsync", "fsyncdir"):
-            raise ValueError(f"call: fsync or fsyncdir, not {call!r}")
+        if call not in ("fsync", "fsyncdir", "write"):
+            raise ValueError(f"call: fsync, fsyncdir or write, not {call!r}")
         self._rules.append({"id": next(self._ids), "call": call, "pattern": pattern,
                             "delay": delay, "errno": error, "times": times})
         self._publish()
@@ -202,6 +205,15 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:
             raise
         log(call, path, target, started, 0)
 
+    def matching(call: str, path: str) -> dict[str, Any] | None:
+        """The first rule for ``call`` on ``path`` that still applies (counted as applied)."""
+        with log_lock:
+            rule = next((r for r in rules() if r["call"] == call and fnmatch.fnmatchcase(path, r["pattern"])
+                         and (r["times"] is None or matched.get(r["id"], 0) < r["times"])), None)
+            if rule is not None:
+                matched[rule["id"]] = matched.get(rule["id"], 0) + 1
+        return rule
+
     def hold(rule: dict[str, Any]) -> None:
         """Wait the rule's delay, or until the test lifts the rule (heal) if that comes first."""
         deadline = time.monotonic() + rule["delay"]
@@ -296,6 +308,11 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:
             return os.pread(fh, size, offset)
 
         def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+            rule = matching("write", self.opened.get(fh, ""))
+            if rule is not None:
+                hold(rule)
+                if rule["errno"]:
+                    raise FuseOSError(rule["errno"])
             return os.pwrite(fh, data, offset)
 
         def flush(self, path: str | None, fh: int) -> int:
@@ -328,11 +345,7 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:
                 held.write(path)
             error = 0
             try:
-                with log_lock:
-                    rule = next((r for r in rules() if r["call"] == call and fnmatch.fnmatchcase(path, r["pattern"])
-                                 and (r["times"] is None or matched.get(r["id"], 0) < r["times"])), None)
-                    if rule is not None:
-                        matched[rule["id"]] = matched.get(rule["id"], 0) + 1
+                rule = matching(call, path)
                 if rule is not None:
                     hold(rule)
                     error = rule["errno"]
