@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
-"""Count queue/maildir's fsyncs per message under load: what group commit saves, machine-independent.
+"""Count queue/maildir's syncs per message under load: what group commit saves, machine-independent.
 
 Usage:
     tools/bench_group_commit.py [--concurrency 1,10,100,500] [--messages 2000] [--workers 2]
                                 [--python PYTHON] [--size 2048] [--timeout 600]
 
 For each concurrency, the qpgevent command (``--workers``, rcpt_ok + queue/maildir with its
-default ``fsync = yes``) runs under ``strace --seccomp-bpf -f -e trace=fsync,io_submit`` (only
-those calls stop the server, so the rest runs at full speed; an fsync is either the system
-call, in a worker thread, or handed to the kernel with Linux AIO's io_submit: both count), and Postfix's smtp-source sends
-``--messages`` messages (a sixth of it at concurrency 1). The table gives, per concurrency,
-the messages in ``Maildir/new`` (must be all of them, else exit status 1), the fsyncs of
-message files (one each) and of the ``new/`` folder (one per shared batch: fewer than the
-messages once sessions finish together), and the rate under strace (indicative only: each
-fsync stop costs a trip through strace).
+default ``fsync = yes``) runs under ``strace --seccomp-bpf -f -e trace=fsync,io_submit,syncfs``
+(only those calls stop the server, so the rest runs at full speed; an fsync is either the
+system call, in a worker thread, or handed to the kernel with Linux AIO's io_submit: both
+count), and Postfix's smtp-source sends ``--messages`` messages (a sixth of it at concurrency
+1). The table gives, per concurrency, the messages in ``Maildir/new`` (must be all of them,
+else exit status 1), the fsyncs of message files (a lone file's), the ``syncfs`` calls (one per
+batch of several files and folders: queue/maildir's ``syncfs``), the fsyncs of the ``new/``
+folder (one per batch whose only entry is new/), all of them per message, and the rate under
+strace (indicative only: each stop costs a trip through strace).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ import benchlib  # noqa: E402
 from benchlib import BenchError  # noqa: E402
 from qpgevent.testing.syscalls import parse  # noqa: E402
 AIO_FSYNC = re.compile(r"aio_lio_opcode=IOCB_CMD_FD?SYNC, aio_fildes=\d+(<[^>]*)>")
-HEADER = (f"{'concurrency':>11} {'messages':>8} {'in new/':>8} {'file fsyncs':>11} {'new/ fsyncs':>11} "
-          f"{'new/ fsyncs/message':>19} {'msg/s (traced)':>14}")
+HEADER = (f"{'concurrency':>11} {'messages':>8} {'in new/':>8} {'file fsyncs':>11} {'syncfs':>8} {'new/ fsyncs':>11} "
+          f"{'syncs/message':>13} {'msg/s (traced)':>14}")
 
 
-def one_concurrency(args, concurrency: int, temp: Path) -> tuple[int, int, int, int, float]:
+def one_concurrency(args, concurrency: int, temp: Path) -> tuple[int, int, int, int, int, float]:
     folder = temp / f"c{concurrency}"
     folder.mkdir()
     messages = args.messages if concurrency > 1 else max(1, args.messages // 6)
@@ -50,7 +51,7 @@ def one_concurrency(args, concurrency: int, temp: Path) -> tuple[int, int, int, 
                    encoding="utf-8")
     trace, log = folder / "strace.out", folder / "server.log"
     with open(log, "wb") as output:
-        strace = subprocess.Popen(["strace", "--seccomp-bpf", "-f", "-qq", "-y", "-e", "trace=fsync,io_submit", "-o", str(trace),
+        strace = subprocess.Popen(["strace", "--seccomp-bpf", "-f", "-qq", "-y", "-e", "trace=fsync,io_submit,syncfs", "-o", str(trace),
                                    args.python, "-m", "qpgevent", "-c", str(ini), "--listen", f"127.0.0.1:{port}",
                                    "--workers", str(args.workers), "--log-level", "warning"],
                                   cwd=folder, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
@@ -72,10 +73,11 @@ def one_concurrency(args, concurrency: int, temp: Path) -> tuple[int, int, int, 
              for path in AIO_FSYNC.findall(call.args)]
     folder_syncs = sum(1 for args in done if args.endswith("/Maildir/new>"))
     file_syncs = sum(1 for args in done if re.search(r"/Maildir/tmp/[^/>]+>$", args))
+    shared = sum(1 for call in calls if call.name == "syncfs" and call.result == 0)
     delivered = benchlib.count_files(folder / "Maildir" / "new")
     if delivered != messages:
         raise BenchError(f"concurrency {concurrency}: {messages} messages sent, {delivered} in Maildir/new")
-    return messages, delivered, file_syncs, folder_syncs, messages / seconds
+    return messages, delivered, file_syncs, shared, folder_syncs, messages / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,9 +100,9 @@ def measure(args) -> int:
         for concurrency in args.concurrency:
             rows.append((concurrency, *one_concurrency(args, concurrency, Path(temp))))
     print(HEADER)
-    for concurrency, messages, delivered, file_syncs, folder_syncs, rate in rows:
-        print(f"{concurrency:>11} {messages:>8} {delivered:>8} {file_syncs:>11} {folder_syncs:>11} "
-              f"{folder_syncs / messages:>19.3f} {rate:>14.0f}")
+    for concurrency, messages, delivered, file_syncs, shared, folder_syncs, rate in rows:
+        print(f"{concurrency:>11} {messages:>8} {delivered:>8} {file_syncs:>11} {shared:>8} {folder_syncs:>11} "
+              f"{(file_syncs + shared + folder_syncs) / messages:>13.3f} {rate:>14.0f}")
     return 0
 
 
