@@ -109,11 +109,13 @@ def close_and_remove(fd: int, path: str) -> None:
 
 
 def remove_stale_tmp(tmp: str) -> None:
-    """Remove the files in ``tmp`` older than 36 hours (the Maildir convention)."""
+    """Remove the files in ``tmp`` older than 36 hours (the Maildir convention). A file that
+    goes meanwhile (renamed into new/ by a worker serving while a reload sets up) is skipped."""
     cutoff = time.time() - STALE_TMP_SECONDS
     for entry in os.scandir(tmp):
-        if entry.is_file() and entry.stat().st_mtime < cutoff:
-            os.unlink(entry.path)
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
 
 
 def _write_all(fd: int, data: bytes) -> None:
