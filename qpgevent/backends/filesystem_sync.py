@@ -25,8 +25,9 @@ batch of several is given one ``syncfs`` in one of the disk's worker threads, wh
 - little else waits to be written (the system's ``Dirty`` and ``Writeback`` under
   ``DIRTY_LIMIT``): syncfs writes others' files on its file system too, and the batch would
   wait for them. Linux counts these for the whole system, not per file system, so a machine
-  writing much elsewhere turns batches back to fsyncs too: each file and folder of the batch
-  is then fsynced on its own, side by side, as before.
+  writing much elsewhere turns batches back to fsyncs too (and so does a system whose
+  ``/proc/meminfo`` cannot be read): each file and folder of the batch is then fsynced on its
+  own, side by side, as before.
 
 A failed write. syncfs reports a write error of any file of the file system since the
 descriptor it is called on was opened (the file system's error counter: each open file keeps
@@ -93,6 +94,14 @@ def waiting_to_be_written() -> int:
             if line.startswith((b"Dirty:", b"Writeback:")):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def _little_waiting() -> bool:
+    """Whether what waits to be written is under ``DIRTY_LIMIT``; not known (no /proc): no."""
+    try:
+        return waiting_to_be_written() < DIRTY_LIMIT
+    except (OSError, ValueError):
+        return False
 
 
 class FileSystemSync:
@@ -205,7 +214,7 @@ def _sync(batch: list[_Entry], syncfs_trusted: bool) -> None:
     same: dict[int, list[_Entry]] = {}
     for entry in batch:
         same.setdefault(entry.inode, []).append(entry)
-    if len(same) > 1 and syncfs_trusted and waiting_to_be_written() < DIRTY_LIMIT:
+    if len(same) > 1 and syncfs_trusted and _little_waiting():
         # A copy of the first file's descriptor: its caller may close its own meanwhile
         # (interrupted), and the copy keeps the place in the error counter it was opened with.
         first = os.dup(batch[0].fd)

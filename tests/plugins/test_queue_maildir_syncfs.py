@@ -164,6 +164,19 @@ def test_with_much_else_waiting_to_be_written_each_file_is_fsynced_on_its_own(ma
     assert delivered_numbers(server.maildir) == list(range(BURST))
 
 
+def test_with_no_way_to_know_what_waits_each_file_is_fsynced_on_its_own(make_server, tmp_path, monkeypatch):
+    """/proc/meminfo not readable (a sandbox): no syncfs, and every message still delivered."""
+    def unreadable():
+        raise PermissionError(13, "Permission denied", "/proc/meminfo")
+
+    monkeypatch.setattr(filesystem_sync, "waiting_to_be_written", unreadable)
+    server = make_server()
+    with traced(os.getpid(), CALLS, tmp_path / "strace.out") as trace:
+        replies = burst(server, range(BURST))
+    assert all(code == 250 for code, _ in replies.values()), replies
+    assert trace.of("syncfs") == [] and len({path for path, _ in syncs_of_files(trace)}) == BURST
+
+
 def test_syncfs_no_fsyncs_each_file_on_its_own(make_server, tmp_path, room_to_write):
     server = make_server(plugins("syncfs = no"))
     with traced(os.getpid(), CALLS, tmp_path / "strace.out") as trace:
