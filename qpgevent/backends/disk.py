@@ -41,11 +41,12 @@ fsync, however sick the disk: work that may meet such a wait belongs in a worker
 in the event loop, where it would stall every session of the process (ext4 fsyncs without
 that lock). One ``statfs`` per call: ask once per folder.
 
-``FileSystemSync.sync_file(fd)`` (``filesystem_sync``): the group commit of the new files
-themselves, one ``syncfs`` for the files of a file system that finish together.
+``FileSystemSync`` (``filesystem_sync``): the group commit per file system, of new files
+(``sync_file(fd)``) and of the folders renamed into (``sync_folders``): one ``syncfs`` for
+what finishes together where the file system allows it, fsyncs elsewhere.
 
-Used by queue/maildir for its files and its ``new/`` folders; any plugin that renames files into place
-can use it the same way.
+Used by queue/maildir for its files and its ``new/`` folders; any plugin that renames files
+into place can use it the same way.
 """
 from __future__ import annotations
 
