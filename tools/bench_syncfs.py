@@ -21,15 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fsync_cpu import disk_counters  # noqa: E402  (the device's counters: one reading of them)
+
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def device_counters(folder: str) -> tuple[int, int]:
-    """(write requests, flushes) completed by the block device holding ``folder``."""
-    device = os.stat(folder).st_dev
-    fields = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat").read_text().split()
-    # Documentation/block/stat.rst: writes 4, flushes 15 (kernels since 5.5).
-    return int(fields[4]), int(fields[15]) if len(fields) > 15 else 0
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +38,10 @@ def main(argv: list[str]) -> int:
     data = b"x" * 2048
     threads = ThreadPoolExecutor(8)
     new = os.open(os.path.join(folder, "new"), os.O_RDONLY | os.O_DIRECTORY)
-    writes, flushes = device_counters(folder)
+    before = disk_counters(Path(folder))
+    if before is None:
+        print(f"{folder}: no block device under it (tmpfs?): nothing to count", file=sys.stderr)
+        return 1
     started = time.monotonic()
     for first in range(0, messages, batch):
         names = [f"{os.getpid()}.{time.time_ns()}.{number}" for number in range(first, min(first + batch, messages))]
@@ -61,9 +59,10 @@ def main(argv: list[str]) -> int:
             os.rename(os.path.join(folder, "tmp", name), os.path.join(folder, "new", name))
         os.fsync(new)
     seconds = time.monotonic() - started
-    writes_after, flushes_after = device_counters(folder)
-    print(f"{mode} batch {batch}: {messages / seconds:.0f} msg/s, per message {(writes_after - writes) / messages:.2f} "
-          f"writes, {(flushes_after - flushes) / messages:.2f} flushes")
+    after = disk_counters(Path(folder)) or before
+    writes, flushes = after[0] - before[0], after[2] - before[2]
+    print(f"{mode} batch {batch}: {messages / seconds:.0f} msg/s, per message {writes / messages:.2f} "
+          f"writes, {flushes / messages:.2f} flushes")
     return 0
 
 

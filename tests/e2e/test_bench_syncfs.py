@@ -32,6 +32,14 @@ def test_each_mode_puts_every_message_in_new(tmp_path, mode):
         shutil.rmtree(where if base == tmp_path else base, ignore_errors=True)
 
 
+def test_a_folder_on_tmpfs_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(TOOL), "/dev/shm/qpgevent-bench-syncfs-none", "fsync", "10", "10"],
+                          capture_output=True, text=True, timeout=60)
+    shutil.rmtree("/dev/shm/qpgevent-bench-syncfs-none", ignore_errors=True)
+    assert done.returncode == 1 and "no block device" in done.stderr
+
+
 def test_an_unknown_mode_is_refused_with_the_usage():
     done = subprocess.run([sys.executable, str(TOOL), "/nonexistent", "sometimes"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "Usage" not in done.stdout and "bench_syncfs.py FOLDER" in done.stderr
+    assert done.returncode == 2
+    assert done.stdout == "" and "Usage:" in done.stderr and "bench_syncfs.py FOLDER fsync|syncfs" in done.stderr
